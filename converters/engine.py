@@ -1,0 +1,591 @@
+"""One streaming engine for safetensors checkpoints <-> Flax NNX models.
+
+A checkpoint is read tensor by tensor with our own safetensors header parser and positioned reads
+(no mmap of whole shards, no ``torch.load``): peak host memory is bounded by the tensors of one table
+entry. Each architecture supplies a declarative table of :class:`Entry` objects (source keys, NNX state
+paths, expected source shapes, and explicit value hooks for both directions); the same table drives
+import and export.
+
+Strictness: an unknown key, a missing key, a shape or dtype mismatch, a truncated file, or a shard named
+in the index but absent each raise :class:`CheckpointError` naming the file, key, expected and found.
+Writes go to a temporary name and are renamed at the end, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+PathT = tuple[str | int, ...]
+Hook = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+# safetensors dtype tags <-> numpy dtypes (bf16 / fp8 through ml_dtypes).
+ST_TO_NP: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+NP_TO_ST = {v: k for k, v in ST_TO_NP.items()}
+FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
+
+
+class CheckpointError(ValueError):
+    """A bad checkpoint or conversion input; the message is one line naming file, key and problem."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _ident(xs: list[np.ndarray]) -> list[np.ndarray]:
+    return xs
+
+
+def _transpose(xs: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.ascontiguousarray(x.T) for x in xs]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One mapping between source tensors (PyTorch layout) and NNX state leaves.
+
+    ``to_flax`` turns the source arrays (in ``torch_keys`` order) into the NNX arrays (in ``flax_paths``
+    order); ``to_torch`` is its exact inverse. ``torch_shapes`` are the expected source shapes, computed
+    from the (possibly per-layer) config, never guessed from the file.
+    """
+
+    torch_keys: tuple[str, ...]
+    flax_paths: tuple[PathT, ...]
+    torch_shapes: tuple[tuple[int, ...], ...]
+    to_flax: Hook = _ident
+    to_torch: Hook = _ident
+
+
+def same(torch_key: str, flax_path: PathT, shape: Sequence[int]) -> Entry:
+    """A tensor stored identically on both sides (biases, norm weights, pad tokens)."""
+    return Entry((torch_key,), (tuple(flax_path),), (tuple(shape),))
+
+
+def linear(torch_key: str, flax_path: PathT, out_in: Sequence[int]) -> Entry:
+    """A Linear weight: PyTorch ``(out, in)`` <-> our kernel ``(in, out)`` (explicit transpose)."""
+    return Entry((torch_key,), (tuple(flax_path),), (tuple(out_in),), _transpose, _transpose)
+
+
+@dataclass
+class KeyTable:
+    """All entries of one architecture plus source keys recognised but not ported (carried through)."""
+
+    entries: list[Entry]
+    passthrough: tuple[str, ...] = ()  # regexes matched against whole source keys
+
+    def __post_init__(self) -> None:
+        self.by_key: dict[str, Entry] = {}
+        for e in self.entries:
+            for k in e.torch_keys:
+                if k in self.by_key:
+                    raise ValueError(f"key table maps {k!r} twice")
+                self.by_key[k] = e
+        self._pt = [re.compile(p) for p in self.passthrough]
+
+    def is_passthrough(self, key: str) -> bool:
+        return any(p.fullmatch(key) for p in self._pt)
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(s)) for e in self.entries for s in e.torch_shapes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in file
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse one safetensors file's header; validate offsets against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors header (length {n}, file {size} B)")
+            header = json.loads(f.read(n))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: file not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for key, d in header.items():
+        tag, shape, (s, e) = d["dtype"], tuple(d["shape"]), d["data_offsets"]
+        if tag not in ST_TO_NP:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {tag}")
+        want = int(np.prod(shape, dtype=np.int64)) * ST_TO_NP[tag].itemsize
+        if e - s != want:
+            raise CheckpointError(f"{path}: tensor {key!r} spans {e - s} B, expected {want} B for {tag}{list(shape)}")
+        if base + e > size:
+            raise CheckpointError(
+                f"{path}: truncated file: tensor {key!r} ends at byte {base + e}, file has {size} B"
+            )
+        out[key] = TensorInfo(path, tag, shape, base + s, base + e)
+    return out, meta
+
+
+WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+class SafetensorsReader:
+    """Lazy, strict view of a checkpoint: a folder (single file or sharded with an index) or one file."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.root = Path(path)
+        self.infos: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        files = self._discover()
+        for f in files:
+            infos, meta = read_header(f)
+            for k, info in infos.items():
+                if k in self.infos:
+                    raise CheckpointError(f"{f}: tensor {k!r} also present in {self.infos[k].file}")
+                self.infos[k] = info
+            self.metadata.update(meta)
+        if self.index_map is not None:
+            for k, fname in self.index_map.items():
+                if k not in self.infos:
+                    raise CheckpointError(f"{self.root / fname}: tensor {k!r} listed in the index is absent")
+                if self.infos[k].file.name != Path(fname).name:
+                    raise CheckpointError(
+                        f"{self.infos[k].file}: tensor {k!r} found here, index says {fname}"
+                    )
+        self.files = files
+
+    def _discover(self) -> list[Path]:
+        self.index_map: dict[str, str] | None = None
+        if self.root.is_file():
+            return [self.root]
+        if not self.root.is_dir():
+            raise CheckpointError(f"{self.root}: no such checkpoint file or folder")
+        indexes = sorted(self.root.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{self.root}: several index files {[p.name for p in indexes]}; expected one")
+        if indexes:
+            try:
+                self.index_map = json.loads(indexes[0].read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{indexes[0]}: not a safetensors index (need 'weight_map'): {e}") from e
+            files = []
+            for fname in sorted(set(self.index_map.values())):
+                p = self.root / fname
+                if not p.is_file():
+                    raise CheckpointError(f"{p}: shard named in {indexes[0].name} is missing")
+                files.append(p)
+            return files
+        for name in WEIGHT_FILE_NAMES:
+            if (self.root / name).is_file():
+                return [self.root / name]
+        found = sorted(self.root.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        raise CheckpointError(
+            f"{self.root}: expected {' or '.join(WEIGHT_FILE_NAMES)} or a *.safetensors.index.json, "
+            f"found {[p.name for p in found] or 'no safetensors files'}"
+        )
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
+
+    def read(self, key: str) -> np.ndarray:
+        """Read one tensor into a fresh host array (positioned read of exactly its bytes)."""
+        info = self.infos[key]
+        dt = ST_TO_NP[info.dtype]
+        arr = np.empty(info.shape, dt)
+        buf = memoryview(arr.reshape(-1).view(np.uint8))
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(buf)
+        if got != info.end - info.start:
+            raise CheckpointError(f"{info.file}: truncated while reading {key!r} ({got} of {info.end - info.start} B)")
+        return arr
+
+    def total_bytes(self) -> int:
+        return sum(i.end - i.start for i in self.infos.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Abstract model helpers
+
+
+def flat_variables(model_or_state: Any) -> dict[PathT, nnx.Variable]:
+    """NNX state as {path: Variable} (works on abstract models from ``nnx.eval_shape``)."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return {tuple(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def check_table_covers(table: KeyTable, variables: dict[PathT, nnx.Variable]) -> None:
+    """Every model parameter is written by exactly one entry, and every entry targets a real parameter."""
+    targets = [p for e in table.entries for p in e.flax_paths]
+    missing = sorted(set(variables) - set(targets), key=str)
+    if missing:
+        raise CheckpointError(f"key table leaves model parameter {'.'.join(map(str, missing[0]))} unmapped")
+    extra = sorted(set(targets) - set(variables), key=str)
+    if extra:
+        raise CheckpointError(f"key table targets {'.'.join(map(str, extra[0]))}, which the model does not have")
+
+
+# --------------------------------------------------------------------------------------------------
+# Import: checkpoint -> NNX
+
+
+def _check_source(reader: SafetensorsReader, table: KeyTable, allow_ints: bool = False) -> None:
+    for key, info in reader.infos.items():
+        if key not in table.by_key:
+            if table.is_passthrough(key):
+                continue
+            raise CheckpointError(f"{info.file}: unknown key {key!r} (not in the key table)")
+    for e in table.entries:
+        for key, shape in zip(e.torch_keys, e.torch_shapes):
+            if key not in reader.infos:
+                where = reader.root
+                raise CheckpointError(f"{where}: missing key {key!r} (expected shape {list(shape)})")
+            info = reader.infos[key]
+            if info.shape != tuple(shape):
+                raise CheckpointError(
+                    f"{info.file}: key {key!r} has shape {list(info.shape)}, expected {list(shape)}"
+                )
+            if info.dtype not in FLOAT_TAGS and not allow_ints:
+                raise CheckpointError(f"{info.file}: key {key!r} has dtype {info.dtype}, expected a float type")
+
+
+def iter_converted(
+    reader: SafetensorsReader, table: KeyTable, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[Entry, list[np.ndarray]]]:
+    """Yield (entry, NNX-layout arrays) one entry at a time (bounded host memory)."""
+    for e in table.entries:
+        src = [reader.read(k) for k in e.torch_keys]
+        out = e.to_flax(src)
+        del src
+        if progress is not None:
+            progress(1)
+        yield e, out
+
+
+def load_into(
+    abstract_model: nnx.Module,
+    table: KeyTable,
+    reader: SafetensorsReader,
+    *,
+    dtype: Any | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
+) -> nnx.Module:
+    """Fill an abstract NNX model (from ``nnx.eval_shape``) from a checkpoint, strictly.
+
+    Each tensor is converted on the host and placed straight into its target sharding on ``mesh``
+    (each device receives only its own slice via ``jax.make_array_from_callback``). ``dtype`` casts
+    floating tensors (the router and other fp32-by-design parameters keep the abstract model's dtype
+    when it is fp32 and ``dtype`` is None).
+    """
+    from tmp_jax.sharding import variable_sharding
+
+    variables = flat_variables(abstract_model)
+    check_table_covers(table, variables)
+    _check_source(reader, table)
+    pbar = _pbar(len(table.entries), "load", progress)
+    filled: dict[PathT, jax.Array] = {}
+    for e, arrays in iter_converted(reader, table, pbar.update if pbar else None):
+        for path, arr in zip(e.flax_paths, arrays):
+            var = variables[path]
+            want = var.get_value()
+            if tuple(arr.shape) != tuple(want.shape):
+                raise CheckpointError(
+                    f"{reader.root}: {e.torch_keys[0]!r} converts to shape {list(arr.shape)} for "
+                    f"{'.'.join(map(str, path))}, model expects {list(want.shape)}"
+                )
+            target_dtype = want.dtype if dtype is None else _cast_dtype(want.dtype, dtype, var)
+            arr = arr.astype(target_dtype, copy=False)
+            if mesh is not None:
+                sharding = variable_sharding(var, mesh)
+                filled[path] = jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])
+            else:
+                filled[path] = jax.device_put(arr)
+    if pbar:
+        pbar.close()
+    state = nnx.state(abstract_model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(filled[tuple(path)])
+    nnx.update(abstract_model, state)
+    return abstract_model
+
+
+def _cast_dtype(model_dtype: Any, requested: Any, var: nnx.Variable) -> Any:
+    if var.get_metadata().get("keep_fp32"):
+        return np.float32
+    return requested if np.issubdtype(np.dtype(model_dtype), np.floating) else model_dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Export: NNX -> checkpoint
+
+
+@dataclass
+class PlannedTensor:
+    key: str
+    shape: tuple[int, ...]
+    tag: str
+
+
+@dataclass
+class ShardPlan:
+    files: list[list[PlannedTensor]] = field(default_factory=list)
+
+
+def _plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> ShardPlan:
+    plan = ShardPlan([[]])
+    size = 0
+    for t in tensors:
+        nbytes = int(np.prod(t.shape, dtype=np.int64)) * ST_TO_NP[t.tag].itemsize
+        if plan.files[-1] and size + nbytes > max_shard_bytes:
+            plan.files.append([])
+            size = 0
+        plan.files[-1].append(t)
+        size += nbytes
+    return plan
+
+
+def _header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    off = 0
+    for t in tensors:
+        n = int(np.prod(t.shape, dtype=np.int64)) * ST_TO_NP[t.tag].itemsize
+        header[t.key] = {"dtype": t.tag, "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class StreamingWriter:
+    """Writes a (possibly sharded) safetensors checkpoint whose tensor list is known in advance.
+
+    Tensors must be supplied in plan order; each goes straight to disk. Call :meth:`finish` to write
+    the index; the caller renames the temporary folder into place.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[PlannedTensor],
+        *,
+        prefix: str,
+        max_shard_bytes: int,
+        metadata: dict[str, str] | None = None,
+    ):
+        self.folder = folder
+        self.plan = _plan_shards(tensors, max_shard_bytes)
+        n = len(self.plan.files)
+        self.names = (
+            [f"{prefix}.safetensors"]
+            if n == 1
+            else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.prefix = prefix
+        self.metadata = metadata or {"format": "pt"}
+        self._order = [(fi, t) for fi, ts in enumerate(self.plan.files) for t in ts]
+        self._pos = 0
+        self._fh = None
+        self._file_idx = -1
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, key: str, arr: np.ndarray) -> None:
+        fi, t = self._order[self._pos]
+        if key != t.key:
+            raise RuntimeError(f"writer expected tensor {t.key!r} next, got {key!r}")
+        if tuple(arr.shape) != t.shape or NP_TO_ST[arr.dtype] != t.tag:
+            raise RuntimeError(f"{key!r}: got {arr.dtype}{list(arr.shape)}, planned {t.tag}{list(t.shape)}")
+        if fi != self._file_idx:
+            if self._fh:
+                self._fh.close()
+            self._file_idx = fi
+            self._fh = open(self.folder / self.names[fi], "wb")
+            self._fh.write(_header_bytes(self.plan.files[fi], self.metadata))
+        self._fh.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+        self.weight_map[key] = self.names[fi]
+        self.total_size += arr.nbytes
+        self._pos += 1
+
+    def finish(self) -> list[str]:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer got {self._pos} of {len(self._order)} planned tensors")
+        if self._fh:
+            self._fh.close()
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            write_json(self.folder / f"{self.prefix}.safetensors.index.json", index)
+        return self.names
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (temp file in the same folder + rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class AtomicDir:
+    """Context manager: yields a temp folder next to ``dest``; renames it to ``dest`` on success only."""
+
+    def __init__(self, dest: str | os.PathLike[str], overwrite: bool = False):
+        self.dest = Path(dest)
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        if self.dest.exists() and not self.overwrite:
+            raise CheckpointError(f"{self.dest}: output folder exists (pass overwrite / --overwrite to replace it)")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.dest.parent, prefix=f".{self.dest.name}.tmp-"))
+        return self.tmp
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.dest.exists():
+            old = self.dest.with_name(f".{self.dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.dest, old)
+            os.replace(self.tmp, self.dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dest)
+
+
+def export_arrays(
+    table: KeyTable,
+    get_flax: Callable[[PathT], np.ndarray],
+    *,
+    dtype: Any | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (source key, PyTorch-layout array) for every table entry, one entry at a time."""
+    for e in table.entries:
+        arrays = [get_flax(p) for p in e.flax_paths]
+        outs = e.to_torch(arrays)
+        for key, shape, arr in zip(e.torch_keys, e.torch_shapes, outs):
+            if tuple(arr.shape) != tuple(shape):
+                raise CheckpointError(f"export of {key!r} produced shape {list(arr.shape)}, expected {list(shape)}")
+            if dtype is not None and np.issubdtype(arr.dtype, np.floating):
+                arr = arr.astype(dtype)
+            yield key, arr
+
+
+def save_model(
+    model: nnx.Module,
+    table: KeyTable,
+    out_dir: str | os.PathLike[str],
+    *,
+    prefix: str,
+    config: dict[str, Any] | None = None,
+    config_name: str = "config.json",
+    dtype: Any | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    overwrite: bool = False,
+    passthrough_from: SafetensorsReader | None = None,
+    extra_files: Iterable[Path] = (),
+    progress: bool = False,
+) -> Path:
+    """Write ``model`` as a PyTorch-layout safetensors checkpoint (+ index when sharded) atomically.
+
+    One tensor at a time is gathered from the devices (``np.asarray``), converted and written.
+    ``passthrough_from`` copies the source's carried-through keys (e.g. a VAE) byte for byte.
+    """
+    variables = flat_variables(model)
+    check_table_covers(table, variables)
+
+    def get_flax(p: PathT) -> np.ndarray:
+        return np.asarray(variables[p].get_value())
+
+    np_dtype = None if dtype is None else np.dtype(dtype)
+    planned: list[PlannedTensor] = []
+    for e in table.entries:
+        # One dtype per entry: that of its first NNX leaf (fused entries share one dtype).
+        src_dt = np.dtype(variables[e.flax_paths[0]].get_value().dtype)
+        for key, shape in zip(e.torch_keys, e.torch_shapes):
+            tag = NP_TO_ST[np_dtype if (np_dtype is not None and np.issubdtype(src_dt, np.floating)) else src_dt]
+            planned.append(PlannedTensor(key, tuple(shape), tag))
+    pt_keys: list[str] = []
+    if passthrough_from is not None:
+        pt_keys = [k for k in passthrough_from.keys() if table.is_passthrough(k)]
+        for k in pt_keys:
+            info = passthrough_from.infos[k]
+            planned.append(PlannedTensor(k, info.shape, info.dtype))
+    with AtomicDir(out_dir, overwrite=overwrite) as tmp:
+        writer = StreamingWriter(tmp, planned, prefix=prefix, max_shard_bytes=max_shard_bytes)
+        pbar = _pbar(len(planned), "save", progress)
+        for key, arr in export_arrays(table, get_flax, dtype=np_dtype):
+            writer.write(key, arr)
+            if pbar:
+                pbar.update(1)
+        for k in pt_keys:
+            writer.write(k, passthrough_from.read(k))
+            if pbar:
+                pbar.update(1)
+        if pbar:
+            pbar.close()
+        writer.finish()
+        if config is not None:
+            write_json(tmp / config_name, config)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+    return Path(out_dir)
+
+
+def _pbar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False)

@@ -1,0 +1,453 @@
+"""Z-Image single-stream DiT in Flax NNX, mirroring ``diffusers.ZImageTransformer2DModel``.
+
+Module and attribute names follow diffusers (``layers.3.attention.to_q``, ``all_x_embedder["2-1"]``,
+``t_embedder.mlp.0`` ...) so the converter is an identity plus explicit transposes. Ragged batches
+(different image sizes and caption lengths) are laid out on the host exactly like diffusers
+(segments padded to 32 tokens with pad tokens, inter-sample padding masked) and the dense part runs
+in one jitted function, :func:`forward_padded`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tmp_jax.models.z_image.config import SEQ_MULTI_OF, T_MID_DIM, BlockSpec, ZImageConfig
+from tmp_jax.nn import Linear, RMSNorm, timestep_embedding
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_tables(cfg: ZImageConfig) -> list[np.ndarray]:
+    """Per-axis angle tables ``(axes_lens[i], axes_dims[i] // 2)``, computed in float64 then rounded
+    to fp32 exactly like diffusers (so cos/sin agree to the last bit of the angle)."""
+    out = []
+    for d, e in zip(cfg.axes_dims, cfg.axes_lens):
+        inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        out.append(np.outer(np.arange(e, dtype=np.float64), inv).astype(np.float32))
+    return out
+
+
+def rope_cos_sin(cfg: ZImageConfig, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``pos``: (B, T, 3) int32 -> cos, sin: (B, T, head_dim // 2) fp32."""
+    angles = [jnp.asarray(tab)[pos[..., i]] for i, tab in enumerate(rope_tables(cfg))]
+    ang = jnp.concatenate(angles, axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Interleaved complex-pair rotation (GPT-J style) in fp32. x: (B, T, N, D); cos/sin: (B, T, D/2)."""
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)  # [B, T, N, D/2, 2]
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.stack([a * c - b * s, a * s + b * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class Attention(nnx.Module):
+    """Self-attention with QK-RMSNorm then RoPE; ``heads`` may be fewer than the config's (pruned)."""
+
+    def __init__(self, cfg: ZImageConfig, heads: int, *, dtype: Any, rngs: nnx.Rngs):
+        hd = cfg.head_dim
+        self.heads = heads
+        self.head_dim = hd
+        inner = heads * hd
+        self.to_q = Linear(cfg.dim, inner, use_bias=False, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.to_k = Linear(cfg.dim, inner, use_bias=False, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.to_v = Linear(cfg.dim, inner, use_bias=False, axes=("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.norm_q = RMSNorm(hd, eps=1e-5, axes=("head_dim",), dtype=dtype) if cfg.qk_norm else None
+        self.norm_k = RMSNorm(hd, eps=1e-5, axes=("head_dim",), dtype=dtype) if cfg.qk_norm else None
+        self.to_out = nnx.List(
+            [Linear(inner, cfg.dim, use_bias=False, axes=("heads", "embed"), dtype=dtype, rngs=rngs)]
+        )
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        B, T, _ = x.shape
+        q = self.to_q(x).reshape(B, T, self.heads, self.head_dim)  # [B, T, N, D]
+        k = self.to_k(x).reshape(B, T, self.heads, self.head_dim)
+        v = self.to_v(x).reshape(B, T, self.heads, self.head_dim)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, D]
+        return self.to_out[0](o.reshape(B, T, self.heads * self.head_dim))
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype: Any, rngs: nnx.Rngs):
+        self.w1 = Linear(dim, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.w2 = Linear(hidden, dim, use_bias=False, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.w3 = Linear(dim, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class ZImageTransformerBlock(nnx.Module):
+    """Sandwich-norm block; modulated blocks take adaLN scale/gates from ``c`` (no SiLU before it).
+
+    A block with 0 heads (or FFN width 0) has no attention (FFN) sub-layer: the residual branch is
+    skipped, which is what dropping that sub-layer means.
+    """
+
+    def __init__(self, cfg: ZImageConfig, spec: BlockSpec, *, modulation: bool, dtype: Any, rngs: nnx.Rngs):
+        dim, eps = cfg.dim, cfg.norm_eps
+        self.modulation = modulation
+        has_attn, has_ffn = spec.heads > 0, spec.ffn_dim > 0
+        self.attention = Attention(cfg, spec.heads, dtype=dtype, rngs=rngs) if has_attn else None
+        self.feed_forward = FeedForward(dim, spec.ffn_dim, dtype=dtype, rngs=rngs) if has_ffn else None
+        self.attention_norm1 = RMSNorm(dim, eps=eps, axes=("embed",), dtype=dtype) if has_attn else None
+        self.ffn_norm1 = RMSNorm(dim, eps=eps, axes=("embed",), dtype=dtype) if has_ffn else None
+        self.attention_norm2 = RMSNorm(dim, eps=eps, axes=("embed",), dtype=dtype) if has_attn else None
+        self.ffn_norm2 = RMSNorm(dim, eps=eps, axes=("embed",), dtype=dtype) if has_ffn else None
+        self.adaLN_modulation = (
+            nnx.List([Linear(cfg.adaln_dim, 4 * dim, axes=("adaln", "embed"), dtype=dtype, rngs=rngs)])
+            if modulation
+            else None
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        cos: jax.Array,
+        sin: jax.Array,
+        c: jax.Array | None = None,
+    ) -> jax.Array:
+        """x: (B, T, dim); c: (B, adaln) or per-token (B, T, adaln) conditioning (modulated blocks)."""
+        if self.modulation:
+            mod = self.adaLN_modulation[0](c)  # [B, 4*dim] or [B, T, 4*dim]
+            if mod.ndim == 2:
+                mod = mod[:, None, :]
+            scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod, 4, axis=-1)
+            scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
+            gate_msa, gate_mlp = jnp.tanh(gate_msa), jnp.tanh(gate_mlp)
+            if self.attention is not None:
+                a = self.attention(self.attention_norm1(x) * scale_msa, mask, cos, sin)
+                x = x + gate_msa * self.attention_norm2(a)
+            if self.feed_forward is not None:
+                x = x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
+        else:
+            if self.attention is not None:
+                x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, cos, sin))
+            if self.feed_forward is not None:
+                x = x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        return x
+
+
+class FinalLayer(nnx.Module):
+    """LayerNorm (no affine, eps 1e-6) * (1 + Linear(SiLU(c))) -> Linear to patch pixels."""
+
+    def __init__(self, cfg: ZImageConfig, out_features: int, *, dtype: Any, rngs: nnx.Rngs):
+        self.linear = Linear(cfg.dim, out_features, axes=("embed", "patch"), dtype=dtype, rngs=rngs)
+        # index 0 is the SiLU of the PyTorch Sequential (no parameters)
+        self.adaLN_modulation = nnx.List(
+            [None, Linear(cfg.adaln_dim, cfg.dim, axes=("adaln", "embed"), dtype=dtype, rngs=rngs)]
+        )
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        scale = 1.0 + self.adaLN_modulation[1](jax.nn.silu(c))
+        if scale.ndim == 2:
+            scale = scale[:, None, :]
+        xf = x.astype(jnp.float32)
+        mu = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+        xn = ((xf - mu) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+        return self.linear(xn * scale)
+
+
+class TimestepEmbedder(nnx.Module):
+    """Sinusoid(256) in fp32 -> Linear(256, 1024) -> SiLU -> Linear(1024, out)."""
+
+    def __init__(self, out_size: int, mid_size: int, *, dtype: Any, rngs: nnx.Rngs, freq_dim: int = 256):
+        self.freq_dim = freq_dim
+        self.mlp = nnx.List(
+            [
+                Linear(freq_dim, mid_size, axes=("adaln", "mlp"), dtype=dtype, rngs=rngs),
+                None,  # SiLU
+                Linear(mid_size, out_size, axes=("mlp", "adaln"), dtype=dtype, rngs=rngs),
+            ]
+        )
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        emb = timestep_embedding(t, self.freq_dim).astype(self.mlp[0].kernel.dtype)
+        return self.mlp[2](jax.nn.silu(self.mlp[0](emb)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side layout of ragged batches (identical to diffusers' patchify_and_embed)
+
+
+@dataclass
+class Layout:
+    """Padded arrays fed to :func:`forward_padded` plus what is needed to unpatchify."""
+
+    arrays: dict[str, np.ndarray]
+    sizes: list[tuple[int, int, int]]  # (F, H, W) per sample
+    ori_lens: list[int]  # image tokens per sample before padding to 32
+    patch_key: str
+
+
+def _pad32(n: int) -> int:
+    return (-n) % SEQ_MULTI_OF
+
+
+def make_layout(
+    cfg: ZImageConfig,
+    x: list[np.ndarray],
+    cap_feats: list[np.ndarray],
+    patch_size: int = 2,
+    f_patch_size: int = 1,
+) -> Layout:
+    """Patchify images, pad segments to 32 and samples to the batch max, build position ids / masks."""
+    if len(x) != len(cap_feats):
+        raise ValueError(f"got {len(x)} images but {len(cap_feats)} caption feature arrays")
+    if not x:
+        raise ValueError("empty batch")
+    key = f"{patch_size}-{f_patch_size}"
+    if key not in cfg.patch_keys():
+        raise ValueError(f"patch size {key} not in the model's {cfg.patch_keys()}")
+    pH = pW = patch_size
+    pF = f_patch_size
+    imgs, img_pos, img_pad, caps, cap_pos, cap_pad = [], [], [], [], [], []
+    sizes, ori_lens = [], []
+    for i, (im, cap) in enumerate(zip(x, cap_feats)):
+        im = np.asarray(im)
+        cap = np.asarray(cap)
+        if im.ndim != 4 or im.shape[0] != cfg.in_channels:
+            raise ValueError(f"x[{i}]: expected (C={cfg.in_channels}, F, H, W), got {im.shape}")
+        if cap.ndim != 2 or cap.shape[1] != cfg.cap_feat_dim or cap.shape[0] == 0:
+            raise ValueError(f"cap_feats[{i}]: expected (L>0, {cfg.cap_feat_dim}), got {cap.shape}")
+        C, F, H, W = im.shape
+        if F % pF or H % pH or W % pW:
+            raise ValueError(f"x[{i}]: (F, H, W)={F, H, W} not divisible by patch ({pF}, {pH}, {pW})")
+        # caption: positions (1 + k, 0, 0) for every token incl. its pad-to-32 tail
+        L = cap.shape[0]
+        cap_len = L + _pad32(L)
+        caps.append(np.concatenate([cap, np.repeat(cap[-1:], cap_len - L, 0)], 0))
+        cap_pos.append(np.stack([1 + np.arange(cap_len), np.zeros(cap_len), np.zeros(cap_len)], -1))
+        cap_pad.append(np.arange(cap_len) >= L)
+        # image: (C, F, H, W) -> (Ft*Ht*Wt, pF*pH*pW*C), channel fastest
+        Ft, Ht, Wt = F // pF, H // pH, W // pW
+        p = im.reshape(C, Ft, pF, Ht, pH, Wt, pW).transpose(1, 3, 5, 2, 4, 6, 0)
+        p = p.reshape(Ft * Ht * Wt, pF * pH * pW * C)  # [tokens, patch_dim]
+        n = p.shape[0]
+        pad = _pad32(n)
+        imgs.append(np.concatenate([p, np.repeat(p[-1:], pad, 0)], 0))
+        f, h, w = np.meshgrid(np.arange(Ft), np.arange(Ht), np.arange(Wt), indexing="ij")
+        pos = np.stack([cap_len + 1 + f.ravel(), h.ravel(), w.ravel()], -1)
+        img_pos.append(np.concatenate([pos, np.zeros((pad, 3))], 0))
+        img_pad.append(np.arange(n + pad) >= n)
+        if cap_len + 1 + Ft > cfg.axes_lens[0] or Ht > cfg.axes_lens[1] or Wt > cfg.axes_lens[2]:
+            raise ValueError(
+                f"sample {i}: RoPE positions (f<{cap_len + 1 + Ft}, h<{Ht}, w<{Wt}) exceed axes_lens "
+                f"{list(cfg.axes_lens)}"
+            )
+        sizes.append((F, H, W))
+        ori_lens.append(n)
+
+    def stack(items: list[np.ndarray], dtype: Any, fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
+        T = max(len(a) for a in items)
+        out = np.full((len(items), T, *items[0].shape[1:]), fill, dtype)
+        valid = np.zeros((len(items), T), bool)
+        for b, a in enumerate(items):
+            out[b, : len(a)] = a
+            valid[b, : len(a)] = True
+        return out, valid
+
+    img_arr, img_valid = stack(imgs, np.asarray(x[0]).dtype)
+    cap_arr, cap_valid = stack(caps, np.asarray(cap_feats[0]).dtype)
+    img_pos_arr, _ = stack(img_pos, np.int32)
+    cap_pos_arr, _ = stack(cap_pos, np.int32)
+    img_pad_arr, _ = stack(img_pad, bool)
+    cap_pad_arr, _ = stack(cap_pad, bool)
+    # unified sequence per sample: [image tokens (padded to 32), caption tokens (padded to 32)],
+    # as gather indices into concat([img, cap], axis=1).
+    Lx = img_arr.shape[1]
+    uni = [np.concatenate([np.arange(len(a)), Lx + np.arange(len(c))]) for a, c in zip(imgs, caps)]
+    uni_idx, uni_valid = stack(uni, np.int32)
+    arrays = {
+        "img": img_arr,
+        "img_pad": img_pad_arr,
+        "img_valid": img_valid,
+        "img_pos": img_pos_arr,
+        "cap": cap_arr,
+        "cap_pad": cap_pad_arr,
+        "cap_valid": cap_valid,
+        "cap_pos": cap_pos_arr,
+        "uni_idx": uni_idx,
+        "uni_valid": uni_valid,
+    }
+    return Layout(arrays, sizes, ori_lens, key)
+
+
+def unpatchify(
+    cfg: ZImageConfig, out: np.ndarray | jax.Array, layout: Layout, patch_size: int, f_patch_size: int
+) -> list[jax.Array]:
+    """(B, T, patch_dim) unified outputs -> list of (C, F, H, W) images (image tokens come first)."""
+    pH = pW = patch_size
+    pF = f_patch_size
+    C = cfg.out_channels
+    res = []
+    for b, ((F, H, W), n) in enumerate(zip(layout.sizes, layout.ori_lens)):
+        tok = out[b, :n].reshape(F // pF, H // pH, W // pW, pF, pH, pW, C)  # [Ft, Ht, Wt, pF, pH, pW, C]
+        res.append(tok.transpose(6, 0, 3, 1, 4, 2, 5).reshape(C, F, H, W))
+    return res
+
+
+def _key_mask(valid: jax.Array) -> jax.Array:
+    return valid[:, None, None, :]  # [B, 1, 1, S]: mask keys beyond each sample's length
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+class ZImageTransformer(nnx.Module):
+    """Z-Image DiT. ``model(x, t, cap_feats)`` takes the same arguments as diffusers' forward."""
+
+    def __init__(self, cfg: ZImageConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if cfg.siglip_feat_dim is not None:
+            raise NotImplementedError("the SigLIP (omni/edit) branch is not ported yet")
+        self.config = cfg
+        self.dtype = dtype
+        patch_in = {
+            k: p * p * f * cfg.in_channels for k, p, f in zip(cfg.patch_keys(), cfg.all_patch_size, cfg.all_f_patch_size)
+        }
+        self.all_x_embedder = nnx.Dict(
+            {k: Linear(n, cfg.dim, axes=("patch", "embed"), dtype=dtype, rngs=rngs) for k, n in patch_in.items()}
+        )
+        self.all_final_layer = nnx.Dict({k: FinalLayer(cfg, n, dtype=dtype, rngs=rngs) for k, n in patch_in.items()})
+        self.noise_refiner = nnx.List(
+            [
+                ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs)
+                for s in cfg.stack("noise_refiner")
+            ]
+        )
+        self.context_refiner = nnx.List(
+            [
+                ZImageTransformerBlock(cfg, s, modulation=False, dtype=dtype, rngs=rngs)
+                for s in cfg.stack("context_refiner")
+            ]
+        )
+        self.t_embedder = TimestepEmbedder(cfg.adaln_dim, T_MID_DIM, dtype=dtype, rngs=rngs)
+        self.cap_embedder = nnx.List(
+            [
+                RMSNorm(cfg.cap_feat_dim, eps=cfg.norm_eps, axes=("cap",), dtype=dtype),
+                Linear(cfg.cap_feat_dim, cfg.dim, axes=("cap", "embed"), dtype=dtype, rngs=rngs),
+            ]
+        )
+        self.x_pad_token = nnx.Param(jnp.zeros((1, cfg.dim), dtype), logical_axes=(None, "embed"))
+        self.cap_pad_token = nnx.Param(jnp.zeros((1, cfg.dim), dtype), logical_axes=(None, "embed"))
+        self.layers = nnx.List(
+            [ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs) for s in cfg.stack("layers")]
+        )
+
+    # -- dense part (jit-friendly) -------------------------------------------------------------
+    def embed(self, a: dict[str, jax.Array], t: jax.Array, patch_key: str) -> dict[str, jax.Array]:
+        """Timestep, patch and caption embeddings, pad tokens and RoPE tables."""
+        cfg = self.config
+        c = self.t_embedder(t * cfg.t_scale).astype(a["img"].dtype)
+        img = self.all_x_embedder[patch_key](a["img"])
+        img = jnp.where(a["img_pad"][..., None], self.x_pad_token[...].astype(img.dtype), img)
+        img = jnp.where(a["img_valid"][..., None], img, 0)
+        cap = self.cap_embedder[1](self.cap_embedder[0](a["cap"]))
+        cap = jnp.where(a["cap_pad"][..., None], self.cap_pad_token[...].astype(cap.dtype), cap)
+        cap = jnp.where(a["cap_valid"][..., None], cap, 0)
+        img_cs = rope_cos_sin(cfg, a["img_pos"])
+        cap_cs = rope_cos_sin(cfg, a["cap_pos"])
+        return {"c": c, "img": img, "cap": cap, "img_cs": img_cs, "cap_cs": cap_cs}
+
+    def unify(self, a: dict[str, jax.Array], img: jax.Array, cap: jax.Array, e: dict[str, Any]) -> tuple:
+        """Gather [image, caption] per sample into the unified sequence (+ RoPE, key mask)."""
+        both = jnp.concatenate([img, cap], axis=1)  # [B, Lx+Lc, dim]
+        idx = a["uni_idx"]
+        x = jnp.take_along_axis(both, idx[..., None], axis=1)
+        cos = jnp.take_along_axis(jnp.concatenate([e["img_cs"][0], e["cap_cs"][0]], 1), idx[..., None], 1)
+        sin = jnp.take_along_axis(jnp.concatenate([e["img_cs"][1], e["cap_cs"][1]], 1), idx[..., None], 1)
+        x = jnp.where(a["uni_valid"][..., None], x, 0)
+        return x, cos, sin, _key_mask(a["uni_valid"])
+
+    def forward_padded(
+        self, a: dict[str, jax.Array], t: jax.Array, patch_key: str, return_features: bool = False
+    ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+        """The dense forward on a :class:`Layout`'s arrays -> (B, T_unified, patch_dim)."""
+        e = self.embed(a, t, patch_key)
+        c = e["c"]
+        img, cap = e["img"], e["cap"]
+        m_img, m_cap = _key_mask(a["img_valid"]), _key_mask(a["cap_valid"])
+        for blk in self.noise_refiner:
+            img = blk(img, m_img, *e["img_cs"], c)
+        for blk in self.context_refiner:
+            cap = blk(cap, m_cap, *e["cap_cs"])
+        x, cos, sin, mask = self.unify(a, img, cap, e)
+        feats = []
+        for blk in self.layers:
+            x = blk(x, mask, cos, sin, c)
+            if return_features:
+                feats.append(x)
+        out = self.all_final_layer[patch_key](x, c)
+        return (out, feats) if return_features else out
+
+    # -- public API ------------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: list[Any],
+        t: Any,
+        cap_feats: list[Any],
+        patch_size: int = 2,
+        f_patch_size: int = 1,
+    ) -> list[jax.Array]:
+        """x: list of (C, F, H, W); t: (B,) in [0, 1] (1 = clean); cap_feats: list of (L_i, cap_feat_dim).
+
+        Returns the list of (C, F, H, W) model outputs, like diffusers' ``.sample``.
+        """
+        if x and isinstance(x[0], list | tuple):
+            raise NotImplementedError("omni/edit mode (nested lists) is not ported yet")
+        layout = make_layout(self.config, [np.asarray(v) for v in x], [np.asarray(c) for c in cap_feats],
+                             patch_size, f_patch_size)
+        t = jnp.asarray(t, jnp.float32).reshape(-1)
+        if t.shape[0] != len(x):
+            raise ValueError(f"t has {t.shape[0]} entries for a batch of {len(x)}")
+        graphdef, state = nnx.split(self)
+        out = _forward_jit(graphdef, layout.patch_key, state, layout.arrays, t)
+        return unpatchify(self.config, out, layout, patch_size, f_patch_size)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None, progress: bool = False
+    ) -> ZImageTransformer:
+        """Load a diffusers transformer folder (or one this project exported); streamed, strict."""
+        from converters.zimage import load_zimage
+
+        return load_zimage(path, dtype=dtype, mesh=mesh, progress=progress)
+
+    def save_pretrained(self, path: str, dtype: Any | None = None, overwrite: bool = False, **kw: Any) -> None:
+        """Write a diffusers-layout folder (config.json + safetensors [+ index]) atomically."""
+        from converters.zimage import save_zimage
+
+        save_zimage(self, path, dtype=dtype, overwrite=overwrite, **kw)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _forward_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    return model.forward_padded(arrays, t, patch_key)
+
+
+def init_abstract(cfg: ZImageConfig, dtype: Any = jnp.float32) -> ZImageTransformer:
+    """Abstract (shape-only) model: no weights are materialised."""
+    return nnx.eval_shape(lambda: ZImageTransformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
