@@ -54,7 +54,10 @@ def _norm(prefix: str, dim: int) -> Entry:
 def zimage_key_table(cfg: ZImageConfig) -> KeyTable:
     """The complete diffusers <-> NNX table for ``cfg`` (blocks renumbered contiguously per stack)."""
     d, hd = cfg.dim, cfg.head_dim
-    es: list[Entry] = [same("x_pad_token", ("x_pad_token",), (1, d)), same("cap_pad_token", ("cap_pad_token",), (1, d))]
+    es: list[Entry] = [
+        same("x_pad_token", ("x_pad_token",), (1, d)),
+        same("cap_pad_token", ("cap_pad_token",), (1, d)),
+    ]
     for k, p, f in zip(cfg.patch_keys(), cfg.all_patch_size, cfg.all_f_patch_size):
         n = p * p * f * cfg.in_channels
         es += _lin(f"all_x_embedder.{k}", d, n)
@@ -99,8 +102,11 @@ class ComfyUIReader:
     ``model.diffusion_model.``. The split happens lazily, one tensor at a time.
     """
 
-    RENAMES = ((".attention.out.", ".attention.to_out.0."), (".attention.q_norm.", ".attention.norm_q."),
-               (".attention.k_norm.", ".attention.norm_k."))
+    RENAMES = (
+        (".attention.out.", ".attention.to_out.0."),
+        (".attention.q_norm.", ".attention.norm_q."),
+        (".attention.k_norm.", ".attention.norm_k."),
+    )
 
     def __init__(self, inner: SafetensorsReader):
         self.inner = inner
@@ -109,16 +115,20 @@ class ComfyUIReader:
         self._virtual: dict[str, tuple[str, int, int]] = {}  # key -> (fused key, part index, parts)
         self._cache: tuple[str, np.ndarray] | None = None
         for key, info in inner.infos.items():
-            k = key[len(COMFY_PREFIX):] if key.startswith(COMFY_PREFIX) else key
+            k = key[len(COMFY_PREFIX) :] if key.startswith(COMFY_PREFIX) else key
             if k.endswith(".attention.qkv.weight"):
                 rows, cols = info.shape
                 if rows % 3:
-                    raise CheckpointError(f"{info.file}: {key!r} has {rows} rows, expected a multiple of 3 (q;k;v)")
+                    raise CheckpointError(
+                        f"{info.file}: {key!r} has {rows} rows, expected a multiple of 3 (q;k;v)"
+                    )
                 base = k[: -len("qkv.weight")]
                 for j, n in enumerate(("to_q", "to_k", "to_v")):
                     vk = f"{base}{n}.weight"
                     self._virtual[vk] = (key, j, 3)
-                    self.infos[vk] = TensorInfo(info.file, info.dtype, (rows // 3, cols), info.start, info.end)
+                    self.infos[vk] = TensorInfo(
+                        info.file, info.dtype, (rows // 3, cols), info.start, info.end
+                    )
                 continue
             for a, b in self.RENAMES:
                 k = k.replace(a, b)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,7 +59,9 @@ def test_submodules(pair):
     assert rel_err(got, want) <= TOL
     # one modulated block, one context-refiner block, final layer: same inputs, same RoPE positions
     T = 40
-    pos = np.stack([rng.integers(0, 200, T), rng.integers(0, 60, T), rng.integers(0, 60, T)], -1).astype(np.int32)
+    pos = np.stack([rng.integers(0, 200, T), rng.integers(0, 60, T), rng.integers(0, 60, T)], -1).astype(
+        np.int32
+    )
     pos = np.broadcast_to(pos, (2, T, 3))
     h = rng.standard_normal((2, T, cfg.dim)).astype(np.float32)
     valid = np.ones((2, T), bool)
@@ -109,7 +109,7 @@ def _prune_state(sd: dict[str, np.ndarray], cfg: ZImageConfig, keep: dict) -> di
             for k, v in sd.items():
                 if not k.startswith(src):
                     continue
-                rest = k[len(src):]
+                rest = k[len(src) :]
                 if rest.startswith("attention") and not len(heads):
                     continue
                 if rest.startswith(("feed_forward", "ffn_norm")) and not len(chans):
@@ -139,9 +139,14 @@ def test_heterogeneous_widths_match_zeroed_diffusers(tmp_path):
         ("layers", 2): (np.array([0, 1, 2, 3]), np.sort(rng.choice(F, 7, replace=False))),
     }  # layers.1 dropped entirely
     cfg = cfg0.replace(
-        noise_refiner_heads=(3,), noise_refiner_ffn_dims=(64,),
-        context_refiner_heads=(0,), context_refiner_ffn_dims=(100,),
-        n_layers=2, layers_kept=(0, 2), layers_heads=(1, 4), layers_ffn_dims=(0, 7),
+        noise_refiner_heads=(3,),
+        noise_refiner_ffn_dims=(64,),
+        context_refiner_heads=(0,),
+        context_refiner_ffn_dims=(100,),
+        n_layers=2,
+        layers_kept=(0, 2),
+        layers_heads=(1, 4),
+        layers_ffn_dims=(0, 7),
     )
     sd = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
     folder = tmp_path / "pruned"

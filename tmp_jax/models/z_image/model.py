@@ -9,6 +9,7 @@ in one jitted function, :func:`forward_padded`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -52,6 +53,52 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention kernel choice
+
+# "auto": cuDNN flash attention on GPU for bf16/fp16 (head_dim <= 128), XLA's reference attention
+# otherwise (CPU, fp32). "xla" / "cudnn" force one. Read at trace time; the env var sets the default.
+ATTENTION_IMPLEMENTATION: str = os.environ.get("TMP_JAX_ATTENTION", "auto")
+
+
+def set_attention_implementation(name: str) -> None:
+    """'auto', 'xla' or 'cudnn'; affects functions traced after the call."""
+    if name not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"attention implementation must be auto, xla or cudnn, got {name!r}")
+    global ATTENTION_IMPLEMENTATION
+    ATTENTION_IMPLEMENTATION = name
+
+
+def _attention_impl(q: jax.Array, mask: jax.Array | None) -> str:
+    impl = ATTENTION_IMPLEMENTATION
+    key_only = mask is None or (mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
+    if impl == "auto":
+        ok = (
+            jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] <= 128
+            and q.shape[-1] % 8 == 0
+            and key_only
+        )
+        impl = "cudnn" if ok else "xla"
+    if impl == "cudnn" and not key_only:
+        raise ValueError("cuDNN attention here takes only a key mask of shape (B, 1, 1, S)")
+    return impl
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention, q/k/v: (B, T, N, D). ``mask``: (B, 1, 1, S) key mask or None.
+
+    Every key mask this model builds (:func:`_key_mask` of a :class:`Layout`'s ``*_valid``) is a
+    prefix mask (valid keys first), so on the cuDNN path it is passed as per-sample key lengths
+    (cuDNN's padding mask, no materialised bias) instead of a boolean mask.
+    """
+    if _attention_impl(q, mask) == "cudnn":
+        kv_len = None if mask is None else jnp.sum(mask.reshape(mask.shape[0], -1), axis=-1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
 # Modules
 
 
@@ -80,7 +127,7 @@ class Attention(nnx.Module):
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, D]
+        o = _attention(q, k, v, mask)  # [B, T, N, D]
         return self.to_out[0](o.reshape(B, T, self.heads * self.head_dim))
 
 
@@ -325,12 +372,18 @@ class ZImageTransformer(nnx.Module):
         self.config = cfg
         self.dtype = dtype
         patch_in = {
-            k: p * p * f * cfg.in_channels for k, p, f in zip(cfg.patch_keys(), cfg.all_patch_size, cfg.all_f_patch_size)
+            k: p * p * f * cfg.in_channels
+            for k, p, f in zip(cfg.patch_keys(), cfg.all_patch_size, cfg.all_f_patch_size)
         }
         self.all_x_embedder = nnx.Dict(
-            {k: Linear(n, cfg.dim, axes=("patch", "embed"), dtype=dtype, rngs=rngs) for k, n in patch_in.items()}
+            {
+                k: Linear(n, cfg.dim, axes=("patch", "embed"), dtype=dtype, rngs=rngs)
+                for k, n in patch_in.items()
+            }
         )
-        self.all_final_layer = nnx.Dict({k: FinalLayer(cfg, n, dtype=dtype, rngs=rngs) for k, n in patch_in.items()})
+        self.all_final_layer = nnx.Dict(
+            {k: FinalLayer(cfg, n, dtype=dtype, rngs=rngs) for k, n in patch_in.items()}
+        )
         self.noise_refiner = nnx.List(
             [
                 ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs)
@@ -353,7 +406,10 @@ class ZImageTransformer(nnx.Module):
         self.x_pad_token = nnx.Param(jnp.zeros((1, cfg.dim), dtype), logical_axes=(None, "embed"))
         self.cap_pad_token = nnx.Param(jnp.zeros((1, cfg.dim), dtype), logical_axes=(None, "embed"))
         self.layers = nnx.List(
-            [ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs) for s in cfg.stack("layers")]
+            [
+                ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs)
+                for s in cfg.stack("layers")
+            ]
         )
 
     # -- dense part (jit-friendly) -------------------------------------------------------------
@@ -417,8 +473,13 @@ class ZImageTransformer(nnx.Module):
         """
         if x and isinstance(x[0], list | tuple):
             raise NotImplementedError("omni/edit mode (nested lists) is not ported yet")
-        layout = make_layout(self.config, [np.asarray(v) for v in x], [np.asarray(c) for c in cap_feats],
-                             patch_size, f_patch_size)
+        layout = make_layout(
+            self.config,
+            [np.asarray(v) for v in x],
+            [np.asarray(c) for c in cap_feats],
+            patch_size,
+            f_patch_size,
+        )
         t = jnp.asarray(t, jnp.float32).reshape(-1)
         if t.shape[0] != len(x):
             raise ValueError(f"t has {t.shape[0]} entries for a batch of {len(x)}")
@@ -428,14 +489,20 @@ class ZImageTransformer(nnx.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None, progress: bool = False
+        cls,
+        path: str,
+        dtype: Any = jnp.float32,
+        mesh: jax.sharding.Mesh | None = None,
+        progress: bool = False,
     ) -> ZImageTransformer:
         """Load a diffusers transformer folder (or one this project exported); streamed, strict."""
         from converters.zimage import load_zimage
 
         return load_zimage(path, dtype=dtype, mesh=mesh, progress=progress)
 
-    def save_pretrained(self, path: str, dtype: Any | None = None, overwrite: bool = False, **kw: Any) -> None:
+    def save_pretrained(
+        self, path: str, dtype: Any | None = None, overwrite: bool = False, **kw: Any
+    ) -> None:
         """Write a diffusers-layout folder (config.json + safetensors [+ index]) atomically."""
         from converters.zimage import save_zimage
 
@@ -443,7 +510,9 @@ class ZImageTransformer(nnx.Module):
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _forward_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array) -> jax.Array:
+def _forward_jit(
+    graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array
+) -> jax.Array:
     model = nnx.merge(graphdef, state)
     return model.forward_padded(arrays, t, patch_key)
 
