@@ -1,0 +1,51 @@
+"""Registry of architecture hooks: everything generic code needs from a model family.
+
+Generic modules (tree, materialize, importance, calibration, search, export) look hooks up by the
+spec's ``arch`` name; they never branch on the model type. Adding an architecture = registering one
+:class:`ArchHooks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+PathT = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class ArchHooks:
+    name: str
+    build_spec: Callable[[Any], Any]  # cfg -> tree.Spec
+    pruned_config: Callable[[Any, Any, Any], Any]  # (cfg, tree, assignment) -> smaller cfg
+    path_map: Callable[[Any, Any], Callable[[PathT], PathT]]  # (src cfg, new cfg) -> new path -> src path
+    init_abstract: Callable[[Any, Any], Any]  # (cfg, dtype) -> abstract model
+    init_random: Callable[[Any, Any, int], Any]  # (cfg, dtype, seed) -> model with random weights
+
+
+_REGISTRY: dict[str, ArchHooks] = {}
+
+
+def register(h: ArchHooks) -> ArchHooks:
+    _REGISTRY[h.name] = h
+    return h
+
+
+def get(name: str) -> ArchHooks:
+    if name not in _REGISTRY:
+        _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown architecture {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for mod in ("tmp_jax.models.z_image.structure", "tmp_jax.models.hunyuan_image3.structure"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise

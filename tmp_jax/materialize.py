@@ -1,0 +1,100 @@
+"""Apply an assignment: a physically smaller model (sliced weights, smaller config), generically.
+
+Also the function-preserving importance-ordered permutation: after :func:`permute`, keeping the ``k``
+most important units of any node is keeping a PREFIX, so candidates are sets of prefix lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tmp_jax import arch
+from tmp_jax.tree import Assignment, PathT, Tree
+
+Order = dict[tuple[str, str], np.ndarray]  # (node, units kind) -> unit ids, most important first
+
+
+def kept_units(tree: Tree, a: Assignment, order: Order | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """Kept unit ids (ORIGINAL numbering, ascending) for every unit group of every kept node."""
+    out = {}
+    for n in tree.spec.nodes():
+        if n.name in a.dropped:
+            continue
+        for u in n.units:
+            k = tree.kept_count(a, n.name, u.kind)
+            o = order.get((n.name, u.kind)) if order else None
+            ids = np.arange(u.n) if o is None else np.asarray(o)
+            out[(n.name, u.kind)] = np.sort(ids[:k])
+    return out
+
+
+def _element_index(units: np.ndarray, group: int) -> np.ndarray:
+    return (units[:, None] * group + np.arange(group)[None, :]).reshape(-1)  # [k*group]
+
+
+def slice_plan(tree: Tree, a: Assignment, order: Order | None = None) -> dict[PathT, list[tuple[int, np.ndarray]]]:
+    """Source parameter path -> list of (axis, element indices) to keep."""
+    kept = kept_units(tree, a, order)
+    plan: dict[PathT, list[tuple[int, np.ndarray]]] = {}
+    for n in tree.spec.nodes():
+        if n.name in a.dropped:
+            continue
+        for u in n.units:
+            ids = kept[(n.name, u.kind)]
+            for s in u.slices:
+                plan.setdefault(s.path, []).append((s.axis, _element_index(ids, s.group)))
+    return plan
+
+
+def materialize(model: Any, tree: Tree, a: Assignment, order: Order | None = None, dtype: Any = None) -> Any:
+    """A new, smaller model computing the pruned network ``a`` (weights sliced from ``model``)."""
+    hooks = arch.get(tree.spec.arch)
+    src_cfg = model.config
+    new_cfg = hooks.pruned_config(src_cfg, tree, a)
+    src = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if dtype is None:
+        dtype = next(iter(src.values())).dtype
+    new = hooks.init_abstract(new_cfg, dtype)
+    pmap = hooks.path_map(src_cfg, new_cfg)
+    plan = slice_plan(tree, a, order)
+    state = nnx.state(new, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        sp = pmap(tuple(path))
+        arr = src[sp]
+        for axis, idx in plan.get(sp, []):
+            arr = jnp.take(arr, jnp.asarray(idx), axis=axis)
+        want = var.get_value()
+        if tuple(arr.shape) != tuple(want.shape):
+            raise ValueError(f"materialise {path}: sliced {arr.shape} != expected {want.shape}")
+        var.set_value(jnp.asarray(arr, want.dtype))
+    nnx.update(new, state)
+    return new
+
+
+def permute(model: Any, tree: Tree, order: Order) -> Any:
+    """Reorder units inside every node by ``order`` (function-preserving), in place."""
+    state = nnx.state(model, nnx.Param)
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+    for n in tree.spec.nodes():
+        for u in n.units:
+            o = order.get((n.name, u.kind))
+            if o is None:
+                continue
+            for s in u.slices:
+                var = flat[s.path]
+                var.set_value(jnp.take(var.get_value(), jnp.asarray(_element_index(np.asarray(o), s.group)), s.axis))
+    nnx.update(model, state)
+    return model
+
+
+def prefix_order(tree: Tree) -> Order:
+    """The identity order (what a permuted model uses: kept sets are prefixes)."""
+    return {(n.name, u.kind): np.arange(u.n) for n in tree.spec.nodes() for u in n.units}
+
+
+def count_params(model: Any) -> int:
+    return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
