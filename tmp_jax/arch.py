@@ -22,6 +22,14 @@ class ArchHooks:
     path_map: Callable[[Any, Any], Callable[[PathT], PathT]]  # (src cfg, new cfg) -> new path -> src path
     init_abstract: Callable[[Any, Any], Any]  # (cfg, dtype) -> abstract model
     init_random: Callable[[Any, Any, int], Any]  # (cfg, dtype, seed) -> model with random weights
+    # --- calibration / evaluation ---------------------------------------------------------------
+    prepare_batch: Callable[[Any, dict], dict] | None = None  # (cfg, calib batch) -> model inputs (+ 'mask')
+    forward: Callable[[Any, dict], Any] | None = None  # (model, inputs) -> output compared with the teacher
+    collect_stats: Callable[[Any, dict], tuple[Any, dict]] | None = None  # -> (output, {path: stat})
+    compile_count: Callable[[], int] | None = None
+    synthetic_calib: Callable[[Any, int, int, int], list[dict]] | None = None  # (cfg, n, batch, seed)
+    load: Callable[..., Any] | None = None  # (path, dtype=, mesh=) -> model
+    config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
 
 
 _REGISTRY: dict[str, ArchHooks] = {}
@@ -30,6 +38,15 @@ _REGISTRY: dict[str, ArchHooks] = {}
 def register(h: ArchHooks) -> ArchHooks:
     _REGISTRY[h.name] = h
     return h
+
+
+def detect(config: dict) -> ArchHooks:
+    """The architecture whose ``config_file_kind`` accepts this config.json dict."""
+    _load_builtin()
+    for h in _REGISTRY.values():
+        if h.config_file_kind is not None and h.config_file_kind(config):
+            return h
+    raise ValueError(f"config.json matches no known architecture ({sorted(_REGISTRY)})")
 
 
 def get(name: str) -> ArchHooks:

@@ -118,6 +118,7 @@ class Attention(nnx.Module):
         self.to_out = nnx.List(
             [Linear(inner, cfg.dim, use_bias=False, axes=("heads", "embed"), dtype=dtype, rngs=rngs)]
         )
+        self.collect_stats = False  # calibration sets this to sow importance statistics
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
         B, T, _ = x.shape
@@ -128,6 +129,10 @@ class Attention(nnx.Module):
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = _attention(q, k, v, mask)  # [B, T, N, D]
+        if self.collect_stats:  # per-head energy of its contribution through to_out (importance)
+            w = self.to_out[0].kernel[...].reshape(self.heads, self.head_dim, -1)  # [N, D, dim]
+            contrib = jnp.einsum("btnd,nde->btne", o.astype(jnp.float32), w.astype(jnp.float32))
+            self.sow(nnx.Intermediate, "unit_stat", jnp.sum(jnp.square(contrib), axis=(0, 1, 3)))
         return self.to_out[0](o.reshape(B, T, self.heads * self.head_dim))
 
 
@@ -139,8 +144,15 @@ class FeedForward(nnx.Module):
         self.w2 = Linear(hidden, dim, use_bias=False, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
         self.w3 = Linear(dim, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
 
+        self.collect_stats = False
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+        h = jax.nn.silu(self.w1(x)) * self.w3(x)
+        if self.collect_stats:  # per-channel sum |activation| x ||w2 row|| (importance)
+            act = jnp.abs(h.astype(jnp.float32)).sum(axis=tuple(range(h.ndim - 1)))
+            w2n = jnp.linalg.norm(self.w2.kernel[...].astype(jnp.float32), axis=1)
+            self.sow(nnx.Intermediate, "unit_stat", act * w2n)
+        return self.w2(h)
 
 
 class ZImageTransformerBlock(nnx.Module):
@@ -165,6 +177,7 @@ class ZImageTransformerBlock(nnx.Module):
             if modulation
             else None
         )
+        self.collect_stats = False
 
     def __call__(
         self,
@@ -175,6 +188,7 @@ class ZImageTransformerBlock(nnx.Module):
         c: jax.Array | None = None,
     ) -> jax.Array:
         """x: (B, T, dim); c: (B, adaln) or per-token (B, T, adaln) conditioning (modulated blocks)."""
+        x_in = x
         if self.modulation:
             mod = self.adaLN_modulation[0](c)  # [B, 4*dim] or [B, T, 4*dim]
             if mod.ndim == 2:
@@ -192,6 +206,9 @@ class ZImageTransformerBlock(nnx.Module):
                 x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, cos, sin))
             if self.feed_forward is not None:
                 x = x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        if self.collect_stats:  # how much the block changes its input: [sum ||out-in||^2, sum ||in||^2]
+            d = jnp.sum(jnp.square((x - x_in).astype(jnp.float32)))
+            self.sow(nnx.Intermediate, "block_stat", jnp.stack([d, jnp.sum(jnp.square(x_in.astype(jnp.float32)))]))
         return x
 
 
@@ -365,6 +382,8 @@ def _key_mask(valid: jax.Array) -> jax.Array:
 
 class ZImageTransformer(nnx.Module):
     """Z-Image DiT. ``model(x, t, cap_feats)`` takes the same arguments as diffusers' forward."""
+
+    ARCH = "zimage"  # key of the architecture hooks (tmp_jax.arch)
 
     def __init__(self, cfg: ZImageConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         if cfg.siglip_feat_dim is not None:

@@ -76,14 +76,20 @@ def build_spec(cfg: ZImageConfig) -> Spec:
                     Units(
                         "ffn",
                         cfg.ffn_dim,
-                        (Slice((*ff, "w1", "kernel"), 1), Slice((*ff, "w3", "kernel"), 1), Slice((*ff, "w2", "kernel"), 0)),
+                        (
+                            Slice((*ff, "w1", "kernel"), 1),
+                            Slice((*ff, "w3", "kernel"), 1),
+                            Slice((*ff, "w2", "kernel"), 0),
+                        ),
                     ),
                 ),
                 droppable=True,
             )
             own = tuple(p for p in shapes if p[:2] == pre and p not in attn_params and p not in ffn_params)
             block_owned.update(attn_params, ffn_params, own)
-            blocks.append(Node(f"{stack}.{b.index}", "block", params=own, children=(attn, ffn), droppable=True))
+            blocks.append(
+                Node(f"{stack}.{b.index}", "block", params=own, children=(attn, ffn), droppable=True)
+            )
         stages.append(Node(stack, "stage", children=tuple(blocks), tokens=TOKENS[stack]))
     root_params = tuple(p for p in shapes if p not in block_owned)
     root = Node("zimage", "model", params=root_params, children=tuple(stages))
@@ -157,6 +163,37 @@ def init_random(cfg: ZImageConfig, dtype: Any = jnp.float32, seed: int = 0) -> A
     return m
 
 
+def synthetic_calib(cfg: ZImageConfig, n: int, batch: int = 4, seed: int = 0) -> list[dict]:
+    """Random T2I calibration batches matching the model's input spec (tests / models without data)."""
+    rng = np.random.default_rng(seed)
+    hw = 8 if cfg.dim < 1024 else 128  # latent side: tiny models use 8x8, full size 1024^2 / 8
+    L = 12 if cfg.dim < 1024 else 512
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        out.append(
+            {
+                "latents": rng.standard_normal((b, cfg.in_channels, 1, hw, hw)).astype(np.float32),
+                "cap_feats": rng.standard_normal((b, L, cfg.cap_feat_dim)).astype(np.float32),
+                "cap_lens": rng.integers(L // 2, L + 1, b).astype(np.int32),
+                "t": rng.uniform(0.0, 1.0, b).astype(np.float32),
+            }
+        )
+    return out
+
+
+def _runner():
+    from tmp_jax.models.z_image import runner
+
+    return runner
+
+
+def _load(path: str, dtype: Any = jnp.float32, mesh: Any = None) -> Any:
+    from converters.zimage import load_zimage
+
+    return load_zimage(path, dtype=dtype, mesh=mesh)
+
+
 HOOKS = arch.register(
     arch.ArchHooks(
         name="zimage",
@@ -165,5 +202,14 @@ HOOKS = arch.register(
         path_map=path_map,
         init_abstract=init_abstract,
         init_random=init_random,
+        prepare_batch=lambda cfg, b: _runner().prepare_batch(cfg, b),
+        forward=lambda m, x: _runner().forward_blockwise(m, x),
+        collect_stats=lambda m, x: _runner().collect_stats(m, x),
+        compile_count=lambda: _runner().compile_count(),
+        synthetic_calib=synthetic_calib,
+        load=_load,
+        config_file_kind=lambda d: (
+            d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d
+        ),
     )
 )

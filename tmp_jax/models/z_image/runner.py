@@ -1,0 +1,129 @@
+"""Z-Image execution for calibration and candidate evaluation.
+
+``forward_blockwise`` runs the stem, each block and the final layer as separately jitted functions
+whose static part is the sub-module's graph (its widths). A candidate is therefore compiled per
+(block kind, width level) once and reused by every later candidate: after warm-up there are zero
+recompilations. ``collect_stats`` runs the whole forward once with statistics sown by the modules.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tmp_jax.models.z_image.config import ZImageConfig
+from tmp_jax.models.z_image.model import ZImageTransformer, _key_mask, make_layout
+
+
+def prepare_batch(cfg: ZImageConfig, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Calibration batch (latents (B,C,F,H,W), cap_feats (B,L,D), cap_lens (B,), t (B,)) -> inputs."""
+    lat, cap, lens, t = batch["latents"], batch["cap_feats"], batch["cap_lens"], batch["t"]
+    layout = make_layout(cfg, list(lat), [cap[i, : int(n)] for i, n in enumerate(lens)])
+    T = layout.arrays["uni_idx"].shape[1]
+    out_mask = np.arange(T)[None, :] < np.asarray(layout.ori_lens)[:, None]  # image tokens only
+    return {
+        "arrays": layout.arrays,
+        "t": np.asarray(t, np.float32),
+        "patch_key": layout.patch_key,
+        "mask": out_mask,
+    }
+
+
+class _Stem(nnx.Module):
+    """View of the parameters outside the blocks; its config is width-free so candidates share it."""
+
+    def __init__(self, m: ZImageTransformer):
+        self.t_embedder = m.t_embedder
+        self.all_x_embedder = m.all_x_embedder
+        self.all_final_layer = m.all_final_layer
+        self.cap_embedder = m.cap_embedder
+        self.x_pad_token = m.x_pad_token
+        self.cap_pad_token = m.cap_pad_token
+        c = m.config
+        self.config = ZImageConfig(**{k: getattr(c, k) for k in c.to_hf_config(include_pruning=False)})
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _stem_embed(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> dict:
+    stem = nnx.merge(gd, state)
+    return ZImageTransformer.embed(stem, arrays, t, pk)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _block(gd: Any, state: Any, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, c: jax.Array):
+    return nnx.merge(gd, state)(x, mask, cos, sin, c)
+
+
+@jax.jit
+def _unify(arrays: dict, img: jax.Array, cap: jax.Array, e: dict) -> tuple:
+    return ZImageTransformer.unify(None, arrays, img, cap, e)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _final(gd: Any, state: Any, x: jax.Array, c: jax.Array, pk: str) -> jax.Array:
+    return nnx.merge(gd, state).all_final_layer[pk](x, c)
+
+
+def compile_count() -> int:
+    """Compiled variants of the blockwise functions so far (for zero-recompile checks)."""
+    return sum(f._cache_size() for f in (_stem_embed, _block, _unify, _final))
+
+
+def forward_blockwise(model: ZImageTransformer, inputs: dict[str, Any], features: bool = False) -> Any:
+    """Same result as ``forward_padded``; returns (B, T, patch_dim) (and per-main-block features)."""
+    a, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
+    gd, st = nnx.split(_Stem(model))
+    e = _stem_embed(gd, st, a, t, pk)
+    c = e["c"]
+    img, cap = e["img"], e["cap"]
+    m_img, m_cap = _key_mask(jnp.asarray(a["img_valid"])), _key_mask(jnp.asarray(a["cap_valid"]))
+    for blk in model.noise_refiner:
+        bg, bs = nnx.split(blk)
+        img = _block(bg, bs, img, m_img, *e["img_cs"], c)
+    for blk in model.context_refiner:
+        bg, bs = nnx.split(blk)
+        cap = _block(bg, bs, cap, m_cap, *e["cap_cs"], c)
+    x, cos, sin, mask = _unify(a, img, cap, e)
+    feats = []
+    for blk in model.layers:
+        bg, bs = nnx.split(blk)
+        x = _block(bg, bs, x, mask, cos, sin, c)
+        if features:
+            feats.append(x)
+    out = _final(gd, st, x, c, pk)
+    return (out, feats) if features else out
+
+
+def _set_collect(model: nnx.Module, on: bool) -> None:
+    for _, node in nnx.iter_graph(model):
+        if hasattr(node, "collect_stats"):
+            node.collect_stats = on
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _stats_jit(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> tuple:
+    model = nnx.merge(gd, state)
+    out = model.forward_padded(arrays, t, pk)
+    inter = nnx.pop(model, nnx.Intermediate)
+    return out, inter
+
+
+def collect_stats(model: ZImageTransformer, inputs: dict[str, Any]) -> tuple[jax.Array, dict]:
+    """Teacher output and sown statistics {module path + stat name: summed array}."""
+    _set_collect(model, True)
+    try:
+        gd, st = nnx.split(model)
+    finally:
+        _set_collect(model, False)
+    out, inter = _stats_jit(gd, st, inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"])
+    stats = {}
+    for path, v in nnx.to_flat_state(inter):
+        val = v.get_value() if hasattr(v, "get_value") else v
+        arrs = val if isinstance(val, tuple) else (val,)
+        stats[tuple(path)] = np.asarray(sum(np.asarray(x) for x in arrs))
+    return out, stats
