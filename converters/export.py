@@ -1,0 +1,256 @@
+"""Export a plan's winning subnetwork as PyTorch safetensors that standard loaders read.
+
+    python -m converters.export --plan OUT/plan.json --model SRC --out pruned/ [--dtype bf16|fp32]
+
+Streams: for every tensor of the pruned model, the source tensors of the matching key-table entry
+are read (one entry at a time), converted to our layout by the entry's hook, sliced by the plan's
+kept unit indices (ORIGINAL numbering), converted back, and written straight to a sharded
+safetensors file in a temp folder that is renamed into place only at the end. Peak host memory is
+bounded by one table entry, never the whole model. Re-running gives byte-identical files.
+
+Z-Image: depth-only or uniform plans (equal refiner depths) become a stock
+``ZImageTransformer2DModel`` config; anything heterogeneous is written with our small diffusers
+subclass next to config.json (``auto_map``), loadable by
+``AutoModel.from_pretrained(folder, trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from converters.engine import (
+    NP_TO_ST,
+    ST_TO_NP,
+    AtomicDir,
+    CheckpointError,
+    PlannedTensor,
+    SafetensorsReader,
+    StreamingWriter,
+    write_json,
+)
+from tmp_jax import arch
+from tmp_jax.tree import Assignment, Tree
+
+REMOTE = Path(__file__).resolve().parent / "remote"
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+
+
+@dataclass
+class ExportConfig:
+    plan: Path
+    model: Path
+    out: Path
+    dtype: str | None = None
+    weights: Path | None = None
+    overwrite: bool = False
+    max_shard_bytes: int = 5 * 1024**3
+    progress: bool = True
+
+
+@dataclass
+class ArchExport:
+    """What export needs from an architecture (looked up by the plan's ``arch``)."""
+
+    read_config: Any  # folder -> cfg
+    key_table: Any  # cfg -> KeyTable
+    weights_prefix: str
+    write_config: Any  # (cfg, new_cfg, out_folder) -> None  (config.json + remote code if needed)
+
+
+def _zimage_export() -> ArchExport:
+    from converters.zimage import DIFFUSERS_VERSION, WEIGHTS_PREFIX, read_config, zimage_key_table
+    from tmp_jax.models.z_image.config import STACKS
+
+    def write_config(src_cfg: Any, new_cfg: Any, folder: Path) -> str:
+        stock = all(
+            b.heads == src_cfg.n_heads and b.ffn_dim == src_cfg.ffn_dim for s in STACKS for b in new_cfg.stack(s)
+        ) and new_cfg.stack_len("noise_refiner") == new_cfg.stack_len("context_refiner")
+        conf: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION}
+        if stock:
+            conf["_class_name"] = "ZImageTransformer2DModel"
+            conf.update(new_cfg.to_hf_config(include_pruning=False))
+            conf["n_refiner_layers"] = new_cfg.stack_len("noise_refiner")
+            conf["n_layers"] = new_cfg.stack_len("layers")
+        else:
+            mod = "transformer_z_image_pruned"
+            conf["_class_name"] = "ZImagePrunedTransformer2DModel"
+            conf["auto_map"] = {"AutoModel": f"{mod}.ZImagePrunedTransformer2DModel"}
+            conf.update(new_cfg.to_hf_config(include_pruning=True))
+            shutil.copy2(REMOTE / f"{mod}.py", folder / f"{mod}.py")
+        write_json(folder / "config.json", conf)
+        return "stock ZImageTransformer2DModel" if stock else "ZImagePrunedTransformer2DModel (trust_remote_code)"
+
+    return ArchExport(read_config, zimage_key_table, WEIGHTS_PREFIX, write_config)
+
+
+EXPORTERS = {"zimage": _zimage_export}
+
+
+def kept_slices(tree: Tree, plan: dict[str, Any]) -> dict[tuple, list[tuple[int, np.ndarray]]]:
+    """Source parameter path -> [(axis, element indices)] from the plan's ORIGINAL-numbered unit ids."""
+    kept = {tuple(k.rsplit("/", 1)): np.asarray(v, np.int64) for k, v in plan["policy"]["kept_units"].items()}
+    dropped = set(plan["policy"]["dropped"])
+    out: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    for n in tree.spec.nodes():
+        if n.name in dropped:
+            continue
+        for u in n.units:
+            ids = kept.get((n.name, u.kind))
+            if ids is None:
+                raise CheckpointError(f"plan: no kept_units for {n.name}/{u.kind}")
+            if len(ids) and (ids.min() < 0 or ids.max() >= u.n):
+                raise CheckpointError(f"plan: kept_units for {n.name}/{u.kind} outside [0, {u.n})")
+            for s in u.slices:
+                el = (ids[:, None] * s.group + np.arange(s.group)[None, :]).reshape(-1)
+                out.setdefault(s.path, []).append((s.axis, el))
+    return out
+
+
+def export(cfg: ExportConfig) -> dict[str, Any]:
+    from search.engine import load_plan, plan_assignment
+    from tmp_jax.problem import fingerprint
+
+    plan = load_plan(cfg.plan)
+    name = plan["arch"]
+    if name not in EXPORTERS:
+        raise CheckpointError(f"{cfg.plan}: export of arch {name!r} is not supported yet")
+    ex = EXPORTERS[name]()
+    hooks = arch.get(name)
+    src_cfg = ex.read_config(cfg.model)
+    src_reader = SafetensorsReader(cfg.model)  # strict: missing shards / truncation fail here, first
+    fp = fingerprint(cfg.model, src_cfg.to_hf_config())
+    want = plan.get("source", {}).get("fingerprint")
+    if want != fp:
+        raise CheckpointError(
+            f"{cfg.model}: checkpoint fingerprint {fp[:23]}... does not match the plan's source "
+            f"{str(want)[:23]}... (the plan was made from another model)"
+        )
+    tree = Tree(hooks.build_spec(src_cfg))
+    a: Assignment = plan_assignment(plan)
+    new_cfg = hooks.pruned_config(src_cfg, tree, a)
+    src_table, new_table = ex.key_table(src_cfg), ex.key_table(new_cfg)
+    by_path = {p: e for e in src_table.entries for p in e.flax_paths}
+    pmap = hooks.path_map(src_cfg, new_cfg)
+    slices = kept_slices(tree, plan)
+    if cfg.weights is not None:
+        reader = SafetensorsReader(cfg.weights)  # recovered weights: already the pruned shapes
+        src_table_for_read = new_table
+    else:
+        reader = src_reader
+        src_table_for_read = src_table
+    missing = [k for e in src_table_for_read.entries for k in e.torch_keys if k not in reader]
+    if missing:
+        raise CheckpointError(f"{reader.root}: missing key {missing[0]!r} needed by the export")
+    out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
+
+    cache: dict[int, list[np.ndarray]] = {}
+
+    def src_array(p_new: tuple) -> np.ndarray:
+        if cfg.weights is not None:
+            e = next(x for x in new_table.entries if p_new in x.flax_paths)
+            arrs = e.to_flax([reader.read(k) for k in e.torch_keys])
+            return arrs[e.flax_paths.index(p_new)]
+        p_src = pmap(p_new)
+        e = by_path[p_src]
+        if id(e) not in cache:
+            cache.clear()  # one source entry at a time bounds memory
+            cache[id(e)] = e.to_flax([reader.read(k) for k in e.torch_keys])
+        arr = cache[id(e)][e.flax_paths.index(p_src)]
+        for axis, idx in slices.get(p_src, []):
+            arr = np.take(arr, idx, axis=axis)
+        return arr
+
+    # plan every output tensor (shape, dtype) before writing, so headers are written up front
+    planned: list[PlannedTensor] = []
+    for e in new_table.entries:
+        src_dt = _entry_dtype(reader, e, by_path, pmap, cfg.weights is not None)
+        dt = out_dtype if out_dtype is not None else src_dt
+        planned += [PlannedTensor(k, tuple(s), NP_TO_ST[dt]) for k, s in zip(e.torch_keys, e.torch_shapes)]
+    passthrough = [k for k in reader.keys() if src_table.is_passthrough(k)]
+    planned += [PlannedTensor(k, reader.infos[k].shape, reader.infos[k].dtype) for k in passthrough]
+
+    from tqdm.auto import tqdm
+
+    pbar = tqdm(total=len(planned), desc="export", unit="tensor", disable=not cfg.progress)
+    with AtomicDir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        writer = StreamingWriter(tmp, planned, prefix=ex.weights_prefix, max_shard_bytes=cfg.max_shard_bytes)
+        for e in new_table.entries:
+            arrays = [src_array(p) for p in e.flax_paths]
+            for key, arr, pt in zip(e.torch_keys, e.to_torch(arrays), planned[len(writer.weight_map) :]):
+                writer.write(key, np.ascontiguousarray(arr).astype(DTYPES_BY_TAG[pt.tag], copy=False))
+                pbar.update(1)
+        for k in passthrough:
+            writer.write(k, reader.read(k))
+            pbar.update(1)
+        files = writer.finish()
+        layout = ex.write_config(src_cfg, new_cfg, tmp)
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+    pbar.close()
+    return {
+        "out": str(cfg.out),
+        "layout": layout,
+        "params_before": src_table.num_params(),
+        "params_after": new_table.num_params(),
+        "plan_params_after": plan["counts"]["after"]["params"],
+        "files": files,
+        "bytes": size,
+    }
+
+
+DTYPES_BY_TAG = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+}
+
+
+def _entry_dtype(reader: SafetensorsReader, e: Any, by_path: dict, pmap: Any, recovered: bool) -> Any:
+    """Output dtype of an entry = that of the source tensor it is sliced from."""
+    key = e.torch_keys[0] if recovered else by_path[pmap(e.flax_paths[0])].torch_keys[0]
+    return ST_TO_NP[reader.infos[key].dtype]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m converters.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--plan", required=True, type=Path, help="plan.json written by python -m tmp_jax.search")
+    p.add_argument("--model", required=True, type=Path, help="the ORIGINAL checkpoint folder the plan was made from")
+    p.add_argument("--weights", type=Path, help="recovered (distilled) weights to export instead of slicing SRC")
+    p.add_argument("--out", type=Path, default=Path("pruned"), help="output folder (default: pruned)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep the source dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors shard (default 5)")
+    args = p.parse_args(argv)
+    cfg = ExportConfig(
+        plan=args.plan,
+        model=args.model,
+        out=args.out,
+        dtype=args.dtype,
+        weights=args.weights,
+        overwrite=args.overwrite,
+        max_shard_bytes=int(args.max_shard_size * 1e9),
+    )
+    try:
+        res = export(cfg)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"exported {res['params_after']:,} of {res['params_before']:,} parameters "
+        f"({res['bytes'] / 1e6:.1f} MB in {len(res['files'])} file(s)) to {res['out']} as {res['layout']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

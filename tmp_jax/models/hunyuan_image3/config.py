@@ -1,0 +1,224 @@
+"""Configuration of the HunyuanImage-3.0 MoE transformer (``model_type`` ``hunyuan_image_3_moe``).
+
+Field names are exactly the keys of the released ``config.json`` so
+:meth:`HunyuanImage3Config.from_hf_config` is a filter plus normalisation: the four MoE fields that the
+official code accepts either as a scalar or as a per-layer list (``num_experts``, ``moe_topk``,
+``moe_intermediate_size``, ``num_shared_expert``) are always stored as tuples of length
+``num_hidden_layers`` here, which is what a pruned checkpoint writes back. ``image_token_id`` /
+``timestep_token_id`` come from the tokenizer of the release (nemo-automodel carries them in its config
+too). The VAE / ViT sub-configs are not part of the denoiser; only ``vae["latent_channels"]`` is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# The four MoE fields that may be per-layer lists in config.json.
+PER_LAYER_FIELDS: tuple[str, ...] = ("num_experts", "moe_topk", "moe_intermediate_size", "num_shared_expert")
+
+_GROUPNORM_GROUPS = 32  # the UNet patch_embed / final_layer use GroupNorm(32, channels)
+
+
+def _freeze(value: Any) -> Any:
+    """Recursively turn dicts into read-only mappings and lists into tuples (frozen, hashable config)."""
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """Inverse of :func:`_freeze`, for writing config.json."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class HunyuanImage3Config:
+    """HunyuanImage-3.0 backbone + T2I heads; defaults are the released 80B model (see :data:`FULL`)."""
+
+    vocab_size: int = 133120
+    hidden_size: int = 4096
+    intermediate_size: int = 3072
+    moe_intermediate_size: tuple[int, ...] | int = 3072
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    attention_head_dim: int = 128
+    num_experts: tuple[int, ...] | int = 64
+    moe_topk: tuple[int, ...] | int = 8
+    num_shared_expert: tuple[int, ...] | int = 1
+    use_mixed_mlp_moe: bool = True
+    norm_topk_prob: bool = True
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    use_qk_norm: bool = True
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 22800
+    tie_word_embeddings: bool = False
+    img_proj_type: str = "unet"
+    patch_size: int = 1
+    patch_embed_hidden_dim: int = 1024
+    image_base_size: int = 1024
+    vae_downsample_factor: tuple[int, ...] = (16, 16)
+    image_token_id: int = 128006
+    timestep_token_id: int = 128017
+    pad_token_id: int | None = 128009
+    bos_token_id: int | None = 127958
+    eos_token_id: int | None = 127957
+    # Only "latent_channels" is read; the rest of the VAE sub-config is kept so it round-trips. Excluded
+    # from the hash (a mapping is unhashable) but not from equality.
+    vae: Mapping[str, Any] = field(default_factory=lambda: {"latent_channels": 32}, hash=False)
+
+    def __post_init__(self) -> None:
+        n = self.num_hidden_layers
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_hidden_layers must be a positive int, got {n!r}")
+        for name in PER_LAYER_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if len(value) != n:
+                    raise ValueError(f"{name} has {len(value)} entries but num_hidden_layers is {n}")
+                values = tuple(int(v) for v in value)
+            else:
+                values = (int(value),) * n
+            object.__setattr__(self, name, values)
+        object.__setattr__(self, "vae", _freeze(dict(self.vae)))
+        object.__setattr__(self, "vae_downsample_factor", tuple(self.vae_downsample_factor))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (SwiGLU experts), got {self.hidden_act!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) is not divisible by num_key_value_heads "
+                f"({self.num_key_value_heads}): the fused qkv_proj needs equal query heads per KV group"
+            )
+        if self.attention_head_dim % 4:
+            raise ValueError(f"attention_head_dim ({self.attention_head_dim}) must be divisible by 4 for the 2D RoPE")
+        for name, channels in (
+            ("hidden_size", self.hidden_size),
+            ("patch_embed_hidden_dim", self.patch_embed_hidden_dim),
+        ):
+            if channels % _GROUPNORM_GROUPS:
+                raise ValueError(f"{name} ({channels}) must be a multiple of 32 (GroupNorm(32) in the UNet heads)")
+        if self.img_proj_type != "unet" or self.patch_size != 1:
+            raise ValueError(
+                f"only the released UNet image projection with patch_size 1 is implemented "
+                f"(got img_proj_type={self.img_proj_type!r}, patch_size={self.patch_size})"
+            )
+        if not self.norm_topk_prob:
+            raise ValueError("norm_topk_prob=False is not supported: the official eager MoE always renormalises top-k")
+        if self.attention_bias or self.mlp_bias:
+            raise ValueError("attention_bias / mlp_bias are not supported (the release has no backbone biases)")
+        if self.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings=True is not supported (the release has separate wte / lm_head)")
+        if "latent_channels" not in self.vae:
+            raise ValueError("vae must contain 'latent_channels'")
+        for layer in range(self.num_hidden_layers):
+            e, k = self.num_experts[layer], self.moe_topk[layer]
+            if e < 1:
+                raise ValueError(f"num_experts[{layer}] = {e}: every layer needs at least one routed expert")
+            if not 1 <= k <= e:
+                raise ValueError(f"moe_topk[{layer}] = {k} must be in [1, num_experts[{layer}] = {e}]")
+            if self.moe_intermediate_size[layer] < 1:
+                raise ValueError(f"moe_intermediate_size[{layer}] = {self.moe_intermediate_size[layer]} must be >= 1")
+            if self.num_shared_expert[layer] < 0:
+                raise ValueError(f"num_shared_expert[{layer}] = {self.num_shared_expert[layer]} must be >= 0")
+        for name in ("image_token_id", "timestep_token_id"):
+            token = getattr(self, name)
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"{name} ({token}) is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def latent_channels(self) -> int:
+        """VAE latent channels (the image tokens' input / output channels)."""
+        return int(self.vae["latent_channels"])
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention_head_dim
+
+    @property
+    def q_per_kv(self) -> int:
+        """Query heads per KV group."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def shared_intermediate_size(self, layer: int) -> int:
+        """Shared-expert width of ``layer``: ``moe_intermediate_size[l] * num_shared_expert[l]`` (0: none)."""
+        if not self.use_mixed_mlp_moe:
+            return 0
+        return self.moe_intermediate_size[layer] * self.num_shared_expert[layer]
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any]) -> HunyuanImage3Config:
+        """Build from a config.json dict; unknown keys are ignored, known ones validated.
+
+        ``head_dim`` is accepted as an alias of ``attention_head_dim``; ``rope_scaling.type`` must be
+        ``custom`` and ``moe_layer_num_skipped`` must be 0 (what the official code can run as released).
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in known}
+        if "attention_head_dim" not in kwargs and hf.get("head_dim") is not None:
+            kwargs["attention_head_dim"] = hf["head_dim"]
+        elif hf.get("head_dim") is not None and hf["head_dim"] != kwargs["attention_head_dim"]:
+            raise ValueError(f"head_dim ({hf['head_dim']}) != attention_head_dim ({kwargs['attention_head_dim']})")
+        if "model_type" in hf and hf["model_type"] not in ("hunyuan_image_3_moe", "Hunyuan"):
+            raise ValueError(f"model_type {hf['model_type']!r} is not a HunyuanImage-3.0 config")
+        rope_scaling = hf.get("rope_scaling")
+        if rope_scaling is not None and rope_scaling.get("type", rope_scaling.get("rope_type")) != "custom":
+            raise ValueError(f"rope_scaling must have type 'custom' (the 2D RoPE), got {rope_scaling!r}")
+        if hf.get("rope_type", "2d") not in ("2d", "default"):
+            raise ValueError(f"rope_type must be '2d', got {hf['rope_type']!r}")
+        if hf.get("moe_layer_num_skipped", 0):
+            raise ValueError("moe_layer_num_skipped > 0 (dense leading layers) is not supported")
+        if isinstance(kwargs.get("eos_token_id"), (list, tuple)):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        return cls(**kwargs)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (per-layer fields as lists); merge into the original config."""
+        out = {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return out
+
+    def replace(self, **changes: Any) -> HunyuanImage3Config:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# The released 80B checkpoint (tencent/HunyuanImage-3.0).
+FULL = HunyuanImage3Config()
+
+# The tiny config used against nemo-automodel's reference on CPU (hidden and patch dims multiples of 32).
+TINY = HunyuanImage3Config(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=32,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    attention_head_dim=16,
+    num_experts=4,
+    moe_topk=2,
+    num_shared_expert=1,
+    patch_embed_hidden_dim=32,
+    image_token_id=100,
+    timestep_token_id=101,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=512,
+    vae={"latent_channels": 32},
+)

@@ -1,0 +1,634 @@
+"""HunyuanImage-3.0 in Flax NNX: the MoE decoder used as a text-to-image flow-matching denoiser.
+
+One sequence carries text and image tokens::
+
+    [template] prompt <boi> <img_size> <img_ratio> <timestep> <img> * (h*w) <eoi>
+
+``<img>`` slots receive ``patch_embed(latents, time_embed(t))`` (a UNet down block), the ``<timestep>``
+slot receives ``timestep_emb(t)``. Text attends causally, the image block bidirectionally. The hidden
+states at the image slots, taken BEFORE ``ln_f``, go through ``final_layer`` (a UNet up block) conditioned
+on ``time_embed_2(t)`` and give the velocity ``noise - x0``. ``forward_text`` is the plain causal LM
+(``ln_f`` then ``lm_head``).
+
+Layout choices (the converter in ``converters/hunyuan.py`` maps the released checkpoint onto them):
+
+* The release fuses q/k/v into one ``qkv_proj`` interleaved by KV group; here ``q_proj`` / ``k_proj`` /
+  ``v_proj`` are separate ``(in, out)`` kernels, query heads in the release's order ``h = g * q_per_kv + j``
+  so that ``jax.nn.dot_product_attention``'s GQA grouping (query head ``h`` uses KV head
+  ``h // q_per_kv``) matches.
+* Routed experts are stacked expert-axis-first (``up_proj`` / ``gate_proj``: ``(E, hidden, inter)``,
+  ``down_proj``: ``(E, inter, hidden)``) so expert pruning is slicing axis 0; the shared expert's fused
+  ``gate_and_up_proj = [up; gate]`` is split into ``up_proj`` / ``gate_proj``.
+* Images are NHWC inside the UNet heads (conv kernels ``(kh, kw, in, out)``); the public API takes and
+  returns NCHW latents like the PyTorch references.
+* Every MoE field may differ per layer (expert count, top-k, expert width, shared-expert count), which is
+  what pruning produces.
+
+Numerics follow the official code: RMSNorm / GroupNorm statistics in fp32, router (``wg``) in fp32 with a
+softmax over all experts and renormalised top-k weights (also for top-1: the official eager path always
+renormalises), RoPE tables and the QK-norm in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
+from tmp_jax.nn import Axes, Linear, RMSNorm, timestep_embedding
+
+MOE_IMPLS = ("ragged", "dense")
+
+
+def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype: jnp.dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small layers
+# ----------------------------------------------------------------------------------------------------------
+class Embed(nnx.Module):
+    """Token embedding table ``(vocab, hidden)`` (the release's ``wte``)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            _normal(rngs, (num_embeddings, features), 0.02, dtype), logical_axes=("vocab", "embed")
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class QKNorm(RMSNorm):
+    """Per-head RMSNorm of q / k with one ``[head_dim]`` weight shared by all heads.
+
+    Unlike :class:`tmp_jax.nn.RMSNorm` the product with the weight is taken in fp32 for any weight dtype:
+    the official code normalises the fp32 RoPE output and multiplies by the weight before casting down.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        return self.weight[...].astype(jnp.float32) * (xf * jax.lax.rsqrt(var + self.eps))
+
+
+class Conv2d(nnx.Module):
+    """Stride-1 'same' convolution on NHWC inputs; kernel ``(kh, kw, in, out)`` (torch: out, in, kh, kw)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        k = kernel_size
+        std = 1.0 / (in_channels * k * k) ** 0.5
+        self.kernel = nnx.Param(
+            _normal(rngs, (k, k, in_channels, out_channels), std, dtype),
+            logical_axes=("conv_k", "conv_k", "conv_in", "conv_out"),
+        )
+        self.bias = nnx.Param(jnp.zeros((out_channels,), dtype), logical_axes=("conv_out",))
+        self.padding = k // 2
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        p = self.padding
+        y = jax.lax.conv_general_dilated(
+            x.astype(kernel.dtype),
+            kernel,
+            window_strides=(1, 1),
+            padding=((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + self.bias[...]
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm(32) over NHWC computed in fp32 (the official code runs it under autocast, i.e. fp32)."""
+
+    def __init__(self, channels: int, *, groups: int = 32, eps: float = 1e-5, dtype: jnp.dtype = jnp.float32):
+        if channels % groups:
+            raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups")
+        self.groups = groups
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((channels,), dtype), logical_axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((channels,), dtype), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        xg = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)  # [B, H, W, G, C/G]
+        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)  # [B, H, W, C]
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class TimestepEmbedder(nnx.Module):
+    """Sinusoid(256, ``[cos, sin]``) -> Linear -> GELU(erf) -> Linear; ``mlp`` keeps nn.Sequential indices."""
+
+    def __init__(self, hidden_size: int, *, frequency_embedding_size: int = 256, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nnx.List(
+            [
+                Linear(frequency_embedding_size, hidden_size, axes=(None, "mlp"), dtype=dtype, rngs=rngs),
+                None,  # GELU
+                Linear(hidden_size, hidden_size, axes=("mlp", "embed"), dtype=dtype, rngs=rngs),
+            ]
+        )
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        freq = timestep_embedding(t, self.frequency_embedding_size).astype(self.mlp[0].kernel.dtype)
+        return self.mlp[2](jax.nn.gelu(self.mlp[0](freq), approximate=False))
+
+
+class ResBlock(nnx.Module):
+    """Residual conv block, timestep scale/shift after the second GroupNorm (ADM style, no resampling).
+
+    ``in_layers = [GN, SiLU, conv3x3]``, ``emb_layers = [SiLU, Linear(emb, 2*out)]``,
+    ``out_layers = [GN, SiLU, Dropout, conv3x3]``, ``skip_connection`` = 1x1 conv when the width changes.
+    """
+
+    def __init__(self, in_channels: int, emb_channels: int, out_channels: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.in_layers = nnx.List(
+            [
+                GroupNorm(in_channels, dtype=dtype),
+                None,
+                Conv2d(in_channels, out_channels, 3, dtype=dtype, rngs=rngs),
+            ]
+        )
+        self.emb_layers = nnx.List(
+            [None, Linear(emb_channels, 2 * out_channels, axes=("embed", "conv_out"), dtype=dtype, rngs=rngs)]
+        )
+        self.out_layers = nnx.List(
+            [
+                GroupNorm(out_channels, dtype=dtype),
+                None,
+                None,
+                Conv2d(out_channels, out_channels, 3, dtype=dtype, rngs=rngs),
+            ]
+        )
+        self.skip_connection = (
+            Conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
+        )
+
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        """``x``: [B, H, W, C_in], ``emb``: [B, emb] -> [B, H, W, C_out]."""
+        h = self.in_layers[2](jax.nn.silu(self.in_layers[0](x)))
+        scale, shift = jnp.split(self.emb_layers[1](jax.nn.silu(emb)), 2, axis=-1)  # 2 x [B, C_out]
+        h = self.out_layers[0](h) * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
+        h = self.out_layers[3](jax.nn.silu(h))
+        skip = x if self.skip_connection is None else self.skip_connection(x)
+        return skip + h
+
+
+class UNetDown(nnx.Module):
+    """Latents ``[B, C, H, W]`` -> tokens ``[B, H*W, hidden]`` (row-major): conv3x3, ResBlock (patch 1)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        emb_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.model = nnx.List(
+            [
+                Conv2d(in_channels, hidden_channels, 3, dtype=dtype, rngs=rngs),
+                ResBlock(hidden_channels, emb_channels, out_channels, dtype=dtype, rngs=rngs),
+            ]
+        )
+
+    def __call__(self, latents: jax.Array, emb: jax.Array) -> jax.Array:
+        b, _, h, w = latents.shape
+        x = jnp.transpose(latents, (0, 2, 3, 1))  # [B, H, W, C]
+        x = self.model[1](self.model[0](x), emb)  # [B, H, W, hidden]
+        return x.reshape(b, h * w, x.shape[-1])  # [B, H*W, hidden]
+
+
+class UNetUp(nnx.Module):
+    """Tokens ``[B, H*W, hidden]`` -> velocity ``[B, C, H, W]``: ResBlock then ``[GN, SiLU, conv3x3]``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        emb_channels: int,
+        hidden_channels: int,
+        out_channels: int,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.model = nnx.List(
+            [
+                ResBlock(in_channels, emb_channels, hidden_channels, dtype=dtype, rngs=rngs),
+                nnx.List(
+                    [
+                        GroupNorm(hidden_channels, dtype=dtype),
+                        None,
+                        Conv2d(hidden_channels, out_channels, 3, dtype=dtype, rngs=rngs),
+                    ]
+                ),
+            ]
+        )
+
+    def __call__(self, tokens: jax.Array, emb: jax.Array, token_h: int, token_w: int) -> jax.Array:
+        b, _, c = tokens.shape
+        x = tokens.reshape(b, token_h, token_w, c)  # [B, H, W, hidden]
+        x = self.model[0](x, emb)
+        head = self.model[1]
+        x = head[2](jax.nn.silu(head[0](x)))  # [B, H, W, C]
+        return jnp.transpose(x, (0, 3, 1, 2))  # [B, C, H, W]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Positions, RoPE and masks
+# ----------------------------------------------------------------------------------------------------------
+def text_positions(seq_len: int) -> jax.Array:
+    """``[1, S, 2]`` (y, x) positions of a text-only sequence: y = x = index (reduces to 1D RoPE)."""
+    index = jnp.arange(seq_len, dtype=jnp.int32)
+    return jnp.stack([index, index], axis=-1)[None]
+
+
+def t2i_positions(seq_len: int, image_starts: jax.Array, token_h: int, token_w: int) -> jax.Array:
+    """``[B, S, 2]`` (y, x) positions, one ``token_h x token_w`` image per row from ``image_starts[b]``.
+
+    Image token (row, col) of a block starting at L sits at ``y = L + floor((h*w - h) / 2) + row``,
+    ``x = L + floor((h*w - w) / 2) + col`` (the official grid is centred in the span, truncated to
+    integers); every other token keeps its sequence index, so text after the block resumes at ``L + h*w``.
+    """
+    n = token_h * token_w
+    index = jnp.arange(seq_len, dtype=jnp.int32)[None]  # [1, S]
+    start = image_starts.astype(jnp.int32)[:, None]  # [B, 1]
+    offset = index - start
+    in_image = (offset >= 0) & (offset < n)
+    offset = jnp.clip(offset, 0, n - 1)
+    row, col = offset // token_w, offset % token_w
+    # (n - h) // 2 == floor((n - h) / 2) because n >= h; adding integers keeps the floor exact.
+    y = jnp.where(in_image, start + (n - token_h) // 2 + row, index)
+    x = jnp.where(in_image, start + (n - token_w) // 2 + col, index)
+    return jnp.stack([y, x], axis=-1)  # [B, S, 2]
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """fp32 ``(cos, sin)`` of shape ``[..., S, head_dim]`` for the half-split (rotate_half) convention.
+
+    Frequency ``i`` (``theta ** (-2i / head_dim)``) rotates with y for even ``i`` and with x for odd ``i``.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [hd/2]
+    inv_freq = inv_freq.reshape(head_dim // 4, 2)  # [hd/4, 2]: column 0 pairs with y, column 1 with x
+    angles = positions.astype(jnp.float32)[..., None, :] * inv_freq  # [..., S, hd/4, 2]
+    angles = angles.reshape(*angles.shape[:-2], head_dim // 2)  # [..., S, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., S, hd]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x`` ``[B, S, N, hd]`` with ``[B, S, hd]`` tables; fp32 result like the official code."""
+    x = x.astype(jnp.float32)
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def causal_mask(seq_len: int) -> jax.Array:
+    """``[1, 1, S, S]`` boolean causal mask (query, key), true where attention is allowed."""
+    index = jnp.arange(seq_len)
+    return (index[None, :] <= index[:, None])[None, None]
+
+
+def joint_attention_mask(
+    seq_len: int, image_starts: jax.Array, num_image_tokens: int, valid_lengths: jax.Array
+) -> jax.Array:
+    """``[B, 1, S, S]`` boolean mask: causal text, bidirectional image block, padded keys masked out.
+
+    Padded queries would otherwise see no key at all; they attend to themselves so the softmax stays finite
+    (their outputs are never read).
+    """
+    index = jnp.arange(seq_len)
+    causal = index[None, :] <= index[:, None]  # [q, k]
+    start = image_starts[:, None]
+    in_image = (index[None, :] >= start) & (index[None, :] < start + num_image_tokens)  # [B, S]
+    image_block = in_image[:, :, None] & in_image[:, None, :]  # [B, q, k]
+    key_valid = index[None, :] < valid_lengths[:, None]  # [B, k]
+    mask = (causal[None] | image_block) & key_valid[:, None, :]
+    mask = mask | jnp.eye(seq_len, dtype=bool)[None]
+    return mask[:, None]
+
+
+def check_t2i_layout(input_ids: np.ndarray, num_image_tokens: int, config: HunyuanImage3Config) -> None:
+    """Raise ValueError unless every row holds one contiguous span of ``num_image_tokens`` image tokens
+    preceded by the ``<timestep>`` token (host-side; the jitted forward cannot raise on traced values)."""
+    ids = np.asarray(input_ids)
+    bad = []
+    for b, row in enumerate(ids):
+        where = np.flatnonzero(row == config.image_token_id)
+        ok = (
+            where.size == num_image_tokens
+            and where.size > 0
+            and where[-1] - where[0] + 1 == num_image_tokens
+            and where[0] >= 1
+            and row[where[0] - 1] == config.timestep_token_id
+        )
+        if not ok:
+            bad.append(b)
+    if bad:
+        raise ValueError(
+            f"rows {bad}: every row needs one contiguous span of {num_image_tokens} image tokens "
+            f"(id {config.image_token_id}) directly after the <timestep> token "
+            f"(id {config.timestep_token_id})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------------------
+class Attention(nnx.Module):
+    """GQA self-attention: RoPE, then QK-RMSNorm (after RoPE), SDPA with an explicit boolean mask, o_proj."""
+
+    def __init__(self, config: HunyuanImage3Config, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        hidden, hd = config.hidden_size, config.attention_head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = hd
+        lin = dict(use_bias=False, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(hidden, self.num_heads * hd, axes=("embed", "heads"), **lin)
+        self.k_proj = Linear(hidden, self.num_kv_heads * hd, axes=("embed", "kv_heads"), **lin)
+        self.v_proj = Linear(hidden, self.num_kv_heads * hd, axes=("embed", "kv_heads"), **lin)
+        self.o_proj = Linear(self.num_heads * hd, hidden, axes=("heads", "embed"), **lin)
+        if config.use_qk_norm:
+            self.query_layernorm = QKNorm(hd, eps=config.rms_norm_eps, axes=("head_dim",), dtype=dtype)
+            self.key_layernorm = QKNorm(hd, eps=config.rms_norm_eps, axes=("head_dim",), dtype=dtype)
+        else:
+            self.query_layernorm = None
+            self.key_layernorm = None
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)  # [B, S, N, hd]
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)  # [B, S, K, hd]
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)  # [B, S, K, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.query_layernorm is not None:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = q.astype(v.dtype), k.astype(v.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)  # [B, S, N, hd]
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class TopKGate(nnx.Module):
+    """The router ``wg`` (hidden -> experts, no bias), kept in fp32 whatever the model dtype."""
+
+    def __init__(self, hidden_size: int, num_experts: int, *, rngs: nnx.Rngs):
+        self.wg = Linear(
+            hidden_size,
+            num_experts,
+            use_bias=False,
+            axes=("embed", "exp_router"),
+            dtype=jnp.float32,
+            rngs=rngs,
+        )
+        # Tells the checkpoint engine not to cast it when loading with a reduced dtype.
+        self.wg.kernel.set_metadata(keep_fp32=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Router logits ``[..., E]`` in fp32."""
+        return self.wg(x.astype(jnp.float32))
+
+
+class SharedMLP(nnx.Module):
+    """SwiGLU ``down(up(x) * silu(gate(x)))``; the release fuses ``gate_and_up_proj = [up; gate]``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        lin = dict(use_bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(hidden_size, intermediate_size, axes=("embed", "mlp"), **lin)
+        self.gate_proj = Linear(hidden_size, intermediate_size, axes=("embed", "mlp"), **lin)
+        self.down_proj = Linear(intermediate_size, hidden_size, axes=("mlp", "embed"), **lin)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.up_proj(x) * jax.nn.silu(self.gate_proj(x)))
+
+
+class RoutedExperts(nnx.Module):
+    """``E`` SwiGLU experts stacked expert-axis-first (expert pruning = slicing axis 0)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        e, h, i = num_experts, hidden_size, intermediate_size
+        in_axes: Axes = ("exp", "embed", "exp_mlp")
+        self.up_proj = nnx.Param(_normal(rngs, (e, h, i), h**-0.5, dtype), logical_axes=in_axes)
+        self.gate_proj = nnx.Param(_normal(rngs, (e, h, i), h**-0.5, dtype), logical_axes=in_axes)
+        self.down_proj = nnx.Param(_normal(rngs, (e, i, h), i**-0.5, dtype), logical_axes=("exp", "exp_mlp", "embed"))
+
+    def ragged(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+        """Grouped matmuls over expert-sorted token copies.
+
+        ``x``: [N, H]; ``weights`` / ``indices``: [N, k] -> [N, H]. No capacity: every (token, slot) pair is
+        computed, so nothing is ever dropped.
+        """
+        n, k = indices.shape
+        up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
+        flat = indices.reshape(-1)  # [N*k]
+        order = jnp.argsort(flat, stable=True)  # [N*k], expert-major order of the (token, slot) pairs
+        xs = jnp.take(x, order // k, axis=0).astype(up_w.dtype)  # [N*k, H]
+        group_sizes = jnp.bincount(flat, length=up_w.shape[0]).astype(jnp.int32)  # [E]
+        up = jax.lax.ragged_dot(xs, up_w, group_sizes)  # [N*k, I]
+        gate = jax.lax.ragged_dot(xs, gate_w, group_sizes)  # [N*k, I]
+        y = jax.lax.ragged_dot(up * jax.nn.silu(gate), down_w, group_sizes)  # [N*k, H]
+        y = y * jnp.take(weights.reshape(-1), order)[:, None].astype(y.dtype)
+        y = jnp.zeros_like(y).at[order].set(y)  # back to (token, slot) order
+        return y.reshape(n, k, -1).sum(axis=1)  # [N, H], summed over slots like the official code
+
+    def dense(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+        """Reference path: every expert on every token, combined with the (sparse) routing weights."""
+        n = x.shape[0]
+        up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
+        combine = jnp.zeros((n, up_w.shape[0]), weights.dtype)
+        combine = combine.at[jnp.arange(n)[:, None], indices].add(weights)  # [N, E], zero off the top-k
+        xe = x.astype(up_w.dtype)
+        up = jnp.einsum("nh,ehi->eni", xe, up_w)  # [E, N, I]
+        gate = jnp.einsum("nh,ehi->eni", xe, gate_w)  # [E, N, I]
+        y = jnp.einsum("eni,eih->enh", up * jax.nn.silu(gate), down_w)  # [E, N, H]
+        return jnp.einsum("enh,ne->nh", y, combine.astype(y.dtype))
+
+
+class HunyuanMoE(nnx.Module):
+    """Routed experts (softmax over all experts, top-k, renormalised) plus the shared expert."""
+
+    def __init__(self, config: HunyuanImage3Config, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, impl: str):
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"moe impl {impl!r} not in {MOE_IMPLS}")
+        hidden = config.hidden_size
+        self.num_experts = config.num_experts[layer]
+        self.moe_topk = config.moe_topk[layer]
+        self.impl = impl
+        self.gate = TopKGate(hidden, self.num_experts, rngs=rngs)
+        self.experts = RoutedExperts(
+            self.num_experts, hidden, config.moe_intermediate_size[layer], dtype=dtype, rngs=rngs
+        )
+        shared = config.shared_intermediate_size(layer)
+        self.shared_mlp = SharedMLP(hidden, shared, dtype=dtype, rngs=rngs) if shared else None
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``x`` [N, H] -> fp32 weights [N, k] (summing to 1) and expert indices [N, k]."""
+        probs = jax.nn.softmax(self.gate(x), axis=-1)  # [N, E] fp32
+        weights, indices = jax.lax.top_k(probs, self.moe_topk)
+        # The official eager path clamps the sum at 1e-8 before renormalising (top-1 gives weight 1).
+        weights = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-8)
+        return weights, indices
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+        """``x`` [B, S, H]; ``token_mask`` [B, S] true for real tokens (padding gets no routed output)."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # [N, H]
+        weights, indices = self.route(x2)
+        if token_mask is not None:
+            weights = weights * token_mask.reshape(-1, 1)
+        # The official code casts the routing weights to the activation dtype before combining.
+        weights = weights.astype(x.dtype)
+        routed = getattr(self.experts, self.impl)(x2, weights, indices).astype(x.dtype)
+        out = routed if self.shared_mlp is None else self.shared_mlp(x2) + routed
+        return out.reshape(shape)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm layer: ``x + attn(norm(x))`` then ``x + moe(norm(x))``."""
+
+    def __init__(self, config: HunyuanImage3Config, layer: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
+        self.mlp = HunyuanMoE(config, layer, dtype=dtype, rngs=rngs, impl=moe_impl)
+
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, token_mask: jax.Array | None
+    ) -> jax.Array:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x), token_mask)
+
+
+class HunyuanImage3Model(nnx.Module):
+    """Backbone: ``wte``, decoder ``layers`` and ``ln_f`` (applied only by the text head)."""
+
+    def __init__(self, config: HunyuanImage3Config, *, dtype: jnp.dtype, rngs: nnx.Rngs, moe_impl: str):
+        self.wte = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [
+                DecoderLayer(config, i, dtype=dtype, rngs=rngs, moe_impl=moe_impl)
+                for i in range(config.num_hidden_layers)
+            ]
+        )
+        self.ln_f = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+
+    def __call__(
+        self,
+        embeds: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        token_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Last hidden states ``[B, S, H]`` BEFORE ``ln_f``."""
+        h = embeds
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, token_mask)
+        return h
+
+
+class HunyuanImage3(nnx.Module):
+    """HunyuanImage-3.0: T2I flow-matching denoiser (``__call__``) and causal LM (``forward_text``).
+
+    Args:
+        config: the model config.
+        dtype: parameter / compute dtype (the router stays fp32).
+        rngs: init randomness (weights are normally loaded through ``converters.hunyuan``).
+        moe_impl: ``"ragged"`` (sorted tokens + ``jax.lax.ragged_dot``) or ``"dense"`` (every expert on every
+            token; reference path for tests). Switch later with :meth:`set_moe_impl`.
+    """
+
+    def __init__(
+        self,
+        config: HunyuanImage3Config,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+        moe_impl: str = "ragged",
+    ):
+        self.config = config
+        hidden, latent = config.hidden_size, config.latent_channels
+        self.model = HunyuanImage3Model(config, dtype=dtype, rngs=rngs, moe_impl=moe_impl)
+        self.lm_head = Linear(
+            hidden, config.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype, rngs=rngs
+        )
+        self.timestep_emb = TimestepEmbedder(hidden, dtype=dtype, rngs=rngs)
+        self.time_embed = TimestepEmbedder(hidden, dtype=dtype, rngs=rngs)
+        self.patch_embed = UNetDown(latent, hidden, config.patch_embed_hidden_dim, hidden, dtype=dtype, rngs=rngs)
+        self.time_embed_2 = TimestepEmbedder(hidden, dtype=dtype, rngs=rngs)
+        self.final_layer = UNetUp(hidden, hidden, config.patch_embed_hidden_dim, latent, dtype=dtype, rngs=rngs)
+
+    def set_moe_impl(self, impl: str) -> None:
+        """Choose the routed-expert implementation of every layer (``"ragged"`` or ``"dense"``)."""
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"moe impl {impl!r} not in {MOE_IMPLS}")
+        for layer in self.model.layers:
+            layer.mlp.impl = impl
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        latents: jax.Array,
+        timestep: jax.Array,
+        valid_lengths: jax.Array | None = None,
+    ) -> jax.Array:
+        """Predict the flow velocity ``noise - x0`` of the noisy latents.
+
+        Args:
+            input_ids: [B, S] right-padded token ids; every row holds exactly ``h*w`` contiguous
+                ``image_token_id`` tokens directly after ``timestep_token_id`` (checked when concrete).
+            latents: [B, C, h, w] noisy VAE latents (one image per row, same size for the batch).
+            timestep: [B] flow-matching timesteps ``sigma * 1000``.
+            valid_lengths: [B] number of non-padding tokens per row (default: all).
+
+        Returns:
+            [B, C, h, w] velocity in the model dtype.
+        """
+        cfg = self.config
+        batch, seq_len = input_ids.shape
+        _, _, token_h, token_w = latents.shape
+        num_image = token_h * token_w
+        try:
+            check_t2i_layout(np.asarray(input_ids), num_image, cfg)
+        except jax.errors.TracerArrayConversionError:
+            pass  # traced under jit: the caller is responsible for the layout
+
+        is_image = input_ids == cfg.image_token_id
+        starts = jnp.argmax(is_image, axis=1).astype(jnp.int32)  # [B] first image token
+        rows = jnp.arange(batch)
+        image_index = jnp.minimum(starts[:, None] + jnp.arange(num_image)[None], seq_len - 1)  # [B, h*w]
+        if valid_lengths is None:
+            valid_lengths = jnp.full((batch,), seq_len, jnp.int32)
+
+        embeds = self.model.wte(input_ids)  # [B, S, H]
+        image_tokens = self.patch_embed(latents.astype(embeds.dtype), self.time_embed(timestep))  # [B, h*w, H]
+        timestep_tokens = self.timestep_emb(timestep)  # [B, H]
+        embeds = embeds.at[rows[:, None], image_index].set(image_tokens.astype(embeds.dtype))
+        embeds = embeds.at[rows, starts - 1].set(timestep_tokens.astype(embeds.dtype))
+
+        cos, sin = rope_cos_sin(
+            t2i_positions(seq_len, starts, token_h, token_w), cfg.attention_head_dim, cfg.rope_theta
+        )
+        mask = joint_attention_mask(seq_len, starts, num_image, valid_lengths)
+        token_mask = jnp.arange(seq_len)[None, :] < valid_lengths[:, None]  # [B, S]
+
+        hidden = self.model(embeds, cos, sin, mask, token_mask)  # [B, S, H], before ln_f
+        image_hidden = hidden[rows[:, None], image_index]  # [B, h*w, H]
+        return self.final_layer(image_hidden, self.time_embed_2(timestep), token_h, token_w)
+
+    def forward_text(self, input_ids: jax.Array) -> jax.Array:
+        """Causal next-token logits ``[B, S, vocab]`` in fp32 (text positions, no padding)."""
+        _, seq_len = input_ids.shape
+        cos, sin = rope_cos_sin(text_positions(seq_len), self.config.attention_head_dim, self.config.rope_theta)
+        hidden = self.model(self.model.wte(input_ids), cos, sin, causal_mask(seq_len))
+        return self.lm_head(self.model.ln_f(hidden)).astype(jnp.float32)
