@@ -48,6 +48,7 @@ class Units:
     multiple: int = 1  # hardware-friendly rounding of kept counts
     active: int | None = None  # units used per token (top-k); None = all
     tie: str | None = None  # groups with the same tie share ONE decision (e.g. global head count)
+    levels: tuple[int, ...] | None = None  # explicit allowed kept counts (overrides the ladder)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def load_levels(path: str | Path | None = None) -> dict[str, Any]:
 
 def ladder_counts(u: Units, fractions: Sequence[float], multiple: int | None = None) -> list[int]:
     """Kept-unit counts for a unit group: fractions of n rounded to the group's multiple, >= min_keep."""
+    if u.levels is not None:  # the spec knows better (e.g. widths that must divide another width)
+        return sorted({min(u.n, max(int(k), u.min_keep)) for k in u.levels} | {u.n})
     m = multiple or u.multiple
     # hardware rounding (e.g. channels to multiples of 64) only applies where a group has at least
     # 8 such multiples; tiny test models use exact counts.
