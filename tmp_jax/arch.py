@@ -30,6 +30,11 @@ class ArchHooks:
     synthetic_calib: Callable[[Any, int, int, int], list[dict]] | None = None  # (cfg, n, batch, seed)
     load: Callable[..., Any] | None = None  # (path, dtype=, mesh=) -> model
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
+    # --- distillation ---------------------------------------------------------------------------
+    forward_train: Callable[[Any, dict, bool], tuple] | None = None  # (model, inputs, remat) -> (out, feats)
+    matched_features: Callable[[Any], tuple[int, ...]] | None = None  # student cfg -> teacher feature ids
+    training_batch: Callable[..., dict] | None = None  # (cfg, data, batch, seed, step) -> calib batch
+    save: Callable[..., Any] | None = None  # (model, folder, overwrite=) -> None
 
 
 _REGISTRY: dict[str, ArchHooks] = {}

@@ -109,7 +109,7 @@ def build_problem(
     if calib is not None:
         batches = load_calib(calib, m_obj.ARCH)
     else:
-        emb = _embedded_calib(m_obj.ARCH, path)
+        emb = _embedded_calib(m_obj.ARCH, path, m_obj.config)
         if emb is not None:
             batches = emb
         else:
@@ -149,13 +149,11 @@ def _load_model(model: str | None) -> tuple[Any, Path | None, str]:
     return arch.detect(cfg).load(str(p), dtype=jnp.float32), p, str(p)
 
 
-def _embedded_calib(arch_name: str, path: Path | None) -> list[dict] | None:
-    """The embedded teacher's own calibration set (train split), when the data module provides it."""
+def _embedded_calib(arch_name: str, path: Path | None, cfg: Any = None, n_batches: int = 4) -> list[dict] | None:
+    """The embedded teacher's own calibration set: noised train-split images at a spread of t."""
     if path is None or path.parent != ASSETS:
         return None
-    try:
-        from tmp_jax import data
-    except ImportError:
+    hooks = arch.get(arch_name)
+    if hooks.training_batch is None:
         return None
-    fn = getattr(data, "calibration_batches", None)
-    return fn(arch_name) if fn is not None else None
+    return [hooks.training_batch(cfg, None, 8, 1234, i) for i in range(n_batches)]

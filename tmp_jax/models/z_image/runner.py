@@ -127,3 +127,89 @@ def collect_stats(model: ZImageTransformer, inputs: dict[str, Any]) -> tuple[jax
         arrs = val if isinstance(val, tuple) else (val,)
         stats[tuple(path)] = np.asarray(sum(np.asarray(x) for x in arrs))
     return out, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Training (distillation): a traceable forward with block features and per-block remat
+
+
+def _call_block(blk: nnx.Module, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, c: jax.Array):
+    return blk(x, mask, cos, sin, c)
+
+
+_remat_block = nnx.remat(_call_block)
+
+
+def forward_train(model: ZImageTransformer, inputs: dict[str, Any], remat: bool = True) -> tuple:
+    """(B, T, patch_dim) output and the list of main-block outputs; every block rematerialised."""
+    a = inputs["arrays"]
+    pk = inputs.get("patch_key", model.config.patch_keys()[0])
+    call = _remat_block if remat else _call_block
+    e = model.embed(a, jnp.asarray(inputs["t"]), pk)
+    c = e["c"]
+    img, cap = e["img"], e["cap"]
+    m_img, m_cap = _key_mask(a["img_valid"]), _key_mask(a["cap_valid"])
+    for blk in model.noise_refiner:
+        img = call(blk, img, m_img, *e["img_cs"], c)
+    for blk in model.context_refiner:
+        cap = call(blk, cap, m_cap, *e["cap_cs"], c)
+    x, cos, sin, mask = model.unify(a, img, cap, e)
+    feats = []
+    for blk in model.layers:
+        x = call(blk, x, mask, cos, sin, c)
+        feats.append(x)
+    return model.all_final_layer[pk](x, c), feats
+
+
+def matched_features(student_cfg: ZImageConfig) -> tuple[int, ...]:
+    """Student main block j matches the teacher's main block with its ORIGINAL index."""
+    return tuple(b.index for b in student_cfg.stack("layers"))
+
+
+def training_batch(cfg: ZImageConfig, data: str | None, batch_size: int, seed: int, step: int) -> dict:
+    """Noised training inputs for step ``step`` (a pure function of seed and step, for exact resume).
+
+    ``data``: an .npz with clean ``latents`` (N,C,F,H,W), ``cap_feats`` (N,L,D), ``cap_lens`` (N,); None =
+    the embedded Fashion-MNIST train subset with per-class captions (10% null captions).
+    Noise: sigma ~ logit-normal(0, 1); x_t = (1 - sigma) x0 + sigma eps; t = 1 - sigma (1 = clean).
+    """
+    rng = np.random.default_rng([seed, step])
+    if data is None:
+        from tmp_jax import data as fm
+
+        if cfg.in_channels != fm.LATENT_CHANNELS:
+            raise ValueError(f"the embedded data has {fm.LATENT_CHANNELS} latent channels, model has {cfg.in_channels}")
+        split = _subset_train()
+        idx = rng.integers(0, len(split), batch_size)
+        x0 = fm.to_latents(split.images[idx])[:, :, None]  # [B, C, 1, 14, 14]
+        labels = np.where(rng.random(batch_size) < 0.1, fm.NULL_LABEL, split.labels[idx])
+        cap = fm.caption_features(labels, cfg.cap_feat_dim)
+        lens = np.full(batch_size, cap.shape[1], np.int32)
+    else:
+        z = np.load(data, allow_pickle=False)
+        for k in ("latents", "cap_feats", "cap_lens"):
+            if k not in z:
+                raise ValueError(f"{data}: missing array {k!r} (expected latents, cap_feats, cap_lens)")
+        idx = rng.integers(0, len(z["latents"]), batch_size)
+        x0, cap, lens = z["latents"][idx].astype(np.float32), z["cap_feats"][idx], z["cap_lens"][idx]
+    sigma = 1.0 / (1.0 + np.exp(-rng.standard_normal(batch_size)))
+    eps = rng.standard_normal(x0.shape).astype(np.float32)
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+    xt = ((1.0 - s) * x0 + s * eps).astype(np.float32)
+    return {
+        "latents": xt,
+        "cap_feats": cap.astype(np.float32),
+        "cap_lens": lens.astype(np.int32),
+        "t": (1.0 - sigma).astype(np.float32),
+    }
+
+
+_SUBSET = {}
+
+
+def _subset_train() -> Any:
+    if "train" not in _SUBSET:
+        from tmp_jax import data as fm
+
+        _SUBSET["train"] = fm.load_subset("train")
+    return _SUBSET["train"]

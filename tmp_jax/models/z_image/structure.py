@@ -46,9 +46,7 @@ def build_spec(cfg: ZImageConfig) -> Spec:
             pre: tuple = (stack, b.index)
             att = (*pre, "attention")
             attn_params = tuple(
-                p
-                for p in shapes
-                if p[:3] == att or p[:3] in ((*pre, "attention_norm1"), (*pre, "attention_norm2"))
+                p for p in shapes if p[:3] == att or p[:3] in ((*pre, "attention_norm1"), (*pre, "attention_norm2"))
             )
             attn = Node(
                 f"{stack}.{b.index}.attention",
@@ -65,9 +63,7 @@ def build_spec(cfg: ZImageConfig) -> Spec:
                 droppable=True,
             )
             ff = (*pre, "feed_forward")
-            ffn_params = tuple(
-                p for p in shapes if p[:3] == ff or p[:3] in ((*pre, "ffn_norm1"), (*pre, "ffn_norm2"))
-            )
+            ffn_params = tuple(p for p in shapes if p[:3] == ff or p[:3] in ((*pre, "ffn_norm1"), (*pre, "ffn_norm2")))
             ffn = Node(
                 f"{stack}.{b.index}.feed_forward",
                 "ffn",
@@ -87,9 +83,7 @@ def build_spec(cfg: ZImageConfig) -> Spec:
             )
             own = tuple(p for p in shapes if p[:2] == pre and p not in attn_params and p not in ffn_params)
             block_owned.update(attn_params, ffn_params, own)
-            blocks.append(
-                Node(f"{stack}.{b.index}", "block", params=own, children=(attn, ffn), droppable=True)
-            )
+            blocks.append(Node(f"{stack}.{b.index}", "block", params=own, children=(attn, ffn), droppable=True))
         stages.append(Node(stack, "stage", children=tuple(blocks), tokens=TOKENS[stack]))
     root_params = tuple(p for p in shapes if p not in block_owned)
     root = Node("zimage", "model", params=root_params, children=tuple(stages))
@@ -208,8 +202,10 @@ HOOKS = arch.register(
         compile_count=lambda: _runner().compile_count(),
         synthetic_calib=synthetic_calib,
         load=_load,
-        config_file_kind=lambda d: (
-            d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d
-        ),
+        forward_train=lambda m, x, remat=True: _runner().forward_train(m, x, remat),
+        matched_features=lambda c: _runner().matched_features(c),
+        training_batch=lambda *a: _runner().training_batch(*a),
+        save=lambda m, p, overwrite=False: m.save_pretrained(str(p), overwrite=overwrite),
+        config_file_kind=lambda d: d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d,
     )
 )

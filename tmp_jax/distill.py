@@ -1,0 +1,356 @@
+"""Recovery distillation of a pruned student from its unpruned teacher (optax, orbax, resumable).
+
+    python -m tmp_jax.distill --plan OUT/plan.json --model SRC [--calib DIR | --data NPZ] [--steps N]
+                              [--out DIR] [--resume] [--mesh SPEC]
+
+The student is the plan's subnetwork materialised from the teacher (kept unit indices in ORIGINAL
+numbering). Loss = ``w_out`` * normalised MSE between student and teacher denoiser outputs on noised
+inputs + ``w_feat`` * feature alignment at matched block boundaries (student block j, which is
+teacher block ``kept[j]``, matches that teacher block's output; a run of dropped blocks is therefore
+matched at the next kept boundary). Weights and optimiser settings: ``configs/distill.json``.
+
+Training keeps an fp32 master copy of the parameters and the optimiser state (AdamW, warm-up +
+cosine, global-norm clipping); the forward runs in ``--compute-dtype`` (bf16 on GPU), with every
+block rematerialised (``jax.checkpoint``) and micro-batches accumulated. Orbax checkpoints every
+``--save-every`` steps; ``--resume`` continues exactly (batches are a pure function of seed and step).
+A NaN/Inf loss stops the run with a clear message and keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tmp_jax import arch
+from tmp_jax.tree import Tree
+
+DEFAULTS_PATH = Path(__file__).resolve().parents[1] / "configs" / "distill.json"
+
+
+@dataclass
+class DistillConfig:
+    plan: Path
+    model: str | None = None
+    calib: str | None = None
+    data: str | None = None
+    out: Path = Path("distill-out")
+    steps: int = 200
+    batch_size: int = 8
+    micro_batch: int | None = None
+    lr: float = 3e-4
+    warmup: int = 20
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    w_out: float = 1.0
+    w_feat: float = 0.1
+    save_every: int = 50
+    seed: int = 0
+    resume: bool = False
+    mesh: str | None = None
+    compute_dtype: str = "float32"
+    remat: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def load_defaults() -> dict[str, Any]:
+    try:
+        return json.loads(DEFAULTS_PATH.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{DEFAULTS_PATH}: cannot read distillation defaults ({e})") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Student / teacher
+
+
+def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
+    """(teacher, student, tree, plan): the student is the plan's subnetwork sliced from the teacher."""
+    from search.engine import load_plan, plan_assignment
+    from tmp_jax.materialize import materialize
+    from tmp_jax.problem import _load_model, fingerprint
+
+    plan = load_plan(cfg.plan)
+    teacher, path, _ = _load_model(cfg.model)
+    if teacher.ARCH != plan["arch"]:
+        raise ValueError(f"{cfg.plan}: plan is for {plan['arch']!r}, --model is {teacher.ARCH!r}")
+    fp = fingerprint(path, teacher.config.to_hf_config())
+    if plan.get("source", {}).get("fingerprint") != fp:
+        raise ValueError(f"{cfg.plan}: the plan was made from another checkpoint than --model {cfg.model}")
+    hooks = arch.get(teacher.ARCH)
+    tree = Tree(hooks.build_spec(teacher.config))
+    a = plan_assignment(plan)
+    order = {}
+    for key, ids in plan["policy"]["kept_units"].items():
+        node, kind = key.rsplit("/", 1)
+        n = next(u.n for u in tree.spec.node(node).units if u.kind == kind)
+        rest = np.setdiff1d(np.arange(n), ids)
+        order[(node, kind)] = np.concatenate([np.asarray(ids, np.int64), rest])  # kept first
+    student = materialize(teacher, tree, a, order)
+    return teacher, student, tree, plan
+
+
+def training_batches(cfg: DistillConfig, model_cfg: Any, arch_name: str) -> Any:
+    """A function step -> model inputs: noised data (``--data`` / embedded) or calibration inputs."""
+    hooks = arch.get(arch_name)
+    if cfg.calib is not None:
+        from tmp_jax.calibration import load_calib
+
+        prepared = [_arrays_only(hooks.prepare_batch(model_cfg, b)) for b in load_calib(cfg.calib, arch_name)]
+        return lambda step: prepared[step % len(prepared)]
+    if hooks.training_batch is None:
+        raise ValueError(f"arch {arch_name!r} has no data pipeline for distillation; pass --calib DIR")
+    return lambda step: _arrays_only(
+        hooks.prepare_batch(model_cfg, hooks.training_batch(model_cfg, cfg.data, cfg.batch_size, cfg.seed, step))
+    )
+
+
+def _arrays_only(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Drop static (string) entries so the inputs are a jit-able pytree; forwards use their default."""
+    return {k: v for k, v in inputs.items() if not isinstance(v, str)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and step
+
+
+def _loss_fn(
+    student: Any,
+    t_out: jax.Array,
+    t_feats: list[jax.Array],
+    inputs: dict,
+    matched: tuple[int, ...],
+    w_out: float,
+    w_feat: float,
+    fwd: Any,
+    dtype: Any,
+) -> tuple[jax.Array, dict]:
+    if dtype != jnp.float32:  # fp32 master weights, low-precision compute
+        gd, st = nnx.split(student)
+        student = nnx.merge(
+            gd, jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
+        )
+    out, feats = fwd(student, inputs)
+    mask = inputs["mask"][..., None].astype(jnp.float32)
+    num = jnp.sum(jnp.square(out.astype(jnp.float32) - t_out) * mask)
+    l_out = num / jnp.maximum(jnp.sum(jnp.square(t_out) * mask), 1e-12)
+    l_feat = jnp.zeros((), jnp.float32)
+    for j, ti in enumerate(matched):
+        tf = t_feats[ti].astype(jnp.float32)
+        l_feat += jnp.mean(jnp.square(feats[j].astype(jnp.float32) - tf)) / jnp.maximum(jnp.mean(jnp.square(tf)), 1e-12)
+    if matched:
+        l_feat = l_feat / len(matched)
+    return w_out * l_out + w_feat * l_feat, {"out": l_out, "feat": l_feat}
+
+
+def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), end_value=cfg.lr * 0.1
+    )
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(sched, weight_decay=cfg.weight_decay))
+
+
+# ----------------------------------------------------------------------------------------------
+# Run
+
+
+def run(cfg: DistillConfig) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    teacher, student, tree, plan = build_pair(cfg)
+    hooks = arch.get(teacher.ARCH)
+    if hooks.forward_train is None:
+        raise ValueError(f"arch {teacher.ARCH!r} does not support distillation yet")
+    matched = hooks.matched_features(student.config)  # student block j -> teacher feature index
+    batch_at = training_batches(cfg, teacher.config, teacher.ARCH)
+    dtype = jnp.dtype(cfg.compute_dtype)
+    fwd = lambda m, x: hooks.forward_train(m, x, cfg.remat)  # noqa: E731
+    opt = make_optimizer(cfg)
+    s_gd, s_params = nnx.split(student, nnx.Param)
+    s_params = jax.tree.map(lambda x: x.astype(jnp.float32), s_params)
+    t_gd, t_state = nnx.split(teacher)
+    opt_state = opt.init(s_params)
+    micro = cfg.micro_batch or cfg.batch_size
+
+    @jax.jit
+    def teacher_fwd(t_state: Any, inputs: dict) -> tuple:
+        return hooks.forward_train(nnx.merge(t_gd, t_state), inputs, False)
+
+    def split_micro(inputs: dict, i: int) -> dict:
+        b = inputs["mask"].shape[0]
+        if micro >= b:
+            return inputs
+        sl = slice(i * micro, (i + 1) * micro)
+        return jax.tree.map(lambda x: x[sl] if hasattr(x, "shape") and x.ndim and x.shape[0] == b else x, inputs)
+
+    @jax.jit
+    def grad_step(params: Any, t_state: Any, inputs: dict) -> tuple:
+        t_out, t_feats = teacher_fwd(t_state, inputs)
+        t_out, t_feats = jax.lax.stop_gradient((t_out.astype(jnp.float32), t_feats))
+
+        def f(p: Any) -> tuple:
+            return _loss_fn(nnx.merge(s_gd, p), t_out, t_feats, inputs, matched, cfg.w_out, cfg.w_feat, fwd, dtype)
+
+        (loss, parts), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, parts, grads
+
+    @jax.jit
+    def apply(params: Any, opt_state: Any, grads: Any) -> tuple:
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = (out / "checkpoints").resolve()
+    mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    start, history = 0, []
+    if cfg.resume and mngr.latest_step() is not None:
+        step0 = mngr.latest_step()
+        target = {"params": s_params, "opt": opt_state, "history": np.zeros((step0, 3), np.float64)}
+        restored = mngr.restore(step0, args=ocp.args.StandardRestore(target))
+        s_params, opt_state = restored["params"], restored["opt"]
+        history = [tuple(r) for r in np.asarray(restored["history"]).tolist()]
+        start = step0
+    elif mngr.latest_step() is not None and not cfg.resume:
+        raise ValueError(f"{ckpt_dir}: checkpoints exist; pass --resume to continue or choose another --out")
+    from tqdm.auto import tqdm
+
+    pbar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not cfg.progress)
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        inputs = batch_at(step)
+        b = int(np.asarray(inputs["mask"]).shape[0])
+        n_micro = max(1, math.ceil(b / micro))
+        grads_acc, loss_acc, parts_acc = None, 0.0, {"out": 0.0, "feat": 0.0}
+        for i in range(n_micro):
+            loss, parts, grads = grad_step(s_params, t_state, split_micro(inputs, i))
+            grads_acc = grads if grads_acc is None else jax.tree.map(jnp.add, grads_acc, grads)
+            loss_acc += float(loss) / n_micro
+            parts_acc = {k: parts_acc[k] + float(parts[k]) / n_micro for k in parts_acc}
+        if not math.isfinite(loss_acc):
+            pbar.close()
+            last = mngr.latest_step()
+            raise NonFiniteLoss(
+                f"loss became {loss_acc} at step {step}; stopped. Last good checkpoint: "
+                f"{ckpt_dir / str(last) if last is not None else 'none'} (lower --lr or check the data)"
+            )
+        grads_acc = jax.tree.map(lambda g: g / n_micro, grads_acc)
+        s_params, opt_state = apply(s_params, opt_state, grads_acc)
+        history.append((step, loss_acc, parts_acc["out"]))
+        pbar.set_postfix(loss=f"{loss_acc:.4g}")
+        pbar.update(1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            state = {"params": s_params, "opt": opt_state, "history": np.asarray(history, np.float64)}
+            mngr.save(step + 1, args=ocp.args.StandardSave(state))
+            mngr.wait_until_finished()
+    pbar.close()
+    nnx.update(student, s_params)
+    _write_outputs(cfg, student, history, plan, time.time() - t0)
+    return {"history": history, "student": student, "teacher": teacher, "tree": tree, "plan": plan}
+
+
+def _write_outputs(cfg: DistillConfig, student: Any, history: list, plan: dict, seconds: float) -> None:
+    out = Path(cfg.out)
+    hooks = arch.get(student.ARCH)
+    if hooks.save is not None:
+        hooks.save(student, out / "weights", overwrite=True)
+    h = np.asarray(history, np.float64) if history else np.zeros((0, 3))
+    (out / "history.json").write_text(
+        json.dumps(
+            {
+                "step": h[:, 0].tolist(),
+                "loss": h[:, 1].tolist(),
+                "out": h[:, 2].tolist(),
+                "seconds": seconds,
+                "config": {k: str(v) for k, v in asdict(cfg).items()},
+            }
+        )
+    )
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.semilogy(h[:, 0], h[:, 1], label="total")
+        ax.semilogy(h[:, 0], h[:, 2], label="output MSE (normalised)")
+        ax.set_xlabel("step")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=120)
+        plt.close(fig)
+    except ImportError:  # matplotlib is a runtime dependency; tolerate minimal installs
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = load_defaults()
+    p = argparse.ArgumentParser(
+        prog="python -m tmp_jax.distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--plan", required=True, type=Path, help="plan.json from python -m tmp_jax.search")
+    p.add_argument("--model", help="the teacher checkpoint the plan was made from (default: embedded teacher)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--calib", help="calibration set folder: distil on its (already noised) inputs")
+    g.add_argument("--data", help="clean training data (.npz) to noise on the fly (default: the embedded set)")
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--micro-batch", type=int, default=None, help="gradient-accumulation micro-batch size")
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--out", type=Path, default=Path("distill-out"))
+    p.add_argument("--save-every", type=int, default=d["save_every"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--mesh", help="device mesh, e.g. data:4,model:2 (default: all devices on data)")
+    p.add_argument("--compute-dtype", default=d.get("compute_dtype", "float32"), choices=["float32", "bfloat16"])
+    a = p.parse_args(argv)
+    cfg = DistillConfig(
+        plan=a.plan,
+        model=a.model,
+        calib=a.calib,
+        data=a.data,
+        out=a.out,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        micro_batch=a.micro_batch,
+        lr=a.lr,
+        warmup=d["warmup"],
+        weight_decay=d["weight_decay"],
+        clip_norm=d["clip_norm"],
+        w_out=d["w_out"],
+        w_feat=d["w_feat"],
+        save_every=a.save_every,
+        seed=a.seed,
+        resume=a.resume,
+        mesh=a.mesh,
+        compute_dtype=a.compute_dtype,
+    )
+    try:
+        res = run(cfg)
+    except (ValueError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    h = res["history"]
+    print(f"distilled {len(h)} steps: loss {h[0][1]:.4g} -> {h[-1][1]:.4g}; weights in {cfg.out / 'weights'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
