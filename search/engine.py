@@ -1,0 +1,650 @@
+"""The search driver: budgets -> strategy generations -> plan.json, history, Pareto plot, checkpoints.
+
+:func:`run` is what ``python -m tmp_jax.search`` calls (and what tests exercise). It
+
+1. builds (or takes) a pruning problem — the tree plus a minimised fitness on cached teacher outputs,
+   with a multi-fidelity sample count (``problem.fitness(genomes, n_samples)``);
+2. parses the budgets against exact costs (a budget below the floor fails at once);
+3. runs a strategy from :mod:`search.strategies`; every evaluation goes through :class:`Evaluator`,
+   which refuses over-budget candidates, caches fitness per (decoded genome, sample count) and keeps
+   the archive of full-fidelity results that winners and the Pareto front are read from;
+4. after every generation appends ``history.jsonl`` and writes an atomic checkpoint (JSON + NPZ, no
+   pickle) holding the archive, the numpy RNG state and the strategy state, so ``--resume`` after a
+   kill at any point ends with the same plan as an uninterrupted run;
+5. writes ``plan.json`` (format: ``docs/plan-format.md``; :func:`load_plan` reads it back),
+   ``pareto.png`` and prints a summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from search.budget import Budget, BudgetError, CostModel, SearchError, fmt_count, parse_budgets
+from search.genome import GeneLoss, split_importance
+from search.strategies import STRATEGIES, Context, Strategy, make_strategy
+from tmp_jax.tree import Assignment, Tree
+
+FORMAT_VERSION = 1
+CHECKPOINT_VERSION = 1
+
+
+class Problem(Protocol):
+    """What the engine needs from a pruning problem (``tmp_jax.problem.PruningProblem``)."""
+
+    tree: Tree
+    arch: str
+    source: dict[str, Any]
+    order: dict[tuple[str, str], np.ndarray]
+
+    def fitness(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray: ...
+
+    def n_samples_total(self) -> int: ...
+
+
+@dataclass
+class SearchConfig:
+    """One search run (the CLI's flags). ``budget`` is one or several comma-separated budgets."""
+
+    budget: str
+    model: str | None = None
+    budget_kind: str = "params"
+    calib: str | None = None
+    out: str = "search-out"
+    strategy: str = "levelswitch"
+    population: int | None = None
+    generations: int | None = None
+    seed: int = 0
+    resume: bool = False
+    mesh: str | None = None
+    progress: bool = True
+    summary: bool = True
+
+
+@dataclass
+class SearchResult:
+    plans: list[dict[str, Any]]
+    plan_paths: list[Path]
+    out: Path
+    generations: int
+    evals: int
+    sample_evals: int
+    wall_s: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation, cache and archive
+
+
+class Evaluator:
+    """The only door to ``problem.fitness``: budget check, cache, counters, full-fidelity archive."""
+
+    def __init__(self, problem: Problem, cost: CostModel, n_total: int):
+        self.problem, self.cost, self.n_total = problem, cost, n_total
+        self.cache: dict[tuple[bytes, int], float] = {}
+        self.order: list[tuple[np.ndarray, int, float]] = []  # insertion order, for checkpoints
+        self.evals = 0
+        self.sample_evals = 0
+        self.arch_genomes: list[np.ndarray] = []
+        self.arch_fitness: list[float] = []
+        self.arch_cost: list[int] = []
+
+    def __call__(self, genomes: np.ndarray, n: int, budget_values: np.ndarray) -> np.ndarray:
+        g = self.cost.canonical(genomes)
+        c = self.cost(g)
+        over = np.flatnonzero(c > np.asarray(budget_values))
+        if len(over):  # a strategy bug, never a user error: nothing over budget is ever evaluated
+            raise RuntimeError(f"candidate over budget: cost {c[over[0]]:,} > {budget_values[over[0]]:,}")
+        keys = [row.tobytes() for row in g]
+        todo: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if (k, n) not in self.cache and k not in todo:
+                todo[k] = i
+        if todo:
+            rows = np.stack([g[i] for i in todo.values()]).astype(np.int32)
+            fit = np.asarray(self.problem.fitness(rows, n_samples=n), np.float64).reshape(-1)
+            if fit.shape != (len(rows),):
+                raise RuntimeError(f"problem.fitness returned shape {fit.shape} for {len(rows)} genomes")
+            fit = np.where(np.isfinite(fit), fit, np.inf)  # a failed candidate never wins
+            for i, f in zip(todo.values(), fit):
+                self._record(g[i], n, float(f), int(c[i]))
+            self.evals += len(rows)
+            self.sample_evals += len(rows) * n
+        return np.array([self.cache[(k, n)] for k in keys])
+
+    def _record(self, genome: np.ndarray, n: int, f: float, cost: int) -> None:
+        self.cache[(genome.tobytes(), n)] = f
+        self.order.append((genome.copy(), n, f))
+        if n == self.n_total:
+            self.arch_genomes.append(genome.copy())
+            self.arch_fitness.append(f)
+            self.arch_cost.append(cost)
+
+    def winner(self, budget_value: int) -> tuple[np.ndarray, float] | None:
+        """Best full-fidelity candidate within ``budget_value`` (first found wins ties)."""
+        if not self.arch_fitness:
+            return None
+        f = np.where(np.asarray(self.arch_cost) <= budget_value, self.arch_fitness, np.nan)
+        if np.all(np.isnan(f)):
+            return None
+        i = int(np.nanargmin(f))
+        return self.arch_genomes[i], float(self.arch_fitness[i])
+
+    # checkpoint -----------------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        n_genes = self.cost.n_genes
+        return {
+            "cache_genomes": np.array([g for g, _, _ in self.order], np.int32).reshape(-1, n_genes),
+            "cache_n": np.array([n for _, n, _ in self.order], np.int64),
+            "cache_fit": np.array([f for _, _, f in self.order], np.float64),
+        }
+
+    def restore(self, arrays: dict[str, np.ndarray], evals: int, sample_evals: int) -> None:
+        g = arrays["cache_genomes"].astype(np.int64)
+        costs = self.cost(g) if len(g) else np.zeros(0, np.int64)
+        for row, n, f, c in zip(g, arrays["cache_n"], arrays["cache_fit"], costs):
+            self._record(row, int(n), float(f), int(c))
+        self.evals, self.sample_evals = evals, sample_evals
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    _atomic_write(path, buf.getvalue())
+
+
+_NUM_LIST = re.compile(r"\[\s*(-?\d[-\d.eE+,\s]*?)\s*\]")
+
+
+def _json(obj: Any) -> str:
+    """Indented JSON with number lists on one line (kept-unit index lists are long)."""
+    text = json.dumps(obj, indent=2, default=_json_default)
+    return _NUM_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def versions() -> dict[str, str]:
+    """Library versions recorded in every plan."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("jax", "flax", "evosax", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    import tmp_jax
+
+    out["tmp_jax"] = getattr(tmp_jax, "__version__", "unknown")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans
+
+
+def build_plan(
+    problem: Problem,
+    budget: Budget,
+    genome: np.ndarray,
+    fitness: float,
+    n_samples: int,
+    search: dict[str, Any],
+    tokens: dict[str, int],
+) -> dict[str, Any]:
+    """The plan for one budget (schema: docs/plan-format.md)."""
+    from tmp_jax.materialize import kept_units
+
+    tree = problem.tree
+    a = tree.decode(genome)
+    before, after = tree.count(tree.full_assignment()), tree.count(a)
+    kept = kept_units(tree, a, getattr(problem, "order", None))
+    return {
+        "format_version": FORMAT_VERSION,
+        "arch": tree.spec.arch,
+        "source": _jsonable(getattr(problem, "source", {}) or {}),
+        "budget": {
+            **budget.to_json(),
+            "full": _metric(tree, tree.full_assignment(), budget.kind, tokens),
+            "floor": _metric(tree, tree.decode(np.zeros(tree.n_genes, np.int64)), budget.kind, tokens),
+        },
+        "policy": {
+            "dropped": sorted(a.dropped),
+            "keep": {f"{n}/{k}": int(v) for (n, k), v in sorted(a.keep.items())},
+            "kept_units": {f"{n}/{k}": [int(i) for i in ids] for (n, k), ids in sorted(kept.items())},
+        },
+        "genome": {"genes": [g.name for g in tree.genes], "levels": [int(x) for x in genome]},
+        "counts": {
+            "before": {"params": before["params"], "active": before["active"], "bytes": before["bytes"]},
+            "after": {"params": after["params"], "active": after["active"], "bytes": after["bytes"]},
+            "flops_before": tree.flops(tree.full_assignment(), tokens),
+            "flops_after": tree.flops(a, tokens),
+            "tokens": dict(tokens),
+        },
+        "fitness": {
+            "value": float(fitness),
+            "n_samples": int(n_samples),
+            "metric": "normalised teacher-output error (lower is better)",
+        },
+        "search": search,
+        "versions": versions(),
+    }
+
+
+def _metric(tree: Tree, a: Assignment, kind: str, tokens: dict[str, int]) -> int:
+    if kind == "flops":
+        return int(tree.flops(a, tokens))
+    c = tree.count(a)
+    return int(c["bytes" if kind == "memory" else kind])
+
+
+def _jsonable(o: Any) -> Any:
+    """Problem metadata (configs may be dataclasses / tuples) as plain JSON values."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return _jsonable(dataclasses.asdict(o))
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.generic | np.ndarray):
+        return o.tolist()
+    if o is None or isinstance(o, str | int | float | bool):
+        return o
+    return str(o)
+
+
+_REQUIRED = ("arch", "budget", "policy", "genome", "counts", "fitness")
+
+
+def load_plan(path: str | Path) -> dict[str, Any]:
+    """Read and validate a plan.json; raises ValueError with a clear message on a foreign or newer file."""
+    p = Path(path)
+    try:
+        plan = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: cannot read plan ({e})") from e
+    if not isinstance(plan, dict) or "format_version" not in plan:
+        raise ValueError(f"{p}: not a tmp-jax plan (no format_version)")
+    v = plan["format_version"]
+    if v != FORMAT_VERSION:
+        raise ValueError(
+            f"{p}: plan format_version {v!r} is not supported; this tmp_jax "
+            f"({versions()['tmp_jax']}) reads format_version {FORMAT_VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in plan]
+    if missing:
+        raise ValueError(f"{p}: plan lacks {', '.join(missing)}")
+    return plan
+
+
+def plan_assignment(plan: dict[str, Any]) -> Assignment:
+    """The plan's assignment (dropped nodes, kept counts), for materialise / export."""
+    pol = plan["policy"]
+    return Assignment.from_json({"dropped": pol["dropped"], "keep": pol["keep"]})
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z.]+", "_", text.replace("%", "pct")).strip("_")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pareto plot
+
+
+def pareto_front(params: np.ndarray, fitness: np.ndarray) -> np.ndarray:
+    """Indices of non-dominated points (fewer params AND lower fitness), by increasing params."""
+    idx = np.lexsort((fitness, params))
+    front, best = [], np.inf
+    for i in idx:
+        if fitness[i] < best:
+            front.append(int(i))
+            best = fitness[i]
+    return np.array(front, np.int64)
+
+
+def plot_pareto(
+    path: Path,
+    params: np.ndarray,
+    fitness: np.ndarray,
+    winners: list[tuple[str, int, float]],
+    title: str,
+    budget_lines: Sequence[int] = (),
+) -> None:
+    """Fitness vs params of every evaluated in-budget candidate; front highlighted; budget winners."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ok = np.isfinite(fitness)
+    ax.scatter(params[ok], fitness[ok], s=10, c="0.7", label=f"evaluated on all samples ({int(ok.sum())})")
+    if ok.any():
+        fr = np.flatnonzero(ok)[pareto_front(params[ok], fitness[ok])]
+        ax.step(params[fr], fitness[fr], where="post", c="C0", lw=1.5)
+        ax.scatter(params[fr], fitness[fr], s=18, c="C0", label="Pareto front")
+    for v in budget_lines:
+        ax.axvline(v, c="0.5", ls=":", lw=1)
+    markers = "*DsP^vX"
+    for i, (label, p, f) in enumerate(winners):
+        ax.scatter(
+            [p],
+            [f],
+            s=120,
+            marker=markers[i % len(markers)],
+            c=f"C{(i % 8) + 1}",
+            edgecolors="k",
+            zorder=5,
+            label=f"budget {label}",
+        )
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("fitness (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    _atomic_write(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def _build_problem(cfg: SearchConfig) -> Problem:
+    try:
+        from tmp_jax.problem import build_problem
+    except ModuleNotFoundError as e:
+        if e.name == "tmp_jax.problem":
+            raise SearchError("tmp_jax.problem is not available in this checkout") from None
+        raise
+    return build_problem(cfg.model, cfg.calib, cfg.mesh, cfg.seed, cfg.progress)
+
+
+def _precheck_budgets(cfg: SearchConfig) -> None:
+    """Fail on a bad budget BEFORE loading and calibrating, when the problem module can give the tree
+    from the model's config alone (optional ``tmp_jax.problem.load_tree(model) -> Tree``)."""
+    try:
+        from tmp_jax import problem as pm
+    except ModuleNotFoundError:
+        return
+    load_tree = getattr(pm, "load_tree", None)
+    if load_tree is None or cfg.budget_kind == "flops":  # FLOPs depend on the problem's token counts
+        return
+    parse_budgets(cfg.budget, CostModel(load_tree(cfg.model), cfg.budget_kind))
+
+
+def _signature(cfg: SearchConfig, strat: Strategy, budgets: list[Budget], problem: Problem, n_total: int) -> dict:
+    tree = problem.tree
+    genes = hashlib.sha256("\n".join(f"{g.name}:{g.counts}" for g in tree.genes).encode()).hexdigest()[:16]
+    return {
+        "strategy": cfg.strategy,
+        "settings": _jsonable(strat.settings()),
+        "budgets": [b.to_json() for b in budgets],
+        "seed": cfg.seed,
+        "genes": genes,
+        "n_samples_total": n_total,
+        "fingerprint": str((getattr(problem, "source", {}) or {}).get("fingerprint", "")),
+    }
+
+
+def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
+    """Run one search (see the module docstring); returns the plans (one per budget) and counters."""
+    if config.strategy not in STRATEGIES:
+        raise SearchError(f"unknown strategy {config.strategy!r}; choose from {', '.join(STRATEGIES)}")
+    if config.generations is not None and config.generations < 0:
+        raise SearchError(f"--generations must be >= 0, got {config.generations}")
+    if problem is None:
+        _precheck_budgets(config)
+        problem = _build_problem(config)
+    tree = problem.tree
+    tokens = dict(getattr(problem, "tokens", None) or {}) or None
+    cost = CostModel(tree, config.budget_kind, tokens)
+    tokens = cost.tokens
+    budgets = parse_budgets(config.budget, cost)
+    params_cost = cost if config.budget_kind == "params" else CostModel(tree, "params", tokens)
+    n_total = int(problem.n_samples_total())
+    if n_total < 1:
+        raise SearchError("the problem has no calibration samples")
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.Generator(np.random.PCG64(config.seed))
+    ev = Evaluator(problem, cost, n_total)
+    imp = split_importance(problem)
+    loss = GeneLoss(tree, cost, imp[0], imp[1], getattr(problem, "order", None)) if imp else None
+    ctx = Context(tree, cost, budgets, ev, n_total, rng, config.seed, ev.winner, loss, imp[1] if imp else None)
+    strat = make_strategy(config.strategy, ctx, config.population)
+    generations = config.generations if config.generations is not None else strat.default_generations
+    generations = generations if strat.iterative else 0
+    sig = _signature(config, strat, budgets, problem, n_total)
+
+    history: list[dict[str, Any]] = []
+    elapsed0 = 0.0
+    start = -1  # last completed generation
+    ckpt = out / "checkpoint.json"
+    if config.resume and ckpt.exists():
+        meta = json.loads(ckpt.read_text())
+        if meta.get("checkpoint_version") != CHECKPOINT_VERSION:
+            raise SearchError(f"{ckpt}: unsupported checkpoint version {meta.get('checkpoint_version')!r}")
+        diff = [k for k in sig if meta["signature"].get(k) != sig[k]]
+        if diff:
+            raise SearchError(
+                f"{ckpt} is from a different search ({', '.join(diff)} differ); use another --out or drop --resume"
+            )
+        with np.load(out / meta["npz"], allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        ev.restore(arrays, meta["evals"], meta["sample_evals"])
+        rng.bit_generator.state = meta["rng"]
+        strat.load_state(meta["strategy"], {k[9:]: v for k, v in arrays.items() if k.startswith("strategy/")})
+        history, elapsed0, start = meta["history"], float(meta["elapsed_s"]), int(meta["generation"])
+        _atomic_write(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    else:
+        (out / "history.jsonl").unlink(missing_ok=True)
+
+    t_run = time.time()
+
+    def record(gen: int) -> dict[str, Any]:
+        per = []
+        for b in budgets:
+            w = ev.winner(b.value)
+            assert w is not None, f"no candidate within budget {b.text}"
+            per.append(
+                {"budget": b.text, "fitness": w[1], "params": int(params_cost(w[0])[0]), "cost": int(cost(w[0])[0])}
+            )
+        h = {
+            "gen": gen,
+            "best_fitness": per[0]["fitness"],
+            "params": per[0]["params"],
+            "evals": ev.evals,
+            "sample_evals": ev.sample_evals,
+            "wall_s": round(elapsed0 + time.time() - t_run, 3),
+            "budgets": per,
+        }
+        history.append(h)
+        return h
+
+    def checkpoint(gen: int) -> None:
+        smeta, sarr = strat.state()
+        arrays = {**ev.arrays(), **{f"strategy/{k}": v for k, v in sarr.items()}}
+        npz = f"checkpoint-{gen}.npz"
+        _atomic_npz(out / npz, arrays)
+        meta = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "signature": sig,
+            "generation": gen,
+            "npz": npz,
+            "rng": rng.bit_generator.state,
+            "strategy": smeta,
+            "history": history,
+            "evals": ev.evals,
+            "sample_evals": ev.sample_evals,
+            "elapsed_s": elapsed0 + time.time() - t_run,
+        }
+        _atomic_write(ckpt, _json(meta))
+        for old in out.glob("checkpoint-*.npz"):  # only after the JSON points at the new one
+            if old.name != npz:
+                old.unlink(missing_ok=True)
+        with open(out / "history.jsonl", "a") as f:
+            f.write(json.dumps(history[-1]) + "\n")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=generations,
+        initial=max(start, 0),
+        disable=not config.progress,
+        unit="gen",
+        desc=f"{config.strategy} search",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+    def show(h: dict[str, Any]) -> None:
+        bar.set_postfix_str(f"best {h['best_fitness']:.4g}, {fmt_count(h['params'])}, {h['evals']} evals")
+
+    if start < 0:
+        strat.init()
+        show(record(0))
+        checkpoint(0)
+        start = 0
+    elif history:
+        show(history[-1])
+    for gen in range(start + 1, generations + 1):
+        strat.step(gen)
+        show(record(gen))
+        checkpoint(gen)
+        bar.update(1)
+    bar.close()
+
+    wall = elapsed0 + time.time() - t_run
+    search_meta = {
+        "strategy": config.strategy,
+        "settings": _jsonable(strat.settings()),
+        "seed": config.seed,
+        "generations": generations,
+        "evals": ev.evals,
+        "sample_evals": ev.sample_evals,
+        "n_samples_total": n_total,
+        "wall_s": round(wall, 3),
+        "budgets": [b.to_json() for b in budgets],
+        "model": config.model,
+        "calib": config.calib,
+        "mesh": config.mesh,
+    }
+    plans, paths = [], []
+    for i, b in enumerate(budgets):
+        g, f = ev.winner(b.value)
+        plan = build_plan(problem, b, g, f, n_total, search_meta, tokens)
+        # the exact tree count and the vectorised cost must agree: a plan is never over its budget
+        if _metric(tree, tree.decode(g), b.kind, tokens) > b.value or plan["counts"]["after"]["params"] != int(
+            params_cost(g)[0]
+        ):
+            raise RuntimeError(f"internal: plan for budget {b.text} disagrees with its exact count")
+        plans.append(plan)
+        names = ["plan.json"] if i == 0 else []
+        if len(budgets) > 1:
+            names.append(f"plan-{_slug(b.text)}.json")
+        for name in names:
+            _atomic_write(out / name, _json(plan))
+        paths.append(out / names[-1])
+
+    # the Pareto plot: every full-fidelity candidate within the largest budget
+    pc = params_cost(np.stack(ev.arch_genomes)) if ev.arch_genomes else np.zeros(0, np.int64)
+    fit = np.asarray(ev.arch_fitness, np.float64)
+    inb = np.asarray(ev.arch_cost) <= max(b.value for b in budgets)
+    winners = [(b.text, p["counts"]["after"]["params"], p["fitness"]["value"]) for b, p in zip(budgets, plans)]
+    plot_pareto(
+        out / "pareto.png",
+        pc[inb].astype(np.float64),
+        fit[inb],
+        winners,
+        f"{tree.spec.arch}: {config.strategy}, {ev.evals} evaluations, budget kind {config.budget_kind}",
+        [b.value for b in budgets] if config.budget_kind == "params" else [],
+    )
+
+    res = SearchResult(plans, paths, out, generations, ev.evals, ev.sample_evals, wall, history)
+    if config.summary:
+        print(summary(res, budgets))
+    return res
+
+
+def summary(res: SearchResult, budgets: list[Budget]) -> str:
+    """The final report: per budget, fitness and params before -> after, and where the files are."""
+    p0 = res.plans[0]
+    s = p0["search"]
+    lines = [
+        f"tmp_jax.search: {p0['arch']}, strategy {s['strategy']}, {res.generations} generations, "
+        f"{res.evals} evaluations ({res.sample_evals} sample-evaluations), {res.wall_s:.1f} s"
+    ]
+    for b, plan, path in zip(budgets, res.plans, res.plan_paths):
+        c = plan["counts"]
+        before, after = c["before"], c["after"]
+        lines.append(
+            f"  budget {b.text} ({fmt_count(b.value, b.kind)}): fitness {plan['fitness']['value']:.5g}; "
+            f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.1%}), "
+            f"active {after['active']:,}, dropped {len(plan['policy']['dropped'])} nodes -> {path}"
+        )
+    lines.append(f"  history: {res.out / 'history.jsonl'}; Pareto plot: {res.out / 'pareto.png'}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BudgetError",
+    "Evaluator",
+    "FORMAT_VERSION",
+    "SearchConfig",
+    "SearchError",
+    "SearchResult",
+    "build_plan",
+    "load_plan",
+    "pareto_front",
+    "plan_assignment",
+    "run",
+    "summary",
+]

@@ -1,0 +1,382 @@
+"""Search: exact budgets, budget-keeping operators, every strategy, plan.json, resume, the CLI.
+
+Most tests use a fake problem (the tiny Z-Image tree with a synthetic fitness of the decoded
+assignment), so they do not depend on calibration; the last test uses ``tmp_jax.problem`` if present.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from search import engine
+from search.budget import BudgetError, CostModel, SearchError, parse_budgets
+from search.engine import SearchConfig, load_plan, plan_assignment, run
+from search.genome import GeneLoss, fill, level_switch, random_genome, repair, uniform_genome
+from search.strategies import STRATEGIES, fidelity_stages
+from tmp_jax import arch
+from tmp_jax.materialize import count_params, materialize
+from tmp_jax.models.z_image import TINY
+from tmp_jax.tree import Node, Slice, Spec, Tree, Units
+
+ZCFG = TINY.replace(n_layers=3, n_heads=4, axes_dims=(4, 6, 6))
+
+
+@pytest.fixture(scope="module")
+def ztree():
+    return Tree(arch.get("zimage").build_spec(ZCFG))
+
+
+def fast_random_model(cfg, seed=0):
+    """Like ``init_random`` but filled from numpy into an abstract model: no eager jax init (~10 s on CI)."""
+    m = arch.get("zimage").init_abstract(cfg, jnp.float32)
+    rng = np.random.default_rng(seed)
+    state = nnx.state(m, nnx.Param)
+    for path, v in nnx.to_flat_state(state):
+        shape = v.get_value().shape
+        r = rng.standard_normal(shape).astype(np.float32)
+        val = 1.0 + 0.2 * r if path[-1] == "weight" else r / np.sqrt(shape[0]) if path[-1] == "kernel" else 0.5 * r
+        v.set_value(jnp.asarray(val))
+    nnx.update(m, state)
+    return m
+
+
+@pytest.fixture(scope="module")
+def zmodel():
+    return fast_random_model(ZCFG)
+
+
+class FakeProblem:
+    """Fitness of the decoded assignment: each dropped block costs its weight, each sub-layer its
+    weight times the fraction of units removed; ``free`` nodes cost nothing. A small deterministic
+    noise shrinking with the sample count stands in for calibration noise (multi-fidelity)."""
+
+    arch = "zimage"
+
+    def __init__(self, tree, free=(), n_samples=8, importance=True, seed=0, fail_after=None):
+        self.tree, self.free = tree, set(free)
+        self.source = {"path": None, "fingerprint": "fake-0123", "config": {"dim": ZCFG.dim}}
+        rng = np.random.default_rng(seed)
+        self.order = {(n.name, u.kind): rng.permutation(u.n) for n in tree.spec.nodes() for u in n.units}
+        self.w = {n.name: (0.0 if n.name in self.free else float(rng.uniform(0.5, 1.5))) for n in tree.spec.nodes()}
+        self.n = n_samples
+        self.calls, self.fail_after = 0, fail_after
+        if importance:
+            self.unit_scores = {
+                k: np.sort(rng.uniform(size=len(o)))[::-1][np.argsort(o)] * self.w[k[0]] for k, o in self.order.items()
+            }
+            self.block_scores = {
+                n.name: (0.0 if n.name in self.free else 3.0) for n in tree.spec.nodes() if n.kind == "block"
+            }
+
+    def n_samples_total(self):
+        return self.n
+
+    def compile_count(self):
+        return 0
+
+    def _err(self, g):
+        a = self.tree.decode(g)
+        err = 0.0
+        for n in self.tree.spec.nodes():
+            if (
+                n.kind == "block"
+                and n.name in a.dropped
+                and not self.tree._under_dropped(self.tree.parent[n.name], a.dropped)
+            ):
+                err += 0.0 if n.name in self.free else 3.0
+            if n.kind in ("attn", "ffn") and not self.tree._under_dropped(self.tree.parent[n.name], a.dropped):
+                if n.name in a.dropped:
+                    err += self.w[n.name]
+                else:
+                    u = n.units[0]
+                    err += self.w[n.name] * (1 - self.tree.kept_count(a, n.name, u.kind) / u.n)
+        return err
+
+    def fitness(self, genomes, n_samples=None):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("simulated kill")
+        n = n_samples or self.n
+        out = []
+        for g in np.asarray(genomes):
+            h = zlib.crc32(np.asarray(g, np.int32).tobytes() + bytes([n])) / 2**32
+            out.append(self._err(g) + 0.002 * (h - 0.5) / np.sqrt(n))
+        return np.array(out, np.float32)
+
+
+def cfg(tmp_path, **kw):
+    base = dict(budget="80%", out=str(tmp_path), population=6, generations=3, progress=False, summary=False)
+    return SearchConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _moe_tree():
+    """A hand-made MoE tree: tied heads, experts (top-2 active) and expert channels on one node."""
+    shapes = {("emb",): (10, 8)}
+    blocks = []
+    for b in range(3):
+        p = lambda *s, b=b: (f"b{b}", *s)  # noqa: E731
+        shapes.update(
+            {
+                p("q"): (8, 4 * 2),
+                p("o"): (4 * 2, 8),
+                p("gate"): (8, 6),
+                p("up"): (6, 8, 16),
+                p("down"): (6, 16, 8),
+                p("norm"): (8,),
+            }
+        )
+        attn = Node(
+            f"b{b}.attn",
+            "attn",
+            (p("q"), p("o")),
+            (Units("heads", 4, (Slice(p("q"), 1, 2), Slice(p("o"), 0, 2)), tie="heads"),),
+            droppable=True,
+        )
+        moe = Node(
+            f"b{b}.moe",
+            "moe",
+            (p("gate"), p("up"), p("down")),
+            (
+                Units(
+                    "experts", 6, (Slice(p("gate"), 1), Slice(p("up"), 0), Slice(p("down"), 0)), min_keep=2, active=2
+                ),
+                Units("expert_ffn", 16, (Slice(p("up"), 2), Slice(p("down"), 1))),
+            ),
+            droppable=True,
+        )
+        blocks.append(Node(f"b{b}", "block", (p("norm"),), children=(attn, moe), droppable=True))
+    root = Node("m", "model", (("emb",),), children=(Node("s", "stage", children=tuple(blocks), tokens="all"),))
+    return Tree(Spec("toy", root, shapes, dtype_bytes=2))
+
+
+@pytest.mark.parametrize("which", ["zimage", "moe"])
+def test_cost_model_is_exact(ztree, which):
+    tree = ztree if which == "zimage" else _moe_tree()
+    rng = np.random.default_rng(0)
+    gs = rng.integers(0, tree.max_levels() + 1, size=(40, tree.n_genes))
+    tokens = {"image": 64, "caption": 16, "all": 80}
+    for kind, key in (("params", "params"), ("active", "active"), ("memory", "bytes"), ("flops", None)):
+        cm = CostModel(tree, kind, tokens)
+        want = [tree.flops(tree.decode(g), tokens) if key is None else tree.count(tree.decode(g))[key] for g in gs]
+        assert cm(gs).tolist() == want
+    cm = CostModel(tree)
+    for g, c in zip(gs, cm.canonical(gs)):  # canonical genomes decode to the same assignment
+        a, b = tree.decode(g), tree.decode(c)
+        assert (a.dropped, a.keep) == (b.dropped, b.keep)
+    if which == "moe":
+        assert cm.full != CostModel(tree, "active").full  # top-k makes active < total
+
+
+def test_budget_parsing_and_floor(ztree):
+    cm = CostModel(ztree)
+    full, floor = cm.full, cm.floor
+    bs = parse_budgets("80%,0.9, 500K,600000", cm)
+    assert [b.value for b in bs] == [int(0.8 * full), int(0.9 * full), 500_000, 600_000]
+    with pytest.raises(BudgetError) as e:
+        parse_budgets("1K", cm)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{floor:,}" in msg and "floor" in msg
+    with pytest.raises(BudgetError, match="expected e.g. 20B"):
+        parse_budgets("lots", cm)
+    mem = CostModel(ztree, "memory")
+    assert parse_budgets("1MB", mem)[0].value == 1_000_000
+    assert parse_budgets("1MiB", mem)[0].value == 2**20
+
+
+def test_operators_keep_budget(ztree):
+    cm, rng = CostModel(ztree), np.random.default_rng(1)
+    prob = FakeProblem(ztree)
+    loss = GeneLoss(ztree, cm, prob.unit_scores, prob.block_scores, prob.order)
+    for frac in (0.55, 0.7, 0.9):
+        b = int(cm.floor + frac * (cm.full - cm.floor))
+        for _ in range(10):
+            g = random_genome(cm, b, rng)
+            assert cm(g)[0] <= b
+            # filled: no single raise fits any more
+            assert (fill(g, cm, b, rng) == g).all()
+            child = level_switch(g, cm, b, rng, n_switch=2)
+            assert cm(child)[0] <= b
+        greedy = repair(ztree.full_genome(), cm, b, loss=loss)
+        assert cm(greedy)[0] <= b
+    assert cm(uniform_genome(ztree, 1.0))[0] == cm.full
+    assert fidelity_stages(8, 16) == [(1, 16), (4, 4), (8, 1)]
+    assert fidelity_stages(1, 16) == [(1, 16)]
+    assert fidelity_stages(8, 4) == [(1, 4), (8, 1)]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_each_strategy_plans_within_budget(tmp_path, ztree, zmodel, strategy):
+    prob = FakeProblem(ztree)
+    res = run(cfg(tmp_path, strategy=strategy, budget="75%,85%", population=4, generations=2), prob)
+    cm = CostModel(ztree)
+    for i, (text, plan) in enumerate(zip(("75%", "85%"), res.plans)):
+        assert plan["budget"]["text"] == text
+        a = plan_assignment(plan)
+        n = ztree.count(a)["params"]
+        assert n <= plan["budget"]["value"] and n == plan["counts"]["after"]["params"]
+        assert cm(np.array(plan["genome"]["levels"]))[0] == n
+        # the materialised model has exactly the plan's parameter count (each new shape compiles a
+        # slice on CPU, so only the first plan of the baselines is materialised)
+        if i == 0 or strategy == "levelswitch":
+            assert count_params(materialize(zmodel, ztree, a, prob.order)) == n
+        assert plan["fitness"]["value"] == pytest.approx(float(prob.fitness(np.array([plan["genome"]["levels"]]))[0]))
+    # every history line's winners are within budget; files exist
+    hist = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert len(hist) == res.generations + 1
+    assert all(h["budgets"][0]["cost"] <= res.plans[0]["budget"]["value"] for h in hist)
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    assert (tmp_path / "plan.json").exists() and (tmp_path / "plan-85pct.json").exists()
+
+
+def test_plan_format_and_load_plan(tmp_path, ztree):
+    prob = FakeProblem(ztree)
+    run(cfg(tmp_path, generations=1), prob)
+    plan = load_plan(tmp_path / "plan.json")
+    assert plan["format_version"] == 1 and plan["arch"] == "zimage"
+    assert plan["source"]["fingerprint"] == "fake-0123"
+    assert set(plan["versions"]) == {"jax", "flax", "evosax", "numpy", "tmp_jax"}
+    assert plan["counts"]["before"]["params"] == ztree.full["params"]
+    # kept indices are in ORIGINAL numbering: the first k of the importance order, sorted
+    for key, ids in plan["policy"]["kept_units"].items():
+        node, kind = key.rsplit("/", 1)
+        k = plan["policy"]["keep"].get(key, len(prob.order[(node, kind)]))
+        assert ids == sorted(prob.order[(node, kind)][:k].tolist())
+    bad = dict(plan, format_version=99)
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="format_version 99 is not supported"):
+        load_plan(tmp_path / "bad.json")
+    (tmp_path / "foreign.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a tmp-jax plan"):
+        load_plan(tmp_path / "foreign.json")
+
+
+def _essence(plan):
+    return plan["policy"], plan["genome"], plan["fitness"], plan["search"]["evals"]
+
+
+@pytest.mark.parametrize("strategy", ["levelswitch", "cmaes"])
+def test_resume_equals_uninterrupted(tmp_path, ztree, strategy):
+    kw = dict(strategy=strategy, budget="70%,85%", population=4)
+    full = run(cfg(tmp_path / "a", generations=5, **kw), FakeProblem(ztree))
+    # stopped after 2 generations, resumed to 5
+    run(cfg(tmp_path / "b", generations=2, **kw), FakeProblem(ztree))
+    resumed = run(cfg(tmp_path / "b", generations=5, resume=True, **kw), FakeProblem(ztree))
+    # killed in the middle of a generation (after a few fitness calls), resumed
+    with pytest.raises(KeyboardInterrupt):
+        run(
+            cfg(tmp_path / "c", generations=5, **kw),
+            FakeProblem(ztree, fail_after=7 if strategy == "levelswitch" else 3),
+        )
+    killed = run(cfg(tmp_path / "c", generations=5, resume=True, **kw), FakeProblem(ztree))
+    for a, b, c in zip(full.plans, resumed.plans, killed.plans):
+        assert _essence(a) == _essence(b) == _essence(c)
+    hist = (tmp_path / "c" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["gen"] for h in hist] == list(range(6))
+    with pytest.raises(SearchError, match="different search"):
+        run(cfg(tmp_path / "c", generations=5, resume=True, **{**kw, "budget": "60%"}), FakeProblem(ztree))
+
+
+def test_planted_redundancy_is_found(tmp_path, ztree):
+    free = ("layers.1", "context_refiner.0.feed_forward")
+    cm = CostModel(ztree)
+    names = [g.name for g in ztree.genes]
+    target = ztree.full_genome()
+    target[names.index("layers.1:keep")] = 0
+    target[names.index("context_refiner.0.feed_forward:ffn")] = 0
+    budget = int(cm(target)[0])
+    # no importance scores: the search must find the free decisions from fitness alone
+    prob = FakeProblem(ztree, free=free, importance=False)
+    res = run(cfg(tmp_path, budget=str(budget), population=8, generations=40), prob)
+    plan = res.plans[0]
+    assert {"layers.1", "context_refiner.0.feed_forward"} <= set(plan["policy"]["dropped"])
+    assert plan["fitness"]["value"] < 0.01
+
+
+def test_cli_floor_error_is_one_line(tmp_path, ztree, monkeypatch, capsys):
+    from tmp_jax.search import main
+
+    monkeypatch.setattr(engine, "_build_problem", lambda c: FakeProblem(ztree))
+    rc = main(["--budget", "1K", "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "floor" in err and "Traceback" not in err
+    rc = main(["--budget", "80%", "--out", str(tmp_path), "--no-progress", "--generations", "1", "--population", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "budget 80%" in out and (tmp_path / "plan.json").exists()
+
+
+def test_cli_help_says_what_is_counted(capsys):
+    from tmp_jax.search import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "Tree.count" in text and "text encoder" in text and "VAE" in text
+
+
+def _real_problem():
+    """A real PruningProblem on tiny Z-Image with a keep-or-skip ladder (few block shapes to compile).
+
+    The calibration statistics are synthetic (running calibration would compile the statistics
+    forward: ~20 s on CI); the teacher outputs are real."""
+    problem_mod = pytest.importorskip("tmp_jax.problem")
+    from tmp_jax.calibration import Calibration, _node_path
+
+    hooks = arch.get("zimage")
+    model = fast_random_model(TINY)
+    tree = Tree(hooks.build_spec(TINY), {"fractions": [1.0]})
+    rng = np.random.default_rng(0)
+    stats = {}
+    for n in tree.spec.nodes():
+        for u in n.units:
+            stats[(*_node_path(n.name), f"unit_stat_{u.kind}")] = rng.uniform(size=u.n)
+        if n.droppable:
+            stats[(*_node_path(n.name), "block_stat")] = np.array([rng.uniform(), 1.0])
+    inputs = [hooks.prepare_batch(TINY, b) for b in hooks.synthetic_calib(TINY, 2, 2, 0)]
+    teacher = [np.asarray(hooks.forward(model, x)) for x in inputs]
+    cal = Calibration(inputs, teacher, stats)
+    return problem_mod.PruningProblem(
+        model, cal, source={"path": None, "fingerprint": "tiny", "config": {}}, levels={"fractions": [1.0]}
+    )
+
+
+def _block_configs(tree, genomes):
+    """Distinct (stack, heads, ffn) block shapes a set of candidates runs: what the problem compiles."""
+    out = set()
+    for g in genomes:
+        a = tree.decode(g)
+        for n in tree.spec.nodes():
+            if n.kind == "block" and n.name not in a.dropped:
+                att, ffn = f"{n.name}.attention", f"{n.name}.feed_forward"
+                h = 0 if att in a.dropped else tree.kept_count(a, att, "heads")
+                f = 0 if ffn in a.dropped else tree.kept_count(a, ffn, "ffn")
+                out.add((n.name.split(".")[0], h, f))
+    return out
+
+
+def test_real_problem_compiles_only_new_block_shapes(tmp_path):
+    """Generation 2 compiles nothing for block shapes already seen (zero when none are new), and
+    re-evaluating every candidate compiles nothing at all."""
+    prob = _real_problem()
+    kw = dict(budget="80%", population=4, out=str(tmp_path))
+    run(cfg(tmp_path, generations=1, **kw), prob)
+    c1 = prob.compile_count()
+    with np.load(next(tmp_path.glob("checkpoint-*.npz"))) as z:
+        seen1 = z["cache_genomes"]
+    res = run(cfg(tmp_path, generations=2, resume=True, **kw), prob)
+    c2 = prob.compile_count()
+    with np.load(next(tmp_path.glob("checkpoint-*.npz"))) as z:
+        seen2 = z["cache_genomes"]
+    new = _block_configs(prob.tree, seen2) - _block_configs(prob.tree, seen1)
+    assert c2 - c1 <= len(new)
+    prob.fitness(seen2)
+    assert prob.compile_count() == c2
+    assert res.plans[0]["counts"]["after"]["params"] <= res.plans[0]["budget"]["value"]

@@ -1,0 +1,99 @@
+"""``python -m tmp_jax.search``: search a pruning plan under a parameter (or other) budget.
+
+Thin CLI: :func:`main` parses flags into :class:`search.engine.SearchConfig` and calls
+:func:`search.engine.run`. Configuration errors (a malformed budget, a budget below the floor, a
+checkpoint from another run) print ONE line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from search.budget import KINDS, SearchError
+from search.engine import SearchConfig, run
+from search.strategies import STRATEGIES
+
+DESCRIPTION = """\
+Search which blocks, sub-layers, heads, FFN channels and experts of a diffusion transformer to keep
+under a budget, and write OUT/plan.json (format: docs/plan-format.md), OUT/history.jsonl,
+OUT/pareto.png and checkpoints for --resume.
+
+What a budget counts (--budget-kind):
+  params  every parameter of the prunable transformer as counted by Tree.count: all parameters of
+          the model class, including the patch/caption/timestep embedders and the final layer; NOT
+          the text encoder or the VAE (default)
+  active  parameters used per token (MoE: only the top-k routed experts count)
+  memory  weight bytes at the checkpoint dtype (accepts 24G, 24GB, 24GiB)
+  flops   matmul FLOPs of one forward pass at the problem's token counts
+"""
+
+EPILOG = """\
+examples:
+  python -m tmp_jax.search --budget 75%                      # embedded default model
+  python -m tmp_jax.search --model ckpt/ --budget 4B --calib calib/ --out runs/4b
+  python -m tmp_jax.search --model ckpt/ --budget 3B,4B,5B --generations 200   # a plan per budget
+  python -m tmp_jax.search --model ckpt/ --budget 4B --strategy oneshot        # baseline
+"""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m tmp_jax.search",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="checkpoint folder or preset name (default: the embedded tiny model)")
+    p.add_argument(
+        "--budget",
+        required=True,
+        help="absolute (20B, 4B, 350M, 1.5e6) or relative to the full model (25%%, 0.25); several "
+        "comma-separated values (20B,30B) give one plan per budget from one shared search",
+    )
+    p.add_argument("--budget-kind", default="params", choices=KINDS, help="what the budget counts (see above)")
+    p.add_argument("--calib", default=None, help="calibration folder (default: built-in calibration set)")
+    p.add_argument("--out", default="search-out", help="output folder (default: search-out)")
+    p.add_argument(
+        "--strategy",
+        default="levelswitch",
+        choices=list(STRATEGIES),
+        help="levelswitch (default, EvoPress-style evolution), ga, cmaes (evosax); baselines uniform, "
+        "oneshot, depth, random",
+    )
+    p.add_argument("--population", type=int, default=None, help="offspring / population per generation")
+    p.add_argument("--generations", type=int, default=None, help="generations (iterative strategies)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
+    p.add_argument("--mesh", default=None, help="device mesh spec for the fitness, e.g. data=8")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    return SearchConfig(
+        budget=a.budget,
+        model=a.model,
+        budget_kind=a.budget_kind,
+        calib=a.calib,
+        out=a.out,
+        strategy=a.strategy,
+        population=a.population,
+        generations=a.generations,
+        seed=a.seed,
+        resume=a.resume,
+        mesh=a.mesh,
+        progress=not a.no_progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        run(cfg)
+    except SearchError as e:
+        print(f"tmp_jax.search: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
