@@ -464,6 +464,9 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     generations = generations if strat.iterative else 0
     sig = _signature(config, strat, budgets, problem, n_total)
 
+    warm = getattr(problem, "warmup", None)
+    if warm is not None:  # compile every width level once, so generations compile nothing
+        warm()
     history: list[dict[str, Any]] = []
     elapsed0 = 0.0
     start = -1  # last completed generation

@@ -143,3 +143,13 @@ def test_parse_budget():
     assert parse_count("0.25", 1000) == 250
     with pytest.raises(ValueError, match="expected e.g. 20B"):
         parse_count("lots", 1000)
+
+
+def test_blockwise_forward_equals_dense_forward(zmodel):
+    """The candidate evaluator (sub-layers compiled separately) computes the same function."""
+    from tmp_jax.models.z_image import runner
+
+    inputs = runner.prepare_batch(ZCFG, arch.get("zimage").synthetic_calib(ZCFG, 2, 2, 0)[0])
+    want = zmodel.forward_padded(inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"])
+    got = runner.forward_blockwise(zmodel, inputs)
+    assert rel(np.asarray(got)[inputs["mask"]], np.asarray(want)[inputs["mask"]]) <= 1e-6

@@ -30,6 +30,7 @@ class ArchHooks:
     synthetic_calib: Callable[[Any, int, int, int], list[dict]] | None = None  # (cfg, n, batch, seed)
     load: Callable[..., Any] | None = None  # (path, dtype=, mesh=) -> model
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
+    config_from_dict: Callable[[dict], Any] | None = None  # config.json dict -> config
     # --- distillation ---------------------------------------------------------------------------
     forward_train: Callable[[Any, dict, bool], tuple] | None = None  # (model, inputs, remat) -> (out, feats)
     matched_features: Callable[[Any], tuple[int, ...]] | None = None  # student cfg -> teacher feature ids

@@ -57,6 +57,17 @@ class PruningProblem:
         self.calib = calib
         self.n_evals = 0
 
+    def warmup(self) -> int:
+        """Compile every (stream, sub-layer, width level) variant once: afterwards evaluating any
+        candidate compiles nothing. Returns the number of compiled variants."""
+        mx = self.tree.max_levels()
+        keep = np.array([g.kind == "keep" for g in self.tree.genes])
+        for lvl in range(int(mx.max()) + 1):
+            g = np.where(keep, mx, np.minimum(lvl, mx))
+            self.fitness(g[None])
+        self.n_evals -= int(mx.max()) + 1  # warm-up evaluations are not search evaluations
+        return self.compile_count()
+
     def n_samples_total(self) -> int:
         return sum(int(t.shape[0]) for t in self.calib.teacher)
 
@@ -124,6 +135,23 @@ def build_problem(
         shard_module(m_obj, msh)
     cal = calibrate(m_obj, batches, mesh=msh, out=out, progress=progress)
     return PruningProblem(m_obj, cal, source=source)
+
+
+def load_tree(model: str | None) -> Tree:
+    """The pruning tree of ``model`` from its config.json alone (fast budget checks before loading)."""
+    if model is None:
+        model = "zimage-fmnist"
+    p = EMBEDDED.get(model, Path(model))
+    conf = p / "config.json" if p.is_dir() else p.parent / "config.json"
+    if not conf.is_file():
+        if model == "zimage-fmnist":  # built-in tiny fallback (see _load_model)
+            from tmp_jax.models.z_image import TINY
+
+            return Tree(arch.get("zimage").build_spec(TINY))
+        raise ValueError(f"--model {model}: no config.json (expected a HF/diffusers checkpoint folder)")
+    cfg_d = json.loads(conf.read_text())
+    hooks = arch.detect(cfg_d)
+    return Tree(hooks.build_spec(hooks.config_from_dict(cfg_d)))
 
 
 def _load_model(model: str | None) -> tuple[Any, Path | None, str]:

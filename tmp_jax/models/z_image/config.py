@@ -90,8 +90,7 @@ class ZImageConfig:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.head_dim != sum(self.axes_dims):
             raise ValueError(
-                f"head_dim = dim // n_heads = {self.head_dim} must equal "
-                f"sum(axes_dims) = {sum(self.axes_dims)}"
+                f"head_dim = dim // n_heads = {self.head_dim} must equal sum(axes_dims) = {sum(self.axes_dims)}"
             )
         if any(d % 2 for d in self.axes_dims):
             raise ValueError(f"every axes_dims entry must be even (RoPE pairs), got {list(self.axes_dims)}")
@@ -111,9 +110,7 @@ class ZImageConfig:
                 if not 0 <= b.heads <= self.n_heads:
                     raise ValueError(f"{s} block {b.index}: heads={b.heads} must be in [0, {self.n_heads}]")
                 if not 0 <= b.ffn_dim <= self.ffn_dim:
-                    raise ValueError(
-                        f"{s} block {b.index}: ffn_dim={b.ffn_dim} must be in [0, {self.ffn_dim}]"
-                    )
+                    raise ValueError(f"{s} block {b.index}: ffn_dim={b.ffn_dim} must be in [0, {self.ffn_dim}]")
             kept = getattr(self, f"{s}_kept")
             if kept is not None and list(kept) != sorted(set(kept)):
                 raise ValueError(f"{s}_kept must be strictly increasing original indices, got {list(kept)}")
@@ -140,9 +137,7 @@ class ZImageConfig:
 
     @property
     def is_pruned(self) -> bool:
-        return any(
-            getattr(self, f"{s}_{x}") is not None for s in STACKS for x in ("heads", "ffn_dims", "kept")
-        )
+        return any(getattr(self, f"{s}_{x}") is not None for s in STACKS for x in ("heads", "ffn_dims", "kept"))
 
     def stack_len(self, stack: str) -> int:
         kept = getattr(self, f"{stack}_kept")
@@ -168,9 +163,7 @@ class ZImageConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in d if not k.startswith("_") and k not in names]
         if unknown:
-            raise ValueError(
-                f"config.json: unknown Z-Image field {unknown[0]!r} (known: {', '.join(STOCK_KEYS)})"
-            )
+            raise ValueError(f"config.json: unknown Z-Image field {unknown[0]!r} (known: {', '.join(STOCK_KEYS)})")
         kwargs = {k: v for k, v in d.items() if k in names}
         return cls(**kwargs)
 

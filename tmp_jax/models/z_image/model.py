@@ -189,27 +189,43 @@ class ZImageTransformerBlock(nnx.Module):
     ) -> jax.Array:
         """x: (B, T, dim); c: (B, adaln) or per-token (B, T, adaln) conditioning (modulated blocks)."""
         x_in = x
-        if self.modulation:
-            mod = self.adaLN_modulation[0](c)  # [B, 4*dim] or [B, T, 4*dim]
-            if mod.ndim == 2:
-                mod = mod[:, None, :]
-            scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod, 4, axis=-1)
-            scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
-            gate_msa, gate_mlp = jnp.tanh(gate_msa), jnp.tanh(gate_mlp)
-            if self.attention is not None:
-                a = self.attention(self.attention_norm1(x) * scale_msa, mask, cos, sin)
-                x = x + gate_msa * self.attention_norm2(a)
-            if self.feed_forward is not None:
-                x = x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
-        else:
-            if self.attention is not None:
-                x = x + self.attention_norm2(self.attention(self.attention_norm1(x), mask, cos, sin))
-            if self.feed_forward is not None:
-                x = x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        s_msa, g_msa, s_mlp, g_mlp = self.modulation_terms(c)
+        if self.attention is not None:
+            x = attn_branch(self.attention, self.attention_norm1, self.attention_norm2, x, mask, cos, sin, s_msa, g_msa)
+        if self.feed_forward is not None:
+            x = ffn_branch(self.feed_forward, self.ffn_norm1, self.ffn_norm2, x, s_mlp, g_mlp)
         if self.collect_stats:  # how much the block changes its input: [sum ||out-in||^2, sum ||in||^2]
             d = jnp.sum(jnp.square((x - x_in).astype(jnp.float32)))
             self.sow(nnx.Intermediate, "block_stat", jnp.stack([d, jnp.sum(jnp.square(x_in.astype(jnp.float32)))]))
         return x
+
+    def modulation_terms(self, c: jax.Array | None) -> tuple:
+        """(scale_msa, gate_msa, scale_mlp, gate_mlp) from adaLN (no SiLU before it); Nones if unmodulated."""
+        if not self.modulation:
+            return (None, None, None, None)
+        mod = self.adaLN_modulation[0](c)  # [B, 4*dim] or [B, T, 4*dim]
+        if mod.ndim == 2:
+            mod = mod[:, None, :]
+        scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod, 4, axis=-1)
+        return 1.0 + scale_msa, jnp.tanh(gate_msa), 1.0 + scale_mlp, jnp.tanh(gate_mlp)
+
+
+def attn_branch(attention, norm1, norm2, x, mask, cos, sin, scale=None, gate=None) -> jax.Array:  # noqa: ANN001
+    """``x + gate * norm2(attn(norm1(x) * scale))`` (scale/gate None for unmodulated blocks)."""
+    h = norm1(x)
+    if scale is not None:
+        h = h * scale
+    a = norm2(attention(h, mask, cos, sin))
+    return x + (a if gate is None else gate * a)
+
+
+def ffn_branch(ff, norm1, norm2, x, scale=None, gate=None) -> jax.Array:  # noqa: ANN001
+    """``x + gate * norm2(ffn(norm1(x) * scale))`` (scale/gate None for unmodulated blocks)."""
+    h = norm1(x)
+    if scale is not None:
+        h = h * scale
+    f = norm2(ff(h))
+    return x + (f if gate is None else gate * f)
 
 
 class FinalLayer(nnx.Module):
@@ -395,14 +411,9 @@ class ZImageTransformer(nnx.Module):
             for k, p, f in zip(cfg.patch_keys(), cfg.all_patch_size, cfg.all_f_patch_size)
         }
         self.all_x_embedder = nnx.Dict(
-            {
-                k: Linear(n, cfg.dim, axes=("patch", "embed"), dtype=dtype, rngs=rngs)
-                for k, n in patch_in.items()
-            }
+            {k: Linear(n, cfg.dim, axes=("patch", "embed"), dtype=dtype, rngs=rngs) for k, n in patch_in.items()}
         )
-        self.all_final_layer = nnx.Dict(
-            {k: FinalLayer(cfg, n, dtype=dtype, rngs=rngs) for k, n in patch_in.items()}
-        )
+        self.all_final_layer = nnx.Dict({k: FinalLayer(cfg, n, dtype=dtype, rngs=rngs) for k, n in patch_in.items()})
         self.noise_refiner = nnx.List(
             [
                 ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs)
@@ -425,10 +436,7 @@ class ZImageTransformer(nnx.Module):
         self.x_pad_token = nnx.Param(jnp.zeros((1, cfg.dim), dtype), logical_axes=(None, "embed"))
         self.cap_pad_token = nnx.Param(jnp.zeros((1, cfg.dim), dtype), logical_axes=(None, "embed"))
         self.layers = nnx.List(
-            [
-                ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs)
-                for s in cfg.stack("layers")
-            ]
+            [ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs) for s in cfg.stack("layers")]
         )
 
     # -- dense part (jit-friendly) -------------------------------------------------------------
@@ -519,9 +527,7 @@ class ZImageTransformer(nnx.Module):
 
         return load_zimage(path, dtype=dtype, mesh=mesh, progress=progress)
 
-    def save_pretrained(
-        self, path: str, dtype: Any | None = None, overwrite: bool = False, **kw: Any
-    ) -> None:
+    def save_pretrained(self, path: str, dtype: Any | None = None, overwrite: bool = False, **kw: Any) -> None:
         """Write a diffusers-layout folder (config.json + safetensors [+ index]) atomically."""
         from converters.zimage import save_zimage
 
@@ -529,9 +535,7 @@ class ZImageTransformer(nnx.Module):
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _forward_jit(
-    graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array
-) -> jax.Array:
+def _forward_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, state)
     return model.forward_padded(arrays, t, patch_key)
 

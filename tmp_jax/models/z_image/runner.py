@@ -17,7 +17,14 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax.models.z_image.config import ZImageConfig
-from tmp_jax.models.z_image.model import ZImageTransformer, _key_mask, make_layout
+from tmp_jax.models.z_image.model import (
+    ZImageTransformer,
+    ZImageTransformerBlock,
+    _key_mask,
+    attn_branch,
+    ffn_branch,
+    make_layout,
+)
 
 
 def prepare_batch(cfg: ZImageConfig, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -54,9 +61,52 @@ def _stem_embed(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> dic
     return ZImageTransformer.embed(stem, arrays, t, pk)
 
 
+class _Sub(nnx.Module):
+    """View of one sub-layer and its two norms: its graph depends only on that sub-layer's width."""
+
+    def __init__(self, layer: nnx.Module, norm1: nnx.Module, norm2: nnx.Module):
+        self.layer, self.norm1, self.norm2 = layer, norm1, norm2
+
+
+class _Mod(nnx.Module):
+    """View of a block's adaLN projection (width-independent)."""
+
+    def __init__(self, blk: ZImageTransformerBlock):
+        self.modulation = blk.modulation
+        self.adaLN_modulation = blk.adaLN_modulation
+
+
 @partial(jax.jit, static_argnums=(0,))
-def _block(gd: Any, state: Any, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, c: jax.Array):
-    return nnx.merge(gd, state)(x, mask, cos, sin, c)
+def _mod(gd: Any, state: Any, c: jax.Array) -> tuple:
+    return ZImageTransformerBlock.modulation_terms(nnx.merge(gd, state), c)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _attn(gd: Any, state: Any, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, s: Any, g: Any):
+    v = nnx.merge(gd, state)
+    return attn_branch(v.layer, v.norm1, v.norm2, x, mask, cos, sin, s, g)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _ffn(gd: Any, state: Any, x: jax.Array, s: Any, g: Any) -> jax.Array:
+    v = nnx.merge(gd, state)
+    return ffn_branch(v.layer, v.norm1, v.norm2, x, s, g)
+
+
+def _run_block(blk: ZImageTransformerBlock, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, c: Any):
+    """One block as separately compiled pieces: adaLN, attention branch, FFN branch (each cached by width)."""
+    if blk.modulation:
+        gd, st = nnx.split(_Mod(blk))
+        s_msa, g_msa, s_mlp, g_mlp = _mod(gd, st, c)
+    else:
+        s_msa = g_msa = s_mlp = g_mlp = None
+    if blk.attention is not None:
+        gd, st = nnx.split(_Sub(blk.attention, blk.attention_norm1, blk.attention_norm2))
+        x = _attn(gd, st, x, mask, cos, sin, s_msa, g_msa)
+    if blk.feed_forward is not None:
+        gd, st = nnx.split(_Sub(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2))
+        x = _ffn(gd, st, x, s_mlp, g_mlp)
+    return x
 
 
 @jax.jit
@@ -71,11 +121,15 @@ def _final(gd: Any, state: Any, x: jax.Array, c: jax.Array, pk: str) -> jax.Arra
 
 def compile_count() -> int:
     """Compiled variants of the blockwise functions so far (for zero-recompile checks)."""
-    return sum(f._cache_size() for f in (_stem_embed, _block, _unify, _final))
+    return sum(f._cache_size() for f in (_stem_embed, _mod, _attn, _ffn, _unify, _final))
 
 
 def forward_blockwise(model: ZImageTransformer, inputs: dict[str, Any], features: bool = False) -> Any:
-    """Same result as ``forward_padded``; returns (B, T, patch_dim) (and per-main-block features)."""
+    """Same result as ``forward_padded``; returns (B, T, patch_dim) (and per-main-block features).
+
+    Each block runs as adaLN + attention branch + FFN branch, compiled once per sub-layer width, so the
+    number of compiled variants grows with the number of width LEVELS, not with their combinations.
+    """
     a, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     gd, st = nnx.split(_Stem(model))
     e = _stem_embed(gd, st, a, t, pk)
@@ -83,16 +137,13 @@ def forward_blockwise(model: ZImageTransformer, inputs: dict[str, Any], features
     img, cap = e["img"], e["cap"]
     m_img, m_cap = _key_mask(jnp.asarray(a["img_valid"])), _key_mask(jnp.asarray(a["cap_valid"]))
     for blk in model.noise_refiner:
-        bg, bs = nnx.split(blk)
-        img = _block(bg, bs, img, m_img, *e["img_cs"], c)
+        img = _run_block(blk, img, m_img, *e["img_cs"], c)
     for blk in model.context_refiner:
-        bg, bs = nnx.split(blk)
-        cap = _block(bg, bs, cap, m_cap, *e["cap_cs"], c)
+        cap = _run_block(blk, cap, m_cap, *e["cap_cs"], c)
     x, cos, sin, mask = _unify(a, img, cap, e)
     feats = []
     for blk in model.layers:
-        bg, bs = nnx.split(blk)
-        x = _block(bg, bs, x, mask, cos, sin, c)
+        x = _run_block(blk, x, mask, cos, sin, c)
         if features:
             feats.append(x)
     out = _final(gd, st, x, c, pk)

@@ -206,6 +206,7 @@ HOOKS = arch.register(
         matched_features=lambda c: _runner().matched_features(c),
         training_batch=lambda *a: _runner().training_batch(*a),
         save=lambda m, p, overwrite=False: m.save_pretrained(str(p), overwrite=overwrite),
+        config_from_dict=ZImageConfig.from_hf_config,
         config_file_kind=lambda d: d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d,
     )
 )
