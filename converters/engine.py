@@ -64,7 +64,27 @@ def _ident(xs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _transpose(xs: list[np.ndarray]) -> list[np.ndarray]:
-    return [np.ascontiguousarray(x.T) for x in xs]
+    # Views, not copies: ``jax.device_put`` takes strided host arrays and transposes while copying
+    # (about 3x faster than numpy's ascontiguousarray(x.T) for bf16), and the writer lays out
+    # non-contiguous arrays through :func:`contiguous`.
+    return [x.T for x in xs]
+
+
+def contiguous(x: np.ndarray, tile: int = 256) -> np.ndarray:
+    """C-contiguous copy of ``x``; a transposed 2-D view is copied tile by tile (cache-friendly),
+    which is 2-3x faster than numpy's element-strided copy for large weights."""
+    if x.flags.c_contiguous:
+        return x
+    if x.ndim != 2 or not x.flags.f_contiguous:
+        return np.ascontiguousarray(x)
+    out = np.empty(x.shape, x.dtype)
+    bits = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}.get(x.dtype.itemsize)
+    src, dst = (x.T, out) if bits is None else (x.T.view(bits), out.view(bits))  # src: C-contiguous (c, r)
+    r, c = x.shape
+    for j in range(0, c, tile):
+        for i in range(0, r, tile):
+            dst[i : i + tile, j : j + tile] = src[j : j + tile, i : i + tile].T
+    return out
 
 
 @dataclass(frozen=True)
@@ -460,7 +480,7 @@ class StreamingWriter:
             self._file_idx = fi
             self._fh = open(self.folder / self.names[fi], "wb")
             self._fh.write(_header_bytes(self.plan.files[fi], self.metadata))
-        self._fh.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+        self._fh.write(contiguous(arr).reshape(-1).view(np.uint8).data)
         self.weight_map[key] = self.names[fi]
         self.total_size += arr.nbytes
         self._pos += 1

@@ -18,12 +18,15 @@ ported: a loader skips them and an exporter copies them from the source checkpoi
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from converters.engine import Entry, Hook, KeyTable, linear, same
+from converters.engine import CheckpointError, Entry, Hook, KeyTable, SafetensorsReader, linear, load_into, same
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 
 PASSTHROUGH_PREFIXES: tuple[str, ...] = ("vae.", "vision_model.", "vision_aligner.")
@@ -247,3 +250,46 @@ def hunyuan_key_table(cfg: HunyuanImage3Config) -> KeyTable:
         *_conv("final_layer.model.1.2", ("final_layer", "model", 1, 2), lat, pe, 3),
     ]
     return KeyTable(entries, passthrough=tuple(re.escape(p) + ".*" for p in PASSTHROUGH_PREFIXES))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------------------
+def read_config(folder: Path) -> HunyuanImage3Config:
+    """``config.json`` of a HunyuanImage-3.0 checkpoint folder (clear one-line errors)."""
+    p = folder / "config.json"
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{p}: missing (a HunyuanImage-3.0 checkpoint folder needs config.json)") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e})") from e
+    try:
+        return HunyuanImage3Config.from_hf_config(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p}: {e}") from e
+
+
+def load_hunyuan(
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    mesh: Any = None,
+    config: HunyuanImage3Config | None = None,
+    progress: bool = False,
+) -> Any:
+    """Load an official (or pruned) HunyuanImage-3.0 checkpoint folder into :class:`HunyuanImage3`, streamed
+    tensor by tensor and strictly (VAE / vision keys are skipped); the router stays fp32 for any ``dtype``."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tmp_jax.models.hunyuan_image3.model import HunyuanImage3
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg = config if config is not None else read_config(folder)
+    model_dtype = jnp.float32 if dtype is None else dtype
+    abstract = nnx.eval_shape(lambda: HunyuanImage3(cfg, dtype=model_dtype, rngs=nnx.Rngs(0)))
+    return load_into(
+        abstract, hunyuan_key_table(cfg), SafetensorsReader(path), dtype=dtype, mesh=mesh, progress=progress
+    )

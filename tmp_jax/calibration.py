@@ -34,9 +34,7 @@ FORMAT_VERSION = 1
 # Set format
 
 
-def write_calib(
-    folder: str | Path, batches: list[dict[str, np.ndarray]], arch_name: str, task: str = "t2i"
-) -> Path:
+def write_calib(folder: str | Path, batches: list[dict[str, np.ndarray]], arch_name: str, task: str = "t2i") -> Path:
     from safetensors.numpy import save_file
 
     folder = Path(folder)

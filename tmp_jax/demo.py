@@ -42,11 +42,7 @@ def run(out: Path) -> dict[str, float]:
 
         ref = ZImageTransformer2DModel.from_pretrained(str(rt)).eval()
         with torch.no_grad():
-            want = (
-                ref([torch.from_numpy(x[0])], torch.from_numpy(t), [torch.from_numpy(cap[0])])
-                .sample[0]
-                .numpy()
-            )
+            want = ref([torch.from_numpy(x[0])], torch.from_numpy(t), [torch.from_numpy(cap[0])]).sample[0].numpy()
         result["rel_err_vs_diffusers"] = float(np.linalg.norm(jax_out - want) / np.linalg.norm(want))
     except ImportError:
         print("torch/diffusers not installed: skipping the PyTorch comparison", file=sys.stderr)

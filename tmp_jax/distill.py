@@ -250,7 +250,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
                 f"loss became {loss_acc} at step {step}; stopped. Last good checkpoint: "
                 f"{ckpt_dir / str(last) if last is not None else 'none'} (lower --lr or check the data)"
             )
-        grads_acc = jax.tree.map(lambda g: g / n_micro, grads_acc)
+        grads_acc = jax.tree.map(lambda g, n=n_micro: g / n, grads_acc)
         s_params, opt_state = apply(s_params, opt_state, grads_acc)
         history.append((step, loss_acc, parts_acc["out"]))
         pbar.set_postfix(loss=f"{loss_acc:.4g}")

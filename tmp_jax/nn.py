@@ -38,9 +38,7 @@ class Linear(nnx.Module):
         self.out_features = out_features
         std = 1.0 / max(in_features, 1) ** 0.5
         self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), std, dtype), logical_axes=axes)
-        self.bias = (
-            nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
-        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]

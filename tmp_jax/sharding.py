@@ -26,9 +26,7 @@ def load_rules(path: str | None = None) -> dict[str, tuple[str, ...]]:
     try:
         raw = json.loads(p.read_text())["rules"]
     except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{p}: cannot read sharding rules ({e}); expected {{'rules': {{name: [axes]}}}}"
-        ) from e
+        raise ValueError(f"{p}: cannot read sharding rules ({e}); expected {{'rules': {{name: [axes]}}}}") from e
     return {k: tuple(v) for k, v in raw.items()}
 
 
@@ -47,18 +45,14 @@ def make_mesh(spec: str | None = None, devices: list[Any] | None = None) -> Mesh
             names.append(name.strip())
             sizes.append(int(size))
         except ValueError as e:
-            raise ValueError(
-                f"--mesh {spec!r}: expected 'axis:size[,axis:size...]', got part {part!r}"
-            ) from e
+            raise ValueError(f"--mesh {spec!r}: expected 'axis:size[,axis:size...]', got part {part!r}") from e
     if sizes.count(-1) > 1:
         raise ValueError(f"--mesh {spec!r}: at most one axis may have size -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         sizes[sizes.index(-1)] = len(devs) // known
     if int(np.prod(sizes)) != len(devs):
-        raise ValueError(
-            f"--mesh {spec!r}: axis sizes multiply to {int(np.prod(sizes))}, but {len(devs)} devices"
-        )
+        raise ValueError(f"--mesh {spec!r}: axis sizes multiply to {int(np.prod(sizes))}, but {len(devs)} devices")
     return Mesh(np.array(devs).reshape(sizes), tuple(names))
 
 
@@ -105,9 +99,7 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
     """The NamedSharding of one variable under the rules table."""
     value = var.get_value()
-    return NamedSharding(
-        mesh, logical_to_pspec(var.get_metadata().get("logical_axes"), tuple(value.shape), mesh)
-    )
+    return NamedSharding(mesh, logical_to_pspec(var.get_metadata().get("logical_axes"), tuple(value.shape), mesh))
 
 
 def shard_module(model: nnx.Module, mesh: Mesh) -> nnx.Module:

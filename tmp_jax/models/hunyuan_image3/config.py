@@ -7,6 +7,11 @@ official code accepts either as a scalar or as a per-layer list (``num_experts``
 ``num_hidden_layers`` here, which is what a pruned checkpoint writes back. ``image_token_id`` /
 ``timestep_token_id`` come from the tokenizer of the release (nemo-automodel carries them in its config
 too). The VAE / ViT sub-configs are not part of the denoiser; only ``vae["latent_channels"]`` is used.
+
+Pruning extension: ``layers_kept`` lists the ORIGINAL indices of the decoder layers a pruned model keeps
+(layer ``i`` of the pruned model is layer ``layers_kept[i]`` of the source). It is written to config.json
+only when set and is ignored by the official code (which simply reads ``num_hidden_layers`` contiguous
+layers). A pruned config may keep zero layers (``layers_kept == ()``).
 """
 
 from __future__ import annotations
@@ -79,11 +84,23 @@ class HunyuanImage3Config:
     # Only "latent_channels" is read; the rest of the VAE sub-config is kept so it round-trips. Excluded
     # from the hash (a mapping is unhashable) but not from equality.
     vae: Mapping[str, Any] = field(default_factory=lambda: {"latent_channels": 32}, hash=False)
+    # --- pruning extension (None = unpruned): original indices of the kept decoder layers -------------------
+    layers_kept: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_hidden_layers must be a positive int, got {n!r}")
+        if self.layers_kept is not None:
+            object.__setattr__(self, "layers_kept", tuple(int(i) for i in self.layers_kept))
+        min_layers = 0 if self.layers_kept is not None else 1  # a pruned model may drop every layer
+        if not isinstance(n, int) or n < min_layers:
+            what = "a non-negative" if min_layers == 0 else "a positive"
+            raise ValueError(f"num_hidden_layers must be {what} int, got {n!r}")
+        if self.layers_kept is not None:
+            kept = self.layers_kept
+            if len(kept) != n:
+                raise ValueError(f"layers_kept lists {len(kept)} layers but num_hidden_layers is {n}")
+            if list(kept) != sorted(set(kept)) or (kept and kept[0] < 0):
+                raise ValueError(f"layers_kept must be strictly increasing original indices, got {list(kept)}")
         for name in PER_LAYER_FIELDS:
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
@@ -188,8 +205,12 @@ class HunyuanImage3Config:
         return cls(**kwargs)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict (per-layer fields as lists); merge into the original config."""
+        """The fields as a JSON-ready dict (per-layer fields as lists); merge into the original config.
+
+        ``layers_kept`` appears only when set (pruned models)."""
         out = {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if out["layers_kept"] is None:  # pruning extension: only written for pruned models
+            del out["layers_kept"]
         return out
 
     def replace(self, **changes: Any) -> HunyuanImage3Config:

@@ -27,6 +27,27 @@ Layout choices (the converter in ``converters/hunyuan.py`` maps the released che
 Numerics follow the official code: RMSNorm / GroupNorm statistics in fp32, router (``wg``) in fp32 with a
 softmax over all experts and renormalised top-k weights (also for top-1: the official eager path always
 renormalises), RoPE tables and the QK-norm in fp32.
+
+Pruning support (off by default; normal runs, parameter counts and parity are unaffected):
+
+* ``collect_stats`` flags on :class:`Attention`, :class:`HunyuanMoE` and :class:`DecoderLayer` make them sow
+  importance statistics (``nnx.Intermediate``), padding tokens excluded:
+
+  - attention ``unit_stat`` ``[K]``: per KV group ``g``, ``sum_tokens ||o_g @ W_o[g]||^2``, the energy of the
+    group's query heads' contribution through ``o_proj`` (computed with the group Gram matrix
+    ``W_o[g] W_o[g]^T`` so no ``[tokens, K, hidden]`` tensor is materialised);
+  - MoE ``unit_stat_experts`` ``[E]``: ``C_e + n_e * C / n`` with ``C_e = sum_{(t,j) routed to e} w_tj
+    ||E_e(x_t)||`` (renormalised gate weight times the norm of the expert's output), ``n_e`` the number of
+    (token, slot) pairs routed to ``e``, ``C = sum_e C_e``, ``n = sum_e n_e``: the output mass the expert
+    delivers plus its share of the routed traffic valued at the layer's mean per-pair mass (removing a busy
+    expert reroutes many tokens even when its outputs are small);
+  - MoE ``unit_stat_expert_ffn`` ``[I]``: ``sum_e ||W_down[e, c]|| * sum_{(t,j) routed to e} w_tj |h_tjc|``
+    with ``h = up(x) * silu(gate(x))`` the expert's hidden activation (channel ``c`` is pruned in every
+    expert at once);
+  - decoder layer ``block_stat`` ``[2]``: ``[sum ||out - in||^2, sum ||in||^2]``.
+* ``HunyuanMoE.expert_mask`` (an :class:`ExpertMask` variable, ``None`` by default): router logits of masked
+  experts are set to ``-inf`` before the softmax, which is exactly what removing them does. Tests use it to
+  run the full model as an exact oracle of a pruned one.
 """
 
 from __future__ import annotations
@@ -46,6 +67,17 @@ MOE_IMPLS = ("ragged", "dense")
 
 def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype: jnp.dtype) -> jax.Array:
     return (std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)).astype(dtype)
+
+
+class ExpertMask(nnx.Variable):
+    """Boolean ``[E]`` keep-mask of a MoE router (not a parameter: never counted, loaded or exported)."""
+
+
+def _masked_sum(x: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+    """Sum of ``x`` ``[B, S, ...]`` over batch and sequence, padding tokens (``token_mask`` false) excluded."""
+    if token_mask is not None:
+        x = jnp.where(token_mask.reshape(*token_mask.shape, *(1,) * (x.ndim - 2)), x, 0)
+    return jnp.sum(x, axis=(0, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,8 +396,11 @@ class Attention(nnx.Module):
         else:
             self.query_layernorm = None
             self.key_layernorm = None
+        self.collect_stats = False  # calibration sets this to sow importance statistics
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, token_mask: jax.Array | None = None
+    ) -> jax.Array:
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)  # [B, S, N, hd]
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)  # [B, S, K, hd]
@@ -375,6 +410,13 @@ class Attention(nnx.Module):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k = q.astype(v.dtype), k.astype(v.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)  # [B, S, N, hd]
+        if self.collect_stats:  # per KV group: energy of its query heads' contribution through o_proj
+            kv, width = self.num_kv_heads, (self.num_heads // self.num_kv_heads) * self.head_dim
+            og = out.astype(jnp.float32).reshape(b, s, kv, width)  # [B, S, K, G*hd]
+            w = self.o_proj.kernel[...].astype(jnp.float32).reshape(kv, width, -1)  # [K, G*hd, H]
+            gram = jnp.einsum("kch,kdh->kcd", w, w)  # [K, G*hd, G*hd]
+            energy = jnp.sum(jnp.einsum("bskc,kcd->bskd", og, gram) * og, axis=-1)  # [B, S, K]
+            self.sow(nnx.Intermediate, "unit_stat", _masked_sum(energy, token_mask))
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -421,11 +463,15 @@ class RoutedExperts(nnx.Module):
         self.gate_proj = nnx.Param(_normal(rngs, (e, h, i), h**-0.5, dtype), logical_axes=in_axes)
         self.down_proj = nnx.Param(_normal(rngs, (e, i, h), i**-0.5, dtype), logical_axes=("exp", "exp_mlp", "embed"))
 
-    def ragged(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
+    def ragged(
+        self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
         """Grouped matmuls over expert-sorted token copies.
 
         ``x``: [N, H]; ``weights`` / ``indices``: [N, k] -> [N, H]. No capacity: every (token, slot) pair is
-        computed, so nothing is ever dropped.
+        computed, so nothing is ever dropped. With ``stats`` also returns per expert ``sum w * ||y||`` [E] and
+        per (expert, channel) ``sum w * |h|`` [E, I] over the routed pairs (``y`` = unweighted expert output,
+        ``h`` = hidden activation; pairs with weight 0, i.e. padding, contribute nothing).
         """
         n, k = indices.shape
         up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
@@ -435,13 +481,27 @@ class RoutedExperts(nnx.Module):
         group_sizes = jnp.bincount(flat, length=up_w.shape[0]).astype(jnp.int32)  # [E]
         up = jax.lax.ragged_dot(xs, up_w, group_sizes)  # [N*k, I]
         gate = jax.lax.ragged_dot(xs, gate_w, group_sizes)  # [N*k, I]
-        y = jax.lax.ragged_dot(up * jax.nn.silu(gate), down_w, group_sizes)  # [N*k, H]
-        y = y * jnp.take(weights.reshape(-1), order)[:, None].astype(y.dtype)
+        hidden = up * jax.nn.silu(gate)  # [N*k, I]
+        y = jax.lax.ragged_dot(hidden, down_w, group_sizes)  # [N*k, H]
+        ws = jnp.take(weights.reshape(-1), order)  # [N*k] weights in sorted order
+        if stats:
+            num_e, wf = up_w.shape[0], ws.astype(jnp.float32)
+            sorted_ids = jnp.take(flat, order)
+            norms = jnp.linalg.norm(y.astype(jnp.float32), axis=-1)  # [N*k]
+            mass = jax.ops.segment_sum(wf * norms, sorted_ids, num_e, indices_are_sorted=True)  # [E]
+            act = wf[:, None] * jnp.abs(hidden.astype(jnp.float32))  # [N*k, I]
+            channel = jax.ops.segment_sum(act, sorted_ids, num_e, indices_are_sorted=True)  # [E, I]
+        y = y * ws[:, None].astype(y.dtype)
         y = jnp.zeros_like(y).at[order].set(y)  # back to (token, slot) order
-        return y.reshape(n, k, -1).sum(axis=1)  # [N, H], summed over slots like the official code
+        out = y.reshape(n, k, -1).sum(axis=1)  # [N, H], summed over slots like the official code
+        return (out, mass, channel) if stats else out
 
-    def dense(self, x: jax.Array, weights: jax.Array, indices: jax.Array) -> jax.Array:
-        """Reference path: every expert on every token, combined with the (sparse) routing weights."""
+    def dense(
+        self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+        """Reference path: every expert on every token, combined with the (sparse) routing weights.
+
+        ``stats`` as in :meth:`ragged`."""
         n = x.shape[0]
         up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
         combine = jnp.zeros((n, up_w.shape[0]), weights.dtype)
@@ -449,8 +509,15 @@ class RoutedExperts(nnx.Module):
         xe = x.astype(up_w.dtype)
         up = jnp.einsum("nh,ehi->eni", xe, up_w)  # [E, N, I]
         gate = jnp.einsum("nh,ehi->eni", xe, gate_w)  # [E, N, I]
-        y = jnp.einsum("eni,eih->enh", up * jax.nn.silu(gate), down_w)  # [E, N, H]
-        return jnp.einsum("enh,ne->nh", y, combine.astype(y.dtype))
+        hidden = up * jax.nn.silu(gate)  # [E, N, I]
+        y = jnp.einsum("eni,eih->enh", hidden, down_w)  # [E, N, H]
+        out = jnp.einsum("enh,ne->nh", y, combine.astype(y.dtype))
+        if not stats:
+            return out
+        cf = combine.astype(jnp.float32)  # [N, E]
+        mass = jnp.einsum("en,ne->e", jnp.linalg.norm(y.astype(jnp.float32), axis=-1), cf)  # [E]
+        channel = jnp.einsum("eni,ne->ei", jnp.abs(hidden.astype(jnp.float32)), cf)  # [E, I]
+        return out, mass, channel
 
 
 class HunyuanMoE(nnx.Module):
@@ -469,10 +536,32 @@ class HunyuanMoE(nnx.Module):
         )
         shared = config.shared_intermediate_size(layer)
         self.shared_mlp = SharedMLP(hidden, shared, dtype=dtype, rngs=rngs) if shared else None
+        self.expert_mask: ExpertMask | None = nnx.data(None)  # see set_expert_mask
+        self.collect_stats = False
+
+    def set_expert_mask(self, keep: np.ndarray | jax.Array | None) -> None:
+        """Mask experts out of the router (``keep`` [E] bool; ``None`` removes the mask).
+
+        A masked expert's logit is ``-inf`` before the softmax, so it is never selected and the remaining
+        probabilities are those of a router without it: the layer computes exactly what the layer with that
+        expert removed (its block and its ``wg`` column sliced away) computes, as long as ``moe_topk`` experts
+        remain."""
+        if keep is None:
+            self.expert_mask = None
+            return
+        keep = jnp.asarray(keep, bool)
+        if keep.shape != (self.num_experts,):
+            raise ValueError(f"expert mask has shape {keep.shape}, expected ({self.num_experts},)")
+        if int(np.asarray(keep).sum()) < self.moe_topk:
+            raise ValueError(f"expert mask keeps {int(np.asarray(keep).sum())} experts, fewer than top-{self.moe_topk}")
+        self.expert_mask = ExpertMask(keep)
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``x`` [N, H] -> fp32 weights [N, k] (summing to 1) and expert indices [N, k]."""
-        probs = jax.nn.softmax(self.gate(x), axis=-1)  # [N, E] fp32
+        logits = self.gate(x)  # [N, E] fp32
+        if self.expert_mask is not None:
+            logits = jnp.where(self.expert_mask[...], logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)  # [N, E] fp32
         weights, indices = jax.lax.top_k(probs, self.moe_topk)
         # The official eager path clamps the sum at 1e-8 before renormalising (top-1 gives weight 1).
         weights = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-8)
@@ -487,9 +576,24 @@ class HunyuanMoE(nnx.Module):
             weights = weights * token_mask.reshape(-1, 1)
         # The official code casts the routing weights to the activation dtype before combining.
         weights = weights.astype(x.dtype)
-        routed = getattr(self.experts, self.impl)(x2, weights, indices).astype(x.dtype)
+        if self.collect_stats:
+            routed, mass, channel = getattr(self.experts, self.impl)(x2, weights, indices, stats=True)
+            self._sow_stats(indices, token_mask, mass, channel)
+        else:
+            routed = getattr(self.experts, self.impl)(x2, weights, indices)
+        routed = routed.astype(x.dtype)
         out = routed if self.shared_mlp is None else self.shared_mlp(x2) + routed
         return out.reshape(shape)
+
+    def _sow_stats(self, indices: jax.Array, token_mask: jax.Array | None, mass: jax.Array, channel: jax.Array) -> None:
+        """Sow ``unit_stat_experts`` and ``unit_stat_expert_ffn`` (formulas in the module docstring)."""
+        valid = jnp.ones(indices.shape[0], jnp.float32) if token_mask is None else token_mask.reshape(-1)
+        pair_valid = jnp.broadcast_to(valid.astype(jnp.float32)[:, None], indices.shape).reshape(-1)
+        counts = jax.ops.segment_sum(pair_valid, indices.reshape(-1), self.num_experts)  # [E] routed pairs
+        mean_mass = jnp.sum(mass) / jnp.maximum(jnp.sum(counts), 1.0)
+        self.sow(nnx.Intermediate, "unit_stat_experts", mass + counts * mean_mass)
+        down_norm = jnp.linalg.norm(self.experts.down_proj[...].astype(jnp.float32), axis=-1)  # [E, I]
+        self.sow(nnx.Intermediate, "unit_stat_expert_ffn", jnp.sum(channel * down_norm, axis=0))
 
 
 class DecoderLayer(nnx.Module):
@@ -501,12 +605,23 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, dtype=dtype)
         self.mlp = HunyuanMoE(config, layer, dtype=dtype, rngs=rngs, impl=moe_impl)
+        self.collect_stats = False
 
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, token_mask: jax.Array | None
     ) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x), token_mask)
+        x_in = x
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, token_mask)
+        x = x + self.mlp(self.post_attention_layernorm(x), token_mask)
+        if self.collect_stats:  # how much the layer changes its input: [sum ||out-in||^2, sum ||in||^2]
+            xf, xi = x.astype(jnp.float32), x_in.astype(jnp.float32)
+            d = _masked_sum(jnp.sum(jnp.square(xf - xi), axis=-1), token_mask)
+            self.sow(
+                nnx.Intermediate,
+                "block_stat",
+                jnp.stack([d, _masked_sum(jnp.sum(jnp.square(xi), axis=-1), token_mask)]),
+            )
+        return x
 
 
 class HunyuanImage3Model(nnx.Module):
@@ -537,6 +652,69 @@ class HunyuanImage3Model(nnx.Module):
         return h
 
 
+def t2i_embed(
+    wte: Embed,
+    patch_embed: UNetDown,
+    time_embed: TimestepEmbedder,
+    timestep_emb: TimestepEmbedder,
+    input_ids: jax.Array,
+    latents: jax.Array,
+    timestep: jax.Array,
+    valid_lengths: jax.Array | None,
+    *,
+    image_token_id: int,
+    head_dim: int,
+    rope_theta: float,
+) -> dict[str, jax.Array]:
+    """Everything before the decoder layers of a T2I forward (see :meth:`HunyuanImage3.__call__`).
+
+    Returns ``embeds`` [B, S, H], RoPE ``cos`` / ``sin`` [B, S, hd], the joint attention ``mask``
+    [B, 1, S, S], ``token_mask`` [B, S] (real tokens) and ``image_index`` [B, h*w] (the image slots).
+    """
+    batch, seq_len = input_ids.shape
+    _, _, token_h, token_w = latents.shape
+    num_image = token_h * token_w
+    is_image = input_ids == image_token_id
+    starts = jnp.argmax(is_image, axis=1).astype(jnp.int32)  # [B] first image token
+    rows = jnp.arange(batch)
+    image_index = jnp.minimum(starts[:, None] + jnp.arange(num_image)[None], seq_len - 1)  # [B, h*w]
+    if valid_lengths is None:
+        valid_lengths = jnp.full((batch,), seq_len, jnp.int32)
+
+    embeds = wte(input_ids)  # [B, S, H]
+    image_tokens = patch_embed(latents.astype(embeds.dtype), time_embed(timestep))  # [B, h*w, H]
+    timestep_tokens = timestep_emb(timestep)  # [B, H]
+    embeds = embeds.at[rows[:, None], image_index].set(image_tokens.astype(embeds.dtype))
+    embeds = embeds.at[rows, starts - 1].set(timestep_tokens.astype(embeds.dtype))
+
+    cos, sin = rope_cos_sin(t2i_positions(seq_len, starts, token_h, token_w), head_dim, rope_theta)
+    mask = joint_attention_mask(seq_len, starts, num_image, valid_lengths)
+    token_mask = jnp.arange(seq_len)[None, :] < valid_lengths[:, None]  # [B, S]
+    return {
+        "embeds": embeds,
+        "cos": cos,
+        "sin": sin,
+        "mask": mask,
+        "token_mask": token_mask,
+        "image_index": image_index,
+    }
+
+
+def t2i_head(
+    final_layer: UNetUp,
+    time_embed_2: TimestepEmbedder,
+    hidden: jax.Array,
+    image_index: jax.Array,
+    timestep: jax.Array,
+    token_h: int,
+    token_w: int,
+) -> jax.Array:
+    """Hidden states [B, S, H] (before ``ln_f``) -> velocity [B, C, h, w] from the image slots."""
+    rows = jnp.arange(hidden.shape[0])
+    image_hidden = hidden[rows[:, None], image_index]  # [B, h*w, H]
+    return final_layer(image_hidden, time_embed_2(timestep), token_h, token_w)
+
+
 class HunyuanImage3(nnx.Module):
     """HunyuanImage-3.0: T2I flow-matching denoiser (``__call__``) and causal LM (``forward_text``).
 
@@ -547,6 +725,8 @@ class HunyuanImage3(nnx.Module):
         moe_impl: ``"ragged"`` (sorted tokens + ``jax.lax.ragged_dot``) or ``"dense"`` (every expert on every
             token; reference path for tests). Switch later with :meth:`set_moe_impl`.
     """
+
+    ARCH = "hunyuan"  # key of the architecture hooks (tmp_jax.arch)
 
     def __init__(
         self,
@@ -595,36 +775,26 @@ class HunyuanImage3(nnx.Module):
             [B, C, h, w] velocity in the model dtype.
         """
         cfg = self.config
-        batch, seq_len = input_ids.shape
         _, _, token_h, token_w = latents.shape
-        num_image = token_h * token_w
         try:
-            check_t2i_layout(np.asarray(input_ids), num_image, cfg)
+            check_t2i_layout(np.asarray(input_ids), token_h * token_w, cfg)
         except jax.errors.TracerArrayConversionError:
             pass  # traced under jit: the caller is responsible for the layout
-
-        is_image = input_ids == cfg.image_token_id
-        starts = jnp.argmax(is_image, axis=1).astype(jnp.int32)  # [B] first image token
-        rows = jnp.arange(batch)
-        image_index = jnp.minimum(starts[:, None] + jnp.arange(num_image)[None], seq_len - 1)  # [B, h*w]
-        if valid_lengths is None:
-            valid_lengths = jnp.full((batch,), seq_len, jnp.int32)
-
-        embeds = self.model.wte(input_ids)  # [B, S, H]
-        image_tokens = self.patch_embed(latents.astype(embeds.dtype), self.time_embed(timestep))  # [B, h*w, H]
-        timestep_tokens = self.timestep_emb(timestep)  # [B, H]
-        embeds = embeds.at[rows[:, None], image_index].set(image_tokens.astype(embeds.dtype))
-        embeds = embeds.at[rows, starts - 1].set(timestep_tokens.astype(embeds.dtype))
-
-        cos, sin = rope_cos_sin(
-            t2i_positions(seq_len, starts, token_h, token_w), cfg.attention_head_dim, cfg.rope_theta
+        e = t2i_embed(
+            self.model.wte,
+            self.patch_embed,
+            self.time_embed,
+            self.timestep_emb,
+            input_ids,
+            latents,
+            timestep,
+            valid_lengths,
+            image_token_id=cfg.image_token_id,
+            head_dim=cfg.attention_head_dim,
+            rope_theta=cfg.rope_theta,
         )
-        mask = joint_attention_mask(seq_len, starts, num_image, valid_lengths)
-        token_mask = jnp.arange(seq_len)[None, :] < valid_lengths[:, None]  # [B, S]
-
-        hidden = self.model(embeds, cos, sin, mask, token_mask)  # [B, S, H], before ln_f
-        image_hidden = hidden[rows[:, None], image_index]  # [B, h*w, H]
-        return self.final_layer(image_hidden, self.time_embed_2(timestep), token_h, token_w)
+        hidden = self.model(e["embeds"], e["cos"], e["sin"], e["mask"], e["token_mask"])  # before ln_f
+        return t2i_head(self.final_layer, self.time_embed_2, hidden, e["image_index"], timestep, token_h, token_w)
 
     def forward_text(self, input_ids: jax.Array) -> jax.Array:
         """Causal next-token logits ``[B, S, vocab]`` in fp32 (text positions, no padding)."""
