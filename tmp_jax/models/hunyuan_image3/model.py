@@ -596,6 +596,24 @@ class HunyuanMoE(nnx.Module):
         self.sow(nnx.Intermediate, "unit_stat_expert_ffn", jnp.sum(channel * down_norm, axis=0))
 
 
+def attn_branch(
+    attn: Attention,
+    norm: RMSNorm,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    mask: jax.Array,
+    token_mask: jax.Array | None,
+) -> jax.Array:
+    """The attention half of a decoder layer: ``x + attn(input_layernorm(x))``."""
+    return x + attn(norm(x), cos, sin, mask, token_mask)
+
+
+def moe_branch(moe: HunyuanMoE, norm: RMSNorm, x: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+    """The MoE half of a decoder layer: ``x + moe(post_attention_layernorm(x))``."""
+    return x + moe(norm(x), token_mask)
+
+
 class DecoderLayer(nnx.Module):
     """Pre-norm layer: ``x + attn(norm(x))`` then ``x + moe(norm(x))``."""
 
@@ -611,8 +629,8 @@ class DecoderLayer(nnx.Module):
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, token_mask: jax.Array | None
     ) -> jax.Array:
         x_in = x
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, token_mask)
-        x = x + self.mlp(self.post_attention_layernorm(x), token_mask)
+        x = attn_branch(self.self_attn, self.input_layernorm, x, cos, sin, mask, token_mask)
+        x = moe_branch(self.mlp, self.post_attention_layernorm, x, token_mask)
         if self.collect_stats:  # how much the layer changes its input: [sum ||out-in||^2, sum ||in||^2]
             xf, xi = x.astype(jnp.float32), x_in.astype(jnp.float32)
             d = _masked_sum(jnp.sum(jnp.square(xf - xi), axis=-1), token_mask)

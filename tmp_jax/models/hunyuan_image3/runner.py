@@ -1,0 +1,172 @@
+"""HunyuanImage-3.0 execution for calibration and candidate evaluation.
+
+``forward_blockwise`` runs the stem (token / image / timestep embeddings, RoPE tables, masks), each decoder
+layer as two separately jitted halves (attention branch, MoE branch) and the final layer, each function's
+static part being its sub-module's graph: the attention branch is compiled once per KV-group level (a
+global count), the MoE branch once per (experts, top-k, expert width, shared width) shape, and both are
+reused by every later candidate. ``collect_stats`` runs the whole forward once with statistics sown by the
+modules.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
+from tmp_jax.models.hunyuan_image3.model import (
+    HunyuanImage3,
+    attn_branch,
+    check_t2i_layout,
+    moe_branch,
+    t2i_embed,
+    t2i_head,
+)
+
+
+def prepare_batch(cfg: HunyuanImage3Config, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Calibration batch (``input_ids`` (B,S), ``latents`` (B,C,h,w), ``timestep`` (B,) = sigma*1000,
+    ``valid_lengths`` (B,)) -> model inputs; the layout is checked here, on the host.
+
+    ``mask`` weights the output in the fitness (``mask[..., None]`` against the (B, C, h, w) velocity): every
+    output element is an image element, so it is all ones, shape (B, C, h).
+    """
+    ids = np.asarray(batch["input_ids"]).astype(np.int32)
+    lat = np.asarray(batch["latents"], np.float32)
+    if lat.ndim != 4 or lat.shape[1] != cfg.latent_channels:
+        raise ValueError(f"latents: expected (B, {cfg.latent_channels}, h, w), got {lat.shape}")
+    b, _, h, w = lat.shape
+    if ids.ndim != 2 or ids.shape[0] != b:
+        raise ValueError(f"input_ids: expected ({b}, S), got {ids.shape}")
+    check_t2i_layout(ids, h * w, cfg)
+    vl = batch.get("valid_lengths")
+    vl = np.full((b,), ids.shape[1], np.int32) if vl is None else np.asarray(vl).astype(np.int32)
+    return {
+        "input_ids": ids,
+        "latents": lat,
+        "timestep": np.asarray(batch["timestep"], np.float32).reshape(b),
+        "valid_lengths": vl,
+        "mask": np.ones((b, lat.shape[1], h), bool),
+    }
+
+
+class _Stem(nnx.Module):
+    """View of the parameters outside the decoder layers; width-free, so every candidate shares it."""
+
+    def __init__(self, m: HunyuanImage3):
+        c = m.config
+        self.wte = m.model.wte
+        self.patch_embed = m.patch_embed
+        self.time_embed = m.time_embed
+        self.timestep_emb = m.timestep_emb
+        self.time_embed_2 = m.time_embed_2
+        self.final_layer = m.final_layer
+        self.image_token_id = c.image_token_id
+        self.head_dim = c.attention_head_dim
+        self.rope_theta = c.rope_theta
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _stem_embed(gd: Any, state: Any, ids: jax.Array, lat: jax.Array, t: jax.Array, vl: jax.Array) -> dict:
+    s = nnx.merge(gd, state)
+    return t2i_embed(
+        s.wte,
+        s.patch_embed,
+        s.time_embed,
+        s.timestep_emb,
+        ids,
+        lat,
+        t,
+        vl,
+        image_token_id=s.image_token_id,
+        head_dim=s.head_dim,
+        rope_theta=s.rope_theta,
+    )
+
+
+class _Sub(nnx.Module):
+    """View of one sub-layer and its pre-norm: its graph depends only on that sub-layer's widths."""
+
+    def __init__(self, layer: nnx.Module, norm: nnx.Module):
+        self.layer, self.norm = layer, norm
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _attn(gd: Any, state: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, tm: jax.Array):
+    v = nnx.merge(gd, state)
+    return attn_branch(v.layer, v.norm, x, cos, sin, mask, tm)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _moe(gd: Any, state: Any, x: jax.Array, tm: jax.Array) -> jax.Array:
+    v = nnx.merge(gd, state)
+    return moe_branch(v.layer, v.norm, x, tm)
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6))
+def _final(gd: Any, state: Any, x: jax.Array, index: jax.Array, t: jax.Array, th: int, tw: int) -> jax.Array:
+    s = nnx.merge(gd, state)
+    return t2i_head(s.final_layer, s.time_embed_2, x, index, t, th, tw)
+
+
+def compile_count() -> int:
+    """Compiled variants of the blockwise functions so far (for zero-recompile checks)."""
+    return sum(f._cache_size() for f in (_stem_embed, _attn, _moe, _final))
+
+
+def forward_blockwise(model: HunyuanImage3, inputs: dict[str, Any], features: bool = False) -> Any:
+    """Same result as ``model(input_ids, latents, timestep, valid_lengths)``: the velocity (B, C, h, w)
+    (and, with ``features``, the hidden states after every decoder layer)."""
+    lat = jnp.asarray(inputs["latents"])
+    _, _, th, tw = lat.shape
+    gd, st = nnx.split(_Stem(model))
+    t = jnp.asarray(inputs["timestep"])
+    e = _stem_embed(gd, st, jnp.asarray(inputs["input_ids"]), lat, t, jnp.asarray(inputs["valid_lengths"]))
+    x = e["embeds"]
+    feats = []
+    for layer in model.model.layers:
+        gd_a, st_a = nnx.split(_Sub(layer.self_attn, layer.input_layernorm))
+        x = _attn(gd_a, st_a, x, e["cos"], e["sin"], e["mask"], e["token_mask"])
+        gd_m, st_m = nnx.split(_Sub(layer.mlp, layer.post_attention_layernorm))
+        x = _moe(gd_m, st_m, x, e["token_mask"])
+        if features:
+            feats.append(x)
+    out = _final(gd, st, x, e["image_index"], t, th, tw)
+    return (out, feats) if features else out
+
+
+def _set_collect(model: nnx.Module, on: bool) -> None:
+    for _, node in nnx.iter_graph(model):
+        if hasattr(node, "collect_stats"):
+            node.collect_stats = on
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _stats_jit(gd: Any, state: Any, ids: jax.Array, lat: jax.Array, t: jax.Array, vl: jax.Array) -> tuple:
+    model = nnx.merge(gd, state)
+    out = model(ids, lat, t, vl)
+    inter = nnx.pop(model, nnx.Intermediate)
+    return out, inter
+
+
+def collect_stats(model: HunyuanImage3, inputs: dict[str, Any]) -> tuple[jax.Array, dict]:
+    """Teacher output and sown statistics {module path + stat name: summed array}."""
+    _set_collect(model, True)
+    try:
+        gd, st = nnx.split(model)
+    finally:
+        _set_collect(model, False)
+    out, inter = _stats_jit(
+        gd, st, inputs["input_ids"], inputs["latents"], jnp.asarray(inputs["timestep"]), inputs["valid_lengths"]
+    )
+    stats = {}
+    for path, v in nnx.to_flat_state(inter):
+        val = v.get_value() if hasattr(v, "get_value") else v
+        arrs = val if isinstance(val, tuple) else (val,)
+        stats[tuple(path)] = np.asarray(sum(np.asarray(x) for x in arrs))
+    return out, stats
