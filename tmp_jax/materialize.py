@@ -64,15 +64,34 @@ def materialize(model: Any, tree: Tree, a: Assignment, order: Order | None = Non
     state = nnx.state(new, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         sp = pmap(tuple(path))
-        arr = src[sp]
+        arr = _host_or_device(src[sp])
         for axis, idx in plan.get(sp, []):
-            arr = jnp.take(arr, jnp.asarray(idx), axis=axis)
+            arr = _take(arr, idx, axis)
         want = var.get_value()
         if tuple(arr.shape) != tuple(want.shape):
             raise ValueError(f"materialise {path}: sliced {arr.shape} != expected {want.shape}")
         var.set_value(jnp.asarray(arr, want.dtype))
     nnx.update(new, state)
     return new
+
+
+def _host_or_device(x: Any) -> Any:
+    """CPU arrays are sliced with numpy (no per-shape XLA compiles); accelerator arrays stay on device."""
+    if isinstance(x, np.ndarray):
+        return x
+    if all(d.platform == "cpu" for d in x.devices()) and len(x.devices()) == 1:
+        return np.asarray(x)
+    return x
+
+
+def _take(arr: Any, idx: np.ndarray, axis: int) -> Any:
+    if isinstance(arr, np.ndarray):
+        return np.take(arr, idx, axis=axis)
+    if len(idx) and np.array_equal(idx, np.arange(len(idx))):  # a prefix: a plain slice
+        sl = [slice(None)] * arr.ndim
+        sl[axis] = slice(0, len(idx))
+        return arr[tuple(sl)]
+    return jnp.take(arr, jnp.asarray(idx), axis=axis)
 
 
 def permute(model: Any, tree: Tree, order: Order) -> Any:
