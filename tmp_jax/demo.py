@@ -25,8 +25,11 @@ import numpy as np
 TEACHER = Path(__file__).resolve().parent / "assets" / "zimage-fmnist"
 
 
-def _torch_samples(folder: Path, labels: np.ndarray, seed: int, steps: int, guidance: float) -> np.ndarray:
-    """Euler + CFG sampling with the EXPORTED PyTorch model, from the same noise as the JAX sampler."""
+def _torch_samples(
+    folder: Path, labels: np.ndarray, rows: np.ndarray, seed: int, steps: int, guidance: float
+) -> np.ndarray:
+    """Euler + CFG sampling with the EXPORTED PyTorch model for ``labels[rows]``, from the same noise
+    as the JAX sampler gave those rows when it sampled all of ``labels``."""
     import torch
     from diffusers import AutoModel
 
@@ -43,8 +46,9 @@ def _torch_samples(folder: Path, labels: np.ndarray, seed: int, steps: int, guid
     p, C = conf["all_patch_size"][0], conf["in_channels"]
     hw = (fm.LATENT_SIZE, fm.LATENT_SIZE)
     n_tok, pdim = (hw[0] // p) * (hw[1] // p), p * p * C
-    noise = jax.random.normal(jax.random.PRNGKey(seed), (len(labels), n_tok, pdim), jnp.float32)
-    x = torch.from_numpy(np.asarray(unpatchify(noise, p, C, hw)))  # [N, C, 14, 14]
+    noise = jax.random.normal(jax.random.PRNGKey(seed), (len(labels), n_tok, pdim), jnp.float32)[rows]
+    x = torch.from_numpy(np.array(unpatchify(noise, p, C, hw)))  # [N, C, 14, 14]
+    labels = labels[rows]
     table = torch.from_numpy(fm.caption_table(conf["cap_feat_dim"]))
     sig = sigma_schedule(steps)
     with torch.no_grad():
@@ -96,18 +100,44 @@ def run(out: Path, *, generations: int, steps: int, budget: str = "66%", quick: 
     if not (TEACHER / "config.json").is_file():
         raise SystemExit(f"{TEACHER}: the embedded teacher is missing from this checkout")
     out.mkdir(parents=True, exist_ok=True)
+    for sub in ("search", "distill", "export"):  # the demo owns these: start fresh each run
+        shutil.rmtree(out / sub, ignore_errors=True)
     t0 = time.time()
     print("[1/4] search", flush=True)
-    res = search_run(SearchConfig(budget=budget, model=str(TEACHER), out=str(out / "search"),
-                                  generations=generations, population=8 if quick else 16))
+    res = search_run(
+        SearchConfig(
+            budget=budget,
+            model=str(TEACHER),
+            out=str(out / "search"),
+            generations=generations,
+            population=8 if quick else 12,
+        )
+    )
     plan = res.plan_paths[0]
     shutil.copy2(out / "search" / "pareto.png", out / "pareto.png")
     print("[2/4] distill", flush=True)
-    dres = distill_run(DistillConfig(plan=plan, model=str(TEACHER), out=out / "distill", steps=steps,
-                                     save_every=max(steps, 1), batch_size=16))
+    dres = distill_run(
+        DistillConfig(
+            plan=plan,
+            model=str(TEACHER),
+            out=out / "distill",
+            steps=steps,
+            save_every=max(steps, 1),
+            batch_size=16,
+            remat=False,
+        )
+    )
     print("[3/4] export", flush=True)
-    exp = export(ExportConfig(plan=plan, model=TEACHER, weights=out / "distill" / "weights",
-                              out=out / "export", overwrite=True, progress=False))
+    exp = export(
+        ExportConfig(
+            plan=plan,
+            model=TEACHER,
+            weights=out / "distill" / "weights",
+            out=out / "export",
+            overwrite=True,
+            progress=False,
+        )
+    )
     print("[4/4] evaluate and sample", flush=True)
     teacher = dres["teacher"]
     from search.engine import plan_assignment
@@ -123,13 +153,14 @@ def run(out: Path, *, generations: int, steps: int, budget: str = "66%", quick: 
     pruned = materialize(teacher, tree, a, order)
     recovered = load_zimage(out / "distill" / "weights")
     test = fm.load_subset("test")
-    n_eval = 256 if quick else 1000
+    n_eval = 100 if quick else 200
     imgs, labels = test.images[:n_eval], test.labels[:n_eval]
+    steps_s = 8
     metrics: dict[str, dict[str, float]] = {}
     samples = {}
     ref_feats = evaluator.features(test.images)
     for name, m in (("teacher", teacher), ("pruned", pruned), ("recovered", recovered)):
-        s = sample_images(m, labels, seed=0, steps=10, guidance=2.0)
+        s = sample_images(m, labels, seed=0, steps=steps_s, guidance=2.0)
         samples[name] = s
         metrics[name] = {
             "params": float(sum(int(np.prod(v.shape)) for v in jax.tree.leaves(_params(m)))),
@@ -142,13 +173,18 @@ def run(out: Path, *, generations: int, steps: int, budget: str = "66%", quick: 
             np.mean((samples[name].astype(np.float32) - samples["teacher"].astype(np.float32)) ** 2) / 255.0**2
         )
     per_class = np.array([np.flatnonzero(labels == c)[0] for c in range(fm.NUM_CLASSES)])
-    torch_imgs = _torch_samples(out / "export", labels[per_class], seed=0, steps=10, guidance=2.0)
-    jax_imgs = sample_images(recovered, labels[per_class], seed=0, steps=10, guidance=2.0)
+    torch_imgs = _torch_samples(out / "export", labels, per_class, seed=0, steps=steps_s, guidance=2.0)
+    jax_imgs = samples["recovered"][per_class]
     torch_vs_jax = float(np.abs(torch_imgs.astype(np.int32) - jax_imgs.astype(np.int32)).max())
     rows = [samples[k][per_class] for k in ("teacher", "pruned", "recovered")] + [torch_imgs]
     _grid(rows, ["teacher", "pruned", "recovered", "export (torch)"], out / "samples.png")
-    result = {"metrics": metrics, "export": exp, "plan": str(plan), "seconds": time.time() - t0,
-              "torch_vs_jax_max_pixel_diff": torch_vs_jax}
+    result = {
+        "metrics": metrics,
+        "export": exp,
+        "plan": str(plan),
+        "seconds": time.time() - t0,
+        "torch_vs_jax_max_pixel_diff": torch_vs_jax,
+    }
     _report(out, result, dres["plan"])
     return result
 
@@ -183,18 +219,19 @@ def _report(out: Path, r: dict[str, Any], plan: dict[str, Any]) -> None:
         f"PyTorch samples from the export vs JAX samples of the recovered model: max pixel difference "
         f"{r['torch_vs_jax_max_pixel_diff']:.0f} / 255.",
         "",
-        "Metrics: 10 Euler steps, CFG 2, fixed noise shared by all models; class accuracy and FID_cls from the",
+        "Metrics: 8 Euler steps, CFG 2, fixed noise shared by all models; class accuracy and FID_cls from the",
         "committed evaluator CNN (test split). `samples.png`: one sample per class, same noise per column.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tmp_jax.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tmp_jax.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: demo-out)")
-    p.add_argument("--generations", type=int, default=6, help="search generations (default 6)")
-    p.add_argument("--steps", type=int, default=150, help="distillation steps (default 150)")
+    p.add_argument("--generations", type=int, default=4, help="search generations (default 4)")
+    p.add_argument("--steps", type=int, default=100, help="distillation steps (default 100)")
     p.add_argument("--budget", default="66%", help="parameter budget (default 66%%)")
     p.add_argument("--quick", action="store_true", help="smaller evaluation (for tests)")
     a = p.parse_args(argv)

@@ -1,0 +1,115 @@
+"""Recovery distillation on the embedded TRAINED teacher: it helps, it resumes exactly, NaN stops it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from search.engine import FORMAT_VERSION
+from tmp_jax import arch
+from tmp_jax import data as fm
+from tmp_jax.distill import DistillConfig, NonFiniteLoss, build_pair, run
+from tmp_jax.materialize import kept_units
+from tmp_jax.problem import EMBEDDED, fingerprint
+from tmp_jax.tree import Tree
+
+TEACHER = EMBEDDED["zimage-fmnist"]
+H = arch.get("zimage")
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory) -> Path:
+    """A real plan: drop main block 3, halve every other main block's FFN, keep 4 of 6 heads in block 0."""
+    teacher = H.load(str(TEACHER))
+    tree = Tree(H.build_spec(teacher.config))
+    g = tree.full_genome()
+    names = [x.name for x in tree.genes]
+    g[names.index("layers.3:keep")] = 0
+    for i, gene in enumerate(tree.genes):
+        if gene.kind == "ffn" and gene.node.startswith("layers."):
+            g[i] = gene.n_levels // 2
+    g[names.index("layers.0.attention:heads")] = 3
+    a = tree.decode(g)
+    kept = kept_units(tree, a, None)
+    p = tmp_path_factory.mktemp("plan") / "plan.json"
+    p.write_text(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "arch": "zimage",
+                "source": {"fingerprint": fingerprint(TEACHER, teacher.config.to_hf_config())},
+                "budget": {"text": "test"},
+                "policy": {
+                    "dropped": sorted(a.dropped),
+                    "keep": {f"{n}/{k}": v for (n, k), v in a.keep.items()},
+                    "kept_units": {f"{n}/{k}": v.tolist() for (n, k), v in kept.items()},
+                },
+                "genome": {"levels": g.tolist()},
+                "counts": {"after": {"params": tree.count(a)["params"]}},
+                "fitness": {"value": 0.0},
+            }
+        )
+    )
+    return p
+
+
+def _heldout_gap(student, teacher) -> float:
+    """Normalised student-teacher output MSE on 64 TEST images at fixed sigmas and noise."""
+    test = fm.load_subset("test")
+    rng = np.random.default_rng(123)
+    x0 = fm.to_latents(test.images[:64])[:, :, None]
+    sigma = np.linspace(0.1, 0.9, 64).astype(np.float32)
+    s = sigma[:, None, None, None, None]
+    xt = ((1 - s) * x0 + s * rng.standard_normal(x0.shape)).astype(np.float32)
+    cap = fm.caption_features(test.labels[:64], teacher.config.cap_feat_dim)
+    batch = {"latents": xt, "cap_feats": cap, "cap_lens": np.full(64, cap.shape[1], np.int32), "t": 1 - sigma}
+    inputs = H.prepare_batch(teacher.config, batch)
+    x = {k: v for k, v in inputs.items() if not isinstance(v, str)}
+
+    def fwd(model):  # one compiled program per model (the blockwise runner compiles per sub-layer)
+        gd, st = nnx.split(model)
+        return np.asarray(jax.jit(lambda s, a: H.forward_train(nnx.merge(gd, s), a, False)[0])(st, x))
+
+    ys, yt = fwd(student), fwd(teacher)
+    m = inputs["mask"][..., None]
+    return float(np.sum((ys - yt) ** 2 * m) / np.sum(yt**2 * m))
+
+
+def _cfg(plan: Path, out: Path, **kw) -> DistillConfig:
+    base = dict(
+        plan=plan, model=str(TEACHER), out=out, steps=6, batch_size=8, save_every=3, progress=False, lr=1e-3, warmup=2
+    )
+    return DistillConfig(**{**base, **kw})
+
+
+def test_distillation_lowers_heldout_gap(plan, tmp_path):
+    teacher, student0, _, _ = build_pair(_cfg(plan, tmp_path / "x"))
+    before = _heldout_gap(student0, teacher)
+    res = run(_cfg(plan, tmp_path / "d", steps=40, save_every=40, lr=2e-3))
+    after = _heldout_gap(res["student"], teacher)
+    assert after < 0.7 * before, (before, after)  # measured here: 0.141 -> 0.061 after 40 steps
+    assert (tmp_path / "d" / "loss.png").is_file()
+    # the recovered weights load back as a diffusers-layout folder with the pruned config
+    back = H.load(str(tmp_path / "d" / "weights"))
+    assert back.config.layers_kept == (0, 1, 2, 4, 5)
+
+
+def test_resume_gives_the_same_loss_curve(plan, tmp_path):
+    full = run(_cfg(plan, tmp_path / "a"))
+    run(_cfg(plan, tmp_path / "b", steps=3))
+    resumed = run(_cfg(plan, tmp_path / "b", resume=True))
+    np.testing.assert_allclose(np.asarray(resumed["history"]), np.asarray(full["history"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="pass --resume"):
+        run(_cfg(plan, tmp_path / "b"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(plan, tmp_path):
+    with pytest.raises(NonFiniteLoss, match="Last good checkpoint"):
+        run(_cfg(plan, tmp_path / "n", steps=40, save_every=1, lr=1e12, clip_norm=1e12, warmup=1))
+    ckpts = sorted(int(p.name) for p in (tmp_path / "n" / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts, "a good checkpoint was kept"
