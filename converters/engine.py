@@ -55,6 +55,26 @@ class CheckpointError(ValueError):
     """A bad checkpoint or conversion input; the message is one line naming file, key and problem."""
 
 
+def read_json(path: Path, what: str, error: type[Exception] = ValueError) -> Any:
+    """A user's JSON file, with one-line errors naming the file (``what`` says what needs it)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise error(f"{path}: missing ({what})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+
+
+def read_config(folder: Path, from_dict: Callable[[dict], Any], what: str) -> Any:
+    """``folder/config.json`` parsed by ``from_dict``; every problem is a CheckpointError naming the file."""
+    p = Path(folder) / "config.json"
+    d = read_json(p, what, CheckpointError)
+    try:
+        return from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p}: {e}") from e
+
+
 # --------------------------------------------------------------------------------------------------
 # Tables
 
@@ -159,9 +179,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
             (n,) = struct.unpack("<Q", raw)
             if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(
-                    f"{path}: truncated or corrupt safetensors header (length {n}, file {size} B)"
-                )
+                raise CheckpointError(f"{path}: truncated or corrupt safetensors header (length {n}, file {size} B)")
             header = json.loads(f.read(n))
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: file not found") from e
@@ -176,13 +194,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {tag}")
         want = int(np.prod(shape, dtype=np.int64)) * ST_TO_NP[tag].itemsize
         if e - s != want:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} spans {e - s} B, expected {want} B for {tag}{list(shape)}"
-            )
+            raise CheckpointError(f"{path}: tensor {key!r} spans {e - s} B, expected {want} B for {tag}{list(shape)}")
         if base + e > size:
-            raise CheckpointError(
-                f"{path}: truncated file: tensor {key!r} ends at byte {base + e}, file has {size} B"
-            )
+            raise CheckpointError(f"{path}: truncated file: tensor {key!r} ends at byte {base + e}, file has {size} B")
         out[key] = TensorInfo(path, tag, shape, base + s, base + e)
     return out, meta
 
@@ -210,9 +224,7 @@ class SafetensorsReader:
                 if k not in self.infos:
                     raise CheckpointError(f"{self.root / fname}: tensor {k!r} listed in the index is absent")
                 if self.infos[k].file.name != Path(fname).name:
-                    raise CheckpointError(
-                        f"{self.infos[k].file}: tensor {k!r} found here, index says {fname}"
-                    )
+                    raise CheckpointError(f"{self.infos[k].file}: tensor {k!r} found here, index says {fname}")
         self.files = files
 
     def _discover(self) -> list[Path]:
@@ -223,16 +235,12 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.root}: no such checkpoint file or folder")
         indexes = sorted(self.root.glob("*.safetensors.index.json"))
         if len(indexes) > 1:
-            raise CheckpointError(
-                f"{self.root}: several index files {[p.name for p in indexes]}; expected one"
-            )
+            raise CheckpointError(f"{self.root}: several index files {[p.name for p in indexes]}; expected one")
         if indexes:
             try:
                 self.index_map = json.loads(indexes[0].read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(
-                    f"{indexes[0]}: not a safetensors index (need 'weight_map'): {e}"
-                ) from e
+                raise CheckpointError(f"{indexes[0]}: not a safetensors index (need 'weight_map'): {e}") from e
             files = []
             for fname in sorted(set(self.index_map.values())):
                 p = self.root / fname
@@ -267,9 +275,7 @@ class SafetensorsReader:
             f.seek(info.start)
             got = f.readinto(buf)
         if got != info.end - info.start:
-            raise CheckpointError(
-                f"{info.file}: truncated while reading {key!r} ({got} of {info.end - info.start} B)"
-            )
+            raise CheckpointError(f"{info.file}: truncated while reading {key!r} ({got} of {info.end - info.start} B)")
         return arr
 
     def total_bytes(self) -> int:
@@ -294,9 +300,7 @@ def check_table_covers(table: KeyTable, variables: dict[PathT, nnx.Variable]) ->
         raise CheckpointError(f"key table leaves model parameter {'.'.join(map(str, missing[0]))} unmapped")
     extra = sorted(set(targets) - set(variables), key=str)
     if extra:
-        raise CheckpointError(
-            f"key table targets {'.'.join(map(str, extra[0]))}, which the model does not have"
-        )
+        raise CheckpointError(f"key table targets {'.'.join(map(str, extra[0]))}, which the model does not have")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -316,13 +320,9 @@ def _check_source(reader: SafetensorsReader, table: KeyTable, allow_ints: bool =
                 raise CheckpointError(f"{where}: missing key {key!r} (expected shape {list(shape)})")
             info = reader.infos[key]
             if info.shape != tuple(shape):
-                raise CheckpointError(
-                    f"{info.file}: key {key!r} has shape {list(info.shape)}, expected {list(shape)}"
-                )
+                raise CheckpointError(f"{info.file}: key {key!r} has shape {list(info.shape)}, expected {list(shape)}")
             if info.dtype not in FLOAT_TAGS and not allow_ints:
-                raise CheckpointError(
-                    f"{info.file}: key {key!r} has dtype {info.dtype}, expected a float type"
-                )
+                raise CheckpointError(f"{info.file}: key {key!r} has dtype {info.dtype}, expected a float type")
 
 
 def iter_converted(
@@ -455,9 +455,7 @@ class StreamingWriter:
         self.plan = _plan_shards(tensors, max_shard_bytes)
         n = len(self.plan.files)
         self.names = (
-            [f"{prefix}.safetensors"]
-            if n == 1
-            else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
         self.prefix = prefix
         self.metadata = metadata or {"format": "pt"}
@@ -522,9 +520,7 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         if self.dest.exists() and not self.overwrite:
-            raise CheckpointError(
-                f"{self.dest}: output folder exists (pass overwrite / --overwrite to replace it)"
-            )
+            raise CheckpointError(f"{self.dest}: output folder exists (pass overwrite / --overwrite to replace it)")
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(dir=self.dest.parent, prefix=f".{self.dest.name}.tmp-"))
         return self.tmp
@@ -555,9 +551,7 @@ def export_arrays(
         outs = e.to_torch(arrays)
         for key, shape, arr in zip(e.torch_keys, e.torch_shapes, outs):
             if tuple(arr.shape) != tuple(shape):
-                raise CheckpointError(
-                    f"export of {key!r} produced shape {list(arr.shape)}, expected {list(shape)}"
-                )
+                raise CheckpointError(f"export of {key!r} produced shape {list(arr.shape)}, expected {list(shape)}")
             if dtype is not None and np.issubdtype(arr.dtype, np.floating):
                 arr = arr.astype(dtype)
             yield key, arr
@@ -595,9 +589,7 @@ def save_model(
         # One dtype per entry: that of its first NNX leaf (fused entries share one dtype).
         src_dt = np.dtype(variables[e.flax_paths[0]].get_value().dtype)
         for key, shape in zip(e.torch_keys, e.torch_shapes):
-            tag = NP_TO_ST[
-                np_dtype if (np_dtype is not None and np.issubdtype(src_dt, np.floating)) else src_dt
-            ]
+            tag = NP_TO_ST[np_dtype if (np_dtype is not None and np.issubdtype(src_dt, np.floating)) else src_dt]
             planned.append(PlannedTensor(key, tuple(shape), tag))
     pt_keys: list[str] = []
     if passthrough_from is not None:

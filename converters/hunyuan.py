@@ -18,7 +18,6 @@ ported: a loader skips them and an exporter copies them from the source checkpoi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from converters.engine import CheckpointError, Entry, Hook, KeyTable, SafetensorsReader, linear, load_into, same
+from converters.engine import Entry, Hook, KeyTable, SafetensorsReader, linear, load_into, same
+from converters.engine import read_config as engine_read_config
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 
 PASSTHROUGH_PREFIXES: tuple[str, ...] = ("vae.", "vision_model.", "vision_aligner.")
@@ -257,17 +257,9 @@ def hunyuan_key_table(cfg: HunyuanImage3Config) -> KeyTable:
 # ----------------------------------------------------------------------------------------------------------
 def read_config(folder: Path) -> HunyuanImage3Config:
     """``config.json`` of a HunyuanImage-3.0 checkpoint folder (clear one-line errors)."""
-    p = folder / "config.json"
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{p}: missing (a HunyuanImage-3.0 checkpoint folder needs config.json)") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from e
-    try:
-        return HunyuanImage3Config.from_hf_config(d)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{p}: {e}") from e
+    return engine_read_config(
+        folder, HunyuanImage3Config.from_hf_config, "a HunyuanImage-3.0 checkpoint folder needs config.json"
+    )
 
 
 def load_hunyuan(

@@ -8,7 +8,6 @@ identical on both sides).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,9 @@ from converters.engine import (
     load_into,
     same,
     save_model,
+)
+from converters.engine import (
+    read_config as engine_read_config,
 )
 from tmp_jax.models.z_image.config import T_MID_DIM, ZImageConfig
 
@@ -119,16 +121,12 @@ class ComfyUIReader:
             if k.endswith(".attention.qkv.weight"):
                 rows, cols = info.shape
                 if rows % 3:
-                    raise CheckpointError(
-                        f"{info.file}: {key!r} has {rows} rows, expected a multiple of 3 (q;k;v)"
-                    )
+                    raise CheckpointError(f"{info.file}: {key!r} has {rows} rows, expected a multiple of 3 (q;k;v)")
                 base = k[: -len("qkv.weight")]
                 for j, n in enumerate(("to_q", "to_k", "to_v")):
                     vk = f"{base}{n}.weight"
                     self._virtual[vk] = (key, j, 3)
-                    self.infos[vk] = TensorInfo(
-                        info.file, info.dtype, (rows // 3, cols), info.start, info.end
-                    )
+                    self.infos[vk] = TensorInfo(info.file, info.dtype, (rows // 3, cols), info.start, info.end)
                 continue
             for a, b in self.RENAMES:
                 k = k.replace(a, b)
@@ -158,17 +156,8 @@ def is_comfyui(reader: SafetensorsReader) -> bool:
 
 
 def read_config(folder: Path) -> ZImageConfig:
-    p = folder / "config.json"
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{p}: missing (a diffusers transformer folder needs config.json)") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from e
-    try:
-        return ZImageConfig.from_hf_config(d)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{p}: {e}") from e
+    """``config.json`` of a diffusers Z-Image transformer folder (clear one-line errors)."""
+    return engine_read_config(folder, ZImageConfig.from_hf_config, "a diffusers transformer folder needs config.json")
 
 
 def load_zimage(

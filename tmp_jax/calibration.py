@@ -57,12 +57,9 @@ def load_calib(folder: str | Path, arch_name: str | None = None) -> list[dict[st
 
     folder = Path(folder)
     p = folder / "calib.json"
-    try:
-        meta = json.loads(p.read_text())
-    except FileNotFoundError as e:
-        raise ValueError(f"{p}: missing (a calibration set is a folder with calib.json)") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from e
+    from converters.engine import read_json
+
+    meta = read_json(p, "a calibration set is a folder with calib.json")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{p}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     if arch_name is not None and meta.get("arch") != arch_name:

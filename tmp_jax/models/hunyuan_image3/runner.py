@@ -27,6 +27,7 @@ from tmp_jax.models.hunyuan_image3.model import (
     t2i_embed,
     t2i_head,
 )
+from tmp_jax.stats import flatten_intermediates, split_collecting
 
 
 def prepare_batch(cfg: HunyuanImage3Config, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -140,12 +141,6 @@ def forward_blockwise(model: HunyuanImage3, inputs: dict[str, Any], features: bo
     return (out, feats) if features else out
 
 
-def _set_collect(model: nnx.Module, on: bool) -> None:
-    for _, node in nnx.iter_graph(model):
-        if hasattr(node, "collect_stats"):
-            node.collect_stats = on
-
-
 @partial(jax.jit, static_argnums=(0,))
 def _stats_jit(gd: Any, state: Any, ids: jax.Array, lat: jax.Array, t: jax.Array, vl: jax.Array) -> tuple:
     model = nnx.merge(gd, state)
@@ -156,17 +151,8 @@ def _stats_jit(gd: Any, state: Any, ids: jax.Array, lat: jax.Array, t: jax.Array
 
 def collect_stats(model: HunyuanImage3, inputs: dict[str, Any]) -> tuple[jax.Array, dict]:
     """Teacher output and sown statistics {module path + stat name: summed array}."""
-    _set_collect(model, True)
-    try:
-        gd, st = nnx.split(model)
-    finally:
-        _set_collect(model, False)
+    gd, st = split_collecting(model)
     out, inter = _stats_jit(
         gd, st, inputs["input_ids"], inputs["latents"], jnp.asarray(inputs["timestep"]), inputs["valid_lengths"]
     )
-    stats = {}
-    for path, v in nnx.to_flat_state(inter):
-        val = v.get_value() if hasattr(v, "get_value") else v
-        arrs = val if isinstance(val, tuple) else (val,)
-        stats[tuple(path)] = np.asarray(sum(np.asarray(x) for x in arrs))
-    return out, stats
+    return out, flatten_intermediates(inter)

@@ -25,6 +25,7 @@ from tmp_jax.models.z_image.model import (
     ffn_branch,
     make_layout,
 )
+from tmp_jax.stats import flatten_intermediates, split_collecting
 
 
 def prepare_batch(cfg: ZImageConfig, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -150,12 +151,6 @@ def forward_blockwise(model: ZImageTransformer, inputs: dict[str, Any], features
     return (out, feats) if features else out
 
 
-def _set_collect(model: nnx.Module, on: bool) -> None:
-    for _, node in nnx.iter_graph(model):
-        if hasattr(node, "collect_stats"):
-            node.collect_stats = on
-
-
 @partial(jax.jit, static_argnums=(0, 4))
 def _stats_jit(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> tuple:
     model = nnx.merge(gd, state)
@@ -166,18 +161,9 @@ def _stats_jit(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> tupl
 
 def collect_stats(model: ZImageTransformer, inputs: dict[str, Any]) -> tuple[jax.Array, dict]:
     """Teacher output and sown statistics {module path + stat name: summed array}."""
-    _set_collect(model, True)
-    try:
-        gd, st = nnx.split(model)
-    finally:
-        _set_collect(model, False)
+    gd, st = split_collecting(model)
     out, inter = _stats_jit(gd, st, inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"])
-    stats = {}
-    for path, v in nnx.to_flat_state(inter):
-        val = v.get_value() if hasattr(v, "get_value") else v
-        arrs = val if isinstance(val, tuple) else (val,)
-        stats[tuple(path)] = np.asarray(sum(np.asarray(x) for x in arrs))
-    return out, stats
+    return out, flatten_intermediates(inter)
 
 
 # ----------------------------------------------------------------------------------------------
