@@ -12,11 +12,21 @@ Z-Image: depth-only or uniform plans (equal refiner depths) become a stock
 ``ZImageTransformer2DModel`` config; anything heterogeneous is written with our small diffusers
 subclass next to config.json (``auto_map``), loadable by
 ``AutoModel.from_pretrained(folder, trust_remote_code=True)``.
+
+HunyuanImage-3.0: the OFFICIAL layout (``model*.safetensors`` + ``model.safetensors.index.json``). config.json
+is the source's with ``num_hidden_layers``, the per-layer lists ``num_experts`` / ``moe_topk`` /
+``moe_intermediate_size`` / ``num_shared_expert`` and the global ``num_attention_heads`` /
+``num_key_value_heads`` lowered, plus ``layers_kept`` (ORIGINAL layer indices, informative; the official
+code ignores it); everything else (``auto_map``, ``rope_scaling``, token ids, VAE / ViT settings) is kept.
+Decoder layers are renumbered contiguously, router rows follow the kept experts, and the VAE / vision
+tensors are copied unchanged, as is every non-weight file of the source folder (tokenizer,
+generation_config.json, the remote-code ``*.py``, sub-folders).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -62,14 +72,16 @@ class ArchExport:
     read_config: Any  # folder -> cfg
     key_table: Any  # cfg -> KeyTable
     weights_prefix: str
-    write_config: Any  # (cfg, new_cfg, out_folder) -> None  (config.json + remote code if needed)
+    # (src_cfg, new_cfg, out_folder, export_config) -> layout description; writes config.json, remote code
+    # and whatever else the layout needs next to the weights
+    write_config: Any
 
 
 def _zimage_export() -> ArchExport:
     from converters.zimage import DIFFUSERS_VERSION, WEIGHTS_PREFIX, read_config, zimage_key_table
     from tmp_jax.models.z_image.config import STACKS
 
-    def write_config(src_cfg: Any, new_cfg: Any, folder: Path) -> str:
+    def write_config(src_cfg: Any, new_cfg: Any, folder: Path, _ecfg: ExportConfig) -> str:
         stock = all(
             b.heads == src_cfg.n_heads and b.ffn_dim == src_cfg.ffn_dim for s in STACKS for b in new_cfg.stack(s)
         ) and new_cfg.stack_len("noise_refiner") == new_cfg.stack_len("context_refiner")
@@ -91,7 +103,61 @@ def _zimage_export() -> ArchExport:
     return ArchExport(read_config, zimage_key_table, WEIGHTS_PREFIX, write_config)
 
 
-EXPORTERS = {"zimage": _zimage_export}
+# source-folder entries that are never copied next to the pruned weights: the unpruned weights themselves
+# (any format) and config.json, which the exporter rewrites
+_WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "config.json",
+)
+_TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def copy_extra_files(src: Path, dst: Path, skip: tuple[Path, ...] = ()) -> list[str]:
+    """Copy every entry of ``src`` that is not a weight file or config.json (tokenizer files,
+    generation_config.json, remote-code ``*.py``, sub-folders) into ``dst``, contents byte for byte
+    (symlinks followed, as in a Hugging Face cache snapshot). Hidden entries (``.cache``, ``.git``, a
+    temporary export folder) and the ``skip`` paths are left out. Returns the copied names, sorted."""
+    skip_resolved = {p.resolve() for p in skip}
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.name.startswith(".") or any(p.match(pat) for pat in _WEIGHT_PATTERNS) or p.resolve() in skip_resolved:
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name, symlinks=False)
+        else:
+            shutil.copyfile(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def _hunyuan_export() -> ArchExport:
+    from converters.hunyuan import hunyuan_key_table, read_config
+    from tmp_jax.models.hunyuan_image3.config import PER_LAYER_FIELDS
+
+    pruned_fields = ("num_hidden_layers", *PER_LAYER_FIELDS, "num_attention_heads", "num_key_value_heads")
+
+    def write_config(src_cfg: Any, new_cfg: Any, folder: Path, ecfg: ExportConfig) -> str:
+        src = Path(ecfg.model)
+        conf = json.loads((src / "config.json").read_text())  # key order and unknown keys kept
+        new = new_cfg.to_hf_config()
+        for k in pruned_fields:
+            conf[k] = new[k]
+        conf["layers_kept"] = new["layers_kept"]  # original layer indices (informative extra key)
+        if ecfg.dtype is not None:  # the weights were cast: say so (transformers 5 also reads "dtype")
+            conf["torch_dtype"] = _TORCH_DTYPE_NAMES[ecfg.dtype]
+            if "dtype" in conf:
+                conf["dtype"] = conf["torch_dtype"]
+        (folder / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        copy_extra_files(src, folder, skip=(Path(ecfg.out),))
+        return "official HunyuanImage3ForCausalMM layout (per-layer MoE lists)"
+
+    return ArchExport(read_config, hunyuan_key_table, "model", write_config)
+
+
+EXPORTERS = {"zimage": _zimage_export, "hunyuan": _hunyuan_export}
 
 
 def kept_slices(tree: Tree, plan: dict[str, Any]) -> dict[tuple, list[tuple[int, np.ndarray]]]:
@@ -174,8 +240,9 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         src_dt = _entry_dtype(reader, e, by_path, pmap, cfg.weights is not None)
         dt = out_dtype if out_dtype is not None else src_dt
         planned += [PlannedTensor(k, tuple(s), NP_TO_ST[dt]) for k, s in zip(e.torch_keys, e.torch_shapes)]
-    passthrough = [k for k in reader.keys() if src_table.is_passthrough(k)]
-    planned += [PlannedTensor(k, reader.infos[k].shape, reader.infos[k].dtype) for k in passthrough]
+    # carried-through tensors (e.g. a VAE) always come from the source checkpoint, byte for byte
+    passthrough = [k for k in src_reader.keys() if src_table.is_passthrough(k)]
+    planned += [PlannedTensor(k, src_reader.infos[k].shape, src_reader.infos[k].dtype) for k in passthrough]
 
     from tqdm.auto import tqdm
 
@@ -188,11 +255,11 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                 writer.write(key, np.ascontiguousarray(arr).astype(DTYPES_BY_TAG[pt.tag], copy=False))
                 pbar.update(1)
         for k in passthrough:
-            writer.write(k, reader.read(k))
+            writer.write(k, src_reader.read(k))
             pbar.update(1)
         files = writer.finish()
-        layout = ex.write_config(src_cfg, new_cfg, tmp)
-        size = sum(f.stat().st_size for f in tmp.iterdir())
+        layout = ex.write_config(src_cfg, new_cfg, tmp, cfg)
+        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())  # copied sub-folders too
     pbar.close()
     return {
         "out": str(cfg.out),
