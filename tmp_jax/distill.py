@@ -179,6 +179,15 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         raise ValueError(f"arch {teacher.ARCH!r} does not support distillation yet")
     matched = hooks.matched_features(student.config)  # student block j -> teacher feature index
     batch_at = training_batches(cfg, teacher.config, teacher.ARCH)
+    if cfg.mesh:  # teacher and student sharded alike by the rules table; the batch over 'data'
+        from tmp_jax.calibration import shard_inputs
+        from tmp_jax.sharding import make_mesh, shard_module
+
+        mesh = make_mesh(cfg.mesh)
+        shard_module(teacher, mesh)
+        shard_module(student, mesh)
+        unsharded = batch_at
+        batch_at = lambda step: shard_inputs(unsharded(step), mesh)  # noqa: E731
     dtype = jnp.dtype(cfg.compute_dtype)
     fwd = lambda m, x: hooks.forward_train(m, x, cfg.remat)  # noqa: E731
     opt = make_optimizer(cfg)
