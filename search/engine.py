@@ -433,6 +433,17 @@ def _signature(cfg: SearchConfig, strat: Strategy, budgets: list[Budget], proble
     }
 
 
+def _save_importance(path: Path, problem: Problem) -> None:
+    """Store the calibration importance with the run (per-unit scores, block scores, unit order)."""
+    units = getattr(problem, "importance", None)
+    if not units:
+        return
+    arrays = {f"units/{n}/{k}": np.asarray(v) for (n, k), v in units.items()}
+    arrays.update({f"block/{n}": np.asarray(v) for n, v in (getattr(problem, "block_scores", None) or {}).items()})
+    arrays.update({f"order/{n}/{k}": np.asarray(v) for (n, k), v in (getattr(problem, "order", None) or {}).items()})
+    _atomic_npz(path, arrays)
+
+
 def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     """Run one search (see the module docstring); returns the plans (one per budget) and counters."""
     if config.strategy not in STRATEGIES:
@@ -454,6 +465,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    _save_importance(out / "importance.npz", problem)
     rng = np.random.Generator(np.random.PCG64(config.seed))
     ev = Evaluator(problem, cost, n_total)
     imp = split_importance(problem)
