@@ -137,10 +137,10 @@ class CostModel:
                 terms[key] = terms.get(key, 0) + const
             if kind == "flops" and n.kind == "attn":
                 for u in n.units:
-                    if u.kind == "heads":
+                    if u.kind in ("heads", "kv_groups"):  # as Tree.flops: kept units x query-slice group
                         t = self._tokens_of(n.name)
                         # attention scores/values use the kept head count, never clamped by top-k
-                        key = (idx[n.name], (slot_of[(n.name, "heads")],), False)
+                        key = (idx[n.name], (slot_of[(n.name, u.kind)],), False)
                         terms[key] = terms.get(key, 0) + 4 * t * t * u.slices[0].group
         deg = max((len(k[1]) for k in terms), default=0)
         self._term_node = np.array([k[0] for k in terms], np.int64)

@@ -158,9 +158,14 @@ def _moe_tree():
     return Tree(Spec("toy", root, shapes, dtype_bytes=2))
 
 
-@pytest.mark.parametrize("which", ["zimage", "moe"])
+@pytest.mark.parametrize("which", ["zimage", "moe", "hunyuan"])
 def test_cost_model_is_exact(ztree, which):
-    tree = ztree if which == "zimage" else _moe_tree()
+    if which == "hunyuan":
+        from tmp_jax.models.hunyuan_image3.config import TINY as HTINY
+
+        tree = Tree(arch.get("hunyuan").build_spec(HTINY))
+    else:
+        tree = ztree if which == "zimage" else _moe_tree()
     rng = np.random.default_rng(0)
     gs = rng.integers(0, tree.max_levels() + 1, size=(40, tree.n_genes))
     tokens = {"image": 64, "caption": 16, "all": 80}

@@ -305,10 +305,11 @@ class Tree:
         for n in self.spec.nodes():
             if n.kind == "attn" and n.name not in a.dropped:
                 for u in n.units:
-                    if u.kind == "heads":
-                        hd = u.slices[0].group
+                    if u.kind in ("heads", "kv_groups"):
+                        # the first slice is the query projection: kept units x its group = query width
+                        q_width = self.kept_count(a, n.name, u.kind) * u.slices[0].group
                         t = tokens.get(self._stream(n), tokens.get("all", 0))
-                        total += 4 * t * t * self.kept_count(a, n.name, "heads") * hd
+                        total += 4 * t * t * q_width  # QK^T and PV
         return total
 
     def _stream(self, n: Node) -> str:
