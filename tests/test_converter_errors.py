@@ -40,9 +40,7 @@ def test_good_loads(good):
 
 
 def test_unknown_key(tmp_path, good):
-    bad = _copy_with(
-        tmp_path, good, lambda sd: sd.__setitem__("layers.0.extra.weight", np.zeros(3, np.float32))
-    )
+    bad = _copy_with(tmp_path, good, lambda sd: sd.__setitem__("layers.0.extra.weight", np.zeros(3, np.float32)))
     with pytest.raises(
         CheckpointError, match=r"diffusion_pytorch_model.safetensors: unknown key 'layers.0.extra.weight'"
     ):

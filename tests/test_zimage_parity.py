@@ -59,9 +59,7 @@ def test_submodules(pair):
     assert rel_err(got, want) <= TOL
     # one modulated block, one context-refiner block, final layer: same inputs, same RoPE positions
     T = 40
-    pos = np.stack([rng.integers(0, 200, T), rng.integers(0, 60, T), rng.integers(0, 60, T)], -1).astype(
-        np.int32
-    )
+    pos = np.stack([rng.integers(0, 200, T), rng.integers(0, 60, T), rng.integers(0, 60, T)], -1).astype(np.int32)
     pos = np.broadcast_to(pos, (2, T, 3))
     h = rng.standard_normal((2, T, cfg.dim)).astype(np.float32)
     valid = np.ones((2, T), bool)
