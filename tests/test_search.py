@@ -367,4 +367,10 @@ def test_real_problem_second_generation_compiles_nothing(tmp_path):
         seen = z["cache_genomes"]
     prob.fitness(seen)
     assert prob.compile_count() == c1
+    # candidates that drop blocks share the stem / final-layer functions too
+    g = prob.tree.full_genome()
+    keeps = [i for i, gene in enumerate(prob.tree.genes) if gene.kind == "keep" and gene.node.startswith("layers.")]
+    g[keeps] = 0  # no main block at all: a depth no search candidate had before
+    prob.fitness(g[None])
+    assert prob.compile_count() == c1
     assert res.plans[0]["counts"]["after"]["params"] <= res.plans[0]["budget"]["value"]

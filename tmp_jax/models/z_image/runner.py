@@ -53,7 +53,9 @@ class _Stem(nnx.Module):
         self.x_pad_token = m.x_pad_token
         self.cap_pad_token = m.cap_pad_token
         c = m.config
-        self.config = ZImageConfig(**{k: getattr(c, k) for k in c.to_hf_config(include_pruning=False)})
+        # width- and depth-free: candidates that drop blocks must share the stem's compiled functions
+        stock = {k: getattr(c, k) for k in c.to_hf_config(include_pruning=False)}
+        self.config = ZImageConfig(**{**stock, "n_layers": 0, "n_refiner_layers": 0})
 
 
 @partial(jax.jit, static_argnums=(0, 4))

@@ -1,0 +1,457 @@
+"""Candidate evaluation cost at full Z-Image-Turbo width (issue 5).
+
+Measures, in one run on one device:
+
+(a) a ~4B candidate materialised as a real smaller model: its own jitted ``forward_padded``;
+(b) the same candidate evaluated the way the search does it: ``PruningProblem.fitness`` = materialise
+    prefix slices of the (permuted) full model on the device + ``runner.forward_blockwise`` + the
+    normalised error against a cached teacher output; after a warm-up; ratio (b)/(a), target <= 1.2x;
+(c) compilations during the evaluation of several new random candidates whose width levels were
+    warmed before (``runner.compile_count()`` and every XLA backend compile, eager slices included);
+(d) evaluations per GPU-hour;
+(e) the embedded tiny teacher (``build_problem(None)``) on the CPU: evaluations per second.
+
+Full size: the Turbo config in bf16 with random weights generated ON THE DEVICE (one jitted generator
+per parameter shape), an identity importance order (the model counts as already permuted), one
+calibration sample at 1024^2 (latent 16x1x128x128, 512 caption tokens). The PruningProblem is built
+from these pieces directly (``build_problem`` would calibrate on the host).
+
+    python bench/candidate_eval.py --out DIR          # full size on the accelerator, then (e) on CPU
+    python bench/candidate_eval.py --tiny             # small config, CPU smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+_COMPILES = [0]
+
+
+def _count_compiles() -> None:
+    import jax
+
+    def cb(event: str, *_a, **_k) -> None:
+        if "backend_compile" in event:
+            _COMPILES[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(cb)
+
+
+def _median_ms(f, n: int) -> tuple[float, list[float]]:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts), [1e3 * t for t in ts]
+
+
+def pick_genome(tree, target: float):
+    """Uniform (heads level, FFN level) over every block, all blocks kept, closest to ``target`` params."""
+    import numpy as np
+
+    keep = np.array([g.kind == "keep" for g in tree.genes])
+    heads = np.array([g.kind == "heads" for g in tree.genes])
+    mx = tree.max_levels()
+    best = None
+    for h in range(1, int(mx[heads].max()) + 1):
+        for f in range(1, int(mx[~keep & ~heads].max()) + 1):
+            g = np.where(keep, mx, np.where(heads, h, f))
+            n = tree.count(tree.decode(g))["params"]
+            key = (abs(n - target), -h)
+            if best is None or key < best[0]:
+                best = (key, g, n)
+    return best[1], best[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# full size (or --tiny) on the default device
+
+
+def part_full(args: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from tmp_jax import arch
+    from tmp_jax.calibration import Calibration
+    from tmp_jax.materialize import count_params, materialize
+    from tmp_jax.models.z_image import TURBO, ZImageConfig, runner
+    from tmp_jax.models.z_image import model as zm
+    from tmp_jax.models.z_image.structure import build_spec
+    from tmp_jax.problem import PruningProblem
+    from tmp_jax.tree import Tree
+
+    _count_compiles()
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    res: dict = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform}
+    res["jax"] = jax.__version__
+    if args.tiny:
+        cfg = ZImageConfig(
+            dim=256,
+            n_layers=4,
+            n_refiner_layers=1,
+            n_heads=4,
+            n_kv_heads=4,
+            cap_feat_dim=64,
+            axes_dims=(16, 24, 24),
+            axes_lens=(256, 64, 64),
+        )
+        side, cap_len = 32, 40
+    else:
+        cfg, side, cap_len = TURBO, 128, 512
+    res["config"] = "tiny" if args.tiny else "TURBO"
+    res["tokens"] = {"image": (side // 2) ** 2, "caption": cap_len}
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:6.1f}s] {msg}", flush=True)
+
+    # -- tree and the candidate ----------------------------------------------------------------
+    tree = Tree(build_spec(cfg))
+    target = args.target_params * tree.full["params"] / 6_154_908_736 if args.tiny else args.target_params
+    genome, n_cand = pick_genome(tree, target)
+    a = tree.decode(genome)
+    heads_g = [i for i, g in enumerate(tree.genes) if g.kind == "heads"][0]
+    ffn_g = [i for i, g in enumerate(tree.genes) if g.kind == "ffn"][0]
+    res["full_params"] = tree.full["params"]
+    res["candidate"] = {
+        "params": n_cand,
+        "heads": tree.genes[heads_g].counts[genome[heads_g]],
+        "ffn": tree.genes[ffn_g].counts[genome[ffn_g]],
+        "heads_level": int(genome[heads_g]),
+        "ffn_level": int(genome[ffn_g]),
+    }
+    log(f"full {tree.full['params'] / 1e9:.3f}B; candidate {n_cand / 1e9:.3f}B: {res['candidate']}")
+
+    # -- random weights generated on the device ----------------------------------------------------
+    t0 = time.perf_counter()
+    abstract = zm.init_abstract(cfg, jnp.bfloat16)
+    graphdef, state = nnx.split(abstract)
+
+    @partial(jax.jit, static_argnums=(1, 2))
+    def gen(key: jax.Array, shape: tuple, kind: str) -> jax.Array:
+        z = jax.random.normal(key, shape, jnp.float32)
+        if kind == "kernel":
+            z = z / np.sqrt(shape[0])
+        elif kind == "weight":
+            z = 1.0 + 0.1 * z
+        else:
+            z = 0.1 * z
+        return z.astype(jnp.bfloat16)
+
+    key = jax.random.key(0)
+    leaves = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        name = str(path[-1])
+        kind = name if name in ("kernel", "weight") else "other"
+        leaves.append((path, gen(jax.random.fold_in(key, i), tuple(var.get_value().shape), kind)))
+    jax.block_until_ready([v for _, v in leaves])
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    del leaves, state, abstract
+    res["init_s"] = time.perf_counter() - t0
+    res["model_params"] = count_params(model)
+    log(f"{res['model_params'] / 1e9:.3f}B params on {jax.devices()[0]} in {res['init_s']:.1f}s")
+
+    # -- calibration sample and teacher output ----------------------------------------------------
+    rng = np.random.default_rng(0)
+    batch = {
+        "latents": rng.standard_normal((1, cfg.in_channels, 1, side, side)).astype(np.float32),
+        "cap_feats": rng.standard_normal((1, cap_len, cfg.cap_feat_dim)).astype(np.float32),
+        "cap_lens": np.array([cap_len], np.int32),
+        "t": np.array([0.5], np.float32),
+    }
+    inputs = runner.prepare_batch(cfg, batch)  # host arrays, as calibrate() keeps them (no mesh)
+    t0 = time.perf_counter()
+    yt = np.asarray(runner.forward_blockwise(model, inputs))
+    res["teacher_s"] = time.perf_counter() - t0
+    res["teacher_finite"] = bool(np.isfinite(yt.astype(np.float32)).all())
+    log(f"teacher output {yt.shape} {yt.dtype} in {res['teacher_s']:.1f}s (compiles included)")
+
+    prob = object.__new__(PruningProblem)  # the search's own fitness, without host calibration
+    prob.arch, prob.hooks, prob.tree = "zimage", arch.get("zimage"), tree
+    prob.model, prob.teacher_model = model, model
+    prob.calib = Calibration([inputs], [yt], {})
+    prob.n_evals, prob.source = 0, {}
+
+    # -- (a) the materialised candidate's own forward -------------------------------------------
+    t0 = time.perf_counter()
+    cand = materialize(model, tree, a)
+    jax.block_until_ready(nnx.state(cand))
+    res["materialize_first_s"] = time.perf_counter() - t0
+    res["candidate_model_params"] = count_params(cand)
+    cgd, cst = nnx.split(cand)
+    dev_arrays = {k: jnp.asarray(v) for k, v in inputs["arrays"].items()}
+    t_dev = jnp.asarray(inputs["t"])
+    pk = inputs["patch_key"]
+
+    @jax.jit
+    def fwd(st, arrs, t):
+        return nnx.merge(cgd, st).forward_padded(arrs, t, pk)
+
+    t0 = time.perf_counter()
+    y_own = fwd(cst, dev_arrays, t_dev).block_until_ready()
+    res["own_compile_s"] = time.perf_counter() - t0
+    fwd(cst, dev_arrays, t_dev).block_until_ready()
+    res["own_ms"], _ = _median_ms(lambda: fwd(cst, dev_arrays, t_dev).block_until_ready(), args.iters)
+    log(f"(a) own forward_padded: {res['own_ms']:.2f} ms (compile {res['own_compile_s']:.1f}s)")
+
+    # -- (b) the search's evaluation of the same candidate ----------------------------------------
+    t0 = time.perf_counter()
+    f_first = float(prob.fitness(genome[None])[0])
+    res["fitness_first_s"] = time.perf_counter() - t0
+    prob.fitness(genome[None])
+    fits = []
+
+    def one() -> None:
+        fits.append(float(prob.fitness(genome[None])[0]))
+
+    res["fitness_ms"], res["fitness_all_ms"] = _median_ms(one, args.iters)
+    res["fitness_value"] = fits[-1]
+    res["fitness_deterministic"] = all(f == f_first for f in fits)
+    res["ratio"] = res["fitness_ms"] / res["own_ms"]
+    # cross-check: the blockwise output of the materialised candidate vs its fused forward
+    y_bw = np.asarray(runner.forward_blockwise(cand, inputs), np.float32)
+    y_own = np.asarray(y_own, np.float32)
+    res["bw_vs_fused_rel"] = float(np.linalg.norm(y_bw - y_own) / max(np.linalg.norm(y_own), 1e-30))
+    log(f"(b) fitness {res['fitness_ms']:.2f} ms (value {res['fitness_value']:.4g}); ratio {res['ratio']:.3f}x")
+
+    # breakdown of (b): materialise alone, blockwise forward with host / device inputs, error alone
+    def mat() -> None:
+        jax.block_until_ready(nnx.state(materialize(model, tree, a)))
+
+    res["materialize_ms"], _ = _median_ms(mat, args.iters)
+    res["blockwise_host_in_ms"], _ = _median_ms(lambda: np.asarray(runner.forward_blockwise(cand, inputs)), args.iters)
+    dev_inputs = dict(inputs, arrays=dev_arrays, t=t_dev)
+    res["blockwise_dev_in_ms"], _ = _median_ms(
+        lambda: runner.forward_blockwise(cand, dev_inputs).block_until_ready(), args.iters
+    )
+    cand = cst = y_own = y_bw = None  # free the candidate copy
+    log(
+        f"    materialise {res['materialize_ms']:.2f} ms; blockwise fwd (host in, host out) "
+        f"{res['blockwise_host_in_ms']:.2f} ms; blockwise fwd (device in/out) {res['blockwise_dev_in_ms']:.2f} ms"
+    )
+
+    # -- (c) warm the width levels, then new random candidates over those levels ------------------
+    mx = tree.max_levels()
+    keep = np.array([g.kind == "keep" for g in tree.genes])
+    warm = sorted(set(args.warm_levels) | {int(genome[heads_g]), int(genome[ffn_g])})
+    warm = [lv for lv in warm if lv <= int(mx.max())]
+    res["warm_levels"] = warm
+    t0 = time.perf_counter()
+    c0 = runner.compile_count()
+    for lv in warm:
+        if time.time() > deadline:
+            res["warm_skipped"] = f"time budget after level {lv}"
+            break
+        prob.fitness(np.where(keep, mx, np.minimum(lv, mx))[None])
+    res["warmup_s"] = time.perf_counter() - t0
+    res["warmup_compiles"] = runner.compile_count() - c0
+    log(f"warm-up over levels {warm}: {res['warmup_s']:.1f}s, {res['warmup_compiles']} new blockwise variants")
+
+    grng = np.random.default_rng(1)
+    n_keep = (args.n_random + 1) // 2  # these keep every block; the others drop ~10% of the blocks
+
+    def random_genome(i: int) -> np.ndarray:
+        g = np.array([grng.choice([lv for lv in warm if lv <= m] or [m]) for m in mx])
+        drop = grng.random(len(mx)) < (0.0 if i < n_keep else 0.1)
+        return np.where(keep, (~drop).astype(int), g)
+
+    gs = [random_genome(i) for i in range(args.n_random)]
+    ts, vals, sizes, per = [], [], [], []
+    for g in gs:
+        if time.time() > deadline:
+            res["random_skipped"] = "time budget"
+            break
+        c_runner, c_all = runner.compile_count(), _COMPILES[0]
+        t0 = time.perf_counter()
+        vals.append(float(prob.fitness(g[None])[0]))
+        ts.append(time.perf_counter() - t0)
+        per.append((runner.compile_count() - c_runner, _COMPILES[0] - c_all))
+        sizes.append(tree.count(tree.decode(g))["params"])
+    kept_ts = ts[:n_keep]
+    res["random"] = {
+        "n": len(ts),
+        "n_all_blocks_kept": min(n_keep, len(ts)),
+        "ms": [1e3 * t for t in ts],
+        "params": sizes,
+        "fitness": vals,
+        "compiles_per_candidate": per,
+        "runner_compiles": sum(c for c, _ in per),
+        "xla_compiles": sum(c for _, c in per),
+        "runner_compiles_all_kept": sum(c for c, _ in per[:n_keep]),
+        "xla_compiles_all_kept": sum(c for _, c in per[:n_keep]),
+        "median_ms": 1e3 * statistics.median(kept_ts) if kept_ts else None,
+    }
+    log(
+        f"(c) {len(ts)} new random candidates: (runner, all-XLA) compiles per candidate {per} "
+        f"(first {n_keep} keep every block); eval ms {[round(1e3 * t, 1) for t in ts]}; "
+        f"sizes {[round(s / 1e9, 2) for s in sizes]}B"
+    )
+    # (d)
+    res["evals_per_hour_candidate"] = 3.6e6 / res["fitness_ms"]
+    if ts:
+        res["evals_per_hour_random"] = 3.6e6 / res["random"]["median_ms"]
+    res["wall_s"] = time.time() - t_start
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# (e) the embedded tiny teacher on the CPU
+
+
+def part_embedded(args: argparse.Namespace) -> dict:
+    import jax
+    import numpy as np
+
+    from tmp_jax.problem import build_problem
+
+    _count_compiles()
+    res: dict = {"device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform}
+    res["cpus"] = os.cpu_count()
+    t0 = time.perf_counter()
+    p = build_problem(None)
+    res["build_s"] = time.perf_counter() - t0
+    res["source"] = p.source["path"]
+    res["params"] = p.tree.full["params"]
+    res["samples"] = p.n_samples_total()
+    t0 = time.perf_counter()
+    res["warmup_variants"] = p.warmup()
+    res["warmup_s"] = time.perf_counter() - t0
+    rng = np.random.default_rng(2)
+    mx = p.tree.max_levels()
+    gs = [rng.integers(0, mx + 1) for _ in range(args.n_embedded)]
+    c_runner, c_all = p.compile_count(), _COMPILES[0]
+    t0 = time.perf_counter()
+    for g in gs:
+        p.fitness(g[None])
+    dt = time.perf_counter() - t0
+    res.update(
+        n=len(gs),
+        eval_ms=1e3 * dt / len(gs),
+        evals_per_s=len(gs) / dt,
+        runner_compiles=p.compile_count() - c_runner,
+        xla_compiles=_COMPILES[0] - c_all,
+    )
+    print(
+        f"[embedded/{res['platform']}] {res['params'] / 1e6:.2f}M params, {res['samples']} samples: warm-up "
+        f"{res['warmup_s']:.1f}s; {len(gs)} random candidates {res['eval_ms']:.1f} ms each = "
+        f"{res['evals_per_s']:.1f} evals/s; compiles runner {res['runner_compiles']}, XLA {res['xla_compiles']}",
+        flush=True,
+    )
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def table(r: dict) -> str:
+    f, e = r.get("full", {}), r.get("embedded", {})
+    rows = ["| quantity | value |", "|---|---|"]
+    if "own_ms" in f:
+        c = f["candidate"]
+        rand = f.get("random", {})
+        rows += [
+            f"| device | {f['device']} ({f['config']}, bf16, tokens {f['tokens']}) |",
+            f"| full / candidate params | {f['full_params']:,} / {c['params']:,} "
+            f"(heads {c['heads']}, FFN {c['ffn']}, every block) |",
+            f"| (a) candidate's own jitted forward_padded | {f['own_ms']:.2f} ms |",
+            f"| (b) search evaluation (materialise + blockwise + error), median | {f['fitness_ms']:.2f} ms |",
+            f"| (b)/(a) ratio (target <= 1.2) | **{f['ratio']:.3f}x** |",
+            f"| &nbsp; materialise alone | {f['materialize_ms']:.2f} ms |",
+            f"| &nbsp; blockwise forward, host inputs + host output | {f['blockwise_host_in_ms']:.2f} ms |",
+            f"| &nbsp; blockwise forward, device inputs and output | {f['blockwise_dev_in_ms']:.2f} ms |",
+            f"| blockwise vs fused output, rel. L2 | {f['bw_vs_fused_rel']:.2e} |",
+            f"| warm-up over levels {f['warm_levels']} | {f['warmup_s']:.1f} s, "
+            f"{f['warmup_compiles']} blockwise variants |",
+        ]
+        if rand.get("n"):
+            rows += [
+                f"| (c) compiles, {rand['n_all_blocks_kept']} new random candidates keeping every block | "
+                f"runner {rand['runner_compiles_all_kept']}, all XLA {rand['xla_compiles_all_kept']} |",
+                f"| (c) compiles, all {rand['n']} (the rest drop ~10% of blocks) | runner {rand['runner_compiles']}, "
+                f"all XLA {rand['xla_compiles']} |",
+                f"| random candidates keeping every block: median eval | {rand['median_ms']:.2f} ms "
+                f"({min(rand['params']) / 1e9:.2f}-{max(rand['params']) / 1e9:.2f}B) |",
+                f"| (d) evals per GPU-hour (the candidate / random candidates) | "
+                f"{f['evals_per_hour_candidate']:,.0f} / {f.get('evals_per_hour_random', 0):,.0f} |",
+            ]
+    elif "full" in r:
+        rows.append(f"| full-size part | {f.get('error', 'incomplete')} |")
+    if "evals_per_s" in e:
+        rows += [
+            f"| (e) embedded teacher on {e['platform']} ({e['cpus']} cores), {e['samples']} samples | "
+            f"{e['eval_ms']:.1f} ms/eval = **{e['evals_per_s']:.1f} evals/s** "
+            f"(compiles: runner {e['runner_compiles']}, XLA {e['xla_compiles']}; warm-up {e['warmup_s']:.1f} s) |",
+        ]
+    elif "embedded" in r:
+        rows.append(f"| (e) embedded | {e.get('error', 'incomplete')} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="small config (CPU smoke test)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--target-params", type=float, default=4.0e9)
+    ap.add_argument("--warm-levels", type=int, nargs="+", default=[4, 5, 6, 7, 8])
+    ap.add_argument("--n-random", type=int, default=6)
+    ap.add_argument("--n-embedded", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=300, help="skip warm-up/random steps past this")
+    ap.add_argument("--embedded-timeout-s", type=float, default=150)
+    ap.add_argument("--skip-embedded", action="store_true")
+    ap.add_argument("--part", choices=["all", "full", "embedded"], default="all")
+    args = ap.parse_args()
+
+    if args.part != "all":
+        res = part_full(args) if args.part == "full" else part_embedded(args)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    results: dict = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    plan = [("full", {})]
+    if not args.skip_embedded:
+        plan.append(("embedded", {"JAX_PLATFORMS": "cpu"}))
+    for key, env_extra in plan:
+        env = dict(os.environ, **env_extra)
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--part", key]
+        lines = []
+        try:
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+                t_end = time.time() + (args.embedded_timeout_s if key == "embedded" else 1e9)
+                for line in p.stdout:
+                    lines.append(line)
+                    if not line.startswith("RESULT "):
+                        print(line, end="", flush=True)
+                    if time.time() > t_end:
+                        p.kill()
+                        break
+        except OSError as ex:
+            lines.append(f"{ex}\n")
+        got = [ln for ln in lines if ln.startswith("RESULT ")]
+        results[key] = json.loads(got[-1][7:]) if got else {"error": f"no result (rc={p.returncode})"}
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{key}.log").write_text("".join(lines))
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    tab = table(results)
+    print(tab)
+    if args.out:
+        (args.out / "table.md").write_text(tab + "\n")
+
+
+if __name__ == "__main__":
+    main()
