@@ -1,0 +1,317 @@
+"""Quality of a (pruned / recovered) Z-Image Fashion-MNIST model against its teacher, on held-out data.
+
+    python -m tmp_jax.evaluate --model DIR_OR_NAME [--teacher DIR_OR_NAME] [--setting cheap|full] [--seed S]
+
+``--model`` / ``--teacher`` is ``zimage-fmnist`` (the embedded teacher, the default teacher) or a
+diffusers-layout folder with a ``config.json``: a checkpoint, ``distill-out/weights`` or a
+``converters.export`` folder (pruned configs included). Everything runs on the TEST split of the
+committed Fashion-MNIST subset with fixed seeds, and the teacher and the model always see the same
+inputs and the same starting noise:
+
+* ``heldout_fm_mse``   flow-matching MSE: prediction vs ``x0 - noise`` at ``x_sigma``, test images,
+                       sigma on a fixed grid in [0.05, 0.95], Gaussian noise from ``--seed``;
+* ``vel_mse``          teacher-student velocity MSE on exactly those inputs (``vel_rel``: the same
+                       normalised by the teacher's mean square, the search's fitness measure);
+* ``class_acc``        accuracy of the committed evaluator CNN on samples, against the class each
+                       sample was conditioned on (Euler sampling, CFG 2, labels of the test images);
+* ``fid_cls``          Fréchet distance of evaluator features, samples vs the whole test subset;
+* ``paired_mse``       mean squared pixel difference (in [0, 1]^2) of each sample vs the teacher's
+                       sample from the same noise and label.
+
+Settings: ``cheap`` = 512 test images for the MSEs, 200 samples of 6 Euler steps (about a minute on
+a 2-core CPU per model); ``full`` = the whole 2048-image test subset for both, 20 Euler steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+GUIDANCE = 2.0
+BATCH = 256  # MSE forward batch: one compiled shape per model
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    fm_images: int  # test images for the flow-matching / velocity MSEs
+    samples: int  # generated samples (class accuracy, FID_cls, paired MSE)
+    steps: int  # Euler steps
+    guidance: float = GUIDANCE
+
+
+SETTINGS = {
+    "cheap": Setting("cheap", fm_images=512, samples=200, steps=6),
+    "full": Setting("full", fm_images=2048, samples=2048, steps=20),
+}
+
+
+class EvaluateError(ValueError):
+    """A bad --model / --teacher / --setting (printed as one line by the CLI)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def resolve(spec: str | Path) -> Path:
+    """The folder of an embedded name or a path; :class:`EvaluateError` (one line) when unusable."""
+    from tmp_jax.problem import EMBEDDED
+
+    if str(spec) in EMBEDDED:
+        p = EMBEDDED[str(spec)]
+        if not (p / "config.json").is_file():
+            raise EvaluateError(f"embedded model {spec!r} is missing from this checkout ({p})")
+        return p
+    p = Path(spec)
+    if not p.exists():
+        raise EvaluateError(f"{spec}: no such file or folder (give zimage-fmnist or a diffusers-layout folder)")
+    folder = p if p.is_dir() else p.parent
+    conf = folder / "config.json"
+    if not conf.is_file():
+        raise EvaluateError(f"{spec}: no config.json (expected a diffusers-layout Z-Image folder)")
+    try:
+        d = json.loads(conf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvaluateError(f"{conf}: unreadable config.json ({e})") from None
+    if not isinstance(d, dict) or not (d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d):
+        raise EvaluateError(f"{spec}: not a Z-Image transformer config (this evaluation is for Z-Image models)")
+    if not list(folder.glob("*.safetensors")) and not (p.is_file() and p.suffix == ".safetensors"):
+        raise EvaluateError(f"{spec}: no .safetensors weights next to config.json")
+    return p
+
+
+def load(spec: str | Path | Any) -> Any:
+    """A Z-Image model from an embedded name or a folder (cached per resolved path); modules pass through."""
+    if not isinstance(spec, str | Path):
+        return spec
+    from tmp_jax import arch
+
+    p = resolve(spec)
+    key = str(p.resolve())
+    if key not in _LOADED:
+        try:
+            _LOADED[key] = arch.get("zimage").load(str(p), dtype=jnp.float32)
+        except (OSError, ValueError, KeyError) as e:
+            raise EvaluateError(f"{spec}: cannot load as a Z-Image model ({type(e).__name__}: {e})") from None
+    return _LOADED[key]
+
+
+def n_params(model: Any) -> int:
+    return int(sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out inputs and forwards
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _predict(graphdef: Any, lay_key: tuple, state: Any, arrays: dict, xt: jax.Array, sigma: jax.Array, cap: jax.Array):
+    from tmp_jax.sampling import FixedLayout, predict_tokens
+
+    lay = FixedLayout(arrays, *lay_key)
+    return predict_tokens(nnx.merge(graphdef, state), lay, xt, sigma, cap).astype(jnp.float32)
+
+
+def heldout_inputs(model_cfg: Any, n: int, seed: int) -> dict[str, np.ndarray]:
+    """``n`` test images in token space, fixed noise (``seed``), sigma grid, captions, and ``x_sigma``."""
+    from tmp_jax import data as fm
+    from tmp_jax.sampling import patchify
+
+    test = fm.load_subset("test")
+    if n > len(test):
+        raise EvaluateError(f"{n} held-out images requested; the test subset has {len(test)}")
+    x0 = np.asarray(patchify(jnp.asarray(fm.to_latents(test.images[:n])), model_cfg.all_patch_size[0]))
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), x0.shape, jnp.float32))
+    sigma = np.linspace(0.05, 0.95, n, dtype=np.float32)
+    s = sigma[:, None, None]
+    cap = fm.caption_table(model_cfg.cap_feat_dim)[test.labels[:n]]
+    return {"x0": x0, "noise": noise, "sigma": sigma, "xt": (1 - s) * x0 + s * noise, "cap": cap}
+
+
+def predictions(model: Any, inp: dict[str, np.ndarray], batch: int = BATCH) -> np.ndarray:
+    """The model's output (predicted ``x0 - noise``) on ``inp['xt']``: (N, tokens, patch_dim), float32."""
+    from tmp_jax.sampling import fixed_layout
+
+    n = len(inp["xt"])
+    bs = min(batch, n)
+    lay = fixed_layout(model.config, bs)
+    key = (lay.n_img, lay.patch, lay.channels, lay.hw)
+    graphdef, state = nnx.split(model)
+    out = []
+    for i in range(0, n, bs):
+        xt, sg, cap = (inp[k][i : i + bs] for k in ("xt", "sigma", "cap"))
+        m = len(xt)
+        if m < bs:  # keep one compiled shape
+            pad = lambda a, k=bs - m: np.concatenate([a, np.repeat(a[-1:], k, 0)])  # noqa: E731
+            xt, sg, cap = pad(xt), pad(sg), pad(cap)
+        out.append(np.asarray(_predict(graphdef, key, state, lay.arrays, xt, sg, cap))[:m])
+    return np.concatenate(out)
+
+
+def velocity_gap(student: Any, teacher: Any, inp: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(MSE, normalised MSE) between student and teacher outputs on the held-out inputs."""
+    ys, yt = predictions(student, inp), predictions(teacher, inp)
+    return float(np.mean((ys - yt) ** 2)), float(np.sum((ys - yt) ** 2) / np.sum(yt**2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+_TEACHER_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
+def _reference(teacher: Any, st: Setting, seed: int) -> dict[str, Any]:
+    """Everything about the teacher one setting needs (computed once per teacher, setting and seed)."""
+    key = (id(teacher), st, seed)
+    if key in _TEACHER_CACHE:
+        return _TEACHER_CACHE[key]
+    from tmp_jax import data as fm
+    from tmp_jax import evaluator
+    from tmp_jax.sampling import sample_images
+
+    test = fm.load_subset("test")
+    if st.samples > len(test):
+        raise EvaluateError(f"{st.samples} samples requested; the test subset has {len(test)}")
+    inp = heldout_inputs(teacher.config, st.fm_images, seed)
+    labels = test.labels[: st.samples]
+    ref = {
+        "teacher": teacher,
+        "inputs": inp,
+        "pred": predictions(teacher, inp),
+        "labels": labels,
+        "ref_feats": evaluator.features(test.images),
+    }
+    ref["samples"] = sample_images(teacher, labels, seed=seed, steps=st.steps, guidance=st.guidance)
+    ref["metrics"] = _metrics(teacher, ref, st, seed, pred=ref["pred"], samples=ref["samples"])
+    _TEACHER_CACHE[key] = ref
+    return ref
+
+
+def _metrics(
+    model: Any,
+    ref: dict[str, Any],
+    st: Setting,
+    seed: int,
+    pred: np.ndarray | None = None,
+    samples: np.ndarray | None = None,
+) -> dict[str, float]:
+    from tmp_jax import evaluator
+    from tmp_jax.sampling import sample_images
+
+    inp = ref["inputs"]
+    if pred is None:
+        pred = predictions(model, inp)
+    if samples is None:
+        samples = sample_images(model, ref["labels"], seed=seed, steps=st.steps, guidance=st.guidance)
+    yt = ref["pred"]
+    feats, logits = evaluator.features_and_logits(samples)
+    d2 = (samples.astype(np.float32) - ref["samples"].astype(np.float32)) / 255.0
+    return {
+        "params": n_params(model),
+        "heldout_fm_mse": float(np.mean((pred - (inp["x0"] - inp["noise"])) ** 2)),
+        "vel_mse": float(np.mean((pred - yt) ** 2)),
+        "vel_rel": float(np.sum((pred - yt) ** 2) / np.sum(yt**2)),
+        "class_acc": float(np.mean(logits.argmax(-1) == ref["labels"])),
+        "fid_cls": evaluator.fid(feats, ref["ref_feats"]),
+        "paired_mse": float(np.mean(d2**2)),
+    }
+
+
+def evaluate(
+    model: str | Path | Any,
+    teacher: str | Path | Any = "zimage-fmnist",
+    setting: str | Setting = "cheap",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of ``model`` (a name, a folder or a loaded model) against ``teacher``; see the module doc.
+
+    Returns the model's metrics plus ``teacher`` (the teacher's own metrics under the same setting),
+    ``setting`` and ``seconds``. Teacher-side work is cached per (teacher, setting, seed)."""
+    t0 = time.time()
+    st = setting if isinstance(setting, Setting) else SETTINGS.get(setting)
+    if st is None:
+        raise EvaluateError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+    t_model = load(teacher)
+    m_model = load(model)
+    for name, m in (("model", m_model), ("teacher", t_model)):
+        if getattr(m, "ARCH", None) != "zimage":
+            raise EvaluateError(f"--{name}: a {getattr(m, 'ARCH', type(m).__name__)} model; Z-Image only")
+    for k in ("in_channels", "all_patch_size", "cap_feat_dim"):
+        if getattr(m_model.config, k) != getattr(t_model.config, k):
+            raise EvaluateError(f"--model and --teacher differ in {k}: they are not teacher and student")
+    ref = _reference(t_model, st, seed)
+    if m_model is t_model:
+        out = dict(ref["metrics"])
+    else:
+        out = _metrics(m_model, ref, st, seed)
+    out["teacher"] = dict(ref["metrics"])
+    out["setting"] = asdict(st)
+    out["seed"] = seed
+    out["seconds"] = time.time() - t0
+    return out
+
+
+COLUMNS = (
+    ("params", "params", "{:,}"),
+    ("vel_mse", "velocity MSE vs teacher", "{:.5f}"),
+    ("vel_rel", "(normalised)", "{:.4f}"),
+    ("heldout_fm_mse", "held-out FM MSE", "{:.4f}"),
+    ("class_acc", "class acc.", "{:.3f}"),
+    ("fid_cls", "FID_cls", "{:.2f}"),
+    ("paired_mse", "paired sample MSE", "{:.4f}"),
+)
+
+
+def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """A plain-text table of named metric dicts."""
+    head = ["model"] + [h for _, h, _ in COLUMNS]
+    body = [[name] + [f.format(m[k]) for k, _, f in COLUMNS] for name, m in rows]
+    w = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tmp_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, help="zimage-fmnist or a diffusers-layout folder to evaluate")
+    p.add_argument("--teacher", default="zimage-fmnist", help="the reference model (default: zimage-fmnist)")
+    p.add_argument("--setting", default="cheap", choices=sorted(SETTINGS), help="cheap (default) or full")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out noise and the sampling noise")
+    p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    a = p.parse_args(argv)
+    try:
+        r = evaluate(a.model, a.teacher, a.setting, a.seed)
+    except EvaluateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    st = r["setting"]
+    print(
+        f"setting {st['name']}: {st['fm_images']} test images for the MSEs, {st['samples']} samples of "
+        f"{st['steps']} Euler steps (CFG {st['guidance']:g}), seed {r['seed']}; {r['seconds']:.0f} s"
+    )
+    print(table([("teacher", r["teacher"]), (str(a.model), r)]))
+    if a.json:
+        a.json.write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
