@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+from plan_ref import write_plan
 
-from search.engine import FORMAT_VERSION
 from tmp_jax import arch
 from tmp_jax import data as fm
 from tmp_jax.distill import DistillConfig, NonFiniteLoss, build_pair, run
-from tmp_jax.materialize import kept_units
-from tmp_jax.problem import EMBEDDED, fingerprint
+from tmp_jax.problem import EMBEDDED
 from tmp_jax.tree import Tree
 
 TEACHER = EMBEDDED["zimage-fmnist"]
@@ -34,28 +32,7 @@ def plan(tmp_path_factory) -> Path:
         if gene.kind == "ffn" and gene.node.startswith("layers."):
             g[i] = gene.n_levels // 2
     g[names.index("layers.0.attention:heads")] = 3
-    a = tree.decode(g)
-    kept = kept_units(tree, a, None)
-    p = tmp_path_factory.mktemp("plan") / "plan.json"
-    p.write_text(
-        json.dumps(
-            {
-                "format_version": FORMAT_VERSION,
-                "arch": "zimage",
-                "source": {"fingerprint": fingerprint(TEACHER, teacher.config.to_hf_config())},
-                "budget": {"text": "test"},
-                "policy": {
-                    "dropped": sorted(a.dropped),
-                    "keep": {f"{n}/{k}": v for (n, k), v in a.keep.items()},
-                    "kept_units": {f"{n}/{k}": v.tolist() for (n, k), v in kept.items()},
-                },
-                "genome": {"levels": g.tolist()},
-                "counts": {"after": {"params": tree.count(a)["params"]}},
-                "fitness": {"value": 0.0},
-            }
-        )
-    )
-    return p
+    return write_plan(tmp_path_factory.mktemp("plan") / "plan.json", "zimage", TEACHER, teacher, tree, g, None)
 
 
 def _heldout_gap(student, teacher) -> float:

@@ -11,16 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+from plan_ref import write_plan  # noqa: E402
 from zimage_ref import inputs, rel_err, save_diffusers, tiny_diffusers, torch_forward  # noqa: E402
 
 from converters import engine  # noqa: E402
 from converters.engine import CheckpointError, SafetensorsReader  # noqa: E402
 from converters.export import ExportConfig, export, main  # noqa: E402
 from converters.zimage import load_zimage  # noqa: E402
-from search.engine import FORMAT_VERSION  # noqa: E402
 from tmp_jax import arch  # noqa: E402
-from tmp_jax.materialize import count_params, kept_units, materialize  # noqa: E402
-from tmp_jax.problem import fingerprint  # noqa: E402
+from tmp_jax.materialize import count_params, materialize  # noqa: E402
 from tmp_jax.tree import Tree  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -37,25 +36,7 @@ def src(tmp_path_factory):
 
 
 def _plan(tmp: Path, folder: Path, model, tree, genome, order) -> Path:
-    a = tree.decode(genome)
-    kept = kept_units(tree, a, order)
-    plan = {
-        "format_version": FORMAT_VERSION,
-        "arch": "zimage",
-        "source": {"fingerprint": fingerprint(folder, model.config.to_hf_config())},
-        "budget": {"text": "test"},
-        "policy": {
-            "dropped": sorted(a.dropped),
-            "keep": {f"{n}/{k}": v for (n, k), v in a.keep.items()},
-            "kept_units": {f"{n}/{k}": ids.tolist() for (n, k), ids in kept.items()},
-        },
-        "genome": {"levels": [int(x) for x in genome]},
-        "counts": {"after": {"params": tree.count(a)["params"]}},
-        "fitness": {"value": 0.0},
-    }
-    p = tmp / "plan.json"
-    p.write_text(json.dumps(plan))
-    return p
+    return write_plan(tmp / "plan.json", "zimage", folder, model, tree, genome, order)
 
 
 def _genome(tree, kind: str, seed: int = 0):

@@ -35,17 +35,22 @@ from nemo_automodel.components.models.hunyuan_image3.model import (  # noqa: E40
 from nemo_automodel.components.models.hunyuan_image3.state_dict_adapter import (  # noqa: E402
     HunyuanImage3StateDictAdapter,
 )
-from nemo_automodel.components.moe.layers import Gate  # noqa: E402
+from plan_ref import write_plan  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-from test_hunyuan_parity import KW_A, PER_LAYER, build_reference, rel_errs, t2i_inputs  # noqa: E402
+from test_hunyuan_parity import (  # noqa: E402
+    KW_A,
+    PER_LAYER,
+    build_reference,
+    rel_errs,
+    renormalised_top1,  # noqa: F401  (autouse: nemo's top-1 renormalisation patch, here too)
+    t2i_inputs,
+)
 
 from converters.engine import SafetensorsReader  # noqa: E402
 from converters.export import ExportConfig, export, main  # noqa: E402
 from converters.hunyuan import PASSTHROUGH_PREFIXES, load_hunyuan  # noqa: E402
-from search.engine import FORMAT_VERSION  # noqa: E402
 from tmp_jax import arch  # noqa: E402
-from tmp_jax.materialize import count_params, kept_units, materialize  # noqa: E402
-from tmp_jax.problem import fingerprint  # noqa: E402
+from tmp_jax.materialize import count_params, materialize  # noqa: E402
 from tmp_jax.tree import Tree  # noqa: E402
 
 pytestmark = [
@@ -95,22 +100,6 @@ PASSTHROUGH = {
 BACKEND = dict(attn="sdpa", linear="torch", experts="torch", dispatcher="torch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def renormalised_top1():
-    """As in test_hunyuan_parity: the official eager MoE renormalises top-1 weights too; nemo 0.7.0 skips it."""
-    original = Gate._route_scores
-
-    def route(self, scores):
-        weights, indices, scores_out = original(self, scores)
-        if self.topk == 1 and self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, indices, scores_out
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Gate, "_route_scores", route)
-        yield
-
-
 def write_official(folder: Path, official: dict[str, np.ndarray], conf: dict) -> Path:
     """An official-layout folder: two shards + index, config.json, passthrough tensors, extra files."""
     folder.mkdir(parents=True)
@@ -141,25 +130,7 @@ def src(tmp_path_factory):
 
 
 def _plan(tmp: Path, folder: Path, model, tree, genome, order) -> Path:
-    a = tree.decode(genome)
-    kept = kept_units(tree, a, order)
-    plan = {
-        "format_version": FORMAT_VERSION,
-        "arch": "hunyuan",
-        "source": {"fingerprint": fingerprint(folder, model.config.to_hf_config())},  # as build_problem
-        "budget": {"text": "test"},
-        "policy": {
-            "dropped": sorted(a.dropped),
-            "keep": {f"{n}/{k}": v for (n, k), v in a.keep.items()},
-            "kept_units": {f"{n}/{k}": ids.tolist() for (n, k), ids in kept.items()},
-        },
-        "genome": {"levels": [int(x) for x in genome]},
-        "counts": {"after": {"params": tree.count(a)["params"]}},
-        "fitness": {"value": 0.0},
-    }
-    p = tmp / "plan.json"
-    p.write_text(json.dumps(plan))
-    return p
+    return write_plan(tmp / "plan.json", "hunyuan", folder, model, tree, genome, order)
 
 
 def _genome(tree, kind: str):
