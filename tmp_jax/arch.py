@@ -41,6 +41,22 @@ class ArchHooks:
 _REGISTRY: dict[str, ArchHooks] = {}
 
 
+def runner_hooks(module: str) -> dict[str, Callable[..., Any]]:
+    """The evaluation hooks every runner module provides (prepare_batch, forward_blockwise,
+    collect_stats, compile_count), imported lazily so registering an arch stays cheap."""
+    import importlib
+
+    def r() -> Any:
+        return importlib.import_module(module)
+
+    return {
+        "prepare_batch": lambda cfg, b: r().prepare_batch(cfg, b),
+        "forward": lambda m, x: r().forward_blockwise(m, x),
+        "collect_stats": lambda m, x: r().collect_stats(m, x),
+        "compile_count": lambda: r().compile_count(),
+    }
+
+
 def register(h: ArchHooks) -> ArchHooks:
     _REGISTRY[h.name] = h
     return h

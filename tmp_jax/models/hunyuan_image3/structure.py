@@ -319,12 +319,6 @@ def masked_model(model: Any, tree: Tree, a: Assignment, order: dict | None = Non
     return m
 
 
-def _runner():
-    from tmp_jax.models.hunyuan_image3 import runner
-
-    return runner
-
-
 def _load(path: str, dtype: Any = jnp.float32, mesh: Any = None) -> Any:
     from converters.hunyuan import load_hunyuan
 
@@ -339,10 +333,7 @@ HOOKS = arch.register(
         path_map=path_map,
         init_abstract=init_abstract,
         init_random=init_random,
-        prepare_batch=lambda cfg, b: _runner().prepare_batch(cfg, b),
-        forward=lambda m, x: _runner().forward_blockwise(m, x),
-        collect_stats=lambda m, x: _runner().collect_stats(m, x),
-        compile_count=lambda: _runner().compile_count(),
+        **arch.runner_hooks("tmp_jax.models.hunyuan_image3.runner"),
         synthetic_calib=synthetic_calib,
         load=_load,
         config_from_dict=HunyuanImage3Config.from_hf_config,
