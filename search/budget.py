@@ -104,6 +104,14 @@ class CostModel:
                     slot_of[(m, gene.kind)] = len(slot_gene)
                     slot_gene.append(g)
                     slot_active.append(u.active if u.active is not None else np.iinfo(np.int64).max)
+        # slices every token uses (Slice.always_active, e.g. router columns) follow the same gene through
+        # a second slot that top-k never clamps
+        full_slot: dict[tuple[str, str], int] = {}
+        for (m, kind_), s_idx in list(slot_of.items()):
+            if any(s.always_active for s in tree._units[(m, kind_)].slices):
+                full_slot[(m, kind_)] = len(slot_gene)
+                slot_gene.append(slot_gene[s_idx])
+                slot_active.append(np.iinfo(np.int64).max)
         # a units gene at count 0 drops its node(s), a keep gene at 0 drops its node (as Tree.decode)
         self._drop_gene = np.array(drop_gene, np.int64)
         self._drop_onehot = np.zeros((len(drop_gene), n_nodes), np.int32)
@@ -124,7 +132,8 @@ class CostModel:
                 for u in n.units:
                     for s in u.slices:
                         if s.path == p:
-                            repl[s.axis] = (slot_of[(n.name, u.kind)], s.group)  # last wins, as the tree
+                            slots_of = full_slot if s.always_active else slot_of
+                            repl[s.axis] = (slots_of[(n.name, u.kind)], s.group)  # last wins, as the tree
                 const = 1
                 for ax, d in enumerate(shape):
                     const *= repl[ax][1] if ax in repl else int(d)

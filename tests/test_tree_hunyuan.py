@@ -198,8 +198,8 @@ def test_full_size_accounting():
     tree = Tree(H.build_spec(FULL))
     heads = PATCH_EMBED + FINAL_LAYER + 3 * TIMESTEP
     assert tree.full["params"] == BACKBONE + heads
-    # the router's columns count as active for their top-8 share (one Units group per expert)
-    assert tree.full["active"] == BACKBONE - ROUTED + ROUTED // 8 - 32 * 56 * 4096 + heads
+    # active = everything but the routed experts outside the top-8 (the router scores all 64 for every token)
+    assert tree.full["active"] == BACKBONE - ROUTED + ROUTED // 8 + heads
     names = [g.name for g in tree.genes]
     assert len(names) == 32 * 3 + 1 and names[-1] == "tie:kv_groups"
     g = tree.full_genome()

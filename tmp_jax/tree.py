@@ -30,11 +30,17 @@ LEVELS_PATH = Path(__file__).resolve().parents[1] / "configs" / "levels.json"
 
 @dataclass(frozen=True)
 class Slice:
-    """Unit ``u`` of a group owns indices ``[u*group, (u+1)*group)`` of ``axis`` of parameter ``path``."""
+    """Unit ``u`` of a group owns indices ``[u*group, (u+1)*group)`` of ``axis`` of parameter ``path``.
+
+    ``always_active``: every token uses this slice of every kept unit, even where the group's ``active``
+    (top-k) limits which units a token is routed to -- e.g. an expert's router column, since the router
+    scores all experts for every token. Such slices are never clamped to ``Units.active``.
+    """
 
     path: PathT
     axis: int
     group: int = 1
+    always_active: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,11 +285,10 @@ class Tree:
                 shape = list(self.spec.shapes[p])
                 for u in n.units:
                     k = self.kept_count(a, n.name, u.kind)
-                    if active and u.active is not None:
-                        k = min(k, u.active)
                     for s in u.slices:
                         if s.path == p:
-                            shape[s.axis] = k * s.group
+                            clamp = active and u.active is not None and not s.always_active
+                            shape[s.axis] = (min(k, u.active) if clamp else k) * s.group
                 yield n, p, int(np.prod(shape, dtype=np.int64))
 
     def count(self, a: Assignment) -> dict[str, int]:

@@ -131,7 +131,7 @@ def build_spec(cfg: HunyuanImage3Config) -> Spec:
                         Slice((*ex, "up_proj"), 0),
                         Slice((*ex, "gate_proj"), 0),
                         Slice((*ex, "down_proj"), 0),
-                        Slice((*mlp, "gate", "wg", "kernel"), 1),
+                        Slice((*mlp, "gate", "wg", "kernel"), 1, always_active=True),  # router scores all
                     ),
                     min_keep=topk,
                     active=topk,
