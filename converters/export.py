@@ -1,6 +1,7 @@
 """Export a plan's winning subnetwork as PyTorch safetensors that standard loaders read.
 
     python -m converters.export --plan OUT/plan.json --model SRC --out pruned/ [--dtype bf16|fp32]
+        [--quantize none|int8|fp8] [--target-memory 24GB --resolution 1024]
 
 Streams: for every tensor of the pruned model, the source tensors of the matching key-table entry
 are read (one entry at a time), converted to our layout by the entry's hook, sliced by the plan's
@@ -21,6 +22,12 @@ code ignores it); everything else (``auto_map``, ``rope_scaling``, token ids, VA
 Decoder layers are renumbered contiguously, router rows follow the kept experts, and the VAE / vision
 tensors are copied unchanged, as is every non-weight file of the source folder (tokenizer,
 generation_config.json, the remote-code ``*.py``, sub-folders).
+
+``--quantize int8|fp8`` stores the Linear weights of the repeated blocks weight-only quantised with per-output-
+channel fp32 scales (:mod:`converters.quantize`, docs/quantized-format.md) and adds a ``quantization_config``
+block to config.json; such a folder is read by ``python -m converters.run_torch`` (stock loaders refuse the
+unknown ``quant_method``). ``--target-memory 24GB`` also writes ``memory_plan.json`` (what stays on the GPU,
+which experts are offloaded; :mod:`converters.memory_plan`) and fails, writing nothing, if it cannot fit.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ class ExportConfig:
     overwrite: bool = False
     max_shard_bytes: int = 5 * 1024**3
     progress: bool = True
+    quantize: str = "none"
+    target_memory: str | None = None
+    resolution: int = 1024
 
 
 @dataclass
@@ -181,9 +191,16 @@ def kept_slices(tree: Tree, plan: dict[str, Any]) -> dict[tuple, list[tuple[int,
 
 
 def export(cfg: ExportConfig) -> dict[str, Any]:
+    from converters import quantize as qz
     from search.engine import load_plan, plan_assignment
     from tmp_jax.problem import fingerprint
 
+    qz.check_method(cfg.quantize)
+    target_bytes = None
+    if cfg.target_memory is not None:
+        from converters.memory_plan import parse_bytes
+
+        target_bytes = parse_bytes(cfg.target_memory)
     plan = load_plan(cfg.plan)
     name = plan["arch"]
     if name not in EXPORTERS:
@@ -235,30 +252,54 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         return arr
 
     # plan every output tensor (shape, dtype) before writing, so headers are written up front
+    # a quantised weight is followed by its fp32 per-output-channel scale
     planned: list[PlannedTensor] = []
+    quantized: list[str] = []
     for e in new_table.entries:
         src_dt = _entry_dtype(reader, e, by_path, pmap, cfg.weights is not None)
         dt = out_dtype if out_dtype is not None else src_dt
-        planned += [PlannedTensor(k, tuple(s), NP_TO_ST[dt]) for k, s in zip(e.torch_keys, e.torch_shapes)]
+        for k, s in zip(e.torch_keys, e.torch_shapes):
+            if cfg.quantize != "none" and qz.quantizable(name, k, tuple(s)):
+                planned.append(PlannedTensor(k, tuple(s), qz.TAGS[cfg.quantize]))
+                planned.append(PlannedTensor(qz.scale_key(k), (s[0],), "F32"))
+                quantized.append(k)
+            else:
+                planned.append(PlannedTensor(k, tuple(s), NP_TO_ST[dt]))
+    tag_of = {pt.key: pt.tag for pt in planned}
     # carried-through tensors (e.g. a VAE) always come from the source checkpoint, byte for byte
     passthrough = [k for k in src_reader.keys() if src_table.is_passthrough(k)]
     planned += [PlannedTensor(k, src_reader.infos[k].shape, src_reader.infos[k].dtype) for k in passthrough]
 
     from tqdm.auto import tqdm
 
-    pbar = tqdm(total=len(planned), desc="export", unit="tensor", disable=not cfg.progress)
+    pbar = tqdm(total=len(planned) - len(quantized), desc="export", unit="tensor", disable=not cfg.progress)
     with AtomicDir(cfg.out, overwrite=cfg.overwrite) as tmp:
         writer = StreamingWriter(tmp, planned, prefix=ex.weights_prefix, max_shard_bytes=cfg.max_shard_bytes)
         for e in new_table.entries:
             arrays = [src_array(p) for p in e.flax_paths]
-            for key, arr, pt in zip(e.torch_keys, e.to_torch(arrays), planned[len(writer.weight_map) :]):
-                writer.write(key, np.ascontiguousarray(arr).astype(DTYPES_BY_TAG[pt.tag], copy=False))
+            for key, arr in zip(e.torch_keys, e.to_torch(arrays)):
+                if tag_of[key] in ("I8", "F8_E4M3"):  # quantised from the source values (before any --dtype cast)
+                    q, scale = qz.quantize(np.ascontiguousarray(arr), cfg.quantize)
+                    writer.write(key, q)
+                    writer.write(qz.scale_key(key), scale)
+                    del q, scale
+                else:
+                    writer.write(key, np.ascontiguousarray(arr).astype(DTYPES_BY_TAG[tag_of[key]], copy=False))
                 pbar.update(1)
         for k in passthrough:
             writer.write(k, src_reader.read(k))
             pbar.update(1)
         files = writer.finish()
         layout = ex.write_config(src_cfg, new_cfg, tmp, cfg)
+        if quantized:
+            _add_config_block(tmp / "config.json", qz.quantization_config(cfg.quantize, name, quantized))
+            layout += f", {cfg.quantize} weight-only ({len(quantized)} tensors)"
+        memory = None
+        if target_bytes is not None:
+            from converters.memory_plan import make_plan
+
+            memory = make_plan(tmp, target_bytes, resolution=cfg.resolution)  # raises (nothing written) if no fit
+            write_json(tmp / "memory_plan.json", memory)
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())  # copied sub-folders too
     pbar.close()
     return {
@@ -269,7 +310,16 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         "plan_params_after": plan["counts"]["after"]["params"],
         "files": files,
         "bytes": size,
+        "quantized": len(quantized),
+        "memory_plan": memory,
     }
+
+
+def _add_config_block(path: Path, block: dict[str, Any]) -> None:
+    """Add ``quantization_config`` to a written config.json, keeping its key order (last key)."""
+    conf = json.loads(path.read_text())
+    conf["quantization_config"] = block
+    path.write_text(json.dumps(conf, indent=2) + "\n")
 
 
 DTYPES_BY_TAG = {
@@ -297,6 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep the source dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors shard (default 5)")
+    p.add_argument(
+        "--quantize",
+        default="none",
+        help="weight-only quantisation of the block Linear weights: none (default), int8 or fp8 "
+        "(per-output-channel scales; docs/quantized-format.md)",
+    )
+    p.add_argument(
+        "--target-memory",
+        help="write memory_plan.json for inference within this GPU memory (e.g. 24GB = 24e9 B, 24GiB); fails if "
+        "the export cannot fit",
+    )
+    p.add_argument("--resolution", type=int, default=1024, help="image side (px) the memory plan assumes (1024)")
     args = p.parse_args(argv)
     cfg = ExportConfig(
         plan=args.plan,
@@ -306,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         weights=args.weights,
         overwrite=args.overwrite,
         max_shard_bytes=int(args.max_shard_size * 1e9),
+        quantize=args.quantize,
+        target_memory=args.target_memory,
+        resolution=args.resolution,
     )
     try:
         res = export(cfg)
@@ -316,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         f"exported {res['params_after']:,} of {res['params_before']:,} parameters "
         f"({res['bytes'] / 1e6:.1f} MB in {len(res['files'])} file(s)) to {res['out']} as {res['layout']}"
     )
+    if res["memory_plan"] is not None:
+        m = res["memory_plan"]
+        print(
+            f"memory plan: estimated peak {m['estimate']['peak_bytes'] / 2**30:.2f} GiB of "
+            f"{m['target_bytes'] / 2**30:.2f} GiB; {m['summary']}"
+        )
     return 0
 
 
