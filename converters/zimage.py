@@ -30,7 +30,7 @@ from converters.engine import (
 from converters.engine import (
     read_config as engine_read_config,
 )
-from tmp_jax.models.z_image.config import T_MID_DIM, ZImageConfig
+from tmp_jax.models.z_image.config import SIGLIP_STACK, T_MID_DIM, ZImageConfig
 
 DIFFUSERS_VERSION = "0.42.1"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
@@ -69,7 +69,11 @@ def zimage_key_table(cfg: ZImageConfig) -> KeyTable:
     es += _lin("t_embedder.mlp.2", cfg.adaln_dim, T_MID_DIM)
     es.append(_norm("cap_embedder.0", cfg.cap_feat_dim))
     es += _lin("cap_embedder.1", d, cfg.cap_feat_dim)
-    for stack in ("noise_refiner", "context_refiner", "layers"):
+    if cfg.siglip_feat_dim is not None:  # omni/edit: SigLIP embedder, pad token and refiner (never pruned)
+        es.append(same("siglip_pad_token", ("siglip_pad_token",), (1, d)))
+        es.append(_norm("siglip_embedder.0", cfg.siglip_feat_dim))
+        es += _lin("siglip_embedder.1", d, cfg.siglip_feat_dim)
+    for stack in ("noise_refiner", "context_refiner", SIGLIP_STACK, "layers"):
         for i, b in enumerate(cfg.stack(stack)):
             pre = f"{stack}.{i}"
             if b.heads:
@@ -85,7 +89,7 @@ def zimage_key_table(cfg: ZImageConfig) -> KeyTable:
                 es += _lin(f"{pre}.feed_forward.w2", d, b.ffn_dim, bias=False)
                 es += _lin(f"{pre}.feed_forward.w3", b.ffn_dim, d, bias=False)
                 es += [_norm(f"{pre}.ffn_norm1", d), _norm(f"{pre}.ffn_norm2", d)]
-            if stack != "context_refiner":
+            if stack not in ("context_refiner", SIGLIP_STACK):
                 es += _lin(f"{pre}.adaLN_modulation.0", 4 * d, cfg.adaln_dim)
     return KeyTable(es)
 

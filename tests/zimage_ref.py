@@ -69,3 +69,54 @@ def torch_forward(m, x, t, cap):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ----------------------------------------------------------------------------------------------
+# Omni / Edit (TI2I) inputs: nested per-sample lists, diffusers' pipeline layout
+
+SIGLIP_DIM = 24
+
+
+def omni_inputs(seed: int = 0, conds=((8, 12), (12, 8)), target=((8, 8), (12, 12)), cap_lens=None, siglip=True):
+    """A ragged omni batch: sample b has ``len(conds[b])`` condition latents + a target.
+
+    ``conds[b]``: list of (H, W) condition latent sizes (may be empty); captions: ``n_cond + 2`` segments
+    like the pipeline's chat template (lengths from ``cap_lens[b]`` or random, incl. non-multiples of 32);
+    SigLIP: per condition an (H_s, W_s, SIGLIP_DIM) grid, None for the target (pipeline layout); a
+    sample without conditions gets ``[None]`` (diffusers cannot mix None samples into a SigLIP batch).
+    """
+    rng = np.random.default_rng(seed)
+    conds = [list(c) if isinstance(c[0] if c else (), tuple) else [c] for c in conds]
+    x, cap, sig, mask = [], [], [], []
+    for b, cs in enumerate(conds):
+        th, tw = target[b]
+        x.append([rng.standard_normal((16, 1, h, w)).astype(np.float32) for h, w in cs])
+        x[-1].append(rng.standard_normal((16, 1, th, tw)).astype(np.float32))
+        lens = cap_lens[b] if cap_lens is not None else rng.integers(3, 45, len(cs) + 2).tolist()
+        cap.append([rng.standard_normal((n, 32)).astype(np.float32) for n in lens])
+        if siglip:
+            sg = [
+                rng.standard_normal((rng.integers(2, 6), rng.integers(2, 6), SIGLIP_DIM)).astype(np.float32) for _ in cs
+            ]
+            sig.append(sg + [None] if sg else [None])  # no condition: one empty SigLIP slot (32 pad tokens)
+        mask.append([0] * len(cs) + [1])
+    t = np.linspace(0.2, 0.7, len(conds)).astype(np.float32)
+    return x, t, cap, (sig if siglip else None), mask
+
+
+def torch_forward_omni(m, x, t, cap, sig, mask):
+    import torch
+
+    def tt(v):
+        return None if v is None else torch.from_numpy(v)
+
+    tsig = [None if s is None else [tt(v) for v in s] for s in sig] if sig is not None else [None] * len(x)
+    with torch.no_grad():
+        out = m(
+            [[tt(v) for v in xs] for xs in x],
+            torch.from_numpy(t),
+            [[tt(c) for c in cs] for cs in cap],
+            siglip_feats=tsig,
+            image_noise_mask=mask,
+        )
+    return [o.numpy() for o in out.sample]

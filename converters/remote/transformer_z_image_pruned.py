@@ -5,9 +5,10 @@ Written next to ``config.json`` by ``python -m converters.export``; load with
 ``model_index.json`` names this module). It is the stock ``ZImageTransformer2DModel`` with three
 changes: each block may have its own number of attention heads and FFN width; a block with 0 heads
 (0 FFN width) has no attention (FFN) sub-layer and skips that residual branch; the two refiner stacks
-may have different depths. Config keys added: ``{stack}_heads``, ``{stack}_ffn_dims``,
-``{stack}_kept`` (original block indices, informative) for stack in noise_refiner, context_refiner,
-layers. Only torch and diffusers are imported.
+may have different depths. Omni models (``siglip_feat_dim``) keep a full-width ``siglip_refiner`` of
+``n_refiner_layers`` blocks, so diffusers' omni forward runs unchanged. Config keys added:
+``{stack}_heads``, ``{stack}_ffn_dims``, ``{stack}_kept`` (original block indices, informative) for
+stack in noise_refiner, context_refiner, layers. Only torch and diffusers are imported.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ class ZImagePrunedTransformer2DModel(ZImageTransformer2DModel):
         self.noise_refiner = stack(noise_refiner_heads, noise_refiner_ffn_dims, n_refiner_layers, True)
         self.context_refiner = stack(context_refiner_heads, context_refiner_ffn_dims, n_refiner_layers, False)
         self.layers = stack(layers_heads, layers_ffn_dims, n_layers, True)
+        if siglip_feat_dim is not None:  # Omni: the SigLIP refiner is never pruned (n_refiner_layers full blocks)
+            self.siglip_refiner = stack(None, None, n_refiner_layers, False)
         # the stock __init__ recorded zeros for the stack sizes: record the real ones
         self.register_to_config(n_layers=n_layers, n_refiner_layers=n_refiner_layers)
 

@@ -5,6 +5,10 @@ per-stack lists (``layers_heads``, ``layers_ffn_dims``, ``layers_kept``, and the
 ``noise_refiner`` / ``context_refiner``): a pruned model is just another config and the unpruned one
 is the special case where they are absent. A width of 0 means that sub-layer is skipped (its residual
 branch removed).
+
+Omni/Edit models (``siglip_feat_dim`` set) add a ``siglip_refiner`` stack of ``n_refiner_layers``
+unmodulated blocks, like diffusers. It is not one of the prunable ``STACKS``: it always keeps
+``n_refiner_layers`` full-width blocks, pruned or not (see ``structure.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ ADALN_EMBED_DIM = 256  # hard-coded in diffusers: adaLN input width is min(dim, 
 SEQ_MULTI_OF = 32  # every image/caption segment is padded to a multiple of 32 tokens
 T_MID_DIM = 1024  # timestep-MLP middle width
 STACKS = ("noise_refiner", "context_refiner", "layers")
+SIGLIP_STACK = "siglip_refiner"  # omni only; never pruned (n_refiner_layers full-width blocks)
 STOCK_KEYS = (
     "all_patch_size",
     "all_f_patch_size",
@@ -114,8 +119,8 @@ class ZImageConfig:
             kept = getattr(self, f"{s}_kept")
             if kept is not None and list(kept) != sorted(set(kept)):
                 raise ValueError(f"{s}_kept must be strictly increasing original indices, got {list(kept)}")
-        if self.siglip_feat_dim is not None and self.is_pruned:
-            raise ValueError("pruned configs with a SigLIP refiner are not supported yet")
+        if self.siglip_feat_dim is not None and int(self.siglip_feat_dim) <= 0:
+            raise ValueError(f"siglip_feat_dim must be a positive width or null, got {self.siglip_feat_dim}")
 
     # ---- derived -----------------------------------------------------------------------------
     @property
@@ -140,14 +145,19 @@ class ZImageConfig:
         return any(getattr(self, f"{s}_{x}") is not None for s in STACKS for x in ("heads", "ffn_dims", "kept"))
 
     def stack_len(self, stack: str) -> int:
+        if stack == SIGLIP_STACK:
+            return self.n_refiner_layers if self.siglip_feat_dim is not None else 0
         kept = getattr(self, f"{stack}_kept")
         if kept is not None:
             return len(kept)
         return self.n_layers if stack == "layers" else self.n_refiner_layers
 
     def stack(self, stack: str) -> list[BlockSpec]:
-        """The blocks of ``stack`` ('noise_refiner', 'context_refiner', 'layers') with their widths."""
+        """The blocks of ``stack`` ('noise_refiner', 'context_refiner', 'layers', and 'siglip_refiner' for
+        omni models, always full width) with their widths."""
         n = self.stack_len(stack)
+        if stack == SIGLIP_STACK:
+            return [BlockSpec(i, self.n_heads, self.ffn_dim) for i in range(n)]
         kept = getattr(self, f"{stack}_kept") or tuple(range(n))
         heads = getattr(self, f"{stack}_heads") or (self.n_heads,) * n
         ffn = getattr(self, f"{stack}_ffn_dims") or (self.ffn_dim,) * n

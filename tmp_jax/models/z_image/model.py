@@ -5,6 +5,11 @@ Module and attribute names follow diffusers (``layers.3.attention.to_q``, ``all_
 (different image sizes and caption lengths) are laid out on the host exactly like diffusers
 (segments padded to 32 tokens with pad tokens, inter-sample padding masked) and the dense part runs
 in one jitted function, :func:`forward_padded`.
+
+Omni/Edit mode (diffusers' nested-list inputs: per sample, condition latents + target, caption
+segments, optional SigLIP features and an image noise mask) is laid out by :func:`make_omni_layout`
+and runs in :meth:`ZImageTransformer.forward_omni_padded`: sequence ``[caption segments, VAE image
+tokens, SigLIP tokens]``, per-token adaLN from the noisy (t) or clean (t = 1) timestep embedding.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmp_jax.models.z_image.config import SEQ_MULTI_OF, T_MID_DIM, BlockSpec, ZImageConfig
+from tmp_jax.models.z_image.config import SEQ_MULTI_OF, SIGLIP_STACK, T_MID_DIM, BlockSpec, ZImageConfig
 from tmp_jax.nn import Linear, RMSNorm, timestep_embedding
 
 # ----------------------------------------------------------------------------------------------
@@ -199,11 +204,22 @@ class ZImageTransformerBlock(nnx.Module):
             self.sow(nnx.Intermediate, "block_stat", jnp.stack([d, jnp.sum(jnp.square(x_in.astype(jnp.float32)))]))
         return x
 
-    def modulation_terms(self, c: jax.Array | None) -> tuple:
-        """(scale_msa, gate_msa, scale_mlp, gate_mlp) from adaLN (no SiLU before it); Nones if unmodulated."""
+    def modulation_terms(self, c: jax.Array | tuple | None) -> tuple:
+        """(scale_msa, gate_msa, scale_mlp, gate_mlp) from adaLN (no SiLU before it); Nones if unmodulated.
+
+        ``c`` is (B, adaln), per-token (B, T, adaln), or omni's ``(c_noisy, c_clean, noise)`` triple
+        (built by :meth:`ZImageTransformer.forward_omni_padded`): both (B, adaln) embeddings are
+        projected, then each token takes the noisy one where ``noise == 1`` (diffusers'
+        ``select_per_token``; selecting before or after the elementwise 1 + s / tanh is the same).
+        """
         if not self.modulation:
             return (None, None, None, None)
-        mod = self.adaLN_modulation[0](c)  # [B, 4*dim] or [B, T, 4*dim]
+        if isinstance(c, tuple):
+            c_noisy, c_clean, noise = c
+            lin = self.adaLN_modulation[0]
+            mod = jnp.where(noise[..., None] == 1, lin(c_noisy)[:, None, :], lin(c_clean)[:, None, :])  # [B, T, 4d]
+        else:
+            mod = self.adaLN_modulation[0](c)  # [B, 4*dim] or [B, T, 4*dim]
         if mod.ndim == 2:
             mod = mod[:, None, :]
         scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod, 4, axis=-1)
@@ -238,8 +254,15 @@ class FinalLayer(nnx.Module):
             [None, Linear(cfg.adaln_dim, cfg.dim, axes=("adaln", "embed"), dtype=dtype, rngs=rngs)]
         )
 
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        scale = 1.0 + self.adaLN_modulation[1](jax.nn.silu(c))
+    def __call__(self, x: jax.Array, c: jax.Array | tuple) -> jax.Array:
+        """``c``: (B, adaln), (B, T, adaln) or omni's ``(c_noisy, c_clean, noise)`` (per-token select)."""
+        if isinstance(c, tuple):
+            c_noisy, c_clean, noise = c
+            lin = self.adaLN_modulation[1]
+            sn, sc = 1.0 + lin(jax.nn.silu(c_noisy)), 1.0 + lin(jax.nn.silu(c_clean))
+            scale = jnp.where(noise[..., None] == 1, sn[:, None, :], sc[:, None, :])  # [B, T, dim]
+        else:
+            scale = 1.0 + self.adaLN_modulation[1](jax.nn.silu(c))
         if scale.ndim == 2:
             scale = scale[:, None, :]
         xf = x.astype(jnp.float32)
@@ -393,6 +416,244 @@ def _key_mask(valid: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
+# Host-side layout of omni (TI2I) batches (identical to diffusers' patchify_and_embed_omni)
+
+
+@dataclass
+class OmniLayout:
+    """Padded arrays fed to :meth:`ZImageTransformer.forward_omni_padded` plus the target's place.
+
+    ``targets[b]`` = (offset of the target's first token in the unified sequence, its token count,
+    its (F, H, W)); the target is the LAST non-None image of sample b (diffusers' rule).
+    ``arrays`` holds ``img*`` / ``cap*`` (and ``sig*`` when SigLIP features are used) with ``*_noise``
+    int32 per-token noise flags (1 = noisy), and ``uni_idx`` / ``uni_valid`` / ``uni_noise`` for the
+    unified ``[caption, image, siglip]`` sequence gathered from ``concat([cap, img, sig], axis=1)``.
+    """
+
+    arrays: dict[str, np.ndarray]
+    sizes: list[list[tuple[int, int, int] | None]]  # per sample, per image: (F, H, W) or None
+    targets: list[tuple[int, int, tuple[int, int, int]]]
+    patch_key: str
+
+    @property
+    def uses_siglip(self) -> bool:
+        return "sig" in self.arrays
+
+
+def _segment_pos(grid: tuple[int, int, int], start: tuple[int, int, int], pad: int) -> np.ndarray:
+    """diffusers' ``_pad_with_ids`` positions: the grid from ``start`` (f, h, w order) + ``pad`` zero rows."""
+    f, h, w = np.meshgrid(*(np.arange(s0, s0 + n) for s0, n in zip(start, grid)), indexing="ij")
+    pos = np.stack([f.ravel(), h.ravel(), w.ravel()], -1)
+    return np.concatenate([pos, np.zeros((pad, 3), pos.dtype)], 0).astype(np.int32)
+
+
+def _stack_rows(items: list[np.ndarray], dtype: Any, tail: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad per-sample arrays to the batch max (zeros) -> (out, valid)."""
+    T = max(len(a) for a in items)
+    out = np.zeros((len(items), T, *tail), dtype)
+    valid = np.zeros((len(items), T), bool)
+    for b, a in enumerate(items):
+        out[b, : len(a)] = a
+        valid[b, : len(a)] = True
+    return out, valid
+
+
+def make_omni_layout(
+    cfg: ZImageConfig,
+    x: list[list[np.ndarray | None]],
+    cap_feats: list[list[np.ndarray]],
+    siglip_feats: list[list[np.ndarray | None] | None] | None,
+    image_noise_mask: list[list[int]],
+    patch_size: int = 2,
+    f_patch_size: int = 1,
+) -> OmniLayout:
+    """Lay out an omni batch exactly like diffusers' ``patchify_and_embed_omni`` + ``_build_unified_sequence``.
+
+    Per sample b: images ``x[b]`` (condition latents then the target, each (C, F, H, W) or None for an
+    empty slot), caption segments ``cap_feats[b]`` (at least one per image), SigLIP features
+    ``siglip_feats[b]`` (per image (H_s, W_s, siglip_feat_dim) or None), ``image_noise_mask[b]`` (one flag
+    per image; 1 = noisy target, 0 = clean condition). Caption segment j takes image j's flag (1 beyond
+    the images). Every segment is padded to 32 tokens with pad tokens. RoPE frame axis: caption j starts
+    at ``s_j = 1 + sum_{k<j} (L_k + 2)``; image j sits at frame ``s_j + L_j``, its SigLIP tokens at
+    ``s_j + L_j + 1`` with (h, w) rescaled onto the latent's (H, W) grid.
+
+    Two diffusers details are mirrored on purpose so outputs agree: caption position ids are the first
+    ``sum(padded lengths)`` rows of the per-segment ids concatenated, each segment contributing its
+    padded grid PLUS its pad rows again (so later segments are shifted when a segment's length is not a
+    multiple of 32); SigLIP features (H_s, W_s, C) are flattened as ``permute(2, 0, 1).reshape(H_s*W_s, C)``.
+    SigLIP is used iff the model has ``siglip_feat_dim`` and ``siglip_feats[0]`` is not None.
+    """
+    B = len(x)
+    if B == 0:
+        raise ValueError("empty batch")
+    if len(cap_feats) != B:
+        raise ValueError(f"omni mode: got {B} image lists but {len(cap_feats)} caption segment lists")
+    if image_noise_mask is None or len(image_noise_mask) != B:
+        raise ValueError("omni mode needs image_noise_mask: one list of 0/1 flags per sample, one flag per image")
+    key = f"{patch_size}-{f_patch_size}"
+    if key not in cfg.patch_keys():
+        raise ValueError(f"patch size {key} not in the model's {cfg.patch_keys()}")
+    use_sig = cfg.siglip_feat_dim is not None and siglip_feats is not None and siglip_feats[0] is not None
+    if use_sig and len(siglip_feats) != B:
+        raise ValueError(f"siglip_feats has {len(siglip_feats)} entries for a batch of {B}")
+    pH = pW = patch_size
+    pF = f_patch_size
+    pdim = pF * pH * pW * cfg.in_channels
+    imgs, img_pos, img_pad, img_noise = [], [], [], []
+    caps, cap_pos, cap_pad, cap_noise = [], [], [], []
+    sigs, sig_pos, sig_pad, sig_noise = [], [], [], []
+    sizes, targets = [], []
+    for b in range(B):
+        xs, cs, nm = list(x[b]), list(cap_feats[b]), [int(v) for v in image_noise_mask[b]]
+        if not xs:
+            raise ValueError(f"x[{b}]: an omni sample needs at least one image (the target)")
+        if len(nm) != len(xs):
+            raise ValueError(f"image_noise_mask[{b}] has {len(nm)} flags for {len(xs)} images")
+        if len(cs) < len(xs):
+            raise ValueError(f"cap_feats[{b}] has {len(cs)} segments, need at least one per image ({len(xs)})")
+        # caption segments
+        feats, pos, pad, noise, ends = [], [], [], [], []
+        cu = 1
+        for j, cap in enumerate(cs):
+            cap = np.asarray(cap)
+            if cap.ndim != 2 or cap.shape[1] != cfg.cap_feat_dim or cap.shape[0] == 0:
+                raise ValueError(f"cap_feats[{b}][{j}]: expected (L>0, {cfg.cap_feat_dim}), got {cap.shape}")
+            L = cap.shape[0]
+            P = L + _pad32(L)
+            feats.append(np.concatenate([cap, np.repeat(cap[-1:], P - L, 0)], 0))
+            pos.append(_segment_pos((P, 1, 1), (cu, 0, 0), P - L))  # P + (P - L) rows: diffusers' layout
+            pad.append(np.arange(P) >= L)
+            noise += [nm[j] if j < len(nm) else 1] * P
+            cu += L
+            ends.append(cu)
+            cu += 2  # room for this segment's VAE image and SigLIP frames
+        n_cap = sum(len(f) for f in feats)
+        caps.append(np.concatenate(feats, 0))
+        cap_pos.append(np.concatenate(pos, 0)[:n_cap])
+        cap_pad.append(np.concatenate(pad))
+        cap_noise.append(np.asarray(noise, np.int32))
+        # VAE image tokens
+        feats, pos, pad, noise, sz = [], [], [], [], []
+        cu_x, target = 0, None
+        for j, im in enumerate(xs):
+            if im is None:
+                feats.append(np.zeros((SEQ_MULTI_OF, pdim), np.float32))
+                pos.append(np.zeros((SEQ_MULTI_OF, 3), np.int32))
+                pad.append(np.ones(SEQ_MULTI_OF, bool))
+                noise += [nm[j]] * SEQ_MULTI_OF
+                sz.append(None)
+                cu_x += SEQ_MULTI_OF
+                continue
+            im = np.asarray(im)
+            if im.ndim != 4 or im.shape[0] != cfg.in_channels:
+                raise ValueError(f"x[{b}][{j}]: expected (C={cfg.in_channels}, F, H, W), got {im.shape}")
+            C, F, H, W = im.shape
+            if F % pF or H % pH or W % pW:
+                raise ValueError(f"x[{b}][{j}]: (F, H, W)={F, H, W} not divisible by patch ({pF}, {pH}, {pW})")
+            Ft, Ht, Wt = F // pF, H // pH, W // pW
+            p = im.reshape(C, Ft, pF, Ht, pH, Wt, pW).transpose(1, 3, 5, 2, 4, 6, 0)
+            p = p.reshape(Ft * Ht * Wt, pdim)  # [tokens, patch_dim], channel fastest
+            n = p.shape[0]
+            pd = _pad32(n)
+            feats.append(np.concatenate([p, np.repeat(p[-1:], pd, 0)], 0))
+            pos.append(_segment_pos((Ft, Ht, Wt), (ends[j], 0, 0), pd))
+            pad.append(np.arange(n + pd) >= n)
+            noise += [nm[j]] * (n + pd)
+            sz.append((F, H, W))
+            target = (cu_x, n, (F, H, W))
+            cu_x += n + pd
+        if target is None:
+            raise ValueError(f"x[{b}]: every image is None; the last non-None image is the output")
+        imgs.append(np.concatenate(feats, 0))
+        img_pos.append(np.concatenate(pos, 0))
+        img_pad.append(np.concatenate(pad))
+        img_noise.append(np.asarray(noise, np.int32))
+        sizes.append(sz)
+        targets.append((n_cap + target[0], target[1], target[2]))
+        # SigLIP tokens
+        if use_sig:
+            sf = siglip_feats[b]
+            if sf is None or len(sf) < len(xs):
+                raise ValueError(
+                    f"siglip_feats[{b}]: expected a list with one entry (array or None) per image ({len(xs)}), "
+                    f"got {'None' if sf is None else len(sf)}"
+                )
+            feats, pos, pad, noise = [], [], [], []
+            for j, sg in enumerate(sf):
+                if sg is None:
+                    feats.append(np.zeros((SEQ_MULTI_OF, cfg.siglip_feat_dim), np.float32))
+                    pos.append(np.zeros((SEQ_MULTI_OF, 3), np.int32))
+                    pad.append(np.ones(SEQ_MULTI_OF, bool))
+                    noise += [nm[j]] * SEQ_MULTI_OF
+                    continue
+                sg = np.asarray(sg)
+                if sg.ndim != 3 or sg.shape[2] != cfg.siglip_feat_dim:
+                    raise ValueError(f"siglip_feats[{b}][{j}]: expected (H, W, {cfg.siglip_feat_dim}), got {sg.shape}")
+                sH, sW, sC = sg.shape
+                flat = sg.transpose(2, 0, 1).reshape(sH * sW, sC)  # diffusers' flattening, kept as is
+                n = flat.shape[0]
+                pd = _pad32(n)
+                feats.append(np.concatenate([flat, np.repeat(flat[-1:], pd, 0)], 0))
+                ps = _segment_pos((1, sH, sW), (ends[j] + 1, 0, 0), pd)
+                if sz[j] is not None:  # rescale (h, w) onto the latent grid, in fp32 then truncated like torch
+                    pf = ps.astype(np.float32)
+                    pf[:, 1] = pf[:, 1] / np.float32(max(sH - 1, 1)) * np.float32(sz[j][1] - 1)
+                    pf[:, 2] = pf[:, 2] / np.float32(max(sW - 1, 1)) * np.float32(sz[j][2] - 1)
+                    ps = pf.astype(np.int32)
+                pos.append(ps)
+                pad.append(np.arange(n + pd) >= n)
+                noise += [nm[j]] * (n + pd)
+            sigs.append(np.concatenate(feats, 0))
+            sig_pos.append(np.concatenate(pos, 0))
+            sig_pad.append(np.concatenate(pad))
+            sig_noise.append(np.asarray(noise, np.int32))
+    for b in range(B):
+        for name, pp in (("caption", cap_pos[b]), ("image", img_pos[b]), ("siglip", sig_pos[b] if use_sig else None)):
+            if pp is not None and (pp.max(0) >= np.asarray(cfg.axes_lens)).any():
+                raise ValueError(
+                    f"sample {b}: {name} RoPE positions up to {pp.max(0).tolist()} exceed axes_lens "
+                    f"{list(cfg.axes_lens)}"
+                )
+
+    dt_x = next(np.asarray(v).dtype for v in x[0] if v is not None)
+    dt_c = np.asarray(cap_feats[0][0]).dtype
+    arrays: dict[str, np.ndarray] = {}
+    streams = [("cap", caps, cap_pos, cap_pad, cap_noise, cfg.cap_feat_dim, dt_c)]
+    streams.append(("img", imgs, img_pos, img_pad, img_noise, pdim, dt_x))
+    if use_sig:
+        dt_s = next(np.asarray(v).dtype for v in siglip_feats[0] if v is not None)
+        streams.append(("sig", sigs, sig_pos, sig_pad, sig_noise, cfg.siglip_feat_dim, dt_s))
+    uni, uni_noise = [[] for _ in range(B)], [[] for _ in range(B)]
+    off = 0
+    for name, feats, pos, pad, noise, width, dt in streams:
+        arrays[name], arrays[f"{name}_valid"] = _stack_rows(feats, dt, (width,))
+        arrays[f"{name}_pos"], _ = _stack_rows(pos, np.int32, (3,))
+        arrays[f"{name}_pad"], _ = _stack_rows(pad, bool)
+        arrays[f"{name}_noise"], _ = _stack_rows(noise, np.int32)
+        for b in range(B):  # unified order: [caption, image, siglip]
+            uni[b].append(off + np.arange(len(feats[b])))
+            uni_noise[b].append(noise[b])
+        off += arrays[name].shape[1]
+    arrays["uni_idx"], arrays["uni_valid"] = _stack_rows([np.concatenate(u) for u in uni], np.int32)
+    arrays["uni_noise"], _ = _stack_rows([np.concatenate(u) for u in uni_noise], np.int32)
+    return OmniLayout(arrays, sizes, targets, key)
+
+
+def unpatchify_omni(
+    cfg: ZImageConfig, out: np.ndarray | jax.Array, layout: OmniLayout, patch_size: int, f_patch_size: int
+) -> list[jax.Array]:
+    """(B, T, patch_dim) unified omni outputs -> each sample's target (C, F, H, W)."""
+    pH = pW = patch_size
+    pF = f_patch_size
+    C = cfg.out_channels
+    res = []
+    for b, (off, n, (F, H, W)) in enumerate(layout.targets):
+        tok = out[b, off : off + n].reshape(F // pF, H // pH, W // pW, pF, pH, pW, C)  # [Ft, Ht, Wt, pF, pH, pW, C]
+        res.append(tok.transpose(6, 0, 3, 1, 4, 2, 5).reshape(C, F, H, W))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
 # Model
 
 
@@ -402,8 +663,6 @@ class ZImageTransformer(nnx.Module):
     ARCH = "zimage"  # key of the architecture hooks (tmp_jax.arch)
 
     def __init__(self, cfg: ZImageConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if cfg.siglip_feat_dim is not None:
-            raise NotImplementedError("the SigLIP (omni/edit) branch is not ported yet")
         self.config = cfg
         self.dtype = dtype
         patch_in = {
@@ -438,6 +697,21 @@ class ZImageTransformer(nnx.Module):
         self.layers = nnx.List(
             [ZImageTransformerBlock(cfg, s, modulation=True, dtype=dtype, rngs=rngs) for s in cfg.stack("layers")]
         )
+        if cfg.siglip_feat_dim is not None:  # omni/edit: SigLIP image features (attributes absent otherwise)
+            sd = cfg.siglip_feat_dim
+            self.siglip_embedder = nnx.List(
+                [
+                    RMSNorm(sd, eps=cfg.norm_eps, axes=("cap",), dtype=dtype),
+                    Linear(sd, cfg.dim, axes=("cap", "embed"), dtype=dtype, rngs=rngs),
+                ]
+            )
+            self.siglip_refiner = nnx.List(
+                [
+                    ZImageTransformerBlock(cfg, s, modulation=False, dtype=dtype, rngs=rngs)
+                    for s in cfg.stack(SIGLIP_STACK)
+                ]
+            )
+            self.siglip_pad_token = nnx.Param(jnp.zeros((1, cfg.dim), dtype), logical_axes=(None, "embed"))
 
     # -- dense part (jit-friendly) -------------------------------------------------------------
     def embed(self, a: dict[str, jax.Array], t: jax.Array, patch_key: str) -> dict[str, jax.Array]:
@@ -485,6 +759,64 @@ class ZImageTransformer(nnx.Module):
         out = self.all_final_layer[patch_key](x, c)
         return (out, feats) if return_features else out
 
+    def _embed_stream(self, a: dict[str, jax.Array], name: str, embed: Any, pad_token: jax.Array) -> jax.Array:
+        h = embed(a[name])
+        h = jnp.where(a[f"{name}_pad"][..., None], pad_token.astype(h.dtype), h)
+        return jnp.where(a[f"{name}_valid"][..., None], h, 0)
+
+    def forward_omni_padded(
+        self, a: dict[str, jax.Array], t: jax.Array, patch_key: str, return_features: bool = False
+    ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+        """The dense omni forward on an :class:`OmniLayout`'s arrays -> (B, T_unified, patch_dim).
+
+        Modulated blocks and the final layer take ``(c_noisy, c_clean, noise)``: c_noisy embeds t,
+        c_clean embeds t = 1 (clean); each token uses the one its noise flag selects. The SigLIP stream
+        runs iff the arrays carry ``sig`` (see :func:`make_omni_layout`).
+        """
+        cfg = self.config
+        dt = a["img"].dtype
+        c_noisy = self.t_embedder(t * cfg.t_scale).astype(dt)
+        c_clean = self.t_embedder(jnp.ones_like(t) * cfg.t_scale).astype(dt)
+        img = self._embed_stream(a, "img", self.all_x_embedder[patch_key], self.x_pad_token[...])
+        img_cs = rope_cos_sin(cfg, a["img_pos"])
+        m_img = _key_mask(a["img_valid"])
+        for blk in self.noise_refiner:
+            img = blk(img, m_img, *img_cs, (c_noisy, c_clean, a["img_noise"]))
+        cap = self._embed_stream(
+            a, "cap", lambda v: self.cap_embedder[1](self.cap_embedder[0](v)), self.cap_pad_token[...]
+        )
+        cap_cs = rope_cos_sin(cfg, a["cap_pos"])
+        m_cap = _key_mask(a["cap_valid"])
+        for blk in self.context_refiner:
+            cap = blk(cap, m_cap, *cap_cs)
+        parts, cs = [cap, img], [cap_cs, img_cs]
+        if "sig" in a:
+            if cfg.siglip_feat_dim is None:
+                raise ValueError("omni arrays carry SigLIP features but the model has no siglip_feat_dim")
+            sig = self._embed_stream(
+                a, "sig", lambda v: self.siglip_embedder[1](self.siglip_embedder[0](v)), self.siglip_pad_token[...]
+            )
+            sig_cs = rope_cos_sin(cfg, a["sig_pos"])
+            m_sig = _key_mask(a["sig_valid"])
+            for blk in self.siglip_refiner:
+                sig = blk(sig, m_sig, *sig_cs)
+            parts.append(sig)
+            cs.append(sig_cs)
+        idx = a["uni_idx"][..., None]  # [B, T, 1] gather into concat([cap, img, sig], axis=1)
+        x = jnp.take_along_axis(jnp.concatenate(parts, 1), idx, 1)
+        cos = jnp.take_along_axis(jnp.concatenate([c[0] for c in cs], 1), idx, 1)
+        sin = jnp.take_along_axis(jnp.concatenate([c[1] for c in cs], 1), idx, 1)
+        x = jnp.where(a["uni_valid"][..., None], x, 0)
+        mask = _key_mask(a["uni_valid"])
+        cond = (c_noisy, c_clean, a["uni_noise"])
+        feats = []
+        for blk in self.layers:
+            x = blk(x, mask, cos, sin, cond)
+            if return_features:
+                feats.append(x)
+        out = self.all_final_layer[patch_key](x, cond)
+        return (out, feats) if return_features else out
+
     # -- public API ------------------------------------------------------------------------------
     def __call__(
         self,
@@ -493,13 +825,20 @@ class ZImageTransformer(nnx.Module):
         cap_feats: list[Any],
         patch_size: int = 2,
         f_patch_size: int = 1,
+        *,
+        siglip_feats: list[Any] | None = None,
+        image_noise_mask: list[list[int]] | None = None,
     ) -> list[jax.Array]:
-        """x: list of (C, F, H, W); t: (B,) in [0, 1] (1 = clean); cap_feats: list of (L_i, cap_feat_dim).
+        """diffusers' forward. Basic (T2I): x list of (C, F, H, W); t (B,) in [0, 1] (1 = clean);
+        cap_feats list of (L_i, cap_feat_dim). Returns the list of (C, F, H, W) outputs (``.sample``).
 
-        Returns the list of (C, F, H, W) model outputs, like diffusers' ``.sample``.
+        Omni (TI2I; ``x[0]`` is a list): x[b] = condition latents + target (None = empty slot),
+        cap_feats[b] = caption segments, ``siglip_feats[b]`` = per-image (H_s, W_s, siglip_feat_dim) or
+        None (or None for the whole sample / batch), ``image_noise_mask[b]`` = per-image 0 (clean) / 1
+        (noisy). Returns each sample's target output, like diffusers. See :func:`make_omni_layout`.
         """
         if x and isinstance(x[0], list | tuple):
-            raise NotImplementedError("omni/edit mode (nested lists) is not ported yet")
+            return self._call_omni(x, t, cap_feats, siglip_feats, image_noise_mask, patch_size, f_patch_size)
         layout = make_layout(
             self.config,
             [np.asarray(v) for v in x],
@@ -513,6 +852,38 @@ class ZImageTransformer(nnx.Module):
         graphdef, state = nnx.split(self)
         out = _forward_jit(graphdef, layout.patch_key, state, layout.arrays, t)
         return unpatchify(self.config, out, layout, patch_size, f_patch_size)
+
+    def _call_omni(
+        self,
+        x: list[Any],
+        t: Any,
+        cap_feats: list[Any],
+        siglip_feats: list[Any] | None,
+        image_noise_mask: list[list[int]] | None,
+        patch_size: int,
+        f_patch_size: int,
+    ) -> list[jax.Array]:
+        def host(v: Any) -> np.ndarray | None:
+            return None if v is None else np.asarray(v)
+
+        sig = None
+        if siglip_feats is not None:
+            sig = [None if s is None else [host(v) for v in s] for s in siglip_feats]
+        layout = make_omni_layout(
+            self.config,
+            [[host(v) for v in xs] for xs in x],
+            [[host(c) for c in cs] for cs in cap_feats],
+            sig,
+            image_noise_mask,
+            patch_size,
+            f_patch_size,
+        )
+        t = jnp.asarray(t, jnp.float32).reshape(-1)
+        if t.shape[0] != len(x):
+            raise ValueError(f"t has {t.shape[0]} entries for a batch of {len(x)}")
+        graphdef, state = nnx.split(self)
+        out = _forward_omni_jit(graphdef, layout.patch_key, state, layout.arrays, t)
+        return unpatchify_omni(self.config, out, layout, patch_size, f_patch_size)
 
     @classmethod
     def from_pretrained(
@@ -538,6 +909,12 @@ class ZImageTransformer(nnx.Module):
 def _forward_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, state)
     return model.forward_padded(arrays, t, patch_key)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _forward_omni_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    return model.forward_omni_padded(arrays, t, patch_key)
 
 
 def init_abstract(cfg: ZImageConfig, dtype: Any = jnp.float32) -> ZImageTransformer:

@@ -8,6 +8,15 @@ Coupled slices: a head = columns ``[h*hd, (h+1)*hd)`` of to_q / to_k / to_v kern
 layout) and rows of to_out.0; an FFN channel = a column of w1 and w3 and a row of w2.
 Export constraint: the stock diffusers class has ONE refiner count for both refiner stacks, uniform
 widths and contiguous layers; anything else exports through our per-block subclass.
+
+Omni/Edit models (``siglip_feat_dim`` set): the ``siglip_refiner`` blocks are deliberately UNPRUNABLE.
+They form one stage node ``siglip_refiner`` (token stream ``siglip``) that owns all their parameters
+and has no genes, so parameter accounting stays exact and the stack always keeps
+``n_refiner_layers`` full-width blocks (the count diffusers ties to the other refiners). Why: T2I
+calibration has no SigLIP tokens, so importance for these blocks cannot be measured there, and they
+are ~5% of the Omni model. The SigLIP embedder and pad token are root parameters like the caption
+embedder. FLOPs: the stage's matmuls count ``tokens['siglip']`` (else 'all') tokens; its attention
+scores are not counted (no attention node).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax import arch
-from tmp_jax.models.z_image.config import STACKS, ZImageConfig
+from tmp_jax.models.z_image.config import SIGLIP_STACK, STACKS, ZImageConfig
 from tmp_jax.tree import Assignment, Node, Slice, Spec, Tree, Units
 
 TOKENS = {"noise_refiner": "image", "context_refiner": "caption", "layers": "all"}
@@ -85,6 +94,10 @@ def build_spec(cfg: ZImageConfig) -> Spec:
             block_owned.update(attn_params, ffn_params, own)
             blocks.append(Node(f"{stack}.{b.index}", "block", params=own, children=(attn, ffn), droppable=True))
         stages.append(Node(stack, "stage", children=tuple(blocks), tokens=TOKENS[stack]))
+    if cfg.siglip_feat_dim is not None:  # unprunable stage: owns every siglip_refiner parameter, no genes
+        sig = tuple(p for p in shapes if p[0] == SIGLIP_STACK)
+        block_owned.update(sig)
+        stages.append(Node(SIGLIP_STACK, "stage", params=sig, tokens="siglip"))
     root_params = tuple(p for p in shapes if p not in block_owned)
     root = Node("zimage", "model", params=root_params, children=tuple(stages))
     return Spec(

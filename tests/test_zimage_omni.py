@@ -1,0 +1,178 @@
+"""Z-Image Omni/Edit (TI2I) parity against the REAL diffusers ZImageTransformer2DModel in omni mode.
+
+Tiny configs with every parameter randomised (SigLIP pad token and norms included); ragged per-sample
+condition counts, empty image / SigLIP slots, caption segments that are not multiples of 32; the
+converter round trip with SigLIP keys; exact parameter accounting; the exported pruned model runs
+diffusers' omni forward and matches the JAX materialised model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from plan_ref import write_plan  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+from zimage_ref import (  # noqa: E402
+    SIGLIP_DIM,
+    omni_inputs,
+    rel_err,
+    save_diffusers,
+    tiny_diffusers,
+    torch_forward,
+    torch_forward_omni,
+)
+
+from converters.engine import CheckpointError, SafetensorsReader  # noqa: E402
+from converters.zimage import load_zimage  # noqa: E402
+from tmp_jax import arch  # noqa: E402
+from tmp_jax.materialize import count_params, materialize  # noqa: E402
+from tmp_jax.models.z_image import ZImageTransformer, init_abstract  # noqa: E402
+from tmp_jax.tree import Tree  # noqa: E402
+
+pytestmark = pytest.mark.torch
+TOL = 1e-5
+# sample 0: two conditions (the second an empty slot: no latent, no SigLIP), sample 1: one, sample 2: none
+CONDS = [[(8, 12), (12, 8)], [(8, 8)], []]
+TARGETS = ((8, 8), (12, 12), (8, 12))
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    ref = tiny_diffusers(seed=3, siglip_feat_dim=SIGLIP_DIM)
+    folder = save_diffusers(ref, tmp_path_factory.mktemp("zo") / "transformer")
+    return ref, ZImageTransformer.from_pretrained(str(folder)), folder
+
+
+def _batch(seed: int, siglip: bool = True):
+    x, t, cap, sig, mask = omni_inputs(seed=seed, conds=CONDS, target=TARGETS, siglip=siglip)
+    x[0][1] = None  # empty image slot (32 pad tokens) in the middle of sample 0
+    if sig is not None:
+        sig[0][1] = None
+    return x, t, cap, sig, mask
+
+
+def _check(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert rel_err(g, w) <= TOL
+
+
+def test_omni_with_siglip_matches_diffusers(omni):
+    ref, jm, _ = omni
+    x, t, cap, sig, mask = _batch(seed=1)
+    want = torch_forward_omni(ref, x, t, cap, sig, mask)
+    got = jm(x, t, cap, siglip_feats=sig, image_noise_mask=mask)
+    _check(got, want)
+    # the SigLIP stream and the clean-token modulation are live (a no-op path would also "match" above)
+    sig0 = [[None if v is None else 0 * v for v in s] for s in sig]
+    assert rel_err(jm(x, t, cap, siglip_feats=sig0, image_noise_mask=mask)[0], want[0]) > 1e-3
+    noisy = [[1] * len(m) for m in mask]
+    assert rel_err(jm(x, t, cap, siglip_feats=sig, image_noise_mask=noisy)[0], want[0]) > 1e-3
+
+
+def test_omni_without_siglip_matches_diffusers(omni):
+    """No SigLIP features (model with siglip_feat_dim) and a model without SigLIP at all, in omni mode."""
+    ref, jm, _ = omni
+    x, t, cap, _, mask = _batch(seed=2, siglip=False)
+    want = torch_forward_omni(ref, x, t, cap, None, mask)  # diffusers gets [None] * B
+    _check(jm(x, t, cap, image_noise_mask=mask), want)
+    _check(jm(x, t, cap, siglip_feats=[None] * len(x), image_noise_mask=mask), want)
+    plain = tiny_diffusers(seed=4)
+    jp = load_zimage(save_diffusers(plain, omni[2].parent / "plain"))
+    _check(jp(x, t, cap, image_noise_mask=mask), torch_forward_omni(plain, x, t, cap, None, mask))
+
+
+def test_omni_model_basic_mode_unchanged(omni):
+    ref, jm, _ = omni
+    rng = np.random.default_rng(0)
+    x = [rng.standard_normal((16, 1, 8, 12)).astype(np.float32), rng.standard_normal((16, 1, 4, 4)).astype(np.float32)]
+    cap = [rng.standard_normal((n, 32)).astype(np.float32) for n in (7, 40)]
+    t = np.array([0.3, 0.8], np.float32)
+    _check(jm(x, t, cap), torch_forward(ref, x, t, cap))
+
+
+def test_omni_round_trip_with_siglip_keys(omni, tmp_path):
+    ref, jm, folder = omni
+    out = tmp_path / "rt"
+    jm.save_pretrained(str(out))
+    a, b = SafetensorsReader(folder), SafetensorsReader(out)
+    assert sorted(a.keys()) == sorted(b.keys())
+    assert {"siglip_pad_token", "siglip_embedder.0.weight", "siglip_refiner.0.attention.to_q.weight"} <= set(b.keys())
+    for k in a.keys():
+        assert a.read(k).tobytes() == b.read(k).tobytes(), k
+    # strict both ways: a missing SigLIP key and a SigLIP key the config does not declare both fail
+    sd = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "miss").mkdir()
+    (tmp_path / "miss" / "config.json").write_text((folder / "config.json").read_text())
+    save_file({k: v for k, v in sd.items() if k != "siglip_pad_token"}, str(tmp_path / "miss" / "m.safetensors"))
+    with pytest.raises(CheckpointError, match="siglip_pad_token"):
+        load_zimage(tmp_path / "miss")
+    (tmp_path / "extra").mkdir()
+    conf = json.loads((folder / "config.json").read_text())
+    conf["siglip_feat_dim"] = None
+    (tmp_path / "extra" / "config.json").write_text(json.dumps(conf))
+    save_file(sd, str(tmp_path / "extra" / "m.safetensors"))
+    with pytest.raises(CheckpointError, match="siglip"):
+        load_zimage(tmp_path / "extra")
+
+
+def test_omni_accounting_matches_diffusers(omni):
+    ref, jm, _ = omni
+    n_ref = sum(p.numel() for p in ref.parameters())
+    assert count_params(init_abstract(jm.config)) == n_ref  # eval_shape: nothing materialised
+    tree = Tree(arch.get("zimage").build_spec(jm.config))
+    tree.spec.validate()
+    assert tree.full["params"] == n_ref
+    sig_stage = tree.spec.node("siglip_refiner")
+    n_sig = sum(p.numel() for k, p in ref.named_parameters() if k.startswith("siglip_refiner."))
+    assert sum(int(np.prod(tree.spec.shapes[p])) for p in sig_stage.params) == n_sig
+    assert not any(g.node.startswith("siglip_refiner") for g in tree.genes)  # unprunable by design
+    assert tree.floor()["params"] >= n_sig
+
+
+def test_omni_bad_inputs(omni):
+    _, jm, _ = omni
+    x, t, cap, sig, mask = _batch(seed=5)
+    with pytest.raises(ValueError, match="image_noise_mask"):
+        jm(x, t, cap, siglip_feats=sig)
+    with pytest.raises(ValueError, match="image_noise_mask\\[1\\] has 1 flags for 2 images"):
+        jm(x, t, cap, siglip_feats=sig, image_noise_mask=[mask[0], [1], mask[2]])
+    bad = [[None if v is None else v[..., :5] for v in s] for s in sig]
+    with pytest.raises(ValueError, match="siglip_feats\\[0\\]\\[0\\]"):
+        jm(x, t, cap, siglip_feats=bad, image_noise_mask=mask)
+    with pytest.raises(ValueError, match="cap_feats\\[1\\] has 1 segments"):
+        jm(x, t, [cap[0], cap[1][:1], cap[2]], siglip_feats=sig, image_noise_mask=mask)
+
+
+def test_exported_pruned_omni_model_runs_diffusers_omni(omni, tmp_path):
+    """A heterogeneous plan on an Omni model: the remote-code export runs diffusers' omni forward == JAX."""
+    from diffusers import AutoModel
+
+    from converters.export import ExportConfig, export
+
+    _, _, folder = omni
+    src = load_zimage(folder)
+    tree = Tree(arch.get("zimage").build_spec(src.config))
+    rng = np.random.default_rng(7)
+    order = {(n.name, u.kind): rng.permutation(u.n) for n in tree.spec.nodes() for u in n.units}
+    g = rng.integers(1, tree.max_levels() + 1)
+    g[[x.name for x in tree.genes].index("layers.1:keep")] = 0
+    a = tree.decode(g)
+    plan = write_plan(tmp_path / "plan.json", "zimage", folder, src, tree, g, order)
+    out = tmp_path / "pruned"
+    res = export(ExportConfig(plan=plan, model=folder, out=out, progress=False))
+    small = materialize(src, tree, a, order)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["_class_name"] == "ZImagePrunedTransformer2DModel" and conf["siglip_feat_dim"] == SIGLIP_DIM
+    pt = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert sum(p.numel() for p in pt.parameters()) == res["params_after"] == count_params(small)
+    assert len(pt.siglip_refiner) == src.config.n_refiner_layers
+    x, t, cap, sig, mask = _batch(seed=6)
+    _check(small(x, t, cap, siglip_feats=sig, image_noise_mask=mask), torch_forward_omni(pt, x, t, cap, sig, mask))
