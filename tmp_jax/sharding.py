@@ -7,7 +7,7 @@ code therefore runs on one CPU, one GPU, 8 fake CPU devices in tests and a multi
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -107,4 +107,55 @@ def shard_module(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     state = nnx.state(model)
     shardings = state_shardings(state, mesh)
     nnx.update(model, jax.device_put(state, shardings))
+    return model
+
+
+def _random_kind(path: tuple[Any, ...], ndim: int) -> str:
+    """Which init a parameter gets, from its name (one rule for every architecture)."""
+    name = str(path[-1])
+    if name in ("weight", "scale"):  # RMSNorm / QK-norm / GroupNorm scales
+        return "scale"
+    if name == "bias":
+        return "bias"
+    if name == "kernel":  # Linear (in, out) or conv (kh, kw, in, out)
+        return "kernel"
+    if ndim == 3:  # stacked experts (E, in, out)
+        return "experts"
+    return "embedding"  # token embeddings, pad tokens
+
+
+@cache
+def _random_fn(shape: tuple[int, ...], dtype: str, kind: str, sharding: NamedSharding) -> Any:
+    """One jitted generator per (shape, dtype, kind, sharding): the array is born in its sharding."""
+    fan = int(np.prod(shape[:-1])) if kind == "kernel" else (shape[1] if kind == "experts" else 1)
+
+    def gen(key: jax.Array) -> jax.Array:
+        z = jax.random.normal(key, shape, jax.numpy.float32)
+        if kind == "scale":
+            z = 1.0 + 0.1 * z
+        elif kind == "bias":
+            z = 0.02 * z
+        elif kind in ("kernel", "experts"):
+            z = z / np.sqrt(fan)
+        else:
+            z = 0.02 * z
+        return z.astype(dtype)
+
+    return jax.jit(gen, out_shardings=sharding)
+
+
+def random_on_mesh(abstract: nnx.Module, mesh: Mesh, seed: int = 0) -> nnx.Module:
+    """Fill an ABSTRACT model (``nnx.eval_shape``) with random weights generated on the devices of
+    ``mesh``, each parameter directly in its rule-resolved sharding: nothing full-size ever touches the
+    host. Scales: norms 1 +- 0.1, kernels / stacked experts N(0, 1/fan_in), biases and embeddings
+    N(0, 0.02^2). For benchmarks and full-scale dry runs (real weights come from ``from_pretrained``)."""
+    gd, state = nnx.split(abstract)
+    key = jax.random.key(seed)
+    leaves = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(state)):
+        v = var.get_value()
+        sh = variable_sharding(var, mesh)
+        kind = _random_kind(tuple(path), len(v.shape))
+        leaves.append((path, _random_fn(tuple(v.shape), str(v.dtype), kind, sh)(jax.random.fold_in(key, i))))
+    model = nnx.merge(gd, nnx.from_flat_state(leaves))
     return model
