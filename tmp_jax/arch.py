@@ -25,6 +25,8 @@ class ArchHooks:
     # --- calibration / evaluation ---------------------------------------------------------------
     prepare_batch: Callable[[Any, dict], dict] | None = None  # (cfg, calib batch) -> model inputs (+ 'mask')
     forward: Callable[[Any, dict], Any] | None = None  # (model, inputs) -> output compared with the teacher
+    # (permuted teacher, tree, assignment, inputs) -> the candidate's output, evaluated without building it
+    forward_pruned: Callable[[Any, Any, Any, dict], Any] | None = None
     collect_stats: Callable[[Any, dict], tuple[Any, dict]] | None = None  # -> (output, {path: stat})
     compile_count: Callable[[], int] | None = None
     synthetic_calib: Callable[[Any, int, int, int], list[dict]] | None = None  # (cfg, n, batch, seed)
@@ -52,6 +54,7 @@ def runner_hooks(module: str) -> dict[str, Callable[..., Any]]:
     return {
         "prepare_batch": lambda cfg, b: r().prepare_batch(cfg, b),
         "forward": lambda m, x: r().forward_blockwise(m, x),
+        "forward_pruned": lambda m, tree, a, x: r().forward_pruned(m, tree, a, x),
         "collect_stats": lambda m, x: r().collect_stats(m, x),
         "compile_count": lambda: r().compile_count(),
     }

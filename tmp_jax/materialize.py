@@ -6,8 +6,10 @@ most important units of any node is keeping a PREFIX, so candidates are sets of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -48,6 +50,85 @@ def slice_plan(tree: Tree, a: Assignment, order: Order | None = None) -> dict[Pa
             for s in u.slices:
                 plan.setdefault(s.path, []).append((s.axis, _element_index(ids, s.group)))
     return plan
+
+
+def prefix_shapes(tree: Tree, a: Assignment) -> dict[PathT, tuple[int, ...]]:
+    """Kept shape of every sliced parameter of a PERMUTED model under ``a`` (source paths).
+
+    After :func:`permute` every kept set is a prefix, so parameter ``p`` of the candidate is
+    ``full[p][:s0, :s1, ...]`` with ``(s0, s1, ...) = prefix_shapes(tree, a)[p]``: the slice plan of
+    :func:`slice_plan` with the identity order, as lengths instead of index arrays. Evaluators slice
+    these prefixes inside their jitted functions instead of materialising a candidate. Parameters of
+    dropped nodes are absent; unsliced parameters are absent too (they keep their full shape).
+    """
+    out: dict[PathT, list[int]] = {}
+    for n in tree.spec.nodes():
+        if n.name in a.dropped:
+            continue
+        for u in n.units:
+            k = tree.kept_count(a, n.name, u.kind)
+            for s in u.slices:
+                shape = out.setdefault(s.path, list(tree.spec.shapes[s.path]))
+                shape[s.axis] = k * s.group
+    return {p: tuple(v) for p, v in out.items()}
+
+
+Cut = tuple[tuple[PathT, tuple[int, ...]], ...]  # (view-relative path, kept prefix shape), hashable (static)
+
+
+def prefix_cut(
+    state: nnx.State,
+    src_path: Callable[[PathT], PathT],
+    shapes: dict[PathT, tuple[int, ...]],
+    want: nnx.State | None = None,
+) -> Cut:
+    """The static cut of a sub-module view's FULL state: which leaves to slice to which prefix shape.
+
+    ``src_path`` maps a view-relative path to the model's parameter path (the key of ``shapes``, from
+    :func:`prefix_shapes`). ``want``: the abstract state of the pruned view (its graphdef's shapes); every
+    cut leaf must match it, so a slice plan and a pruned graph that disagree fail here, not in the forward.
+    """
+    cut = []
+    for path, var in nnx.to_flat_state(state):
+        path = tuple(path)
+        full = tuple(var.get_value().shape)
+        kept = shapes.get(src_path(path), full)
+        if kept != full:
+            cut.append((path, kept))
+    if want is not None:
+        got = dict(cut)
+        for path, var in nnx.to_flat_state(want):
+            path = tuple(path)
+            full = tuple(state_shape(state, path))
+            if tuple(var.get_value().shape) != got.get(path, full):
+                raise ValueError(
+                    f"prefix cut of {path}: slice plan gives {got.get(path, full)}, the pruned module has "
+                    f"{tuple(var.get_value().shape)}"
+                )
+    return tuple(cut)
+
+
+def state_shape(state: nnx.State, path: PathT) -> tuple[int, ...]:
+    node: Any = state
+    for k in path:
+        node = node[k]
+    return tuple(node.get_value().shape)
+
+
+def apply_cut(state: nnx.State, cut: Cut) -> nnx.State:
+    """Slice the leaves named by ``cut`` to their prefixes (traceable: used inside jitted functions, where
+    the slice fuses into the consumer or costs one copy of the KEPT weights, never a host round trip)."""
+    if not cut:
+        return state
+    want = dict(cut)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        kept = want.get(tuple(path))
+        if kept is not None:
+            x = var.get_value()
+            var = var.replace(jax.lax.slice(x, (0,) * x.ndim, kept))
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
 
 
 def materialize(model: Any, tree: Tree, a: Assignment, order: Order | None = None, dtype: Any = None) -> Any:

@@ -4,7 +4,9 @@ Fitness of a genome = normalised discrepancy between the candidate's denoiser ou
 teacher output over calibration micro-batches: ``sum ||y - y_T||^2 / sum ||y_T||^2`` over the
 output tokens that matter (image tokens), minimised. Candidates are evaluated with their own pruned
 widths: the teacher is permuted once into importance order, so every candidate is a set of prefix
-slices, and each block runs through a function compiled once per (block kind, width level).
+slices. Evaluation runs the permuted teacher's FULL parameters through per-sub-layer jitted functions that
+slice those prefixes inside the jit (``hooks.forward_pruned``), each compiled once per (sub-layer kind,
+width level): no model is built per candidate, and after warm-up nothing compiles.
 """
 
 from __future__ import annotations
@@ -78,23 +80,47 @@ class PruningProblem:
         return materialize(self.model, self.tree, self.tree.decode(genome), None)
 
     def fitness(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
+        """Normalised output error of each genome's candidate on the first ``n_samples`` calibration samples.
+
+        Candidates are evaluated on the permuted teacher itself (``hooks.forward_pruned``: prefixes sliced
+        inside the per-sub-layer jitted functions), so nothing is materialised per candidate; an architecture
+        without that hook falls back to materialising each candidate."""
+        genomes = np.atleast_2d(np.asarray(genomes))
+        out = np.zeros(len(genomes))
+        for i, g in enumerate(genomes):
+            a = self.tree.decode(g)
+            if self.hooks.forward_pruned is not None:
+                run = lambda inputs, a=a: self.hooks.forward_pruned(self.model, self.tree, a, inputs)  # noqa: E731
+            else:
+                m = materialize(self.model, self.tree, a, None)
+                run = lambda inputs, m=m: self.hooks.forward(m, inputs)  # noqa: E731
+            out[i] = self._error(run, n_samples)
+            self.n_evals += 1
+        return out
+
+    def fitness_materialized(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
+        """:meth:`fitness` through a materialised candidate per genome (the reference the fast path is
+        tested against; slow: builds and slices a model per genome). Does not count as search evaluations."""
         genomes = np.atleast_2d(np.asarray(genomes))
         out = np.zeros(len(genomes))
         for i, g in enumerate(genomes):
             m = self.candidate(g)
-            num = den = 0.0
-            seen = 0
-            for inputs, yt in zip(self.calib.inputs, self.calib.teacher):
-                if n_samples is not None and seen >= n_samples:
-                    break
-                y = np.asarray(self.hooks.forward(m, inputs), np.float64)
-                mask = np.asarray(inputs["mask"])[..., None]
-                num += float(np.sum(np.square(y - yt) * mask))
-                den += float(np.sum(np.square(yt.astype(np.float64)) * mask))
-                seen += int(yt.shape[0])
-            out[i] = num / max(den, 1e-30)
-            self.n_evals += 1
+            out[i] = self._error(lambda inputs, m=m: self.hooks.forward(m, inputs), n_samples)
         return out
+
+    def _error(self, run: Any, n_samples: int | None) -> float:
+        """``sum ||y - y_T||^2 / sum ||y_T||^2`` over the masked output of the first ``n_samples`` samples."""
+        num = den = 0.0
+        seen = 0
+        for inputs, yt in zip(self.calib.inputs, self.calib.teacher):
+            if n_samples is not None and seen >= n_samples:
+                break
+            y = np.asarray(run(inputs), np.float64)
+            mask = np.asarray(inputs["mask"])[..., None]
+            num += float(np.sum(np.square(y - yt) * mask))
+            den += float(np.sum(np.square(yt.astype(np.float64)) * mask))
+            seen += int(yt.shape[0])
+        return num / max(den, 1e-30)
 
 
 def build_problem(

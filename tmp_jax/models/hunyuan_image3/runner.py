@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tmp_jax.materialize import Cut, apply_cut, prefix_cut, prefix_shapes
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.models.hunyuan_image3.model import (
+    DecoderLayer,
     HunyuanImage3,
     attn_branch,
     check_t2i_layout,
@@ -27,7 +29,9 @@ from tmp_jax.models.hunyuan_image3.model import (
     t2i_embed,
     t2i_head,
 )
+from tmp_jax.models.hunyuan_image3.structure import LAYERS, pruned_config
 from tmp_jax.stats import flatten_intermediates, split_collecting
+from tmp_jax.tree import Assignment, Tree
 
 
 def prepare_batch(cfg: HunyuanImage3Config, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -117,7 +121,7 @@ def _final(gd: Any, state: Any, x: jax.Array, index: jax.Array, t: jax.Array, th
 
 def compile_count() -> int:
     """Compiled variants of the blockwise functions so far (for zero-recompile checks)."""
-    return sum(f._cache_size() for f in (_stem_embed, _attn, _moe, _final))
+    return sum(f._cache_size() for f in (_stem_embed, _attn, _moe, _final, _attn_cut, _moe_cut))
 
 
 def forward_blockwise(model: HunyuanImage3, inputs: dict[str, Any], features: bool = False) -> Any:
@@ -139,6 +143,96 @@ def forward_blockwise(model: HunyuanImage3, inputs: dict[str, Any], features: bo
             feats.append(x)
     out = _final(gd, st, x, e["image_index"], t, th, tw)
     return (out, feats) if features else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidate evaluation on the permuted teacher: prefixes sliced inside the jitted halves
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _attn_cut(gd: Any, cut: Cut, state: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: Any, tm: jax.Array):
+    v = nnx.merge(gd, apply_cut(state, cut))
+    return attn_branch(v.layer, v.norm, x, cos, sin, mask, tm)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _moe_cut(gd: Any, cut: Cut, state: Any, x: jax.Array, tm: jax.Array) -> jax.Array:
+    v = nnx.merge(gd, apply_cut(state, cut))
+    return moe_branch(v.layer, v.norm, x, tm)
+
+
+_SUB_NAMES = {"self_attn": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
+_PRUNED: dict[tuple, tuple[Any, Any]] = {}  # (sub-layer, widths, config) -> (graphdef, abstract state)
+_CUTS: dict[tuple, Cut] = {}  # (layer, sub-layer, widths, config) -> static cut
+
+
+def _pruned_view(cfg: HunyuanImage3Config, sub: str, widths: tuple, impl: str) -> tuple[Any, Any]:
+    """Graphdef + abstract state of a ``_Sub`` view of one pruned sub-layer (cached; nothing allocated).
+
+    ``widths``: ``(kv_groups,)`` for attention, ``(experts, top_k, expert width, shared count)`` for the MoE.
+    """
+    key = (sub, widths, impl, cfg)
+    if key not in _PRUNED:
+        if sub == "self_attn":
+            (kv,) = widths
+            one = cfg.replace(num_key_value_heads=kv, num_attention_heads=kv * cfg.q_per_kv)
+            e, k, w, sh = cfg.num_experts[0], cfg.moe_topk[0], cfg.moe_intermediate_size[0], cfg.num_shared_expert[0]
+        else:
+            one, (e, k, w, sh) = cfg, widths
+        one = one.replace(
+            num_hidden_layers=1,
+            layers_kept=None,
+            num_experts=(e,),
+            moe_topk=(k,),
+            moe_intermediate_size=(w,),
+            num_shared_expert=(sh,),
+        )
+        layer = nnx.eval_shape(lambda: DecoderLayer(one, 0, dtype=jnp.float32, rngs=nnx.Rngs(0), moe_impl=impl))
+        _PRUNED[key] = nnx.split(_Sub(*(getattr(layer, n) for n in _SUB_NAMES[sub])))
+    return _PRUNED[key]
+
+
+def forward_pruned(model: HunyuanImage3, tree: Tree, a: Assignment, inputs: dict[str, Any]) -> jax.Array:
+    """The candidate ``a`` of the PERMUTED teacher ``model``, evaluated without building it.
+
+    Same result as ``forward_blockwise(materialize(model, tree, a), inputs)``: every kept set is a prefix
+    (:func:`tmp_jax.materialize.permute`), so each half takes the teacher's FULL sub-layer state and slices
+    it inside the jit to the prefix shapes of the tree's slice plan (:func:`tmp_jax.materialize.prefix_shapes`),
+    merged into the pruned sub-layer's graph (cached per widths). Compiled once per (half, widths).
+    """
+    cfg = model.config
+    if cfg.layers_kept is not None:
+        raise ValueError("forward_pruned evaluates candidates of the UNPRUNED (permuted) teacher")
+    new = pruned_config(cfg, tree, a)
+    plan: dict = {}
+
+    def cut_of(pos: int, sub: str, widths: tuple, state: Any, impl: str) -> tuple[Any, Cut]:
+        gd, want = _pruned_view(cfg, sub, widths, impl)
+        key = (pos, sub, widths, impl, cfg)
+        if key not in _CUTS:
+            if not plan:
+                plan.update(prefix_shapes(tree, a))
+            names = dict(zip(("layer", "norm"), _SUB_NAMES[sub]))
+            _CUTS[key] = prefix_cut(state, lambda p: (*LAYERS, pos, names[p[0]], *p[1:]), plan, want)
+        return gd, _CUTS[key]
+
+    lat = jnp.asarray(inputs["latents"])
+    _, _, th, tw = lat.shape
+    gd, st = nnx.split(_Stem(model))
+    t = jnp.asarray(inputs["timestep"])
+    e = _stem_embed(gd, st, jnp.asarray(inputs["input_ids"]), lat, t, jnp.asarray(inputs["valid_lengths"]))
+    x = e["embeds"]
+    kv = new.num_key_value_heads
+    for j, pos in enumerate(new.layers_kept):
+        layer = model.model.layers[pos]  # the teacher is unpruned: position == original index
+        st_a = nnx.state(_Sub(layer.self_attn, layer.input_layernorm))
+        gd_a, cut = cut_of(pos, "self_attn", (kv,), st_a, layer.mlp.impl)
+        x = _attn_cut(gd_a, cut, st_a, x, e["cos"], e["sin"], e["mask"], e["token_mask"])
+        widths = (new.num_experts[j], new.moe_topk[j], new.moe_intermediate_size[j], new.num_shared_expert[j])
+        st_m = nnx.state(_Sub(layer.mlp, layer.post_attention_layernorm))
+        gd_m, cut = cut_of(pos, "mlp", widths, st_m, layer.mlp.impl)
+        x = _moe_cut(gd_m, cut, st_m, x, e["token_mask"])
+    return _final(gd, st, x, e["image_index"], t, th, tw)
 
 
 @partial(jax.jit, static_argnums=(0,))

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmp_jax.models.z_image.config import ZImageConfig
+from tmp_jax.materialize import Cut, apply_cut, prefix_cut, prefix_shapes
+from tmp_jax.models.z_image.config import BlockSpec, ZImageConfig
 from tmp_jax.models.z_image.model import (
     ZImageTransformer,
     ZImageTransformerBlock,
@@ -25,7 +26,9 @@ from tmp_jax.models.z_image.model import (
     ffn_branch,
     make_layout,
 )
+from tmp_jax.models.z_image.structure import pruned_config
 from tmp_jax.stats import flatten_intermediates, split_collecting
+from tmp_jax.tree import Assignment, Tree
 
 
 def prepare_batch(cfg: ZImageConfig, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -124,7 +127,8 @@ def _final(gd: Any, state: Any, x: jax.Array, c: jax.Array, pk: str) -> jax.Arra
 
 def compile_count() -> int:
     """Compiled variants of the blockwise functions so far (for zero-recompile checks)."""
-    return sum(f._cache_size() for f in (_stem_embed, _mod, _attn, _ffn, _unify, _final))
+    fns = (_stem_embed, _mod, _attn, _ffn, _unify, _final, _attn_cut, _ffn_cut)
+    return sum(f._cache_size() for f in fns)
 
 
 def forward_blockwise(model: ZImageTransformer, inputs: dict[str, Any], features: bool = False) -> Any:
@@ -151,6 +155,105 @@ def forward_blockwise(model: ZImageTransformer, inputs: dict[str, Any], features
             feats.append(x)
     out = _final(gd, st, x, c, pk)
     return (out, feats) if features else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidate evaluation on the permuted teacher: prefixes sliced inside the jitted sub-layers
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _attn_cut(gd: Any, cut: Cut, state: Any, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, s, g):  # noqa: ANN001
+    v = nnx.merge(gd, apply_cut(state, cut))
+    return attn_branch(v.layer, v.norm1, v.norm2, x, mask, cos, sin, s, g)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _ffn_cut(gd: Any, cut: Cut, state: Any, x: jax.Array, s: Any, g: Any) -> jax.Array:
+    v = nnx.merge(gd, apply_cut(state, cut))
+    return ffn_branch(v.layer, v.norm1, v.norm2, x, s, g)
+
+
+_SUB_NAMES = {
+    "attention": ("attention", "attention_norm1", "attention_norm2"),
+    "feed_forward": ("feed_forward", "ffn_norm1", "ffn_norm2"),
+}
+_PRUNED: dict[tuple, tuple[Any, Any]] = {}  # (sub-layer, width, dim-defining config) -> (graphdef, abstract state)
+_CUTS: dict[tuple, Cut] = {}  # (stack, block, sub-layer, width, config) -> static cut
+
+
+def _pruned_view(cfg: ZImageConfig, sub: str, width: int) -> tuple[Any, Any]:
+    """Graphdef + abstract state of a ``_Sub`` view of one sub-layer at ``width`` (cached; nothing allocated)."""
+    key = (sub, width, cfg)
+    if key not in _PRUNED:
+        spec = BlockSpec(0, width, 0) if sub == "attention" else BlockSpec(0, 0, width)
+        blk = nnx.eval_shape(
+            lambda: ZImageTransformerBlock(cfg, spec, modulation=False, rngs=nnx.Rngs(0), dtype=jnp.float32)
+        )
+        names = _SUB_NAMES[sub]
+        _PRUNED[key] = nnx.split(_Sub(*(getattr(blk, n) for n in names)))
+    return _PRUNED[key]
+
+
+def _sub_cut(cfg: ZImageConfig, stack: str, pos: int, sub: str, width: int, state: Any, shapes: Any) -> tuple[Any, Cut]:
+    """(pruned graphdef, static cut) of one sub-layer of the teacher's block ``stack[pos]`` at ``width``."""
+    key = (stack, pos, sub, width, cfg)
+    gd, want = _pruned_view(cfg, sub, width)
+    if key not in _CUTS:
+        names = dict(zip(("layer", "norm1", "norm2"), _SUB_NAMES[sub]))
+        _CUTS[key] = prefix_cut(state, lambda p: (stack, pos, names[p[0]], *p[1:]), shapes(), want)
+    return gd, _CUTS[key]
+
+
+def forward_pruned(model: ZImageTransformer, tree: Tree, a: Assignment, inputs: dict[str, Any]) -> jax.Array:
+    """The candidate ``a`` of the PERMUTED teacher ``model``, evaluated without building it.
+
+    Same result as ``forward_blockwise(materialize(model, tree, a), inputs)``: every kept set is a prefix
+    (:func:`tmp_jax.materialize.permute`), so each sub-layer function takes the teacher's FULL sub-layer
+    state and slices it inside the jit to the prefix shapes of the tree's slice plan
+    (:func:`tmp_jax.materialize.prefix_shapes`), merged into the pruned sub-layer's graph (cached per
+    width). Compiled once per (sub-layer kind, width); no per-candidate model, copy or host work.
+    """
+    cfg = model.config
+    if cfg.is_pruned:
+        raise ValueError("forward_pruned evaluates candidates of the UNPRUNED (permuted) teacher")
+    new = pruned_config(cfg, tree, a)
+    plan: dict = {}
+
+    def shapes() -> dict:  # the slice plan, computed only when a new (block, width) cut is needed
+        if not plan:
+            plan.update(prefix_shapes(tree, a))
+        return plan
+
+    arrs, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
+    gd, st = nnx.split(_Stem(model))
+    e = _stem_embed(gd, st, arrs, t, pk)
+    c = e["c"]
+
+    def run(stack: str, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        blocks = getattr(model, stack)
+        for b in new.stack(stack):
+            blk = blocks[b.index]  # the teacher is unpruned: position == original index
+            if blk.modulation:
+                gd_m, st_m = nnx.split(_Mod(blk))
+                s_msa, g_msa, s_mlp, g_mlp = _mod(gd_m, st_m, c)
+            else:
+                s_msa = g_msa = s_mlp = g_mlp = None
+            if b.heads:
+                st_a = nnx.state(_Sub(blk.attention, blk.attention_norm1, blk.attention_norm2))
+                gd_a, cut = _sub_cut(cfg, stack, b.index, "attention", b.heads, st_a, shapes)
+                x = _attn_cut(gd_a, cut, st_a, x, mask, cos, sin, s_msa, g_msa)
+            if b.ffn_dim:
+                st_f = nnx.state(_Sub(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2))
+                gd_f, cut = _sub_cut(cfg, stack, b.index, "feed_forward", b.ffn_dim, st_f, shapes)
+                x = _ffn_cut(gd_f, cut, st_f, x, s_mlp, g_mlp)
+        return x
+
+    m_img, m_cap = _key_mask(jnp.asarray(arrs["img_valid"])), _key_mask(jnp.asarray(arrs["cap_valid"]))
+    img = run("noise_refiner", e["img"], m_img, *e["img_cs"])
+    cap = run("context_refiner", e["cap"], m_cap, *e["cap_cs"])
+    x, cos, sin, mask = _unify(arrs, img, cap, e)
+    x = run("layers", x, mask, cos, sin)
+    return _final(gd, st, x, c, pk)
 
 
 @partial(jax.jit, static_argnums=(0, 4))
