@@ -222,6 +222,28 @@ class RoutedExperts(nn.Module):
         return out.to(h.dtype).reshape(shape)
 
 
+def attention(m: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """nemo's ``HunyuanImage3Attention.forward`` with the KV heads repeated explicitly instead of
+    ``enable_gqa=True``: with a mask, SDPA's GQA path falls back to the math kernel, which materialises the
+    ``[B, N, S, S]`` scores (1 GB+ at 1024^2); the repeated K / V cost ``2 * S * N * hd`` elements."""
+    from nemo_automodel.components.models.hunyuan_image3.rope import apply_rope
+
+    b, s, _ = x.shape
+    qkv = m.qkv_proj(x).view(b, s, m.num_kv_heads, m.q_per_kv + 2, m.head_dim)  # [B, S, K, G+2, hd]
+    q, k, v = torch.split(qkv, [m.q_per_kv, 1, 1], dim=3)
+    q = q.reshape(b, s, m.num_heads, m.head_dim).transpose(1, 2)  # [B, N, S, hd], head h = k*G + j
+    k = k.reshape(b, s, m.num_kv_heads, m.head_dim).transpose(1, 2)  # [B, K, S, hd]
+    v = v.reshape(b, s, m.num_kv_heads, m.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # fp32
+    if m.use_qk_norm:  # QK-norm after RoPE
+        q, k = m.query_layernorm(q), m.key_layernorm(k)
+    q, k = q.to(v.dtype), k.to(v.dtype)
+    k = k.repeat_interleave(m.q_per_kv, dim=1)  # [B, N, S, hd]: query head h reads KV head h // G
+    v = v.repeat_interleave(m.q_per_kv, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, N, S, hd]
+    return m.o_proj(out.transpose(1, 2).reshape(b, s, m.num_heads * m.head_dim))
+
+
 class HunyuanLayer(nn.Module):
     def __init__(self, cfg: SimpleNamespace, layer: int):
         from nemo_automodel.components.models.common import BackendConfig
@@ -247,7 +269,7 @@ class HunyuanLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, stream: Any) -> Any:
         staged = self.mlp.prefetch(x.device, stream)  # overlaps the attention below
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + attention(self.self_attn, self.input_layernorm(x), cos, sin, mask)
         h = self.post_attention_layernorm(x)
         if stream is not None and staged:
             torch.cuda.current_stream().wait_stream(stream)
