@@ -176,3 +176,59 @@ def test_exported_pruned_omni_model_runs_diffusers_omni(omni, tmp_path):
     assert len(pt.siglip_refiner) == src.config.n_refiner_layers
     x, t, cap, sig, mask = _batch(seed=6)
     _check(small(x, t, cap, siglip_feats=sig, image_noise_mask=mask), torch_forward_omni(pt, x, t, cap, sig, mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# TI2I calibration inputs (tmp_jax.models.z_image.ti2i)
+
+
+def _tokens(img: np.ndarray) -> np.ndarray:
+    """(C, F, H, W) -> (F*H/2*W/2, 4*C) tokens, channel fastest (diffusers' patchify, patch 2x2x1)."""
+    C, F, H, W = img.shape
+    return img.reshape(C, F, 1, H // 2, 2, W // 2, 2).transpose(1, 3, 5, 2, 4, 6, 0).reshape(-1, 4 * C)
+
+
+def test_ti2i_calibration_batches(omni, tmp_path):
+    from tmp_jax.calibration import importance, load_calib, write_calib
+    from tmp_jax.models.z_image import ti2i
+
+    ref, jm, _ = omni
+    cfg = jm.config
+    batches = ti2i.synthetic_ti2i_calib(cfg, n=3, batch=3, seed=0)
+    assert {"siglip_feats", "siglip_sizes", "cond_latents"} <= set(batches[0])
+    back = load_calib(write_calib(tmp_path / "calib", batches, "zimage", task="ti2i"), "zimage")
+    assert all(np.array_equal(back[0][k], v) for k, v in batches[0].items())
+    args = ti2i.model_args(cfg, back[0])
+    assert [m[-1] for m in args["image_noise_mask"]] == [1, 1, 1] and args["siglip_feats"][0][-1] is None
+    want = torch_forward_omni(
+        ref, args["x"], args["t"], args["cap_feats"], args["siglip_feats"], args["image_noise_mask"]
+    )
+    inputs = ti2i.prepare_any(cfg, back[0])
+    assert ti2i.is_omni_inputs(inputs)
+    out, stats = ti2i.collect_stats(jm, inputs)
+    out = np.asarray(out)
+    for b, w in enumerate(want):  # the loss mask selects exactly the target's tokens
+        assert rel_err(out[b][inputs["mask"][b]], _tokens(w)) <= TOL
+    assert np.array_equal(np.asarray(ti2i.forward(jm, inputs)), out)
+    units, blocks = importance(Tree(arch.get("zimage").build_spec(cfg)), stats)
+    assert units and blocks and all(np.all(np.isfinite(v)) for v in units.values())
+    # T2I batches still go to the T2I runner
+    t2i = arch.get("zimage").synthetic_calib(cfg, 2, 2, 0)[0]
+    assert not ti2i.is_omni_inputs(ti2i.prepare_any(cfg, t2i))
+
+
+def test_ti2i_bad_batches(omni):
+    from tmp_jax.models.z_image import ti2i
+
+    cfg = omni[1].config
+    b = ti2i.synthetic_ti2i_calib(cfg, n=2, batch=2, seed=1)[0]
+    with pytest.raises(ValueError, match="missing array 'cap_lens'"):
+        ti2i.prepare_batch(cfg, {k: v for k, v in b.items() if k != "cap_lens"})
+    no_cond = {**b, "cond_sizes": np.zeros_like(b["cond_sizes"])}
+    with pytest.raises(ValueError, match="sample 0 has no condition image"):
+        ti2i.prepare_batch(cfg, no_cond)
+    short = {**b, "cap_lens": np.where(np.arange(b["cap_lens"].shape[1]) < 1, b["cap_lens"], 0).astype(np.int32)}
+    with pytest.raises(ValueError, match="leading non-empty segments"):
+        ti2i.prepare_batch(cfg, short)
+    with pytest.raises(ValueError, match="siglip_feats and siglip_sizes go together"):
+        ti2i.prepare_batch(cfg, {k: v for k, v in b.items() if k != "siglip_sizes"})

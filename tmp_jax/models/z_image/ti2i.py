@@ -1,0 +1,229 @@
+"""Z-Image TI2I (Omni/Edit) calibration inputs: the micro-batch format, a synthetic generator, and
+``prepare_batch`` for the omni path.
+
+A TI2I micro-batch (docs/calibration-format.md, section "TI2I micro-batches") holds fixed-shape,
+zero-padded arrays: the noised target, up to K clean condition latents with their sizes, S caption
+segments with their lengths and, for models with ``siglip_feat_dim``, one SigLIP grid per condition.
+:func:`model_args` turns it into exactly the nested lists diffusers' omni forward takes (the
+pipeline's layout: conditions then the target, noise mask ``[0] * n + [1]``, SigLIP ``[s_1..s_n,
+None]``), and :func:`prepare_batch` into the padded arrays of :func:`make_omni_layout` plus the loss
+mask of the target's tokens. A micro-batch is TI2I iff it has ``cond_latents``
+(:func:`is_ti2i_batch`); :func:`prepare_any` dispatches between this and the T2I runner.
+
+Not wired into calibration / search / distillation yet: :func:`forward` and :func:`collect_stats` are
+whole-model jitted functions (the blockwise zero-recompile runner covers T2I only).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tmp_jax.models.z_image.config import ZImageConfig
+from tmp_jax.models.z_image.model import ZImageTransformer, make_omni_layout
+from tmp_jax.stats import flatten_intermediates, split_collecting
+
+REQUIRED = ("latents", "t", "cond_latents", "cond_sizes", "cap_feats", "cap_lens")
+SIGLIP_KEYS = ("siglip_feats", "siglip_sizes")
+
+
+def is_ti2i_batch(batch: dict[str, np.ndarray]) -> bool:
+    return "cond_latents" in batch
+
+
+def _check(cfg: ZImageConfig, batch: dict[str, np.ndarray]) -> None:
+    missing = [k for k in REQUIRED if k not in batch]
+    if missing:
+        raise ValueError(f"TI2I batch: missing array {missing[0]!r} (needs {', '.join(REQUIRED)})")
+    lat, cond, csz = batch["latents"], batch["cond_latents"], batch["cond_sizes"]
+    cap, lens = batch["cap_feats"], batch["cap_lens"]
+    B = lat.shape[0]
+    if lat.ndim != 5 or lat.shape[1] != cfg.in_channels:
+        raise ValueError(f"TI2I batch: latents must be (B, {cfg.in_channels}, F, H, W), got {lat.shape}")
+    if cond.ndim != 6 or cond.shape[:3] != (B, cond.shape[1], cfg.in_channels):
+        raise ValueError(f"TI2I batch: cond_latents must be (B, K, {cfg.in_channels}, F, H, W), got {cond.shape}")
+    if csz.shape != (B, cond.shape[1], 2):
+        raise ValueError(f"TI2I batch: cond_sizes must be (B, K, 2) = {(B, cond.shape[1], 2)}, got {csz.shape}")
+    if cap.ndim != 4 or cap.shape[0] != B or cap.shape[3] != cfg.cap_feat_dim:
+        raise ValueError(f"TI2I batch: cap_feats must be (B, S, L, {cfg.cap_feat_dim}), got {cap.shape}")
+    if lens.shape != cap.shape[:2]:
+        raise ValueError(f"TI2I batch: cap_lens must be (B, S) = {cap.shape[:2]}, got {lens.shape}")
+    if np.asarray(batch["t"]).shape != (B,):
+        raise ValueError(f"TI2I batch: t must be (B,) = ({B},), got {np.asarray(batch['t']).shape}")
+    has_sig = [k in batch for k in SIGLIP_KEYS]
+    if any(has_sig) and not all(has_sig):
+        raise ValueError("TI2I batch: siglip_feats and siglip_sizes go together")
+    if all(has_sig):
+        sf, ss = batch["siglip_feats"], batch["siglip_sizes"]
+        if sf.ndim != 5 or sf.shape[:2] != cond.shape[:2]:
+            raise ValueError(
+                f"TI2I batch: siglip_feats must be (B, K, H_s, W_s, D) with K={cond.shape[1]}, got {sf.shape}"
+            )
+        if ss.shape != (B, cond.shape[1], 2):
+            raise ValueError(f"TI2I batch: siglip_sizes must be (B, K, 2), got {ss.shape}")
+        if cfg.siglip_feat_dim is not None and sf.shape[4] != cfg.siglip_feat_dim:
+            raise ValueError(
+                f"TI2I batch: siglip_feats width {sf.shape[4]}, model siglip_feat_dim {cfg.siglip_feat_dim}"
+            )
+
+
+def model_args(cfg: ZImageConfig, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A TI2I micro-batch -> diffusers' omni forward arguments (``x``, ``t``, ``cap_feats``,
+    ``siglip_feats``, ``image_noise_mask``), nested per-sample lists of numpy arrays."""
+    _check(cfg, batch)
+    lat, cond, csz = batch["latents"], batch["cond_latents"], batch["cond_sizes"]
+    cap, lens = batch["cap_feats"], np.asarray(batch["cap_lens"])
+    sig = batch.get("siglip_feats")
+    ssz = batch.get("siglip_sizes")
+    x, caps, sigs, masks = [], [], [], []
+    for b in range(lat.shape[0]):
+        n = int(np.count_nonzero(csz[b, :, 0]))
+        if n == 0:
+            raise ValueError(f"TI2I batch: sample {b} has no condition image (put T2I samples in T2I micro-batches)")
+        if np.count_nonzero(csz[b, n:, 0]) or (csz[b, :n] <= 0).any():
+            raise ValueError(f"TI2I batch: cond_sizes[{b}] must list its conditions first, each (H, W) > 0")
+        xs = []
+        for j in range(n):
+            H, W = (int(v) for v in csz[b, j])
+            if H > cond.shape[4] or W > cond.shape[5]:
+                raise ValueError(f"TI2I batch: cond_sizes[{b}][{j}] = {(H, W)} exceeds cond_latents' {cond.shape[4:]}")
+            xs.append(cond[b, j, :, :, :H, :W])
+        x.append([*xs, lat[b]])
+        masks.append([0] * n + [1])
+        segs = [int(v) for v in lens[b]]
+        k = next((i for i, v in enumerate(segs) if v == 0), len(segs))
+        if any(segs[k:]) or k < n + 1:
+            raise ValueError(
+                f"TI2I batch: cap_lens[{b}] = {segs}: need >= {n + 1} leading non-empty segments (n conditions + 1)"
+            )
+        caps.append([cap[b, i, : segs[i]] for i in range(k)])
+        if sig is not None:
+            ss = []
+            for j in range(n):
+                h, w = (int(v) for v in ssz[b, j])
+                if h <= 0 or w <= 0 or h > sig.shape[2] or w > sig.shape[3]:
+                    raise ValueError(f"TI2I batch: siglip_sizes[{b}][{j}] = {(h, w)} is not inside {sig.shape[2:4]}")
+                ss.append(sig[b, j, :h, :w])
+            sigs.append([*ss, None])  # the target has no SigLIP features (pipeline layout)
+    return {
+        "x": x,
+        "t": np.asarray(batch["t"], np.float32),
+        "cap_feats": caps,
+        "siglip_feats": sigs if sig is not None else None,
+        "image_noise_mask": masks,
+    }
+
+
+def prepare_batch(cfg: ZImageConfig, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """TI2I micro-batch -> omni model inputs: ``arrays`` (:func:`make_omni_layout`), ``t``,
+    ``patch_key`` and ``mask`` (B, T_unified): True on the target image's real tokens (the loss
+    tokens; conditions, captions, SigLIP and pad tokens are excluded)."""
+    a = model_args(cfg, batch)
+    layout = make_omni_layout(cfg, a["x"], a["cap_feats"], a["siglip_feats"], a["image_noise_mask"])
+    T = layout.arrays["uni_idx"].shape[1]
+    mask = np.zeros((len(a["x"]), T), bool)
+    for b, (off, n, _) in enumerate(layout.targets):
+        mask[b, off : off + n] = True
+    return {"arrays": layout.arrays, "t": a["t"], "patch_key": layout.patch_key, "mask": mask}
+
+
+def prepare_any(cfg: ZImageConfig, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """T2I or TI2I micro-batch -> model inputs (TI2I iff the batch has ``cond_latents``)."""
+    if is_ti2i_batch(batch):
+        return prepare_batch(cfg, batch)
+    from tmp_jax.models.z_image import runner
+
+    return runner.prepare_batch(cfg, batch)
+
+
+def is_omni_inputs(inputs: dict[str, Any]) -> bool:
+    """Prepared inputs of the omni path (``uni_noise`` present) rather than T2I."""
+    return "uni_noise" in inputs["arrays"]
+
+
+def synthetic_ti2i_calib(
+    cfg: ZImageConfig, n: int, batch: int = 4, seed: int = 0, max_cond: int = 2
+) -> list[dict[str, np.ndarray]]:
+    """Random TI2I micro-batches in the format above (tests / models without data).
+
+    Each sample has 1..max_cond condition latents of varying size, ``n_cond + 2`` caption segments
+    (the Omni pipeline's chat template) of varying length and, when the model has
+    ``siglip_feat_dim``, one SigLIP grid per condition.
+    """
+    rng = np.random.default_rng(seed)
+    tiny = cfg.dim < 1024
+    hw = 8 if tiny else 128  # target latent side (1024^2 / 8 at full size)
+    sides = (4, 8, 12) if tiny else (64, 96, 128)
+    L, D = (12, cfg.cap_feat_dim) if tiny else (256, cfg.cap_feat_dim)
+    sg = 4 if tiny else 32  # SigLIP grid side (patch tokens)
+    out = []
+    for i in range(0, n, batch):
+        B = min(batch, n - i)
+        K, S = max_cond, max_cond + 2
+        ncond = rng.integers(1, max_cond + 1, B)
+        cond = np.zeros((B, K, cfg.in_channels, 1, max(sides), max(sides)), np.float32)
+        csz = np.zeros((B, K, 2), np.int32)
+        cap = np.zeros((B, S, L, D), np.float32)
+        lens = np.zeros((B, S), np.int32)
+        for b in range(B):
+            for j in range(ncond[b]):
+                h, w = rng.choice(sides, 2)
+                cond[b, j, :, :, :h, :w] = rng.standard_normal((cfg.in_channels, 1, h, w))
+                csz[b, j] = (h, w)
+            for s in range(ncond[b] + 2):
+                lens[b, s] = rng.integers(1, L + 1)
+                cap[b, s, : lens[b, s]] = rng.standard_normal((lens[b, s], D))
+        mb = {
+            "latents": rng.standard_normal((B, cfg.in_channels, 1, hw, hw)).astype(np.float32),
+            "t": rng.uniform(0.0, 1.0, B).astype(np.float32),
+            "cond_latents": cond,
+            "cond_sizes": csz,
+            "cap_feats": cap,
+            "cap_lens": lens,
+        }
+        if cfg.siglip_feat_dim is not None:
+            sf = np.zeros((B, K, sg, sg, cfg.siglip_feat_dim), np.float32)
+            ssz = np.zeros((B, K, 2), np.int32)
+            for b in range(B):
+                for j in range(ncond[b]):
+                    h, w = rng.integers(2, sg + 1, 2)
+                    sf[b, j, :h, :w] = rng.standard_normal((h, w, cfg.siglip_feat_dim))
+                    ssz[b, j] = (h, w)
+            mb["siglip_feats"], mb["siglip_sizes"] = sf, ssz
+        out.append(mb)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running prepared omni inputs (whole-model jit; the lead wires these into calibration / search)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _forward_jit(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> jax.Array:
+    return nnx.merge(gd, state).forward_omni_padded(arrays, t, pk)
+
+
+def forward(model: ZImageTransformer, inputs: dict[str, Any]) -> jax.Array:
+    """(B, T_unified, patch_dim) omni output on prepared inputs (read the target through ``mask``)."""
+    gd, st = nnx.split(model)
+    return _forward_jit(gd, st, inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"])
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _stats_jit(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> tuple:
+    model = nnx.merge(gd, state)
+    out = model.forward_omni_padded(arrays, t, pk)
+    return out, nnx.pop(model, nnx.Intermediate)
+
+
+def collect_stats(model: ZImageTransformer, inputs: dict[str, Any]) -> tuple[jax.Array, dict]:
+    """Teacher output and the sown importance statistics on omni inputs (same keys as T2I's runner,
+    plus ``siglip_refiner`` ones, which the tree ignores: those blocks are unprunable)."""
+    gd, st = split_collecting(model)
+    out, inter = _stats_jit(gd, st, inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"])
+    return out, flatten_intermediates(inter)
