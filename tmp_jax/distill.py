@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,97 @@ def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
 
 
 # ----------------------------------------------------------------------------------------------
+# Training step (in-memory models)
+
+
+@dataclass
+class Trainer:
+    """The distillation step on in-memory models (used by :func:`run` and ``bench/distill_throughput.py``).
+
+    One optimiser step = :meth:`gradients` (teacher forward + student forward/backward per micro-batch,
+    summed into one fp32 buffer) then :meth:`apply` (mean gradient, clipping, AdamW). Both jitted
+    functions donate the buffers they replace (accumulator; params, optimiser state), so a step holds
+    one fp32 gradient buffer beside the master weights and the two Adam moments.
+    """
+
+    grad_step: Any  # jit: (params, t_state, inputs, acc) -> (loss, parts, acc + grads); acc donated
+    apply_fn: Any  # jit: (params, opt_state, grad_sum, n_micro) -> (params, opt_state); params, state donated
+    t_state: Any  # the frozen teacher's state (its own arrays, not copied)
+    micro: int | None  # micro-batch size (None: the whole batch at once)
+
+    def split_micro(self, inputs: dict, i: int) -> dict:
+        b = inputs["mask"].shape[0]
+        if self.micro is None or self.micro >= b:
+            return inputs
+        sl = slice(i * self.micro, (i + 1) * self.micro)
+        return jax.tree.map(lambda x: x[sl] if hasattr(x, "shape") and x.ndim and x.shape[0] == b else x, inputs)
+
+    def gradients(self, params: Any, inputs: dict) -> tuple[float, dict[str, float], Any, int]:
+        """(mean loss, mean loss parts, SUM of the micro-batch gradients, number of micro-batches)."""
+        b = int(np.asarray(inputs["mask"]).shape[0])
+        n_micro = max(1, math.ceil(b / (self.micro or b)))
+        acc = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), params)
+        loss_acc, parts_acc = 0.0, {"out": 0.0, "feat": 0.0}
+        for i in range(n_micro):
+            loss, parts, acc = self.grad_step(params, self.t_state, self.split_micro(inputs, i), acc)
+            loss_acc += float(loss) / n_micro
+            parts_acc = {k: parts_acc[k] + float(parts[k]) / n_micro for k in parts_acc}
+        return loss_acc, parts_acc, acc, n_micro
+
+    def apply(self, params: Any, opt_state: Any, grad_sum: Any, n_micro: int) -> tuple[Any, Any]:
+        """One AdamW step on the mean gradient; ``params``, ``opt_state`` and ``grad_sum`` are consumed."""
+        out = self.apply_fn(params, opt_state, grad_sum, n_micro)
+        # no output can alias the accumulator, so free it now rather than when the caller drops it
+        # (otherwise it stays alive while the next step allocates its own); after the step has run
+        jax.block_until_ready(out)
+        for g in jax.tree.leaves(grad_sum):
+            g.delete()
+        return out
+
+
+def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Trainer, Any, Any]:
+    """(trainer, fp32 master params, optimiser state) for distilling ``student`` from ``teacher``.
+
+    The master params are new fp32 buffers (never the student's or the teacher's arrays, which
+    :meth:`Trainer.apply` would otherwise invalidate by donation); ``student`` itself is not modified.
+    """
+    hooks = arch.get(teacher.ARCH)
+    if hooks.forward_train is None:
+        raise ValueError(f"arch {teacher.ARCH!r} does not support distillation yet")
+    matched = hooks.matched_features(student.config)  # student block j -> teacher feature index
+    dtype = jnp.dtype(cfg.compute_dtype)
+    fwd = lambda m, x: hooks.forward_train(m, x, cfg.remat)  # noqa: E731
+    opt = make_optimizer(cfg)
+    s_gd, s_params = nnx.split(student, nnx.Param)
+    # a jitted cast always writes new buffers (astype to the same dtype returns the input itself)
+    s_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p))(s_params)
+    t_gd, t_state = nnx.split(teacher)
+    opt_state = opt.init(s_params)
+
+    def teacher_fwd(t_state: Any, inputs: dict) -> tuple:
+        return hooks.forward_train(nnx.merge(t_gd, t_state), inputs, False)
+
+    @partial(jax.jit, donate_argnums=(3,))
+    def grad_step(params: Any, t_state: Any, inputs: dict, acc: Any) -> tuple:
+        t_out, t_feats = teacher_fwd(t_state, inputs)
+        t_out, t_feats = jax.lax.stop_gradient((t_out.astype(jnp.float32), t_feats))
+
+        def f(p: Any) -> tuple:
+            return _loss_fn(nnx.merge(s_gd, p), t_out, t_feats, inputs, matched, cfg.w_out, cfg.w_feat, fwd, dtype)
+
+        (loss, parts), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, parts, jax.tree.map(jnp.add, acc, grads)
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def apply_fn(params: Any, opt_state: Any, grad_sum: Any, n_micro: Any) -> tuple:
+        grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return Trainer(grad_step, apply_fn, t_state, cfg.micro_batch or cfg.batch_size), s_params, opt_state
+
+
+# ----------------------------------------------------------------------------------------------
 # Run
 
 
@@ -174,10 +266,6 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     import orbax.checkpoint as ocp
 
     teacher, student, tree, plan = build_pair(cfg)
-    hooks = arch.get(teacher.ARCH)
-    if hooks.forward_train is None:
-        raise ValueError(f"arch {teacher.ARCH!r} does not support distillation yet")
-    matched = hooks.matched_features(student.config)  # student block j -> teacher feature index
     batch_at = training_batches(cfg, teacher.config, teacher.ARCH)
     if cfg.mesh:  # teacher and student sharded alike by the rules table; the batch over 'data'
         from tmp_jax.calibration import shard_inputs
@@ -188,41 +276,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         shard_module(student, mesh)
         unsharded = batch_at
         batch_at = lambda step: shard_inputs(unsharded(step), mesh)  # noqa: E731
-    dtype = jnp.dtype(cfg.compute_dtype)
-    fwd = lambda m, x: hooks.forward_train(m, x, cfg.remat)  # noqa: E731
-    opt = make_optimizer(cfg)
-    s_gd, s_params = nnx.split(student, nnx.Param)
-    s_params = jax.tree.map(lambda x: x.astype(jnp.float32), s_params)
-    t_gd, t_state = nnx.split(teacher)
-    opt_state = opt.init(s_params)
-    micro = cfg.micro_batch or cfg.batch_size
-
-    @jax.jit
-    def teacher_fwd(t_state: Any, inputs: dict) -> tuple:
-        return hooks.forward_train(nnx.merge(t_gd, t_state), inputs, False)
-
-    def split_micro(inputs: dict, i: int) -> dict:
-        b = inputs["mask"].shape[0]
-        if micro >= b:
-            return inputs
-        sl = slice(i * micro, (i + 1) * micro)
-        return jax.tree.map(lambda x: x[sl] if hasattr(x, "shape") and x.ndim and x.shape[0] == b else x, inputs)
-
-    @jax.jit
-    def grad_step(params: Any, t_state: Any, inputs: dict) -> tuple:
-        t_out, t_feats = teacher_fwd(t_state, inputs)
-        t_out, t_feats = jax.lax.stop_gradient((t_out.astype(jnp.float32), t_feats))
-
-        def f(p: Any) -> tuple:
-            return _loss_fn(nnx.merge(s_gd, p), t_out, t_feats, inputs, matched, cfg.w_out, cfg.w_feat, fwd, dtype)
-
-        (loss, parts), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss, parts, grads
-
-    @jax.jit
-    def apply(params: Any, opt_state: Any, grads: Any) -> tuple:
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+    trainer, s_params, opt_state = make_trainer(cfg, teacher, student)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,15 +297,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     pbar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not cfg.progress)
     t0 = time.time()
     for step in range(start, cfg.steps):
-        inputs = batch_at(step)
-        b = int(np.asarray(inputs["mask"]).shape[0])
-        n_micro = max(1, math.ceil(b / micro))
-        grads_acc, loss_acc, parts_acc = None, 0.0, {"out": 0.0, "feat": 0.0}
-        for i in range(n_micro):
-            loss, parts, grads = grad_step(s_params, t_state, split_micro(inputs, i))
-            grads_acc = grads if grads_acc is None else jax.tree.map(jnp.add, grads_acc, grads)
-            loss_acc += float(loss) / n_micro
-            parts_acc = {k: parts_acc[k] + float(parts[k]) / n_micro for k in parts_acc}
+        loss_acc, parts_acc, grad_sum, n_micro = trainer.gradients(s_params, batch_at(step))
         if not math.isfinite(loss_acc):
             pbar.close()
             last = mngr.latest_step()
@@ -259,8 +305,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
                 f"loss became {loss_acc} at step {step}; stopped. Last good checkpoint: "
                 f"{ckpt_dir / str(last) if last is not None else 'none'} (lower --lr or check the data)"
             )
-        grads_acc = jax.tree.map(lambda g, n=n_micro: g / n, grads_acc)
-        s_params, opt_state = apply(s_params, opt_state, grads_acc)
+        s_params, opt_state = trainer.apply(s_params, opt_state, grad_sum, n_micro)
         history.append((step, loss_acc, parts_acc["out"]))
         pbar.set_postfix(loss=f"{loss_acc:.4g}")
         pbar.update(1)
