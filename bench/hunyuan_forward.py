@@ -19,18 +19,12 @@ The GPU image has no nemo-automodel: install the carried wheel first (docs/bench
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
         .whl/nemo_automodel-0.7.0-py3-none-any.whl && export PYTHONPATH=$PWD:/tmp/site
 
-JAX variants of the same layers, weights and input (fresh jit each):
-
-* ``model``: the model as it is (``moe_impl="ragged"`` -> ``jax.lax.ragged_dot``, XLA attention with
-  the boolean mask);
-* ragged experts with another grouped-matmul kernel (the fastest in a micro-benchmark of the real
-  expert shapes: XLA's ``ragged_dot``, the Pallas-Triton lowering, or the Pallas Mosaic-GPU Hopper kernel
-  ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``), un-permuting by a gather instead of a scatter;
-* the same with cuDNN flash attention, either the mask passed as a bias (general), or split by query
-  block (exact for this layout: image queries see keys [0, image end) with no mask, the few text
-  queries use the masked XLA path).
-
-These variants are monkeypatches inside this script only; the model code is unchanged.
+JAX: the MODEL AS COMMITTED (``HunyuanImage3Model`` layers, no monkeypatches), with its default kernel
+choice ("auto": on a Hopper GPU the Pallas Mosaic-GPU grouped matmul for the routed experts and cuDNN flash
+attention split by query block; see ``tmp_jax/models/hunyuan_image3/model.py``), next to the same model with
+``TMP_JAX_MOE_KERNEL=xla TMP_JAX_ATTENTION=xla`` (``jax.lax.ragged_dot`` + XLA attention: the CPU / fp32
+path) as the numerics reference, switched through the model's public settings. The kernels that ran are
+read from the compiled HLO's custom calls.
 
 Timing: warm-up (compile + 2 calls), then the median of ``--iters`` synchronised runs
 (``block_until_ready`` / ``torch.cuda.synchronize``). MFU = active FLOPs / time / a bf16 8192^3 matmul
@@ -165,8 +159,7 @@ def part_jax(args: argparse.Namespace) -> dict:
     kw, side, prefix = shapes(args)
     n_img = side * side
     seq = prefix + n_img + 1
-    gpu = jax.default_backend() == "gpu"
-    res: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "runs": [], "ragged_dot": []}
+    res: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "runs": []}
     try:
         from jax._src.lib import cuda_versions
 
@@ -235,160 +228,18 @@ def part_jax(args: argparse.Namespace) -> dict:
     pairs = int(jnp.sum(mask))
     assert pairs == allowed_pairs(seq, prefix, n_img), (pairs, allowed_pairs(seq, prefix, n_img))
     res["tokens"], res["allowed_pairs"] = seq, pairs
-
-    # -- ragged_dot implementations, micro-benchmarked on layer 0's real routing --------------------
     model = nnx.merge(graphdef, params)
-    layer0 = model.layers[0]
-    e, k = cfg.num_experts[0], cfg.moe_topk[0]
-    gd_r, st_r = nnx.split(layer0.mlp.gate)
-    gd_l, st_l = nnx.split(layer0.post_attention_layernorm)
 
-    @jax.jit
-    def routed_rows(st_r, st_l, x):
-        h = nnx.merge(gd_l, st_l)(x).reshape(-1, cfg.hidden_size)
-        _, idx = jax.lax.top_k(nnx.merge(gd_r, st_r)(h), k)  # same top-k as softmax-then-top-k
-        flat = idx.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        return jnp.take(h, order // k, axis=0), jnp.bincount(flat, length=e).astype(jnp.int32)
-
-    xs, gs = routed_rows(st_r, st_l, x)
-    gsn = np.asarray(gs)
-    res["group_sizes"] = {"min": int(gsn.min()), "max": int(gsn.max()), "mean": float(gsn.mean())}
-    print(f"[jax] layer-0 routing: {xs.shape[0]} rows, tokens per expert {res['group_sizes']}", flush=True)
-    up_w = layer0.mlp.experts.up_proj[...]
-    down_w = layer0.mlp.experts.down_proj[...]
-    hid = jax.random.normal(jax.random.key(3), (xs.shape[0], up_w.shape[2]), jnp.bfloat16)
-
-    impls: dict = {"xla": (jax.lax.ragged_dot, None)}
-    triton_flag = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
-    if gpu and hasattr(jax.config, triton_flag) and not args.lite:
-        impls["pallas_triton"] = (jax.lax.ragged_dot, triton_flag)
-    if gpu and not args.lite:
-        try:
-            from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-
-            for bm, bn, steps, gbn in ((128, 128, 4, 8), (64, 256, 4, 4)):
-                name = f"mosaic_gpu[bm{bm},bn{bn},bk64,s{steps},g{gbn}]"
-                fn = partial(
-                    ragged_dot_mgpu.ragged_dot,
-                    block_m=bm,
-                    block_n=bn,
-                    block_k=64,
-                    max_concurrent_steps=steps,
-                    grid_block_n=gbn,
-                )
-                impls[name] = (lambda lhs, rhs, group_sizes, _fn=fn: _fn(lhs, rhs, group_sizes=group_sizes), None)
-        except Exception as ex:  # noqa: BLE001
-            res["mosaic_gpu_import_error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
-            print(f"[jax] Mosaic GPU ragged_dot unavailable: {res['mosaic_gpu_import_error']}", flush=True)
-
-    def set_flag(flag: str | None, on: bool) -> None:
-        if flag:
-            jax.config.update(flag, on)
-
-    # dense reference: the same FLOPs as one plain GEMM (what a perfect grouped GEMM could reach)
-    dense_up = _time_pipelined(jax.jit(lambda a, b: a @ b), xs, up_w[0])
-    dense_down = _time_pipelined(jax.jit(lambda a, b: a @ b), hid, down_w[0])
-    fl_up = 2 * xs.shape[0] * up_w.shape[1] * up_w.shape[2]
-    res["dense_gemm_ms"] = {"up": dense_up, "down": dense_down}
-    print(
-        f"[jax] plain GEMM of the same size: up {dense_up:.3f} ms ({fl_up / dense_up / 1e9:.0f} TFLOP/s), "
-        f"down {dense_down:.3f} ms",
-        flush=True,
-    )
-    ref_out = None
-    for name, (fn, flag) in impls.items():
-        if time.time() > deadline - 60:
-            res["ragged_dot"].append({"impl": name, "skipped": "time budget"})
-            continue
-        set_flag(flag, True)
-        try:
-            f = jax.jit(lambda a, w, g, _fn=fn: _fn(a, w, group_sizes=g))
-            t0 = time.perf_counter()
-            compiled = f.lower(xs, up_w, gs).compile()
-            compile_s = time.perf_counter() - t0
-            targets = _custom_calls(compiled.as_text())
-            out = compiled(xs, up_w, gs)
-            up_ms = _time_pipelined(compiled, xs, up_w, gs)
-            down_ms = _time_pipelined(f, hid, down_w, gs)
-            of = out.astype(jnp.float32)
-            if ref_out is None:
-                ref_out, rel = of, 0.0
-            else:
-                rel = float(jnp.linalg.norm(of - ref_out) / jnp.linalg.norm(ref_out))
-            r = {
-                "impl": name,
-                "up_ms": up_ms,
-                "down_ms": down_ms,
-                "up_tflops": fl_up / up_ms / 1e9,
-                "compile_s": compile_s,
-                "rel_vs_xla": rel,
-                "custom_calls": targets,
-            }
-            res["ragged_dot"].append(r)
-            print(
-                f"[jax] ragged_dot {name}: up {up_ms:.3f} ms ({r['up_tflops']:.0f} TFLOP/s), down {down_ms:.3f} ms, "
-                f"rel vs xla {rel:.1e}, compile {compile_s:.1f}s, custom calls {targets}",
-                flush=True,
-            )
-        except Exception as ex:  # noqa: BLE001
-            res["ragged_dot"].append({"impl": name, "error": f"{type(ex).__name__}: {str(ex)[:300]}"})
-            print(f"[jax] ragged_dot {name} FAILED: {type(ex).__name__}: {str(ex)[:300]}", flush=True)
-        finally:
-            set_flag(flag, False)
-    ok = [r for r in res["ragged_dot"] if "up_ms" in r]
-    best = min(ok, key=lambda r: r["up_ms"] + r["down_ms"])["impl"] if ok else "xla"
-    res["best_ragged"] = best
-    del xs, hid, ref_out
-
-    # -- full 4-layer forward variants ---------------------------------------------------------------
-    orig_ragged = hm.RoutedExperts.ragged
-    orig_dpa = jax.nn.dot_product_attention
-
-    def ragged_gather(rdot):
-        """RoutedExperts.ragged with ``rdot`` as the grouped matmul and a gather to un-permute."""
-
-        def ragged(self, x, weights, indices, stats=False):
-            assert not stats
-            n, kk = indices.shape
-            up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
-            flat = indices.reshape(-1)
-            order = jnp.argsort(flat, stable=True)
-            xs = jnp.take(x, order // kk, axis=0).astype(up_w.dtype)
-            group_sizes = jnp.bincount(flat, length=up_w.shape[0]).astype(jnp.int32)
-            up = rdot(xs, up_w, group_sizes=group_sizes)
-            gate = rdot(xs, gate_w, group_sizes=group_sizes)
-            y = rdot(up * jax.nn.silu(gate), down_w, group_sizes=group_sizes)
-            y = y * jnp.take(weights.reshape(-1), order)[:, None].astype(y.dtype)
-            inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-            return jnp.take(y, inverse, axis=0).reshape(n, kk, -1).sum(axis=1)
-
-        return ragged
-
-    def dpa_cudnn_bias(q, k, v, bias=None, mask=None, *, scale=None, **kws):
-        return orig_dpa(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn", **kws)
-
-    def dpa_cudnn_split(q, k, v, bias=None, mask=None, *, scale=None, **kws):
-        """Exact for this layout: image queries see keys [0, image end) unmasked; others use the mask."""
-        end = prefix + n_img
-        img = orig_dpa(q[:, prefix:end], k[:, :end], v[:, :end], scale=scale, implementation="cudnn")
-        rows = jnp.concatenate([mask[:, :, :prefix], mask[:, :, end:]], axis=2)
-        qt = jnp.concatenate([q[:, :prefix], q[:, end:]], axis=1)
-        txt = orig_dpa(qt, k, v, mask=rows, scale=scale)
-        return jnp.concatenate([txt[:, :prefix], img, txt[:, prefix:]], axis=1)
-
-    best_fn, best_flag = impls[best]
-    split, bias_ = "attention cuDNN split by query block", "attention cuDNN (mask as bias)"
+    # -- the model as committed: same layers, weights and input, kernel settings switched ----------------
+    # Public settings of the model (read at trace time), no monkeypatches. The first variant is the default
+    # ("auto": what every user gets); the second forces the XLA path for a numerics reference on this card.
+    mask = hm.T2IMask(mask, starts, n_img)
     variants = [
-        ("model (ragged_dot XLA, attention XLA)", None, None, orig_dpa),
-        (f"ragged={best}+gather, {split}", best_fn, best_flag, dpa_cudnn_split),
-        (f"ragged={best}+gather, {bias_}", best_fn, best_flag, dpa_cudnn_bias),
-        (f"ragged={best}+gather, attention XLA", best_fn, best_flag, orig_dpa),
+        ("model as committed (auto)", "auto", "auto", args.iters),
+        ("model, TMP_JAX_MOE_KERNEL=xla TMP_JAX_ATTENTION=xla (XLA path)", "xla", "xla", args.xla_iters),
     ]
-    if best != "xla":
-        variants.append((f"ragged=xla+gather, {split}", jax.lax.ragged_dot, None, dpa_cudnn_split))
-    if args.lite:  # extra run under other XLA flags: the model as is, and with cuDNN attention
-        variants = variants[:2]
+    if args.all_variants:
+        variants.append(("model, TMP_JAX_ATTENTION=xla (Mosaic MoE, XLA attention)", "auto", "xla", args.iters))
 
     def make_fwd():  # a new function object per variant: jit caches traces per function
         def fwd(st, x, cos, sin, mask, tm):
@@ -397,16 +248,14 @@ def part_jax(args: argparse.Namespace) -> dict:
         return jax.jit(fwd)
 
     args_fwd = (params, x, cos, sin, mask, token_mask)
-    ref = None
-    best_run = None
-    for label, rdot, flag, dpa in variants:
+    outs = {}
+    for label, moe, attn, iters in variants:
         if time.time() > deadline:
             res["runs"].append({"impl": label, "skipped": "time budget"})
             print(f"[jax] skip {label}: time budget", flush=True)
             continue
-        hm.RoutedExperts.ragged = orig_ragged if rdot is None else ragged_gather(rdot)
-        jax.nn.dot_product_attention = dpa
-        set_flag(flag, True)
+        hm.set_moe_kernel(moe)
+        hm.set_attention_implementation(attn)
         try:
             f = make_fwd()
             t0 = time.perf_counter()
@@ -414,67 +263,58 @@ def part_jax(args: argparse.Namespace) -> dict:
             compile_s = time.perf_counter() - t0
             targets = _custom_calls(compiled.as_text())
             out = compiled(*args_fwd)
-            t0 = time.perf_counter()
             for _ in range(2):
                 compiled(*args_fwd).block_until_ready()
-            warm = (time.perf_counter() - t0) / 2
-            iters = args.iters if warm < 0.3 else max(10, min(args.iters, 10))
             ts = []
             for _ in range(iters):
                 t0 = time.perf_counter()
                 compiled(*args_fwd).block_until_ready()
                 ts.append(time.perf_counter() - t0)
             pipelined_ms = None
-            if warm < 0.3:  # back-to-back launches, one sync (skipped for very slow variants)
+            if statistics.median(ts) < 0.3:  # back-to-back launches, one sync
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     o2 = compiled(*args_fwd)
                 o2.block_until_ready()
                 pipelined_ms = 1e3 * (time.perf_counter() - t0) / iters
                 del o2
-            of = out.astype(jnp.float32)
-            finite = bool(jnp.isfinite(of).all())
-            if ref is None:
-                ref, rel = of, 0.0
-            else:
-                rel = float(jnp.linalg.norm(of - ref) / jnp.linalg.norm(ref))
+            outs[label] = out.astype(jnp.float32)
             r = {
                 "impl": label,
+                "moe_kernel": moe,
+                "attention": attn,
                 "ms": med_ms(ts),
                 "min_ms": 1e3 * min(ts),
                 "max_ms": 1e3 * max(ts),
                 "pipelined_ms": pipelined_ms,
                 "iters": iters,
                 "compile_s": compile_s,
-                "finite": finite,
-                "rel_vs_model": rel,
+                "finite": bool(jnp.isfinite(outs[label]).all()),
                 "custom_calls": targets,
             }
             res["runs"].append(r)
             b2b = "-" if pipelined_ms is None else f"{pipelined_ms:.2f}"
             print(
                 f"[jax] {label}: {r['ms']:.2f} ms (min {r['min_ms']:.2f}, max {r['max_ms']:.2f}, back-to-back {b2b}, "
-                f"n={iters}; compile {compile_s:.1f}s; finite={finite}; rel vs model {rel:.1e}; "
-                f"custom calls {targets})",
+                f"n={iters}; compile {compile_s:.1f}s; finite={r['finite']}; custom calls {targets})",
                 flush=True,
             )
-            if best_run is None or r["ms"] < best_run[1]["ms"]:
-                best_run = ((label, rdot, flag, dpa), r)
         except Exception as ex:  # noqa: BLE001
-            res["runs"].append({"impl": label, "error": f"{type(ex).__name__}: {str(ex)[:400]}"})
-            print(f"[jax] {label} FAILED: {type(ex).__name__}: {str(ex)[:400]}", flush=True)
+            res["runs"].append({"impl": label, "error": f"{type(ex).__name__}: {str(ex)[:600]}"})
+            print(f"[jax] {label} FAILED: {type(ex).__name__}: {str(ex)[:600]}", flush=True)
         finally:
-            set_flag(flag, False)
-            hm.RoutedExperts.ragged = orig_ragged
-            jax.nn.dot_product_attention = orig_dpa
+            hm.set_moe_kernel("auto")
+            hm.set_attention_implementation("auto")
         f = compiled = None
+    ref = outs.get(variants[1][0])
+    for r in res["runs"]:
+        if ref is not None and r["impl"] in outs:
+            o = outs[r["impl"]]
+            r["rel_vs_xla_path"] = float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref))
+            print(f"[jax] {r['impl']}: relative L2 vs the XLA path {r['rel_vs_xla_path']:.2e}", flush=True)
 
-    # -- where the time goes: one layer's halves, fastest variant -----------------------------------
-    if best_run is not None and time.time() < deadline + 30:
-        (label, rdot, flag, dpa), _ = best_run
-        hm.RoutedExperts.ragged = orig_ragged if rdot is None else ragged_gather(rdot)
-        jax.nn.dot_product_attention = dpa
-        set_flag(flag, True)
+    # -- where the time goes: one layer's halves, model as committed ----------------------------------
+    if time.time() < deadline:
         try:
             layer = model.layers[0]
             gd_a, st_a = nnx.split(layer.self_attn)
@@ -486,19 +326,17 @@ def part_jax(args: argparse.Namespace) -> dict:
             )
             moe = jax.jit(lambda sm, sp, x, tm: hm.moe_branch(nnx.merge(gd_m, sm), nnx.merge(gd_p, sp), x, tm))
             res["breakdown"] = {
-                "variant": label,
                 "attn_ms": _time_pipelined(attn, st_a, st_n, x, cos, sin, mask, token_mask),
                 "moe_ms": _time_pipelined(moe, st_m, st_p, x, token_mask),
             }
             b = res["breakdown"]
-            print(f"[jax] one layer of '{label}': attention half {b['attn_ms']:.3f} ms, MoE half {b['moe_ms']:.3f} ms")
+            print(
+                f"[jax] one layer, model as committed: attention half {b['attn_ms']:.3f} ms, "
+                f"MoE half {b['moe_ms']:.3f} ms"
+            )
         except Exception as ex:  # noqa: BLE001
             res["breakdown"] = {"error": f"{type(ex).__name__}: {str(ex)[:300]}"}
             print(f"[jax] breakdown FAILED: {res['breakdown']['error']}", flush=True)
-        finally:
-            set_flag(flag, False)
-            hm.RoutedExperts.ragged = orig_ragged
-            jax.nn.dot_product_attention = orig_dpa
     return res
 
 
@@ -636,10 +474,10 @@ def part_torch(args: argparse.Namespace) -> dict:
         torch._dynamo.config.disable = True  # nemo's weighted SwiGLU is torch.compile'd; retry eager
         res["dynamo_disabled"] = True
         bench("nemo experts=torch_mm (dynamo off)")
-    # experts="torch": the same modules with GroupedExperts' per-expert loop (all that backend changes)
-    for layer in layers.values():
-        layer.mlp.experts.use_torch_mm = False
-    bench("nemo experts=torch")
+    if args.torch_loop:  # experts="torch": GroupedExperts' per-expert loop (all that backend setting changes)
+        for layer in layers.values():
+            layer.mlp.experts.use_torch_mm = False
+        bench("nemo experts=torch")
     return res
 
 
@@ -652,54 +490,38 @@ def table(results: dict, args: argparse.Namespace) -> str:
     seq = prefix + side * side + 1
     fl = flops(kw, side, prefix)
     peak = results.get("jax", {}).get("matmul", {}).get("tflops")
-    rows = [(p, r) for p in ("jax", "torch", "jax_flags") for r in results.get(p, {}).get("runs", [])]
+    rows = [(p, r) for p in ("jax", "torch") for r in results.get(p, {}).get("runs", [])]
     ref = {r["impl"]: r["ms"] for p, r in rows if p == "torch" and "ms" in r}
     mm = next((v for k, v in ref.items() if k.startswith("nemo experts=torch_mm")), None)
-    loop = ref.get("nemo experts=torch")
     lines = [
         f"device: {results.get('jax', {}).get('device')} / {results.get('torch', {}).get('device')}; "
         f"{kw['num_hidden_layers']} layers, {seq} tokens ({side * side} image); active {fl / 1e12:.2f} TFLOP; "
         f"bf16 matmul ceiling {peak if peak is None else round(peak, 1)} TFLOP/s"
         + (f" -> floor {fl / (peak * 1e12) * 1e3:.1f} ms" if peak else ""),
-        "| impl | median ms | min ms | back-to-back ms | tokens/s | TFLOP/s | MFU | vs nemo torch_mm | vs nemo torch "
-        "| first call / compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| impl | median ms | min ms | back-to-back ms | tokens/s | TFLOP/s | MFU | vs nemo torch_mm "
+        "| rel. L2 vs XLA path | first call / compile s | kernels (custom calls) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for part, r in rows:
         name = r["impl"] if part == "torch" else f"JAX: {r['impl']}"
-        if part == "jax_flags":
-            name = f"JAX, XLA_FLAGS={results[part].get('xla_flags')}: {r['impl']}"
         if "ms" not in r:
-            lines.append(f"| {name} | {r.get('error') or r.get('skipped')} | | | | | | | | |")
+            lines.append(f"| {name} | {r.get('error') or r.get('skipped')} | | | | | | | | | |")
             continue
         tf = fl / (r["ms"] / 1e3) / 1e12
         mfu = f"{100 * tf / peak:.1f}%" if peak else "-"
         vm = f"{mm / r['ms']:.2f}x" if mm else "-"
-        vl = f"{loop / r['ms']:.2f}x" if loop else "-"
         b2b = f"{r['pipelined_ms']:.1f}" if r.get("pipelined_ms") else "-"
+        relx = f"{r['rel_vs_xla_path']:.1e}" if "rel_vs_xla_path" in r else "-"
+        kern = ", ".join(r.get("custom_calls", [])) or "-"
         lines.append(
             f"| {name} | {r['ms']:.1f} | {r['min_ms']:.1f} | {b2b} | {seq / (r['ms'] / 1e3):,.0f} | {tf:.0f} | {mfu} "
-            f"| {vm} | {vl} | {r['compile_s']:.1f} |"
+            f"| {vm} | {relx} | {r['compile_s']:.1f} | {kern} |"
         )
-    rd = [
-        dict(r, impl=f"{r['impl']} ({p})")
-        for p in ("jax", "jax_flags")
-        for r in results.get(p, {}).get("ragged_dot", [])
-    ]
-    if rd:
-        lines += [
-            "",
-            "| ragged_dot impl (layer 0 routing) | up ms | down ms | up TFLOP/s | rel vs xla | custom calls |",
-        ]
-        lines.append("|---|---|---|---|---|---|")
-        for r in rd:
-            if "up_ms" not in r:
-                lines.append(f"| {r['impl']} | {r.get('error') or r.get('skipped')} | | | | |")
-                continue
-            lines.append(
-                f"| {r['impl']} | {r['up_ms']:.3f} | {r['down_ms']:.3f} | {r['up_tflops']:.0f} | {r['rel_vs_xla']:.1e} "
-                f"| {', '.join(r['custom_calls'])} |"
-            )
+    b = results.get("jax", {}).get("breakdown", {})
+    if "attn_ms" in b:
+        lines.append(
+            f"\none layer, model as committed: attention half {b['attn_ms']:.2f} ms, MoE half {b['moe_ms']:.2f} ms"
+        )
     return "\n".join(lines)
 
 
@@ -710,17 +532,12 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=64, help="latent grid side (64 = a 1024^2 image)")
     ap.add_argument("--prefix", type=int, default=98, help="tokens before the image span, <timestep> included")
     ap.add_argument("--iters", type=int, default=12)
-    ap.add_argument("--jax-budget-s", type=float, default=180, help="start no new JAX variant after this")
+    ap.add_argument("--xla-iters", type=int, default=3, help="runs of the (slow on GPU) XLA reference path")
+    ap.add_argument("--all-variants", action="store_true", help="also time Mosaic MoE with XLA attention")
+    ap.add_argument("--torch-loop", action="store_true", help="also time nemo's experts='torch' per-expert loop")
+    ap.add_argument("--jax-budget-s", type=float, default=150, help="start no new JAX variant after this")
     ap.add_argument("--torch-budget-s", type=float, default=80, help="start no new torch variant after this")
     ap.add_argument("--skip-torch", action="store_true")
-    ap.add_argument("--lite", action="store_true", help="(internal) JAX: XLA ragged_dot only, first two variants")
-    ap.add_argument(
-        "--extra-xla-flags",
-        default="--xla_gpu_experimental_use_ragged_dot_fusion=true",
-        help="if XLA's ragged_dot ran below --slow-tflops, rerun the model under these XLA_FLAGS (lite)",
-    )
-    ap.add_argument("--slow-tflops", type=float, default=150.0)
-    ap.add_argument("--extra-after-s", type=float, default=260, help="skip the extra run past this many seconds")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -732,25 +549,11 @@ def main() -> None:
     results: dict = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     kw, side, prefix = shapes(args)
     results["active_tflop"] = flops(kw, side, prefix) / 1e12
-    start = time.time()
-    plan = [("jax", [], None)] + ([] if args.skip_torch else [("torch", [], None)])
-    plan.append(("jax_flags", ["--lite"], args.extra_xla_flags))
-    for key, extra, flags in plan:
-        if key == "jax_flags":
-            xla = next((r for r in results["jax"].get("ragged_dot", []) if r["impl"] == "xla"), {})
-            if not flags or args.tiny or xla.get("up_tflops", 0.0) >= args.slow_tflops:
-                continue
-            if time.time() - start > args.extra_after_s:
-                print(f"[driver] skip {key}: {time.time() - start:.0f}s elapsed", flush=True)
-                continue
-        env = dict(os.environ)
-        if flags:
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-        part = "torch" if key == "torch" else "jax"
-        cmd = [sys.executable, __file__] + sys.argv[1:] + ["--part", part] + extra
+    for key in ["jax"] + ([] if args.skip_torch else ["torch"]):
+        cmd = [sys.executable, __file__] + sys.argv[1:] + ["--part", key]
         t0 = time.perf_counter()
         lines = []
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
             for line in p.stdout:  # stream: a run cut off by a time limit still shows what it did
                 lines.append(line)
                 if not line.startswith("RESULT "):
@@ -758,17 +561,15 @@ def main() -> None:
         got = [ln for ln in lines if ln.startswith("RESULT ")]
         results[key] = json.loads(got[-1][7:]) if got else {"error": f"rc={p.returncode}", "runs": []}
         results[key]["wall_s"] = time.perf_counter() - t0
-        if flags:
-            results[key]["xla_flags"] = flags
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / f"{key}.log").write_text("".join(lines)[-2_000_000:])
-            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+            (args.out / f"hunyuan_{key}.log").write_text("".join(lines)[-2_000_000:])
+            (args.out / "hunyuan_results.json").write_text(json.dumps(results, indent=2))
     tab = table(results, args)
     print(tab)
     if args.out:
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
-        (args.out / "table.md").write_text(tab + "\n")
+        (args.out / "hunyuan_results.json").write_text(json.dumps(results, indent=2))
+        (args.out / "hunyuan_table.md").write_text(tab + "\n")
 
 
 if __name__ == "__main__":

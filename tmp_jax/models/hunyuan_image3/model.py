@@ -52,7 +52,10 @@ Pruning support (off by default; normal runs, parameter counts and parity are un
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +66,169 @@ from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.nn import Axes, Linear, RMSNorm, timestep_embedding
 
 MOE_IMPLS = ("ragged", "dense")
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU kernels, chosen at trace time
+#
+# Grouped matmul of the routed experts (``TMP_JAX_MOE_KERNEL``): "auto" = the Pallas Mosaic-GPU Hopper kernel
+# (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``) on a single-device Hopper GPU process for bf16 operands
+# whose shapes it supports, ``jax.lax.ragged_dot`` otherwise (CPU, fp32, several devices: XLA partitions
+# ragged_dot over an expert-sharded mesh, the Mosaic kernel has no sharding rule). XLA on this GPU stack
+# lowers ragged_dot to a dense GEMM over every expert (docs/benchmarks.md, section 3), hence the kernel.
+# "xla" / "mosaic" force one ("mosaic" raises where the kernel cannot run).
+#
+# Attention on the T2I joint mask (``TMP_JAX_ATTENTION``, the same setting as Z-Image's): "auto" = cuDNN flash
+# attention on GPU for bf16/fp16 with head_dim <= 128, split by query block (image queries see every key before
+# the end of the image span, unmasked, as cuDNN key lengths; the few text queries use XLA with their mask rows),
+# XLA attention with the boolean mask otherwise. The text-only causal path always uses XLA.
+MOE_KERNEL: str = os.environ.get("TMP_JAX_MOE_KERNEL", "auto")
+ATTENTION_IMPLEMENTATION: str = os.environ.get("TMP_JAX_ATTENTION", "auto")
+MOSAIC_BLOCK = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)  # best of 2 tried on H100
+
+
+def set_moe_kernel(name: str) -> None:
+    """'auto', 'xla' or 'mosaic'; affects functions traced after the call."""
+    if name not in ("auto", "xla", "mosaic"):
+        raise ValueError(f"MoE kernel must be auto, xla or mosaic, got {name!r}")
+    global MOE_KERNEL
+    MOE_KERNEL = name
+
+
+def set_attention_implementation(name: str) -> None:
+    """'auto', 'xla' or 'cudnn'; affects functions traced after the call."""
+    if name not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"attention implementation must be auto, xla or cudnn, got {name!r}")
+    global ATTENTION_IMPLEMENTATION
+    ATTENTION_IMPLEMENTATION = name
+
+
+def _is_hopper() -> bool:
+    """sm_90 (H100 / H200 / H800 / GH200): the Mosaic kernel uses Hopper's wgmma and TMA (and assumes 132 SMs)."""
+    d = jax.devices()[0]
+    if d.platform != "gpu":
+        return False
+    cc = str(getattr(d, "compute_capability", ""))
+    return cc.startswith("9") if cc else any(h in d.device_kind for h in ("H100", "H200", "H800"))
+
+
+def _mosaic_unsupported(lhs: jax.Array, rhs: jax.Array) -> str | None:
+    """Why the Mosaic-GPU grouped matmul cannot run ``lhs [M, K] x rhs [G, K, N]`` here (None: it can)."""
+    k, n = lhs.shape[1], rhs.shape[2]
+    if jax.default_backend() != "gpu" or not _is_hopper():
+        return "not a Hopper GPU"
+    if lhs.dtype != jnp.bfloat16 or rhs.dtype != jnp.bfloat16:
+        return f"operands {lhs.dtype} x {rhs.dtype}, the kernel path takes bf16"
+    if k % MOSAIC_BLOCK["block_k"] or n % MOSAIC_BLOCK["block_n"]:
+        return f"K={k} / N={n} not multiples of {MOSAIC_BLOCK['block_k']} / {MOSAIC_BLOCK['block_n']}"
+    return None
+
+
+def _use_mosaic(lhs: jax.Array, rhs: jax.Array) -> bool:
+    why = _mosaic_unsupported(lhs, rhs)
+    if MOE_KERNEL == "mosaic":
+        if why:
+            raise ValueError(f"TMP_JAX_MOE_KERNEL=mosaic: {why}")
+        return True
+    return MOE_KERNEL == "auto" and why is None and jax.device_count() == 1
+
+
+def _mosaic_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    n_blocks = rhs.shape[2] // MOSAIC_BLOCK["block_n"]
+    grid_block_n = next(g for g in (8, 4, 2, 1) if n_blocks % g == 0)
+    return ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes, grid_block_n=grid_block_n, **MOSAIC_BLOCK)
+
+
+@jax.custom_vjp
+def _mosaic_grouped(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    return _mosaic_ragged_dot(lhs, rhs, group_sizes)
+
+
+def _mosaic_fwd(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> tuple:
+    return _mosaic_ragged_dot(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+
+def _mosaic_bwd(res: tuple, g: jax.Array) -> tuple:
+    # The kernel is forward-only: gradients (distillation) go through XLA's ragged_dot, exact but slow.
+    lhs, rhs, group_sizes = res
+    _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, group_sizes), lhs, rhs)
+    return (*vjp(g), None)
+
+
+_mosaic_grouped.defvjp(_mosaic_fwd, _mosaic_bwd)
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``lhs`` [M, K] rows sorted by group x ``rhs`` [G, K, N] -> [M, N] (``jax.lax.ragged_dot`` semantics)."""
+    if _use_mosaic(lhs, rhs):
+        return _mosaic_grouped(lhs, rhs, group_sizes)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["dense", "image_start"], meta_fields=["num_image"])
+@dataclasses.dataclass(frozen=True)
+class T2IMask:
+    """The joint T2I attention mask with the layout it encodes (what the cuDNN path needs).
+
+    ``dense`` [B, 1, S, S] bool (:func:`joint_attention_mask`), ``image_start`` [B] first image token per row,
+    ``num_image`` the (static) image span length. Image queries attend to exactly the keys before
+    ``image_start + num_image``; every other query row is given by ``dense``.
+    """
+
+    dense: jax.Array
+    image_start: jax.Array
+    num_image: int
+
+
+def _attention_impl(q: jax.Array, mask: object) -> str:
+    impl = ATTENTION_IMPLEMENTATION
+    if not isinstance(mask, T2IMask):
+        return "xla"
+    if impl == "auto":
+        ok = (
+            jax.default_backend() == "gpu"
+            and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] <= 128
+            and q.shape[-1] % 8 == 0
+        )
+        impl = "cudnn" if ok else "xla"
+    return impl
+
+
+def t2i_attention_split(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: T2IMask, scale: float, implementation: str = "cudnn"
+) -> jax.Array:
+    """Exact joint-mask attention as cuDNN flash attention for the image queries + XLA for the rest.
+
+    q [B, S, N, hd], k / v [B, S, K, hd] -> [B, S, N, hd]. Image queries of row b see keys
+    ``[0, image_start[b] + num_image)`` with no other mask (causal text before, the image block in full), which
+    cuDNN takes as per-row key lengths; the ``S - num_image`` other queries (text, padding) are gathered and
+    run through XLA with their rows of the dense mask. (``implementation="xla"`` runs the image part through
+    XLA too: the same split, testable on the CPU.)
+    """
+    b, s = q.shape[:2]
+    n_img = mask.num_image
+    start = mask.image_start.astype(jnp.int32)[:, None]  # [B, 1]
+    idx_img = start + jnp.arange(n_img, dtype=jnp.int32)[None]  # [B, n_img]
+    q_img = jnp.take_along_axis(q, idx_img[:, :, None, None], axis=1)  # [B, n_img, N, hd]
+    end = (start[:, 0] + n_img).astype(jnp.int32)  # [B]
+    o_img = jax.nn.dot_product_attention(
+        q_img, k, v, scale=scale, key_value_seq_lengths=end, implementation=implementation
+    )  # [B, n_img, N, hd]
+    n_txt = s - n_img
+    if n_txt == 0:
+        return o_img
+    j = jnp.arange(n_txt, dtype=jnp.int32)[None]
+    idx_txt = jnp.where(j < start, j, j + n_img)  # [B, n_txt] the non-image positions, in order
+    q_txt = jnp.take_along_axis(q, idx_txt[:, :, None, None], axis=1)  # [B, n_txt, N, hd]
+    m_txt = jnp.take_along_axis(mask.dense, idx_txt[:, None, :, None], axis=2)  # [B, 1, n_txt, S]
+    o_txt = jax.nn.dot_product_attention(q_txt, k, v, mask=m_txt, scale=scale)  # [B, n_txt, N, hd]
+    both = jnp.concatenate([o_txt, o_img], axis=1)  # [B, S, N, hd]: text rows, then image rows
+    pos = jnp.arange(s, dtype=jnp.int32)[None]
+    rel = pos - start
+    inv = jnp.where((rel >= 0) & (rel < n_img), n_txt + rel, jnp.where(pos < start, pos, pos - n_img))  # [B, S]
+    return jnp.take_along_axis(both, inv[:, :, None, None], axis=1)
 
 
 def _normal(rngs: nnx.Rngs, shape: Sequence[int], std: float, dtype: jnp.dtype) -> jax.Array:
@@ -378,7 +544,10 @@ def check_t2i_layout(input_ids: np.ndarray, num_image_tokens: int, config: Hunyu
 # Decoder
 # ----------------------------------------------------------------------------------------------------------
 class Attention(nnx.Module):
-    """GQA self-attention: RoPE, then QK-RMSNorm (after RoPE), SDPA with an explicit boolean mask, o_proj."""
+    """GQA self-attention: RoPE, then QK-RMSNorm (after RoPE), SDPA, o_proj.
+
+    ``mask``: a boolean [B, 1, S, S] array (XLA attention) or a :class:`T2IMask` (cuDNN split on GPU, see
+    :func:`t2i_attention_split`; XLA with its dense mask elsewhere)."""
 
     def __init__(self, config: HunyuanImage3Config, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         hidden, hd = config.hidden_size, config.attention_head_dim
@@ -399,7 +568,12 @@ class Attention(nnx.Module):
         self.collect_stats = False  # calibration sets this to sow importance statistics
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, token_mask: jax.Array | None = None
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array | T2IMask,
+        token_mask: jax.Array | None = None,
     ) -> jax.Array:
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)  # [B, S, N, hd]
@@ -409,7 +583,12 @@ class Attention(nnx.Module):
         if self.query_layernorm is not None:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k = q.astype(v.dtype), k.astype(v.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)  # [B, S, N, hd]
+        scale = self.head_dim**-0.5
+        if _attention_impl(q, mask) == "cudnn":
+            out = t2i_attention_split(q, k, v, mask, scale)  # [B, S, N, hd]
+        else:
+            dense = mask.dense if isinstance(mask, T2IMask) else mask
+            out = jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale)  # [B, S, N, hd]
         if self.collect_stats:  # per KV group: energy of its query heads' contribution through o_proj
             kv, width = self.num_kv_heads, (self.num_heads // self.num_kv_heads) * self.head_dim
             og = out.astype(jnp.float32).reshape(b, s, kv, width)  # [B, S, K, G*hd]
@@ -479,10 +658,10 @@ class RoutedExperts(nnx.Module):
         order = jnp.argsort(flat, stable=True)  # [N*k], expert-major order of the (token, slot) pairs
         xs = jnp.take(x, order // k, axis=0).astype(up_w.dtype)  # [N*k, H]
         group_sizes = jnp.bincount(flat, length=up_w.shape[0]).astype(jnp.int32)  # [E]
-        up = jax.lax.ragged_dot(xs, up_w, group_sizes)  # [N*k, I]
-        gate = jax.lax.ragged_dot(xs, gate_w, group_sizes)  # [N*k, I]
+        up = grouped_matmul(xs, up_w, group_sizes)  # [N*k, I]
+        gate = grouped_matmul(xs, gate_w, group_sizes)  # [N*k, I]
         hidden = up * jax.nn.silu(gate)  # [N*k, I]
-        y = jax.lax.ragged_dot(hidden, down_w, group_sizes)  # [N*k, H]
+        y = grouped_matmul(hidden, down_w, group_sizes)  # [N*k, H]
         ws = jnp.take(weights.reshape(-1), order)  # [N*k] weights in sorted order
         if stats:
             num_e, wf = up_w.shape[0], ws.astype(jnp.float32)
@@ -492,7 +671,9 @@ class RoutedExperts(nnx.Module):
             act = wf[:, None] * jnp.abs(hidden.astype(jnp.float32))  # [N*k, I]
             channel = jax.ops.segment_sum(act, sorted_ids, num_e, indices_are_sorted=True)  # [E, I]
         y = y * ws[:, None].astype(y.dtype)
-        y = jnp.zeros_like(y).at[order].set(y)  # back to (token, slot) order
+        # back to (token, slot) order by a gather (a scatter of [N*k, H] rows is far slower on GPU)
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))  # [N*k]
+        y = jnp.take(y, inverse, axis=0)
         out = y.reshape(n, k, -1).sum(axis=1)  # [N, H], summed over slots like the official code
         return (out, mass, channel) if stats else out
 
@@ -602,7 +783,7 @@ def attn_branch(
     x: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array | T2IMask,
     token_mask: jax.Array | None,
 ) -> jax.Array:
     """The attention half of a decoder layer: ``x + attn(input_layernorm(x))``."""
@@ -686,8 +867,9 @@ def t2i_embed(
 ) -> dict[str, jax.Array]:
     """Everything before the decoder layers of a T2I forward (see :meth:`HunyuanImage3.__call__`).
 
-    Returns ``embeds`` [B, S, H], RoPE ``cos`` / ``sin`` [B, S, hd], the joint attention ``mask``
-    [B, 1, S, S], ``token_mask`` [B, S] (real tokens) and ``image_index`` [B, h*w] (the image slots).
+    Returns ``embeds`` [B, S, H], RoPE ``cos`` / ``sin`` [B, S, hd], the joint attention ``mask`` (a
+    :class:`T2IMask`: the [B, 1, S, S] boolean mask and the image span it encodes), ``token_mask`` [B, S]
+    (real tokens) and ``image_index`` [B, h*w] (the image slots).
     """
     batch, seq_len = input_ids.shape
     _, _, token_h, token_w = latents.shape
@@ -706,7 +888,7 @@ def t2i_embed(
     embeds = embeds.at[rows, starts - 1].set(timestep_tokens.astype(embeds.dtype))
 
     cos, sin = rope_cos_sin(t2i_positions(seq_len, starts, token_h, token_w), head_dim, rope_theta)
-    mask = joint_attention_mask(seq_len, starts, num_image, valid_lengths)
+    mask = T2IMask(joint_attention_mask(seq_len, starts, num_image, valid_lengths), starts, num_image)
     token_mask = jnp.arange(seq_len)[None, :] < valid_lengths[:, None]  # [B, S]
     return {
         "embeds": embeds,

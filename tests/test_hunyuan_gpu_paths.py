@@ -1,0 +1,57 @@
+"""HunyuanImage-3.0 GPU paths, checked where they can be on the CPU.
+
+* The query-block split of the joint-mask attention (:func:`t2i_attention_split`: image queries with per-row
+  key lengths, the other queries with their dense-mask rows, put back in order) equals masked attention
+  exactly, on rows whose image spans sit at different offsets, with right padding. On the GPU the image part
+  runs in cuDNN; here the same split runs through XLA.
+* The kernel choice: on the CPU "auto" keeps ``jax.lax.ragged_dot`` (and the XLA attention), forcing the
+  Mosaic-GPU kernel fails with a one-line reason, and bad settings are rejected.
+
+The GPU kernels themselves are measured and compared with the XLA path in ``bench/hunyuan_forward.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tmp_jax.models.hunyuan_image3.model as hm
+
+
+def test_split_attention_equals_masked_attention():
+    b, s, n, kv, hd, n_img = 3, 29, 4, 2, 16, 12
+    starts = jnp.array([3, 9, 5], jnp.int32)
+    valid = jnp.array([29, 25, 18], jnp.int32)  # image spans end at 15, 21, 17: inside the valid tokens
+    mask = hm.T2IMask(hm.joint_attention_mask(s, starts, n_img, valid), starts, n_img)
+    kq, kk, kv_ = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (b, s, n, hd), jnp.float32)
+    k = jax.random.normal(kk, (b, s, kv, hd), jnp.float32)
+    v = jax.random.normal(kv_, (b, s, kv, hd), jnp.float32)
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask.dense, scale=hd**-0.5)
+    got = jax.jit(lambda q, k, v, m: hm.t2i_attention_split(q, k, v, m, hd**-0.5, implementation="xla"))(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_choice_on_cpu():
+    lhs = jnp.ones((8, 64), jnp.bfloat16)
+    rhs = jnp.ones((2, 64, 128), jnp.bfloat16)
+    gs = jnp.array([5, 3], jnp.int32)
+    assert hm.MOE_KERNEL == "auto" and not hm._use_mosaic(lhs, rhs)
+    np.testing.assert_array_equal(
+        np.asarray(hm.grouped_matmul(lhs, rhs, gs), np.float32),
+        np.asarray(jax.lax.ragged_dot(lhs, rhs, gs), np.float32),
+    )
+    mask = hm.T2IMask(jnp.ones((1, 1, 4, 4), bool), jnp.array([1]), 2)
+    assert hm._attention_impl(lhs.reshape(1, 8, 4, 16), mask) == "xla"
+    try:
+        hm.set_moe_kernel("mosaic")
+        with pytest.raises(ValueError, match="TMP_JAX_MOE_KERNEL=mosaic: not a Hopper GPU"):
+            hm.grouped_matmul(lhs, rhs, gs)
+    finally:
+        hm.set_moe_kernel("auto")
+    with pytest.raises(ValueError, match="auto, xla or mosaic"):
+        hm.set_moe_kernel("triton")
+    with pytest.raises(ValueError, match="auto, xla or cudnn"):
+        hm.set_attention_implementation("flash")
