@@ -109,63 +109,44 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train_zimage(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = ZIMAGE_TEACHER
-    train, test = load_data(args.subset)
-    B = args.batch or 256
-    K = args.chunk
-    total = args.steps
-    model = ZImageTransformer(cfg, rngs=nnx.Rngs(args.seed))
-    graphdef, params = nnx.split(model)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    log(f"zimage teacher: {n_params:,} params; train {len(train)} images; batch {B}; steps {total}")
-    lay = fixed_layout(cfg, B)
-    p = cfg.all_patch_size[0]
-    x_all = patchify(jnp.asarray(to_latents(train.images)), p)  # [N, 49, 16]
-    y_all = jnp.asarray(train.labels, jnp.int32)
-    table = jnp.asarray(caption_table(cfg.cap_feat_dim))
-    n = x_all.shape[0]
-    data = (x_all, y_all, table)
-    compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+def fit(
+    args: argparse.Namespace, graphdef: Any, params: Any, draw: Any, loss_fn: Any, data: tuple
+) -> tuple[Any, dict[str, Any]]:
+    """The shared teacher training loop: AdamW (clip 1.0, warmup + cosine, decoupled weight decay), EMA,
+    ``args.chunk`` steps per jitted ``lax.scan`` with batches drawn on the device, ``--max-seconds`` cap.
+
+    ``draw(key, data) -> (key, batch)`` and ``loss_fn(params, batch) -> (loss, parts)`` are traced; ``data``
+    is passed as an argument (not a closed-over constant: it is large). Returns the EMA parameters and the
+    run's numbers (steps, seconds, last chunk's mean loss and parts)."""
+    K, total = args.chunk, args.steps
     base = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b1=0.9, b2=0.99))
     opt_state = base.init(params)
     ema = jax.tree_util.tree_map(jnp.copy, params)
 
-    def loss_fn(prm: Any, x0: jax.Array, noise: jax.Array, sigma: jax.Array, cap: jax.Array) -> jax.Array:
-        prm_c = jax.tree_util.tree_map(lambda v: v.astype(compute_dtype), prm)
-        return flow_matching_loss(nnx.merge(graphdef, prm_c), lay, x0, noise, sigma, cap)
-
     @jax.jit
     def chunk(prm: Any, o: Any, e: Any, key: jax.Array, lrs: jax.Array, step0: jax.Array, data: tuple) -> tuple:
-        x_all, y_all, table = data  # arguments, not closed-over constants (they are large)
-
         def one(carry: tuple, inp: tuple) -> tuple:
             prm, o, e, key = carry
             lr, step = inp
-            key, ki, kn, ks, kd = jax.random.split(key, 5)
-            idx = jax.random.randint(ki, (B,), 0, n)
-            x0 = x_all[idx]
-            noise = jax.random.normal(kn, x0.shape, jnp.float32)
-            sigma = jax.nn.sigmoid(jax.random.normal(ks, (B,), jnp.float32))  # logit-normal(0, 1)
-            lab = jnp.where(jax.random.uniform(kd, (B,)) < args.label_drop, NULL_LABEL, y_all[idx])
-            loss, g = jax.value_and_grad(loss_fn)(prm, x0, noise, sigma, table[lab])
+            key, batch = draw(key, data)
+            (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(prm, batch)
             upd, o = base.update(g, o, prm)
             prm = jax.tree_util.tree_map(lambda w, u: w - lr * (u + args.weight_decay * w), prm, upd)
             d = jnp.minimum(args.ema, (1.0 + step) / (10.0 + step))
             e = jax.tree_util.tree_map(lambda a, w: d * a + (1 - d) * w, e, prm)
-            return (prm, o, e, key), loss
+            return (prm, o, e, key), (loss, parts)
 
         steps = step0 + jnp.arange(K, dtype=jnp.float32)
-        (prm, o, e, key), losses = jax.lax.scan(one, (prm, o, e, key), (lrs, steps))
-        return prm, o, e, key, losses.mean()
+        (prm, o, e, key), (losses, parts) = jax.lax.scan(one, (prm, o, e, key), (lrs, steps))
+        return prm, o, e, key, losses.mean(), jax.tree_util.tree_map(jnp.mean, parts)
 
     key = jax.random.PRNGKey(args.seed + 1)
     t_start = time.time()
-    step, chunk_times, losses = 0, [], []
+    step, chunk_times, losses, parts = 0, [], [], {}
     while step < total:
         lrs = jnp.asarray([lr_at(step + i, total, args.lr, args.warmup) for i in range(K)], jnp.float32)
         t0 = time.time()
-        params, opt_state, ema, key, loss = chunk(params, opt_state, ema, key, lrs, jnp.float32(step), data)
+        params, opt_state, ema, key, loss, parts = chunk(params, opt_state, ema, key, lrs, jnp.float32(step), data)
         loss = float(loss)
         chunk_times.append(time.time() - t0)
         step += K
@@ -173,13 +154,56 @@ def train_zimage(args: argparse.Namespace) -> dict[str, Any]:
         if args.max_seconds and len(chunk_times) == 2:
             per_step = chunk_times[1] / K
             left = args.max_seconds - (time.time() - t_start)
-            fit = step + int(left / per_step) // K * K
-            if fit < total:
-                log(f"  {per_step * 1e3:.2f} ms/step: lowering steps {total} -> {fit} to fit --max-seconds")
-                total = max(fit, step)
+            fit_steps = step + int(left / per_step) // K * K
+            if fit_steps < total:
+                log(f"  {per_step * 1e3:.2f} ms/step: lowering steps {total} -> {fit_steps} to fit --max-seconds")
+                total = max(fit_steps, step)
         if step % (K * args.log_every) == 0 or step >= total:
-            log(f"  step {step}/{total} loss {loss:.4f} lr {float(lrs[-1]):.2e} ({time.time() - t_start:.0f}s)")
-    train_s = time.time() - t_start
+            extra = "".join(f" {k} {float(v):.4f}" for k, v in parts.items() if k != "fm")
+            log(f"  step {step}/{total} loss {loss:.4f}{extra} lr {float(lrs[-1]):.2e} ({time.time() - t_start:.0f}s)")
+    info = {
+        "steps": step,
+        "train_seconds": time.time() - t_start,
+        "final_train_loss": losses[-1],
+        **{f"final_train_{k}": float(v) for k, v in parts.items()},
+    }
+    return ema, info
+
+
+def train_zimage(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = ZIMAGE_TEACHER
+    train, test = load_data(args.subset)
+    B = args.batch or 256
+    model = ZImageTransformer(cfg, rngs=nnx.Rngs(args.seed))
+    graphdef, params = nnx.split(model)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    log(f"zimage teacher: {n_params:,} params; train {len(train)} images; batch {B}; steps {args.steps}")
+    lay = fixed_layout(cfg, B)
+    p = cfg.all_patch_size[0]
+    x_all = patchify(jnp.asarray(to_latents(train.images)), p)  # [N, 49, 16]
+    y_all = jnp.asarray(train.labels, jnp.int32)
+    table = jnp.asarray(caption_table(cfg.cap_feat_dim))
+    n = x_all.shape[0]
+    compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+
+    def draw(key: jax.Array, data: tuple) -> tuple:
+        x_all, y_all, table = data
+        key, ki, kn, ks, kd = jax.random.split(key, 5)
+        idx = jax.random.randint(ki, (B,), 0, n)
+        x0 = x_all[idx]
+        noise = jax.random.normal(kn, x0.shape, jnp.float32)
+        sigma = jax.nn.sigmoid(jax.random.normal(ks, (B,), jnp.float32))  # logit-normal(0, 1)
+        lab = jnp.where(jax.random.uniform(kd, (B,)) < args.label_drop, NULL_LABEL, y_all[idx])
+        return key, (x0, noise, sigma, table[lab])
+
+    def loss_fn(prm: Any, batch: tuple) -> tuple:
+        prm_c = jax.tree_util.tree_map(lambda v: v.astype(compute_dtype), prm)
+        loss = flow_matching_loss(nnx.merge(graphdef, prm_c), lay, *batch)
+        return loss, {"fm": loss}
+
+    ema, info = fit(args, graphdef, params, draw, loss_fn, (x_all, y_all, table))
+    step, train_s = info["steps"], info["train_seconds"]
+    losses = [info["final_train_loss"]]
 
     teacher = nnx.merge(graphdef, ema)
     out = Path(args.out or ASSETS / "zimage-fmnist")
@@ -202,21 +226,144 @@ def train_zimage(args: argparse.Namespace) -> dict[str, Any]:
         "fm_mse_random": heldout_fm_mse(rand, sub.images[:256], sub.labels[:256]),
     }
     log(f"held-out FM MSE: teacher {metrics['fm_mse_teacher']:.4f}, random {metrics['fm_mse_random']:.4f}")
-    if args.eval_samples:
-        evaluator = ev.load_evaluator_from(args.evaluator) if args.evaluator else ev.load_evaluator()
-        labels = np.arange(args.eval_samples) % NUM_CLASSES
-        ref_feats = ev.features(sub.images, evaluator)
-        for g in args.guidance:
-            t0 = time.time()
-            imgs = sample_images(loaded, labels, seed=0, steps=args.sample_steps, guidance=g)
-            acc = ev.accuracy(imgs, labels, evaluator)
-            fid = ev.fid(ev.features(imgs, evaluator), ref_feats)
-            metrics[f"sample_acc_g{g}"] = acc
-            metrics[f"fid_cls_g{g}"] = fid
-            log(f"samples g={g}: accuracy {acc:.4f} FID_cls {fid:.3f} ({time.time() - t0:.1f}s)")
-            if args.samples_out and g == args.guidance[-1]:
-                np.savez_compressed(args.samples_out, images=imgs[:200], labels=labels[:200])
+    sample_metrics(args, loaded, sub, metrics)
     return metrics
+
+
+def sample_metrics(args: argparse.Namespace, model: Any, sub: Split, metrics: dict[str, Any]) -> None:
+    """``--eval-samples`` samples per ``--guidance``: evaluator accuracy and FID_cls (into ``metrics``)."""
+    if not args.eval_samples:
+        return
+    evaluator = ev.load_evaluator_from(args.evaluator) if args.evaluator else ev.load_evaluator()
+    labels = np.arange(args.eval_samples) % NUM_CLASSES
+    ref_feats = ev.features(sub.images, evaluator)
+    for g in args.guidance:
+        t0 = time.time()
+        imgs = sample_images(model, labels, seed=0, steps=args.sample_steps, guidance=g)
+        acc = ev.accuracy(imgs, labels, evaluator)
+        fid = ev.fid(ev.features(imgs, evaluator), ref_feats)
+        metrics[f"sample_acc_g{g}"] = acc
+        metrics[f"fid_cls_g{g}"] = fid
+        log(f"samples g={g}: accuracy {acc:.4f} FID_cls {fid:.3f} ({time.time() - t0:.1f}s)")
+        if args.samples_out and g == args.guidance[-1]:
+            np.savez_compressed(args.samples_out, images=imgs[:200], labels=labels[:200])
+
+
+# ----------------------------------------------------------------------------------------------
+# HunyuanImage-3.0 teacher
+
+
+def train_hunyuan(args: argparse.Namespace) -> dict[str, Any]:
+    from converters.hunyuan import load_hunyuan
+    from tmp_jax.models.hunyuan_image3 import HunyuanImage3
+    from tmp_jax.models.hunyuan_image3.train import FMNIST_CONFIG, forward_train_aux, ids_table, save
+
+    cfg = FMNIST_CONFIG
+    train, _ = load_data(args.subset)
+    B = args.batch or 256
+    model = HunyuanImage3(cfg, rngs=nnx.Rngs(args.seed), moe_impl=args.moe_impl)
+    graphdef, params = nnx.split(model)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+    log(
+        f"hunyuan teacher: {n_params:,} params; train {len(train)} images; batch {B}; steps {args.steps}; "
+        f"moe impl {args.moe_impl}; balance coef {args.balance_coef}"
+    )
+    x_all = jnp.asarray(to_latents(train.images))  # [N, 4, 14, 14]
+    y_all = jnp.asarray(train.labels, jnp.int32)
+    table = jnp.asarray(ids_table(cfg))  # [11, S]
+    n = x_all.shape[0]
+    seq = table.shape[1]
+    compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+
+    def draw(key: jax.Array, data: tuple) -> tuple:
+        x_all, y_all, table = data
+        key, ki, kn, ks, kd = jax.random.split(key, 5)
+        idx = jax.random.randint(ki, (B,), 0, n)
+        x0 = x_all[idx]
+        noise = jax.random.normal(kn, x0.shape, jnp.float32)
+        sigma = jax.nn.sigmoid(jax.random.normal(ks, (B,), jnp.float32))  # logit-normal(0, 1)
+        lab = jnp.where(jax.random.uniform(kd, (B,)) < args.label_drop, NULL_LABEL, y_all[idx])
+        return key, (x0, noise, sigma, table[lab])
+
+    def loss_fn(prm: Any, batch: tuple) -> tuple:
+        x0, noise, sigma, ids = batch
+        prm_c = jax.tree_util.tree_map_with_path(
+            lambda path, v: v if _is_router(path) else v.astype(compute_dtype), prm
+        )  # the router (wg) stays fp32, as in the model
+        s = sigma[:, None, None, None]
+        inputs = {
+            "input_ids": ids,
+            "latents": (1.0 - s) * x0 + s * noise,
+            "timestep": 1000.0 * sigma,
+            "valid_lengths": jnp.full((B,), seq, jnp.int32),
+        }
+        v, _, balance = forward_train_aux(nnx.merge(graphdef, prm_c), inputs, remat=False)
+        fm_loss = jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
+        return fm_loss + args.balance_coef * balance, {"fm": fm_loss, "balance": balance}
+
+    ema, info = fit(args, graphdef, params, draw, loss_fn, (x_all, y_all, table))
+    teacher = nnx.merge(graphdef, ema)
+    teacher.set_moe_impl("ragged")
+    out = Path(args.out or ASSETS / "hunyuan-fmnist")
+    save(teacher, out, overwrite=True, dtype=jnp.bfloat16)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    log(f"wrote {out} ({size / 1e6:.2f} MB)")
+
+    loaded = load_hunyuan(out, dtype=jnp.float32)  # the saved bf16 weights, as users load them
+    sub = load_subset("test")
+    rand = HunyuanImage3(cfg, rngs=nnx.Rngs(12345))  # the training init distribution
+    metrics: dict[str, Any] = {
+        "params": n_params,
+        "batch": B,
+        **info,
+        "folder_bytes": size,
+        "fm_mse_teacher": heldout_fm_mse(loaded, sub.images[:256], sub.labels[:256]),
+        "fm_mse_random": heldout_fm_mse(rand, sub.images[:256], sub.labels[:256]),
+        "router_load": router_load(loaded, sub),
+    }
+    log(f"held-out FM MSE: teacher {metrics['fm_mse_teacher']:.4f}, random {metrics['fm_mse_random']:.4f}")
+    log(f"router load (fraction of assignments per expert, per layer): {metrics['router_load']}")
+    sample_metrics(args, loaded, sub, metrics)
+    return metrics
+
+
+def _is_router(path: tuple) -> bool:
+    return any(getattr(k, "key", getattr(k, "name", None)) == "wg" for k in path)
+
+
+def router_load(model: Any, sub: Split, n: int = 64) -> list[list[float]]:
+    """Per layer, the fraction of (token, slot) assignments each expert gets on ``n`` noised test images."""
+    from tmp_jax.models.hunyuan_image3.model import attn_branch, t2i_embed
+    from tmp_jax.models.hunyuan_image3.train import t2i_ids
+
+    cfg = model.config
+    x0 = jnp.asarray(to_latents(sub.images[:n]))
+    noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape, jnp.float32)
+    sigma = jnp.linspace(0.05, 0.95, n)
+    s = sigma[:, None, None, None]
+    ids = jnp.asarray(t2i_ids(sub.labels[:n], cfg))
+    e = t2i_embed(
+        model.model.wte,
+        model.patch_embed,
+        model.time_embed,
+        model.timestep_emb,
+        ids,
+        (1 - s) * x0 + s * noise,
+        1000.0 * sigma,
+        None,
+        image_token_id=cfg.image_token_id,
+        head_dim=cfg.attention_head_dim,
+        rope_theta=cfg.rope_theta,
+    )
+    x, loads = e["embeds"], []
+    for layer in model.model.layers:
+        x = attn_branch(layer.self_attn, layer.input_layernorm, x, e["cos"], e["sin"], e["mask"], e["token_mask"])
+        h = layer.post_attention_layernorm(x)
+        _, idx = layer.mlp.route(h.reshape(-1, h.shape[-1]))
+        counts = np.bincount(np.asarray(idx).reshape(-1), minlength=layer.mlp.num_experts)
+        loads.append([round(float(c / counts.sum()), 4) for c in counts])
+        x = x + layer.mlp(h, e["token_mask"])
+    return loads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +386,8 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--label-drop", type=float, default=0.1)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--moe-impl", default="dense", choices=["dense", "ragged"], help="HunyuanImage training MoE path")
+    ap.add_argument("--balance-coef", type=float, default=0.01, help="HunyuanImage router load-balancing weight")
     ap.add_argument("--max-seconds", type=float, default=0.0, help="training time cap (0 = none)")
     ap.add_argument("--log-every", type=int, default=10, help="log every N chunks")
     ap.add_argument("--eval-samples", type=int, default=0, help="sample N images and score them")
@@ -253,10 +402,7 @@ def main() -> None:
     elif args.model == "zimage":
         metrics = train_zimage(args)
     else:
-        raise NotImplementedError(
-            "--model hunyuan needs tmp_jax.models.hunyuan_image3 (the HunyuanImage-3.0 Flax model, being "
-            "written separately); its teacher will use tmp_jax.data.hunyuan_prompt_ids for conditioning"
-        )
+        metrics = train_hunyuan(args)
     metrics = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in metrics.items()}
     if args.metrics:
         Path(args.metrics).write_text(json.dumps(metrics, indent=1) + "\n")
