@@ -2,7 +2,7 @@
 
     python scripts/train_teachers.py --model evaluator [--out tmp_jax/assets/evaluator.safetensors]
     python scripts/train_teachers.py --model zimage    [--out tmp_jax/assets/zimage-fmnist]
-    python scripts/train_teachers.py --model hunyuan   (needs tmp_jax.models.hunyuan_image3; not yet)
+    python scripts/train_teachers.py --model hunyuan   [--out tmp_jax/assets/hunyuan-fmnist]
 
 Data: the full 60k train split of the Debian package ``dataset-fashion-mnist`` (``$FMNIST_DIR``
 overrides the folder); ``--subset`` uses the committed 4096-image subset instead (CPU debugging).
@@ -15,6 +15,14 @@ Z-Image convention: ``x = (1 - sigma) x0 + sigma eps``, model input ``t = 1 - si
 ``x0 - eps``; logit-normal sigma, 10% of captions replaced by the null caption, AdamW (clip 1.0,
 warmup + cosine), EMA 0.999, bf16 compute with fp32 master weights. The layout is computed once and
 batches are drawn on the device inside one jitted ``lax.scan`` per chunk of steps.
+
+HunyuanImage teacher (``tmp_jax.models.hunyuan_image3.train.FMNIST_CONFIG``, 4.85M parameters, bf16
+~9.7 MB, official keys + config.json): our Flax NNX ``HunyuanImage3`` with hidden 128, 6 layers, 8 heads of
+16 in 4 KV groups, 8 routed experts of width 192 (top-2) plus one shared expert, on the same 14x14x4 latents
+(patch 1 -> 196 image tokens) with per-class prompt token ids (layout in that module). Rectified flow in the
+HunyuanImage convention (``timestep = 1000 sigma``, target ``noise - x0``), the same sigma / label-drop /
+optimiser / EMA as above, plus ``--balance-coef`` x the Switch load-balancing loss of every router
+(``E * sum_e f_e P_e``, mean over layers); trained with the dense MoE path (``--moe-impl``).
 
 ``--max-seconds`` caps the training time: after two timed chunks the step count is lowered to fit
 (and the cosine schedule is laid over that count); the metrics file records the steps taken, and

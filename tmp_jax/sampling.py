@@ -1,4 +1,5 @@
-"""Fixed-shape Z-Image batches and Euler / CFG sampling for the Fashion-MNIST teacher.
+"""Fixed-shape Z-Image batches and Euler / CFG sampling for the Fashion-MNIST teachers (Z-Image and, at the
+end of the file, HunyuanImage-3.0).
 
 Every Fashion-MNIST latent is ``(4, 1, 14, 14)`` and every caption has :data:`~tmp_jax.data.CAPTION_LEN`
 tokens, so one :func:`~tmp_jax.models.z_image.model.make_layout` serves every batch of a given size:
@@ -140,7 +141,10 @@ def _fm_loss_jit(
 
 def heldout_fm_mse(model: Any, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
     """Flow-matching MSE on uint8 ``images`` with sigma on a fixed grid in [0.05, 0.95] (one value per
-    image, in order) and fixed Gaussian noise from ``seed``: a deterministic held-out quality number."""
+    image, in order) and fixed Gaussian noise from ``seed``: a deterministic held-out quality number.
+    Z-Image or HunyuanImage (each in its own flow-matching convention)."""
+    if _is_hunyuan(model):
+        return _hunyuan_heldout_fm_mse(model, images, labels, seed)
     cfg: ZImageConfig = model.config
     x0 = patchify(jnp.asarray(to_latents(images)), cfg.all_patch_size[0])
     noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape, jnp.float32)
@@ -211,10 +215,15 @@ def sample_latents(
     """Euler sampling with classifier-free guidance -> float32 latents (N, 4, 14, 14).
 
     The initial noise of sample ``i`` depends only on ``(seed, i)``-ordered draws of the whole set,
-    so results do not depend on ``batch``. ``guidance == 1`` skips the unconditional pass.
+    so results do not depend on ``batch``. ``guidance == 1`` skips the unconditional pass. Z-Image or
+    HunyuanImage (class token sequences, the null prompt for CFG).
     """
-    cfg: ZImageConfig = model.config
     labels = np.asarray(labels, np.int64).reshape(-1)
+    if _is_hunyuan(model):
+        return _hunyuan_sample_latents(
+            model, labels, seed=seed, steps=steps, guidance=guidance, shift=shift, batch=batch
+        )
+    cfg: ZImageConfig = model.config
     N = len(labels)
     table = caption_table(cfg.cap_feat_dim)
     hw = (LATENT_SIZE, LATENT_SIZE)
@@ -257,3 +266,103 @@ def sample_images(model: Any, labels: np.ndarray | list[int], **kw: Any) -> np.n
     if lat.shape[1] != LATENT_CHANNELS:
         raise ValueError(f"expected {LATENT_CHANNELS}-channel latents, got {lat.shape}")
     return from_latents(lat)
+
+
+# ----------------------------------------------------------------------------------------------
+# HunyuanImage-3.0 (tmp_jax.models.hunyuan_image3.train has the token layout)
+#
+# Convention there: x_sigma = (1 - sigma) x0 + sigma * noise, timestep = 1000 * sigma, the model predicts
+# the velocity noise - x0 directly on (B, 4, 14, 14) latents; conditioning is a class token sequence and
+# CFG uses the null prompt's sequence.
+
+
+def _is_hunyuan(model: Any) -> bool:
+    return getattr(model, "ARCH", None) == "hunyuan"
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _hy_velocity(graphdef: Any, state: Any, ids: jax.Array, xt: jax.Array, sigma: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    return model(ids, xt, 1000.0 * sigma).astype(jnp.float32)
+
+
+def hunyuan_velocity(model: Any, ids: np.ndarray, xt: np.ndarray, sigma: np.ndarray, batch: int = 256) -> np.ndarray:
+    """The model's velocity (``noise - x0``) on ``xt`` (N, C, h, w), in batches of one compiled shape."""
+    n = len(xt)
+    bs = min(batch, n)
+    graphdef, state = nnx.split(model)
+    out = []
+    for i in range(0, n, bs):
+        a, x, s = ids[i : i + bs], xt[i : i + bs], sigma[i : i + bs]
+        m = len(x)
+        if m < bs:  # keep one compiled shape
+            a, x, s = (np.concatenate([v, np.repeat(v[-1:], bs - m, 0)]) for v in (a, x, s))
+        out.append(np.asarray(_hy_velocity(graphdef, state, jnp.asarray(a), jnp.asarray(x), jnp.asarray(s)))[:m])
+    return np.concatenate(out)
+
+
+def _hunyuan_heldout_fm_mse(model: Any, images: np.ndarray, labels: np.ndarray, seed: int) -> float:
+    from tmp_jax.models.hunyuan_image3.train import t2i_ids
+
+    x0 = to_latents(images)
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), x0.shape, jnp.float32))
+    sigma = np.linspace(0.05, 0.95, x0.shape[0], dtype=np.float32)
+    s = sigma[:, None, None, None]
+    v = hunyuan_velocity(model, t2i_ids(labels, model.config), (1 - s) * x0 + s * noise, sigma)
+    return float(np.mean(np.square(v - (noise - x0))))
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _hy_euler(
+    graphdef: Any,
+    state: Any,
+    use_cfg: bool,
+    noise: jax.Array,
+    ids: jax.Array,
+    null_ids: jax.Array,
+    sigmas: jax.Array,
+    guidance: jax.Array,
+) -> jax.Array:
+    model = nnx.merge(graphdef, state)
+    B = noise.shape[0]
+
+    def step(x: jax.Array, i: jax.Array) -> tuple[jax.Array, None]:
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if use_cfg:
+            both = model(jnp.concatenate([ids, null_ids]), jnp.concatenate([x, x]), jnp.full((2 * B,), 1000.0 * s))
+            cond, unc = both[:B].astype(jnp.float32), both[B:].astype(jnp.float32)
+            v = unc + guidance * (cond - unc)
+        else:
+            v = model(ids, x, jnp.full((B,), 1000.0 * s)).astype(jnp.float32)
+        return x + (s_next - s) * v, None  # v = d x / d sigma = noise - x0
+
+    x, _ = jax.lax.scan(step, noise, jnp.arange(sigmas.shape[0] - 1))
+    return x
+
+
+def _hunyuan_sample_latents(
+    model: Any, labels: np.ndarray, *, seed: int, steps: int, guidance: float, shift: float, batch: int
+) -> np.ndarray:
+    from tmp_jax.models.hunyuan_image3.train import ids_table
+
+    table = ids_table(model.config)
+    N = len(labels)
+    shape = (model.config.latent_channels, LATENT_SIZE, LATENT_SIZE)
+    noise_all = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (N, *shape), jnp.float32))
+    use_cfg = guidance != 1.0
+    bs = min(batch, N)
+    graphdef, state = nnx.split(model)
+    sig = jnp.asarray(sigma_schedule(steps, shift))
+    null_ids = jnp.asarray(np.repeat(table[NULL_LABEL : NULL_LABEL + 1], bs, 0))
+    out = []
+    for i in range(0, N, bs):
+        lab, nz = labels[i : i + bs], noise_all[i : i + bs]
+        n = len(lab)
+        if n < bs:  # keep one compiled shape
+            lab = np.concatenate([lab, np.zeros(bs - n, np.int64)])
+            nz = np.concatenate([nz, np.zeros((bs - n, *shape), np.float32)])
+        x = _hy_euler(
+            graphdef, state, use_cfg, jnp.asarray(nz), jnp.asarray(table[lab]), null_ids, sig, jnp.float32(guidance)
+        )
+        out.append(np.asarray(x)[:n])
+    return np.concatenate(out).astype(np.float32)
