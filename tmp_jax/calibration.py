@@ -9,6 +9,9 @@ file per micro-batch holding the model inputs (Z-Image: ``latents`` (B,C,F,H,W),
 ``data`` axis, parameters by the rules table), caches the teacher outputs, and accumulates the
 statistics the modules sow. After each micro-batch the accumulators are written atomically to
 ``OUT/calib_state.npz``, so an interrupted calibration resumes from its last finished micro-batch.
+
+Models larger than device memory: ``calibrate(checkpoint_path, ...)`` streams the weights block by block
+from disk (:mod:`tmp_jax.streamed_calibration`) when they do not fit, with the same result.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -116,19 +120,35 @@ def calibrate(
     mesh: jax.sharding.Mesh | None = None,
     out: str | Path | None = None,
     progress: bool = False,
+    streamed: bool | None = None,
+    dtype: Any = None,
 ) -> Calibration:
-    """Teacher outputs + summed statistics over all micro-batches (resumes from ``out``)."""
+    """Teacher outputs + summed statistics over all micro-batches (resumes from ``out``).
+
+    ``model`` is a loaded model, or the path of a checkpoint folder. For a path, ``streamed`` chooses
+    block-by-block calibration with the weights streamed from disk
+    (:func:`tmp_jax.streamed_calibration.calibrate_streamed`, same result, only the stem and one block on the
+    devices); None (default) streams when the parameters at ``dtype`` exceed half of the devices' memory,
+    otherwise the checkpoint is loaded (onto ``mesh``) and calibrated in memory.
+    """
+    if isinstance(model, str | os.PathLike):
+        from tmp_jax import streamed_calibration as sc
+
+        if streamed is None:
+            streamed = not sc.model_fits(model, dtype, mesh)
+        if streamed:
+            return sc.calibrate_streamed(model, batches, dtype=dtype, mesh=mesh, out=out, progress=progress)
+        h = arch.get(sc.checkpoint_arch(Path(model)))
+        model = h.load(str(model), dtype=jnp.float32 if dtype is None else dtype, mesh=mesh)
+    elif streamed:
+        raise ValueError("streamed calibration reads the weights from the checkpoint: pass its path, not a model")
     hooks = arch.get(_arch_of(model))
     cfg = model.config
     inputs = [shard_inputs(hooks.prepare_batch(cfg, b), mesh) for b in batches]
     state_path = Path(out) / "calib_state.npz" if out is not None else None
     done, teacher, stats = 0, [], {}
     if state_path is not None and state_path.is_file():
-        z = np.load(state_path, allow_pickle=False)
-        done = int(z["done"])
-        teacher = [z[f"teacher_{i}"] for i in range(done)]
-        keys = json.loads(str(z["stat_keys"]))
-        stats = {tuple(k): z[f"stat_{i}"] for i, k in enumerate(keys)}
+        done, teacher, stats = _load_state(state_path)
     it = range(done, len(inputs))
     if progress:
         from tqdm.auto import tqdm
@@ -142,6 +162,15 @@ def calibrate(
         if state_path is not None:
             _save_state(state_path, i + 1, teacher, stats)
     return Calibration(inputs, teacher, stats)
+
+
+def _load_state(path: Path) -> tuple[int, list[np.ndarray], dict[tuple, np.ndarray]]:
+    """(finished micro-batches, their teacher outputs, summed statistics) from a ``calib_state.npz``."""
+    z = np.load(path, allow_pickle=False)
+    done = int(z["done"])
+    teacher = [z[f"teacher_{i}"] for i in range(done)]
+    keys = json.loads(str(z["stat_keys"]))
+    return done, teacher, {tuple(k): z[f"stat_{i}"] for i, k in enumerate(keys)}
 
 
 def _save_state(path: Path, done: int, teacher: list[np.ndarray], stats: dict[tuple, np.ndarray]) -> None:

@@ -1,0 +1,175 @@
+"""Streamed (block-by-block, weights read from the checkpoint) calibration == in-memory calibration, on both
+tiny models: same statistics and teacher outputs, at most the stem + one block's parameters live (measured
+by instrumenting the loader), every tensor read once, resumable, sharded == single device, automatic choice.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from converters.engine import SafetensorsReader, save_model
+from tmp_jax import arch
+from tmp_jax import streamed_calibration as sc
+from tmp_jax.calibration import calibrate
+from tmp_jax.models.hunyuan_image3 import TINY as HTINY
+from tmp_jax.models.z_image import TINY as ZTINY
+from tmp_jax.sharding import make_mesh
+
+# Per-layer MoE shapes (layer 0: top-1 of 4 experts; layer 1: top-2 of 6 narrower ones), 4 latent channels.
+HCFG = HTINY.replace(
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_experts=(4, 6),
+    moe_topk=(1, 2),
+    moe_intermediate_size=(32, 16),
+    num_shared_expert=(1, 2),
+    vae={"latent_channels": 4},
+)
+
+
+def _save(name, cfg, model, folder):
+    if name == "zimage":
+        model.save_pretrained(str(folder))
+    else:
+        from converters.hunyuan import hunyuan_key_table
+
+        conf = {"model_type": "hunyuan_image_3_moe", "architectures": ["HunyuanImage3ForCausalMM"]}
+        conf.update(cfg.to_hf_config())
+        save_model(model, hunyuan_key_table(cfg), folder, prefix="model", config=conf)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["zimage", "hunyuan"])
+def setup(request, tmp_path_factory):
+    name = request.param
+    cfg = ZTINY if name == "zimage" else HCFG
+    h = arch.get(name)
+    model = h.init_random(cfg, jnp.float32, 0)
+    path = _save(name, cfg, model, tmp_path_factory.mktemp(name) / "ckpt")
+    batches = h.synthetic_calib(cfg, 8, 4, 0)  # 2 micro-batches of 4
+    return name, path, model, batches, calibrate(model, batches)
+
+
+def _assert_same(cal, ref, rtol=1e-5, atol=1e-6):
+    """Same statistic keys, statistics within ``rtol`` (atol relative to the statistic's scale), teacher
+    outputs within ``rtol`` / ``atol``."""
+    assert set(cal.stats) == set(ref.stats)
+    for k, v in ref.stats.items():
+        np.testing.assert_allclose(cal.stats[k], v, rtol=rtol, atol=1e-6 * float(np.abs(v).max()), err_msg=str(k))
+    assert len(cal.teacher) == len(ref.teacher)
+    for a, b in zip(cal.teacher, ref.teacher):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.fixture()
+def instrumented(monkeypatch):
+    """Counts live parameter arrays created by the streamed loader (device side) and host arrays read from
+    the checkpoint, through weak references, so anything the calibration keeps alive is counted."""
+    m = {"dev": 0, "dev_peak": 0, "host": 0, "host_peak": 0, "reads": []}
+
+    def track(x, kind):
+        m[kind] += x.nbytes
+        m[f"{kind}_peak"] = max(m[f"{kind}_peak"], m[kind])
+        weakref.finalize(x, lambda n=x.nbytes: m.__setitem__(kind, m[kind] - n))
+        return x
+
+    real_place, real_read = sc._place, SafetensorsReader.read
+    monkeypatch.setattr(sc, "_place", lambda *a: track(real_place(*a), "dev"))
+    monkeypatch.setattr(
+        SafetensorsReader, "read", lambda self, k: m["reads"].append(k) or track(real_read(self, k), "host")
+    )
+    return m
+
+
+def _block_bytes(name, cfg):
+    """Parameter bytes (fp32) of the stem (everything outside the blocks) and of each block, from the spec."""
+    sizes = {p: int(np.prod(s)) * 4 for p, s in arch.get(name).build_spec(cfg).shapes.items()}
+    blocks = [s.path for s in sc.get_hooks(name).schedule(cfg) if s.kind == "block"]
+    per = [sum(v for p, v in sizes.items() if p[: len(b)] == b) for b in blocks]
+    return sum(sizes.values()) - sum(per), per
+
+
+def test_streamed_equals_in_memory_and_bounded(setup, instrumented):
+    name, path, model, batches, ref = setup
+    cal = sc.calibrate_streamed(path, batches, carry_on="host" if name == "hunyuan" else "device")
+    _assert_same(cal, ref)
+    assert instrumented["dev"] == 0  # nothing of the weights outlives the calibration
+    stem, blocks = _block_bytes(name, model.config)
+    assert len(blocks) >= 2
+    bound = stem + max(blocks)  # never more than the stem and ONE block
+    assert max(blocks) <= instrumented["dev_peak"] <= bound < stem + sum(blocks)
+    assert instrumented["host_peak"] <= bound
+    # every tensor the teacher needs is read exactly once (Hunyuan's text head lm_head / ln_f never)
+    reads = instrumented["reads"]
+    assert len(reads) == len(set(reads))
+    unread = set(SafetensorsReader(path).keys()) - set(reads)
+    assert unread == (set() if name == "zimage" else {"lm_head.weight", "model.ln_f.weight"})
+
+
+def test_resume_after_interruption(setup, tmp_path, monkeypatch):
+    name, path, model, batches, ref = setup
+    steps = sc.get_hooks(name).schedule(model.config)
+    blocks = [i for i, s in enumerate(steps) if s.kind == "block"]
+    real = sc._block_jit
+    calls = {"n": 0}
+
+    def boom(*a):
+        calls["n"] += 1
+        if calls["n"] == (len(blocks) - 1) * len(batches) + 1:  # in the last block, first micro-batch
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(sc, "_block_jit", boom)
+    with pytest.raises(KeyboardInterrupt):
+        sc.calibrate_streamed(path, batches, out=tmp_path)
+    # the last checkpoint is the one written right before the last block
+    assert sorted(p.name for p in (tmp_path / sc.STREAM_DIR).glob("step-*")) == [f"step-{blocks[-1]:04d}"]
+    calls["n"] = -(10**9)  # no more interruptions; count again from here
+    cal = sc.calibrate_streamed(path, batches, out=tmp_path)
+    assert calls["n"] + 10**9 == len(batches)  # only the unfinished block was recomputed
+    _assert_same(cal, ref)
+    assert (tmp_path / "calib_state.npz").is_file() and not (tmp_path / sc.STREAM_DIR).exists()
+    # the finished result is the in-memory calibration's state: reused by both, nothing recomputed
+    monkeypatch.setattr(sc, "_block_jit", None)
+    _assert_same(sc.calibrate_streamed(path, batches, out=tmp_path), ref, rtol=0, atol=0)
+    _assert_same(calibrate(model, batches, out=tmp_path), ref, rtol=0, atol=0)
+
+
+def test_sharded_streamed_equals_single_device(setup):
+    name, path, model, batches, ref = setup
+    mesh = make_mesh("data:4,model:2" if name == "zimage" else "data:2,expert:2,model:2", jax.devices()[:8])
+    cal = sc.calibrate_streamed(path, batches, mesh=mesh)
+    # model-axis sharding reorders reductions: the tolerances of the in-memory sharded tests
+    _assert_same(cal, ref, rtol=2e-5, atol=1e-5)
+
+
+def test_automatic_choice(setup, monkeypatch):
+    name, path, model, batches, ref = setup
+    stem, blocks = _block_bytes(name, model.config)
+    assert sc.checkpoint_param_bytes(path) == stem + sum(blocks)  # every fp32 parameter, from the headers
+    assert sc.checkpoint_param_bytes(path, jnp.bfloat16) == (stem + sum(blocks)) // 2
+    seen = []
+    real = sc.calibrate_streamed
+    monkeypatch.setattr(sc, "calibrate_streamed", lambda *a, **k: seen.append(1) or real(*a, **k))
+    monkeypatch.setattr(sc, "device_capacity", lambda mesh=None: sc.checkpoint_param_bytes(path))  # 2x too small
+    _assert_same(calibrate(str(path), batches), ref)
+    assert seen == [1]
+    monkeypatch.setattr(sc, "device_capacity", lambda mesh=None: 1 << 40)
+    _assert_same(calibrate(path, batches), ref)  # fits: loaded and calibrated in memory
+    assert seen == [1]
+    with pytest.raises(ValueError, match="pass its path"):
+        calibrate(model, batches, streamed=True)
+
+
+def test_carry_files_keep_bf16(tmp_path):
+    x = {"a": np.arange(6, dtype=np.float32).astype(ml_dtypes.bfloat16), "m": np.array([True, False])}
+    sc._save_arrays(tmp_path / "c.npz", x)
+    y = sc._load_arrays(tmp_path / "c.npz")
+    assert y["a"].dtype == x["a"].dtype and y["m"].dtype == bool
+    np.testing.assert_array_equal(y["a"].astype(np.float32), x["a"].astype(np.float32))

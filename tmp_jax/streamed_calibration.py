@@ -1,0 +1,639 @@
+"""Block-by-block calibration with weights streamed from the checkpoint (models larger than device memory).
+
+:func:`calibrate_streamed` produces the same :class:`~tmp_jax.calibration.Calibration` (teacher outputs and
+summed sown statistics) as the in-memory :func:`~tmp_jax.calibration.calibrate`, but never holds more than
+the stem (embeddings, T2I heads) and ONE block's parameters on the devices: it walks the model's blocks in
+execution order, reads each block's tensors from the safetensors checkpoint (the converters' streaming
+reader and key tables, one table entry at a time), runs EVERY calibration micro-batch through that block,
+keeps the activations ("carries", one flat dict of arrays per micro-batch, on the device or on the host) for
+the next block, and drops the block's weights before loading the next one. Each checkpoint tensor is read
+once.
+
+Generic code only walks a per-architecture *schedule* of steps (:class:`Step`): ``op`` steps run on the
+stem (embedding, the Z-Image unify, the output head), ``block`` steps run one block module with its
+statistics sown. Architectures register a :class:`StreamHooks` (reader, key table, stem view, schedule);
+the two built-in ones are at the end of this file.
+
+Resume: with ``out``, the carries and partial statistics are written atomically after every
+``checkpoint_every`` steps to ``OUT/calib_stream/step-NNNN/``; an interrupted run restarts from the last
+written step. The finished result is written to ``OUT/calib_state.npz`` in the in-memory calibration's
+format, so either calibration resumes from (and reuses) the other's finished result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tmp_jax import arch
+from tmp_jax.calibration import Calibration, _load_state, _save_state, shard_inputs
+from tmp_jax.stats import flatten_intermediates, split_collecting
+
+PathT = tuple[str | int, ...]
+Carry = Any  # one micro-batch's activations between steps: any pytree of arrays (a dict, usually)
+STREAM_DIR = "calib_stream"
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-architecture hooks
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a streamed forward.
+
+    ``op``: ``fn(stem, inputs, carry) -> carry`` on the stem view (``carry`` is None for the first step; the
+    last step returns the teacher output). ``block``: ``fn(block, carry) -> carry`` on the module at ``path``
+    (its statistics are sown and stored under ``path``). Both are traced under ``jax.jit`` with ``fn`` static,
+    so they must be module-level functions.
+    """
+
+    kind: str  # 'op' | 'block'
+    fn: Callable[..., Any]
+    path: PathT = ()
+
+
+@dataclass(frozen=True)
+class StreamHooks:
+    name: str  # the architecture (tmp_jax.arch) name
+    read_config: Callable[[Path], Any]  # checkpoint folder -> config
+    reader: Callable[[Path], Any]  # checkpoint path -> a SafetensorsReader-like object (keys, infos, read)
+    key_table: Callable[[Any], Any]  # config -> converters.engine.KeyTable
+    stem_view: Callable[[nnx.Module], nnx.Module]  # model -> module holding what the op steps use
+    schedule: Callable[[Any], list[Step]]  # config -> steps in execution order
+
+
+_HOOKS: dict[str, StreamHooks] = {}
+
+
+def register(h: StreamHooks) -> StreamHooks:
+    _HOOKS[h.name] = h
+    return h
+
+
+def get_hooks(name: str) -> StreamHooks:
+    if name not in _HOOKS:
+        raise KeyError(f"no streamed-calibration hooks for architecture {name!r}; registered: {sorted(_HOOKS)}")
+    return _HOOKS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted step runners (generic; compiled once per step function and module graph)
+
+
+def _op_fn(gd: Any, fn: Callable, static: tuple, st: Any, dyn: dict, carry: Carry | None) -> Any:
+    return fn(nnx.merge(gd, st), {**dyn, **dict(static)}, carry)
+
+
+def _block_fn(gd: Any, fn: Callable, st: Any, carry: Carry) -> Carry:
+    return fn(nnx.merge(gd, st), carry)
+
+
+_op_jit = jax.jit(_op_fn, static_argnums=(0, 1, 2))
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _block_jit(gd: Any, fn: Callable, st: Any, carry: Carry) -> tuple[Carry, Any]:
+    blk = nnx.merge(gd, st)
+    out = fn(blk, carry)
+    return out, nnx.pop(blk, nnx.Intermediate)
+
+
+def compile_count() -> int:
+    return _op_jit._cache_size() + _block_jit._cache_size()
+
+
+def _split_static(inputs: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
+    """Model inputs -> (arrays, hashable static rest) (e.g. Z-Image's ``patch_key`` string)."""
+    dyn, static = {}, []
+    for k, v in inputs.items():
+        if isinstance(v, str | int | float | bool | None):
+            static.append((k, v))
+        else:
+            dyn[k] = v
+    return dyn, tuple(sorted(static))
+
+
+def _get(module: Any, path: PathT) -> Any:
+    for p in path:
+        module = module[p] if isinstance(p, int) else getattr(module, p)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming parameters in and out of an abstract model
+
+
+def _read_entry(reader: Any, entry: Any) -> list[np.ndarray]:
+    """One key-table entry: its source tensors read (positioned reads) and converted to the NNX layout."""
+    return entry.to_flax([reader.read(k) for k in entry.torch_keys])
+
+
+def _place(arr: np.ndarray, var: nnx.Variable, dtype: Any, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """A converted host array -> a device array in the variable's dtype and rule-resolved sharding."""
+    from converters.engine import _cast_dtype
+
+    want = var.get_value()
+    arr = arr.astype(want.dtype if dtype is None else _cast_dtype(want.dtype, dtype, var), copy=False)
+    if mesh is None:
+        return jax.device_put(arr)
+    from tmp_jax.sharding import variable_sharding
+
+    return jax.make_array_from_callback(arr.shape, variable_sharding(var, mesh), lambda idx: arr[idx])
+
+
+class ParamStreamer:
+    """An abstract (shape-only) model whose variables are filled from the checkpoint module by module.
+
+    ``load(module)`` fills exactly the parameters reachable from ``module`` (reading every table entry that
+    targets one of them), ``release(module)`` puts the abstract placeholders back so the arrays can be freed.
+    """
+
+    def __init__(self, path: Path, hooks: StreamHooks, dtype: Any = None, mesh: jax.sharding.Mesh | None = None):
+        from converters.engine import CheckpointError, _check_source, check_table_covers, flat_variables
+
+        folder = path if path.is_dir() else path.parent
+        self.cfg = hooks.read_config(folder)
+        self.reader = hooks.reader(path)
+        self.table = hooks.key_table(self.cfg)
+        self.model = arch.get(hooks.name).init_abstract(self.cfg, jnp.float32 if dtype is None else dtype)
+        self.dtype, self.mesh = dtype, mesh
+        variables = flat_variables(self.model)
+        check_table_covers(self.table, variables)
+        _check_source(self.reader, self.table)
+        self.path_of = {id(v): p for p, v in variables.items()}
+        self.var = variables
+        self.placeholder = {p: v.get_value() for p, v in variables.items()}
+        self.entries_of: dict[PathT, Any] = {}
+        for e in self.table.entries:
+            for p in e.flax_paths:
+                self.entries_of[p] = e
+        self.error = CheckpointError
+
+    def param_paths(self, module: nnx.Module) -> list[PathT]:
+        return [self.path_of[id(v)] for _, v in nnx.iter_graph(module) if id(v) in self.path_of]
+
+    def param_bytes(self, module: nnx.Module | None = None) -> int:
+        paths = self.var if module is None else self.param_paths(module)
+        out = 0
+        for p in paths:
+            x = self.placeholder[p]
+            itemsize = np.dtype(x.dtype if self.dtype is None else self.dtype).itemsize
+            out += int(np.prod(x.shape, dtype=np.int64)) * itemsize
+        return out
+
+    def load(self, module: nnx.Module) -> None:
+        want = set(self.param_paths(module))
+        done: set[PathT] = set()
+        for p in sorted(want, key=str):
+            if p in done:
+                continue
+            e = self.entries_of[p]
+            for q, arr in zip(e.flax_paths, _read_entry(self.reader, e)):
+                if tuple(arr.shape) != tuple(self.placeholder[q].shape):
+                    raise self.error(
+                        f"{self.reader.root}: {e.torch_keys[0]!r} converts to shape {list(arr.shape)} for "
+                        f"{'.'.join(map(str, q))}, model expects {list(self.placeholder[q].shape)}"
+                    )
+                if q in want:  # a fused entry may also fill a parameter outside the module: skip it
+                    self.var[q].set_value(_place(arr, self.var[q], self.dtype, self.mesh))
+                done.add(q)
+
+    def release(self, module: nnx.Module) -> None:
+        for p in self.param_paths(module):
+            self.var[p].set_value(self.placeholder[p])
+
+
+# ----------------------------------------------------------------------------------------------
+# Device memory estimate (automatic choice)
+
+
+def device_capacity(mesh: jax.sharding.Mesh | None = None) -> int:
+    """Bytes available for parameters: the devices' memory limits (host RAM for CPU devices), divided by the
+    number of data-parallel replicas (every replica holds a full copy of what the other axes shard)."""
+    devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+    limits = []
+    for d in devices:
+        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        limits.append((stats or {}).get("bytes_limit"))
+    if any(x is None for x in limits):  # CPU devices share the host's RAM
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        total = int(sum(limits))
+    replicas = mesh.shape.get("data", 1) if mesh is not None else 1
+    return total // replicas
+
+
+def checkpoint_param_bytes(path: str | os.PathLike[str], dtype: Any = None) -> int:
+    """Parameter bytes the model of checkpoint ``path`` needs at ``dtype`` (None: as stored), from the header
+    and the key table only (nothing is loaded)."""
+    h = get_hooks(checkpoint_arch(Path(path)))
+    p = Path(path)
+    cfg = h.read_config(p if p.is_dir() else p.parent)
+    table, reader = h.key_table(cfg), h.reader(p)
+    if dtype is not None:
+        return table.num_params() * np.dtype(dtype).itemsize
+    return sum(reader.infos[k].end - reader.infos[k].start for e in table.entries for k in e.torch_keys)
+
+
+def model_fits(path: str | os.PathLike[str], dtype: Any = None, mesh: Any = None, fraction: float = 0.5) -> bool:
+    """Whether the model's parameters take at most ``fraction`` of :func:`device_capacity` (the rest is left
+    for activations, teacher outputs and compiled code)."""
+    return checkpoint_param_bytes(path, dtype) <= fraction * device_capacity(mesh)
+
+
+def checkpoint_arch(path: Path) -> str:
+    """The registered architecture whose config.json kind matches the checkpoint at ``path``."""
+    from converters.engine import read_json
+
+    folder = path if path.is_dir() else path.parent
+    return arch.detect(read_json(folder / "config.json", "a checkpoint folder needs config.json")).name
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume state
+
+
+def _save_arrays(path: Path, arrays: dict[str, Any]) -> None:
+    """A flat dict of arrays as .npz; non-numpy dtypes (bf16, fp8) stored as raw integer views + their tag."""
+    from converters.engine import NP_TO_ST
+
+    out, tags = {}, {}
+    for k, v in arrays.items():
+        a = np.asarray(v)
+        tag = NP_TO_ST.get(a.dtype)
+        if tag in ("BF16", "F8_E4M3", "F8_E5M2"):  # ml_dtypes types: .npz cannot name them
+            tags[k] = tag
+            a = a.view({1: np.uint8, 2: np.uint16}[a.dtype.itemsize])
+        out[k] = a
+    np.savez(path, __tags__=np.array(json.dumps(tags)), **out)
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    from converters.engine import ST_TO_NP
+
+    z = np.load(path, allow_pickle=False)
+    tags = json.loads(str(z["__tags__"]))
+    return {k: (z[k].view(ST_TO_NP[tags[k]]) if k in tags else z[k]) for k in z.files if k != "__tags__"}
+
+
+def _write_checkpoint(
+    root: Path, step: int, n_batches: int, carries: list[Carry], stats: dict, teacher: list[np.ndarray]
+) -> None:
+    """``root/step-NNNN`` written in full under a temporary name, then renamed; older steps removed.
+
+    A carry is stored as its pytree leaves (``leaf-NNNN``); its structure is re-derived on resume by
+    :func:`_carry_structures` (no pickles)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-step-"))
+    try:
+        for m, c in enumerate(carries):
+            leaves = jax.tree.leaves(jax.device_get(c))
+            _save_arrays(tmp / f"carry-{m:05d}.npz", {f"leaf-{i:04d}": x for i, x in enumerate(leaves)})
+        _save_state(tmp / "stats.npz", len(teacher), teacher, stats)
+        (tmp / "state.json").write_text(json.dumps({"steps_done": step, "n_batches": n_batches}))
+        dest = root / f"step-{step:04d}"
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in root.glob("step-*"):
+        if old.name != f"step-{step:04d}":
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(root: Path, n_batches: int, n_steps: int) -> tuple[int, list[list[np.ndarray]], dict, list]:
+    """(steps done, carry leaves per micro-batch, partial statistics, teacher outputs) of the last checkpoint."""
+    steps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    if not steps:
+        return 0, [], {}, []
+    d = steps[-1]
+    meta = json.loads((d / "state.json").read_text())
+    if meta.get("n_batches") != n_batches or not 0 < meta.get("steps_done", -1) <= n_steps:
+        raise ValueError(
+            f"{d}: streamed-calibration state for {meta.get('n_batches')} micro-batches after step "
+            f"{meta.get('steps_done')}, expected {n_batches} micro-batches and at most {n_steps} steps "
+            f"(remove {root} to start over)"
+        )
+    _, teacher, stats = _load_state(d / "stats.npz")
+    carries = []
+    for m in range(n_batches):
+        a = _load_arrays(d / f"carry-{m:05d}.npz")
+        carries.append([a[f"leaf-{i:04d}"] for i in range(len(a))])
+    return int(meta["steps_done"]), carries, stats, teacher
+
+
+def _carry_structures(ps: ParamStreamer, stem: nnx.Module, steps: list[Step], inputs: list[dict]) -> list[Any]:
+    """The pytree structure of each micro-batch's carry after ``steps``, by tracing them abstractly on the
+    shape-only model (``jax.eval_shape``; nothing is loaded or compiled), once per distinct input signature."""
+    cache: dict[Any, Any] = {}
+    out = []
+    for inp in inputs:
+        dyn, static = _split_static(inp)
+        leaves, tdef = jax.tree.flatten(dyn)
+        sig = (static, tdef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+        if sig not in cache:
+            c = None
+            for step in steps:
+                if step.kind == "op":
+                    gd, st = nnx.split(stem)
+                    c = jax.eval_shape(partial(_op_fn, gd, step.fn, static), st, dyn, c)
+                else:
+                    gd, st = nnx.split(_get(ps.model, step.path))
+                    c = jax.eval_shape(partial(_block_fn, gd, step.fn), st, c)
+            cache[sig] = jax.tree.structure(c)
+        out.append(cache[sig])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The streamed calibration
+
+
+def calibrate_streamed(
+    path: str | os.PathLike[str],
+    batches: list[dict[str, np.ndarray]],
+    *,
+    dtype: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    out: str | Path | None = None,
+    progress: bool = False,
+    carry_on: str = "device",
+    checkpoint_every: int = 1,
+) -> Calibration:
+    """Teacher outputs + summed statistics of the checkpoint at ``path``, block by block (see module doc).
+
+    Args:
+        path: a checkpoint folder (config.json + safetensors) of a registered architecture.
+        batches: calibration micro-batches (``load_calib``).
+        dtype: parameter dtype on the devices (None: the model's default, fp32; the router stays fp32).
+        mesh: device mesh (batch on ``data``, parameters by the rules table), as for ``calibrate``.
+        out: run folder for the resume state and the finished ``calib_state.npz``.
+        carry_on: ``"device"`` keeps every micro-batch's activations on the devices between blocks,
+            ``"host"`` moves them to host RAM (device memory = stem + one block + one micro-batch).
+        checkpoint_every: write the resume state after every this many steps (carries of all micro-batches
+            go to disk, so large runs may prefer a few blocks between checkpoints).
+    """
+    if carry_on not in ("device", "host"):
+        raise ValueError(f"carry_on={carry_on!r}: expected 'device' or 'host'")
+    path = Path(path)
+    hooks = get_hooks(checkpoint_arch(path))
+    ps = ParamStreamer(path, hooks, dtype, mesh)
+    cfg = ps.cfg
+    inputs = [shard_inputs(arch.get(hooks.name).prepare_batch(cfg, b), mesh) for b in batches]
+    n = len(inputs)
+    final = Path(out) / "calib_state.npz" if out is not None else None
+    if final is not None and final.is_file():
+        done, teacher, stats = _load_state(final)
+        if done == n:
+            return Calibration(inputs, teacher, stats)
+    steps = hooks.schedule(cfg)
+    root = Path(out) / STREAM_DIR if out is not None else None
+    start, leaves, stats, teacher = (0, [], {}, []) if root is None else _read_checkpoint(root, n, len(steps))
+    stem = hooks.stem_view(ps.model)
+    carries = []
+    if start:
+        trees = _carry_structures(ps, stem, steps[:start], inputs)
+        carries = [jax.tree.unflatten(t, x) for t, x in zip(trees, leaves)]
+        if carry_on == "device":
+            carries = [_to_devices(c, mesh) for c in carries]
+
+    pbar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        pbar = tqdm(total=len(steps) * n, initial=start * n, desc="calibration (streamed)", unit="batch")
+    stem_loaded = False
+    for si in range(start, len(steps)):
+        step = steps[si]
+        if step.kind == "op":
+            if not stem_loaded:
+                ps.load(stem)
+                gd_s, st_s = nnx.split(stem)
+                stem_loaded = True
+            new = []
+            for m in range(n):
+                dyn, static = _split_static(inputs[m])
+                c = _op_jit(gd_s, step.fn, static, st_s, dyn, _to_devices(carries[m], mesh) if carries else None)
+                new.append(c)
+                if pbar:
+                    pbar.update(1)
+            carries = new
+            if si == len(steps) - 1:
+                teacher = [np.asarray(y) for y in carries]
+        else:
+            blk = _get(ps.model, step.path)
+            ps.load(blk)
+            gd, st = split_collecting(blk)
+            for m in range(n):
+                carries[m], inter = _block_jit(gd, step.fn, st, _to_devices(carries[m], mesh))
+                for k, v in flatten_intermediates(inter).items():
+                    key = (*step.path, *k)
+                    stats[key] = stats[key] + v if key in stats else v
+                if carry_on == "host":
+                    carries[m] = jax.device_get(carries[m])
+                if pbar:
+                    pbar.update(1)
+            del st
+            ps.release(blk)
+        last = si == len(steps) - 1
+        if root is not None and not last and (si + 1) % checkpoint_every == 0:
+            _write_checkpoint(root, si + 1, n, carries, stats, teacher)
+    if pbar:
+        pbar.close()
+    if stem_loaded:
+        del st_s
+        ps.release(stem)
+    if final is not None:
+        _save_state(final, n, teacher, stats)
+        shutil.rmtree(root, ignore_errors=True)
+    return Calibration(inputs, teacher, stats)
+
+
+def _to_devices(carry: Carry, mesh: jax.sharding.Mesh | None) -> Carry:
+    """A carry back on the devices (batch on the mesh's data axis), as the calibration inputs are placed."""
+    if all(isinstance(v, jax.Array) for v in jax.tree.leaves(carry)):
+        return carry
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, carry)
+    return shard_inputs({"carry": carry}, mesh)["carry"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Z-Image: embed -> noise_refiner (image stream) -> context_refiner (caption stream) -> unify -> layers -> head
+
+
+class _ZStem(nnx.Module):
+    """What Z-Image's embed / unify / final layer read: embedders, pad tokens, final layers, config."""
+
+    def __init__(self, m: Any):
+        self.t_embedder = m.t_embedder
+        self.all_x_embedder = m.all_x_embedder
+        self.all_final_layer = m.all_final_layer
+        self.cap_embedder = m.cap_embedder
+        self.x_pad_token = m.x_pad_token
+        self.cap_pad_token = m.cap_pad_token
+        self.config = m.config
+
+
+def _z_embed(stem: Any, inp: dict, carry: None) -> Carry:
+    from tmp_jax.models.z_image.model import ZImageTransformer, _key_mask
+
+    a = inp["arrays"]
+    e = ZImageTransformer.embed(stem, a, jnp.asarray(inp["t"]), inp["patch_key"])
+    return {
+        "c": e["c"],
+        "img": e["img"],
+        "cap": e["cap"],
+        "img_cos": e["img_cs"][0],
+        "img_sin": e["img_cs"][1],
+        "cap_cos": e["cap_cs"][0],
+        "cap_sin": e["cap_cs"][1],
+        "m_img": _key_mask(a["img_valid"]),
+        "m_cap": _key_mask(a["cap_valid"]),
+    }
+
+
+def _z_noise_refiner(blk: Any, c: Carry) -> Carry:
+    return {**c, "img": blk(c["img"], c["m_img"], c["img_cos"], c["img_sin"], c["c"])}
+
+
+def _z_context_refiner(blk: Any, c: Carry) -> Carry:
+    return {**c, "cap": blk(c["cap"], c["m_cap"], c["cap_cos"], c["cap_sin"])}
+
+
+def _z_unify(stem: Any, inp: dict, c: Carry) -> Carry:
+    from tmp_jax.models.z_image.model import ZImageTransformer
+
+    e = {"img_cs": (c["img_cos"], c["img_sin"]), "cap_cs": (c["cap_cos"], c["cap_sin"])}
+    x, cos, sin, mask = ZImageTransformer.unify(None, inp["arrays"], c["img"], c["cap"], e)
+    return {"c": c["c"], "x": x, "cos": cos, "sin": sin, "mask": mask}
+
+
+def _z_layer(blk: Any, c: Carry) -> Carry:
+    return {**c, "x": blk(c["x"], c["mask"], c["cos"], c["sin"], c["c"])}
+
+
+def _z_head(stem: Any, inp: dict, c: Carry) -> jax.Array:
+    return stem.all_final_layer[inp["patch_key"]](c["x"], c["c"])
+
+
+def _z_schedule(cfg: Any) -> list[Step]:
+    s = [Step("op", _z_embed)]
+    s += [Step("block", _z_noise_refiner, ("noise_refiner", i)) for i in range(len(cfg.stack("noise_refiner")))]
+    s += [Step("block", _z_context_refiner, ("context_refiner", i)) for i in range(len(cfg.stack("context_refiner")))]
+    s.append(Step("op", _z_unify))
+    s += [Step("block", _z_layer, ("layers", i)) for i in range(len(cfg.stack("layers")))]
+    return [*s, Step("op", _z_head)]
+
+
+def _z_reader(path: Path) -> Any:
+    from converters.engine import SafetensorsReader
+    from converters.zimage import ComfyUIReader, is_comfyui
+
+    r = SafetensorsReader(path)
+    return ComfyUIReader(r) if is_comfyui(r) else r
+
+
+def _z_config(folder: Path) -> Any:
+    from converters.zimage import read_config
+
+    return read_config(folder)
+
+
+def _z_table(cfg: Any) -> Any:
+    from converters.zimage import zimage_key_table
+
+    return zimage_key_table(cfg)
+
+
+register(StreamHooks("zimage", _z_config, _z_reader, _z_table, _ZStem, _z_schedule))
+
+
+# ----------------------------------------------------------------------------------------------
+# HunyuanImage-3.0: T2I embed -> decoder layers -> image head
+
+
+class _HStem(nnx.Module):
+    """What the T2I embed and head read (``lm_head`` / ``ln_f`` are not needed, so never loaded)."""
+
+    def __init__(self, m: Any):
+        c = m.config
+        self.wte = m.model.wte
+        self.patch_embed = m.patch_embed
+        self.time_embed = m.time_embed
+        self.timestep_emb = m.timestep_emb
+        self.time_embed_2 = m.time_embed_2
+        self.final_layer = m.final_layer
+        self.image_token_id = c.image_token_id
+        self.head_dim = c.attention_head_dim
+        self.rope_theta = c.rope_theta
+
+
+def _h_embed(stem: Any, inp: dict, carry: None) -> Carry:
+    from tmp_jax.models.hunyuan_image3.model import t2i_embed
+
+    e = t2i_embed(
+        stem.wte,
+        stem.patch_embed,
+        stem.time_embed,
+        stem.timestep_emb,
+        inp["input_ids"],
+        inp["latents"],
+        jnp.asarray(inp["timestep"]),
+        inp["valid_lengths"],
+        image_token_id=stem.image_token_id,
+        head_dim=stem.head_dim,
+        rope_theta=stem.rope_theta,
+    )
+    return {"x": e.pop("embeds"), **e}
+
+
+def _h_layer(blk: Any, c: Carry) -> Carry:
+    return {**c, "x": blk(c["x"], c["cos"], c["sin"], c["mask"], c["token_mask"])}
+
+
+def _h_head(stem: Any, inp: dict, c: Carry) -> jax.Array:
+    from tmp_jax.models.hunyuan_image3.model import t2i_head
+
+    _, _, th, tw = inp["latents"].shape
+    return t2i_head(stem.final_layer, stem.time_embed_2, c["x"], c["image_index"], jnp.asarray(inp["timestep"]), th, tw)
+
+
+def _h_schedule(cfg: Any) -> list[Step]:
+    layers = [Step("block", _h_layer, ("model", "layers", i)) for i in range(cfg.num_hidden_layers)]
+    return [Step("op", _h_embed), *layers, Step("op", _h_head)]
+
+
+def _h_reader(path: Path) -> Any:
+    from converters.engine import SafetensorsReader
+
+    return SafetensorsReader(path)
+
+
+def _h_config(folder: Path) -> Any:
+    from converters.hunyuan import read_config
+
+    return read_config(folder)
+
+
+def _h_table(cfg: Any) -> Any:
+    from converters.hunyuan import hunyuan_key_table
+
+    return hunyuan_key_table(cfg)
+
+
+register(StreamHooks("hunyuan", _h_config, _h_reader, _h_table, _HStem, _h_schedule))
