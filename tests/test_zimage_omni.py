@@ -232,3 +232,37 @@ def test_ti2i_bad_batches(omni):
         ti2i.prepare_batch(cfg, short)
     with pytest.raises(ValueError, match="siglip_feats and siglip_sizes go together"):
         ti2i.prepare_batch(cfg, {k: v for k, v in b.items() if k != "siglip_sizes"})
+
+
+def test_omni_pieces_compose_like_the_blockwise_runner(omni):
+    """embed_omni -> per-block (modulation_terms, attn_branch, ffn_branch) -> unify_omni -> final ==
+    forward_omni_padded: the pieces a blockwise omni runner needs (T2I runner's signatures)."""
+    import jax.numpy as jnp
+
+    from tmp_jax.models.z_image.model import _key_mask, attn_branch, ffn_branch, make_omni_layout
+
+    _, jm, _ = omni
+    x, t, cap, sig, mask = _batch(seed=8)
+    a = {k: jnp.asarray(v) for k, v in make_omni_layout(jm.config, x, cap, sig, mask).arrays.items()}
+    tt = jnp.asarray(t)
+
+    def run(blk, h, m, cs, c):
+        s_msa, g_msa, s_mlp, g_mlp = blk.modulation_terms(c)
+        h = attn_branch(blk.attention, blk.attention_norm1, blk.attention_norm2, h, m, *cs, s_msa, g_msa)
+        return ffn_branch(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2, h, s_mlp, g_mlp)
+
+    e = jm.embed_omni(a, tt, "2-1")
+    img, capf, sg = e["img"], e["cap"], e["sig"]
+    for blk in jm.noise_refiner:
+        img = run(blk, img, _key_mask(a["img_valid"]), e["img_cs"], e["img_cond"])
+    for blk in jm.context_refiner:
+        capf = run(blk, capf, _key_mask(a["cap_valid"]), e["cap_cs"], None)
+    for blk in jm.siglip_refiner:
+        sg = run(blk, sg, _key_mask(a["sig_valid"]), e["sig_cs"], None)
+    h, cos, sin, m, cond = type(jm).unify_omni(None, a, img, capf, sg, e)
+    for blk in jm.layers:
+        h = run(blk, h, m, (cos, sin), cond)
+    got = jm.all_final_layer["2-1"](h, cond)
+    want = jm.forward_omni_padded(a, tt, "2-1")
+    valid = np.asarray(a["uni_valid"])
+    assert rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) <= 1e-6

@@ -573,7 +573,7 @@ def make_omni_layout(
         # SigLIP tokens
         if use_sig:
             sf = siglip_feats[b]
-            if sf is None or len(sf) < len(xs):
+            if sf is None or len(sf) != len(xs):
                 raise ValueError(
                     f"siglip_feats[{b}]: expected a list with one entry (array or None) per image ({len(xs)}), "
                     f"got {'None' if sf is None else len(sf)}"
@@ -764,6 +764,51 @@ class ZImageTransformer(nnx.Module):
         h = jnp.where(a[f"{name}_pad"][..., None], pad_token.astype(h.dtype), h)
         return jnp.where(a[f"{name}_valid"][..., None], h, 0)
 
+    def embed_omni(self, a: dict[str, jax.Array], t: jax.Array, patch_key: str) -> dict[str, Any]:
+        """Omni stem: noisy / clean timestep embeddings, embedded streams (pad tokens in) and RoPE tables.
+
+        Returns ``c_noisy``, ``c_clean`` (B, adaln), ``img`` / ``cap`` (and ``sig`` when the arrays carry
+        SigLIP features) (B, L, dim), their ``*_cs`` (cos, sin) and ``img_cond`` = the noise refiner's
+        ``(c_noisy, c_clean, img_noise)`` conditioning.
+        """
+        cfg = self.config
+        dt = a["img"].dtype
+        c_noisy = self.t_embedder(t * cfg.t_scale).astype(dt)
+        c_clean = self.t_embedder(jnp.ones_like(t) * cfg.t_scale).astype(dt)  # conditions are clean: t = 1
+        e: dict[str, Any] = {"c_noisy": c_noisy, "c_clean": c_clean, "img_cond": (c_noisy, c_clean, a["img_noise"])}
+        e["img"] = self._embed_stream(a, "img", self.all_x_embedder[patch_key], self.x_pad_token[...])
+        e["cap"] = self._embed_stream(
+            a, "cap", lambda v: self.cap_embedder[1](self.cap_embedder[0](v)), self.cap_pad_token[...]
+        )
+        e["img_cs"], e["cap_cs"] = rope_cos_sin(cfg, a["img_pos"]), rope_cos_sin(cfg, a["cap_pos"])
+        if "sig" in a:
+            if cfg.siglip_feat_dim is None:
+                raise ValueError("omni arrays carry SigLIP features but the model has no siglip_feat_dim")
+            e["sig"] = self._embed_stream(
+                a, "sig", lambda v: self.siglip_embedder[1](self.siglip_embedder[0](v)), self.siglip_pad_token[...]
+            )
+            e["sig_cs"] = rope_cos_sin(cfg, a["sig_pos"])
+        return e
+
+    def unify_omni(
+        self, a: dict[str, jax.Array], img: jax.Array, cap: jax.Array, sig: jax.Array | None, e: dict[str, Any]
+    ) -> tuple:
+        """Gather ``[caption, image, siglip]`` per sample into the unified sequence.
+
+        Returns (x, cos, sin, key mask, cond) with cond = ``(c_noisy, c_clean, uni_noise)`` for the
+        main blocks and the final layer. Uses no parameters (callable as ``ZImageTransformer.unify_omni(None, ...)``).
+        """
+        parts, cs = [cap, img], [e["cap_cs"], e["img_cs"]]
+        if sig is not None:
+            parts.append(sig)
+            cs.append(e["sig_cs"])
+        idx = a["uni_idx"][..., None]  # [B, T, 1] gather into concat([cap, img, sig], axis=1)
+        x = jnp.take_along_axis(jnp.concatenate(parts, 1), idx, 1)
+        cos = jnp.take_along_axis(jnp.concatenate([c[0] for c in cs], 1), idx, 1)
+        sin = jnp.take_along_axis(jnp.concatenate([c[1] for c in cs], 1), idx, 1)
+        x = jnp.where(a["uni_valid"][..., None], x, 0)
+        return x, cos, sin, _key_mask(a["uni_valid"]), (e["c_noisy"], e["c_clean"], a["uni_noise"])
+
     def forward_omni_padded(
         self, a: dict[str, jax.Array], t: jax.Array, patch_key: str, return_features: bool = False
     ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
@@ -773,42 +818,18 @@ class ZImageTransformer(nnx.Module):
         c_clean embeds t = 1 (clean); each token uses the one its noise flag selects. The SigLIP stream
         runs iff the arrays carry ``sig`` (see :func:`make_omni_layout`).
         """
-        cfg = self.config
-        dt = a["img"].dtype
-        c_noisy = self.t_embedder(t * cfg.t_scale).astype(dt)
-        c_clean = self.t_embedder(jnp.ones_like(t) * cfg.t_scale).astype(dt)
-        img = self._embed_stream(a, "img", self.all_x_embedder[patch_key], self.x_pad_token[...])
-        img_cs = rope_cos_sin(cfg, a["img_pos"])
-        m_img = _key_mask(a["img_valid"])
+        e = self.embed_omni(a, t, patch_key)
+        img, cap, sig = e["img"], e["cap"], e.get("sig")
+        m_img, m_cap = _key_mask(a["img_valid"]), _key_mask(a["cap_valid"])
         for blk in self.noise_refiner:
-            img = blk(img, m_img, *img_cs, (c_noisy, c_clean, a["img_noise"]))
-        cap = self._embed_stream(
-            a, "cap", lambda v: self.cap_embedder[1](self.cap_embedder[0](v)), self.cap_pad_token[...]
-        )
-        cap_cs = rope_cos_sin(cfg, a["cap_pos"])
-        m_cap = _key_mask(a["cap_valid"])
+            img = blk(img, m_img, *e["img_cs"], e["img_cond"])
         for blk in self.context_refiner:
-            cap = blk(cap, m_cap, *cap_cs)
-        parts, cs = [cap, img], [cap_cs, img_cs]
-        if "sig" in a:
-            if cfg.siglip_feat_dim is None:
-                raise ValueError("omni arrays carry SigLIP features but the model has no siglip_feat_dim")
-            sig = self._embed_stream(
-                a, "sig", lambda v: self.siglip_embedder[1](self.siglip_embedder[0](v)), self.siglip_pad_token[...]
-            )
-            sig_cs = rope_cos_sin(cfg, a["sig_pos"])
+            cap = blk(cap, m_cap, *e["cap_cs"])
+        if sig is not None:
             m_sig = _key_mask(a["sig_valid"])
             for blk in self.siglip_refiner:
-                sig = blk(sig, m_sig, *sig_cs)
-            parts.append(sig)
-            cs.append(sig_cs)
-        idx = a["uni_idx"][..., None]  # [B, T, 1] gather into concat([cap, img, sig], axis=1)
-        x = jnp.take_along_axis(jnp.concatenate(parts, 1), idx, 1)
-        cos = jnp.take_along_axis(jnp.concatenate([c[0] for c in cs], 1), idx, 1)
-        sin = jnp.take_along_axis(jnp.concatenate([c[1] for c in cs], 1), idx, 1)
-        x = jnp.where(a["uni_valid"][..., None], x, 0)
-        mask = _key_mask(a["uni_valid"])
-        cond = (c_noisy, c_clean, a["uni_noise"])
+                sig = blk(sig, m_sig, *e["sig_cs"])
+        x, cos, sin, mask, cond = self.unify_omni(a, img, cap, sig, e)
         feats = []
         for blk in self.layers:
             x = blk(x, mask, cos, sin, cond)
