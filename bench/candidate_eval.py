@@ -3,13 +3,17 @@
 Measures, in one run on one device:
 
 (a) a ~4B candidate materialised as a real smaller model: its own jitted ``forward_padded``;
-(b) the same candidate evaluated the way the search does it: ``PruningProblem.fitness`` = materialise
-    prefix slices of the (permuted) full model on the device + ``runner.forward_blockwise`` + the
-    normalised error against a cached teacher output; after a warm-up; ratio (b)/(a), target <= 1.2x;
+(b) the same candidate evaluated the way the search does it: ``PruningProblem.fitness`` =
+    ``runner.forward_pruned`` on the (permuted) full model, prefixes sliced inside the per-sub-layer jitted
+    functions (no candidate is built) + the normalised error against a cached teacher output; after a
+    warm-up; ratio (b)/(a), target <= 1.2x; also checked against the materialised candidate's fitness;
 (c) compilations during the evaluation of several new random candidates whose width levels were
     warmed before (``runner.compile_count()`` and every XLA backend compile, eager slices included);
 (d) evaluations per GPU-hour;
-(e) the embedded tiny teacher (``build_problem(None)``) on the CPU: evaluations per second.
+(e) the embedded tiny teacher (``build_problem(None)``) on the CPU: evaluations per second;
+(f) with ``--calib-stats``: calibration statistics collection (``runner.collect_stats``, output and
+    statistics copied to the host, as ``calibrate`` does per micro-batch) vs the plain jitted forward of the
+    FULL model on the same sample (target <= 1.3x).
 
 Full size: the Turbo config in bf16 with random weights generated ON THE DEVICE (one jitted generator
 per parameter shape), an identity importance order (the model counts as already permuted), one
@@ -222,26 +226,29 @@ def part_full(args: argparse.Namespace) -> dict:
     res["fitness_value"] = fits[-1]
     res["fitness_deterministic"] = all(f == f_first for f in fits)
     res["ratio"] = res["fitness_ms"] / res["own_ms"]
-    # cross-check: the blockwise output of the materialised candidate vs its fused forward
-    y_bw = np.asarray(runner.forward_blockwise(cand, inputs), np.float32)
-    y_own = np.asarray(y_own, np.float32)
-    res["bw_vs_fused_rel"] = float(np.linalg.norm(y_bw - y_own) / max(np.linalg.norm(y_own), 1e-30))
     log(f"(b) fitness {res['fitness_ms']:.2f} ms (value {res['fitness_value']:.4g}); ratio {res['ratio']:.3f}x")
 
-    # breakdown of (b): materialise alone, blockwise forward with host / device inputs, error alone
-    def mat() -> None:
-        jax.block_until_ready(nnx.state(materialize(model, tree, a)))
-
-    res["materialize_ms"], _ = _median_ms(mat, args.iters)
-    res["blockwise_host_in_ms"], _ = _median_ms(lambda: np.asarray(runner.forward_blockwise(cand, inputs)), args.iters)
+    # breakdown of (b): the prefix-sliced forward alone (device inputs and output), and its output vs the
+    # materialised candidate's fused forward; the old path (materialise per candidate) once, for reference
     dev_inputs = dict(inputs, arrays=dev_arrays, t=t_dev)
-    res["blockwise_dev_in_ms"], _ = _median_ms(
-        lambda: runner.forward_blockwise(cand, dev_inputs).block_until_ready(), args.iters
+    res["pruned_fwd_dev_ms"], _ = _median_ms(
+        lambda: runner.forward_pruned(model, tree, a, dev_inputs).block_until_ready(), args.iters
     )
-    cand = cst = y_own = y_bw = None  # free the candidate copy
+    y_pr = np.asarray(runner.forward_pruned(model, tree, a, dev_inputs), np.float32)
+    y_own = np.asarray(y_own, np.float32)
+    res["pruned_vs_fused_rel"] = float(np.linalg.norm(y_pr - y_own) / max(np.linalg.norm(y_own), 1e-30))
+    t0 = time.perf_counter()
+    res["fitness_materialized_value"] = float(prob.fitness_materialized(genome[None])[0])
+    res["fitness_materialized_first_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(nnx.state(materialize(model, tree, a)))
+    res["materialize_ms"] = 1e3 * (time.perf_counter() - t0)
+    cand = cst = y_own = y_pr = None  # free the candidate copy
     log(
-        f"    materialise {res['materialize_ms']:.2f} ms; blockwise fwd (host in, host out) "
-        f"{res['blockwise_host_in_ms']:.2f} ms; blockwise fwd (device in/out) {res['blockwise_dev_in_ms']:.2f} ms"
+        f"    prefix-sliced forward (device in/out) {res['pruned_fwd_dev_ms']:.2f} ms; rel. L2 vs the materialised "
+        f"candidate's fused forward {res['pruned_vs_fused_rel']:.2e}; fitness via materialise "
+        f"{res['fitness_materialized_value']:.6g} vs {res['fitness_value']:.6g}; materialise alone (old path, once) "
+        f"{res['materialize_ms']:.0f} ms"
     )
 
     # -- (c) warm the width levels, then new random candidates over those levels ------------------
@@ -304,6 +311,39 @@ def part_full(args: argparse.Namespace) -> dict:
     res["evals_per_hour_candidate"] = 3.6e6 / res["fitness_ms"]
     if ts:
         res["evals_per_hour_random"] = 3.6e6 / res["random"]["median_ms"]
+
+    # -- (f) calibration statistics collection vs the plain forward of the FULL model ------------------
+    if args.calib_stats and time.time() < deadline + args.calib_extra_s:
+        try:
+            gd_full, st_full = nnx.split(model)
+
+            @jax.jit
+            def plain(st, arrs, t):
+                return nnx.merge(gd_full, st).forward_padded(arrs, t, pk)
+
+            t0 = time.perf_counter()
+            plain(st_full, dev_arrays, t_dev).block_until_ready()
+            res["plain_compile_s"] = time.perf_counter() - t0
+            res["plain_ms"], _ = _median_ms(lambda: plain(st_full, dev_arrays, t_dev).block_until_ready(), args.iters)
+
+            def stats() -> None:  # what calibrate() does per micro-batch: output and statistics to the host
+                y, s = runner.collect_stats(model, dev_inputs)
+                np.asarray(y)
+                for v in s.values():
+                    np.asarray(v)
+
+            t0 = time.perf_counter()
+            stats()
+            res["stats_compile_s"] = time.perf_counter() - t0
+            res["stats_ms"], _ = _median_ms(stats, args.iters)
+            res["stats_ratio"] = res["stats_ms"] / res["plain_ms"]
+            log(
+                f"(f) full-model forward {res['plain_ms']:.2f} ms; calibration statistics {res['stats_ms']:.2f} ms "
+                f"= {res['stats_ratio']:.3f}x (compiles {res['plain_compile_s']:.1f}s / {res['stats_compile_s']:.1f}s)"
+            )
+        except Exception as ex:  # noqa: BLE001
+            res["stats_error"] = f"{type(ex).__name__}: {str(ex)[:400]}"
+            log(f"(f) FAILED: {res['stats_error']}")
     res["wall_s"] = time.time() - t_start
     return res
 
@@ -368,12 +408,13 @@ def table(r: dict) -> str:
             f"| full / candidate params | {f['full_params']:,} / {c['params']:,} "
             f"(heads {c['heads']}, FFN {c['ffn']}, every block) |",
             f"| (a) candidate's own jitted forward_padded | {f['own_ms']:.2f} ms |",
-            f"| (b) search evaluation (materialise + blockwise + error), median | {f['fitness_ms']:.2f} ms |",
+            f"| (b) search evaluation (`fitness`: prefix-sliced forward + error), median | {f['fitness_ms']:.2f} ms |",
             f"| (b)/(a) ratio (target <= 1.2) | **{f['ratio']:.3f}x** |",
-            f"| &nbsp; materialise alone | {f['materialize_ms']:.2f} ms |",
-            f"| &nbsp; blockwise forward, host inputs + host output | {f['blockwise_host_in_ms']:.2f} ms |",
-            f"| &nbsp; blockwise forward, device inputs and output | {f['blockwise_dev_in_ms']:.2f} ms |",
-            f"| blockwise vs fused output, rel. L2 | {f['bw_vs_fused_rel']:.2e} |",
+            f"| &nbsp; prefix-sliced forward alone, device inputs and output | {f['pruned_fwd_dev_ms']:.2f} ms |",
+            f"| prefix-sliced vs materialised fused output, rel. L2 | {f['pruned_vs_fused_rel']:.2e} |",
+            f"| fitness: prefix-sliced / materialised candidate | {f['fitness_value']:.6g} / "
+            f"{f['fitness_materialized_value']:.6g} |",
+            f"| old path: `materialize` alone (once) | {f['materialize_ms']:.0f} ms |",
             f"| warm-up over levels {f['warm_levels']} | {f['warmup_s']:.1f} s, "
             f"{f['warmup_compiles']} blockwise variants |",
         ]
@@ -388,6 +429,13 @@ def table(r: dict) -> str:
                 f"| (d) evals per GPU-hour (the candidate / random candidates) | "
                 f"{f['evals_per_hour_candidate']:,.0f} / {f.get('evals_per_hour_random', 0):,.0f} |",
             ]
+        if "stats_ratio" in f:
+            rows += [
+                f"| (f) full-model forward_padded / calibration statistics (collect_stats, to host) | "
+                f"{f['plain_ms']:.2f} ms / {f['stats_ms']:.2f} ms = **{f['stats_ratio']:.3f}x** (target <= 1.3) |",
+            ]
+        elif "stats_error" in f:
+            rows.append(f"| (f) calibration statistics | {f['stats_error']} |")
     elif "full" in r:
         rows.append(f"| full-size part | {f.get('error', 'incomplete')} |")
     if "evals_per_s" in e:
@@ -413,6 +461,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=300, help="skip warm-up/random steps past this")
     ap.add_argument("--embedded-timeout-s", type=float, default=150)
     ap.add_argument("--skip-embedded", action="store_true")
+    ap.add_argument("--calib-stats", action="store_true", help="(f) statistics collection vs the full forward")
+    ap.add_argument("--calib-extra-s", type=float, default=60, help="(f) may start this long past --budget-s")
     ap.add_argument("--part", choices=["all", "full", "embedded"], default="all")
     args = ap.parse_args()
 

@@ -249,7 +249,7 @@ def part_jax(args: argparse.Namespace) -> dict:
 
     args_fwd = (params, x, cos, sin, mask, token_mask)
     outs = {}
-    for label, moe, attn, iters in variants:
+    for label, moe, attn, iters in variants:  # (the list grows if the default fails: see below)
         if time.time() > deadline:
             res["runs"].append({"impl": label, "skipped": "time budget"})
             print(f"[jax] skip {label}: time budget", flush=True)
@@ -302,6 +302,9 @@ def part_jax(args: argparse.Namespace) -> dict:
         except Exception as ex:  # noqa: BLE001
             res["runs"].append({"impl": label, "error": f"{type(ex).__name__}: {str(ex)[:600]}"})
             print(f"[jax] {label} FAILED: {type(ex).__name__}: {str(ex)[:600]}", flush=True)
+            if moe == attn == "auto":  # which of the two GPU paths failed: try each alone (one device call)
+                variants.append(("model, TMP_JAX_ATTENTION=xla (Mosaic MoE only)", "auto", "xla", args.iters))
+                variants.append(("model, TMP_JAX_MOE_KERNEL=xla (cuDNN attention only)", "xla", "auto", args.xla_iters))
         finally:
             hm.set_moe_kernel("auto")
             hm.set_attention_implementation("auto")
