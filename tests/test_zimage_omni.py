@@ -266,3 +266,18 @@ def test_omni_pieces_compose_like_the_blockwise_runner(omni):
     want = jm.forward_omni_padded(a, tt, "2-1")
     valid = np.asarray(a["uni_valid"])
     assert rel_err(np.asarray(got)[valid], np.asarray(want)[valid]) <= 1e-6
+
+
+def test_full_size_omni_accounting_matches_diffusers():
+    """Z-Image Omni at full size (siglip_feat_dim=1152): tree count == the real class built on torch's meta device."""
+    from diffusers import ZImageTransformer2DModel
+
+    from tmp_jax.models.z_image import TURBO
+
+    with torch.device("meta"):  # shapes only, no memory
+        ref = ZImageTransformer2DModel(siglip_feat_dim=1152, axes_lens=[1536, 512, 512])
+    n_ref = sum(p.numel() for p in ref.parameters())
+    tree = Tree(arch.get("zimage").build_spec(TURBO.replace(siglip_feat_dim=1152)))
+    assert tree.full["params"] == n_ref == 6_513_266_880
+    n_sig = sum(p.numel() for k, p in ref.named_parameters() if k.startswith("siglip"))
+    assert tree.full["params"] - n_sig == 6_154_908_736  # the T2I Turbo count
