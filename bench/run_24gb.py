@@ -242,7 +242,7 @@ def main() -> int:
     args.resolution = args.resolution or (128 if args.tiny else 1024)
     args.runs = [tuple(r.split(":")) for r in args.runs.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cpu" if args.tiny else "cuda")
+    dev = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
     if dev.type == "cuda":
         card = torch.cuda.get_device_name(dev)
     else:

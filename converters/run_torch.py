@@ -539,8 +539,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def cap_memory(nbytes: int, device: torch.device) -> None:
     """Cap the CUDA caching allocator of this process at ``nbytes`` (``set_per_process_memory_fraction``)."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), index)
 
 
 if __name__ == "__main__":
