@@ -189,6 +189,8 @@ def _tokens(img: np.ndarray) -> np.ndarray:
 
 
 def test_ti2i_calibration_batches(omni, tmp_path):
+    import jax.numpy as jnp
+
     from tmp_jax.calibration import importance, load_calib, write_calib
     from tmp_jax.models.z_image import ti2i
 
@@ -210,6 +212,8 @@ def test_ti2i_calibration_batches(omni, tmp_path):
     for b, w in enumerate(want):  # the loss mask selects exactly the target's tokens
         assert rel_err(out[b][inputs["mask"][b]], _tokens(w)) <= TOL
     assert np.array_equal(np.asarray(ti2i.forward(jm, inputs)), out)
+    tr, feats = ti2i.forward_train(jm, {**inputs, "arrays": {k: jnp.asarray(v) for k, v in inputs["arrays"].items()}})
+    assert len(feats) == cfg.n_layers and rel_err(np.asarray(tr)[inputs["mask"]], out[inputs["mask"]]) <= 1e-6
     units, blocks = importance(Tree(arch.get("zimage").build_spec(cfg)), stats)
     assert units and blocks and all(np.all(np.isfinite(v)) for v in units.values())
     # T2I batches still go to the T2I runner

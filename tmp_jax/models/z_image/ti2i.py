@@ -11,7 +11,8 @@ mask of the target's tokens. A micro-batch is TI2I iff it has ``cond_latents``
 (:func:`is_ti2i_batch`); :func:`prepare_any` dispatches between this and the T2I runner.
 
 Not wired into calibration / search / distillation yet: :func:`forward` and :func:`collect_stats` are
-whole-model jitted functions (the blockwise zero-recompile runner covers T2I only).
+whole-model jitted functions, :func:`forward_train` the traceable distillation forward (the blockwise
+zero-recompile candidate runner covers T2I only; ``embed_omni`` / ``unify_omni`` are its omni pieces).
 """
 
 from __future__ import annotations
@@ -227,3 +228,33 @@ def collect_stats(model: ZImageTransformer, inputs: dict[str, Any]) -> tuple[jax
     gd, st = split_collecting(model)
     out, inter = _stats_jit(gd, st, inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"])
     return out, flatten_intermediates(inter)
+
+
+def _call_block(blk: nnx.Module, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, c: Any) -> jax.Array:
+    return blk(x, mask, cos, sin, c)
+
+
+_remat_block = nnx.remat(_call_block)
+
+
+def forward_train(model: ZImageTransformer, inputs: dict[str, Any], remat: bool = True) -> tuple:
+    """Omni counterpart of the T2I runner's ``forward_train`` (distillation): (B, T_unified, patch_dim)
+    output and the list of main-block outputs, every block rematerialised. Traceable (no host work)."""
+    a = inputs["arrays"]
+    pk = inputs.get("patch_key", model.config.patch_keys()[0])
+    call = _remat_block if remat else _call_block
+    e = model.embed_omni(a, jnp.asarray(inputs["t"]), pk)
+    img, cap, sig = e["img"], e["cap"], e.get("sig")
+    for blk in model.noise_refiner:
+        img = call(blk, img, a["img_valid"][:, None, None, :], *e["img_cs"], e["img_cond"])
+    for blk in model.context_refiner:
+        cap = call(blk, cap, a["cap_valid"][:, None, None, :], *e["cap_cs"], None)
+    if sig is not None:
+        for blk in model.siglip_refiner:
+            sig = call(blk, sig, a["sig_valid"][:, None, None, :], *e["sig_cs"], None)
+    x, cos, sin, mask, cond = model.unify_omni(a, img, cap, sig, e)
+    feats = []
+    for blk in model.layers:
+        x = call(blk, x, mask, cos, sin, cond)
+        feats.append(x)
+    return model.all_final_layer[pk](x, cond), feats
