@@ -179,8 +179,8 @@ def run_one(arch: str, args: argparse.Namespace, dev: torch.device) -> list[dict
     conf = hunyuan_conf(args.tiny) if arch == "hunyuan" else zimage_conf(args.tiny)
     folder = Path(args.workdir) / f"{arch}-int8"
     gen = generate_export(arch, conf, folder, "int8", dev, seed=1 if arch == "hunyuan" else 2)
-    print(f"{arch}: wrote {gen['params'] / 1e9:.2f}B params, {gen['disk_bytes'] / 1e9:.2f} GB in {gen['write_s']:.1f} s",
-          flush=True)  # fmt: skip
+    gb, secs = gen["disk_bytes"] / 1e9, gen["write_s"]
+    print(f"{arch}: wrote {gen['params'] / 1e9:.2f}B params, {gb:.2f} GB in {secs:.1f} s", flush=True)
     rows = []
     runs = args.runs if arch == "hunyuan" else args.runs[:1]
     for target_text, cap_text in runs:
@@ -261,10 +261,16 @@ def main() -> int:
           f"{'peak GiB':>9} {'plan GiB':>9} plan")  # fmt: skip
     for r in rows:
         steps = ",".join(f"{s:.2f}" for s in r.get("seconds_per_step", []))
-        peak = r.get("peak_allocated_bytes")
-        print(f"{r['model']:8} {r['params'] / 1e9:7.2f}B {r['disk_bytes'] / 1e9:8.2f} {r['write_s']:8.1f} {r['cap_bytes'] / 2**30:7.1f} "
-              f"{r.get('load_s', float('nan')):7.1f} {steps:>16} {(peak or 0) / 2**30:9.2f} "
-              f"{r['plan_peak_bytes'] / 2**30:9.2f} {r['plan_summary']}{'' if r['ok'] else ' ' + r['error']}")  # fmt: skip
+        peak = (r.get("peak_allocated_bytes") or 0) / 2**30
+        cols = [
+            f"{r['model']:8}",
+            f"{r['params'] / 1e9:7.2f}B",
+            f"{r['disk_bytes'] / 1e9:8.2f}",
+            f"{r['write_s']:8.1f}",
+        ]
+        cols += [f"{r['cap_bytes'] / 2**30:7.1f}", f"{r.get('load_s', float('nan')):7.1f}", f"{steps:>16}"]
+        cols += [f"{peak:9.2f}", f"{r['plan_peak_bytes'] / 2**30:9.2f}", r["plan_summary"], r.get("error", "")]
+        print(" ".join(cols))
     bad = [r for r in rows if not r["ok"] or not r.get("within_cap", True) or not r.get("finite", True)]
     return 1 if bad else 0
 
