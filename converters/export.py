@@ -95,6 +95,9 @@ def _zimage_export() -> ArchExport:
         stock = all(
             b.heads == src_cfg.n_heads and b.ffn_dim == src_cfg.ffn_dim for s in STACKS for b in new_cfg.stack(s)
         ) and new_cfg.stack_len("noise_refiner") == new_cfg.stack_len("context_refiner")
+        # Omni: the stock class builds n_refiner_layers SigLIP refiner blocks, and that stack is never pruned
+        full_refiners = new_cfg.stack_len("noise_refiner") == src_cfg.n_refiner_layers
+        stock = stock and (new_cfg.siglip_feat_dim is None or full_refiners)
         conf: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION}
         if stock:
             conf["_class_name"] = "ZImageTransformer2DModel"
