@@ -112,7 +112,8 @@ def test_streamed_equals_in_memory_and_bounded(setup, instrumented):
     assert unread == (set() if name == "zimage" else {"lm_head.weight", "model.ln_f.weight"})
 
 
-def test_resume_after_interruption(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("every", [1, 2])
+def test_resume_after_interruption(setup, tmp_path, monkeypatch, every):
     name, path, model, batches, ref = setup
     steps = sc.get_hooks(name).schedule(model.config)
     blocks = [i for i, s in enumerate(steps) if s.kind == "block"]
@@ -121,24 +122,29 @@ def test_resume_after_interruption(setup, tmp_path, monkeypatch):
 
     def boom(*a):
         calls["n"] += 1
-        if calls["n"] == (len(blocks) - 1) * len(batches) + 1:  # in the last block, first micro-batch
+        if calls["n"] == (len(blocks) - 1) * len(batches) + 2:  # in the last block, second micro-batch
             raise KeyboardInterrupt
         return real(*a)
 
     monkeypatch.setattr(sc, "_block_jit", boom)
     with pytest.raises(KeyboardInterrupt):
-        sc.calibrate_streamed(path, batches, out=tmp_path)
-    # the last checkpoint is the one written right before the last block
-    assert sorted(p.name for p in (tmp_path / sc.STREAM_DIR).glob("step-*")) == [f"step-{blocks[-1]:04d}"]
+        sc.calibrate_streamed(path, batches, out=tmp_path, checkpoint_every=every)
+    # one state file per micro-batch, at the last checkpointed step it finished
+    last, done_0 = blocks[-1], blocks[-1] + 1  # micro-batch 0 finished the last block, micro-batch 1 did not
+    at = [done_0 if done_0 % every == 0 else done_0 - done_0 % every, last - last % every]
+    want = sorted(f"mb-{m:05d}-at-{a:04d}.npz" for m, a in enumerate(at) if a)
+    assert sorted(p.name for p in (tmp_path / sc.STREAM_DIR).iterdir()) == want
     calls["n"] = -(10**9)  # no more interruptions; count again from here
-    cal = sc.calibrate_streamed(path, batches, out=tmp_path)
-    assert calls["n"] + 10**9 == len(batches)  # only the unfinished block was recomputed
+    cal = sc.calibrate_streamed(path, batches, out=tmp_path, checkpoint_every=every)
+    # only what was not written is recomputed: blocks after each micro-batch's last written step
+    assert calls["n"] + 10**9 == sum(sum(b >= a for b in blocks) for a in at)
+    _assert_same(cal, sc.calibrate_streamed(path, batches), rtol=0, atol=0)  # == an uninterrupted run, exactly
     _assert_same(cal, ref)
     assert (tmp_path / "calib_state.npz").is_file() and not (tmp_path / sc.STREAM_DIR).exists()
     # the finished result is the in-memory calibration's state: reused by both, nothing recomputed
     monkeypatch.setattr(sc, "_block_jit", None)
-    _assert_same(sc.calibrate_streamed(path, batches, out=tmp_path), ref, rtol=0, atol=0)
-    _assert_same(calibrate(model, batches, out=tmp_path), ref, rtol=0, atol=0)
+    _assert_same(sc.calibrate_streamed(path, batches, out=tmp_path), cal, rtol=0, atol=0)
+    _assert_same(calibrate(model, batches, out=tmp_path), cal, rtol=0, atol=0)
 
 
 def test_sharded_streamed_equals_single_device(setup):

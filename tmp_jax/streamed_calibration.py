@@ -14,9 +14,10 @@ stem (embedding, the Z-Image unify, the output head), ``block`` steps run one bl
 statistics sown. Architectures register a :class:`StreamHooks` (reader, key table, stem view, schedule);
 the two built-in ones are at the end of this file.
 
-Resume: with ``out``, the carries and partial statistics are written atomically after every
-``checkpoint_every`` steps to ``OUT/calib_stream/step-NNNN/``; an interrupted run restarts from the last
-written step. The finished result is written to ``OUT/calib_state.npz`` in the in-memory calibration's
+Resume: with ``out``, every micro-batch's state (its carry and its own statistics) is written atomically to
+``OUT/calib_stream/mb-MMMMM-at-SSSS.npz`` as it finishes every ``checkpoint_every``-th step; an interrupted
+run resumes each micro-batch from its last written step (micro-batch granularity, as the in-memory one).
+The finished result is written to ``OUT/calib_state.npz`` in the in-memory calibration's
 format, so either calibration resumes from (and reuses) the other's finished result.
 """
 
@@ -289,65 +290,76 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
     return {k: (z[k].view(ST_TO_NP[tags[k]]) if k in tags else z[k]) for k in z.files if k != "__tags__"}
 
 
-def _write_checkpoint(
-    root: Path, step: int, n_batches: int, carries: list[Carry], stats: dict, teacher: list[np.ndarray]
-) -> None:
-    """``root/step-NNNN`` written in full under a temporary name, then renamed; older steps removed.
+def _mb_file(root: Path, m: int, at: int) -> Path:
+    return root / f"mb-{m:05d}-at-{at:04d}.npz"
 
-    A carry is stored as its pytree leaves (``leaf-NNNN``); its structure is re-derived on resume by
-    :func:`_carry_structures` (no pickles)."""
+
+def _write_mb(root: Path, m: int, at: int, n_batches: int, n_steps: int, carry: Carry, stats: dict) -> None:
+    """Micro-batch ``m``'s state after its first ``at`` steps: its carry (pytree leaves ``leaf-NNNN``; the
+    structure is re-derived on resume by :func:`_carry_structures`, no pickles) or, after the last step, its
+    teacher output, and its OWN statistics; written under a temporary name, renamed, older files removed."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-step-"))
+    arrays: dict[str, Any] = {}
+    if at == n_steps:
+        arrays["teacher"] = np.asarray(carry)
+    else:
+        arrays.update({f"leaf-{i:04d}": x for i, x in enumerate(jax.tree.leaves(jax.device_get(carry)))})
+    keys = list(stats)
+    arrays.update({f"stat-{i:05d}": np.asarray(stats[k]) for i, k in enumerate(keys)})
+    meta = {"at": at, "n_batches": n_batches, "n_steps": n_steps, "stat_keys": [list(k) for k in keys]}
+    arrays["meta"] = np.array(json.dumps(meta))
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".mb-{m:05d}.", suffix=".npz")
+    os.close(fd)
     try:
-        for m, c in enumerate(carries):
-            leaves = jax.tree.leaves(jax.device_get(c))
-            _save_arrays(tmp / f"carry-{m:05d}.npz", {f"leaf-{i:04d}": x for i, x in enumerate(leaves)})
-        _save_state(tmp / "stats.npz", len(teacher), teacher, stats)
-        (tmp / "state.json").write_text(json.dumps({"steps_done": step, "n_batches": n_batches}))
-        dest = root / f"step-{step:04d}"
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        _save_arrays(Path(tmp), arrays)
+        os.replace(tmp, _mb_file(root, m, at))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    for old in root.glob("step-*"):
-        if old.name != f"step-{step:04d}":
-            shutil.rmtree(old, ignore_errors=True)
+    for old in root.glob(f"mb-{m:05d}-at-*.npz"):
+        if old.name != _mb_file(root, m, at).name:
+            old.unlink(missing_ok=True)
 
 
-def _read_checkpoint(root: Path, n_batches: int, n_steps: int) -> tuple[int, list[list[np.ndarray]], dict, list]:
-    """(steps done, carry leaves per micro-batch, partial statistics, teacher outputs) of the last checkpoint."""
-    steps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
-    if not steps:
-        return 0, [], {}, []
-    d = steps[-1]
-    meta = json.loads((d / "state.json").read_text())
-    if meta.get("n_batches") != n_batches or not 0 < meta.get("steps_done", -1) <= n_steps:
-        raise ValueError(
-            f"{d}: streamed-calibration state for {meta.get('n_batches')} micro-batches after step "
-            f"{meta.get('steps_done')}, expected {n_batches} micro-batches and at most {n_steps} steps "
-            f"(remove {root} to start over)"
-        )
-    _, teacher, stats = _load_state(d / "stats.npz")
-    carries = []
+def _read_mbs(root: Path, n_batches: int, n_steps: int) -> list[tuple[int, Any, dict]]:
+    """Per micro-batch: (steps done, carry leaves or teacher output, its statistics); (0, None, {}) if none."""
+    out = []
     for m in range(n_batches):
-        a = _load_arrays(d / f"carry-{m:05d}.npz")
-        carries.append([a[f"leaf-{i:04d}"] for i in range(len(a))])
-    return int(meta["steps_done"]), carries, stats, teacher
+        files = sorted(root.glob(f"mb-{m:05d}-at-*.npz"))
+        if not files:
+            out.append((0, None, {}))
+            continue
+        z = _load_arrays(files[-1])
+        meta = json.loads(str(z["meta"]))
+        if meta["n_batches"] != n_batches or meta["n_steps"] != n_steps:
+            raise ValueError(
+                f"{files[-1]}: streamed-calibration state of {meta['n_batches']} micro-batches x {meta['n_steps']} "
+                f"steps, this run has {n_batches} x {n_steps} (remove {root} to start over)"
+            )
+        stats = {tuple(k): z[f"stat-{i:05d}"] for i, k in enumerate(meta["stat_keys"])}
+        at = int(meta["at"])
+        data = (
+            z["teacher"]
+            if at == n_steps
+            else [z[f"leaf-{i:04d}"] for i in range(sum(k.startswith("leaf-") for k in z))]
+        )
+        out.append((at, data, stats))
+    return out
 
 
-def _carry_structures(ps: ParamStreamer, stem: nnx.Module, steps: list[Step], inputs: list[dict]) -> list[Any]:
-    """The pytree structure of each micro-batch's carry after ``steps``, by tracing them abstractly on the
-    shape-only model (``jax.eval_shape``; nothing is loaded or compiled), once per distinct input signature."""
+def _carry_structures(ps: ParamStreamer, stem: nnx.Module, steps: list[Step], inputs: list[dict], at: list[int]):
+    """The pytree structure of micro-batch ``m``'s carry after ``steps[:at[m]]``, by tracing the steps
+    abstractly on the shape-only model (``jax.eval_shape``; nothing is loaded or compiled), once per distinct
+    input signature and step count."""
     cache: dict[Any, Any] = {}
     out = []
-    for inp in inputs:
+    for inp, k in zip(inputs, at):
         dyn, static = _split_static(inp)
         leaves, tdef = jax.tree.flatten(dyn)
-        sig = (static, tdef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+        sig = (k, static, tdef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
         if sig not in cache:
             c = None
-            for step in steps:
+            for step in steps[:k]:
                 if step.kind == "op":
                     gd, st = nnx.split(stem)
                     c = jax.eval_shape(partial(_op_fn, gd, step.fn, static), st, dyn, c)
@@ -384,8 +396,8 @@ def calibrate_streamed(
         out: run folder for the resume state and the finished ``calib_state.npz``.
         carry_on: ``"device"`` keeps every micro-batch's activations on the devices between blocks,
             ``"host"`` moves them to host RAM (device memory = stem + one block + one micro-batch).
-        checkpoint_every: write the resume state after every this many steps (carries of all micro-batches
-            go to disk, so large runs may prefer a few blocks between checkpoints).
+        checkpoint_every: with ``out``, write each micro-batch's state (its carry: activations) as it finishes
+            every this many-th step (and the last); a large set may prefer a few blocks between checkpoints.
     """
     if carry_on not in ("device", "host"):
         raise ValueError(f"carry_on={carry_on!r}: expected 'device' or 'host'")
@@ -401,62 +413,74 @@ def calibrate_streamed(
         if done == n:
             return Calibration(inputs, teacher, stats)
     steps = hooks.schedule(cfg)
+    n_steps = len(steps)
     root = Path(out) / STREAM_DIR if out is not None else None
-    start, leaves, stats, teacher = (0, [], {}, []) if root is None else _read_checkpoint(root, n, len(steps))
+    saved = [(0, None, {})] * n if root is None else _read_mbs(root, n, n_steps)
+    at = [a for a, _, _ in saved]  # steps each micro-batch has finished
+    own = [dict(st) for _, _, st in saved]  # each micro-batch's own statistics (summed in order at the end)
     stem = hooks.stem_view(ps.model)
-    carries = []
-    if start:
-        trees = _carry_structures(ps, stem, steps[:start], inputs)
-        carries = [jax.tree.unflatten(t, x) for t, x in zip(trees, leaves)]
-        if carry_on == "device":
-            carries = [_to_devices(c, mesh) for c in carries]
+    trees = _carry_structures(ps, stem, steps, inputs, [a if a < n_steps else 0 for a in at])
+    carries: list[Any] = [None] * n
+    teacher: list[Any] = [None] * n
+    for m, (a, data, _) in enumerate(saved):
+        if a == n_steps:
+            teacher[m] = data
+        elif a:
+            carries[m] = jax.tree.unflatten(trees[m], data)
+            if carry_on == "device":
+                carries[m] = _to_devices(carries[m], mesh)
 
     pbar = None
     if progress:
         from tqdm.auto import tqdm
 
-        pbar = tqdm(total=len(steps) * n, initial=start * n, desc="calibration (streamed)", unit="batch")
+        pbar = tqdm(total=n_steps * n, initial=sum(at), desc="calibration (streamed)", unit="batch")
     stem_loaded = False
-    for si in range(start, len(steps)):
+    for si in range(min(at), n_steps):
         step = steps[si]
+        todo = [m for m in range(n) if at[m] == si]
+        if not todo:  # every micro-batch resumed past this step: nothing to load
+            continue
+        checkpoint = root is not None and ((si + 1) % checkpoint_every == 0 or si == n_steps - 1)
         if step.kind == "op":
             if not stem_loaded:
                 ps.load(stem)
                 gd_s, st_s = nnx.split(stem)
                 stem_loaded = True
-            new = []
-            for m in range(n):
-                dyn, static = _split_static(inputs[m])
-                c = _op_jit(gd_s, step.fn, static, st_s, dyn, _to_devices(carries[m], mesh) if carries else None)
-                new.append(c)
-                if pbar:
-                    pbar.update(1)
-            carries = new
-            if si == len(steps) - 1:
-                teacher = [np.asarray(y) for y in carries]
         else:
             blk = _get(ps.model, step.path)
             ps.load(blk)
             gd, st = split_collecting(blk)
-            for m in range(n):
+        for m in todo:
+            if step.kind == "op":
+                dyn, static = _split_static(inputs[m])
+                prev = None if carries[m] is None else _to_devices(carries[m], mesh)
+                carries[m] = _op_jit(gd_s, step.fn, static, st_s, dyn, prev)
+            else:
                 carries[m], inter = _block_jit(gd, step.fn, st, _to_devices(carries[m], mesh))
                 for k, v in flatten_intermediates(inter).items():
-                    key = (*step.path, *k)
-                    stats[key] = stats[key] + v if key in stats else v
-                if carry_on == "host":
-                    carries[m] = jax.device_get(carries[m])
-                if pbar:
-                    pbar.update(1)
+                    own[m][(*step.path, *k)] = v
+            at[m] = si + 1
+            if si == n_steps - 1:
+                teacher[m], carries[m] = np.asarray(carries[m]), None
+            elif carry_on == "host":
+                carries[m] = jax.device_get(carries[m])
+            if checkpoint:
+                _write_mb(root, m, si + 1, n, n_steps, teacher[m] if si == n_steps - 1 else carries[m], own[m])
+            if pbar:
+                pbar.update(1)
+        if step.kind == "block":
             del st
             ps.release(blk)
-        last = si == len(steps) - 1
-        if root is not None and not last and (si + 1) % checkpoint_every == 0:
-            _write_checkpoint(root, si + 1, n, carries, stats, teacher)
     if pbar:
         pbar.close()
     if stem_loaded:
         del st_s
         ps.release(stem)
+    stats: dict[tuple, np.ndarray] = {}
+    for m in range(n):  # the in-memory calibration's order: micro-batch by micro-batch
+        for k, v in own[m].items():
+            stats[k] = stats[k] + v if k in stats else v
     if final is not None:
         _save_state(final, n, teacher, stats)
         shutil.rmtree(root, ignore_errors=True)
