@@ -135,9 +135,12 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = _attention(q, k, v, mask)  # [B, T, N, D]
         if self.collect_stats:  # per-head energy of its contribution through to_out (importance)
-            w = self.to_out[0].kernel[...].reshape(self.heads, self.head_dim, -1)  # [N, D, dim]
-            contrib = jnp.einsum("btnd,nde->btne", o.astype(jnp.float32), w.astype(jnp.float32))
-            self.sow(nnx.Intermediate, "unit_stat", jnp.sum(jnp.square(contrib), axis=(0, 1, 3)))
+            w = self.to_out[0].kernel[...].astype(jnp.float32).reshape(self.heads, self.head_dim, -1)  # [N, D, dim]
+            # ||o_n W_n||^2 = o_n (W_n W_n^T) o_n^T: the per-head Gram matrix avoids a [B, T, N, dim] fp32 tensor
+            gram = jnp.einsum("nde,nfe->ndf", w, w)  # [N, D, D]
+            of = o.astype(jnp.float32)
+            energy = jnp.sum(jnp.einsum("btnd,ndf->btnf", of, gram) * of, axis=(0, 1, 3))  # [N]
+            self.sow(nnx.Intermediate, "unit_stat", energy)
         return self.to_out[0](o.reshape(B, T, self.heads * self.head_dim))
 
 
