@@ -14,6 +14,14 @@ out; nothing is guessed from ``ndim``. Layout facts the hooks encode:
 
 Keys under :data:`PASSTHROUGH_PREFIXES` (VAE, SigLIP2 vision tower, its aligner) are recognised but not
 ported: a loader skips them and an exporter copies them from the source checkpoint unchanged.
+
+Instruct (TI2I) / Instruct-Distil entries, present exactly when the config enables them (strict both ways:
+a checkpoint with the keys and a config without the flag fails, and vice versa):
+
+* ``cfg_distilled``: ``guidance_emb.mlp.{0,2}.{weight,bias}``; ``use_meanflow``: ``timestep_r_emb.mlp.*``
+  (TimestepEmbedders laid out like ``timestep_emb``; the names are the release's module names).
+* ``ti2i`` (our extension): ``vision_aligner.layers.{0,2,...}.{weight,bias}`` (the release's ``mlp_gelu``
+  LightProjector, Linear weights ``[out, in]``) are ported instead of passed through.
 """
 
 from __future__ import annotations
@@ -249,7 +257,25 @@ def hunyuan_key_table(cfg: HunyuanImage3Config) -> KeyTable:
         *_group_norm("final_layer.model.1.0", ("final_layer", "model", 1, 0), pe),
         *_conv("final_layer.model.1.2", ("final_layer", "model", 1, 2), lat, pe, 3),
     ]
-    return KeyTable(entries, passthrough=tuple(re.escape(p) + ".*" for p in PASSTHROUGH_PREFIXES))
+    entries += _instruct_entries(cfg)
+    passthrough = tuple(p for p in PASSTHROUGH_PREFIXES if not (cfg.ti2i and p == "vision_aligner."))
+    return KeyTable(entries, passthrough=tuple(re.escape(p) + ".*" for p in passthrough))
+
+
+def _instruct_entries(cfg: HunyuanImage3Config) -> list[Entry]:
+    """guidance_emb (cfg_distilled), timestep_r_emb (use_meanflow), vision_aligner (ti2i); none by default."""
+    h = cfg.hidden_size
+    entries: list[Entry] = []
+    if cfg.cfg_distilled:
+        entries += _timestep_embedder("guidance_emb", h)
+    if cfg.use_meanflow:
+        entries += _timestep_embedder("timestep_r_emb", h)
+    if cfg.ti2i:
+        fan_in = int(cfg.vit_aligner["input_dim"])
+        for i in range(int(cfg.vit_aligner["depth"])):  # Linear at nn.Sequential indices 0, 2, 4, ...
+            entries += _linear(f"vision_aligner.layers.{2 * i}", ("vision_aligner", "layers", 2 * i), h, fan_in, True)
+            fan_in = h
+    return entries
 
 
 # ----------------------------------------------------------------------------------------------------------

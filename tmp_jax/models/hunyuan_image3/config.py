@@ -12,6 +12,16 @@ Pruning extension: ``layers_kept`` lists the ORIGINAL indices of the decoder lay
 (layer ``i`` of the pruned model is layer ``layers_kept[i]`` of the source). It is written to config.json
 only when set and is ignored by the official code (which simply reads ``num_hidden_layers`` contiguous
 layers). A pruned config may keep zero layers (``layers_kept == ()``).
+
+Instruct (TI2I) / Instruct-Distil fields, all off by default (the base T2I model, today's behaviour), written
+by :meth:`HunyuanImage3Config.to_hf_config` only when set so existing config dicts and fingerprints are
+unchanged: ``cfg_distilled`` (adds the ``guidance_emb`` embedder and a ``<guidance>`` slot), ``use_meanflow``
+(adds ``timestep_r_emb`` and a ``<timestep_r>`` slot), ``cond_image_type`` / ``cond_token_attn_type`` (the
+release's ``"vae_vit"`` / ``"joint_full"``; kept so they round-trip, checked when the TI2I path is built) and
+``vit_aligner`` (the release's aligner sub-config ``{projector_type, input_dim, n_embed, depth}``). The
+extension flag ``ti2i`` (ours, not read by the official code) ports ``vision_aligner`` into the model; without
+it the aligner stays a passthrough key of the converter, as the T2I denoiser does not use it (see
+:mod:`tmp_jax.models.hunyuan_image3.instruct`).
 """
 
 from __future__ import annotations
@@ -26,6 +36,15 @@ from typing import Any
 PER_LAYER_FIELDS: tuple[str, ...] = ("num_experts", "moe_topk", "moe_intermediate_size", "num_shared_expert")
 
 _GROUPNORM_GROUPS = 32  # the UNet patch_embed / final_layer use GroupNorm(32, channels)
+# Instruct / Instruct-Distil fields (and the ti2i extension) written to config.json only when set.
+_INSTRUCT_FIELDS: tuple[str, ...] = (
+    "cfg_distilled",
+    "use_meanflow",
+    "cond_image_type",
+    "cond_token_attn_type",
+    "vit_aligner",
+    "ti2i",
+)
 
 
 def _freeze(value: Any) -> Any:
@@ -86,6 +105,16 @@ class HunyuanImage3Config:
     vae: Mapping[str, Any] = field(default_factory=lambda: {"latent_channels": 32}, hash=False)
     # --- pruning extension (None = unpruned): original indices of the kept decoder layers -------------------
     layers_kept: tuple[int, ...] | None = None
+    # --- Instruct (TI2I) / Instruct-Distil fields of the release (defaults: the base T2I model) ---------------
+    cfg_distilled: bool = False  # guidance_emb + <guidance> slot
+    use_meanflow: bool = False  # timestep_r_emb + <timestep_r> slot
+    cond_image_type: str | None = None  # release: "vae_vit"
+    cond_token_attn_type: str | None = None  # release: "joint_full"
+    # The release's aligner sub-config (projector_type mlp_gelu, input_dim 1152, n_embed 4096, depth 2); hash
+    # excluded like ``vae``.
+    vit_aligner: Mapping[str, Any] | None = field(default=None, hash=False)
+    # --- extension: build the TI2I conditioning path (vision_aligner) into the model -------------------------
+    ti2i: bool = False
 
     def __post_init__(self) -> None:
         n = self.num_hidden_layers
@@ -111,6 +140,8 @@ class HunyuanImage3Config:
                 values = (int(value),) * n
             object.__setattr__(self, name, values)
         object.__setattr__(self, "vae", _freeze(dict(self.vae)))
+        if self.vit_aligner is not None:
+            object.__setattr__(self, "vit_aligner", _freeze(dict(self.vit_aligner)))
         object.__setattr__(self, "vae_downsample_factor", tuple(self.vae_downsample_factor))
         self._validate()
 
@@ -157,6 +188,27 @@ class HunyuanImage3Config:
             token = getattr(self, name)
             if not 0 <= token < self.vocab_size:
                 raise ValueError(f"{name} ({token}) is outside the vocabulary [0, {self.vocab_size})")
+        if self.ti2i:
+            self._validate_ti2i()
+
+    def _validate_ti2i(self) -> None:
+        """The TI2I path implements the release's conditioning: VAE + ViT tokens, jointly bidirectional."""
+        if self.cond_image_type not in (None, "vae_vit"):
+            raise ValueError(f"ti2i: cond_image_type must be 'vae_vit' (the release), got {self.cond_image_type!r}")
+        if self.cond_token_attn_type not in (None, "joint_full"):
+            raise ValueError(
+                f"ti2i: cond_token_attn_type must be 'joint_full' (the release), got {self.cond_token_attn_type!r}"
+            )
+        va = self.vit_aligner
+        if va is None:
+            raise ValueError("ti2i needs vit_aligner = {projector_type, input_dim, n_embed, depth} (release config)")
+        if va.get("projector_type") != "mlp_gelu":
+            raise ValueError(f"vit_aligner.projector_type must be 'mlp_gelu', got {va.get('projector_type')!r}")
+        depth, dim, n_embed = va.get("depth"), va.get("input_dim"), va.get("n_embed")
+        if not isinstance(depth, int) or depth < 1 or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"vit_aligner needs a positive int depth and input_dim, got {dict(va)!r}")
+        if n_embed != self.hidden_size:
+            raise ValueError(f"vit_aligner.n_embed ({n_embed}) must equal hidden_size ({self.hidden_size})")
 
     @property
     def latent_channels(self) -> int:
@@ -211,6 +263,9 @@ class HunyuanImage3Config:
         out = {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
         if out["layers_kept"] is None:  # pruning extension: only written for pruned models
             del out["layers_kept"]
+        for name in _INSTRUCT_FIELDS:  # only when set: T2I config dicts (and their fingerprints) are unchanged
+            if out[name] in (None, False):
+                del out[name]
         return out
 
     def replace(self, **changes: Any) -> HunyuanImage3Config:

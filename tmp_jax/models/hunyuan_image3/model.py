@@ -947,6 +947,13 @@ class HunyuanImage3(nnx.Module):
         self.patch_embed = UNetDown(latent, hidden, config.patch_embed_hidden_dim, hidden, dtype=dtype, rngs=rngs)
         self.time_embed_2 = TimestepEmbedder(hidden, dtype=dtype, rngs=rngs)
         self.final_layer = UNetUp(hidden, hidden, config.patch_embed_hidden_dim, latent, dtype=dtype, rngs=rngs)
+        # Instruct (TI2I) / Instruct-Distil modules, used by tmp_jax.models.hunyuan_image3.instruct; None unless
+        # the config enables them (built last: the T2I parameters and their init are unchanged).
+        self.guidance_emb = TimestepEmbedder(hidden, dtype=dtype, rngs=rngs) if config.cfg_distilled else None
+        self.timestep_r_emb = TimestepEmbedder(hidden, dtype=dtype, rngs=rngs) if config.use_meanflow else None
+        if config.ti2i:
+            from tmp_jax.models.hunyuan_image3.instruct import vision_aligner_from_config  # imports this module
+        self.vision_aligner = vision_aligner_from_config(config, dtype=dtype, rngs=rngs) if config.ti2i else None
 
     def set_moe_impl(self, impl: str) -> None:
         """Choose the routed-expert implementation of every layer (``"ragged"`` or ``"dense"``)."""

@@ -1,0 +1,552 @@
+"""HunyuanImage-3.0-Instruct (TI2I, image editing) and Instruct-Distil on top of :class:`HunyuanImage3`.
+
+The Instruct release runs the same MoE denoiser as the T2I model; only the token sequence, the embeddings
+scattered into it, the 2D RoPE positions and the attention mask change. This module builds those and reuses
+the model's own modules (``wte``, ``patch_embed``, ``time_embed``, ``timestep_emb``, the decoder layers,
+``final_layer``, ``time_embed_2``) plus the three that the config adds to :class:`HunyuanImage3` (see
+``HunyuanImage3.__init__``): ``vision_aligner`` (``config.ti2i``), ``guidance_emb`` (``config.cfg_distilled``)
+and ``timestep_r_emb`` (``config.use_meanflow``).
+
+Sequence of one TI2I row (``K >= 0`` condition images, then the target image)::
+
+    seg_0 | <boi> shape <timestep> <img>*(hc*wc) <joint_img_sep> <img>*(hv*wv) <eoi> | seg_1 | ... (K times)
+          | <boi> shape <timestep> [<guidance>] [<timestep_r>] <img>*(h*w) <eoi> | seg_{K+1}
+
+``seg_i`` are text segments (chat template, instruction, ``<bos>`` / ``<eos>``), ``shape`` the release's
+``<img_size_*> <img_ratio_*>`` tokens (any ids; :func:`build_ti2i_batch` takes them per image block).
+
+What fills the slots (official ``modeling_hunyuan_image_3.py`` / ``tokenization_hunyuan_image_3.py`` of
+Tencent-Hunyuan/HunyuanImage-3.0, read as reference text):
+
+* condition image ``k``: its clean VAE latents ``[B, C, hc, wc]`` go through the SAME ``patch_embed`` as the
+  target, conditioned on ``time_embed(0)`` (``vae_encode`` always uses ``t = 0`` for condition images); its
+  ``<timestep>`` slot gets ``timestep_emb(0)`` (the release scatters ``cond_timestep`` = 0 there); its SigLIP2
+  features (an input here: the ViT runs outside, ``[B, hv*wv, vit_dim]`` with ``vit_dim`` = 1152 in the
+  release) go through ``vision_aligner`` (``mlp_gelu``: Linear, GELU(erf), Linear) into the ViT slots;
+* target: ``patch_embed(latents, time_embed(t))``, ``<timestep>`` <- ``timestep_emb(t)``, ``<guidance>`` <-
+  ``guidance_emb(guidance)`` and ``<timestep_r>`` <- ``timestep_r_emb(timestep_r)``, in that slot order;
+* every other position: ``wte(input_ids)``.
+
+2D RoPE (``build_2d_rope`` with ``cond_token_attn_type == "joint_full"``): every image block, the VAE block
+and the ViT block of each condition image separately and the target block, is an ``h x w`` grid starting at
+its first sequence index ``L``: ``y = floor(L + (h*w - h)/2) + row``, ``x = floor(L + (h*w - w)/2) + col``;
+every other token (text, ``<boi>``, shape tokens, ``<timestep>``, ``<joint_img_sep>``, ``<eoi>``) has
+``y = x = its sequence index``, so text after a block resumes at ``L + h*w``. The ViT grid is ``(hv, wv)`` =
+the SigLIP2 patch grid of the condition image (the vision image info's ``token_height`` / ``token_width``),
+tokens row-major in the order the features are given. The shared reference notes
+(``shared/reference/hunyuan-image-3.md``) only say "each with its own 2D RoPE grid"; the grid shape and the
+row-major order are taken from the official code. NOT modelled (the reference notes are silent and the
+release code was not run here): SigLIP2 naflex padding patches; the ViT span must hold exactly ``hv * wv``
+real tokens.
+
+Attention mask (``_prepare_attention_mask_for_generation`` + ``prepare_full_attn_slices`` for
+``cond_image_type == "vae_vit"``, ``"joint_full"``): causal everywhere, plus bidirectional inside each
+condition image's JOINT span ``[first VAE token, last ViT token]`` (VAE tokens, ``<joint_img_sep>``, ViT
+tokens; not its ``<boi>`` / shape / ``<timestep>`` / ``<eoi>``), plus bidirectional inside the target's
+``<img>`` block. Two different condition images see each other only causally (the later one sees the
+earlier one), exactly as the release builds one full block per joint slice. Padded keys are masked; a padded
+query attends to itself (as in the T2I mask). Target image queries therefore see exactly the keys before the
+end of the target block, so the mask is a :class:`T2IMask` and the GPU cuDNN split applies unchanged.
+
+Instruct-Distil: ``guidance`` and ``timestep_r`` are the raw scalars fed to their TimestepEmbedders (the
+same sinusoid + MLP as ``timestep_emb``). Which values the release's sampler feeds (the guidance scale and
+its scaling; ``timestep_r`` = the next timestep of the schedule in the ports we read) is the caller's
+business and is not verified here.
+
+No PyTorch reference implements this path (nemo-automodel 0.7.0 has no image conditioning and no
+guidance / timestep_r embeddings): the pieces nemo does have (``patch_embed`` with ``t = 0``, the
+TimestepEmbedder) are tested against it, the rest (positions, mask, aligner, slot filling) against explicit
+hand-computed cases (``tests/test_hunyuan_instruct.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
+from tmp_jax.models.hunyuan_image3.model import T2IMask, rope_cos_sin, t2i_head
+from tmp_jax.nn import Linear
+
+
+# ----------------------------------------------------------------------------------------------------------
+# vision_aligner
+# ----------------------------------------------------------------------------------------------------------
+class VisionAligner(nnx.Module):
+    """The release's ``vision_aligner`` (``LightProjector``, ``projector_type == "mlp_gelu"``).
+
+    ``layers`` keeps the torch ``nn.Sequential`` indices: Linear at ``0, 2, 4, ...`` (``depth`` of them, with
+    biases), exact (erf) GELU between them. Release: ``depth = 2``, ``1152 -> 4096 -> 4096``, i.e. the four
+    keys ``vision_aligner.layers.{0,2}.{weight,bias}``.
+    """
+
+    def __init__(self, input_dim: int, hidden_size: int, depth: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        layers: list[Linear | None] = [Linear(input_dim, hidden_size, axes=(None, "mlp"), dtype=dtype, rngs=rngs)]
+        for _ in range(1, depth):
+            layers += [None, Linear(hidden_size, hidden_size, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)]
+        self.layers = nnx.List(layers)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x`` [..., input_dim] -> [..., hidden]."""
+        h = self.layers[0](x)
+        for i in range(2, len(self.layers), 2):
+            h = self.layers[i](jax.nn.gelu(h, approximate=False))
+        return h
+
+
+def vision_aligner_from_config(config: HunyuanImage3Config, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> VisionAligner:
+    """The aligner ``config.vit_aligner`` describes (validated by the config when ``ti2i`` is set)."""
+    va = config.vit_aligner
+    return VisionAligner(int(va["input_dim"]), config.hidden_size, int(va["depth"]), dtype=dtype, rngs=rngs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layout
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TI2ILayout:
+    """Static shapes of a TI2I batch (every row has the same image sizes; one compile per layout).
+
+    ``target_hw``: target latent grid ``(h, w)``; ``cond_vae_hw[k]`` / ``cond_vit_hw[k]``: the VAE latent grid
+    and the ViT patch grid of condition image ``k``. Per-row offsets are arrays (see :func:`ti2i_embed`).
+    """
+
+    target_hw: tuple[int, int]
+    cond_vae_hw: tuple[tuple[int, int], ...] = ()
+    cond_vit_hw: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_hw", tuple(int(v) for v in self.target_hw))
+        object.__setattr__(self, "cond_vae_hw", tuple(tuple(int(v) for v in hw) for hw in self.cond_vae_hw))
+        object.__setattr__(self, "cond_vit_hw", tuple(tuple(int(v) for v in hw) for hw in self.cond_vit_hw))
+        if len(self.cond_vae_hw) != len(self.cond_vit_hw):
+            raise ValueError(
+                f"TI2ILayout: {len(self.cond_vae_hw)} VAE grids but {len(self.cond_vit_hw)} ViT grids "
+                "(every condition image enters as VAE and ViT tokens)"
+            )
+        for hw in (self.target_hw, *self.cond_vae_hw, *self.cond_vit_hw):
+            if len(hw) != 2 or min(hw) < 1:
+                raise ValueError(f"TI2ILayout: every grid must be (h, w) with h, w >= 1, got {hw}")
+
+    @property
+    def num_cond(self) -> int:
+        return len(self.cond_vae_hw)
+
+    @property
+    def num_target(self) -> int:
+        return self.target_hw[0] * self.target_hw[1]
+
+    def cond_lengths(self, k: int) -> tuple[int, int]:
+        """(VAE tokens, ViT tokens) of condition image ``k``."""
+        (hc, wc), (hv, wv) = self.cond_vae_hw[k], self.cond_vit_hw[k]
+        return hc * wc, hv * wv
+
+
+def num_target_slots(config: HunyuanImage3Config) -> int:
+    """Scalar slots before the target ``<img>`` block: ``<timestep>`` [``<guidance>``] [``<timestep_r>``]."""
+    return 1 + int(config.cfg_distilled) + int(config.use_meanflow)
+
+
+def _spans(layout: TI2ILayout, cond_start: jax.Array) -> list[dict[str, Any]]:
+    """Per condition image: first VAE index [B], first ViT index [B] and end of the joint span [B]."""
+    out = []
+    for k in range(layout.num_cond):
+        n_vae, n_vit = layout.cond_lengths(k)
+        vae = cond_start[:, k].astype(jnp.int32)
+        vit = vae + n_vae + 1  # <joint_img_sep> sits between the two spans
+        out.append({"vae": vae, "vit": vit, "end": vit + n_vit})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Positions and mask
+# ----------------------------------------------------------------------------------------------------------
+def block_positions(seq_len: int, blocks: Sequence[tuple[jax.Array, int, int]]) -> jax.Array:
+    """``[B, S, 2]`` (y, x) positions: each ``(start [B], h, w)`` block on its centred grid, the rest 1D.
+
+    Block token (row, col) starting at ``L`` sits at ``y = L + floor((h*w - h)/2) + row``,
+    ``x = L + floor((h*w - w)/2) + col``; tokens outside every block keep ``y = x = index``. Blocks must not
+    overlap. With one block this is exactly :func:`tmp_jax.models.hunyuan_image3.model.t2i_positions`.
+    """
+    index = jnp.arange(seq_len, dtype=jnp.int32)[None]  # [1, S]
+    batch = blocks[0][0].shape[0] if blocks else 1
+    y = jnp.broadcast_to(index, (batch, seq_len))
+    x = y
+    for start, h, w in blocks:
+        n = h * w
+        start = start.astype(jnp.int32)[:, None]  # [B, 1]
+        offset = index - start
+        inside = (offset >= 0) & (offset < n)
+        offset = jnp.clip(offset, 0, n - 1)
+        row, col = offset // w, offset % w
+        # (n - h) // 2 == floor((n - h) / 2) because n >= h; adding integers keeps the floor exact.
+        y = jnp.where(inside, start + (n - h) // 2 + row, y)
+        x = jnp.where(inside, start + (n - w) // 2 + col, x)
+    return jnp.stack([y, x], axis=-1)  # [B, S, 2]
+
+
+def ti2i_positions(seq_len: int, layout: TI2ILayout, target_start: jax.Array, cond_start: jax.Array) -> jax.Array:
+    """``[B, S, 2]`` RoPE positions of a TI2I batch (VAE and ViT grids of every condition image, target)."""
+    blocks = []
+    for k, span in enumerate(_spans(layout, cond_start)):
+        blocks.append((span["vae"], *layout.cond_vae_hw[k]))
+        blocks.append((span["vit"], *layout.cond_vit_hw[k]))
+    blocks.append((target_start, *layout.target_hw))
+    return block_positions(seq_len, blocks)
+
+
+def ti2i_attention_mask(
+    seq_len: int, layout: TI2ILayout, target_start: jax.Array, cond_start: jax.Array, valid_lengths: jax.Array
+) -> jax.Array:
+    """``[B, 1, S, S]`` boolean mask (query, key): causal, bidirectional joint spans and target block.
+
+    See the module docstring. With no condition image it equals
+    :func:`tmp_jax.models.hunyuan_image3.model.joint_attention_mask`.
+    """
+    index = jnp.arange(seq_len)
+    causal = index[None, :] <= index[:, None]  # [q, k]
+    spans = [(s["vae"], s["end"]) for s in _spans(layout, cond_start)]
+    spans.append((target_start, target_start + layout.num_target))
+    full = jnp.zeros((target_start.shape[0], seq_len, seq_len), bool)
+    for lo, hi in spans:
+        inside = (index[None, :] >= lo[:, None]) & (index[None, :] < hi[:, None])  # [B, S]
+        full = full | (inside[:, :, None] & inside[:, None, :])  # [B, q, k]
+    key_valid = index[None, :] < valid_lengths[:, None]  # [B, k]
+    mask = (causal[None] | full) & key_valid[:, None, :]
+    mask = mask | jnp.eye(seq_len, dtype=bool)[None]  # padded queries attend to themselves
+    return mask[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedding and forward
+# ----------------------------------------------------------------------------------------------------------
+def _check_inputs(
+    model: Any,
+    layout: TI2ILayout,
+    latents: jax.Array,
+    cond_start: jax.Array | None,
+    cond_latents: Sequence[jax.Array],
+    vit_features: Sequence[jax.Array],
+    guidance: jax.Array | None,
+    timestep_r: jax.Array | None,
+) -> None:
+    """Shape / presence checks on static information (they run under jit too)."""
+    cfg: HunyuanImage3Config = model.config
+    if tuple(latents.shape[2:]) != layout.target_hw:
+        raise ValueError(f"latents grid {tuple(latents.shape[2:])} != layout.target_hw {layout.target_hw}")
+    k = layout.num_cond
+    if len(cond_latents) != k or len(vit_features) != k:
+        raise ValueError(
+            f"layout has {k} condition images; got {len(cond_latents)} cond_latents and "
+            f"{len(vit_features)} vit_features"
+        )
+    if k:
+        if model.vision_aligner is None:
+            raise ValueError("condition images need the vision_aligner: build the model with config.ti2i=True")
+        if cond_start is None or tuple(cond_start.shape) != (latents.shape[0], k):
+            got = None if cond_start is None else tuple(cond_start.shape)
+            raise ValueError(f"cond_start must be [B, {k}] (first VAE token of each condition image), got {got}")
+        dim = model.vision_aligner.layers[0].in_features
+        for i, (lat, vit) in enumerate(zip(cond_latents, vit_features)):
+            want = (latents.shape[0], cfg.latent_channels, *layout.cond_vae_hw[i])
+            if tuple(lat.shape) != want:
+                raise ValueError(f"cond_latents[{i}] has shape {tuple(lat.shape)}, expected {want}")
+            want = (latents.shape[0], layout.cond_lengths(i)[1], dim)
+            if tuple(vit.shape) != want:
+                raise ValueError(f"vit_features[{i}] has shape {tuple(vit.shape)}, expected {want} ([B, hv*wv, dim])")
+    for name, value, on in (
+        ("guidance", guidance, cfg.cfg_distilled),
+        ("timestep_r", timestep_r, cfg.use_meanflow),
+    ):
+        flag = "cfg_distilled" if name == "guidance" else "use_meanflow"
+        if on and value is None:
+            raise ValueError(f"config.{flag} is set: the <{name}> slot needs `{name}` [B]")
+        if not on and value is not None:
+            raise ValueError(f"`{name}` given but config.{flag} is off (the model has no {name} embedder)")
+
+
+def ti2i_embed(
+    model: Any,
+    input_ids: jax.Array,
+    latents: jax.Array,
+    timestep: jax.Array,
+    *,
+    layout: TI2ILayout,
+    target_start: jax.Array,
+    cond_start: jax.Array | None = None,
+    cond_latents: Sequence[jax.Array] = (),
+    vit_features: Sequence[jax.Array] = (),
+    guidance: jax.Array | None = None,
+    timestep_r: jax.Array | None = None,
+    valid_lengths: jax.Array | None = None,
+) -> dict[str, Any]:
+    """Everything before the decoder layers of a TI2I forward; the same dict as ``model.t2i_embed``.
+
+    Args:
+        model: a :class:`~tmp_jax.models.hunyuan_image3.model.HunyuanImage3`.
+        input_ids: [B, S] right-padded ids laid out as in the module docstring (:func:`build_ti2i_batch`).
+        latents: [B, C, h, w] noisy target latents; ``timestep`` [B] = sigma * 1000.
+        layout: the static image grids.
+        target_start: [B] first target ``<img>`` index; the scalar slots sit right before it.
+        cond_start: [B, K] first VAE token of each condition image (its ``<timestep>`` is at ``- 1``, its
+            ``<joint_img_sep>`` right after the VAE span, the ViT span right after that).
+        cond_latents: K clean VAE latents [B, C, hc, wc] (through ``patch_embed`` with t = 0).
+        vit_features: K SigLIP2 features [B, hv*wv, vit_dim] (through ``vision_aligner``).
+        guidance / timestep_r: [B] scalars for the ``<guidance>`` / ``<timestep_r>`` slots (required exactly
+            when ``cfg_distilled`` / ``use_meanflow``).
+        valid_lengths: [B] non-padding tokens per row (default: all).
+
+    Returns:
+        ``embeds`` [B, S, H], ``cos`` / ``sin`` [B, S, hd], ``mask`` (:class:`T2IMask`), ``token_mask`` [B, S],
+        ``image_index`` [B, h*w] (the target slots, for ``t2i_head``).
+    """
+    _check_inputs(model, layout, latents, cond_start, cond_latents, vit_features, guidance, timestep_r)
+    cfg: HunyuanImage3Config = model.config
+    batch, seq_len = input_ids.shape
+    n_target = layout.num_target
+    rows = jnp.arange(batch)
+    target_start = target_start.astype(jnp.int32)
+    image_index = jnp.minimum(target_start[:, None] + jnp.arange(n_target)[None], seq_len - 1)  # [B, h*w]
+    if valid_lengths is None:
+        valid_lengths = jnp.full((batch,), seq_len, jnp.int32)
+    if cond_start is None:
+        cond_start = jnp.zeros((batch, 0), jnp.int32)
+
+    # Same operations, in the same order, as t2i_embed for the target (bit-identical without conditions).
+    embeds = model.model.wte(input_ids)  # [B, S, H]
+    dtype = embeds.dtype
+    image_tokens = model.patch_embed(latents.astype(dtype), model.time_embed(timestep))  # [B, h*w, H]
+    timestep_tokens = model.timestep_emb(timestep)  # [B, H]
+    embeds = embeds.at[rows[:, None], image_index].set(image_tokens.astype(dtype))
+    slot = target_start - num_target_slots(cfg)  # [B] the target's <timestep>
+    embeds = embeds.at[rows, slot].set(timestep_tokens.astype(dtype))
+    if cfg.cfg_distilled:
+        slot = slot + 1
+        embeds = embeds.at[rows, slot].set(model.guidance_emb(guidance).astype(dtype))
+    if cfg.use_meanflow:
+        slot = slot + 1
+        embeds = embeds.at[rows, slot].set(model.timestep_r_emb(timestep_r).astype(dtype))
+
+    if layout.num_cond:
+        clean = jnp.zeros((batch,), jnp.float32)  # condition images are clean: t = 0
+        clean_time, clean_timestep = model.time_embed(clean), model.timestep_emb(clean).astype(dtype)  # [B, H]
+        for k, span in enumerate(_spans(layout, cond_start)):
+            n_vae, n_vit = layout.cond_lengths(k)
+            vae_index = span["vae"][:, None] + jnp.arange(n_vae)[None]  # [B, hc*wc]
+            vit_index = span["vit"][:, None] + jnp.arange(n_vit)[None]  # [B, hv*wv]
+            cond_tokens = model.patch_embed(cond_latents[k].astype(dtype), clean_time)  # [B, hc*wc, H]
+            embeds = embeds.at[rows[:, None], vae_index].set(cond_tokens.astype(dtype))
+            embeds = embeds.at[rows, span["vae"] - 1].set(clean_timestep)
+            vit_tokens = model.vision_aligner(vit_features[k].astype(dtype))  # [B, hv*wv, H]
+            embeds = embeds.at[rows[:, None], vit_index].set(vit_tokens.astype(dtype))
+
+    positions = ti2i_positions(seq_len, layout, target_start, cond_start)
+    cos, sin = rope_cos_sin(positions, cfg.attention_head_dim, cfg.rope_theta)
+    dense = ti2i_attention_mask(seq_len, layout, target_start, cond_start, valid_lengths)
+    token_mask = jnp.arange(seq_len)[None, :] < valid_lengths[:, None]  # [B, S]
+    return {
+        "embeds": embeds,
+        "cos": cos,
+        "sin": sin,
+        "mask": T2IMask(dense, target_start, n_target),
+        "token_mask": token_mask,
+        "image_index": image_index,
+    }
+
+
+def ti2i_forward(
+    model: Any,
+    input_ids: jax.Array,
+    latents: jax.Array,
+    timestep: jax.Array,
+    *,
+    layout: TI2ILayout,
+    target_start: jax.Array,
+    cond_start: jax.Array | None = None,
+    cond_latents: Sequence[jax.Array] = (),
+    vit_features: Sequence[jax.Array] = (),
+    guidance: jax.Array | None = None,
+    timestep_r: jax.Array | None = None,
+    valid_lengths: jax.Array | None = None,
+) -> jax.Array:
+    """Velocity ``[B, C, h, w]`` of the target latents of a TI2I batch (arguments as :func:`ti2i_embed`).
+
+    The layout of concrete ``input_ids`` is checked on the host (:func:`check_ti2i_layout`); under jit the
+    caller is responsible for it, as for the T2I forward.
+    """
+    try:
+        check_ti2i_layout(
+            np.asarray(input_ids),
+            model.config,
+            layout,
+            np.asarray(target_start),
+            None if cond_start is None else np.asarray(cond_start),
+        )
+    except jax.errors.TracerArrayConversionError:
+        pass
+    e = ti2i_embed(
+        model,
+        input_ids,
+        latents,
+        timestep,
+        layout=layout,
+        target_start=target_start,
+        cond_start=cond_start,
+        cond_latents=cond_latents,
+        vit_features=vit_features,
+        guidance=guidance,
+        timestep_r=timestep_r,
+        valid_lengths=valid_lengths,
+    )
+    hidden = model.model(e["embeds"], e["cos"], e["sin"], e["mask"], e["token_mask"])  # before ln_f
+    h, w = layout.target_hw
+    return t2i_head(model.final_layer, model.time_embed_2, hidden, e["image_index"], timestep, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-side sequence builder and layout check
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TI2ITokens:
+    """Ids of the special tokens the TI2I sequence needs beyond the config's ``<img>`` / ``<timestep>``.
+
+    They come from the release tokenizer (``<boi>``, ``<eoi>``, ``<joint_img_sep>``, ``<guidance>``,
+    ``<timestep_r>``); the config does not carry them.
+    """
+
+    boi: int
+    eoi: int
+    joint_img_sep: int
+    guidance: int | None = None
+    timestep_r: int | None = None
+
+
+def build_ti2i_batch(
+    config: HunyuanImage3Config,
+    tokens: TI2ITokens,
+    layout: TI2ILayout,
+    segments: Sequence[Sequence[Sequence[int]]],
+    shape_tokens: Sequence[Sequence[int]] | None = None,
+    pad_to: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Right-padded TI2I rows (module docstring layout) and the offsets :func:`ti2i_forward` needs.
+
+    Args:
+        config: model config (``<img>`` / ``<timestep>`` / pad ids, which scalar slots the target has).
+        tokens: the other special ids.
+        layout: image grids (the same for every row).
+        segments: per row, ``K + 2`` text segments: before condition image 0, after each condition image,
+            after the target (include ``<bos>`` / ``<eos>`` / chat template yourself).
+        shape_tokens: ``K + 1`` id sequences placed between ``<boi>`` and ``<timestep>`` of each image block
+            (condition images, then the target; the release's ``<img_size_*> <img_ratio_*>``); default none.
+        pad_to: padded length (default: the longest row).
+
+    Returns:
+        ``input_ids`` [B, S] int32, ``target_start`` [B], ``cond_start`` [B, K], ``valid_lengths`` [B].
+    """
+    k = layout.num_cond
+    shape_tokens = [()] * (k + 1) if shape_tokens is None else [tuple(s) for s in shape_tokens]
+    if len(shape_tokens) != k + 1:
+        raise ValueError(f"shape_tokens needs {k + 1} entries (one per image block), got {len(shape_tokens)}")
+    slots = [config.timestep_token_id]
+    for name, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)):
+        if on:
+            tok = getattr(tokens, name)
+            if tok is None:
+                raise ValueError(f"config enables the <{name}> slot: TI2ITokens.{name} must be set")
+            slots.append(tok)
+    img = config.image_token_id
+    rows, target_starts, cond_starts = [], [], []
+    for r, segs in enumerate(segments):
+        if len(segs) != k + 2:
+            raise ValueError(f"row {r}: {len(segs)} text segments, expected {k + 2} (K + 2 with K = {k})")
+        ids: list[int] = list(segs[0])
+        starts = []
+        for i in range(k):
+            n_vae, n_vit = layout.cond_lengths(i)
+            ids += [tokens.boi, *shape_tokens[i], config.timestep_token_id]
+            starts.append(len(ids))
+            ids += [img] * n_vae + [tokens.joint_img_sep] + [img] * n_vit + [tokens.eoi]
+            ids += list(segs[i + 1])
+        ids += [tokens.boi, *shape_tokens[k], *slots]
+        target_starts.append(len(ids))
+        ids += [img] * layout.num_target + [tokens.eoi] + list(segs[k + 1])
+        rows.append(ids)
+        cond_starts.append(starts)
+    seq = max(map(len, rows)) if pad_to is None else pad_to
+    if seq < max(map(len, rows)):
+        raise ValueError(f"pad_to={pad_to} is shorter than the longest row ({max(map(len, rows))} tokens)")
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    input_ids = np.full((len(rows), seq), pad, np.int32)
+    for b, ids in enumerate(rows):
+        input_ids[b, : len(ids)] = ids
+    return {
+        "input_ids": input_ids,
+        "target_start": np.asarray(target_starts, np.int32),
+        "cond_start": np.asarray(cond_starts, np.int32).reshape(len(rows), k),
+        "valid_lengths": np.asarray([len(r) for r in rows], np.int32),
+    }
+
+
+def check_ti2i_layout(
+    input_ids: np.ndarray,
+    config: HunyuanImage3Config,
+    layout: TI2ILayout,
+    target_start: np.ndarray,
+    cond_start: np.ndarray | None,
+    tokens: TI2ITokens | None = None,
+) -> None:
+    """Raise ValueError unless every row holds ``<img>`` ids in all image slots, ``<timestep>`` ids in the
+    timestep slots and (with ``tokens``) the separator / guidance / timestep_r ids where the layout puts them,
+    with the spans inside the sequence, in order and not overlapping (host-side)."""
+    ids = np.asarray(input_ids)
+    seq_len = ids.shape[1]
+    img, ts = config.image_token_id, config.timestep_token_id
+    n_slots = num_target_slots(config)
+    bad: dict[int, str] = {}
+    for b, row in enumerate(ids):
+        checks: list[tuple[int, int, int | None, str]] = []  # (first index, length, expected id, what)
+        end = 0
+        for k in range(layout.num_cond):
+            n_vae, n_vit = layout.cond_lengths(k)
+            s = int(cond_start[b, k])
+            if s - 1 < end:
+                bad[b] = f"condition image {k} starts at {s}, overlapping what precedes it"
+                break
+            checks += [
+                (s - 1, 1, ts, f"cond {k} <timestep>"),
+                (s, n_vae, img, f"cond {k} VAE span"),
+                (s + n_vae, 1, None if tokens is None else tokens.joint_img_sep, f"cond {k} <joint_img_sep>"),
+                (s + n_vae + 1, n_vit, img, f"cond {k} ViT span"),
+            ]
+            end = s + n_vae + 1 + n_vit
+        if b in bad:
+            continue
+        t = int(target_start[b])
+        if t - n_slots < end:
+            bad[b] = f"target block starts at {t}, overlapping the condition images"
+            continue
+        checks += [(t - n_slots, 1, ts, "target <timestep>"), (t, layout.num_target, img, "target span")]
+        extra = []
+        if config.cfg_distilled:
+            extra.append(("guidance", None if tokens is None else tokens.guidance))
+        if config.use_meanflow:
+            extra.append(("timestep_r", None if tokens is None else tokens.timestep_r))
+        for j, (name, tok) in enumerate(extra):
+            checks.append((t - n_slots + 1 + j, 1, tok, f"target <{name}>"))
+        for first, length, want, what in checks:
+            if first < 0 or first + length > seq_len:
+                bad[b] = f"{what} [{first}, {first + length}) lies outside the sequence of {seq_len}"
+                break
+            if want is not None and not np.all(row[first : first + length] == want):
+                bad[b] = f"{what} at [{first}, {first + length}) does not hold id {want}"
+                break
+    if bad:
+        detail = "; ".join(f"row {b}: {why}" for b, why in sorted(bad.items()))
+        raise ValueError(f"TI2I layout mismatch: {detail}")
