@@ -1,14 +1,17 @@
-"""Quality of a (pruned / recovered) Z-Image Fashion-MNIST model against its teacher, on held-out data.
+"""Quality of a (pruned / recovered) Fashion-MNIST model against its teacher, on held-out data.
 
     python -m tmp_jax.evaluate --model DIR_OR_NAME [--teacher DIR_OR_NAME] [--setting cheap|full] [--seed S]
 
-``--model`` / ``--teacher`` is ``zimage-fmnist`` (the embedded teacher, the default teacher) or a
-diffusers-layout folder with a ``config.json``: a checkpoint, ``distill-out/weights`` or a
-``converters.export`` folder (pruned configs included). Everything runs on the TEST split of the
-committed Fashion-MNIST subset with fixed seeds, and the teacher and the model always see the same
-inputs and the same starting noise:
+``--model`` / ``--teacher`` is an embedded teacher (``zimage-fmnist``: the Z-Image-architecture DiT;
+``hunyuan-fmnist``: the HunyuanImage-3.0-architecture MoE) or a checkpoint folder of either architecture
+with a ``config.json`` (diffusers layout for Z-Image, official keys for HunyuanImage): a checkpoint,
+``distill-out/weights`` or a ``converters.export`` folder (pruned configs included). The default teacher is
+the embedded one of the model's architecture. Everything runs on the TEST split of the committed
+Fashion-MNIST subset with fixed seeds, and the teacher and the model always see the same inputs and the
+same starting noise:
 
-* ``heldout_fm_mse``   flow-matching MSE: prediction vs ``x0 - noise`` at ``x_sigma``, test images,
+* ``heldout_fm_mse``   flow-matching MSE: prediction vs its target at ``x_sigma`` (Z-Image predicts
+                       ``x0 - noise``, HunyuanImage ``noise - x0``), test images,
                        sigma on a fixed grid in [0.05, 0.95], Gaussian noise from ``--seed``;
 * ``vel_mse``          teacher-student velocity MSE on exactly those inputs (``vel_rel``: the same
                        normalised by the teacher's mean square, the search's fitness measure);
@@ -57,6 +60,14 @@ SETTINGS = {
 }
 
 
+DEFAULT_TEACHERS = {"zimage": "zimage-fmnist", "hunyuan": "hunyuan-fmnist"}
+# config fields a student must share with its teacher (same inputs / conditioning / outputs)
+SHARED_FIELDS = {
+    "zimage": ("in_channels", "all_patch_size", "cap_feat_dim"),
+    "hunyuan": ("latent_channels", "vocab_size", "image_token_id", "timestep_token_id"),
+}
+
+
 class EvaluateError(ValueError):
     """A bad --model / --teacher / --setting (printed as one line by the CLI)."""
 
@@ -79,24 +90,38 @@ def resolve(spec: str | Path) -> Path:
         return p
     p = Path(spec)
     if not p.exists():
-        raise EvaluateError(f"{spec}: no such file or folder (give zimage-fmnist or a diffusers-layout folder)")
+        raise EvaluateError(
+            f"{spec}: no such file or folder (give zimage-fmnist, hunyuan-fmnist or a checkpoint folder)"
+        )
     folder = p if p.is_dir() else p.parent
     conf = folder / "config.json"
     if not conf.is_file():
-        raise EvaluateError(f"{spec}: no config.json (expected a diffusers-layout Z-Image folder)")
-    try:
-        d = json.loads(conf.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvaluateError(f"{conf}: unreadable config.json ({e})") from None
-    if not isinstance(d, dict) or not (d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d):
-        raise EvaluateError(f"{spec}: not a Z-Image transformer config (this evaluation is for Z-Image models)")
+        raise EvaluateError(f"{spec}: no config.json (expected a Z-Image or HunyuanImage checkpoint folder)")
+    if _arch_of(conf) is None:
+        raise EvaluateError(f"{spec}: config.json is neither a Z-Image transformer nor a HunyuanImage-3.0 config")
     if not list(folder.glob("*.safetensors")) and not (p.is_file() and p.suffix == ".safetensors"):
         raise EvaluateError(f"{spec}: no .safetensors weights next to config.json")
     return p
 
 
+def _arch_of(conf: Path) -> str | None:
+    """The architecture a config.json belongs to (None: neither)."""
+    from tmp_jax import arch
+
+    try:
+        d = json.loads(conf.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvaluateError(f"{conf}: unreadable config.json ({e})") from None
+    if not isinstance(d, dict):
+        return None
+    try:
+        return arch.detect(d).name
+    except ValueError:
+        return None
+
+
 def load(spec: str | Path | Any) -> Any:
-    """A Z-Image model from an embedded name or a folder (cached per resolved path); modules pass through."""
+    """A model from an embedded name or a folder (cached per resolved path); modules pass through."""
     if not isinstance(spec, str | Path):
         return spec
     from tmp_jax import arch
@@ -104,10 +129,12 @@ def load(spec: str | Path | Any) -> Any:
     p = resolve(spec)
     key = str(p.resolve())
     if key not in _LOADED:
+        folder = p if p.is_dir() else p.parent
+        name = _arch_of(folder / "config.json")
         try:
-            _LOADED[key] = arch.get("zimage").load(str(p), dtype=jnp.float32)
+            _LOADED[key] = arch.get(name).load(str(p), dtype=jnp.float32)
         except (OSError, ValueError, KeyError) as e:
-            raise EvaluateError(f"{spec}: cannot load as a Z-Image model ({type(e).__name__}: {e})") from None
+            raise EvaluateError(f"{spec}: cannot load as a {name} model ({type(e).__name__}: {e})") from None
     return _LOADED[key]
 
 
@@ -127,25 +154,45 @@ def _predict(graphdef: Any, lay_key: tuple, state: Any, arrays: dict, xt: jax.Ar
     return predict_tokens(nnx.merge(graphdef, state), lay, xt, sigma, cap).astype(jnp.float32)
 
 
+def _is_hunyuan_cfg(model_cfg: Any) -> bool:
+    from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
+
+    return isinstance(model_cfg, HunyuanImage3Config)
+
+
 def heldout_inputs(model_cfg: Any, n: int, seed: int) -> dict[str, np.ndarray]:
-    """``n`` test images in token space, fixed noise (``seed``), sigma grid, captions, and ``x_sigma``."""
+    """``n`` test images, fixed noise (``seed``), sigma grid, conditioning, ``x_sigma`` and the target.
+
+    Z-Image: token space (N, tokens, patch_dim), captions ``cap``, target ``x0 - noise``; HunyuanImage:
+    latents (N, 4, 14, 14), token sequences ``ids``, target ``noise - x0``."""
     from tmp_jax import data as fm
     from tmp_jax.sampling import patchify
 
     test = fm.load_subset("test")
     if n > len(test):
         raise EvaluateError(f"{n} held-out images requested; the test subset has {len(test)}")
-    x0 = np.asarray(patchify(jnp.asarray(fm.to_latents(test.images[:n])), model_cfg.all_patch_size[0]))
+    hy = _is_hunyuan_cfg(model_cfg)
+    lat = fm.to_latents(test.images[:n])  # [N, 4, 14, 14]
+    x0 = lat if hy else np.asarray(patchify(jnp.asarray(lat), model_cfg.all_patch_size[0]))
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), x0.shape, jnp.float32))
     sigma = np.linspace(0.05, 0.95, n, dtype=np.float32)
-    s = sigma[:, None, None]
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+    inp = {"x0": x0, "noise": noise, "sigma": sigma, "xt": (1 - s) * x0 + s * noise}
+    if hy:
+        from tmp_jax.models.hunyuan_image3.train import t2i_ids
+
+        return {**inp, "ids": t2i_ids(test.labels[:n], model_cfg), "target": noise - x0}
     cap = fm.caption_table(model_cfg.cap_feat_dim)[test.labels[:n]]
-    return {"x0": x0, "noise": noise, "sigma": sigma, "xt": (1 - s) * x0 + s * noise, "cap": cap}
+    return {**inp, "cap": cap, "target": x0 - noise}
 
 
 def predictions(model: Any, inp: dict[str, np.ndarray], batch: int = BATCH) -> np.ndarray:
-    """The model's output (predicted ``x0 - noise``) on ``inp['xt']``: (N, tokens, patch_dim), float32."""
-    from tmp_jax.sampling import fixed_layout
+    """The model's output on ``inp['xt']``, float32: Z-Image (N, tokens, patch_dim), predicted ``x0 - noise``;
+    HunyuanImage (N, C, h, w), predicted ``noise - x0``."""
+    from tmp_jax.sampling import fixed_layout, hunyuan_velocity
+
+    if getattr(model, "ARCH", None) == "hunyuan":
+        return hunyuan_velocity(model, inp["ids"], inp["xt"], inp["sigma"], batch)
 
     n = len(inp["xt"])
     bs = min(batch, n)
@@ -224,7 +271,7 @@ def _metrics(
     d2 = (samples.astype(np.float32) - ref["samples"].astype(np.float32)) / 255.0
     return {
         "params": n_params(model),
-        "heldout_fm_mse": float(np.mean((pred - (inp["x0"] - inp["noise"])) ** 2)),
+        "heldout_fm_mse": float(np.mean((pred - inp["target"]) ** 2)),
         "vel_mse": float(np.mean((pred - yt) ** 2)),
         "vel_rel": float(np.sum((pred - yt) ** 2) / np.sum(yt**2)),
         "class_acc": float(np.mean(logits.argmax(-1) == ref["labels"])),
@@ -235,11 +282,12 @@ def _metrics(
 
 def evaluate(
     model: str | Path | Any,
-    teacher: str | Path | Any = "zimage-fmnist",
+    teacher: str | Path | Any | None = None,
     setting: str | Setting = "cheap",
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of ``model`` (a name, a folder or a loaded model) against ``teacher``; see the module doc.
+    """Metrics of ``model`` (a name, a folder or a loaded model) against ``teacher`` (default: the embedded
+    teacher of the model's architecture); see the module doc.
 
     Returns the model's metrics plus ``teacher`` (the teacher's own metrics under the same setting),
     ``setting`` and ``seconds``. Teacher-side work is cached per (teacher, setting, seed)."""
@@ -247,12 +295,14 @@ def evaluate(
     st = setting if isinstance(setting, Setting) else SETTINGS.get(setting)
     if st is None:
         raise EvaluateError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
-    t_model = load(teacher)
     m_model = load(model)
-    for name, m in (("model", m_model), ("teacher", t_model)):
-        if getattr(m, "ARCH", None) != "zimage":
-            raise EvaluateError(f"--{name}: a {getattr(m, 'ARCH', type(m).__name__)} model; Z-Image only")
-    for k in ("in_channels", "all_patch_size", "cap_feat_dim"):
+    m_arch = getattr(m_model, "ARCH", None)
+    if m_arch not in DEFAULT_TEACHERS:
+        raise EvaluateError(f"--model: a {type(m_model).__name__}; Z-Image or HunyuanImage models only")
+    t_model = load(DEFAULT_TEACHERS[m_arch] if teacher is None else teacher)
+    if getattr(t_model, "ARCH", None) != m_arch:
+        raise EvaluateError(f"--model is a {m_arch} model but --teacher is a {getattr(t_model, 'ARCH', '?')} model")
+    for k in SHARED_FIELDS[m_arch]:
         if getattr(m_model.config, k) != getattr(t_model.config, k):
             raise EvaluateError(f"--model and --teacher differ in {k}: they are not teacher and student")
     ref = _reference(t_model, st, seed)
@@ -291,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tmp_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="zimage-fmnist or a diffusers-layout folder to evaluate")
-    p.add_argument("--teacher", default="zimage-fmnist", help="the reference model (default: zimage-fmnist)")
+    p.add_argument("--model", required=True, help="zimage-fmnist, hunyuan-fmnist or a checkpoint folder to evaluate")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="the reference model (default: the embedded teacher of the model's architecture)",
+    )
     p.add_argument("--setting", default="cheap", choices=sorted(SETTINGS), help="cheap (default) or full")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out noise and the sampling noise")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")

@@ -325,6 +325,12 @@ def _load(path: str, dtype: Any = jnp.float32, mesh: Any = None) -> Any:
     return load_hunyuan(path, dtype=dtype, mesh=mesh)
 
 
+def _train() -> Any:  # Fashion-MNIST data, training forward and official-layout save (lazy import)
+    from tmp_jax.models.hunyuan_image3 import train
+
+    return train
+
+
 HOOKS = arch.register(
     arch.ArchHooks(
         name="hunyuan",
@@ -336,6 +342,10 @@ HOOKS = arch.register(
         **arch.runner_hooks("tmp_jax.models.hunyuan_image3.runner"),
         synthetic_calib=synthetic_calib,
         load=_load,
+        forward_train=lambda m, x, remat=True: _train().forward_train(m, x, remat),
+        matched_features=lambda c: _train().matched_features(c),
+        training_batch=lambda *a: _train().training_batch(*a),
+        save=lambda m, p, overwrite=False: _train().save(m, p, overwrite=overwrite),
         config_from_dict=HunyuanImage3Config.from_hf_config,
         config_file_kind=lambda d: (
             d.get("model_type") == "hunyuan_image_3_moe" or "HunyuanImage3ForCausalMM" in d.get("architectures", [])
