@@ -30,7 +30,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from converters.engine import CheckpointError, SafetensorsReader, export_arrays, load_into  # noqa: E402
 from converters.hunyuan import hunyuan_key_table  # noqa: E402
-from tmp_jax.materialize import count_params  # noqa: E402
+from tmp_jax.materialize import count_params, materialize  # noqa: E402
 from tmp_jax.models.hunyuan_image3 import TINY, HunyuanImage3Config  # noqa: E402
 from tmp_jax.models.hunyuan_image3.instruct import (  # noqa: E402
     TI2ILayout,
@@ -42,6 +42,7 @@ from tmp_jax.models.hunyuan_image3.instruct import (  # noqa: E402
     ti2i_forward,
     ti2i_positions,
 )
+from tmp_jax.models.hunyuan_image3.model import t2i_attention_split  # noqa: E402
 from tmp_jax.models.hunyuan_image3.structure import build_spec, init_abstract, init_random  # noqa: E402
 from tmp_jax.tree import Tree  # noqa: E402
 
@@ -293,6 +294,14 @@ def test_every_slot_receives_exactly_its_embedding(model):
     for b, start in enumerate((21, 24)):
         for q in range(start, start + 4):
             np.testing.assert_array_equal(dense[b, 0, q], np.arange(dense.shape[-1]) < start + 4)
+    # ... so the split path (cuDNN on GPU; its XLA twin here) equals dense masked attention on this mask.
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    seq = dense.shape[-1]
+    q = jax.random.normal(kq, (2, seq, 4, 16))
+    k, v = jax.random.normal(kk, (2, seq, 2, 16)), jax.random.normal(kv, (2, seq, 2, 16))
+    split = t2i_attention_split(q, k, v, e["mask"], 0.25, implementation="xla")
+    ref = jax.nn.dot_product_attention(q, k, v, mask=e["mask"].dense, scale=0.25)
+    np.testing.assert_allclose(np.asarray(split), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_forward_uses_conditions_and_checks_inputs(model):
@@ -423,6 +432,16 @@ def test_pruning_spec_counts_instruct_modules_as_unprunable(model):
     extra = {p for p in tree.spec.shapes if p[0] in ("guidance_emb", "timestep_r_emb", "vision_aligner")}
     assert len(extra) == 12 and extra <= set(root.params)
     assert not any(s.path in extra for n in tree.spec.nodes() for u in n.units for s in u.slices)
+    # A pruned Instruct model keeps the modules unchanged, and its accounting and key table stay exact.
+    flat = flat_params(model)
+    for genome in (tree.max_levels() // 2, np.zeros(tree.n_genes, np.int32)):
+        a = tree.decode(genome)
+        small = materialize(model, tree, a)
+        assert count_params(small) == tree.count(a)["params"] == hunyuan_key_table(small.config).num_params()
+        assert small.config.ti2i and small.config.cfg_distilled and small.config.use_meanflow
+        small_flat = flat_params(small)
+        for path in extra:
+            np.testing.assert_array_equal(small_flat[path], flat[path])
 
 
 # ----------------------------------------------------------------------------------------------------------
