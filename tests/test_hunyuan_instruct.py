@@ -526,3 +526,17 @@ def test_condition_patch_embed_and_embedders_match_nemo(model, tmp_path):
         assert rel(got[b, 21 + s : 25 + s], want_target[b]) <= 1e-5
         for what, (i, moves, want) in want_slots.items():
             assert rel(got[b, i + (c if moves == "c" else s)], want[b]) <= 1e-5, what
+
+
+def test_full_size_instruct_key_table_counts():
+    """Release shapes (hand count): each extra TimestepEmbedder 256 -> 4096 -> 4096 = 17,833,984 (the
+    reference's 3 timestep embedders = 53.5 M), the aligner 1152 -> 4096 -> 4096 = 21,504,000."""
+    from tmp_jax.models.hunyuan_image3 import FULL
+
+    release = {"projector_type": "mlp_gelu", "input_dim": 1152, "n_embed": 4096, "depth": 2}
+    full = FULL.replace(cfg_distilled=True, use_meanflow=True, ti2i=True, vit_aligner=release)
+    embedder = 256 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert embedder == 17_833_984
+    aligner = 1152 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert hunyuan_key_table(full).num_params() - hunyuan_key_table(FULL).num_params() == 2 * embedder + aligner
+    assert hunyuan_key_table(full).by_key["vision_aligner.layers.0.weight"].torch_shapes == ((4096, 1152),)
