@@ -159,13 +159,14 @@ def make_plan(
     def staging() -> int:
         return max((sum(experts[(la, e)] for e in es) for la, es in offloaded.items()), default=0)
 
+    hint = "" if "quantization_config" in conf else "--quantize int8, "
     if fixed + staging() > target_bytes:
         raise CheckpointError(
             f"{folder}: cannot fit in {target_bytes / 2**30:.2f} GiB at {resolution}px: resident weights "
             f"{resident_fixed / 2**30:.2f} GiB + one layer's experts {staging() / 2**30:.2f} GiB + activations "
             f"{act / 2**30:.2f} GiB + dequant scratch {scratch / 2**30:.2f} GiB + headroom "
             f"{HEADROOM / 2**30:.2f} GiB = {(fixed + staging()) / 2**30:.2f} GiB "
-            "(try --quantize int8, a lower --resolution, or a smaller plan)"
+            f"(try {hint}a lower --resolution, or a smaller plan)"
         )
     resident_experts = 0
     while True:  # greedy: shrink the largest layer's offloaded set while everything still fits

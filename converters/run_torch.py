@@ -393,7 +393,6 @@ def build_hunyuan(ex: Export, dtype: torch.dtype, device: torch.device, plan: di
 class RunResult:
     latents: torch.Tensor
     seconds_per_step: list[float]
-    load_seconds: float
     peak_bytes: int | None
 
 
@@ -462,11 +461,9 @@ def sample(
                 _sync(dev)
                 times.append(time.perf_counter() - t0)
         else:
-            p = conf["all_patch_size"][0]
-            hw = resolution // 8
+            hw = resolution // 8  # the Z-Image VAE downsamples by 8
             x = torch.randn((conf["in_channels"], 1, hw, hw), generator=g).to(dev)
             cap = torch.randn((text_tokens, conf["cap_feat_dim"]), generator=g).to(dev)
-            del p
             wdt = model.x_pad_token.dtype
             for s, s_next in zip(sig[:-1], sig[1:]):
                 t0 = time.perf_counter()
@@ -475,7 +472,7 @@ def sample(
                 _sync(dev)
                 times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-    return RunResult(x.cpu(), times, 0.0, peak)
+    return RunResult(x.cpu(), times, peak)
 
 
 def _sync(dev: torch.device) -> None:
