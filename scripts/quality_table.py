@@ -1,8 +1,14 @@
-"""Regenerate docs/quality.md: our search vs the baselines on the embedded Z-Image Fashion-MNIST teacher.
+"""Regenerate docs/quality.md: our search vs the baselines on the embedded Fashion-MNIST teachers.
 
-    python scripts/quality_table.py            # ~20 minutes on a 2-core CPU; writes docs/quality.md
+    python scripts/quality_table.py                            # both teachers, ~40 minutes on a 2-core CPU
+    python scripts/quality_table.py --model hunyuan-fmnist     # one teacher: rewrites only its section
 
-For each budget (default 67% and 50% of the DiT's parameters) and each strategy (levelswitch = ours;
+Models: ``zimage-fmnist`` (the Z-Image-architecture DiT; default budgets 67% and 50%) and ``hunyuan-fmnist``
+(the HunyuanImage-3.0-architecture MoE; default budgets 50% and 25%). docs/quality.md holds one section per
+model between ``<!-- section: NAME -->`` / ``<!-- end section: NAME -->`` markers; a run replaces the
+sections of the models it ran and keeps the others (each section states its own date and command).
+
+For each budget (of the model's parameters) and each strategy (levelswitch = ours;
 uniform, oneshot, depth, random = baselines) it takes the strategy's plan, materialises the student
 from the teacher, evaluates it (``tmp_jax.evaluate``, cheap setting), distils it for a fixed number of
 steps (same data, seed and settings for every row) and evaluates it again. All strategies share one
@@ -17,6 +23,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -33,6 +40,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 STRATEGIES = ("levelswitch", "uniform", "oneshot", "depth", "random")
 OURS = "levelswitch"
+MODELS = {
+    "zimage-fmnist": ("67%,50%", "embedded Z-Image-architecture DiT (zimage-fmnist)", "DiT"),
+    "hunyuan-fmnist": ("50%,25%", "embedded HunyuanImage-3.0-architecture MoE (hunyuan-fmnist)", "MoE"),
+}
+TITLE = "# Quality: our search vs baselines (embedded Fashion-MNIST teachers)"
 # (key, header, format, lower is better)
 COLS = (
     ("params", "params", "{:,}", None),
@@ -60,7 +72,7 @@ def _machine() -> str:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, model: str, budgets: list[str]) -> dict[str, Any]:
     from search.budget import SearchError
     from search.engine import SearchConfig
     from search.engine import run as search_run
@@ -69,18 +81,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tmp_jax.distill import run as distill_run
     from tmp_jax.problem import build_problem
 
-    work = Path(args.work)
+    work = Path(args.work) / model
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     timings: dict[str, float] = {}
     t0 = time.time()
-    teacher = ev.load("zimage-fmnist")
+    teacher = ev.load(model)
     res_teacher = ev.evaluate(teacher, teacher, args.setting, args.seed)
     timings["teacher evaluation"] = time.time() - t0
     print(f"teacher evaluated ({timings['teacher evaluation']:.0f} s)", flush=True)
 
     t = time.time()
-    problem = build_problem("zimage-fmnist", seed=args.seed)
+    problem = build_problem(model, seed=args.seed)
     timings["calibration (shared)"] = time.time() - t
     rows: list[dict[str, Any]] = []
     for strat in args.strategies:
@@ -88,8 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             sres = search_run(
                 SearchConfig(
-                    budget=",".join(args.budgets),
-                    model="zimage-fmnist",
+                    budget=",".join(budgets),
+                    model=model,
                     out=str(work / f"search-{strat}"),
                     strategy=strat,
                     generations=args.generations,
@@ -102,16 +114,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         except SearchError as e:
             print(f"{strat}: {e}", flush=True)
-            for b in args.budgets:
+            for b in budgets:
                 rows.append({"strategy": strat, "budget": b, "error": str(e)})
             continue
         timings[f"search {strat}"] = time.time() - t
         print(f"search {strat}: {sres.evals} evaluations, {timings[f'search {strat}']:.0f} s", flush=True)
-        for b, plan, path in zip(args.budgets, sres.plans, sres.plan_paths):
+        for b, plan, path in zip(budgets, sres.plans, sres.plan_paths):
             t = time.time()
             dcfg = DistillConfig(
                 plan=path,
-                model="zimage-fmnist",
+                model=model,
                 out=work / f"distill-{strat}-{b.replace('%', 'pct')}",
                 steps=args.distill_steps,
                 batch_size=args.distill_batch,
@@ -140,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timings[f"distill+evaluate {strat} {b}"] = time.time() - t
             print(f"  {strat} {b}: {time.time() - t:.0f} s", flush=True)
     timings["total"] = time.time() - t0
-    return {"teacher": res_teacher, "rows": rows, "timings": timings}
+    return {"teacher": res_teacher, "rows": rows, "timings": timings, "budgets": budgets}
 
 
 def _fmt(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -174,21 +186,25 @@ def _losses(rows: list[dict[str, Any]], budgets: list[str], steps: list[int]) ->
     return out
 
 
-def write(path: Path, r: dict[str, Any], args: argparse.Namespace, command: str) -> None:
+def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: str) -> str:
+    """The markdown section of one model's run (between its markers)."""
     from tmp_jax.evaluate import SETTINGS
 
     st = SETTINGS[args.setting]
     tm = r["teacher"]
+    budgets = r["budgets"]
+    _, title, kind = MODELS[model]
     steps = [0] + ([args.distill_steps] if args.distill_steps > 0 else [])
     head = "| budget | strategy | distill steps | " + " | ".join(h for _, h, _, _ in COLS) + " | search evals |"
     lines = [
-        "# Quality: our search vs baselines (embedded Z-Image Fashion-MNIST teacher)",
+        f"<!-- section: {model} -->",
+        f"## {title}",
         "",
         f"**Date:** {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. **Machine:** {_machine()}.",
         "",
-        f"**Command:** `{command}` (total {r['timings']['total'] / 60:.1f} min).",
+        f"**Command:** `{command}` (this section: {r['timings']['total'] / 60:.1f} min).",
         "",
-        f"**Setup.** Budgets {', '.join(args.budgets)} of the DiT's parameters. Strategies run on one shared "
+        f"**Setup.** Budgets {', '.join(budgets)} of the {kind}'s parameters. Strategies run on one shared "
         f"calibration; levelswitch (ours) and random with {args.generations} generations x population "
         f"{args.population} (the same number of candidate evaluations; random scores all of them on every "
         "calibration sample, levelswitch most of them on a fraction); uniform, oneshot and depth are one-shot. "
@@ -205,7 +221,7 @@ def write(path: Path, r: dict[str, Any], args: argparse.Namespace, command: str)
         "|" + "---|" * (3 + len(COLS) + 1),
         "| 100% | teacher | - | " + " | ".join(_fmt(tm, k, f) for k, _, f, _ in COLS) + " | - |",
     ]
-    for b in args.budgets:
+    for b in budgets:
         for row in r["rows"]:
             if row["budget"] != b:
                 continue
@@ -215,8 +231,8 @@ def write(path: Path, r: dict[str, Any], args: argparse.Namespace, command: str)
                 continue
             cells = " | ".join(_fmt(row, k, f) for k, _, f, _ in COLS)
             lines.append(f"| {b} | {name} | {row['steps']} | {cells} | {row['evals']} |")
-    losses = _losses(r["rows"], args.budgets, steps)
-    lines += ["", "## Where our search does not win", ""]
+    losses = _losses(r["rows"], budgets, steps)
+    lines += ["", "### Where our search does not win", ""]
     if losses:
         lines.append(
             "In this run a baseline beats levelswitch on: "
@@ -228,17 +244,43 @@ def write(path: Path, r: dict[str, Any], args: argparse.Namespace, command: str)
             "barely past its start (the best of uniform / oneshot / a filled uniform genome), so a "
             "baseline that is already good at a budget can stay ahead."
         )
+    elif not any(row["strategy"] == OURS and "error" not in row for row in r["rows"]):
+        lines.append(f"{OURS} (ours) was not run (or failed) in this run: nothing to compare.")
     else:
         lines.append("In this run levelswitch is best on every metric at every budget and distillation length.")
     lines += [
         "",
-        "## Timings",
+        "### Timings",
         "",
         "| step | seconds |",
         "|---|---|",
     ] + [f"| {k} | {v:.0f} |" for k, v in r["timings"].items()]
+    lines.append(f"<!-- end section: {model} -->")
+    return "\n".join(lines)
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The model sections of an existing docs/quality.md (empty for a missing / marker-less file)."""
+    out = {}
+    for m in re.finditer(r"<!-- section: (\S+) -->.*?<!-- end section: \1 -->", text, re.S):
+        out[m.group(1)] = m.group(0)
+    return out
+
+
+def write(path: Path, new: dict[str, str]) -> None:
+    """Write docs/quality.md: the new sections replace those of the same model, the others are kept."""
+    old = _sections(path.read_text()) if path.is_file() else {}
+    merged = {**old, **new}
+    intro = (
+        "Each section is regenerated by the command it states (`python scripts/quality_table.py --model NAME` "
+        "rewrites only that model's section); sections from different runs may differ in date and machine."
+    )
+    body = [merged[m] for m in MODELS if m in merged] + [v for k, v in merged.items() if k not in MODELS]
+    text = "\n\n".join([TITLE, intro, *body]) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         default=str(Path(tempfile.gettempdir()) / "tmp-jax-quality"),
         help="scratch folder for plans and distillation runs (emptied first; default: in the temp folder)",
     )
-    p.add_argument("--budgets", default="67%,50%")
+    p.add_argument(
+        "--model",
+        default=",".join(MODELS),
+        help=f"comma-separated embedded teachers (default: all: {', '.join(MODELS)})",
+    )
+    p.add_argument("--budgets", default=None, help="budgets for every model (default: per model, see above)")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--generations", type=int, default=2)
     p.add_argument("--population", type=int, default=8)
@@ -259,12 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setting", default="cheap", choices=("cheap", "full"))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    a.budgets = [b.strip() for b in a.budgets.split(",") if b.strip()]
+    models = [m.strip() for m in a.model.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            p.error(f"--model {m}: choose from {', '.join(MODELS)}")
     a.strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     command = "python scripts/quality_table.py" + ("".join(f" {shlex.quote(x)}" for x in argv) if argv else "")
-    r = run(a)
-    write(a.out, r, a, command)
-    print(a.out.read_text())
+    new = {}
+    for m in models:
+        budgets = [b.strip() for b in (a.budgets or MODELS[m][0]).split(",") if b.strip()]
+        new[m] = section(m, run(a, m, budgets), a, command)
+        write(a.out, {m: new[m]})  # after each model: a later failure keeps the finished sections
+        print(new[m], flush=True)
     return 0
 
 
