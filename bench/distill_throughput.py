@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -386,6 +387,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001
                 phases.append({"phase": "C", "batch": args.big, "error": f"{type(e).__name__}: {str(e)[:600]}"})
                 log(f"C FAILED: {type(e).__name__}: {str(e)[:600]}")
+    shutil.rmtree(tmp, ignore_errors=True)
     res["losses"] = losses
     res["losses_finite"] = bool(np.all(np.isfinite(losses))) if losses else None
     res["mem"] = mem
