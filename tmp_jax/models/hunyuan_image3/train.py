@@ -240,12 +240,8 @@ def save(model: HunyuanImage3, folder: Any, overwrite: bool = False, dtype: Any 
     from converters.hunyuan import hunyuan_key_table
 
     conf = {**CONFIG_EXTRA, **model.config.to_hf_config()}
-    if dtype is not None:
-        conf["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}[
-            jnp.dtype(dtype).name
-        ]
-    else:
-        conf["torch_dtype"] = jnp.dtype(model.model.wte.embedding.get_value().dtype).name
+    # the dtype the weights are written in (the router too: the loader keeps it fp32 for any dtype)
+    conf["torch_dtype"] = jnp.dtype(dtype if dtype is not None else model.model.wte.embedding.get_value().dtype).name
     return save_model(
         model,
         hunyuan_key_table(model.config),
