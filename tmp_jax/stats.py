@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -28,3 +31,74 @@ def flatten_intermediates(inter: nnx.State) -> dict[tuple, np.ndarray]:
         arrs = val if isinstance(val, tuple) else (val,)
         stats[tuple(path)] = np.asarray(sum(np.asarray(x) for x in arrs))
     return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path: one cached program per (model structure, body), one device-to-host copy per call
+
+
+class _Program:
+    """A jitted statistics forward for one model structure: the collecting treedef and the stat layout."""
+
+    def __init__(self, treedef: Any, body: Callable, static: tuple):
+        self.treedef = treedef  # the model's pytree structure with every collect_stats flag on
+        self.layout: list[tuple[tuple, tuple, Any]] = []  # (path, shape, dtype) per statistic, set at trace time
+
+        def run(leaves: list, *args: Any) -> tuple[Any, jax.Array]:
+            model = jax.tree.unflatten(self.treedef, leaves)
+            out = body(model, *static, *args)
+            flat = []
+            for path, v in nnx.to_flat_state(nnx.pop(model, nnx.Intermediate)):
+                val = v.get_value() if hasattr(v, "get_value") else v
+                arrs = val if isinstance(val, tuple) else (val,)
+                flat.append((tuple(path), sum(arrs[1:], arrs[0])))  # sow keeps one entry per call: summed
+            self.layout = [(p, tuple(x.shape), np.dtype(x.dtype)) for p, x in flat]
+            # one fp32 vector: a single device-to-host copy, however many modules sowed
+            vec = jnp.concatenate([x.astype(jnp.float32).ravel() for _, x in flat]) if flat else jnp.zeros((0,))
+            return out, vec
+
+        self.fn = jax.jit(run)
+
+
+_PROGRAMS: dict[tuple, _Program] = {}
+
+
+def run_collecting(model: nnx.Module, body: Callable, *args: Any, static: tuple = ()) -> tuple[Any, dict]:
+    """``body(model_with_stats_on, *static, *args)`` jitted; returns (its output, {path + stat name: host array}).
+
+    Same statistics as ``split_collecting`` + a jitted body + ``flatten_intermediates``, with the per-call host
+    work cut to what the forward itself needs (calibration at full width runs this once per micro-batch, and a
+    6B model has ~500 parameters in ~400 modules):
+
+    * the model goes into the jit as a pytree (``jax.tree.flatten``, a C++ traversal, ~2 ms at full Z-Image
+      width) instead of a graph-mode ``nnx.split`` with every flag flipped twice (~30 ms on a slow host);
+    * the program is cached per pytree structure (the treedef holds the widths and the flags; equal treedefs
+      have equal programs), so no graphdef is hashed as a static argument per call; the parameter values are
+      read afresh each call, so weights updated in place are seen;
+    * all statistics come back as one fp32 vector (one device-to-host copy) split on the host by the layout
+      recorded at trace time (each sown array had its own synchronising copy before).
+
+    ``static`` are hashable arguments passed to ``body`` before ``args`` (e.g. a patch key); ``body`` should be
+    a module-level function (it is part of the cache key). Statistics are returned in their sown dtype.
+    """
+    leaves, treedef = jax.tree.flatten(model)
+    key = (treedef, body, static)
+    prog = _PROGRAMS.get(key)
+    if prog is None:
+        nodes = [n for _, n in nnx.iter_graph(model) if hasattr(n, "collect_stats")]
+        for n in nodes:
+            n.collect_stats = True
+        try:
+            collecting = jax.tree.structure(model)
+        finally:
+            for n in nodes:
+                n.collect_stats = False
+        prog = _PROGRAMS[key] = _Program(collecting, body, static)
+    out, vec = prog.fn(leaves, *args)
+    host = np.asarray(jax.device_get(vec))
+    stats, off = {}, 0
+    for path, shape, dtype in prog.layout:
+        n = int(np.prod(shape))
+        stats[path] = host[off : off + n].reshape(shape).astype(dtype)
+        off += n
+    return out, stats

@@ -104,6 +104,27 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None)
 
 
 # ----------------------------------------------------------------------------------------------
+# Importance statistics (calibration)
+
+
+def head_output_energy(o: jax.Array, w_out: jax.Array) -> jax.Array:
+    """Per head n: ``sum_{b,t} ||o[b, t, n] @ W_n||^2`` with ``W_n`` = head n's rows of ``w_out``. -> (N,) fp32.
+
+    ``o``: (B, T, N, D) attention output (the tensor the forward already has, before ``to_out``); ``w_out``:
+    (N * D, dim). Computed as ``<O_n^T O_n, W_n W_n^T>`` (Frobenius): two per-head Gram matrices (N, D, D), both
+    from the operands in their own dtype with fp32 accumulation, so nothing of size (B, T, N, D) is written in
+    fp32 and nothing of size (B, T, N, dim) at all. ``o`` is only read (the attention kernel, cuDNN flash on GPU,
+    is unchanged). Same quantity as the direct form: ``sum_bt o G o^T = sum_df (sum_bt o_d o_f) G_df``.
+    """
+    n, d = o.shape[-2], o.shape[-1]
+    hp = jax.lax.Precision.HIGHEST  # no TF32 for fp32 models; bf16 operands are exact either way
+    w = w_out.reshape(n, d, -1)  # [N, D, dim]
+    gw = jnp.einsum("nde,nfe->ndf", w, w, precision=hp, preferred_element_type=jnp.float32)  # [N, D, D]
+    go = jnp.einsum("btnd,btnf->ndf", o, o, precision=hp, preferred_element_type=jnp.float32)  # [N, D, D]
+    return jnp.sum(go * gw, axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
 # Modules
 
 
@@ -135,12 +156,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = _attention(q, k, v, mask)  # [B, T, N, D]
         if self.collect_stats:  # per-head energy of its contribution through to_out (importance)
-            w = self.to_out[0].kernel[...].astype(jnp.float32).reshape(self.heads, self.head_dim, -1)  # [N, D, dim]
-            # ||o_n W_n||^2 = o_n (W_n W_n^T) o_n^T: the per-head Gram matrix avoids a [B, T, N, dim] fp32 tensor
-            gram = jnp.einsum("nde,nfe->ndf", w, w)  # [N, D, D]
-            of = o.astype(jnp.float32)
-            energy = jnp.sum(jnp.einsum("btnd,ndf->btnf", of, gram) * of, axis=(0, 1, 3))  # [N]
-            self.sow(nnx.Intermediate, "unit_stat", energy)
+            self.sow(nnx.Intermediate, "unit_stat", head_output_energy(o, self.to_out[0].kernel[...]))
         return self.to_out[0](o.reshape(B, T, self.heads * self.head_dim))
 
 
@@ -157,8 +173,9 @@ class FeedForward(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.silu(self.w1(x)) * self.w3(x)
         if self.collect_stats:  # per-channel sum |activation| x ||w2 row|| (importance)
-            act = jnp.abs(h.astype(jnp.float32)).sum(axis=tuple(range(h.ndim - 1)))
-            w2n = jnp.linalg.norm(self.w2.kernel[...].astype(jnp.float32), axis=1)
+            # one column reduction over the h the w2 GEMM reads anyway (bf16 in, fp32 sum; no fp32 copy of h)
+            act = jnp.sum(jnp.abs(h), axis=tuple(range(h.ndim - 1)), dtype=jnp.float32)  # [hidden]
+            w2n = jnp.sqrt(jnp.sum(jnp.square(self.w2.kernel[...].astype(jnp.float32)), axis=1))  # [hidden]
             self.sow(nnx.Intermediate, "unit_stat", act * w2n)
         return self.w2(h)
 

@@ -27,7 +27,7 @@ from tmp_jax.models.z_image.model import (
     make_layout,
 )
 from tmp_jax.models.z_image.structure import pruned_config
-from tmp_jax.stats import flatten_intermediates, split_collecting
+from tmp_jax.stats import flatten_intermediates, run_collecting, split_collecting
 from tmp_jax.tree import Assignment, Tree
 
 
@@ -264,12 +264,25 @@ def _stats_jit(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> tupl
     return out, inter
 
 
+def _stats_body(model: ZImageTransformer, pk: str, arrays: dict, t: jax.Array) -> jax.Array:
+    return model.forward_padded(arrays, t, pk)
+
+
 def collect_stats(model: ZImageTransformer, inputs: dict[str, Any]) -> tuple[jax.Array, dict]:
-    """Teacher output and sown statistics {module path + stat name: summed array}."""
+    """Teacher output and sown statistics {module path + stat name: summed array}.
+
+    :func:`tmp_jax.stats.run_collecting`: the model goes in as a pytree, the program is cached per model
+    structure and all statistics come back in one device-to-host copy (same values as
+    ``split_collecting`` + :func:`_stats_jit` + ``flatten_intermediates``, kept as the reference path).
+    """
+    return run_collecting(model, _stats_body, inputs["arrays"], jnp.asarray(inputs["t"]), static=(inputs["patch_key"],))
+
+
+def collect_stats_reference(model: ZImageTransformer, inputs: dict[str, Any]) -> tuple[jax.Array, dict]:
+    """The previous path (graph-mode split with flags, graphdef as a static argument, a batched copy of the
+    sown tree): same statistics as :func:`collect_stats`; kept for its test and the benchmark's before/after."""
     gd, st = split_collecting(model)
     out, inter = _stats_jit(gd, st, inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"])
-    # one batched device-to-host copy of every statistic (one synchronising copy per statistic is ~0.3 ms
-    # each on a GPU, and a full-width model sows hundreds)
     return out, flatten_intermediates(jax.device_get(inter))
 
 
