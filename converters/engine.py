@@ -19,7 +19,10 @@ import re
 import shutil
 import struct
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +108,16 @@ def contiguous(x: np.ndarray, tile: int = 256) -> np.ndarray:
         for i in range(0, r, tile):
             dst[i : i + tile, j : j + tile] = src[j : j + tile, i : i + tile].T
     return out
+
+
+def aligned_empty(shape: Sequence[int], dtype: Any, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary (the JAX CPU
+    backend wraps 64-byte-aligned host arrays without copying them)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + n].view(dtype).reshape(tuple(shape))
 
 
 @dataclass(frozen=True)
@@ -209,6 +222,8 @@ class SafetensorsReader:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.root = Path(path)
+        self._fds: dict[Path, int] = {}
+        self._fd_lock = threading.Lock()
         self.infos: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         files = self._discover()
@@ -265,18 +280,55 @@ class SafetensorsReader:
     def __contains__(self, key: str) -> bool:
         return key in self.infos
 
-    def read(self, key: str) -> np.ndarray:
-        """Read one tensor into a fresh host array (positioned read of exactly its bytes)."""
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Read one tensor (positioned read of exactly its bytes) into ``out`` or a fresh host array.
+
+        Fresh arrays are 64-byte aligned, so the JAX CPU backend adopts them without a copy. ``out``
+        must be C-contiguous with the tensor's dtype and shape (the loader's reused staging buffers).
+        """
         info = self.infos[key]
         dt = ST_TO_NP[info.dtype]
-        arr = np.empty(info.shape, dt)
+        arr = aligned_empty(info.shape, dt) if out is None else out
+        if arr.dtype != dt or tuple(arr.shape) != info.shape or not arr.flags.c_contiguous:
+            raise ValueError(f"read({key!r}): out is {arr.dtype}{list(arr.shape)}, need {dt}{list(info.shape)}")
+        want = info.end - info.start
         buf = memoryview(arr.reshape(-1).view(np.uint8))
-        with open(info.file, "rb") as f:
-            f.seek(info.start)
-            got = f.readinto(buf)
-        if got != info.end - info.start:
-            raise CheckpointError(f"{info.file}: truncated while reading {key!r} ({got} of {info.end - info.start} B)")
+        got = 0
+        fd = self._fd(info.file)
+        while got < want:  # one pread returns at most ~2 GiB; loop until done or EOF
+            n = os.preadv(fd, [buf[got:]], info.start + got)
+            if n <= 0:
+                break
+            got += n
+        if got != want:
+            raise CheckpointError(f"{info.file}: truncated while reading {key!r} ({got} of {want} B)")
         return arr
+
+    def _fd(self, path: Path) -> int:
+        """One read-only descriptor per shard (pread is position-free, so threads can share it)."""
+        with self._fd_lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                try:  # a larger kernel read-ahead window for the mostly sequential tensor order
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                except (AttributeError, OSError):
+                    pass
+                self._fds[path] = fd
+            return fd
+
+    def close(self) -> None:
+        """Close the shard descriptors (reads reopen them on demand)."""
+        with self._fd_lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def total_bytes(self) -> int:
         return sum(i.end - i.start for i in self.infos.values())
@@ -346,44 +398,266 @@ def load_into(
     dtype: Any | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = False,
+    transpose_on: str = "auto",
+    read_ahead: int = 1,
 ) -> nnx.Module:
     """Fill an abstract NNX model (from ``nnx.eval_shape``) from a checkpoint, strictly.
 
-    Each tensor is converted on the host and placed straight into its target sharding on ``mesh``
-    (each device receives only its own slice via ``jax.make_array_from_callback``). ``dtype`` casts
-    floating tensors (the router and other fp32-by-design parameters keep the abstract model's dtype
-    when it is fp32 and ``dtype`` is None).
+    Plain entries (Linear weights from :func:`linear`, tensors from :func:`same`) take the fast path:
+    the bytes are read into a reused, already-faulted host staging buffer (or, where the array can be
+    adopted as is, straight into its final aligned buffer) and placed from there.
+
+    * ``transpose_on="device"``: the bytes are placed *as stored* and one jitted transpose / cast per
+      (shape, dtype, sharding) writes the target array in its sharding. With a mesh, a Linear weight is
+      placed with the reversed PartitionSpec, so each device transposes only its own block. Host work is
+      then read + DMA.
+    * ``"host"``: the host-to-device copy transposes (``device_put`` of the transposed view); casts still
+      run on the device.
+    * ``"auto"`` (default): ``"device"`` on accelerators, ``"host"`` on the CPU backend.
+    * ``"legacy"``: the previous path (hook on the host, then ``device_put``), kept for comparison.
+
+    Entries with their own hooks are always converted on the host and placed afterwards, each device
+    receiving only its slice via ``jax.make_array_from_callback``.
+
+    ``read_ahead`` entries are read by a background thread while the current one is placed (host memory:
+    about ``read_ahead + 1`` of the largest tensors in flight). ``dtype`` casts floating tensors (the
+    router and other fp32-by-design parameters keep fp32).
     """
     from tmp_jax.sharding import variable_sharding
 
+    if transpose_on not in ("auto", "device", "host", "legacy"):
+        raise ValueError(f"transpose_on must be 'auto', 'device', 'host' or 'legacy', got {transpose_on!r}")
     variables = flat_variables(abstract_model)
     check_table_covers(table, variables)
     _check_source(reader, table)
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    # On the CPU backend the "device" is this host: XLA's transpose measured no faster than PJRT's
+    # transposing copy (docs/benchmarks.md section 2) and costs a compile per shape, so auto = host there.
+    on_device = transpose_on == "device" or (transpose_on == "auto" and platform != "cpu")
+    fast = {id(e) for e in table.entries if transpose_on != "legacy" and _is_plain(e)}
+    # Reused staging buffers for fast-path tensors whose placement makes a new device buffer (all of
+    # them off the CPU; on the CPU, whose device_put adopts aligned host memory, only transposes and
+    # casts). A buffer is reused only once the array computed from it is ready.
+    stage = _Staging(read_ahead + 1, platform != "cpu")
     pbar = _pbar(len(table.entries), "load", progress)
     filled: dict[PathT, jax.Array] = {}
-    for e, arrays in iter_converted(reader, table, pbar.update if pbar else None):
-        for path, arr in zip(e.flax_paths, arrays):
+
+    def plan(e: Entry) -> list[tuple[Any, bool, Any]]:
+        """Per source tensor: (target dtype, transpose?, target sharding or None)."""
+        out = []
+        for k, path in zip(e.torch_keys, e.flax_paths):
             var = variables[path]
             want = var.get_value()
-            if tuple(arr.shape) != tuple(want.shape):
+            tr = e.to_flax is _transpose
+            info = reader.infos[k]
+            conv = tuple(reversed(info.shape)) if tr else tuple(info.shape)
+            if conv != tuple(want.shape):
                 raise CheckpointError(
-                    f"{reader.root}: {e.torch_keys[0]!r} converts to shape {list(arr.shape)} for "
+                    f"{reader.root}: {k!r} converts to shape {list(conv)} for "
                     f"{'.'.join(map(str, path))}, model expects {list(want.shape)}"
                 )
-            target_dtype = want.dtype if dtype is None else _cast_dtype(want.dtype, dtype, var)
-            arr = arr.astype(target_dtype, copy=False)
-            if mesh is not None:
-                sharding = variable_sharding(var, mesh)
-                filled[path] = jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])
+            tdt = np.dtype(want.dtype if dtype is None else _cast_dtype(want.dtype, dtype, var))
+            out.append((tdt, tr, variable_sharding(var, mesh) if mesh is not None else None))
+        return out
+
+    def read_entry(e: Entry) -> tuple[Entry, list[np.ndarray], list[Any]]:
+        if id(e) not in fast:
+            return e, [reader.read(k) for k in e.torch_keys], []
+        p = plan(e)
+        arrs, slots = [], []
+        for k, (tdt, tr, _) in zip(e.torch_keys, p):
+            info = reader.infos[k]
+            src_dt = ST_TO_NP[info.dtype]
+            slot = stage.acquire(info.end - info.start) if (tr or tdt != src_dt or stage.always) else None
+            arrs.append(reader.read(k) if slot is None else _read_slot(reader, k, slot))
+            slots.append(slot)
+        return e, arrs, slots
+
+    try:
+        for e, src, slots in _read_ahead(table.entries, read_entry, read_ahead):
+            if id(e) in fast:
+                for path, raw, slot, (tdt, tr, sharding) in zip(e.flax_paths, src, slots, plan(e)):
+                    filled[path] = _place_plain(raw, tdt, tr, sharding, on_device, slot is not None)
+                    if slot is not None:
+                        stage.done(slot, filled[path])
             else:
-                filled[path] = jax.device_put(arr)
-    if pbar:
-        pbar.close()
+                arrays = e.to_flax(src)
+                for k, path, arr in zip(e.torch_keys, e.flax_paths, arrays):
+                    want = variables[path].get_value()
+                    if tuple(arr.shape) != tuple(want.shape):
+                        raise CheckpointError(
+                            f"{reader.root}: {k!r} converts to shape {list(arr.shape)} for "
+                            f"{'.'.join(map(str, path))}, model expects {list(want.shape)}"
+                        )
+                    var = variables[path]
+                    target_dtype = want.dtype if dtype is None else _cast_dtype(want.dtype, dtype, var)
+                    arr = arr.astype(target_dtype, copy=False)
+                    if mesh is not None:
+                        sharding = variable_sharding(var, mesh)
+                        filled[path] = jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])
+                    else:
+                        filled[path] = jax.device_put(arr)
+            del src, slots
+            if pbar:
+                pbar.update(1)
+    finally:
+        stage.release()
+        if pbar:
+            pbar.close()
     state = nnx.state(abstract_model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         var.set_value(filled[tuple(path)])
     nnx.update(abstract_model, state)
     return abstract_model
+
+
+def _is_plain(e: Entry) -> bool:
+    """Entries the device path may place itself: a pure transpose (Linear) or identity, tensor by tensor."""
+    return e.to_flax in (_transpose, _ident) and len(e.torch_keys) == len(e.flax_paths)
+
+
+def _read_ahead(entries: Sequence[Entry], read: Callable[[Entry], Any], depth: int) -> Iterator[Any]:
+    """``read(e)`` for each entry in order, up to ``depth`` entries ahead on one background thread."""
+    if depth <= 0:
+        yield from map(read, entries)
+        return
+    it = iter(entries)
+    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-read") as ex:
+        futs = deque(ex.submit(read, e) for _, e in zip(range(depth), it))
+        try:
+            while futs:
+                res = futs.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    futs.append(ex.submit(read, nxt))
+                yield res
+        finally:
+            for f in futs:
+                f.cancel()
+
+
+class _Slot:
+    """A reusable host staging buffer. ``taken``: holds a read whose entry is not placed yet; ``busy``:
+    the device array last computed from it (the buffer may be overwritten once that is ready)."""
+
+    def __init__(self) -> None:
+        self.buf: np.ndarray | None = None
+        self.busy: jax.Array | None = None
+        self.taken = False
+
+
+class _Staging:
+    """A ring of staging buffers, grown to the largest tensor seen and then reused (no page faults).
+
+    ``always``: stage every fast-path tensor (off the CPU backend, device_put always copies); otherwise
+    only those whose placement writes a new buffer (a transpose or a cast): the CPU backend adopts an
+    aligned host array as the device buffer itself, so that one must stay a fresh allocation.
+    """
+
+    def __init__(self, n: int, always: bool):
+        self.slots = [_Slot() for _ in range(max(n, 1))]
+        self.always = always
+        self.i = 0
+        self.lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> _Slot | None:
+        """A free slot of at least ``nbytes`` (None when all are taken: the caller reads into a fresh array)."""
+        with self.lock:
+            for j in range(len(self.slots)):
+                slot = self.slots[(self.i + j) % len(self.slots)]
+                if not slot.taken:
+                    slot.taken = True
+                    self.i += j + 1
+                    break
+            else:
+                return None
+        if slot.busy is not None:
+            slot.busy.block_until_ready()  # the DMA / transpose has finished reading this buffer
+            slot.busy = None
+        if slot.buf is None or slot.buf.nbytes < nbytes:
+            slot.buf = None
+            slot.buf = aligned_empty((nbytes,), np.uint8)
+        return slot
+
+    def done(self, slot: _Slot, arr: jax.Array) -> None:
+        """The entry read into ``slot`` is placed; ``arr`` is being computed from it."""
+        with self.lock:
+            slot.busy, slot.taken = arr, False
+
+    def release(self) -> None:
+        with self.lock:
+            for s in self.slots:
+                s.buf = s.busy = None
+
+
+def _read_slot(reader: SafetensorsReader, key: str, slot: _Slot) -> np.ndarray:
+    info = reader.infos[key]
+    dt = ST_TO_NP[info.dtype]
+    assert slot.buf is not None
+    view = slot.buf[: int(np.prod(info.shape, dtype=np.int64)) * dt.itemsize].view(dt).reshape(info.shape)
+    if isinstance(reader, SafetensorsReader):
+        return reader.read(key, out=view)
+    view[...] = reader.read(key)  # other readers (e.g. ComfyUI's fused-qkv view) return their own arrays
+    return view
+
+
+def _unadoptable(x: np.ndarray, staged: bool, sharding: Any) -> np.ndarray:
+    """``x``, or a copy of it where the device array could adopt a reused staging buffer.
+
+    The CPU backend adopts C-contiguous aligned host memory whatever ``may_alias`` says (jax 0.10.2):
+    an untransposed tensor, or the transposed view of an (n, 1) weight. A normal CPU load reads untransposed
+    tensors into fresh buffers, so this copies only such thin weights; accelerators always copy to device.
+    """
+    if not staged or not x.flags.c_contiguous:
+        return x
+    platform = (jax.devices()[0] if sharding is None else next(iter(sharding.device_set))).platform
+    return x.copy() if platform == "cpu" else x
+
+
+_PLACE_FNS: dict[tuple[Any, ...], Callable[[jax.Array], jax.Array]] = {}
+
+
+def _place_fn(shape: tuple[int, ...], src: np.dtype, dst: np.dtype, transpose: bool, sharding: Any) -> Any:
+    """The jitted (transpose +) cast into ``sharding``, compiled once per (shape, dtypes, sharding)."""
+    key = (shape, src, dst, transpose, sharding)
+    fn = _PLACE_FNS.get(key)
+    if fn is None:
+
+        def f(x: jax.Array) -> jax.Array:
+            return (x.T if transpose else x).astype(dst)  # [out, in] -> [in, out]
+
+        fn = _PLACE_FNS[key] = jax.jit(f) if sharding is None else jax.jit(f, out_shardings=sharding)
+    return fn
+
+
+def _place_plain(
+    raw: np.ndarray, dst: np.dtype, transpose: bool, sharding: Any, on_device: bool, staged: bool
+) -> jax.Array:
+    """Put ``raw`` (PyTorch layout, as stored) on the devices and finish it there.
+
+    A cast always runs on the device, fused with the transpose (one pass over the bytes). A transpose
+    without a cast runs on the device when ``on_device``; otherwise the host-to-device copy itself
+    transposes (``device_put`` of the transposed view: on the CPU backend PJRT's tiled transposing copy,
+    with no compile). ``staged``: ``raw`` is a reused staging buffer; every output here is a new device
+    buffer (a transpose, a cast or a forced copy), so the buffer is free once the output is ready.
+    """
+    if not transpose and raw.dtype == dst:
+        raw = _unadoptable(raw, staged, sharding)
+        if sharding is None:
+            return jax.device_put(raw)
+        return jax.make_array_from_callback(raw.shape, sharding, lambda idx: raw[idx])
+    if transpose and raw.dtype == dst and not on_device:
+        view = _unadoptable(raw.T, staged, sharding)  # [in, out]
+        if sharding is None:
+            return jax.device_put(view)
+        return jax.make_array_from_callback(view.shape, sharding, lambda idx: view[idx])
+    if sharding is None:
+        x = jax.device_put(raw)
+    else:
+        spec = tuple(sharding.spec) + (None,) * (raw.ndim - len(sharding.spec))
+        in_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*reversed(spec)))
+        x = jax.make_array_from_callback(raw.shape, in_sharding if transpose else sharding, lambda idx: raw[idx])
+    return _place_fn(raw.shape, raw.dtype, dst, transpose, sharding)(x)
 
 
 def _cast_dtype(model_dtype: Any, requested: Any, var: nnx.Variable) -> Any:
