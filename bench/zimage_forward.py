@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -326,6 +327,129 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
     return out
 
 
+def part_gemm(args: argparse.Namespace) -> dict:
+    """Issue 10 item 1, bench-only variant: fused QKV (dim, 3*dim) and fused W1|W3 (dim, 2*ffn) kernels.
+
+    One main block at full width (random weights on the device), batch 1, the unified sequence. The fused
+    kernels are built ONCE from the block's own weights (concatenated along N); the model is unchanged. Times
+    (a) the GEMMs alone, separate vs fused, and (b) the whole jitted block, as the model computes it vs the
+    same block with the fused projections, with the outputs compared.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from tmp_jax.models.z_image import ZImageConfig
+    from tmp_jax.models.z_image import model as zm
+    from tmp_jax.models.z_image.config import BlockSpec
+
+    kw, side, cap_len = shapes(args)
+    cfg = ZImageConfig(**kw)
+    res: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+    abstract = nnx.eval_shape(
+        lambda: zm.ZImageTransformerBlock(
+            cfg, BlockSpec(0, cfg.n_heads, cfg.ffn_dim), modulation=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+        )
+    )
+    gd, st = nnx.split(abstract)
+
+    @partial(jax.jit, static_argnums=(1, 2))
+    def gen(key: jax.Array, shape: tuple, kind: str) -> jax.Array:
+        z = jax.random.normal(key, shape, jnp.float32)
+        z = z / np.sqrt(shape[0]) if kind == "kernel" else (1.0 + 0.1 * z if kind == "weight" else 0.1 * z)
+        return z.astype(jnp.bfloat16)
+
+    leaves = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(st)):
+        name = str(path[-1])
+        kind = name if name in ("kernel", "weight") else "other"
+        leaves.append((path, gen(jax.random.fold_in(jax.random.key(3), i), tuple(var.get_value().shape), kind)))
+    blk = nnx.merge(gd, nnx.from_flat_state(leaves))
+    gd, st = nnx.split(blk)
+    a, ff = blk.attention, blk.feed_forward
+    wq, wk, wv = a.to_q.kernel[...], a.to_k.kernel[...], a.to_v.kernel[...]
+    w1, w3 = ff.w1.kernel[...], ff.w3.kernel[...]
+    wqkv = jax.jit(lambda *w: jnp.concatenate(w, axis=1))(wq, wk, wv)  # [dim, 3 * inner], built once
+    w13 = jax.jit(lambda *w: jnp.concatenate(w, axis=1))(w1, w3)  # [dim, 2 * ffn], built once
+
+    T = (side // 2) ** 2 + cap_len + (-cap_len) % 32
+    ks = jax.random.split(jax.random.key(7), 2)
+    x = jax.random.normal(ks[0], (1, T, cfg.dim), jnp.bfloat16)
+    c = jax.random.normal(ks[1], (1, cfg.adaln_dim), jnp.bfloat16)
+    pos = np.stack([np.arange(T) % 600, np.arange(T) % 64, (np.arange(T) // 64) % 64], -1)[None].astype(np.int32)
+    cos, sin = zm.rope_cos_sin(cfg, jnp.asarray(pos))
+    mask = jnp.ones((1, 1, 1, T), bool)
+    res["tokens"] = T
+    d, ffn = cfg.dim, cfg.ffn_dim
+
+    def tf(ms: float, flop: float) -> float:
+        return flop / (ms / 1e3) / 1e12
+
+    # (a) GEMMs alone
+    qkv_flop, w13_flop = 2 * T * d * 3 * d, 2 * T * d * 2 * ffn
+    g = {
+        f"qkv separate (3 x N={d})": (jax.jit(lambda x, a, b, c: (x @ a, x @ b, x @ c)), (x, wq, wk, wv), qkv_flop),
+        f"qkv fused (N={3 * d})": (jax.jit(lambda x, w: x @ w), (x, wqkv), qkv_flop),
+        f"w1, w3 separate (2 x N={ffn})": (jax.jit(lambda x, a, b: (x @ a, x @ b)), (x, w1, w3), w13_flop),
+        f"w1|w3 fused (N={2 * ffn})": (jax.jit(lambda x, w: x @ w), (x, w13), w13_flop),
+    }
+    res["gemms"] = {}
+    for name, (f, xs, flop) in g.items():
+        ms = _time_pipelined(f, *xs)
+        res["gemms"][name] = {"ms": ms, "tflops": tf(ms, flop)}
+        print(f"[gemm] {name}: {ms:.3f} ms = {tf(ms, flop):.0f} TFLOP/s", flush=True)
+
+    # (b) whole block: as the model computes it vs with the fused projections (same math)
+    def plain_block(st, x, cos, sin, c):
+        return nnx.merge(gd, st)(x, mask, cos, sin, c)
+
+    def fused_block(st, wqkv, w13, x, cos, sin, c):
+        m = nnx.merge(gd, st)
+        s_msa, g_msa, s_mlp, g_mlp = m.modulation_terms(c)
+        at = m.attention
+        h = m.attention_norm1(x) * s_msa
+        B, L, _ = h.shape
+        qkv = (h @ wqkv).reshape(B, L, 3, at.heads, at.head_dim)  # [B, L, 3, N, D]: columns are q | k | v
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k = at.norm_q(q), at.norm_k(k)
+        o = zm._attention(zm.apply_rope(q, cos, sin), zm.apply_rope(k, cos, sin), v, mask)
+        x = x + g_msa * m.attention_norm2(at.to_out[0](o.reshape(B, L, -1)))
+        h = m.ffn_norm1(x) * s_mlp
+        u1, u3 = jnp.split(h @ w13, 2, axis=-1)
+        return x + g_mlp * m.ffn_norm2(m.feed_forward.w2(jax.nn.silu(u1) * u3))
+
+    y0 = jax.jit(plain_block)(st, x, cos, sin, c)
+    y1 = jax.jit(fused_block)(st, wqkv, w13, x, cos, sin, c)
+    y0f, y1f = y0.astype(jnp.float32), y1.astype(jnp.float32)
+    res["block_rel_l2"] = float(jnp.linalg.norm(y1f - y0f) / jnp.linalg.norm(y0f))
+    res["block_plain_ms"] = _time_pipelined(jax.jit(plain_block), st, x, cos, sin, c)
+    res["block_fused_ms"] = _time_pipelined(jax.jit(fused_block), st, wqkv, w13, x, cos, sin, c)
+    print(
+        f"[gemm] one main block, T={T}: as the model {res['block_plain_ms']:.3f} ms, fused QKV + W1|W3 "
+        f"{res['block_fused_ms']:.3f} ms ({res['block_plain_ms'] / res['block_fused_ms']:.3f}x); output rel. L2 "
+        f"{res['block_rel_l2']:.2e}",
+        flush=True,
+    )
+    return res
+
+
+def gemm_table(r: dict) -> str:
+    lines = [f"device: {r.get('device')}; one main block, batch 1, T = {r.get('tokens')}", "| variant | ms | TFLOP/s |"]
+    lines.append("|---|---|---|")
+    for name, v in r.get("gemms", {}).items():
+        lines.append(f"| {name} | {v['ms']:.3f} | {v['tflops']:.0f} |")
+    if "block_fused_ms" in r:
+        lines.append(f"| whole block, as the model | {r['block_plain_ms']:.3f} | |")
+        lines.append(
+            f"| whole block, fused QKV + W1\\|W3 (output rel. L2 {r['block_rel_l2']:.1e}) | "
+            f"{r['block_fused_ms']:.3f} | |"
+        )
+    if "error" in r:
+        lines.append(f"| error | {r['error']} | |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # PyTorch / diffusers
 
@@ -477,7 +601,10 @@ def table(results: dict, args: argparse.Namespace) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="small config (CPU smoke test)")
-    ap.add_argument("--part", choices=["all", "jax", "torch"], default="all")
+    ap.add_argument("--part", choices=["all", "jax", "torch", "gemm"], default="all")
+    ap.add_argument(
+        "--gemm-variants-only", action="store_true", help="only the fused-QKV / fused-W1|W3 block variants (JAX)"
+    )
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--cap-len", type=int, default=512)
     ap.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])
@@ -493,13 +620,15 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.part != "all":
-        res = part_jax(args) if args.part == "jax" else part_torch(args)
+        res = {"jax": part_jax, "torch": part_torch, "gemm": part_gemm}[args.part](args)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
     results: dict = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     start = time.time()
     plan = [("jax", "jax", [], None), ("torch", "torch", [], None)]
+    if args.gemm_variants_only:
+        plan = [("gemm", "gemm", [], None)]
     if args.extra_xla_flags:
         # same JAX forward under other XLA flags (first attention kernel, first batch size only)
         plan.append(
@@ -529,7 +658,7 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{key}.log").write_text("".join(lines))
             (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    tab = table(results, args)
+    tab = gemm_table(results["gemm"]) if args.gemm_variants_only else table(results, args)
     print(tab)
     if args.out:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))

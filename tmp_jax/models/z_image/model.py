@@ -117,7 +117,8 @@ def head_output_energy(o: jax.Array, w_out: jax.Array) -> jax.Array:
     is unchanged). Same quantity as the direct form: ``sum_bt o G o^T = sum_df (sum_bt o_d o_f) G_df``.
     """
     n, d = o.shape[-2], o.shape[-1]
-    hp = jax.lax.Precision.HIGHEST  # no TF32 for fp32 models; bf16 operands are exact either way
+    # fp32 models: no TF32 on GPU; bf16 operands keep the default (bf16 tensor-core GEMM, fp32 accumulation)
+    hp = jax.lax.Precision.HIGHEST if jnp.result_type(o, w_out) == jnp.float32 else None
     w = w_out.reshape(n, d, -1)  # [N, D, dim]
     gw = jnp.einsum("nde,nfe->ndf", w, w, precision=hp, preferred_element_type=jnp.float32)  # [N, D, D]
     go = jnp.einsum("btnd,btnf->ndf", o, o, precision=hp, preferred_element_type=jnp.float32)  # [N, D, D]
