@@ -70,6 +70,7 @@ class SearchConfig:
     mesh: str | None = None
     progress: bool = True
     summary: bool = True
+    task: str | None = None  # "t2i,ti2i" / "t2i:0.7,ti2i:0.3": tasks of the calibration set and their weights
 
 
 @dataclass
@@ -403,7 +404,12 @@ def _build_problem(cfg: SearchConfig) -> Problem:
         if e.name == "tmp_jax.problem":
             raise SearchError("tmp_jax.problem is not available in this checkout") from None
         raise
-    return build_problem(cfg.model, cfg.calib, cfg.mesh, cfg.seed, cfg.progress)
+    try:
+        return build_problem(cfg.model, cfg.calib, cfg.mesh, cfg.seed, cfg.progress, task=cfg.task)
+    except ValueError as e:
+        if str(e).startswith("--task"):  # a malformed --task or one the calibration set lacks: a config error
+            raise SearchError(str(e)) from None
+        raise
 
 
 def _precheck_budgets(cfg: SearchConfig) -> None:
@@ -430,6 +436,7 @@ def _signature(cfg: SearchConfig, strat: Strategy, budgets: list[Budget], proble
         "genes": genes,
         "n_samples_total": n_total,
         "fingerprint": str((getattr(problem, "source", {}) or {}).get("fingerprint", "")),
+        "task": cfg.task,
     }
 
 
@@ -591,6 +598,8 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         "model": config.model,
         "calib": config.calib,
         "mesh": config.mesh,
+        "task": config.task,
+        "task_weights": dict(getattr(problem, "task_weights", None) or {}),
     }
     plans, paths = [], []
     for i, b in enumerate(budgets):

@@ -7,8 +7,9 @@ spec's ``arch`` name; they never branch on the model type. Adding an architectur
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PathT = tuple[str | int, ...]
@@ -38,6 +39,39 @@ class ArchHooks:
     matched_features: Callable[[Any], tuple[int, ...]] | None = None  # student cfg -> teacher feature ids
     training_batch: Callable[..., dict] | None = None  # (cfg, data, batch, seed, step) -> calib batch
     save: Callable[..., Any] | None = None  # (model, folder, overwrite=) -> None
+    # --- tasks (T2I and TI2I editing) -----------------------------------------------------------
+    # the arch's fields above serve ``default_task``; ``tasks[name]`` overrides any of them (by field name:
+    # prepare_batch, forward, forward_pruned, collect_stats, forward_train, synthetic_calib, ...) for the
+    # micro-batches of that task. Generic code picks the hooks with ``hooks.for_task(task)``, never by model type.
+    default_task: str = "t2i"
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task_of: Callable[[dict], str] | None = None  # a raw micro-batch without a "task" tag -> its task
+
+    def task_names(self) -> tuple[str, ...]:
+        return (self.default_task, *(t for t in self.tasks if t != self.default_task))
+
+    def for_task(self, task: str | None) -> ArchHooks:
+        """These hooks with ``task``'s overrides applied (``None`` = the default task)."""
+        if task is None or task == self.default_task:
+            return self
+        if task not in self.tasks:
+            raise ValueError(
+                f"arch {self.name!r} has no hooks for task {task!r} (it supports {', '.join(self.task_names())})"
+            )
+        key = (self.name, task)
+        if key not in _TASK_CACHE:
+            _TASK_CACHE[key] = dataclasses.replace(self, **self.tasks[task])
+        return _TASK_CACHE[key]
+
+    def batch_task(self, batch: dict) -> str:
+        """The task of a raw micro-batch (or of prepared inputs): its ``"task"`` tag, else ``task_of``."""
+        t = batch.get("task")
+        if isinstance(t, str):
+            return t
+        return self.task_of(batch) if self.task_of is not None else self.default_task
+
+
+_TASK_CACHE: dict[tuple[str, str], ArchHooks] = {}
 
 
 _REGISTRY: dict[str, ArchHooks] = {}
@@ -62,6 +96,8 @@ def runner_hooks(module: str) -> dict[str, Callable[..., Any]]:
 
 def register(h: ArchHooks) -> ArchHooks:
     _REGISTRY[h.name] = h
+    for k in [k for k in _TASK_CACHE if k[0] == h.name]:
+        del _TASK_CACHE[k]
     return h
 
 

@@ -38,25 +38,51 @@ FORMAT_VERSION = 1
 # Set format
 
 
-def write_calib(folder: str | Path, batches: list[dict[str, np.ndarray]], arch_name: str, task: str = "t2i") -> Path:
+def write_calib(folder: str | Path, batches: list[dict[str, Any]], arch_name: str, task: str | None = None) -> Path:
+    """Write a calibration set atomically (one safetensors file per micro-batch + ``calib.json``).
+
+    Every micro-batch carries its task: its own ``"task"`` entry (a string, e.g. ``"ti2i"``) if it has one,
+    else the arch's ``task_of`` (Z-Image: ``"ti2i"`` iff it has ``cond_latents``), else ``task`` (one task
+    name) or ``"t2i"``. The tag goes into the file's safetensors metadata and into ``calib.json``'s ``tasks`` list;
+    ``calib.json``'s ``task`` is the comma list of the tasks present (``"t2i"``, ``"t2i,ti2i"``)."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = []
+    hooks = _hooks_or_none(arch_name)
+    names, tags = [], []
     for i, b in enumerate(batches):
+        tag = b.get("task") if isinstance(b.get("task"), str) else None
+        if tag is None and hooks is not None and hooks.task_of is not None:
+            tag = hooks.task_of(b)
+        if tag is None:
+            tag = task if task and "," not in task else "t2i"
         name = f"batch-{i:05d}.safetensors"
         tmp = folder / f".{name}.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in b.items()}, str(tmp))
+        arrays = {k: np.ascontiguousarray(v) for k, v in b.items() if k != "task"}
+        save_file(arrays, str(tmp), metadata={"task": tag})
         os.replace(tmp, folder / name)
         names.append(name)
-    meta = {"format_version": FORMAT_VERSION, "arch": arch_name, "task": task, "batches": names}
+        tags.append(tag)
+    present = ",".join(dict.fromkeys(tags)) or (task or "t2i")
+    meta = {"format_version": FORMAT_VERSION, "arch": arch_name, "task": present, "batches": names, "tasks": tags}
     _atomic_write(folder / "calib.json", json.dumps(meta, indent=2).encode())
     return folder
 
 
-def load_calib(folder: str | Path, arch_name: str | None = None) -> list[dict[str, np.ndarray]]:
-    """Read a calibration set (safetensors + JSON only); clear one-line errors on bad input."""
+def _hooks_or_none(arch_name: str) -> Any:
+    try:
+        return arch.get(arch_name)
+    except KeyError:
+        return None
+
+
+def load_calib(folder: str | Path, arch_name: str | None = None) -> list[dict[str, Any]]:
+    """Read a calibration set (safetensors + JSON only); clear one-line errors on bad input.
+
+    Each micro-batch dict gets its task under ``"task"`` (a string): from ``calib.json``'s ``tasks`` list;
+    sets written before per-batch tags take the arch's ``task_of`` of the arrays, else ``calib.json``'s
+    ``task`` when it names one task."""
     from safetensors.numpy import load_file
 
     folder = Path(folder)
@@ -68,15 +94,67 @@ def load_calib(folder: str | Path, arch_name: str | None = None) -> list[dict[st
         raise ValueError(f"{p}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     if arch_name is not None and meta.get("arch") != arch_name:
         raise ValueError(f"{p}: calibration set is for arch {meta.get('arch')!r}, model is {arch_name!r}")
+    tags = meta.get("tasks")
+    if tags is not None and (not isinstance(tags, list) or len(tags) != len(meta["batches"])):
+        raise ValueError(f"{p}: 'tasks' must list one task per entry of 'batches' ({len(meta['batches'])})")
+    hooks = _hooks_or_none(str(meta.get("arch")))
+    single = meta.get("task") if isinstance(meta.get("task"), str) and "," not in meta.get("task") else None
     out = []
-    for name in meta["batches"]:
+    for i, name in enumerate(meta["batches"]):
         f = folder / name
         if not f.is_file():
             raise ValueError(f"{f}: batch listed in calib.json is missing")
-        out.append(load_file(str(f)))
+        b: dict[str, Any] = dict(load_file(str(f)))
+        if tags is not None:
+            b["task"] = str(tags[i])
+        elif hooks is not None and hooks.task_of is not None:
+            b["task"] = hooks.task_of(b)
+        else:
+            b["task"] = single or "t2i"
+        out.append(b)
     if not out:
         raise ValueError(f"{p}: no batches")
     return out
+
+
+def parse_task_weights(spec: str | None, present: list[str] | None = None) -> dict[str, float] | None:
+    """``"t2i,ti2i"`` (equal weights) or ``"t2i:0.7,ti2i:0.3"`` -> {task: weight}, weights summing to 1.
+
+    ``None`` -> equal weights over ``present`` (the tasks of the calibration set), or None without it.
+    Raises ValueError with a one-line message on a malformed spec."""
+    if spec is None:
+        return None if not present else {t: 1.0 / len(dict.fromkeys(present)) for t in dict.fromkeys(present)}
+    w: dict[str, float] = {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        name, _, val = item.partition(":")
+        name = name.strip()
+        if not name or name in w:
+            raise ValueError(f"--task {spec!r}: {'duplicate task ' + repr(name) if name else 'empty task name'}")
+        try:
+            v = float(val) if val else 1.0
+        except ValueError:
+            raise ValueError(f"--task {spec!r}: weight of {name!r} must be a number, got {val!r}") from None
+        if not np.isfinite(v) or v <= 0:
+            raise ValueError(f"--task {spec!r}: weight of {name!r} must be > 0, got {val!r}")
+        w[name] = v
+    if not w:
+        raise ValueError(f"--task {spec!r}: expected e.g. t2i,ti2i or t2i:0.7,ti2i:0.3")
+    total = sum(w.values())
+    return {k: v / total for k, v in w.items()}
+
+
+def select_tasks(batches: list[dict[str, Any]], weights: dict[str, float], where: str = "calibration set") -> list:
+    """The micro-batches of the weighted tasks (in set order); a weighted task without any is an error."""
+    have = [b.get("task", "t2i") for b in batches]
+    missing = [t for t in weights if t not in have]
+    if missing:
+        raise ValueError(
+            f"--task {missing[0]}: the {where} has no {missing[0]!r} micro-batches "
+            f"(it has {', '.join(dict.fromkeys(have))})"
+        )
+    return [b for b, t in zip(batches, have) if t in weights]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -108,9 +186,37 @@ def shard_inputs(inputs: dict[str, Any], mesh: jax.sharding.Mesh | None) -> dict
 
 @dataclass
 class Calibration:
-    inputs: list[dict[str, Any]]  # prepared model inputs per micro-batch
+    inputs: list[dict[str, Any]]  # prepared model inputs per micro-batch (each with its "task")
     teacher: list[np.ndarray]  # cached teacher outputs per micro-batch
-    stats: dict[tuple, np.ndarray]  # summed statistics by module path
+    stats: dict[tuple, np.ndarray]  # statistics by module path, the task sums combined by the weights
+    stats_by_task: dict[str, dict[tuple, np.ndarray]] | None = None  # summed statistics per task
+    weights: dict[str, float] | None = None  # the task weights ``stats`` was combined with
+
+    @property
+    def tasks(self) -> list[str]:
+        return [inp.get("task", "t2i") for inp in self.inputs]
+
+
+def combine_stats(
+    by_task: dict[str, dict[tuple, np.ndarray]], n_samples: dict[str, int], weights: dict[str, float] | None
+) -> dict[tuple, np.ndarray]:
+    """Per-task summed statistics -> one set for importance: ``sum_t w_t * S_t * N / N_t``.
+
+    ``S_t`` is task t's sum over its ``N_t`` samples and ``N`` the total: every task contributes its weight's
+    share of the total at the scale of a sum over all samples, whatever its sample count. One task: exactly its
+    sum. A statistic only one task sows (Z-Image's SigLIP refiner under TI2I) is combined the same way."""
+    if len(by_task) == 1 and (weights is None or len(weights) <= 1):
+        return dict(next(iter(by_task.values())))
+    if weights is None:
+        weights = {t: 1.0 / len(by_task) for t in by_task}
+    total = sum(n_samples[t] for t in by_task)
+    out: dict[tuple, np.ndarray] = {}
+    for t, stats in by_task.items():
+        f = weights.get(t, 0.0) * total / max(n_samples[t], 1)
+        for k, v in stats.items():
+            v = np.asarray(v, np.float64) * f
+            out[k] = out[k] + v if k in out else v
+    return out
 
 
 def calibrate(
@@ -122,6 +228,7 @@ def calibrate(
     progress: bool = False,
     streamed: bool | None = None,
     dtype: Any = None,
+    weights: dict[str, float] | None = None,
 ) -> Calibration:
     """Teacher outputs + summed statistics over all micro-batches (resumes from ``out``).
 
@@ -130,6 +237,10 @@ def calibrate(
     (:func:`tmp_jax.streamed_calibration.calibrate_streamed`, same result, only the stem and one block on the
     devices); None (default) streams when the parameters at ``dtype`` exceed half of the devices' memory,
     otherwise the checkpoint is loaded (onto ``mesh``) and calibrated in memory.
+
+    Mixed sets (T2I + TI2I): each micro-batch runs through its task's hooks (``hooks.for_task``); statistics
+    are summed per task (``Calibration.stats_by_task``) and combined with ``weights`` (task -> weight, default
+    equal over the tasks present) into ``Calibration.stats`` (:func:`combine_stats`).
     """
     if isinstance(model, str | os.PathLike):
         from tmp_jax import streamed_calibration as sc
@@ -137,6 +248,13 @@ def calibrate(
         if streamed is None:
             streamed = not sc.model_fits(model, dtype, mesh)
         if streamed:
+            h = arch.get(sc.checkpoint_arch(Path(model)))
+            other = sorted({h.batch_task(b) for b in batches} - {h.default_task})
+            if other:
+                raise ValueError(
+                    f"streamed (block-by-block) calibration covers {h.default_task} micro-batches only; "
+                    f"this set has {', '.join(other)} ones (calibrate a loaded model instead)"
+                )
             return sc.calibrate_streamed(model, batches, dtype=dtype, mesh=mesh, out=out, progress=progress)
         h = arch.get(sc.checkpoint_arch(Path(model)))
         model = h.load(str(model), dtype=jnp.float32 if dtype is None else dtype, mesh=mesh)
@@ -144,43 +262,88 @@ def calibrate(
         raise ValueError("streamed calibration reads the weights from the checkpoint: pass its path, not a model")
     hooks = arch.get(_arch_of(model))
     cfg = model.config
-    inputs = [shard_inputs(hooks.prepare_batch(cfg, b), mesh) for b in batches]
+    inputs = [shard_inputs(prepare(hooks, cfg, b), mesh) for b in batches]
     state_path = Path(out) / "calib_state.npz" if out is not None else None
-    done, teacher, stats = 0, [], {}
+    done, teacher, by_task = 0, [], {}
     if state_path is not None and state_path.is_file():
-        done, teacher, stats = _load_state(state_path)
+        done, teacher, by_task = _load_state(state_path, by_task=True)
     it = range(done, len(inputs))
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="calibration", unit="batch", initial=done, total=len(inputs))
     for i in it:
-        y, s = hooks.collect_stats(model, inputs[i])
+        task = inputs[i]["task"]
+        y, s = hooks.for_task(task).collect_stats(model, inputs[i])
         teacher.append(np.asarray(y))
+        acc = by_task.setdefault(task, {})
         for k, v in s.items():
-            stats[k] = stats[k] + v if k in stats else v
+            acc[k] = acc[k] + v if k in acc else v
         if state_path is not None:
-            _save_state(state_path, i + 1, teacher, stats)
-    return Calibration(inputs, teacher, stats)
+            _save_state(state_path, i + 1, teacher, by_task)
+    return finish(inputs, teacher, by_task, weights)
 
 
-def _load_state(path: Path) -> tuple[int, list[np.ndarray], dict[tuple, np.ndarray]]:
-    """(finished micro-batches, their teacher outputs, summed statistics) from a ``calib_state.npz``."""
+def prepare(hooks: arch.ArchHooks, cfg: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """A raw micro-batch -> model inputs through its task's ``prepare_batch``, tagged with that task."""
+    task = hooks.batch_task(batch)
+    inputs = hooks.for_task(task).prepare_batch(cfg, batch)
+    return {**inputs, "task": task}
+
+
+def finish(
+    inputs: list[dict[str, Any]],
+    teacher: list[np.ndarray],
+    by_task: dict[str, dict[tuple, np.ndarray]],
+    weights: dict[str, float] | None,
+) -> Calibration:
+    """The :class:`Calibration` of per-task summed statistics (combined by ``weights``, see :func:`combine_stats`)."""
+    n = {}
+    for inp, y in zip(inputs, teacher):
+        t = inp.get("task", "t2i")
+        n[t] = n.get(t, 0) + int(y.shape[0])
+    stats = combine_stats(by_task, n, weights) if by_task else {}
+    return Calibration(inputs, teacher, stats, by_task, weights)
+
+
+def _load_state(path: Path, by_task: bool = False) -> tuple[int, list[np.ndarray], dict]:
+    """(finished micro-batches, their teacher outputs, summed statistics) from a ``calib_state.npz``.
+
+    ``by_task``: statistics as {task: {path: sum}} (files without ``stat_tasks`` are all ``t2i``); else the flat
+    {path: sum} of a single-task file (what the streamed calibration reads and writes)."""
     z = np.load(path, allow_pickle=False)
     done = int(z["done"])
     teacher = [z[f"teacher_{i}"] for i in range(done)]
     keys = json.loads(str(z["stat_keys"]))
-    return done, teacher, {tuple(k): z[f"stat_{i}"] for i, k in enumerate(keys)}
+    tasks = json.loads(str(z["stat_tasks"])) if "stat_tasks" in z else ["t2i"] * len(keys)
+    per: dict[str, dict[tuple, np.ndarray]] = {}
+    for i, (t, k) in enumerate(zip(tasks, keys)):
+        per.setdefault(t, {})[tuple(k)] = z[f"stat_{i}"]
+    if by_task:
+        return done, teacher, per
+    if len(per) > 1:
+        raise ValueError(f"{path}: holds statistics of several tasks ({', '.join(per)}); read it with by_task=True")
+    return done, teacher, next(iter(per.values()), {})
 
 
-def _save_state(path: Path, done: int, teacher: list[np.ndarray], stats: dict[tuple, np.ndarray]) -> None:
+def _save_state(path: Path, done: int, teacher: list[np.ndarray], stats: dict) -> None:
+    """Write ``calib_state.npz`` atomically; ``stats`` is {path: sum} (one task, t2i) or {task: {path: sum}}."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(stats)
+    if stats and all(isinstance(k, str) for k in stats):
+        items = [(t, k, v) for t, st in stats.items() for k, v in st.items()]
+    else:
+        items = [("t2i", k, v) for k, v in stats.items()]
     arrays = {f"teacher_{i}": t for i, t in enumerate(teacher)}
-    arrays.update({f"stat_{i}": stats[k] for i, k in enumerate(keys)})
+    arrays.update({f"stat_{i}": v for i, (_, _, v) in enumerate(items)})
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calib_state.", suffix=".npz")
     os.close(fd)
-    np.savez(tmp, done=np.int64(done), stat_keys=np.array(json.dumps([list(k) for k in keys])), **arrays)
+    np.savez(
+        tmp,
+        done=np.int64(done),
+        stat_keys=np.array(json.dumps([list(k) for _, k, _ in items])),
+        stat_tasks=np.array(json.dumps([t for t, _, _ in items])),
+        **arrays,
+    )
     os.replace(tmp, path)
 
 

@@ -1,7 +1,7 @@
 """Recovery distillation of a pruned student from its unpruned teacher (optax, orbax, resumable).
 
     python -m tmp_jax.distill --plan OUT/plan.json --model SRC [--calib DIR | --data NPZ] [--steps N]
-                              [--out DIR] [--resume] [--mesh SPEC]
+                              [--out DIR] [--resume] [--mesh SPEC] [--task t2i:0.7,ti2i:0.3]
 
 The student is the plan's subnetwork materialised from the teacher (kept unit indices in ORIGINAL
 numbering). Loss = ``w_out`` * normalised MSE between student and teacher denoiser outputs on noised
@@ -14,6 +14,10 @@ cosine, global-norm clipping); the forward runs in ``--compute-dtype`` (bf16 on 
 block rematerialised (``jax.checkpoint``) and micro-batches accumulated. Orbax checkpoints every
 ``--save-every`` steps; ``--resume`` continues exactly (batches are a pure function of seed and step).
 A NaN/Inf loss stops the run with a clear message and keeps the last good checkpoint.
+
+Mixed T2I + TI2I calibration sets (``--calib`` with micro-batches of several tasks): each step draws a task by
+its ``--task`` weight (default: equal over the set's tasks), then one micro-batch of that task (a pure function
+of seed and step); each task's micro-batches run through that task's ``forward_train`` (``hooks.for_task``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class DistillConfig:
     remat: bool = True
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None  # "t2i,ti2i" / "t2i:0.7,ti2i:0.3": tasks of --calib to train on and their weights
 
 
 class NonFiniteLoss(RuntimeError):
@@ -108,13 +113,50 @@ def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
 
 
 def training_batches(cfg: DistillConfig, model_cfg: Any, arch_name: str) -> Any:
-    """A function step -> model inputs: noised data (``--data`` / embedded) or calibration inputs."""
+    """A function step -> model inputs: noised data (``--data`` / embedded) or calibration inputs.
+
+    Calibration inputs of one task cycle in set order (``step % n``). With several tasks (a mixed set, or
+    ``cfg.task``), step s draws a task with probability = its weight and one of its micro-batches uniformly,
+    from ``default_rng([seed, s])``: a pure function of seed and step, so a resumed run sees the same batches.
+    Inputs carry their ``"task"``, which picks the task's training forward (:meth:`Trainer.gradients`)."""
+    from tmp_jax.calibration import parse_task_weights, prepare, select_tasks
+
     hooks = arch.get(arch_name)
+    weights = parse_task_weights(cfg.task)
+    if weights is not None:
+        for t in weights:
+            try:
+                if hooks.for_task(t).forward_train is None:
+                    raise ValueError(f"arch {arch_name!r} cannot distil {t} micro-batches (no forward_train)")
+            except ValueError as e:
+                raise ValueError(f"--task {cfg.task}: {e}") from None
     if cfg.calib is not None:
         from tmp_jax.calibration import load_calib
 
-        prepared = [_arrays_only(hooks.prepare_batch(model_cfg, b)) for b in load_calib(cfg.calib, arch_name)]
-        return lambda step: prepared[step % len(prepared)]
+        batches = load_calib(cfg.calib, arch_name)
+        if weights is not None:
+            batches = select_tasks(batches, weights, f"calibration set {cfg.calib}")
+        prepared = [_arrays_only(prepare(hooks, model_cfg, b)) for b in batches]
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for x in prepared:
+            by_task.setdefault(x["task"], []).append(x)
+        w = weights or parse_task_weights(None, list(by_task))
+        if len(by_task) == 1:
+            return lambda step: prepared[step % len(prepared)]
+        names = list(w)
+        p = np.array([w[t] for t in names], np.float64)
+
+        def pick(step: int) -> dict[str, Any]:
+            rng = np.random.default_rng([cfg.seed, step])
+            items = by_task[names[int(rng.choice(len(names), p=p / p.sum()))]]
+            return items[int(rng.integers(len(items)))]
+
+        return pick
+    if weights is not None and set(weights) != {hooks.default_task}:
+        raise ValueError(
+            f"--task {cfg.task}: the {arch_name} data pipeline makes {hooks.default_task} batches only; "
+            "pass --calib with micro-batches of every task"
+        )
     if hooks.training_batch is None:
         raise ValueError(f"arch {arch_name!r} has no data pipeline for distillation; pass --calib DIR")
     return lambda step: _arrays_only(
@@ -123,8 +165,9 @@ def training_batches(cfg: DistillConfig, model_cfg: Any, arch_name: str) -> Any:
 
 
 def _arrays_only(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Drop static (string) entries so the inputs are a jit-able pytree; forwards use their default."""
-    return {k: v for k, v in inputs.items() if not isinstance(v, str)}
+    """Drop static (string) entries so the inputs are a jit-able pytree; forwards use their default.
+    The ``"task"`` tag stays: :meth:`Trainer.gradients` takes it out to pick the task's step."""
+    return {k: v for k, v in inputs.items() if k == "task" or not isinstance(v, str)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +228,8 @@ class Trainer:
     apply_fn: Any  # jit: (params, opt_state, grad_sum, n_micro) -> (params, opt_state); params, state donated
     t_state: Any  # the frozen teacher's state (its own arrays, not copied)
     micro: int | None  # micro-batch size (None: the whole batch at once)
+    task_steps: dict[str, Any] = field(default_factory=dict)  # task -> its grad_step (other than the default)
+    default_task: str = "t2i"  # the task ``grad_step`` runs
 
     def split_micro(self, inputs: dict, i: int) -> dict:
         b = inputs["mask"].shape[0]
@@ -194,13 +239,25 @@ class Trainer:
         return jax.tree.map(lambda x: x[sl] if hasattr(x, "shape") and x.ndim and x.shape[0] == b else x, inputs)
 
     def gradients(self, params: Any, inputs: dict) -> tuple[float, dict[str, float], Any, int]:
-        """(mean loss, mean loss parts, SUM of the micro-batch gradients, number of micro-batches)."""
+        """(mean loss, mean loss parts, SUM of the micro-batch gradients, number of micro-batches).
+
+        ``inputs["task"]`` (if present) picks that task's step (its training forward)."""
+        task = inputs.get("task", self.default_task)
+        inputs = {k: v for k, v in inputs.items() if k != "task"}
+        if task == self.default_task:
+            step = self.grad_step
+        elif task in self.task_steps:
+            step = self.task_steps[task]
+        else:
+            raise ValueError(
+                f"no distillation step for task {task!r} (have {self.default_task}, {list(self.task_steps)})"
+            )
         b = int(np.asarray(inputs["mask"]).shape[0])
         n_micro = max(1, math.ceil(b / (self.micro or b)))
         acc = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), params)
         loss_acc, parts_acc = 0.0, {"out": 0.0, "feat": 0.0}
         for i in range(n_micro):
-            loss, parts, acc = self.grad_step(params, self.t_state, self.split_micro(inputs, i), acc)
+            loss, parts, acc = step(params, self.t_state, self.split_micro(inputs, i), acc)
             loss_acc += float(loss) / n_micro
             parts_acc = {k: parts_acc[k] + float(parts[k]) / n_micro for k in parts_acc}
         return loss_acc, parts_acc, acc, n_micro
@@ -227,7 +284,6 @@ def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Traine
         raise ValueError(f"arch {teacher.ARCH!r} does not support distillation yet")
     matched = hooks.matched_features(student.config)  # student block j -> teacher feature index
     dtype = jnp.dtype(cfg.compute_dtype)
-    fwd = lambda m, x: hooks.forward_train(m, x, cfg.remat)  # noqa: E731
     opt = make_optimizer(cfg)
     s_gd, s_params = nnx.split(student, nnx.Param)
     # a jitted cast always writes new buffers (astype to the same dtype returns the input itself)
@@ -235,19 +291,32 @@ def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Traine
     t_gd, t_state = nnx.split(teacher)
     opt_state = opt.init(s_params)
 
-    def teacher_fwd(t_state: Any, inputs: dict) -> tuple:
-        return hooks.forward_train(nnx.merge(t_gd, t_state), inputs, False)
+    def make_grad_step(h: Any) -> Any:
+        """The jitted (params, t_state, inputs, acc) step of one task's training forward ``h.forward_train``."""
+        fwd = lambda m, x: h.forward_train(m, x, cfg.remat)  # noqa: E731
 
-    @partial(jax.jit, donate_argnums=(3,))
-    def grad_step(params: Any, t_state: Any, inputs: dict, acc: Any) -> tuple:
-        t_out, t_feats = teacher_fwd(t_state, inputs)
-        t_out, t_feats = jax.lax.stop_gradient((t_out.astype(jnp.float32), t_feats))
+        def teacher_fwd(t_state: Any, inputs: dict) -> tuple:
+            return h.forward_train(nnx.merge(t_gd, t_state), inputs, False)
 
-        def f(p: Any) -> tuple:
-            return _loss_fn(nnx.merge(s_gd, p), t_out, t_feats, inputs, matched, cfg.w_out, cfg.w_feat, fwd, dtype)
+        @partial(jax.jit, donate_argnums=(3,))
+        def grad_step(params: Any, t_state: Any, inputs: dict, acc: Any) -> tuple:
+            t_out, t_feats = teacher_fwd(t_state, inputs)
+            t_out, t_feats = jax.lax.stop_gradient((t_out.astype(jnp.float32), t_feats))
 
-        (loss, parts), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return loss, parts, jax.tree.map(jnp.add, acc, grads)
+            def f(p: Any) -> tuple:
+                return _loss_fn(nnx.merge(s_gd, p), t_out, t_feats, inputs, matched, cfg.w_out, cfg.w_feat, fwd, dtype)
+
+            (loss, parts), grads = jax.value_and_grad(f, has_aux=True)(params)
+            return loss, parts, jax.tree.map(jnp.add, acc, grads)
+
+        return grad_step
+
+    grad_step = make_grad_step(hooks)
+    task_steps = {
+        t: make_grad_step(hooks.for_task(t))
+        for t in hooks.tasks
+        if t != hooks.default_task and hooks.for_task(t).forward_train is not None
+    }
 
     @partial(jax.jit, donate_argnums=(0, 1))
     def apply_fn(params: Any, opt_state: Any, grad_sum: Any, n_micro: Any) -> tuple:
@@ -255,7 +324,8 @@ def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Traine
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    return Trainer(grad_step, apply_fn, t_state, cfg.micro_batch or cfg.batch_size), s_params, opt_state
+    trainer = Trainer(grad_step, apply_fn, t_state, cfg.micro_batch or cfg.batch_size, task_steps, hooks.default_task)
+    return trainer, s_params, opt_state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--mesh", help="device mesh, e.g. data:4,model:2 (default: all devices on data)")
     p.add_argument("--compute-dtype", default=d.get("compute_dtype", "float32"), choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--task",
+        default=None,
+        help="tasks of --calib to train on and their sampling weights: t2i,ti2i (equal) or t2i:0.7,ti2i:0.3 "
+        "(default: every task of the set, equal)",
+    )
     a = p.parse_args(argv)
     cfg = DistillConfig(
         plan=a.plan,
@@ -395,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=a.resume,
         mesh=a.mesh,
         compute_dtype=a.compute_dtype,
+        task=a.task,
     )
     try:
         res = run(cfg)

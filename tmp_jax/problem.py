@@ -1,12 +1,17 @@
 """The search problem: a teacher, its pruning tree, cached calibration outputs, and a fitness.
 
 Fitness of a genome = normalised discrepancy between the candidate's denoiser output and the cached
-teacher output over calibration micro-batches: ``sum ||y - y_T||^2 / sum ||y_T||^2`` over the
-output tokens that matter (image tokens), minimised. Candidates are evaluated with their own pruned
-widths: the teacher is permuted once into importance order, so every candidate is a set of prefix
-slices. Evaluation runs the permuted teacher's FULL parameters through per-sub-layer jitted functions that
-slice those prefixes inside the jit (``hooks.forward_pruned``), each compiled once per (sub-layer kind,
-width level): no model is built per candidate, and after warm-up nothing compiles.
+teacher output over calibration micro-batches: ``sum ||y - y_T||^2 / sum ||y_T||^2`` over the output
+tokens that matter (image tokens; for TI2I the target image's), minimised. A mixed set (T2I + TI2I
+micro-batches, each tagged with its task) gives the weighted mean of the per-task normalised
+discrepancies, ``sum_t w_t * (sum_t ||y - y_T||^2 / sum_t ||y_T||^2)``, with the ``--task`` weights.
+
+Candidates are evaluated with their own pruned widths: the teacher is permuted once into importance
+order, so every candidate is a set of prefix slices. Evaluation runs the permuted teacher's FULL
+parameters through per-sub-layer jitted functions that slice those prefixes inside the jit
+(``hooks.forward_pruned``), each compiled once per (sub-layer kind, width level): no model is built per
+candidate, and after warm-up nothing compiles. Each micro-batch runs through its own task's hooks
+(``hooks.for_task``); a task without ``forward_pruned`` falls back to a materialised candidate.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax import arch
-from tmp_jax.calibration import Calibration, calibrate, importance, load_calib, order_from_scores
+from tmp_jax.calibration import (
+    Calibration,
+    calibrate,
+    importance,
+    load_calib,
+    order_from_scores,
+    parse_task_weights,
+    select_tasks,
+)
 from tmp_jax.materialize import materialize, permute
 from tmp_jax.tree import Tree
 
@@ -46,7 +59,17 @@ def fingerprint(path: str | Path | None, config: dict[str, Any]) -> str:
 
 
 class PruningProblem:
-    def __init__(self, model: Any, calib: Calibration, *, source: dict[str, Any], levels: dict | None = None):
+    def __init__(
+        self,
+        model: Any,
+        calib: Calibration,
+        *,
+        source: dict[str, Any],
+        levels: dict | None = None,
+        task_weights: dict[str, float] | None = None,
+    ):
+        """``task_weights``: {task: weight} for the fitness (normalised to sum 1; default: the calibration's
+        weights, else equal over the tasks of its micro-batches). Every weighted task needs micro-batches."""
         self.arch = model.ARCH
         self.hooks = arch.get(self.arch)
         self.tree = Tree(self.hooks.build_spec(model.config), levels)
@@ -57,6 +80,15 @@ class PruningProblem:
         # permute once: every kept set becomes a prefix (function-preserving)
         self.model = permute(nnx.clone(model), self.tree, self.order)
         self.calib = calib
+        tasks = calib.tasks
+        w = task_weights or calib.weights or parse_task_weights(None, tasks)
+        missing = [t for t in w if t not in tasks]
+        if missing:
+            raise ValueError(f"task weight for {missing[0]!r}, but the calibration has no {missing[0]!r} micro-batches")
+        total = sum(w.values())
+        self.task_weights = {t: float(v) / total for t, v in w.items()}
+        # micro-batch indices per weighted task, in set order (the multi-fidelity prefix is taken per task)
+        self.task_batches = {t: [i for i, x in enumerate(tasks) if x == t] for t in self.task_weights}
         self.n_evals = 0
 
     def warmup(self) -> int:
@@ -83,17 +115,22 @@ class PruningProblem:
         """Normalised output error of each genome's candidate on the first ``n_samples`` calibration samples.
 
         Candidates are evaluated on the permuted teacher itself (``hooks.forward_pruned``: prefixes sliced
-        inside the per-sub-layer jitted functions), so nothing is materialised per candidate; an architecture
-        without that hook falls back to materialising each candidate."""
+        inside the per-sub-layer jitted functions), so nothing is materialised per candidate; a task (or an
+        architecture) without that hook falls back to materialising the candidate, once per genome."""
         genomes = np.atleast_2d(np.asarray(genomes))
         out = np.zeros(len(genomes))
         for i, g in enumerate(genomes):
             a = self.tree.decode(g)
-            if self.hooks.forward_pruned is not None:
-                run = lambda inputs, a=a: self.hooks.forward_pruned(self.model, self.tree, a, inputs)  # noqa: E731
-            else:
-                m = materialize(self.model, self.tree, a, None)
-                run = lambda inputs, m=m: self.hooks.forward(m, inputs)  # noqa: E731
+            built: list[Any] = []
+
+            def run(inputs: dict, a: Any = a, built: list = built) -> Any:
+                h = self.hooks.for_task(inputs.get("task"))
+                if h.forward_pruned is not None:
+                    return h.forward_pruned(self.model, self.tree, a, inputs)
+                if not built:  # the materialising fallback: one candidate per genome, shared by its tasks
+                    built.append(materialize(self.model, self.tree, a, None))
+                return h.forward(built[0], inputs)
+
             out[i] = self._error(run, n_samples)
             self.n_evals += 1
         return out
@@ -105,22 +142,40 @@ class PruningProblem:
         out = np.zeros(len(genomes))
         for i, g in enumerate(genomes):
             m = self.candidate(g)
-            out[i] = self._error(lambda inputs, m=m: self.hooks.forward(m, inputs), n_samples)
+            out[i] = self._error(
+                lambda inputs, m=m: self.hooks.for_task(inputs.get("task")).forward(m, inputs), n_samples
+            )
         return out
 
+    def task_errors(self, run: Any, n_samples: int | None = None) -> dict[str, float]:
+        """Per task: ``sum ||y - y_T||^2 / sum ||y_T||^2`` over the masked output of its first micro-batches.
+
+        With ``n_samples`` (multi-fidelity) each task takes its first micro-batches until it has seen
+        ``ceil(n_samples * N_t / N)`` samples (N_t its samples, N all weighted tasks'), at least one
+        micro-batch: a low-fidelity evaluation sees every task in its set proportion."""
+        n_all = sum(int(self.calib.teacher[i].shape[0]) for ids in self.task_batches.values() for i in ids)
+        errs = {}
+        for t, ids in self.task_batches.items():
+            n_t = sum(int(self.calib.teacher[i].shape[0]) for i in ids)
+            quota = None if n_samples is None or n_samples >= n_all else max(1, -(-n_samples * n_t // n_all))
+            num = den = 0.0
+            seen = 0
+            for i in ids:
+                if quota is not None and seen >= quota:
+                    break
+                inputs, yt = self.calib.inputs[i], self.calib.teacher[i]
+                y = np.asarray(run(inputs), np.float64)
+                mask = np.asarray(inputs["mask"])[..., None]
+                num += float(np.sum(np.square(y - yt) * mask))
+                den += float(np.sum(np.square(yt.astype(np.float64)) * mask))
+                seen += int(yt.shape[0])
+            errs[t] = num / max(den, 1e-30)
+        return errs
+
     def _error(self, run: Any, n_samples: int | None) -> float:
-        """``sum ||y - y_T||^2 / sum ||y_T||^2`` over the masked output of the first ``n_samples`` samples."""
-        num = den = 0.0
-        seen = 0
-        for inputs, yt in zip(self.calib.inputs, self.calib.teacher):
-            if n_samples is not None and seen >= n_samples:
-                break
-            y = np.asarray(run(inputs), np.float64)
-            mask = np.asarray(inputs["mask"])[..., None]
-            num += float(np.sum(np.square(y - yt) * mask))
-            den += float(np.sum(np.square(yt.astype(np.float64)) * mask))
-            seen += int(yt.shape[0])
-        return num / max(den, 1e-30)
+        """The weighted mean of the per-task normalised discrepancies (:meth:`task_errors`)."""
+        errs = self.task_errors(run, n_samples)
+        return float(sum(self.task_weights[t] * e for t, e in errs.items()))
 
 
 def build_problem(
@@ -131,8 +186,12 @@ def build_problem(
     progress: bool = False,
     n_synthetic: int = 8,
     out: str | Path | None = None,
+    task: str | None = None,
 ) -> PruningProblem:
-    """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it."""
+    """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it.
+
+    ``task``: the ``--task`` spec (``"t2i,ti2i"``, ``"t2i:0.7,ti2i:0.3"``): only micro-batches of these tasks
+    are used, statistics and fitness are weighted per task. None: every task of the set, equal weights."""
     from tmp_jax.sharding import make_mesh, shard_module
 
     m_obj, path, name = _load_model(model)
@@ -143,11 +202,18 @@ def build_problem(
         "config": cfg_dict,
     }
     hooks = arch.get(m_obj.ARCH)
+    weights = parse_task_weights(task)
+    if weights is not None:
+        for t in weights:
+            try:
+                hooks.for_task(t)  # unknown task -> one-line error before any work
+            except ValueError as e:
+                raise ValueError(f"--task {task}: {e}") from None
     if calib is not None:
         batches = load_calib(calib, m_obj.ARCH)
     else:
         emb = _embedded_calib(m_obj.ARCH, path, m_obj.config)
-        if emb is not None:
+        if emb is not None and (weights is None or set(weights) == {hooks.default_task}):
             batches = emb
         else:
             warnings.warn(
@@ -155,12 +221,19 @@ def build_problem(
                 "real data gives better plans",
                 stacklevel=2,
             )
-            batches = hooks.synthetic_calib(m_obj.config, n_synthetic, 4, seed)
+            batches = []
+            for t in weights or [hooks.default_task]:
+                h = hooks.for_task(t)
+                if h.synthetic_calib is None:
+                    raise ValueError(f"arch {m_obj.ARCH!r} has no synthetic {t} calibration set: pass --calib")
+                batches += [{**b, "task": t} for b in h.synthetic_calib(m_obj.config, n_synthetic, 4, seed)]
+    if weights is not None:
+        batches = select_tasks(batches, weights, f"calibration set {calib}" if calib else "calibration set")
     msh = make_mesh(mesh) if mesh else None
     if msh is not None:
         shard_module(m_obj, msh)
-    cal = calibrate(m_obj, batches, mesh=msh, out=out, progress=progress)
-    return PruningProblem(m_obj, cal, source=source)
+    cal = calibrate(m_obj, batches, mesh=msh, out=out, progress=progress, weights=weights)
+    return PruningProblem(m_obj, cal, source=source, task_weights=weights)
 
 
 def load_tree(model: str | None) -> Tree:

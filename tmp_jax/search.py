@@ -35,6 +35,7 @@ examples:
   python -m tmp_jax.search --model ckpt/ --budget 4B --calib calib/ --out runs/4b
   python -m tmp_jax.search --model ckpt/ --budget 3B,4B,5B --generations 200   # a plan per budget
   python -m tmp_jax.search --model ckpt/ --budget 4B --strategy oneshot        # baseline
+  python -m tmp_jax.search --model omni/ --budget 4B --calib mixed/ --task t2i:0.7,ti2i:0.3   # T2I + editing
 """
 
 
@@ -67,6 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     p.add_argument("--mesh", default=None, help="device mesh spec for the fitness, e.g. data=8")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="tasks of the calibration set to use and their weights: t2i,ti2i (equal) or t2i:0.7,ti2i:0.3; "
+        "importance and fitness are the weighted per-task combinations (default: every task of the set, equal)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     return SearchConfig(
@@ -82,6 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         resume=a.resume,
         mesh=a.mesh,
         progress=not a.no_progress,
+        task=a.task,
     )
 
 

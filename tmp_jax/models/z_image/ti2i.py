@@ -10,9 +10,13 @@ None]``), and :func:`prepare_batch` into the padded arrays of :func:`make_omni_l
 mask of the target's tokens. A micro-batch is TI2I iff it has ``cond_latents``
 (:func:`is_ti2i_batch`); :func:`prepare_any` dispatches between this and the T2I runner.
 
-Not wired into calibration / search / distillation yet: :func:`forward` and :func:`collect_stats` are
-whole-model jitted functions, :func:`forward_train` the traceable distillation forward (the blockwise
-zero-recompile candidate runner covers T2I only; ``embed_omni`` / ``unify_omni`` are its omni pieces).
+Registered as the ``zimage`` arch's ``"ti2i"`` task hooks (``structure.HOOKS.tasks``), which calibration,
+search and distillation pick per micro-batch by its task tag: :func:`prepare_batch`, :func:`collect_stats`
+and :func:`forward` (whole-model jitted), :func:`forward_pruned` (the candidate evaluation on the permuted
+teacher: prefix slices inside the T2I runner's per-sub-layer jitted functions, zero recompiles after
+warm-up), :func:`forward_train` (the traceable distillation forward) and :func:`synthetic_ti2i_calib`.
+:func:`batch_from_args` is the inverse of :func:`model_args` (the dump script records diffusers' omni
+arguments with it).
 """
 
 from __future__ import annotations
@@ -258,3 +262,177 @@ def forward_train(model: ZImageTransformer, inputs: dict[str, Any], remat: bool 
         x = call(blk, x, mask, cos, sin, cond)
         feats.append(x)
     return model.all_final_layer[pk](x, cond), feats
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidate evaluation on the permuted teacher (the T2I runner's per-sub-layer jitted functions)
+
+
+class _OmniStem(nnx.Module):
+    """View of everything outside the prunable blocks on the omni path: the T2I stem plus the SigLIP
+    embedder, pad token and refiner (unprunable: the same full blocks for every candidate)."""
+
+    _embed_stream = ZImageTransformer._embed_stream  # what ``embed_omni`` calls on its ``self``
+
+    def __init__(self, m: ZImageTransformer):
+        from tmp_jax.models.z_image.runner import _Stem
+
+        stem = _Stem(m)
+        for k in ("t_embedder", "all_x_embedder", "all_final_layer", "cap_embedder", "x_pad_token", "cap_pad_token"):
+            setattr(self, k, getattr(stem, k))
+        self.config = stem.config.replace(siglip_feat_dim=m.config.siglip_feat_dim)
+        if m.config.siglip_feat_dim is not None:
+            self.siglip_embedder = m.siglip_embedder
+            self.siglip_pad_token = m.siglip_pad_token
+            self.siglip_refiner = m.siglip_refiner
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _omni_stem(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> dict:
+    """Omni embeddings + the (full, unprunable) SigLIP refiner: everything before the prunable stacks."""
+    from tmp_jax.models.z_image.model import _key_mask
+
+    stem = nnx.merge(gd, state)
+    e = ZImageTransformer.embed_omni(stem, arrays, t, pk)
+    if "sig" in e:
+        sig, m_sig = e["sig"], _key_mask(arrays["sig_valid"])
+        for blk in stem.siglip_refiner:
+            sig = blk(sig, m_sig, *e["sig_cs"])
+        e["sig"] = sig
+    return e
+
+
+@jax.jit
+def _unify_omni(arrays: dict, img: jax.Array, cap: jax.Array, sig: Any, e: dict) -> tuple:
+    return ZImageTransformer.unify_omni(None, arrays, img, cap, sig, e)
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _final_omni(gd: Any, state: Any, x: jax.Array, cond: tuple, pk: str) -> jax.Array:
+    return nnx.merge(gd, state).all_final_layer[pk](x, cond)
+
+
+def compile_count() -> int:
+    """Compiled variants of the omni stem / unify / final functions (the blocks are the T2I runner's)."""
+    return sum(f._cache_size() for f in (_omni_stem, _unify_omni, _final_omni))
+
+
+def forward_pruned(model: ZImageTransformer, tree: Any, a: Any, inputs: dict[str, Any]) -> jax.Array:
+    """The candidate ``a`` of the PERMUTED teacher on omni inputs, evaluated without building it.
+
+    Same result as ``forward(materialize(model, tree, a), inputs)``: the prunable blocks run through the T2I
+    runner's per-sub-layer functions (as in :func:`tmp_jax.models.z_image.runner.forward_pruned`: the
+    teacher's full sub-layer state sliced to the kept prefix inside the jit, compiled once per sub-layer kind
+    and width), with omni's per-token ``(c_noisy, c_clean, noise)`` conditioning; the stem, SigLIP refiner,
+    unify and final layer are width-free and compiled once per input shape."""
+    from tmp_jax.materialize import prefix_shapes
+    from tmp_jax.models.z_image.model import _key_mask
+    from tmp_jax.models.z_image.runner import _attn_cut, _ffn_cut, _Mod, _mod, _Sub, _sub_cut
+    from tmp_jax.models.z_image.structure import pruned_config
+
+    cfg = model.config
+    if cfg.is_pruned:
+        raise ValueError("forward_pruned evaluates candidates of the UNPRUNED (permuted) teacher")
+    new = pruned_config(cfg, tree, a)
+    plan: dict = {}
+
+    def shapes() -> dict:  # the slice plan, computed only when a new (block, width) cut is needed
+        if not plan:
+            plan.update(prefix_shapes(tree, a))
+        return plan
+
+    arrs, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
+    gd, st = nnx.split(_OmniStem(model))
+    e = _omni_stem(gd, st, arrs, t, pk)
+
+    def run(stack: str, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, c: Any) -> jax.Array:
+        blocks = getattr(model, stack)
+        for b in new.stack(stack):
+            blk = blocks[b.index]  # the teacher is unpruned: position == original index
+            if blk.modulation:
+                gd_m, st_m = nnx.split(_Mod(blk))
+                s_msa, g_msa, s_mlp, g_mlp = _mod(gd_m, st_m, c)
+            else:
+                s_msa = g_msa = s_mlp = g_mlp = None
+            if b.heads:
+                st_a = nnx.state(_Sub(blk.attention, blk.attention_norm1, blk.attention_norm2))
+                gd_a, cut = _sub_cut(cfg, stack, b.index, "attention", b.heads, st_a, shapes)
+                x = _attn_cut(gd_a, cut, st_a, x, mask, cos, sin, s_msa, g_msa)
+            if b.ffn_dim:
+                st_f = nnx.state(_Sub(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2))
+                gd_f, cut = _sub_cut(cfg, stack, b.index, "feed_forward", b.ffn_dim, st_f, shapes)
+                x = _ffn_cut(gd_f, cut, st_f, x, s_mlp, g_mlp)
+        return x
+
+    m_img, m_cap = _key_mask(jnp.asarray(arrs["img_valid"])), _key_mask(jnp.asarray(arrs["cap_valid"]))
+    img = run("noise_refiner", e["img"], m_img, *e["img_cs"], e["img_cond"])
+    cap = run("context_refiner", e["cap"], m_cap, *e["cap_cs"], None)
+    x, cos, sin, mask, cond = _unify_omni(arrs, img, cap, e.get("sig"), e)
+    x = run("layers", x, mask, cos, sin, cond)
+    return _final_omni(gd, st, x, cond, pk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording: diffusers' omni forward arguments -> one TI2I micro-batch
+
+
+def batch_from_args(
+    x: list[list[np.ndarray]],
+    t: np.ndarray,
+    cap_feats: list[list[np.ndarray]],
+    siglip_feats: list[list[np.ndarray | None]] | None,
+    image_noise_mask: list[list[int]],
+) -> dict[str, np.ndarray]:
+    """diffusers' omni forward arguments (nested per-sample lists, numpy) -> a TI2I micro-batch.
+
+    The inverse of :func:`model_args` for the pipeline's layout: per sample, clean conditions first, the
+    noisy target last (``image_noise_mask[b] == [0] * n + [1]``), ``siglip_feats[b]`` = ``[s_1..s_n, None]``
+    (or None). Zero-pads to the largest condition / segment / SigLIP grid of the batch."""
+    B = len(x)
+    if not (len(cap_feats) == len(image_noise_mask) == B) or np.asarray(t).reshape(-1).shape != (B,):
+        raise ValueError(f"omni arguments: x, t, cap_feats and image_noise_mask must have {B} samples each")
+    for b, m in enumerate(image_noise_mask):
+        if len(m) != len(x[b]) or list(m) != [0] * (len(m) - 1) + [1] or len(m) < 2:
+            raise ValueError(f"omni arguments: image_noise_mask[{b}] = {list(m)}: expected [0] * n + [1] with n >= 1")
+    conds = [xs[:-1] for xs in x]
+    K = max(len(c) for c in conds)
+    S = max(len(c) for c in cap_feats)
+    C, F = x[0][-1].shape[:2]
+    Hc = max(c.shape[2] for cs in conds for c in cs)
+    Wc = max(c.shape[3] for cs in conds for c in cs)
+    L = max(seg.shape[0] for segs in cap_feats for seg in segs)
+    D = cap_feats[0][0].shape[1]
+    cond = np.zeros((B, K, C, F, Hc, Wc), np.float32)
+    csz = np.zeros((B, K, 2), np.int32)
+    cap = np.zeros((B, S, L, D), np.float32)
+    lens = np.zeros((B, S), np.int32)
+    for b in range(B):
+        for j, c in enumerate(conds[b]):
+            cond[b, j, :, :, : c.shape[2], : c.shape[3]] = c
+            csz[b, j] = c.shape[2:4]
+        for j, seg in enumerate(cap_feats[b]):
+            cap[b, j, : seg.shape[0]] = seg
+            lens[b, j] = seg.shape[0]
+    out = {
+        "latents": np.stack([np.asarray(xs[-1], np.float32) for xs in x]),
+        "t": np.asarray(t, np.float32).reshape(-1),
+        "cond_latents": cond,
+        "cond_sizes": csz,
+        "cap_feats": cap,
+        "cap_lens": lens,
+    }
+    if siglip_feats is not None and any(s is not None for s in siglip_feats):
+        if any(s is None for s in siglip_feats):
+            raise ValueError("omni arguments: siglip_feats must be given for every sample or for none")
+        grids = [g for s in siglip_feats for g in s[:-1]]
+        if any(g is None for g in grids) or any(s[-1] is not None for s in siglip_feats):
+            raise ValueError("omni arguments: siglip_feats[b] must be one grid per condition, then None (target)")
+        Hs, Ws = max(g.shape[0] for g in grids), max(g.shape[1] for g in grids)
+        sf = np.zeros((B, K, Hs, Ws, grids[0].shape[2]), np.float32)
+        ssz = np.zeros((B, K, 2), np.int32)
+        for b, s in enumerate(siglip_feats):
+            for j, g in enumerate(s[:-1]):
+                sf[b, j, : g.shape[0], : g.shape[1]] = g
+                ssz[b, j] = g.shape[:2]
+        out["siglip_feats"], out["siglip_sizes"] = sf, ssz
+    return out
