@@ -22,7 +22,7 @@ import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,8 +442,10 @@ def load_into(
     pbar = _pbar(len(table.entries), "load", progress)
     filled: dict[PathT, jax.Array] = {}
 
+    single = jax.sharding.SingleDeviceSharding(_default_device()) if mesh is None else None
+
     def plan(e: Entry) -> list[tuple[Any, bool, Any]]:
-        """Per source tensor: (target dtype, transpose?, target sharding or None)."""
+        """Per source tensor: (target dtype, transpose?, target sharding)."""
         out = []
         for k, path in zip(e.torch_keys, e.flax_paths):
             var = variables[path]
@@ -457,15 +459,23 @@ def load_into(
                     f"{'.'.join(map(str, path))}, model expects {list(want.shape)}"
                 )
             tdt = np.dtype(want.dtype if dtype is None else _cast_dtype(want.dtype, dtype, var))
-            out.append((tdt, tr, variable_sharding(var, mesh) if mesh is not None else None))
+            out.append((tdt, tr, variable_sharding(var, mesh) if mesh is not None else single))
         return out
+
+    # Every plan up front (a table/model mismatch fails before any read), and the device programs
+    # compiled on a background thread in first-use order, overlapping the first reads.
+    plans = {id(e): plan(e) for e in table.entries if id(e) in fast}
+    for e in table.entries:
+        for k, (tdt, tr, sharding) in zip(e.torch_keys, plans.get(id(e), ())):
+            src_dt = ST_TO_NP[reader.infos[k].dtype]
+            if tdt != src_dt or (tr and on_device):
+                _precompile(_place_key(reader.infos[k].shape, src_dt, tdt, tr, sharding))
 
     def read_entry(e: Entry) -> tuple[Entry, list[np.ndarray], list[Any]]:
         if id(e) not in fast:
             return e, [reader.read(k) for k in e.torch_keys], []
-        p = plan(e)
         arrs, slots = [], []
-        for k, (tdt, tr, _) in zip(e.torch_keys, p):
+        for k, (tdt, tr, _) in zip(e.torch_keys, plans[id(e)]):
             info = reader.infos[k]
             src_dt = ST_TO_NP[info.dtype]
             slot = stage.acquire(info.end - info.start) if (tr or tdt != src_dt or stage.always) else None
@@ -476,7 +486,7 @@ def load_into(
     try:
         for e, src, slots in _read_ahead(table.entries, read_entry, read_ahead):
             if id(e) in fast:
-                for path, raw, slot, (tdt, tr, sharding) in zip(e.flax_paths, src, slots, plan(e)):
+                for path, raw, slot, (tdt, tr, sharding) in zip(e.flax_paths, src, slots, plans[id(e)]):
                     filled[path] = _place_plain(raw, tdt, tr, sharding, on_device, slot is not None)
                     if slot is not None:
                         stage.done(slot, filled[path])
@@ -509,6 +519,11 @@ def load_into(
         var.set_value(filled[tuple(path)])
     nnx.update(abstract_model, state)
     return abstract_model
+
+
+def _default_device() -> Any:
+    d = jax.config.jax_default_device
+    return d if isinstance(d, jax.Device) else jax.devices()[0]
 
 
 def _is_plain(e: Entry) -> bool:
@@ -610,24 +625,39 @@ def _unadoptable(x: np.ndarray, staged: bool, sharding: Any) -> np.ndarray:
     """
     if not staged or not x.flags.c_contiguous:
         return x
-    platform = (jax.devices()[0] if sharding is None else next(iter(sharding.device_set))).platform
+    platform = next(iter(sharding.device_set)).platform
     return x.copy() if platform == "cpu" else x
 
 
-_PLACE_FNS: dict[tuple[Any, ...], Callable[[jax.Array], jax.Array]] = {}
+_PLACE_FNS: dict[tuple[Any, ...], Future] = {}
+_COMPILER = ThreadPoolExecutor(1, thread_name_prefix="ckpt-compile")
 
 
-def _place_fn(shape: tuple[int, ...], src: np.dtype, dst: np.dtype, transpose: bool, sharding: Any) -> Any:
-    """The jitted (transpose +) cast into ``sharding``, compiled once per (shape, dtypes, sharding)."""
-    key = (shape, src, dst, transpose, sharding)
-    fn = _PLACE_FNS.get(key)
-    if fn is None:
+def _input_sharding(sharding: Any, shape: tuple[int, ...], transpose: bool) -> Any:
+    """Where the as-stored array is placed: the target sharding, or for a transpose the target's
+    PartitionSpec reversed, so every device holds exactly the block its output slice needs."""
+    if not transpose or not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*reversed(spec)))
+
+
+def _place_key(shape: tuple[int, ...], src: np.dtype, dst: np.dtype, transpose: bool, sharding: Any) -> tuple:
+    return (tuple(shape), np.dtype(src), np.dtype(dst), transpose, sharding)
+
+
+def _precompile(key: tuple) -> Future:
+    """Start compiling the (transpose +) cast for ``key`` on the compile thread (once per process)."""
+    fut = _PLACE_FNS.get(key)
+    if fut is None or (fut.done() and fut.exception() is not None):
+        shape, src, dst, transpose, sharding = key
 
         def f(x: jax.Array) -> jax.Array:
             return (x.T if transpose else x).astype(dst)  # [out, in] -> [in, out]
 
-        fn = _PLACE_FNS[key] = jax.jit(f) if sharding is None else jax.jit(f, out_shardings=sharding)
-    return fn
+        arg = jax.ShapeDtypeStruct(shape, src, sharding=_input_sharding(sharding, shape, transpose))
+        fut = _PLACE_FNS[key] = _COMPILER.submit(lambda: jax.jit(f, out_shardings=sharding).lower(arg).compile())
+    return fut
 
 
 def _place_plain(
@@ -635,29 +665,19 @@ def _place_plain(
 ) -> jax.Array:
     """Put ``raw`` (PyTorch layout, as stored) on the devices and finish it there.
 
-    A cast always runs on the device, fused with the transpose (one pass over the bytes). A transpose
-    without a cast runs on the device when ``on_device``; otherwise the host-to-device copy itself
-    transposes (``device_put`` of the transposed view: on the CPU backend PJRT's tiled transposing copy,
-    with no compile). ``staged``: ``raw`` is a reused staging buffer; every output here is a new device
-    buffer (a transpose, a cast or a forced copy), so the buffer is free once the output is ready.
+    ``sharding`` is the target (a NamedSharding, or a SingleDeviceSharding without a mesh). A cast always
+    runs on the device, fused with the transpose (one pass over the bytes). A transpose without a cast
+    runs on the device when ``on_device``; otherwise the host-to-device copy itself transposes
+    (``device_put`` of the transposed view: on the CPU backend PJRT's tiled transposing copy, with no
+    compile). ``staged``: ``raw`` is a reused staging buffer; every output here is a new device buffer
+    (a transpose, a cast or a forced copy), so the buffer is free once the output is ready.
     """
     if not transpose and raw.dtype == dst:
-        raw = _unadoptable(raw, staged, sharding)
-        if sharding is None:
-            return jax.device_put(raw)
-        return jax.make_array_from_callback(raw.shape, sharding, lambda idx: raw[idx])
+        return jax.device_put(_unadoptable(raw, staged, sharding), sharding)
     if transpose and raw.dtype == dst and not on_device:
-        view = _unadoptable(raw.T, staged, sharding)  # [in, out]
-        if sharding is None:
-            return jax.device_put(view)
-        return jax.make_array_from_callback(view.shape, sharding, lambda idx: view[idx])
-    if sharding is None:
-        x = jax.device_put(raw)
-    else:
-        spec = tuple(sharding.spec) + (None,) * (raw.ndim - len(sharding.spec))
-        in_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*reversed(spec)))
-        x = jax.make_array_from_callback(raw.shape, in_sharding if transpose else sharding, lambda idx: raw[idx])
-    return _place_fn(raw.shape, raw.dtype, dst, transpose, sharding)(x)
+        return jax.device_put(_unadoptable(raw.T, staged, sharding), sharding)  # [in, out]
+    compiled = _precompile(_place_key(raw.shape, raw.dtype, dst, transpose, sharding)).result()
+    return compiled(jax.device_put(raw, _input_sharding(sharding, raw.shape, transpose)))
 
 
 def _cast_dtype(model_dtype: Any, requested: Any, var: nnx.Variable) -> Any:
