@@ -102,3 +102,28 @@ def run_collecting(model: nnx.Module, body: Callable, *args: Any, static: tuple 
         stats[path] = host[off : off + n].reshape(shape).astype(dtype)
         off += n
     return out, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared statistic formulas
+
+
+def group_output_energy(o: jax.Array, w_out: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
+    """Per group g: ``sum_{b,t valid} ||o[b, t, g] @ W_g||^2`` with ``W_g`` = group g's rows of ``w_out``. -> (G,) fp32.
+
+    ``o``: (B, T, G, C) the attention output split into groups (a head, or a KV group's query heads), before the
+    output projection; ``w_out``: (G * C, dim); ``token_mask``: boolean (B, T) or None (padding excluded).
+    Computed as the Frobenius product ``<O_g^T O_g, W_g W_g^T>`` of two per-group Gram matrices (G, C, C), both
+    from the operands in their own dtype with fp32 accumulation: nothing of size (B, T, G, C) is written in fp32
+    and nothing of size (B, T, G, dim) at all; ``o`` is only read (the attention kernel is unchanged).
+    Equal to the direct form: ``sum_bt o G o^T = sum_cd (sum_bt o_c o_d) G_cd``; masked tokens are zeroed in one
+    operand (exact), which drops them from the sum.
+    """
+    g, c = o.shape[-2], o.shape[-1]
+    # fp32 operands: no TF32 on GPU; bf16 operands keep the default (bf16 tensor-core GEMM, fp32 accumulation)
+    hp = jax.lax.Precision.HIGHEST if jnp.result_type(o, w_out) == jnp.float32 else None
+    w = w_out.reshape(g, c, -1)  # [G, C, dim]
+    gw = jnp.einsum("gce,gde->gcd", w, w, precision=hp, preferred_element_type=jnp.float32)  # [G, C, C]
+    om = o if token_mask is None else jnp.where(token_mask.reshape(*token_mask.shape, 1, 1), o, jnp.zeros((), o.dtype))
+    go = jnp.einsum("btgc,btgd->gcd", om, o, precision=hp, preferred_element_type=jnp.float32)  # [G, C, C]
+    return jnp.sum(go * gw, axis=(1, 2))

@@ -34,8 +34,9 @@ Pruning support (off by default; normal runs, parameter counts and parity are un
   importance statistics (``nnx.Intermediate``), padding tokens excluded:
 
   - attention ``unit_stat`` ``[K]``: per KV group ``g``, ``sum_tokens ||o_g @ W_o[g]||^2``, the energy of the
-    group's query heads' contribution through ``o_proj`` (computed with the group Gram matrix
-    ``W_o[g] W_o[g]^T`` so no ``[tokens, K, hidden]`` tensor is materialised);
+    group's query heads' contribution through ``o_proj`` (computed as ``<O_g^T O_g, W_o[g] W_o[g]^T>``, two
+    per-group Gram matrices with fp32 accumulation, so no ``[tokens, K, hidden]`` tensor and no fp32 copy of
+    the attention output is materialised; :func:`tmp_jax.stats.group_output_energy`);
   - MoE ``unit_stat_experts`` ``[E]``: ``C_e + n_e * C / n`` with ``C_e = sum_{(t,j) routed to e} w_tj
     ||E_e(x_t)||`` (renormalised gate weight times the norm of the expert's output), ``n_e`` the number of
     (token, slot) pairs routed to ``e``, ``C = sum_e C_e``, ``n = sum_e n_e``: the output mass the expert
@@ -64,6 +65,7 @@ from flax import nnx
 
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.nn import Axes, Linear, RMSNorm, timestep_embedding
+from tmp_jax.stats import group_output_energy
 
 MOE_IMPLS = ("ragged", "dense")
 
@@ -591,11 +593,9 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale)  # [B, S, N, hd]
         if self.collect_stats:  # per KV group: energy of its query heads' contribution through o_proj
             kv, width = self.num_kv_heads, (self.num_heads // self.num_kv_heads) * self.head_dim
-            og = out.astype(jnp.float32).reshape(b, s, kv, width)  # [B, S, K, G*hd]
-            w = self.o_proj.kernel[...].astype(jnp.float32).reshape(kv, width, -1)  # [K, G*hd, H]
-            gram = jnp.einsum("kch,kdh->kcd", w, w)  # [K, G*hd, G*hd]
-            energy = jnp.sum(jnp.einsum("bskc,kcd->bskd", og, gram) * og, axis=-1)  # [B, S, K]
-            self.sow(nnx.Intermediate, "unit_stat", _masked_sum(energy, token_mask))
+            og = out.reshape(b, s, kv, width)  # [B, S, K, G*hd]: a KV group's query heads are contiguous
+            # <O_k^T O_k, W_k W_k^T> (fp32 accumulation, padding zeroed): no [B, S, K, G*hd] fp32 tensor
+            self.sow(nnx.Intermediate, "unit_stat", group_output_energy(og, self.o_proj.kernel[...], token_mask))
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 from tmp_jax.models.z_image.config import SEQ_MULTI_OF, SIGLIP_STACK, T_MID_DIM, BlockSpec, ZImageConfig
 from tmp_jax.nn import Linear, RMSNorm, timestep_embedding
+from tmp_jax.stats import group_output_energy
 
 # ----------------------------------------------------------------------------------------------
 # RoPE
@@ -111,18 +112,11 @@ def head_output_energy(o: jax.Array, w_out: jax.Array) -> jax.Array:
     """Per head n: ``sum_{b,t} ||o[b, t, n] @ W_n||^2`` with ``W_n`` = head n's rows of ``w_out``. -> (N,) fp32.
 
     ``o``: (B, T, N, D) attention output (the tensor the forward already has, before ``to_out``); ``w_out``:
-    (N * D, dim). Computed as ``<O_n^T O_n, W_n W_n^T>`` (Frobenius): two per-head Gram matrices (N, D, D), both
-    from the operands in their own dtype with fp32 accumulation, so nothing of size (B, T, N, D) is written in
-    fp32 and nothing of size (B, T, N, dim) at all. ``o`` is only read (the attention kernel, cuDNN flash on GPU,
-    is unchanged). Same quantity as the direct form: ``sum_bt o G o^T = sum_df (sum_bt o_d o_f) G_df``.
+    (N * D, dim). :func:`tmp_jax.stats.group_output_energy`: ``<O_n^T O_n, W_n W_n^T>`` from two per-head Gram
+    matrices (N, D, D) with fp32 accumulation, so nothing of size (B, T, N, D) is written in fp32 and the
+    attention (cuDNN flash on GPU) is unchanged.
     """
-    n, d = o.shape[-2], o.shape[-1]
-    # fp32 models: no TF32 on GPU; bf16 operands keep the default (bf16 tensor-core GEMM, fp32 accumulation)
-    hp = jax.lax.Precision.HIGHEST if jnp.result_type(o, w_out) == jnp.float32 else None
-    w = w_out.reshape(n, d, -1)  # [N, D, dim]
-    gw = jnp.einsum("nde,nfe->ndf", w, w, precision=hp, preferred_element_type=jnp.float32)  # [N, D, D]
-    go = jnp.einsum("btnd,btnf->ndf", o, o, precision=hp, preferred_element_type=jnp.float32)  # [N, D, D]
-    return jnp.sum(go * gw, axis=(1, 2))
+    return group_output_energy(o, w_out)
 
 
 # ----------------------------------------------------------------------------------------------
