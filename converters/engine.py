@@ -492,11 +492,11 @@ def load_into(
                         stage.done(slot, filled[path])
             else:
                 arrays = e.to_flax(src)
-                for k, path, arr in zip(e.torch_keys, e.flax_paths, arrays):
+                for path, arr in zip(e.flax_paths, arrays):  # a hook may split one key into several
                     want = variables[path].get_value()
                     if tuple(arr.shape) != tuple(want.shape):
                         raise CheckpointError(
-                            f"{reader.root}: {k!r} converts to shape {list(arr.shape)} for "
+                            f"{reader.root}: {e.torch_keys[0]!r} converts to shape {list(arr.shape)} for "
                             f"{'.'.join(map(str, path))}, model expects {list(want.shape)}"
                         )
                     var = variables[path]
