@@ -317,6 +317,17 @@ class SafetensorsReader:
                 self._fds[path] = fd
             return fd
 
+    def prefetch(self, keys: Iterable[str]) -> None:
+        """Ask the kernel to start reading these tensors into the page cache (asynchronous, no memory
+        of ours): with a cold cache the disk then works on the next tensors while this one is placed."""
+        for k in keys:
+            info = self.infos.get(k)
+            if info is not None:
+                try:
+                    os.posix_fadvise(self._fd(info.file), info.start, info.end - info.start, os.POSIX_FADV_WILLNEED)
+                except (AttributeError, OSError):
+                    return
+
     def close(self) -> None:
         """Close the shard descriptors (reads reopen them on demand)."""
         with self._fd_lock:
@@ -471,7 +482,13 @@ def load_into(
             if tdt != src_dt or (tr and on_device):
                 _precompile(_place_key(reader.infos[k].shape, src_dt, tdt, tr, sharding))
 
+    index = {id(e): i for i, e in enumerate(table.entries)}
+    prefetch = getattr(reader, "prefetch", None)
+
     def read_entry(e: Entry) -> tuple[Entry, list[np.ndarray], list[Any]]:
+        i = index[id(e)] + 1
+        if prefetch is not None and i < len(table.entries):
+            prefetch(table.entries[i].torch_keys)
         if id(e) not in fast:
             return e, [reader.read(k) for k in e.torch_keys], []
         arrs, slots = [], []
