@@ -550,3 +550,197 @@ def check_ti2i_layout(
     if bad:
         detail = "; ".join(f"row {b}: {why}" for b, why in sorted(bad.items()))
         raise ValueError(f"TI2I layout mismatch: {detail}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TI2I calibration micro-batches (the ``hunyuan`` arch's ``"ti2i"`` task hooks)
+# ----------------------------------------------------------------------------------------------------------
+# Format (docs/calibration-format.md, "TI2I micro-batches (HunyuanImage-3.0-Instruct)"); every row of a
+# micro-batch has the same image grids (one static layout, read from the array shapes, so one compile each):
+#   input_ids (B, S) int32, latents (B, C, h, w), timestep (B,) = sigma * 1000, valid_lengths (B,),
+#   target_start (B,) int32, cond_start (B, K) int32 (K >= 1),
+#   cond_latents_{k} (B, C, hc_k, wc_k) clean VAE latents, vit_features_{k} (B, hv_k, wv_k, vit_dim) SigLIP2
+#   patch grid (row-major), guidance (B,) iff cfg_distilled, timestep_r (B,) iff use_meanflow.
+TI2I_REQUIRED = ("input_ids", "latents", "timestep", "valid_lengths", "target_start", "cond_start")
+
+
+def is_ti2i_batch(batch: dict[str, Any]) -> bool:
+    return "cond_start" in batch
+
+
+def prepare_ti2i_batch(config: HunyuanImage3Config, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """TI2I micro-batch -> model inputs (arrays only: the layout is read from their shapes); the token layout
+    is checked on the host. ``mask`` (B, C, h): every output element is a target-image element."""
+    missing = [k for k in TI2I_REQUIRED if k not in batch]
+    if missing:
+        raise ValueError(f"HunyuanImage TI2I batch: missing array {missing[0]!r} (needs {', '.join(TI2I_REQUIRED)})")
+    ids = np.asarray(batch["input_ids"]).astype(np.int32)
+    lat = np.asarray(batch["latents"], np.float32)
+    if lat.ndim != 4 or lat.shape[1] != config.latent_channels:
+        raise ValueError(
+            f"HunyuanImage TI2I batch: latents must be (B, {config.latent_channels}, h, w), got {lat.shape}"
+        )
+    b = lat.shape[0]
+    cs = np.asarray(batch["cond_start"]).astype(np.int32)
+    if cs.ndim != 2 or cs.shape[0] != b or cs.shape[1] < 1:
+        raise ValueError(f"HunyuanImage TI2I batch: cond_start must be (B={b}, K >= 1), got {cs.shape}")
+    k = cs.shape[1]
+    conds, vits = [], []
+    for i in range(k):
+        for name in (f"cond_latents_{i}", f"vit_features_{i}"):
+            if name not in batch:
+                raise ValueError(f"HunyuanImage TI2I batch: cond_start has {k} images but {name!r} is missing")
+        c, v = np.asarray(batch[f"cond_latents_{i}"], np.float32), np.asarray(batch[f"vit_features_{i}"], np.float32)
+        if c.ndim != 4 or c.shape[:2] != (b, config.latent_channels):
+            raise ValueError(f"HunyuanImage TI2I batch: cond_latents_{i} must be (B, C, hc, wc), got {c.shape}")
+        if v.ndim != 4 or v.shape[0] != b:
+            raise ValueError(f"HunyuanImage TI2I batch: vit_features_{i} must be (B, hv, wv, vit_dim), got {v.shape}")
+        conds.append(c)
+        vits.append(v)
+    inputs: dict[str, Any] = {
+        "input_ids": ids,
+        "latents": lat,
+        "timestep": np.asarray(batch["timestep"], np.float32).reshape(b),
+        "valid_lengths": np.asarray(batch["valid_lengths"]).astype(np.int32).reshape(b),
+        "target_start": np.asarray(batch["target_start"]).astype(np.int32).reshape(b),
+        "cond_start": cs,
+        "cond_latents": tuple(conds),
+        "vit_features": tuple(vits),
+        "mask": np.ones((b, lat.shape[1], lat.shape[2]), bool),
+    }
+    for name, on in (("guidance", config.cfg_distilled), ("timestep_r", config.use_meanflow)):
+        if on and name not in batch:
+            raise ValueError(f"HunyuanImage TI2I batch: the model's <{name}> slot needs the array {name!r} (B,)")
+        if on:
+            inputs[name] = np.asarray(batch[name], np.float32).reshape(b)
+    check_ti2i_layout(ids, config, ti2i_layout_of(inputs), inputs["target_start"], cs)
+    return inputs
+
+
+def ti2i_layout_of(inputs: dict[str, Any]) -> TI2ILayout:
+    """The static layout of prepared TI2I inputs, from their array shapes (works on tracers)."""
+    return TI2ILayout(
+        target_hw=tuple(inputs["latents"].shape[2:]),
+        cond_vae_hw=tuple(tuple(c.shape[2:]) for c in inputs["cond_latents"]),
+        cond_vit_hw=tuple(tuple(v.shape[1:3]) for v in inputs["vit_features"]),
+    )
+
+
+def _ti2i_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        layout=ti2i_layout_of(inputs),
+        target_start=jnp.asarray(inputs["target_start"]),
+        cond_start=jnp.asarray(inputs["cond_start"]),
+        cond_latents=tuple(jnp.asarray(c) for c in inputs["cond_latents"]),
+        vit_features=tuple(jnp.asarray(v).reshape(v.shape[0], -1, v.shape[-1]) for v in inputs["vit_features"]),
+        guidance=None if inputs.get("guidance") is None else jnp.asarray(inputs["guidance"]),
+        timestep_r=None if inputs.get("timestep_r") is None else jnp.asarray(inputs["timestep_r"]),
+        valid_lengths=jnp.asarray(inputs["valid_lengths"]),
+    )
+
+
+def _model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in inputs.items() if k not in ("mask", "task")}
+
+
+def _forward_fn(gd: Any, state: Any, inputs: dict) -> jax.Array:
+    model = nnx.merge(gd, state)
+    return ti2i_forward(model, inputs["input_ids"], inputs["latents"], inputs["timestep"], **_ti2i_kwargs(inputs))
+
+
+_forward_jit = jax.jit(_forward_fn, static_argnums=(0,))
+
+
+def forward_ti2i(model: Any, inputs: dict[str, Any]) -> jax.Array:
+    """Velocity (B, C, h, w) of the target on prepared TI2I inputs (whole-model jit; compiled per model graph,
+    so evaluating candidates this way materialises each one: the correct, slower fallback path)."""
+    gd, st = nnx.split(model)
+    return _forward_jit(gd, st, _model_inputs(inputs))
+
+
+def _stats_fn(gd: Any, state: Any, inputs: dict) -> tuple:
+    model = nnx.merge(gd, state)
+    out = ti2i_forward(model, inputs["input_ids"], inputs["latents"], inputs["timestep"], **_ti2i_kwargs(inputs))
+    return out, nnx.pop(model, nnx.Intermediate)
+
+
+_stats_jit = jax.jit(_stats_fn, static_argnums=(0,))
+
+
+def collect_stats_ti2i(model: Any, inputs: dict[str, Any]) -> tuple[jax.Array, dict]:
+    """Teacher output and the statistics the decoder layers sow on TI2I inputs (same keys as T2I)."""
+    from tmp_jax.stats import flatten_intermediates, split_collecting
+
+    gd, st = split_collecting(model)
+    out, inter = _stats_jit(gd, st, _model_inputs(inputs))
+    return out, flatten_intermediates(jax.device_get(inter))
+
+
+def forward_train_ti2i(model: Any, inputs: dict[str, Any], remat: bool = True) -> tuple:
+    """Traceable TI2I forward for distillation: (velocity [B, C, h, w], hidden states after every layer)."""
+    from tmp_jax.models.hunyuan_image3.train import _layer_remat, _layer_train
+
+    t = jnp.asarray(inputs["timestep"])
+    e = ti2i_embed(model, jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["latents"]), t, **_ti2i_kwargs(inputs))
+    call = _layer_remat if remat else _layer_train
+    x, feats = e["embeds"], []
+    for layer in model.model.layers:
+        x, _ = call(layer, x, e["cos"], e["sin"], e["mask"], e["token_mask"])
+        feats.append(x)
+    h, w = inputs["latents"].shape[2:]
+    return t2i_head(model.final_layer, model.time_embed_2, x, e["image_index"], t, h, w), feats
+
+
+def synthetic_ti2i_calib(
+    config: HunyuanImage3Config, n: int, batch: int = 4, seed: int = 0, tokens: TI2ITokens | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Random TI2I micro-batches in the format above (tests / models without data): one condition image per
+    row (tiny: VAE 2x3, ViT 2x2, target 2x2 latents; full size: 1024^2 -> 64x64 VAE, 32x32 ViT), text
+    segments of random length, ``guidance`` / ``timestep_r`` when the config has those slots. ``tokens``: the
+    release's ``<boi>`` / ``<eoi>`` / ... ids (default: the last non-special ids of the vocabulary)."""
+    if config.vit_aligner is None:
+        raise ValueError("synthetic TI2I batches need an Instruct config (vit_aligner: the ViT feature width)")
+    rng = np.random.default_rng(seed)
+    tiny = config.hidden_size < 1024
+    side = config.image_base_size // config.vae_downsample_factor[0]
+    layout = (
+        TI2ILayout(target_hw=(2, 2), cond_vae_hw=((2, 3),), cond_vit_hw=((2, 2),))
+        if tiny
+        else TI2ILayout(target_hw=(side, side), cond_vae_hw=((side, side),), cond_vit_hw=((32, 32),))
+    )
+    ids = (config.image_token_id, config.timestep_token_id, config.pad_token_id, config.bos_token_id)
+    special = {t for t in (*ids, config.eos_token_id) if t is not None}
+    free = [i for i in range(config.vocab_size - 1, -1, -1) if i not in special]
+    if tokens is None:
+        tokens = TI2ITokens(*free[:5])
+    vocab = np.setdiff1d(np.arange(config.vocab_size), [*special, *free[:5]])
+    head = [] if config.bos_token_id is None else [config.bos_token_id]
+    tail = [] if config.eos_token_id is None else [config.eos_token_id]
+    lo, hi = (2, 6) if tiny else (16, 96)
+    vit_dim = int(config.vit_aligner["input_dim"])
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        segs = [
+            [head + rng.choice(vocab, int(rng.integers(lo, hi + 1))).tolist(), rng.choice(vocab, 2).tolist(), tail]
+            for _ in range(b)
+        ]
+        # one padded length for every micro-batch of the set: one compile
+        conds = sum(4 + sum(layout.cond_lengths(k)) for k in range(layout.num_cond))  # <boi> <ts> VAE <sep> ViT <eoi>
+        pad_to = len(head) + hi + 2 + len(tail) + conds + 2 + num_target_slots(config) + layout.num_target
+        rows = build_ti2i_batch(config, tokens, layout, segs, pad_to=pad_to)
+        mb = {
+            **rows,
+            "latents": rng.standard_normal((b, config.latent_channels, *layout.target_hw)).astype(np.float32),
+            "timestep": (1000.0 * rng.uniform(0.0, 1.0, b)).astype(np.float32),
+            "cond_latents_0": rng.standard_normal((b, config.latent_channels, *layout.cond_vae_hw[0])).astype(
+                np.float32
+            ),
+            "vit_features_0": rng.standard_normal((b, *layout.cond_vit_hw[0], vit_dim)).astype(np.float32),
+        }
+        if config.cfg_distilled:
+            mb["guidance"] = (1000.0 * rng.uniform(1.0, 8.0, b)).astype(np.float32)
+        if config.use_meanflow:
+            mb["timestep_r"] = (mb["timestep"] * rng.uniform(0.0, 1.0, b)).astype(np.float32)
+        out.append(mb)
+    return out

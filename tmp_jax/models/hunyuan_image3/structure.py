@@ -331,6 +331,24 @@ def _train() -> Any:  # Fashion-MNIST data, training forward and official-layout
     return train
 
 
+def _instruct() -> Any:  # HunyuanImage-3.0-Instruct TI2I micro-batches (lazy import)
+    from tmp_jax.models.hunyuan_image3 import instruct
+
+    return instruct
+
+
+# TI2I (Instruct) micro-batches: whole-model functions; candidates are evaluated on materialised models
+# (no forward_pruned: the correct, slower fallback of PruningProblem.fitness)
+TI2I_HOOKS: dict[str, Any] = {
+    "prepare_batch": lambda cfg, b: _instruct().prepare_ti2i_batch(cfg, b),
+    "forward": lambda m, x: _instruct().forward_ti2i(m, x),
+    "forward_pruned": None,
+    "collect_stats": lambda m, x: _instruct().collect_stats_ti2i(m, x),
+    "forward_train": lambda m, x, remat=True: _instruct().forward_train_ti2i(m, x, remat),
+    "synthetic_calib": lambda cfg, n, batch=4, seed=0: _instruct().synthetic_ti2i_calib(cfg, n, batch, seed),
+    "training_batch": None,  # no TI2I data pipeline: distil TI2I from a calibration set
+}
+
 HOOKS = arch.register(
     arch.ArchHooks(
         name="hunyuan",
@@ -350,5 +368,7 @@ HOOKS = arch.register(
         config_file_kind=lambda d: (
             d.get("model_type") == "hunyuan_image_3_moe" or "HunyuanImage3ForCausalMM" in d.get("architectures", [])
         ),
+        tasks={"ti2i": TI2I_HOOKS},
+        task_of=lambda b: "ti2i" if "cond_start" in b else "t2i",
     )
 )
