@@ -40,6 +40,9 @@ def setup(tmp_path_factory):
     ed = H.for_task("ti2i").synthetic_calib(CFG, 4, 2, 1)
     calib = write_calib(root / "calib", [t2i[0], ed[0], t2i[1], ed[1]], "hunyuan")
     cal = calibrate(model, load_calib(calib, "hunyuan"), weights={"t2i": 0.6, "ti2i": 0.4})
+    from tmp_jax.models.hunyuan_image3.train import save
+
+    save(model, root / "teacher")  # official layout: what --model reads
     return root, model, calib, cal
 
 
@@ -91,7 +94,6 @@ def _error(model, cal, task: str) -> float:
 def test_weighted_fitness_and_mixed_distillation(setup, tmp_path):
     from tmp_jax.distill import DistillConfig, build_pair
     from tmp_jax.distill import run as distill
-    from tmp_jax.models.hunyuan_image3.train import save
 
     root, model, calib, cal = setup
     p = PruningProblem(model, cal, source={}, task_weights={"t2i": 0.6, "ti2i": 0.4})
@@ -104,7 +106,6 @@ def test_weighted_fitness_and_mixed_distillation(setup, tmp_path):
     np.testing.assert_allclose(p.fitness(g[None]), p.fitness_materialized(g[None]), rtol=1e-6)
 
     folder = root / "teacher"
-    save(model, folder)
     tree = p.tree
     plan = write_plan(tmp_path / "plan.json", "hunyuan", folder, model, tree, g, None)
     dc = DistillConfig(
@@ -125,3 +126,20 @@ def test_weighted_fitness_and_mixed_distillation(setup, tmp_path):
     after_model = distill(dc)["student"]
     after = {t: _error(after_model, tcal, t) for t in ("t2i", "ti2i")}
     assert all(after[t] < 0.85 * before[t] for t in before), (before, after)  # measured 0.21->0.10, 0.24->0.18
+
+
+def test_mixed_search_end_to_end(setup, tmp_path):
+    """The CLI path on the Instruct checkpoint and the mixed set: 1 generation, a plan within budget."""
+    import json
+
+    from tmp_jax.search import main
+
+    root, _, calib, _ = setup
+    out = tmp_path / "s"
+    argv = ["--model", str(root / "teacher"), "--calib", str(calib), "--budget", "80%", "--out", str(out)]
+    rc = main([*argv, "--task", "t2i:0.6,ti2i:0.4", "--generations", "1", "--population", "2", "--no-progress"])
+    assert rc == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["search"]["task_weights"] == pytest.approx({"t2i": 0.6, "ti2i": 0.4})
+    assert plan["counts"]["after"]["params"] <= 0.8 * plan["counts"]["before"]["params"]
+    assert main([*argv, "--task", "t2i,edit"]) == 2  # an unknown task: one-line error, exit code 2
