@@ -119,9 +119,14 @@ def test_fitness_is_the_weighted_mean_of_task_errors(setup):
     f = p.fitness(g[None])[0]
     assert f == pytest.approx(0.7 * e_t2i + 0.3 * e_ti2i, rel=1e-6)
     assert q.fitness(g[None])[0] == pytest.approx(0.2 * e_t2i + 0.8 * e_ti2i, rel=1e-6)
-    # the TI2I fast path (prefix slices in the T2I runner's sub-layer functions) == the materialised one
+    # the TI2I fast path (prefix slices in the T2I runner's sub-layer functions) == the materialised one,
+    # and after warm-up no candidate of either task compiles anything
+    p.warmup()
+    n = p.compile_count()
     gs = np.stack([g, rng.integers(0, p.tree.max_levels() + 1)])
-    np.testing.assert_allclose(p.fitness(gs), p.fitness_materialized(gs), rtol=1e-6)
+    f = p.fitness(gs)
+    assert p.compile_count() == n
+    np.testing.assert_allclose(f, p.fitness_materialized(gs), rtol=1e-6)
     # multi-fidelity: 2 of 8 samples -> each task's first micro-batch (its share of the prefix)
     errs = p.task_errors(lambda x: H.for_task(x["task"]).forward(cand, x), n_samples=2)
     assert set(errs) == {"t2i", "ti2i"}
