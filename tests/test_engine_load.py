@@ -201,3 +201,17 @@ def test_thin_linears_not_adopted_from_staging(tmp_path):
         for i, layer in enumerate(m.layers):
             assert np.array_equal(np.asarray(layer.kernel.get_value()), sd[f"layers.{i}.weight"].T), (mode, i)
             assert np.array_equal(np.asarray(layer.bias.get_value()), sd[f"layers.{i}.bias"]), (mode, i)
+
+
+def test_device_cast_special_values_equal_numpy():
+    """The fused device transpose + cast rounds denormals, NaN, inf and ties exactly like numpy/ml_dtypes."""
+    rng = np.random.default_rng(1)
+    special = np.array([1e-40, -1e-40, 1e-45, 3e-39, np.nan, np.inf, -np.inf, -0.0, 1.0000001, 1 + 2**-8], np.float32)
+    x = np.concatenate([rng.standard_normal(40 * 16 - special.size - 64).astype(np.float32), special])
+    x = np.concatenate([x, (rng.standard_normal(64) * 1e-39).astype(np.float32)]).reshape(40, 16)
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for src, dst in [(x, BF16), (x.astype(BF16), np.dtype(np.float32)), (x, np.dtype(np.float16))]:
+        for tr in (True, False):
+            got = np.asarray(engine._place_plain(src, np.dtype(dst), tr, sh, True, False))
+            want = np.ascontiguousarray((src.T if tr else src).astype(dst))
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (src.dtype, dst, tr)
