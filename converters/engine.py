@@ -441,9 +441,9 @@ def load_into(
     variables = flat_variables(abstract_model)
     check_table_covers(table, variables)
     _check_source(reader, table)
-    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-    # On the CPU backend the "device" is this host: XLA's transpose measured no faster than PJRT's
-    # transposing copy (docs/benchmarks.md section 2) and costs a compile per shape, so auto = host there.
+    platform = (mesh.devices.flat[0] if mesh is not None else _default_device()).platform
+    # On the CPU backend the "device" is this host: XLA's transpose measured about as fast as PJRT's
+    # transposing copy, plus a compile per shape (docs/benchmarks.md section 2), so auto = host there.
     on_device = transpose_on == "device" or (transpose_on == "auto" and platform != "cpu")
     fast = {id(e) for e in table.entries if transpose_on != "legacy" and _is_plain(e)}
     # Reused staging buffers for fast-path tensors whose placement makes a new device buffer (all of
