@@ -63,7 +63,7 @@ def test_teacher_beats_random_init(teacher, test_split):
     imgs, labels = test_split.images[:128], test_split.labels[:128]
     mse_t = heldout_fm_mse(teacher, imgs, labels)
     mse_r = heldout_fm_mse(rand, imgs, labels)
-    # measured (CPU, 128 test images): teacher ~0.20; random init several times the target variance (~1.3)
+    # measured (CPU, 128 test images): teacher 0.194, random init 2.016
     assert mse_t < 0.3, mse_t
     assert mse_t < 0.2 * mse_r, (mse_t, mse_r)
 
@@ -115,9 +115,9 @@ def test_load_balance_loss():
 
 def test_search_and_distill_end_to_end(tmp_path):
     from search.engine import SearchConfig, run
-    from tmp_jax.distill import DistillConfig
+    from tmp_jax.distill import DistillConfig, build_pair
     from tmp_jax.distill import run as distill_run
-    from tmp_jax.evaluate import load
+    from tmp_jax.evaluate import heldout_inputs, load, velocity_gap
 
     res = run(
         SearchConfig(
@@ -134,19 +134,24 @@ def test_search_and_distill_end_to_end(tmp_path):
     assert plan["arch"] == "hunyuan" and 0 < plan["fitness"]["value"] < 1
     before, after = plan["counts"]["before"]["params"], plan["counts"]["after"]["params"]
     assert before == 4_852_676 and 0.4 * before < after <= 0.5 * before
-    out = distill_run(
-        DistillConfig(
-            plan=res.plan_paths[0],
-            model="hunyuan-fmnist",
-            out=tmp_path / "distill",
-            steps=2,
-            batch_size=4,
-            warmup=1,
-            save_every=2,
-            remat=False,
-            progress=False,
-        )
+    dcfg = DistillConfig(
+        plan=res.plan_paths[0],
+        model="hunyuan-fmnist",
+        out=tmp_path / "distill",
+        steps=8,
+        batch_size=8,
+        lr=1e-4,  # a short run: 1e-3 (the quality table's 40-step setting) first overshoots
+        warmup=2,
+        save_every=8,
+        remat=False,
+        progress=False,
     )
-    assert len(out["history"]) == 2 and all(np.isfinite(h[1]) for h in out["history"])
+    teacher, student0, _, _ = build_pair(dcfg)
+    out = distill_run(dcfg)
+    assert len(out["history"]) == 8 and all(np.isfinite(h[1]) for h in out["history"])
+    inputs = heldout_inputs(FMNIST_CONFIG, 32, seed=0)
+    gap0, gap1 = velocity_gap(student0, teacher, inputs)[0], velocity_gap(out["student"], teacher, inputs)[0]
+    # distillation recovers the pruned MoE on held-out data; measured (CPU, 32 test images): 0.0844 -> 0.0633 in 8 steps
+    assert gap1 < 0.9 * gap0, (gap0, gap1)
     student = load(tmp_path / "distill" / "weights")  # written in the official layout, read back
     assert student.ARCH == "hunyuan" and student.config.num_hidden_layers == out["student"].config.num_hidden_layers
