@@ -100,3 +100,31 @@ def test_fitness_equals_materialised_candidate(prob):
     c = prob.compile_count()
     np.testing.assert_array_equal(prob.fitness(gs[::-1]), fast[::-1])
     assert prob.compile_count() == c
+
+
+def test_warmup_genomes_cover_every_level_combination_per_node():
+    from tmp_jax.problem import warmup_genomes
+
+    tree = Tree(arch.get("hunyuan").build_spec(H_CFG), LEVELS)
+    gs = np.stack(warmup_genomes(tree))
+    mx = tree.max_levels()
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(tree.genes):
+        if g.kind != "keep":
+            for n in dict.fromkeys((g.node, *g.members)):  # a tied gene lists its own node again
+                groups.setdefault(n, []).append(i)
+    moe = [ix for ix in groups.values() if len(ix) > 1]
+    assert moe  # the MoE sub-layers carry two genes (experts, expert widths)
+    for ix in groups.values():
+        seen = {tuple(row) for row in gs[:, ix]}
+        assert len(seen) == int(np.prod([mx[i] + 1 for i in ix]))  # the full Cartesian product
+    keep = [i for i, g in enumerate(tree.genes) if g.kind == "keep"]
+    assert np.all(gs[:, keep] == mx[keep])
+
+
+def test_no_compiles_for_new_candidates_after_warmup(prob):
+    prob.warmup()
+    c = prob.compile_count()
+    gs = _genomes(prob.tree, 8, 7)  # genomes the fixture has not evaluated
+    assert np.all(np.isfinite(prob.fitness(gs)))
+    assert prob.compile_count() == c

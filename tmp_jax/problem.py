@@ -58,6 +58,30 @@ def fingerprint(path: str | Path | None, config: dict[str, Any]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def warmup_genomes(tree: Tree) -> list[np.ndarray]:
+    """Genomes that together visit, for every node, every combination of the levels of the genes acting
+    on it (keep genes at 'keep'). Generic: a gene acts on its ``node`` and on its tied ``members``."""
+    mx = tree.max_levels()
+    by_node: dict[str, list[int]] = {}
+    for i, g in enumerate(tree.genes):
+        if g.kind == "keep":
+            continue
+        for n in dict.fromkeys((g.node, *g.members)):
+            by_node.setdefault(n, []).append(i)
+    groups = list(dict.fromkeys(tuple(ix) for ix in by_node.values()))
+    sizes = [int(np.prod([mx[i] + 1 for i in ix])) for ix in groups]
+    out = []
+    for k in range(max(sizes, default=1)):
+        g = mx.copy()
+        for ix, size in zip(groups, sizes):
+            r = k % size
+            for i in ix:  # mixed-radix digits of r, one per gene of the group
+                g[i] = r % (mx[i] + 1)
+                r //= mx[i] + 1
+        out.append(g)
+    return out
+
+
 class PruningProblem:
     def __init__(
         self,
@@ -92,14 +116,17 @@ class PruningProblem:
         self.n_evals = 0
 
     def warmup(self) -> int:
-        """Compile every (stream, sub-layer, width level) variant once: afterwards evaluating any
-        candidate compiles nothing. Returns the number of compiled variants."""
-        mx = self.tree.max_levels()
-        keep = np.array([g.kind == "keep" for g in self.tree.genes])
-        for lvl in range(int(mx.max()) + 1):
-            g = np.where(keep, mx, np.minimum(lvl, mx))
+        """Compile every (stream, sub-layer, width-level combination) variant once: afterwards
+        evaluating any candidate compiles nothing. Returns the number of compiled variants.
+
+        A sub-layer's compiled function depends on every gene acting on its node (e.g. an MoE
+        sub-layer on its expert count AND its expert width), so each node walks the Cartesian product
+        of its genes' levels; nodes walk their products side by side, so the number of warm-up
+        evaluations is the largest product, not the sum."""
+        genomes = warmup_genomes(self.tree)
+        for g in genomes:
             self.fitness(g[None])
-        self.n_evals -= int(mx.max()) + 1  # warm-up evaluations are not search evaluations
+        self.n_evals -= len(genomes)  # warm-up evaluations are not search evaluations
         return self.compile_count()
 
     def n_samples_total(self) -> int:
