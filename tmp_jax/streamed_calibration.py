@@ -500,17 +500,11 @@ def _to_devices(carry: Carry, mesh: jax.sharding.Mesh | None) -> Carry:
 # Z-Image: embed -> noise_refiner (image stream) -> context_refiner (caption stream) -> unify -> layers -> head
 
 
-class _ZStem(nnx.Module):
-    """What Z-Image's embed / unify / final layer read: embedders, pad tokens, final layers, config."""
+def _z_stem(m: Any) -> nnx.Module:
+    """The runner's stem view (embedders, pad tokens, final layers, width-free config)."""
+    from tmp_jax.models.z_image.runner import _Stem
 
-    def __init__(self, m: Any):
-        self.t_embedder = m.t_embedder
-        self.all_x_embedder = m.all_x_embedder
-        self.all_final_layer = m.all_final_layer
-        self.cap_embedder = m.cap_embedder
-        self.x_pad_token = m.x_pad_token
-        self.cap_pad_token = m.cap_pad_token
-        self.config = m.config
+    return _Stem(m)
 
 
 def _z_embed(stem: Any, inp: dict, carry: None) -> Carry:
@@ -584,27 +578,18 @@ def _z_table(cfg: Any) -> Any:
     return zimage_key_table(cfg)
 
 
-register(StreamHooks("zimage", _z_config, _z_reader, _z_table, _ZStem, _z_schedule))
+register(StreamHooks("zimage", _z_config, _z_reader, _z_table, _z_stem, _z_schedule))
 
 
 # ----------------------------------------------------------------------------------------------
 # HunyuanImage-3.0: T2I embed -> decoder layers -> image head
 
 
-class _HStem(nnx.Module):
-    """What the T2I embed and head read (``lm_head`` / ``ln_f`` are not needed, so never loaded)."""
+def _h_stem(m: Any) -> nnx.Module:
+    """The runner's stem view (``lm_head`` / ``ln_f`` are not in it, so never loaded)."""
+    from tmp_jax.models.hunyuan_image3.runner import _Stem
 
-    def __init__(self, m: Any):
-        c = m.config
-        self.wte = m.model.wte
-        self.patch_embed = m.patch_embed
-        self.time_embed = m.time_embed
-        self.timestep_emb = m.timestep_emb
-        self.time_embed_2 = m.time_embed_2
-        self.final_layer = m.final_layer
-        self.image_token_id = c.image_token_id
-        self.head_dim = c.attention_head_dim
-        self.rope_theta = c.rope_theta
+    return _Stem(m)
 
 
 def _h_embed(stem: Any, inp: dict, carry: None) -> Carry:
@@ -660,4 +645,4 @@ def _h_table(cfg: Any) -> Any:
     return hunyuan_key_table(cfg)
 
 
-register(StreamHooks("hunyuan", _h_config, _h_reader, _h_table, _HStem, _h_schedule))
+register(StreamHooks("hunyuan", _h_config, _h_reader, _h_table, _h_stem, _h_schedule))

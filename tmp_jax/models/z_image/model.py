@@ -416,14 +416,18 @@ def unpatchify(
     cfg: ZImageConfig, out: np.ndarray | jax.Array, layout: Layout, patch_size: int, f_patch_size: int
 ) -> list[jax.Array]:
     """(B, T, patch_dim) unified outputs -> list of (C, F, H, W) images (image tokens come first)."""
-    pH = pW = patch_size
-    pF = f_patch_size
-    C = cfg.out_channels
-    res = []
-    for b, ((F, H, W), n) in enumerate(zip(layout.sizes, layout.ori_lens)):
-        tok = out[b, :n].reshape(F // pF, H // pH, W // pW, pF, pH, pW, C)  # [Ft, Ht, Wt, pF, pH, pW, C]
-        res.append(tok.transpose(6, 0, 3, 1, 4, 2, 5).reshape(C, F, H, W))
-    return res
+    p = (f_patch_size, patch_size, patch_size)
+    return [
+        _unpatch(out[b, :n], cfg.out_channels, size, p)
+        for b, (size, n) in enumerate(zip(layout.sizes, layout.ori_lens))
+    ]
+
+
+def _unpatch(tok: Any, C: int, size: tuple[int, int, int], p: tuple[int, int, int]) -> Any:
+    """(n, pF*pH*pW*C) tokens of one image -> (C, F, H, W) (inverse of the patchify in make_layout)."""
+    (F, H, W), (pF, pH, pW) = size, p
+    tok = tok.reshape(F // pF, H // pH, W // pW, pF, pH, pW, C)  # [Ft, Ht, Wt, pF, pH, pW, C]
+    return tok.transpose(6, 0, 3, 1, 4, 2, 5).reshape(C, F, H, W)
 
 
 def _key_mask(valid: jax.Array) -> jax.Array:
@@ -658,14 +662,10 @@ def unpatchify_omni(
     cfg: ZImageConfig, out: np.ndarray | jax.Array, layout: OmniLayout, patch_size: int, f_patch_size: int
 ) -> list[jax.Array]:
     """(B, T, patch_dim) unified omni outputs -> each sample's target (C, F, H, W)."""
-    pH = pW = patch_size
-    pF = f_patch_size
-    C = cfg.out_channels
-    res = []
-    for b, (off, n, (F, H, W)) in enumerate(layout.targets):
-        tok = out[b, off : off + n].reshape(F // pF, H // pH, W // pW, pF, pH, pW, C)  # [Ft, Ht, Wt, pF, pH, pW, C]
-        res.append(tok.transpose(6, 0, 3, 1, 4, 2, 5).reshape(C, F, H, W))
-    return res
+    p = (f_patch_size, patch_size, patch_size)
+    return [
+        _unpatch(out[b, off : off + n], cfg.out_channels, size, p) for b, (off, n, size) in enumerate(layout.targets)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -204,6 +204,47 @@ def _sub_cut(cfg: ZImageConfig, stack: str, pos: int, sub: str, width: int, stat
     return gd, _CUTS[key]
 
 
+class PrunedStacks:
+    """Runs the kept blocks of candidate ``a`` of the PERMUTED teacher ``model``, stack by stack, without
+    building the candidate: each sub-layer function takes the teacher's FULL sub-layer state and slices it
+    inside the jit to the prefix shapes of the tree's slice plan (computed only when a new (block, width)
+    cut is first needed). Shared by the T2I and the omni (TI2I) candidate evaluation."""
+
+    def __init__(self, model: ZImageTransformer, tree: Tree, a: Assignment):
+        cfg = model.config
+        if cfg.is_pruned:
+            raise ValueError("forward_pruned evaluates candidates of the UNPRUNED (permuted) teacher")
+        self.model, self.cfg = model, cfg
+        self.new = pruned_config(cfg, tree, a)
+        self._tree, self._a, self._plan = tree, a, {}
+
+    def _shapes(self) -> dict:
+        if not self._plan:
+            self._plan.update(prefix_shapes(self._tree, self._a))
+        return self._plan
+
+    def run(self, stack: str, x: jax.Array, mask: Any, cos: jax.Array, sin: jax.Array, c: Any) -> jax.Array:
+        """The kept blocks of ``stack`` on ``x``; ``c`` is the block conditioning (T2I: the adaLN input;
+        omni: the per-token (c_noisy, c_clean, noise) triple), passed to the adaLN projection as is."""
+        cfg, blocks = self.cfg, getattr(self.model, stack)
+        for b in self.new.stack(stack):
+            blk = blocks[b.index]  # the teacher is unpruned: position == original index
+            if blk.modulation:
+                gd_m, st_m = nnx.split(_Mod(blk))
+                s_msa, g_msa, s_mlp, g_mlp = _mod(gd_m, st_m, c)
+            else:
+                s_msa = g_msa = s_mlp = g_mlp = None
+            if b.heads:
+                st_a = nnx.state(_Sub(blk.attention, blk.attention_norm1, blk.attention_norm2))
+                gd_a, cut = _sub_cut(cfg, stack, b.index, "attention", b.heads, st_a, self._shapes)
+                x = _attn_cut(gd_a, cut, st_a, x, mask, cos, sin, s_msa, g_msa)
+            if b.ffn_dim:
+                st_f = nnx.state(_Sub(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2))
+                gd_f, cut = _sub_cut(cfg, stack, b.index, "feed_forward", b.ffn_dim, st_f, self._shapes)
+                x = _ffn_cut(gd_f, cut, st_f, x, s_mlp, g_mlp)
+        return x
+
+
 def forward_pruned(model: ZImageTransformer, tree: Tree, a: Assignment, inputs: dict[str, Any]) -> jax.Array:
     """The candidate ``a`` of the PERMUTED teacher ``model``, evaluated without building it.
 
@@ -213,46 +254,16 @@ def forward_pruned(model: ZImageTransformer, tree: Tree, a: Assignment, inputs: 
     (:func:`tmp_jax.materialize.prefix_shapes`), merged into the pruned sub-layer's graph (cached per
     width). Compiled once per (sub-layer kind, width); no per-candidate model, copy or host work.
     """
-    cfg = model.config
-    if cfg.is_pruned:
-        raise ValueError("forward_pruned evaluates candidates of the UNPRUNED (permuted) teacher")
-    new = pruned_config(cfg, tree, a)
-    plan: dict = {}
-
-    def shapes() -> dict:  # the slice plan, computed only when a new (block, width) cut is needed
-        if not plan:
-            plan.update(prefix_shapes(tree, a))
-        return plan
-
+    stacks = PrunedStacks(model, tree, a)
     arrs, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     gd, st = nnx.split(_Stem(model))
     e = _stem_embed(gd, st, arrs, t, pk)
     c = e["c"]
-
-    def run(stack: str, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        blocks = getattr(model, stack)
-        for b in new.stack(stack):
-            blk = blocks[b.index]  # the teacher is unpruned: position == original index
-            if blk.modulation:
-                gd_m, st_m = nnx.split(_Mod(blk))
-                s_msa, g_msa, s_mlp, g_mlp = _mod(gd_m, st_m, c)
-            else:
-                s_msa = g_msa = s_mlp = g_mlp = None
-            if b.heads:
-                st_a = nnx.state(_Sub(blk.attention, blk.attention_norm1, blk.attention_norm2))
-                gd_a, cut = _sub_cut(cfg, stack, b.index, "attention", b.heads, st_a, shapes)
-                x = _attn_cut(gd_a, cut, st_a, x, mask, cos, sin, s_msa, g_msa)
-            if b.ffn_dim:
-                st_f = nnx.state(_Sub(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2))
-                gd_f, cut = _sub_cut(cfg, stack, b.index, "feed_forward", b.ffn_dim, st_f, shapes)
-                x = _ffn_cut(gd_f, cut, st_f, x, s_mlp, g_mlp)
-        return x
-
     m_img, m_cap = _key_mask(jnp.asarray(arrs["img_valid"])), _key_mask(jnp.asarray(arrs["cap_valid"]))
-    img = run("noise_refiner", e["img"], m_img, *e["img_cs"])
-    cap = run("context_refiner", e["cap"], m_cap, *e["cap_cs"])
+    img = stacks.run("noise_refiner", e["img"], m_img, *e["img_cs"], c)
+    cap = stacks.run("context_refiner", e["cap"], m_cap, *e["cap_cs"], c)
     x, cos, sin, mask = _unify(arrs, img, cap, e)
-    x = run("layers", x, mask, cos, sin)
+    x = stacks.run("layers", x, mask, cos, sin, c)
     return _final(gd, st, x, c, pk)
 
 

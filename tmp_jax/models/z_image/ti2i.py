@@ -325,45 +325,14 @@ def forward_pruned(model: ZImageTransformer, tree: Any, a: Any, inputs: dict[str
     teacher's full sub-layer state sliced to the kept prefix inside the jit, compiled once per sub-layer kind
     and width), with omni's per-token ``(c_noisy, c_clean, noise)`` conditioning; the stem, SigLIP refiner,
     unify and final layer are width-free and compiled once per input shape."""
-    from tmp_jax.materialize import prefix_shapes
     from tmp_jax.models.z_image.model import _key_mask
-    from tmp_jax.models.z_image.runner import _attn_cut, _ffn_cut, _Mod, _mod, _Sub, _sub_cut
-    from tmp_jax.models.z_image.structure import pruned_config
+    from tmp_jax.models.z_image.runner import PrunedStacks
 
-    cfg = model.config
-    if cfg.is_pruned:
-        raise ValueError("forward_pruned evaluates candidates of the UNPRUNED (permuted) teacher")
-    new = pruned_config(cfg, tree, a)
-    plan: dict = {}
-
-    def shapes() -> dict:  # the slice plan, computed only when a new (block, width) cut is needed
-        if not plan:
-            plan.update(prefix_shapes(tree, a))
-        return plan
-
+    stacks = PrunedStacks(model, tree, a)
     arrs, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     gd, st = nnx.split(_OmniStem(model))
     e = _omni_stem(gd, st, arrs, t, pk)
-
-    def run(stack: str, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, c: Any) -> jax.Array:
-        blocks = getattr(model, stack)
-        for b in new.stack(stack):
-            blk = blocks[b.index]  # the teacher is unpruned: position == original index
-            if blk.modulation:
-                gd_m, st_m = nnx.split(_Mod(blk))
-                s_msa, g_msa, s_mlp, g_mlp = _mod(gd_m, st_m, c)
-            else:
-                s_msa = g_msa = s_mlp = g_mlp = None
-            if b.heads:
-                st_a = nnx.state(_Sub(blk.attention, blk.attention_norm1, blk.attention_norm2))
-                gd_a, cut = _sub_cut(cfg, stack, b.index, "attention", b.heads, st_a, shapes)
-                x = _attn_cut(gd_a, cut, st_a, x, mask, cos, sin, s_msa, g_msa)
-            if b.ffn_dim:
-                st_f = nnx.state(_Sub(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2))
-                gd_f, cut = _sub_cut(cfg, stack, b.index, "feed_forward", b.ffn_dim, st_f, shapes)
-                x = _ffn_cut(gd_f, cut, st_f, x, s_mlp, g_mlp)
-        return x
-
+    run = stacks.run
     m_img, m_cap = _key_mask(jnp.asarray(arrs["img_valid"])), _key_mask(jnp.asarray(arrs["cap_valid"]))
     img = run("noise_refiner", e["img"], m_img, *e["img_cs"], e["img_cond"])
     cap = run("context_refiner", e["cap"], m_cap, *e["cap_cs"], None)
