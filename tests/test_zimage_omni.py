@@ -285,3 +285,36 @@ def test_full_size_omni_accounting_matches_diffusers():
     assert tree.full["params"] == n_ref == 6_513_266_880
     n_sig = sum(p.numel() for k, p in ref.named_parameters() if k.startswith("siglip"))
     assert tree.full["params"] - n_sig == 6_154_908_736  # the T2I Turbo count
+
+
+@pytest.mark.parametrize(
+    "dropped, stock",
+    [(("layers.1",), True), (("noise_refiner.0", "context_refiner.0"), False)],
+    ids=["main-depth-stock", "refiner-depth-remote"],
+)
+def test_depth_only_omni_export_class(omni, tmp_path, dropped, stock):
+    """Depth-only plans on an Omni model: the stock class only while the refiners keep full depth (it builds
+    n_refiner_layers SigLIP refiner blocks, and that stack is never pruned); either way diffusers' omni
+    forward of the export equals the JAX materialised model."""
+    from diffusers import AutoModel
+
+    from converters.export import ExportConfig, export
+
+    _, _, folder = omni
+    src = load_zimage(folder)
+    tree = Tree(arch.get("zimage").build_spec(src.config))
+    g = tree.max_levels().copy()
+    names = [x.name for x in tree.genes]
+    for d in dropped:
+        g[names.index(f"{d}:keep")] = 0
+    a = tree.decode(g)
+    plan = write_plan(tmp_path / "plan.json", "zimage", folder, src, tree, g, None)
+    out = tmp_path / "pruned"
+    export(ExportConfig(plan=plan, model=folder, out=out, progress=False))
+    conf = json.loads((out / "config.json").read_text())
+    assert (conf["_class_name"] == "ZImageTransformer2DModel") is stock
+    pt = AutoModel.from_pretrained(str(out), trust_remote_code=not stock).eval()
+    assert len(pt.siglip_refiner) == src.config.n_refiner_layers
+    x, t, cap, sig, mask = _batch(seed=8)
+    small = materialize(src, tree, a, None)
+    _check(small(x, t, cap, siglip_feats=sig, image_noise_mask=mask), torch_forward_omni(pt, x, t, cap, sig, mask))
