@@ -117,12 +117,21 @@ class Export:
         method = qz.read_quantization(conf, str(folder / "config.json"))
         reader = SafetensorsReader(folder)
         quantized = {k[: -len(qz.SCALE_SUFFIX)] for k in reader.keys() if k.endswith(".weight" + qz.SCALE_SUFFIX)}
+        if quantized and method == "none":
+            raise CheckpointError(
+                f"{folder}: has {len(quantized)} '*{qz.SCALE_SUFFIX}' tensors (e.g. {qz.scale_key(min(quantized))!r}) "
+                "but config.json has no quantization_config"
+            )
         for k in quantized:
             if k not in reader:
                 raise CheckpointError(f"{folder}: scale {qz.scale_key(k)!r} has no weight {k!r}")
             want = qz.TAGS.get(method)
             if reader.infos[k].dtype != want:
                 raise CheckpointError(f"{reader.infos[k].file}: {k!r} is {reader.infos[k].dtype}, config says {want}")
+        # a quantised value tensor without its scale would be loaded as raw integers / fp8 codes
+        for k, info in reader.infos.items():
+            if info.dtype in qz.TAGS.values() and k not in quantized:
+                raise CheckpointError(f"{info.file}: {k!r} is {info.dtype} but has no {qz.scale_key(k)!r}")
         return cls(folder, conf, reader, method, quantized)
 
     def tensor(self, key: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -148,9 +157,23 @@ def build_zimage(ex: Export, dtype: torch.dtype, device: torch.device) -> nn.Mod
         model = cls.from_config(conf)
     swap_linears(model, ex.quantized)
     sd = {k: ex.tensor(k, dtype, device) for k in ex.reader.keys()}
-    missing, unexpected = model.load_state_dict(sd, strict=True, assign=True)
-    assert not missing and not unexpected
+    load_strict(model, sd, ex.folder)
     return model.eval()
+
+
+def load_strict(model: nn.Module, sd: dict[str, torch.Tensor], where: Path) -> None:
+    """``model.load_state_dict(sd, strict=True, assign=True)``; a key or shape mismatch is a one-line
+    CheckpointError naming the export folder and the first missing / unexpected key (not torch's traceback)."""
+    want = set(model.state_dict())
+    missing, unexpected = sorted(want - set(sd)), sorted(set(sd) - want)
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]!r})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})"] if unexpected else []
+        raise CheckpointError(f"{where}: tensors do not match {type(model).__name__}: {', '.join(parts)}")
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:  # size mismatches
+        raise CheckpointError(f"{where}: {' '.join(str(e).split())}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,10 +365,25 @@ class HunyuanDenoiser(nn.Module):
         return self.final_layer(x[rows[:, None], img_idx], self.time_embed_2(timestep), th, tw)
 
 
+def check_plan(plan: dict[str, Any], conf: dict[str, Any], where: str) -> None:
+    """A memory plan's offloaded experts exist in this export (a plan made for another export: a clear error)."""
+    layers = int(conf["num_hidden_layers"])
+    for la, es in plan["offloaded_experts"].items():
+        i = int(la)
+        if not 0 <= i < layers:
+            raise ValueError(f"{where}: offloaded experts of layer {i}, the export has {layers} layers")
+        n = _per_layer(conf["num_experts"], i)
+        bad = [e for e in es if not 0 <= int(e) < n]
+        if bad:
+            raise ValueError(f"{where}: offloaded expert {bad[0]} of layer {i}, the export's layer has {n} experts")
+
+
 def build_hunyuan(ex: Export, dtype: torch.dtype, device: torch.device, plan: dict[str, Any] | None) -> nn.Module:
     """The denoiser of a HunyuanImage export, loaded tensor by tensor under ``plan`` (None: all resident)."""
     import re
 
+    if plan is not None:
+        check_plan(plan, ex.conf, "--memory-plan")
     model = HunyuanDenoiser(ex.conf)
     swap_linears(model, ex.quantized)
     cpu_keys = set(plan["cpu_resident"]) if plan else set()
@@ -364,8 +402,7 @@ def build_hunyuan(ex: Export, dtype: torch.dtype, device: torch.device, plan: di
             continue
         want = torch.float32 if k.endswith("mlp.gate.wg.weight") else dtype  # the router stays fp32
         sd[k] = ex.tensor(k, want, device)
-    missing, unexpected = model.load_state_dict(sd, strict=True, assign=True)
-    assert not missing and not unexpected
+    load_strict(model, sd, ex.folder)
     if model.wte is None:
         raise CheckpointError(f"{ex.folder}: missing key 'model.wte.weight'")
     for i, layer in enumerate(model.model.layers):

@@ -1,0 +1,77 @@
+"""Bad-input paths found in review (run_torch / memory_plan / HunyuanImage training data / CLIs): each must end in
+a one-line error naming the file or field, never a traceback or a silent wrong result."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _qexport(folder: Path, tensors: dict, quant: str | None) -> Path:
+    """A minimal Z-Image-like export folder: config.json (+ an optional quantization_config) and one shard."""
+    from converters import quantize as qz
+
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = {"_class_name": "ZImageTransformer2DModel", "dim": 64}
+    if quant is not None:
+        conf["quantization_config"] = qz.quantization_config(quant, "zimage", [])
+    (folder / "config.json").write_text(json.dumps(conf))
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
+
+
+def test_run_torch_quantised_weight_without_scale(tmp_path):
+    from converters import run_torch as rt
+    from converters.engine import CheckpointError
+
+    w = np.zeros((4, 8), np.int8)
+    f = _qexport(tmp_path / "e", {"layers.0.attention.to_q.weight": w}, "int8")
+    with pytest.raises(CheckpointError, match=r"layers\.0\.attention\.to_q\.weight.*weight_scale"):
+        rt.Export.open(f)
+
+
+def test_run_torch_scales_without_quantization_config(tmp_path):
+    from converters import run_torch as rt
+    from converters.engine import CheckpointError
+
+    t = {"a.weight": np.zeros((4, 8), np.int8), "a.weight_scale": np.ones(4, np.float32)}
+    f = _qexport(tmp_path / "e", t, None)
+    with pytest.raises(CheckpointError, match="no quantization_config"):
+        rt.Export.open(f)
+
+
+def test_run_torch_extra_key_is_one_line_error(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from safetensors.numpy import load_file
+    from zimage_ref import save_diffusers, tiny_diffusers
+
+    from converters import run_torch as rt
+
+    folder = save_diffusers(tiny_diffusers(0), tmp_path / "z")
+    shard = folder / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(shard))
+    sd["layers.0.bogus.weight"] = np.zeros((2, 2), np.float32)
+    save_file(sd, str(shard))
+    rc = rt.main(["--model", str(folder), "--steps", "1", "--resolution", "32", "--device", "cpu", "--dtype", "fp32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "layers.0.bogus.weight" in err[0] and str(folder) in err[0], err
+
+
+def test_run_torch_plan_for_other_export():
+    from converters import run_torch as rt
+
+    conf = {"num_hidden_layers": 2, "num_experts": [4, 2]}
+    rt.check_plan({"offloaded_experts": {"0": [3], "1": [1]}, "cpu_resident": []}, conf, "p.json")
+    with pytest.raises(ValueError, match=r"p\.json: offloaded expert 2 of layer 1.*2 experts"):
+        rt.check_plan({"offloaded_experts": {"1": [2]}, "cpu_resident": []}, conf, "p.json")
+    with pytest.raises(ValueError, match=r"p\.json: offloaded experts of layer 2.*2 layers"):
+        rt.check_plan({"offloaded_experts": {"2": [0]}, "cpu_resident": []}, conf, "p.json")
