@@ -126,7 +126,13 @@ def make_plan(
     reader = SafetensorsReader(folder)
     c = ITEMSIZE[compute_dtype]
     nbytes = {k: i.end - i.start for k, i in reader.infos.items()}
-    img_tokens, seq = _tokens(conf, arch, resolution, text_tokens)
+    try:  # the config fields the estimate reads: a missing one is a one-line error naming it
+        img_tokens, seq = _tokens(conf, arch, resolution, text_tokens)
+        act = _hunyuan_activations(conf, seq, c) if arch == "hunyuan" else _zimage_activations(conf, seq, c)
+    except KeyError as e:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: lacks field {e.args[0]!r} (needed for the memory plan)"
+        ) from None
     scratch = max(
         [int(i.shape[0]) * int(i.shape[1]) * (4 + c) for i in reader.infos.values() if i.dtype in ("I8", "F8_E4M3")],
         default=0,
@@ -147,11 +153,9 @@ def make_plan(
                 experts[key] = experts.get(key, 0) + n
         skip = set(not_loaded) | set(cpu)
         resident_fixed = sum(n for k, n in nbytes.items() if k not in skip and not _EXPERT.match(k))
-        act = _hunyuan_activations(conf, seq, c)
     else:
         not_loaded, cpu, experts = [], [], {}
         resident_fixed = sum(nbytes.values())
-        act = _zimage_activations(conf, seq, c)
     fixed = resident_fixed + act + scratch + HEADROOM
     layers = sorted({layer for layer, _ in experts})
     offloaded = {layer: sorted(e for l2, e in experts if l2 == layer) for layer in layers}

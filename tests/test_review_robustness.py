@@ -75,3 +75,15 @@ def test_run_torch_plan_for_other_export():
         rt.check_plan({"offloaded_experts": {"1": [2]}, "cpu_resident": []}, conf, "p.json")
     with pytest.raises(ValueError, match=r"p\.json: offloaded experts of layer 2.*2 layers"):
         rt.check_plan({"offloaded_experts": {"2": [0]}, "cpu_resident": []}, conf, "p.json")
+
+
+def test_memory_plan_config_missing_field(tmp_path, capsys):
+    from converters import memory_plan as mp
+
+    f = tmp_path / "e"
+    f.mkdir()
+    (f / "config.json").write_text(json.dumps({"_class_name": "ZImageTransformer2DModel"}))  # no "dim"
+    save_file({"x": np.zeros(4, np.float32)}, str(f / "diffusion_pytorch_model.safetensors"))
+    rc = mp.main(["--model", str(f), "--target-memory", "24GB"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'dim'" in err[0] and "config.json" in err[0], err
