@@ -87,3 +87,23 @@ def test_memory_plan_config_missing_field(tmp_path, capsys):
     rc = mp.main(["--model", str(f), "--target-memory", "24GB"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "'dim'" in err[0] and "config.json" in err[0], err
+
+
+def test_hunyuan_training_data_bad_files(tmp_path):
+    from tmp_jax.models.hunyuan_image3 import train
+
+    cfg = train.FMNIST_CONFIG
+    with pytest.raises(ValueError, match=r"missing\.npz"):
+        train.training_batch(cfg, str(tmp_path / "missing.npz"), 2, 0, 0)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, latents=np.zeros((3, 4, 16, 16), np.float32), labels=np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match=r"bad\.npz: latents.*\(N, 4, 14, 14\)"):
+        train.training_batch(cfg, str(bad), 2, 0, 0)
+    n = tmp_path / "n.npz"
+    np.savez(n, latents=np.zeros((3, 4, 14, 14), np.float32), labels=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match=r"n\.npz: labels"):
+        train.training_batch(cfg, str(n), 2, 0, 0)
+    ok = tmp_path / "ok.npz"
+    np.savez(ok, latents=np.ones((3, 4, 14, 14), np.float32), labels=np.arange(3))
+    b = train.training_batch(cfg, str(ok), 2, 0, 0)
+    assert b["latents"].shape == (2, 4, 14, 14) and b["input_ids"].shape == (2, train.SEQ_LEN)

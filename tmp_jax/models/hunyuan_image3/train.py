@@ -197,6 +197,25 @@ def _subset(split: str) -> fm.Split:
     return _SUBSET[split]
 
 
+def _load_data(data: str) -> dict[str, np.ndarray]:
+    """The ``--data`` .npz (no pickles), its arrays checked: one-line errors naming the file and the array."""
+    want = f"latents (N, {fm.LATENT_CHANNELS}, {fm.LATENT_SIZE}, {fm.LATENT_SIZE}) and labels (N,)"
+    try:
+        z = np.load(data, allow_pickle=False)
+    except (OSError, ValueError) as e:  # missing, unreadable, or not an .npz (a pickle is refused)
+        raise ValueError(f"{data}: cannot read an .npz with {want} ({e})") from None
+    for k in ("latents", "labels"):
+        if k not in z:
+            raise ValueError(f"{data}: missing array {k!r} (expected {want})")
+    arrays = {"latents": z["latents"], "labels": z["labels"]}  # each read once
+    lat, lab = arrays["latents"].shape, arrays["labels"].shape
+    if len(lat) != 4 or tuple(lat[1:]) != (fm.LATENT_CHANNELS, fm.LATENT_SIZE, fm.LATENT_SIZE) or not lat[0]:
+        raise ValueError(f"{data}: latents has shape {lat}, expected {want}")
+    if lab != (lat[0],):
+        raise ValueError(f"{data}: labels has shape {lab}, expected ({lat[0]},) (one label per latent)")
+    return arrays
+
+
 def training_batch(cfg: HunyuanImage3Config, data: str | None, batch_size: int, seed: int, step: int) -> dict:
     """Noised training inputs for step ``step`` in the calibration format (a pure function of seed and step).
 
@@ -212,10 +231,7 @@ def training_batch(cfg: HunyuanImage3Config, data: str | None, batch_size: int, 
         x0 = fm.to_latents(split.images[idx])  # [B, 4, 14, 14]
         labels = split.labels[idx]
     else:
-        z = np.load(data, allow_pickle=False)
-        for k in ("latents", "labels"):
-            if k not in z:
-                raise ValueError(f"{data}: missing array {k!r} (expected latents (N, 4, 14, 14) and labels (N,))")
+        z = _load_data(data)
         idx = rng.integers(0, len(z["latents"]), batch_size)
         x0, labels = z["latents"][idx].astype(np.float32), z["labels"][idx]
     labels = np.where(rng.random(batch_size) < 0.1, fm.NULL_LABEL, labels)
