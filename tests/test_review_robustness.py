@@ -107,3 +107,17 @@ def test_hunyuan_training_data_bad_files(tmp_path):
     np.savez(ok, latents=np.ones((3, 4, 14, 14), np.float32), labels=np.arange(3))
     b = train.training_batch(cfg, str(ok), 2, 0, 0)
     assert b["latents"].shape == (2, 4, 14, 14) and b["input_ids"].shape == (2, train.SEQ_LEN)
+
+
+def test_search_mesh_help_example_is_a_valid_spec(capsys):
+    import re
+
+    from tmp_jax import search
+    from tmp_jax.sharding import make_mesh
+
+    with pytest.raises(SystemExit):
+        search.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    m = re.search(r"--mesh MESH (.*?)--", text)
+    example = re.search(r"e\.g\. (\S+?)\)?(?:\s|$)", m.group(1)).group(1)
+    make_mesh(example)  # the documented example is accepted (8 fake CPU devices)

@@ -67,7 +67,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
     p.add_argument("--generations", type=int, default=None, help="generations (iterative strategies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
-    p.add_argument("--mesh", default=None, help="device mesh spec for the fitness, e.g. data=8")
+    p.add_argument("--mesh", default=None, help="device mesh spec for the fitness, e.g. data:8")
     p.add_argument(
         "--task",
         default=None,
