@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--prompts needs --pipeline (a ZImagePipeline; an Omni checkpoint's transformer works there too)")
     if args.edits is not None and args.omni_pipeline is None:
         p.error("--edits needs --omni-pipeline (a ZImageOmniPipeline)")
+    if args.steps < 1 or args.every < 1:  # --every 0 divided by zero after the pipeline had loaded
+        raise SystemExit("--steps and --every must be >= 1")
 
     import torch
 

@@ -121,3 +121,16 @@ def test_search_mesh_help_example_is_a_valid_spec(capsys):
     m = re.search(r"--mesh MESH (.*?)--", text)
     example = re.search(r"e\.g\. (\S+?)\)?(?:\s|$)", m.group(1)).group(1)
     make_mesh(example)  # the documented example is accepted (8 fake CPU devices)
+
+
+def test_dump_calibration_rejects_nonpositive_counts(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import dump_calibration as dump
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    base = ["--pipeline", str(tmp_path / "no-such-pipeline"), "--prompts", str(prompts), "--out", str(tmp_path / "o")]
+    for flag in ("--every", "--steps"):
+        with pytest.raises(SystemExit, match=flag):  # before any model is loaded
+            dump.main([*base, flag, "0"])
+    assert not (tmp_path / "o").exists()
