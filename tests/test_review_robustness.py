@@ -134,3 +134,33 @@ def test_dump_calibration_rejects_nonpositive_counts(tmp_path):
         with pytest.raises(SystemExit, match=flag):  # before any model is loaded
             dump.main([*base, flag, "0"])
     assert not (tmp_path / "o").exists()
+
+
+def test_calibration_resume_state_of_another_set(tmp_path):
+    """A calib_state.npz (in-memory) or calib_stream/ state (streamed) left by another calibration set in the
+    same folder was resumed silently: teacher outputs of the other set, misaligned with the inputs."""
+    import jax.numpy as jnp
+
+    from tmp_jax import arch
+    from tmp_jax import streamed_calibration as sc
+    from tmp_jax.calibration import calibrate
+    from tmp_jax.models.z_image import TINY
+
+    h = arch.get("zimage")
+    model = h.init_random(TINY, jnp.float32, 0)
+    a, b = h.synthetic_calib(TINY, 8, 4, 0), h.synthetic_calib(TINY, 4, 4, 1)
+    calibrate(model, a, out=tmp_path / "m")
+    with pytest.raises(ValueError, match=r"calib_state\.npz: resume state of another calibration set"):
+        calibrate(model, b, out=tmp_path / "m")  # fewer micro-batches
+    b2 = h.synthetic_calib(TINY, 8, 4, 1)  # as many micro-batches, other data
+    with pytest.raises(ValueError, match="another calibration set"):
+        calibrate(model, b2, out=tmp_path / "m")
+    again = calibrate(model, a, out=tmp_path / "m")  # the same set still resumes
+    assert len(again.teacher) == len(again.inputs) == 2
+    # streamed: an interrupted run's per-micro-batch state of another set of the same size
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(str(ckpt))
+    root = tmp_path / "s" / sc.STREAM_DIR
+    sc._write_mb(root, 0, 1, 2, len(sc._z_schedule(TINY)), {"x": np.zeros(1)}, {}, sc.batches_signature(a))
+    with pytest.raises(ValueError, match="another calibration set"):
+        sc.calibrate_streamed(ckpt, b2, out=tmp_path / "s")

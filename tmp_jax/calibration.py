@@ -16,6 +16,7 @@ from disk (:mod:`tmp_jax.streamed_calibration`) when they do not fit, with the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -265,8 +266,9 @@ def calibrate(
     inputs = [shard_inputs(prepare(hooks, cfg, b), mesh) for b in batches]
     state_path = Path(out) / "calib_state.npz" if out is not None else None
     done, teacher, by_task = 0, [], {}
+    sig = batches_signature(batches) if state_path is not None else None
     if state_path is not None and state_path.is_file():
-        done, teacher, by_task = _load_state(state_path, by_task=True)
+        done, teacher, by_task = _load_state(state_path, by_task=True, sig=sig, n=len(inputs))
     it = range(done, len(inputs))
     if progress:
         from tqdm.auto import tqdm
@@ -280,8 +282,23 @@ def calibrate(
         for k, v in s.items():
             acc[k] = acc[k] + v if k in acc else v
         if state_path is not None:
-            _save_state(state_path, i + 1, teacher, by_task)
+            _save_state(state_path, i + 1, teacher, by_task, sig)
     return finish(inputs, teacher, by_task, weights)
+
+
+def batches_signature(batches: list[dict[str, Any]]) -> str:
+    """sha256 of the micro-batches (keys, dtypes, shapes, bytes, task tags): which set a resume state belongs to."""
+    h = hashlib.sha256()
+    for b in batches:
+        for k in sorted(b):
+            if isinstance(b[k], str):
+                h.update(f"{k}={b[k]};".encode())
+                continue
+            a = np.ascontiguousarray(b[k])
+            h.update(f"{k}:{a.dtype.str}{a.shape};".encode())
+            h.update(a.reshape(-1).view(np.uint8).data)
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def prepare(hooks: arch.ArchHooks, cfg: Any, batch: dict[str, Any]) -> dict[str, Any]:
@@ -306,13 +323,22 @@ def finish(
     return Calibration(inputs, teacher, stats, by_task, weights)
 
 
-def _load_state(path: Path, by_task: bool = False) -> tuple[int, list[np.ndarray], dict]:
+def _load_state(
+    path: Path, by_task: bool = False, sig: str | None = None, n: int | None = None
+) -> tuple[int, list[np.ndarray], dict]:
     """(finished micro-batches, their teacher outputs, summed statistics) from a ``calib_state.npz``.
 
     ``by_task``: statistics as {task: {path: sum}} (files without ``stat_tasks`` are all ``t2i``); else the flat
-    {path: sum} of a single-task file (what the streamed calibration reads and writes)."""
+    {path: sum} of a single-task file (what the streamed calibration reads and writes). ``sig``
+    (:func:`batches_signature`) / ``n``: the set being calibrated; a state of another set is a ValueError."""
     z = np.load(path, allow_pickle=False)
     done = int(z["done"])
+    stored = str(z["batch_sig"]) if "batch_sig" in z else None
+    if (sig is not None and stored is not None and stored != sig) or (n is not None and done > n):
+        raise ValueError(
+            f"{path}: resume state of another calibration set ({done} micro-batches done; this set has {n}); "
+            "remove it or calibrate into another folder"
+        )
     teacher = [z[f"teacher_{i}"] for i in range(done)]
     keys = json.loads(str(z["stat_keys"]))
     tasks = json.loads(str(z["stat_tasks"])) if "stat_tasks" in z else ["t2i"] * len(keys)
@@ -326,7 +352,7 @@ def _load_state(path: Path, by_task: bool = False) -> tuple[int, list[np.ndarray
     return done, teacher, next(iter(per.values()), {})
 
 
-def _save_state(path: Path, done: int, teacher: list[np.ndarray], stats: dict) -> None:
+def _save_state(path: Path, done: int, teacher: list[np.ndarray], stats: dict, sig: str | None = None) -> None:
     """Write ``calib_state.npz`` atomically; ``stats`` is {path: sum} (one task, t2i) or {task: {path: sum}}."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if stats and all(isinstance(k, str) for k in stats):
@@ -342,6 +368,7 @@ def _save_state(path: Path, done: int, teacher: list[np.ndarray], stats: dict) -
         done=np.int64(done),
         stat_keys=np.array(json.dumps([list(k) for _, k, _ in items])),
         stat_tasks=np.array(json.dumps([t for t, _, _ in items])),
+        **({"batch_sig": np.array(sig)} if sig else {}),
         **arrays,
     )
     os.replace(tmp, path)

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax import arch
-from tmp_jax.calibration import Calibration, _load_state, _save_state, shard_inputs
+from tmp_jax.calibration import Calibration, _load_state, _save_state, batches_signature, shard_inputs
 from tmp_jax.stats import flatten_intermediates, split_collecting
 
 PathT = tuple[str | int, ...]
@@ -294,7 +294,9 @@ def _mb_file(root: Path, m: int, at: int) -> Path:
     return root / f"mb-{m:05d}-at-{at:04d}.npz"
 
 
-def _write_mb(root: Path, m: int, at: int, n_batches: int, n_steps: int, carry: Carry, stats: dict) -> None:
+def _write_mb(
+    root: Path, m: int, at: int, n_batches: int, n_steps: int, carry: Carry, stats: dict, sig: str | None = None
+) -> None:
     """Micro-batch ``m``'s state after its first ``at`` steps: its carry (pytree leaves ``leaf-NNNN``; the
     structure is re-derived on resume by :func:`_carry_structures`, no pickles) or, after the last step, its
     teacher output, and its OWN statistics; written under a temporary name, renamed, older files removed."""
@@ -306,7 +308,7 @@ def _write_mb(root: Path, m: int, at: int, n_batches: int, n_steps: int, carry: 
         arrays.update({f"leaf-{i:04d}": x for i, x in enumerate(jax.tree.leaves(jax.device_get(carry)))})
     keys = list(stats)
     arrays.update({f"stat-{i:05d}": np.asarray(stats[k]) for i, k in enumerate(keys)})
-    meta = {"at": at, "n_batches": n_batches, "n_steps": n_steps, "stat_keys": [list(k) for k in keys]}
+    meta = {"at": at, "n_batches": n_batches, "n_steps": n_steps, "stat_keys": [list(k) for k in keys], "sig": sig}
     arrays["meta"] = np.array(json.dumps(meta))
     fd, tmp = tempfile.mkstemp(dir=root, prefix=f".mb-{m:05d}.", suffix=".npz")
     os.close(fd)
@@ -321,7 +323,7 @@ def _write_mb(root: Path, m: int, at: int, n_batches: int, n_steps: int, carry: 
             old.unlink(missing_ok=True)
 
 
-def _read_mbs(root: Path, n_batches: int, n_steps: int) -> list[tuple[int, Any, dict]]:
+def _read_mbs(root: Path, n_batches: int, n_steps: int, sig: str | None = None) -> list[tuple[int, Any, dict]]:
     """Per micro-batch: (steps done, carry leaves or teacher output, its statistics); (0, None, {}) if none."""
     out = []
     for m in range(n_batches):
@@ -331,10 +333,11 @@ def _read_mbs(root: Path, n_batches: int, n_steps: int) -> list[tuple[int, Any, 
             continue
         z = _load_arrays(files[-1])
         meta = json.loads(str(z["meta"]))
-        if meta["n_batches"] != n_batches or meta["n_steps"] != n_steps:
+        if meta["n_batches"] != n_batches or meta["n_steps"] != n_steps or meta.get("sig", sig) != sig:
             raise ValueError(
                 f"{files[-1]}: streamed-calibration state of {meta['n_batches']} micro-batches x {meta['n_steps']} "
-                f"steps, this run has {n_batches} x {n_steps} (remove {root} to start over)"
+                f"steps of {'this' if meta.get('sig', sig) == sig else 'another'} calibration set, this run has "
+                f"{n_batches} x {n_steps} (remove {root} to start over)"
             )
         stats = {tuple(k): z[f"stat-{i:05d}"] for i, k in enumerate(meta["stat_keys"])}
         at = int(meta["at"])
@@ -408,14 +411,15 @@ def calibrate_streamed(
     inputs = [shard_inputs(arch.get(hooks.name).prepare_batch(cfg, b), mesh) for b in batches]
     n = len(inputs)
     final = Path(out) / "calib_state.npz" if out is not None else None
+    sig = batches_signature(batches) if out is not None else None
     if final is not None and final.is_file():
-        done, teacher, stats = _load_state(final)
+        done, teacher, stats = _load_state(final, sig=sig, n=n)
         if done == n:
             return Calibration(inputs, teacher, stats)
     steps = hooks.schedule(cfg)
     n_steps = len(steps)
     root = Path(out) / STREAM_DIR if out is not None else None
-    saved = [(0, None, {})] * n if root is None else _read_mbs(root, n, n_steps)
+    saved = [(0, None, {})] * n if root is None else _read_mbs(root, n, n_steps, sig)
     at = [a for a, _, _ in saved]  # steps each micro-batch has finished
     own = [dict(st) for _, _, st in saved]  # each micro-batch's own statistics (summed in order at the end)
     stem = hooks.stem_view(ps.model)
@@ -466,7 +470,7 @@ def calibrate_streamed(
             elif carry_on == "host":
                 carries[m] = jax.device_get(carries[m])
             if checkpoint:
-                _write_mb(root, m, si + 1, n, n_steps, teacher[m] if si == n_steps - 1 else carries[m], own[m])
+                _write_mb(root, m, si + 1, n, n_steps, teacher[m] if si == n_steps - 1 else carries[m], own[m], sig)
             if pbar:
                 pbar.update(1)
         if step.kind == "block":
@@ -482,7 +486,7 @@ def calibrate_streamed(
         for k, v in own[m].items():
             stats[k] = stats[k] + v if k in stats else v
     if final is not None:
-        _save_state(final, n, teacher, stats)
+        _save_state(final, n, teacher, stats, sig)
         shutil.rmtree(root, ignore_errors=True)
     return Calibration(inputs, teacher, stats)
 
