@@ -201,9 +201,10 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     qz.check_method(cfg.quantize)
     target_bytes = None
     if cfg.target_memory is not None:
-        from converters.memory_plan import parse_bytes
+        from converters.memory_plan import check_resolution, parse_bytes
 
         target_bytes = parse_bytes(cfg.target_memory)
+        check_resolution(cfg.resolution)  # before any tensor is streamed, not after
     plan = load_plan(cfg.plan)
     name = plan["arch"]
     if name not in EXPORTERS:

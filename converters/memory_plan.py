@@ -97,9 +97,15 @@ def _zimage_activations(conf: dict[str, Any], seq: int, c: int) -> int:
     return b
 
 
-def _tokens(conf: dict[str, Any], arch: str, resolution: int, text_tokens: int) -> tuple[int, int]:
+def check_resolution(resolution: int) -> int:
+    """``resolution`` if it is a positive multiple of 16, else a one-line ValueError."""
     if resolution <= 0 or resolution % 16:
         raise ValueError(f"--resolution {resolution}: expected a positive multiple of 16")
+    return resolution
+
+
+def _tokens(conf: dict[str, Any], arch: str, resolution: int, text_tokens: int) -> tuple[int, int]:
+    check_resolution(resolution)
     if arch == "hunyuan":
         down = conf.get("vae_downsample_factor", [16, 16])
         img = (resolution // down[0] // conf.get("patch_size", 1)) * (

@@ -164,3 +164,14 @@ def test_calibration_resume_state_of_another_set(tmp_path):
     sc._write_mb(root, 0, 1, 2, len(sc._z_schedule(TINY)), {"x": np.zeros(1)}, {}, sc.batches_signature(a))
     with pytest.raises(ValueError, match="another calibration set"):
         sc.calibrate_streamed(ckpt, b2, out=tmp_path / "s")
+
+
+def test_export_bad_plan_resolution_fails_before_any_work(tmp_path):
+    from converters.export import ExportConfig, export
+
+    cfg = ExportConfig(
+        plan=tmp_path / "no-plan.json", model=tmp_path / "no-model", out=tmp_path / "o", progress=False,
+        target_memory="24GB", resolution=1000,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="--resolution 1000"):  # not after streaming every tensor
+        export(cfg)
