@@ -518,7 +518,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from converters.memory_plan import parse_bytes, read_plan
+    from converters.memory_plan import check_resolution, parse_bytes, read_plan
 
     p = argparse.ArgumentParser(
         prog="python -m converters.run_torch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -536,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the final latents (safetensors)")
     a = p.parse_args(argv)
     try:
+        check_resolution(a.resolution)  # else a reshape error deep in the model's patchify
+        if a.steps < 1:
+            raise ValueError(f"--steps {a.steps}: expected >= 1")
         plan = read_plan(a.memory_plan) if a.memory_plan else None
         dtype = (
             a.dtype

@@ -175,3 +175,12 @@ def test_export_bad_plan_resolution_fails_before_any_work(tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="--resolution 1000"):  # not after streaming every tensor
         export(cfg)
+
+
+def test_run_torch_bad_resolution_and_steps(tmp_path, capsys):
+    from converters import run_torch as rt
+
+    for args, what in ((["--resolution", "1000"], "--resolution 1000"), (["--steps", "0"], "--steps 0")):
+        rc = rt.main(["--model", str(tmp_path / "none"), "--device", "cpu", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and what in err[0], err  # before the export is opened
