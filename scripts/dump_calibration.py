@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--edits needs --omni-pipeline (a ZImageOmniPipeline)")
     if args.steps < 1 or args.every < 1:  # --every 0 divided by zero after the pipeline had loaded
         raise SystemExit("--steps and --every must be >= 1")
+    for f in (args.prompts, args.edits):
+        if f is not None and not f.is_file():
+            raise SystemExit(f"{f}: no such file")
 
     import torch
 

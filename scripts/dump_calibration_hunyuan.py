@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.batch < 1:
         raise SystemExit("--steps, --every and --batch must be >= 1")
+    if not args.prompts.is_file():
+        raise SystemExit(f"{args.prompts}: no such file")
 
     from converters.engine import read_json
     from tmp_jax.calibration import write_calib

@@ -184,3 +184,17 @@ def test_run_torch_bad_resolution_and_steps(tmp_path, capsys):
         rc = rt.main(["--model", str(tmp_path / "none"), "--device", "cpu", *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and what in err[0], err  # before the export is opened
+
+
+def test_dump_scripts_missing_prompt_files(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import dump_calibration as dump
+    import dump_calibration_hunyuan as dump_h
+
+    missing = str(tmp_path / "missing.txt")
+    with pytest.raises(SystemExit, match=r"missing\.txt"):
+        dump.main(["--pipeline", "x", "--prompts", missing, "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"missing\.txt"):
+        dump.main(["--omni-pipeline", "x", "--edits", missing, "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"missing\.txt"):
+        dump_h.main(["--model", str(tmp_path), "--prompts", missing, "--out", str(tmp_path / "o")])
