@@ -540,6 +540,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.steps < 1:
             raise ValueError(f"--steps {a.steps}: expected >= 1")
         plan = read_plan(a.memory_plan) if a.memory_plan else None
+        if plan is not None and a.resolution > int(plan.get("resolution", a.resolution)):
+            # the plan's activation estimate was made for its resolution: larger images void its guarantee
+            raise ValueError(
+                f"--resolution {a.resolution} exceeds the {plan['resolution']}px the memory plan "
+                f"{a.memory_plan} was made for; re-plan with python -m converters.memory_plan --resolution"
+            )
+        if a.out is not None and not a.out.parent.is_dir():
+            raise ValueError(f"--out {a.out}: folder {a.out.parent} does not exist")
         dtype = (
             a.dtype
             or {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[plan["compute_dtype"] if plan else "bfloat16"]

@@ -198,3 +198,26 @@ def test_dump_scripts_missing_prompt_files(tmp_path):
         dump.main(["--omni-pipeline", "x", "--edits", missing, "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match=r"missing\.txt"):
         dump_h.main(["--model", str(tmp_path), "--prompts", missing, "--out", str(tmp_path / "o")])
+
+
+def test_run_torch_refuses_resolution_above_the_plan_and_missing_out_folder(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from converters import memory_plan as mp
+    from converters import run_torch as rt
+
+    plan = {
+        "format_version": mp.FORMAT_VERSION,
+        "arch": "zimage",
+        "resolution": 512,
+        "offloaded_experts": {},
+        "cpu_resident": [],
+        "compute_dtype": "float32",
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    base = ["--model", str(tmp_path / "none"), "--steps", "1", "--device", "cpu"]
+    rc = rt.main([*base, "--resolution", "1024", "--memory-plan", str(tmp_path / "plan.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "512px" in err[0], err
+    rc = rt.main([*base, "--resolution", "512", "--out", str(tmp_path / "no" / "x.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "does not exist" in err[0], err
