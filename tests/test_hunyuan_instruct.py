@@ -540,14 +540,3 @@ def test_full_size_instruct_key_table_counts():
     aligner = 1152 * 4096 + 4096 + 4096 * 4096 + 4096
     assert hunyuan_key_table(full).num_params() - hunyuan_key_table(FULL).num_params() == 2 * embedder + aligner
     assert hunyuan_key_table(full).by_key["vision_aligner.layers.0.weight"].torch_shapes == ((4096, 1152),)
-
-
-def test_t2i_batches_refused_for_instruct_distil():
-    """The T2I runner fills no <guidance> / <timestep_r> slot: a T2I batch on such a model is an error."""
-    from tmp_jax.models.hunyuan_image3.runner import prepare_batch
-    from tmp_jax.models.hunyuan_image3.structure import synthetic_calib
-
-    batch = synthetic_calib(CFG_T2I, 2, 2, 0)[0]
-    prepare_batch(CFG_T2I, batch)  # fine without the Distil flags
-    with pytest.raises(ValueError, match="cfg_distilled / use_meanflow"):
-        prepare_batch(CFG, batch)

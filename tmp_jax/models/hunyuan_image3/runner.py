@@ -41,14 +41,6 @@ def prepare_batch(cfg: HunyuanImage3Config, batch: dict[str, np.ndarray]) -> dic
     ``mask`` weights the output in the fitness (``mask[..., None]`` against the (B, C, h, w) velocity): every
     output element is an image element, so it is all ones, shape (B, C, h).
     """
-    if cfg.cfg_distilled or cfg.use_meanflow:
-        # the T2I path has no <guidance> / <timestep_r> slot filling: those tokens would silently get word
-        # embeddings instead of their embedders' outputs
-        raise ValueError(
-            "T2I calibration batches are not supported for a cfg_distilled / use_meanflow (Instruct-Distil) "
-            "model: write them in the TI2I format (tmp_jax.models.hunyuan_image3.instruct, with guidance / "
-            "timestep_r fields)"
-        )
     ids = np.asarray(batch["input_ids"]).astype(np.int32)
     lat = np.asarray(batch["latents"], np.float32)
     if lat.ndim != 4 or lat.shape[1] != cfg.latent_channels:
