@@ -117,6 +117,24 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def make_draw(batch: int, n: int, label_drop: float) -> Any:
+    """The traced batch sampler both teachers train with: ``draw(key, (x_all, y_all, table)) -> (key, batch)``:
+    ``batch`` random train images, their noise, a logit-normal(0, 1) sigma and the caption rows of their
+    labels (the null label with probability ``label_drop``, for classifier-free guidance)."""
+
+    def draw(key: jax.Array, data: tuple) -> tuple:
+        x_all, y_all, table = data
+        key, ki, kn, ks, kd = jax.random.split(key, 5)
+        idx = jax.random.randint(ki, (batch,), 0, n)
+        x0 = x_all[idx]
+        noise = jax.random.normal(kn, x0.shape, jnp.float32)
+        sigma = jax.nn.sigmoid(jax.random.normal(ks, (batch,), jnp.float32))  # logit-normal(0, 1)
+        lab = jnp.where(jax.random.uniform(kd, (batch,)) < label_drop, NULL_LABEL, y_all[idx])
+        return key, (x0, noise, sigma, table[lab])
+
+    return draw
+
+
 def fit(
     args: argparse.Namespace, graphdef: Any, params: Any, draw: Any, loss_fn: Any, data: tuple
 ) -> tuple[Any, dict[str, Any]]:
@@ -194,15 +212,7 @@ def train_zimage(args: argparse.Namespace) -> dict[str, Any]:
     n = x_all.shape[0]
     compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
 
-    def draw(key: jax.Array, data: tuple) -> tuple:
-        x_all, y_all, table = data
-        key, ki, kn, ks, kd = jax.random.split(key, 5)
-        idx = jax.random.randint(ki, (B,), 0, n)
-        x0 = x_all[idx]
-        noise = jax.random.normal(kn, x0.shape, jnp.float32)
-        sigma = jax.nn.sigmoid(jax.random.normal(ks, (B,), jnp.float32))  # logit-normal(0, 1)
-        lab = jnp.where(jax.random.uniform(kd, (B,)) < args.label_drop, NULL_LABEL, y_all[idx])
-        return key, (x0, noise, sigma, table[lab])
+    draw = make_draw(B, n, args.label_drop)
 
     def loss_fn(prm: Any, batch: tuple) -> tuple:
         prm_c = jax.tree_util.tree_map(lambda v: v.astype(compute_dtype), prm)
@@ -283,15 +293,7 @@ def train_hunyuan(args: argparse.Namespace) -> dict[str, Any]:
     seq = table.shape[1]
     compute_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
 
-    def draw(key: jax.Array, data: tuple) -> tuple:
-        x_all, y_all, table = data
-        key, ki, kn, ks, kd = jax.random.split(key, 5)
-        idx = jax.random.randint(ki, (B,), 0, n)
-        x0 = x_all[idx]
-        noise = jax.random.normal(kn, x0.shape, jnp.float32)
-        sigma = jax.nn.sigmoid(jax.random.normal(ks, (B,), jnp.float32))  # logit-normal(0, 1)
-        lab = jnp.where(jax.random.uniform(kd, (B,)) < args.label_drop, NULL_LABEL, y_all[idx])
-        return key, (x0, noise, sigma, table[lab])
+    draw = make_draw(B, n, args.label_drop)
 
     def loss_fn(prm: Any, batch: tuple) -> tuple:
         x0, noise, sigma, ids = batch
