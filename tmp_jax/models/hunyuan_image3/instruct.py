@@ -71,7 +71,7 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
-from tmp_jax.models.hunyuan_image3.model import T2IMask, rope_cos_sin, t2i_head
+from tmp_jax.models.hunyuan_image3.model import T2IMask, block_positions, rope_cos_sin, t2i_head
 from tmp_jax.nn import Linear
 
 
@@ -167,30 +167,6 @@ def _spans(layout: TI2ILayout, cond_start: jax.Array) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------
 # Positions and mask
 # ----------------------------------------------------------------------------------------------------------
-def block_positions(seq_len: int, blocks: Sequence[tuple[jax.Array, int, int]]) -> jax.Array:
-    """``[B, S, 2]`` (y, x) positions: each ``(start [B], h, w)`` block on its centred grid, the rest 1D.
-
-    Block token (row, col) starting at ``L`` sits at ``y = L + floor((h*w - h)/2) + row``,
-    ``x = L + floor((h*w - w)/2) + col``; tokens outside every block keep ``y = x = index``. Blocks must not
-    overlap. With one block this is exactly :func:`tmp_jax.models.hunyuan_image3.model.t2i_positions`.
-    """
-    index = jnp.arange(seq_len, dtype=jnp.int32)[None]  # [1, S]
-    batch = blocks[0][0].shape[0] if blocks else 1
-    y = jnp.broadcast_to(index, (batch, seq_len))
-    x = y
-    for start, h, w in blocks:
-        n = h * w
-        start = start.astype(jnp.int32)[:, None]  # [B, 1]
-        offset = index - start
-        inside = (offset >= 0) & (offset < n)
-        offset = jnp.clip(offset, 0, n - 1)
-        row, col = offset // w, offset % w
-        # (n - h) // 2 == floor((n - h) / 2) because n >= h; adding integers keeps the floor exact.
-        y = jnp.where(inside, start + (n - h) // 2 + row, y)
-        x = jnp.where(inside, start + (n - w) // 2 + col, x)
-    return jnp.stack([y, x], axis=-1)  # [B, S, 2]
-
-
 def ti2i_positions(seq_len: int, layout: TI2ILayout, target_start: jax.Array, cond_start: jax.Array) -> jax.Array:
     """``[B, S, 2]`` RoPE positions of a TI2I batch (VAE and ViT grids of every condition image, target)."""
     blocks = []

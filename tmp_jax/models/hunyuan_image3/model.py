@@ -452,6 +452,30 @@ def text_positions(seq_len: int) -> jax.Array:
     return jnp.stack([index, index], axis=-1)[None]
 
 
+def block_positions(seq_len: int, blocks: Sequence[tuple[jax.Array, int, int]]) -> jax.Array:
+    """``[B, S, 2]`` (y, x) positions: each ``(start [B], h, w)`` block on its centred grid, the rest 1D.
+
+    Block token (row, col) starting at ``L`` sits at ``y = L + floor((h*w - h)/2) + row``,
+    ``x = L + floor((h*w - w)/2) + col``; tokens outside every block keep ``y = x = index``. Blocks must not
+    overlap. With one block this is :func:`t2i_positions`.
+    """
+    index = jnp.arange(seq_len, dtype=jnp.int32)[None]  # [1, S]
+    batch = blocks[0][0].shape[0] if blocks else 1
+    y = jnp.broadcast_to(index, (batch, seq_len))
+    x = y
+    for start, h, w in blocks:
+        n = h * w
+        start = start.astype(jnp.int32)[:, None]  # [B, 1]
+        offset = index - start
+        inside = (offset >= 0) & (offset < n)
+        offset = jnp.clip(offset, 0, n - 1)
+        row, col = offset // w, offset % w
+        # (n - h) // 2 == floor((n - h) / 2) because n >= h; adding integers keeps the floor exact.
+        y = jnp.where(inside, start + (n - h) // 2 + row, y)
+        x = jnp.where(inside, start + (n - w) // 2 + col, x)
+    return jnp.stack([y, x], axis=-1)  # [B, S, 2]
+
+
 def t2i_positions(seq_len: int, image_starts: jax.Array, token_h: int, token_w: int) -> jax.Array:
     """``[B, S, 2]`` (y, x) positions, one ``token_h x token_w`` image per row from ``image_starts[b]``.
 
@@ -459,17 +483,7 @@ def t2i_positions(seq_len: int, image_starts: jax.Array, token_h: int, token_w: 
     ``x = L + floor((h*w - w) / 2) + col`` (the official grid is centred in the span, truncated to
     integers); every other token keeps its sequence index, so text after the block resumes at ``L + h*w``.
     """
-    n = token_h * token_w
-    index = jnp.arange(seq_len, dtype=jnp.int32)[None]  # [1, S]
-    start = image_starts.astype(jnp.int32)[:, None]  # [B, 1]
-    offset = index - start
-    in_image = (offset >= 0) & (offset < n)
-    offset = jnp.clip(offset, 0, n - 1)
-    row, col = offset // token_w, offset % token_w
-    # (n - h) // 2 == floor((n - h) / 2) because n >= h; adding integers keeps the floor exact.
-    y = jnp.where(in_image, start + (n - token_h) // 2 + row, index)
-    x = jnp.where(in_image, start + (n - token_w) // 2 + col, index)
-    return jnp.stack([y, x], axis=-1)  # [B, S, 2]
+    return block_positions(seq_len, [(image_starts, token_h, token_w)])
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
