@@ -124,14 +124,21 @@ def compile_count() -> int:
     return sum(f._cache_size() for f in (_stem_embed, _attn, _moe, _final, _attn_cut, _moe_cut))
 
 
-def forward_blockwise(model: HunyuanImage3, inputs: dict[str, Any], features: bool = False) -> Any:
-    """Same result as ``model(input_ids, latents, timestep, valid_lengths)``: the velocity (B, C, h, w)
-    (and, with ``features``, the hidden states after every decoder layer)."""
+def _embed(model: HunyuanImage3, inputs: dict[str, Any]) -> tuple[Any, dict]:
+    """The stem's T2I embed of prepared ``inputs`` and the matching image head ``head(x, image_index)``
+    (both jitted through the width-free stem view, so every candidate shares them)."""
     lat = jnp.asarray(inputs["latents"])
     _, _, th, tw = lat.shape
     gd, st = nnx.split(_Stem(model))
     t = jnp.asarray(inputs["timestep"])
     e = _stem_embed(gd, st, jnp.asarray(inputs["input_ids"]), lat, t, jnp.asarray(inputs["valid_lengths"]))
+    return (lambda x, index: _final(gd, st, x, index, t, th, tw)), e
+
+
+def forward_blockwise(model: HunyuanImage3, inputs: dict[str, Any], features: bool = False) -> Any:
+    """Same result as ``model(input_ids, latents, timestep, valid_lengths)``: the velocity (B, C, h, w)
+    (and, with ``features``, the hidden states after every decoder layer)."""
+    head, e = _embed(model, inputs)
     x = e["embeds"]
     feats = []
     for layer in model.model.layers:
@@ -141,7 +148,7 @@ def forward_blockwise(model: HunyuanImage3, inputs: dict[str, Any], features: bo
         x = _moe(gd_m, st_m, x, e["token_mask"])
         if features:
             feats.append(x)
-    out = _final(gd, st, x, e["image_index"], t, th, tw)
+    out = head(x, e["image_index"])
     return (out, feats) if features else out
 
 
@@ -216,11 +223,7 @@ def forward_pruned(model: HunyuanImage3, tree: Tree, a: Assignment, inputs: dict
             _CUTS[key] = prefix_cut(state, lambda p: (*LAYERS, pos, names[p[0]], *p[1:]), plan, want)
         return gd, _CUTS[key]
 
-    lat = jnp.asarray(inputs["latents"])
-    _, _, th, tw = lat.shape
-    gd, st = nnx.split(_Stem(model))
-    t = jnp.asarray(inputs["timestep"])
-    e = _stem_embed(gd, st, jnp.asarray(inputs["input_ids"]), lat, t, jnp.asarray(inputs["valid_lengths"]))
+    head, e = _embed(model, inputs)
     x = e["embeds"]
     kv = new.num_key_value_heads
     for j, pos in enumerate(new.layers_kept):
@@ -232,7 +235,7 @@ def forward_pruned(model: HunyuanImage3, tree: Tree, a: Assignment, inputs: dict
         st_m = nnx.state(_Sub(layer.mlp, layer.post_attention_layernorm))
         gd_m, cut = cut_of(pos, "mlp", widths, st_m, layer.mlp.impl)
         x = _moe_cut(gd_m, cut, st_m, x, e["token_mask"])
-    return _final(gd, st, x, e["image_index"], t, th, tw)
+    return head(x, e["image_index"])
 
 
 @partial(jax.jit, static_argnums=(0,))
