@@ -159,16 +159,19 @@ def part_jax(args: argparse.Namespace) -> dict:
         x = [rng.standard_normal((16, 1, side, side)).astype(np.float32) for _ in range(batch)]
         cap = [rng.standard_normal((cap_len, kw["cap_feat_dim"])).astype(np.float32) for _ in range(batch)]
         lay = zm.make_layout(cfg, x, cap)
+        assert lay.dense, "equal-size samples must give a dense layout (no key mask)"
         arrs = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype == np.float32 else None) for k, v in lay.arrays.items()}
         t = jnp.full((batch,), 0.5, jnp.float32)
         return arrs, t
 
-    def make_fwd():  # a new function object per variant: jit caches traces per function
+    def make_fwd(gdef):  # a new function object per variant: jit caches traces per function
         def fwd(st, arrs, t):
-            m = nnx.merge(graphdef, st)
-            return m.forward_padded(arrs, t, "2-1")
+            m = nnx.merge(gdef, st)
+            return m.forward_padded(arrs, t, "2-1", dense=True)  # equal sizes: unmasked attention
 
         return jax.jit(fwd)
+
+    fused: tuple | None = None  # (graphdef, state) of the fuse_projections inference layout, built on first use
 
     variants = [(impl, bsz) for impl in args.attn for bsz in args.batches]  # first kernel at every size first
     ref_out: dict = {}
@@ -178,29 +181,35 @@ def part_jax(args: argparse.Namespace) -> dict:
             res["runs"].append({"impl": impl, "batch": bsz, "skipped": "time budget"})
             print(f"[jax] skip attn={impl} b={bsz}: time budget", flush=True)
             continue
-        zm.set_attention_implementation(impl)
+        kernel, _, layout = impl.partition("+")  # "cudnn+fused": cuDNN attention, fused projections
+        zm.set_attention_implementation(kernel)
         arrs, t = fixed[bsz]
-        f = make_fwd()
+        gdef, st_run = graphdef, new_state
+        if layout == "fused":
+            if fused is None:
+                fused = nnx.split(zm.fuse_projections(nnx.merge(graphdef, new_state)))
+            gdef, st_run = fused
+        f = make_fwd(gdef)
         try:
             t0 = time.perf_counter()
-            lowered = f.lower(new_state, arrs, t)
+            lowered = f.lower(st_run, arrs, t)
             hlo = lowered.as_text()
             cudnn_in_hlo = "cudnn" in hlo.lower()
             del hlo
             compiled = lowered.compile()
             compile_s = time.perf_counter() - t0
-            out = compiled(new_state, arrs, t)
+            out = compiled(st_run, arrs, t)
             for _ in range(2):
-                compiled(new_state, arrs, t).block_until_ready()
+                compiled(st_run, arrs, t).block_until_ready()
             ts = []
             for _ in range(args.iters):
                 t0 = time.perf_counter()
-                compiled(new_state, arrs, t).block_until_ready()
+                compiled(st_run, arrs, t).block_until_ready()
                 ts.append(time.perf_counter() - t0)
             # back-to-back launches, one sync: excludes host dispatch gaps between calls
             t0 = time.perf_counter()
             for _ in range(args.iters):
-                o2 = compiled(new_state, arrs, t)
+                o2 = compiled(st_run, arrs, t)
             o2.block_until_ready()
             pipelined_ms = 1e3 * (time.perf_counter() - t0) / args.iters
             del o2
@@ -279,16 +288,27 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
     c = jax.random.normal(ks[1], (1, cfg.adaln_dim), jnp.bfloat16)
     pos = np.stack([np.arange(T) % 600, np.arange(T) % 64, (np.arange(T) // 64) % 64], -1)[None].astype(np.int32)
     cos, sin = zm.rope_cos_sin(cfg, jnp.asarray(pos))
-    mask = jnp.ones((1, 1, 1, T), bool)
+    mask = None  # batch 1: the dense layout, unmasked attention (as forward_padded(dense=True))
     blk = model.layers[0]
     gd, st = nnx.split(blk)
     out: dict = {"tokens": T}
-    zm.set_attention_implementation(args.attn[0])
+    zm.set_attention_implementation(args.attn[0].partition("+")[0])
 
     def run_block(st, x, cos, sin, c):
         return nnx.merge(gd, st)(x, mask, cos, sin, c)
 
-    out["block_ms"] = _time_pipelined(jax.jit(run_block), st, x, cos, sin, c)
+    block_fn = jax.jit(run_block)
+    out["block_ms"] = _time_pipelined(block_fn, st, x, cos, sin, c)
+    if args.profile:  # per-kernel GPU time of the block, from a jax.profiler trace
+        from bench.kernel_profile import format_table, kernel_table
+
+        for impl in dict.fromkeys(v.partition("+")[0] for v in args.attn):
+            zm.set_attention_implementation(impl)
+            rows = kernel_table(jax.jit(run_block), st, x, cos, sin, c, reps=5)
+            out[f"profile_{impl}"] = rows
+            print(f"[jax] block kernels, attention={impl}:\n" + format_table(rows, 40), flush=True)
+            print(format_table(rows, 40, line="XLA Ops"), flush=True)
+        zm.set_attention_implementation(args.attn[0].partition("+")[0])
     a, ff = blk.attention, blk.feed_forward
     ws = [
         a.to_q.kernel[...],
@@ -309,13 +329,13 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
     out["gemms_tflops"] = gemm_flops / (out["gemms_ms"] / 1e3) / 1e12
     q, k, v = (jax.random.normal(kk, (1, T, nh, hd), jnp.bfloat16) for kk in ks[3:6])
     attn_flops = 4 * T * T * nh * hd
-    for impl in dict.fromkeys(args.attn):
+    for impl in dict.fromkeys(v.partition("+")[0] for v in args.attn):
         zm.set_attention_implementation(impl)
         ms = _time_pipelined(jax.jit(lambda q, k, v, m: zm._attention(q, k, v, m)), q, k, v, mask)
         out[f"attn_{impl}_ms"] = ms
         out[f"attn_{impl}_tflops"] = attn_flops / (ms / 1e3) / 1e12
     zm.set_attention_implementation("auto")
-    first = args.attn[0]
+    first = args.attn[0].partition("+")[0]
     out["rest_ms"] = out["block_ms"] - out["gemms_ms"] - out[f"attn_{first}_ms"]
     attn = ", ".join(f"{k}={v:.3f}" for k, v in out.items() if k.startswith("attn_"))
     print(
@@ -379,7 +399,7 @@ def part_gemm(args: argparse.Namespace) -> dict:
     c = jax.random.normal(ks[1], (1, cfg.adaln_dim), jnp.bfloat16)
     pos = np.stack([np.arange(T) % 600, np.arange(T) % 64, (np.arange(T) // 64) % 64], -1)[None].astype(np.int32)
     cos, sin = zm.rope_cos_sin(cfg, jnp.asarray(pos))
-    mask = jnp.ones((1, 1, 1, T), bool)
+    mask = None  # batch 1: the dense layout (forward_padded(dense=True)), unmasked attention
     res["tokens"] = T
     d, ffn = cfg.dim, cfg.ffn_dim
 
@@ -419,12 +439,36 @@ def part_gemm(args: argparse.Namespace) -> dict:
         u1, u3 = jnp.split(h @ w13, 2, axis=-1)
         return x + g_mlp * m.ffn_norm2(m.feed_forward.w2(jax.nn.silu(u1) * u3))
 
+    def qkv_block(st, wqkv, x, cos, sin, c):  # fused QKV only; W1, W3 as the model has them
+        m = nnx.merge(gd, st)
+        s_msa, g_msa, s_mlp, g_mlp = m.modulation_terms(c)
+        at = m.attention
+        h = m.attention_norm1(x) * s_msa
+        B, L, _ = h.shape
+        qkv = (h @ wqkv).reshape(B, L, 3, at.heads, at.head_dim)  # [B, L, 3, N, D]
+        q, k = at.norm_q(qkv[:, :, 0]), at.norm_k(qkv[:, :, 1])
+        o = zm._attention(zm.apply_rope(q, cos, sin), zm.apply_rope(k, cos, sin), qkv[:, :, 2], mask)
+        x = x + g_msa * m.attention_norm2(at.to_out[0](o.reshape(B, L, -1)))
+        return zm.ffn_branch(m.feed_forward, m.ffn_norm1, m.ffn_norm2, x, s_mlp, g_mlp)
+
     y0 = jax.jit(plain_block)(st, x, cos, sin, c)
     y1 = jax.jit(fused_block)(st, wqkv, w13, x, cos, sin, c)
     y0f, y1f = y0.astype(jnp.float32), y1.astype(jnp.float32)
     res["block_rel_l2"] = float(jnp.linalg.norm(y1f - y0f) / jnp.linalg.norm(y0f))
     res["block_plain_ms"] = _time_pipelined(jax.jit(plain_block), st, x, cos, sin, c)
     res["block_fused_ms"] = _time_pipelined(jax.jit(fused_block), st, wqkv, w13, x, cos, sin, c)
+    res["block_qkv_only_ms"] = _time_pipelined(jax.jit(qkv_block), st, wqkv, x, cos, sin, c)
+    print(f"[gemm] block with fused QKV only: {res['block_qkv_only_ms']:.3f} ms", flush=True)
+    if args.profile:
+        from bench.kernel_profile import format_table, kernel_table
+
+        for name, f, xs in (
+            ("as the model", plain_block, (st, x, cos, sin, c)),
+            ("fused QKV + W1|W3", fused_block, (st, wqkv, w13, x, cos, sin, c)),
+        ):
+            rows = kernel_table(jax.jit(f), *xs, reps=5)
+            res[f"profile {name}"] = rows
+            print(f"[gemm] block kernels, {name}:\n" + format_table(rows, 30), flush=True)
     print(
         f"[gemm] one main block, T={T}: as the model {res['block_plain_ms']:.3f} ms, fused QKV + W1|W3 "
         f"{res['block_fused_ms']:.3f} ms ({res['block_plain_ms'] / res['block_fused_ms']:.3f}x); output rel. L2 "
@@ -608,7 +652,13 @@ def main() -> None:
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--cap-len", type=int, default=512)
     ap.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])
-    ap.add_argument("--attn", type=lambda s: s.split(","), default=["cudnn", "xla"])
+    ap.add_argument(
+        "--attn",
+        type=lambda s: s.split(","),
+        default=["cudnn", "cudnn+fused", "xla"],
+        help="JAX variants: attention kernel (cudnn, xla), '+fused' = fuse_projections inference layout",
+    )
+    ap.add_argument("--profile", action="store_true", help="with --breakdown: per-kernel GPU times of one block")
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="also time one main block and its parts (JAX)")

@@ -252,3 +252,43 @@ def test_bad_forward_inputs(pair):
         jm([np.zeros((16, 1, 7, 8), np.float32)], t[:1], cap[:1])
     with pytest.raises(ValueError, match="axes_lens"):
         jm([np.zeros((16, 1, 8, 200), np.float32)], t[:1], cap[:1])
+
+
+def test_dense_batch_runs_unmasked_and_matches_diffusers(pair):
+    """Equal-size samples: the layout is dense, the forward drops the key mask; still == diffusers."""
+    from tmp_jax.models.z_image.model import make_layout
+
+    ref, jm, _ = pair
+    x, t, cap = inputs(seed=3, sizes=((8, 8), (8, 8)), cap_lens=(20, 20))
+    lay = make_layout(jm.config, [np.asarray(v) for v in x], [np.asarray(c) for c in cap])
+    assert lay.dense
+    x2, _, cap2 = inputs(seed=3, sizes=((8, 8), (8, 8)), cap_lens=(20, 40))  # captions pad to 32 vs 64
+    assert not make_layout(jm.config, [np.asarray(v) for v in x2], [np.asarray(c) for c in cap2]).dense
+    want = torch_forward(ref, x, t, cap)
+    got = jm(x, t, cap)  # dense -> forward_padded(dense=True)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < TOL
+    arrs = {k: jnp.asarray(v) for k, v in lay.arrays.items()}
+    tt = jnp.asarray(np.asarray(t), jnp.float32)
+    masked = jm.forward_padded(arrs, tt, lay.patch_key, dense=False)
+    unmasked = jm.forward_padded(arrs, tt, lay.patch_key, dense=True)
+    np.testing.assert_allclose(np.asarray(unmasked), np.asarray(masked), rtol=0, atol=1e-5)
+
+
+def test_fuse_projections_same_forward(pair):
+    """The inference layout (q|k|v and w1|w3 fused) computes the same function, ragged batch included."""
+    import copy
+
+    from tmp_jax.models.z_image.model import fuse_projections
+
+    ref, jm, _ = pair
+    x, t, cap = inputs(seed=4, sizes=((8, 12), (4, 4)), cap_lens=(7, 40))
+    fused = fuse_projections(copy.deepcopy(jm))
+    blk = fused.layers[0]
+    assert blk.attention.to_q is None and blk.feed_forward.w1 is None
+    assert blk.attention.to_qkv.kernel.shape == (jm.config.dim, 3 * jm.config.dim)
+    assert jm.layers[0].attention.to_q is not None  # the original is untouched
+    want = torch_forward(ref, x, t, cap)
+    for g, u, w in zip(fused(x, t, cap), jm(x, t, cap), want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(u), rtol=0, atol=1e-5)
+        assert rel_err(g, w) < TOL

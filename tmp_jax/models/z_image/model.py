@@ -50,12 +50,21 @@ def rope_cos_sin(cfg: ZImageConfig, pos: jax.Array) -> tuple[jax.Array, jax.Arra
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Interleaved complex-pair rotation (GPT-J style) in fp32. x: (B, T, N, D); cos/sin: (B, T, D/2)."""
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)  # [B, T, N, D/2, 2]
-    a, b = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.stack([a * c - b * s, a * s + b * c], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    """Interleaved complex-pair rotation (GPT-J style) in fp32. x: (B, T, N, D); cos/sin: (B, T, D/2).
+
+    Pair j = (x[2j], x[2j+1]) = (a, b) becomes (a c - b s, b c + a s). Written as one elementwise pass,
+    ``x * c2 + swap(x) * sign * s2`` (c2 / s2: cos / sin repeated per pair; swap: (b, a) per pair; sign:
+    -1 on even, +1 on odd entries), so every output element is written contiguously. The equivalent
+    ``stack([...], -1)`` form lowers to a concatenate along the size-2 minor axis, which XLA's GPU emitter
+    writes with 2-element strides: it ran at 1.6 TB/s on an H200 against ~3.5 TB/s for plain elementwise
+    fusions (bench/zimage_block.py profile, docs/benchmarks.md section 1).
+    """
+    D = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    swapped = xf.reshape(*x.shape[:-1], D // 2, 2)[..., ::-1].reshape(x.shape)  # [B, T, N, D]: (b, a) pairs
+    c2 = jnp.repeat(cos, 2, axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    s2 = jnp.repeat(sin, 2, axis=-1)[:, :, None, :] * jnp.tile(jnp.asarray([-1.0, 1.0], jnp.float32), D // 2)
+    return (xf * c2 + swapped * s2).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,6 +72,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # "auto": cuDNN flash attention on GPU for bf16/fp16 (head_dim <= 128), XLA's reference attention
 # otherwise (CPU, fp32). "xla" / "cudnn" force one. Read at trace time; the env var sets the default.
+# (jax's Pallas Mosaic-GPU flash attention was measured too, bench/attention_kernels.py: its tiles are
+# fp16-only and it ran at 516 TFLOP/s against cuDNN's 609 on an H200 at this model's shapes.)
 ATTENTION_IMPLEMENTATION: str = os.environ.get("TMP_JAX_ATTENTION", "auto")
 
 
@@ -92,7 +103,7 @@ def _attention_impl(q: jax.Array, mask: jax.Array | None) -> str:
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Softmax attention, q/k/v: (B, T, N, D). ``mask``: (B, 1, 1, S) key mask or None.
+    """Softmax attention, q/k/v: (B, T, N, D). ``mask``: (B, 1, 1, S) key mask or None (no padding).
 
     Every key mask this model builds (:func:`_key_mask` of a :class:`Layout`'s ``*_valid``) is a
     prefix mask (valid keys first), so on the cuDNN path it is passed as per-sample key lengths
@@ -140,12 +151,17 @@ class Attention(nnx.Module):
             [Linear(inner, cfg.dim, use_bias=False, axes=("heads", "embed"), dtype=dtype, rngs=rngs)]
         )
         self.collect_stats = False  # calibration sets this to sow importance statistics
+        self.to_qkv: Linear | None = nnx.data(None)  # set by fuse_projections (inference layout; to_q/k/v then None)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
         B, T, _ = x.shape
-        q = self.to_q(x).reshape(B, T, self.heads, self.head_dim)  # [B, T, N, D]
-        k = self.to_k(x).reshape(B, T, self.heads, self.head_dim)
-        v = self.to_v(x).reshape(B, T, self.heads, self.head_dim)
+        if self.to_qkv is not None:
+            qkv = self.to_qkv(x).reshape(B, T, 3, self.heads, self.head_dim)  # [B, T, 3, N, D]: q | k | v
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q = self.to_q(x).reshape(B, T, self.heads, self.head_dim)  # [B, T, N, D]
+            k = self.to_k(x).reshape(B, T, self.heads, self.head_dim)
+            v = self.to_v(x).reshape(B, T, self.heads, self.head_dim)
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -162,11 +178,15 @@ class FeedForward(nnx.Module):
         self.w1 = Linear(dim, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.w2 = Linear(hidden, dim, use_bias=False, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
         self.w3 = Linear(dim, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-
+        self.w13: Linear | None = nnx.data(None)  # set by fuse_projections (inference layout; w1/w3 then None)
         self.collect_stats = False
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.silu(self.w1(x)) * self.w3(x)
+        if self.w13 is not None:
+            u1, u3 = jnp.split(self.w13(x), 2, axis=-1)  # [..., hidden] each: w1 | w3 columns
+            h = jax.nn.silu(u1) * u3
+        else:
+            h = jax.nn.silu(self.w1(x)) * self.w3(x)
         if self.collect_stats:  # per-channel sum |activation| x ||w2 row|| (importance)
             # one column reduction over the h the w2 GEMM reads anyway (bf16 in, fp32 sum; no fp32 copy of h)
             act = jnp.sum(jnp.abs(h), axis=tuple(range(h.ndim - 1)), dtype=jnp.float32)  # [hidden]
@@ -317,6 +337,11 @@ class Layout:
     sizes: list[tuple[int, int, int]]  # (F, H, W) per sample
     ori_lens: list[int]  # image tokens per sample before padding to 32
     patch_key: str
+
+    @property
+    def dense(self) -> bool:
+        """No inter-sample padding (every sample the same length): attention needs no key mask."""
+        return all(bool(np.all(self.arrays[k])) for k in ("img_valid", "cap_valid", "uni_valid"))
 
 
 def _pad32(n: int) -> int:
@@ -754,18 +779,28 @@ class ZImageTransformer(nnx.Module):
         return x, cos, sin, _key_mask(a["uni_valid"])
 
     def forward_padded(
-        self, a: dict[str, jax.Array], t: jax.Array, patch_key: str, return_features: bool = False
+        self,
+        a: dict[str, jax.Array],
+        t: jax.Array,
+        patch_key: str,
+        return_features: bool = False,
+        dense: bool = False,
     ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
-        """The dense forward on a :class:`Layout`'s arrays -> (B, T_unified, patch_dim)."""
+        """The dense forward on a :class:`Layout`'s arrays -> (B, T_unified, patch_dim).
+
+        ``dense=True`` (static; :attr:`Layout.dense`): the layout has no inter-sample padding, so attention
+        runs unmasked (cuDNN without key lengths). With padding it would be wrong.
+        """
         e = self.embed(a, t, patch_key)
         c = e["c"]
         img, cap = e["img"], e["cap"]
-        m_img, m_cap = _key_mask(a["img_valid"]), _key_mask(a["cap_valid"])
+        m_img, m_cap = (None, None) if dense else (_key_mask(a["img_valid"]), _key_mask(a["cap_valid"]))
         for blk in self.noise_refiner:
             img = blk(img, m_img, *e["img_cs"], c)
         for blk in self.context_refiner:
             cap = blk(cap, m_cap, *e["cap_cs"])
         x, cos, sin, mask = self.unify(a, img, cap, e)
+        mask = None if dense else mask
         feats = []
         for blk in self.layers:
             x = blk(x, mask, cos, sin, c)
@@ -886,7 +921,7 @@ class ZImageTransformer(nnx.Module):
         if t.shape[0] != len(x):
             raise ValueError(f"t has {t.shape[0]} entries for a batch of {len(x)}")
         graphdef, state = nnx.split(self)
-        out = _forward_jit(graphdef, layout.patch_key, state, layout.arrays, t)
+        out = _forward_jit(graphdef, layout.patch_key, layout.dense, state, layout.arrays, t)
         return unpatchify(self.config, out, layout, patch_size, f_patch_size)
 
     def _call_omni(
@@ -941,16 +976,49 @@ class ZImageTransformer(nnx.Module):
         save_zimage(self, path, dtype=dtype, overwrite=overwrite, **kw)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _forward_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array) -> jax.Array:
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _forward_jit(
+    graphdef: Any, patch_key: str, dense: bool, state: Any, arrays: dict[str, Any], t: jax.Array
+) -> jax.Array:
     model = nnx.merge(graphdef, state)
-    return model.forward_padded(arrays, t, patch_key)
+    return model.forward_padded(arrays, t, patch_key, dense=dense)
 
 
 @partial(jax.jit, static_argnums=(0, 1))
 def _forward_omni_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, state)
     return model.forward_omni_padded(arrays, t, patch_key)
+
+
+def _fused_linear(parts: list[Linear]) -> Linear:
+    """One bias-free Linear whose kernel is ``concat([p.kernel for p in parts], axis=1)`` (built once)."""
+    kernel = jnp.concatenate([p.kernel[...] for p in parts], axis=1)  # [in, sum(out)]
+    lin = nnx.eval_shape(
+        lambda: Linear(kernel.shape[0], kernel.shape[1], use_bias=False, axes=("embed", None), rngs=nnx.Rngs(0))
+    )
+    lin.kernel = nnx.Param(kernel, logical_axes=("embed", None))
+    return lin
+
+
+def fuse_projections(model: nnx.Module) -> nnx.Module:
+    """Inference layout, in place: per block q|k|v in one ``(dim, 3 * inner)`` kernel, w1|w3 in one.
+
+    The same function (each output column is the same dot product), computed with fewer and wider GEMMs
+    and without the weight concatenation XLA's dot merger otherwise emits on every call (it merges
+    ``to_q`` and ``to_k``, which share an input). Measured on an H200 (bench/zimage_forward.py
+    ``--fused``; docs/benchmarks.md section 1). For running a model only: calibration, pruning,
+    conversion and export read ``to_q`` / ``to_k`` / ``to_v`` / ``w1`` / ``w3``, which are None afterwards.
+    Returns ``model``.
+    """
+    attns = [m for _, m in model.iter_modules() if isinstance(m, Attention) and m.to_qkv is None]
+    ffns = [m for _, m in model.iter_modules() if isinstance(m, FeedForward) and m.w13 is None]
+    for at in attns:
+        at.to_qkv = _fused_linear([at.to_q, at.to_k, at.to_v])
+        at.to_q = at.to_k = at.to_v = None
+    for ff in ffns:
+        ff.w13 = _fused_linear([ff.w1, ff.w3])
+        ff.w1 = ff.w3 = None
+    return model
 
 
 def init_abstract(cfg: ZImageConfig, dtype: Any = jnp.float32) -> ZImageTransformer:
