@@ -132,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.budget or "20B"
     n_dev = jax.device_count()
     mesh = make_mesh(args.mesh or f"expert:{n_dev}")
+    from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
+
+    expert_parallel = maybe_expert_parallel(mesh)  # routed experts under shard_map on the expert axis
     res: dict[str, Any] = {
         "devices": [str(d) for d in jax.devices()],
         "device_kind": jax.devices()[0].device_kind,
         "processes": jax.process_count(),
         "mesh": dict(mesh.shape),
+        "expert_parallel": expert_parallel,
         "config": {"layers": cfg.num_hidden_layers, "experts": cfg.num_experts[0], "hidden": cfg.hidden_size},
         "budget": budget,
         "stages": {},

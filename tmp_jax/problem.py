@@ -218,7 +218,9 @@ def build_problem(
     """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it.
 
     ``task``: the ``--task`` spec (``"t2i,ti2i"``, ``"t2i:0.7,ti2i:0.3"``): only micro-batches of these tasks
-    are used, statistics and fitness are weighted per task. None: every task of the set, equal weights."""
+    are used, statistics and fitness are weighted per task. None: every task of the set, equal weights.
+    ``mesh``: a HunyuanImage model on a mesh with an ``expert`` axis (and no ``model`` axis) runs its routed
+    experts expert-parallel for the rest of the process (:func:`maybe_expert_parallel`)."""
     from tmp_jax.sharding import make_mesh, shard_module
 
     m_obj, path, name = _load_model(model)
@@ -259,6 +261,10 @@ def build_problem(
     msh = make_mesh(mesh) if mesh else None
     if msh is not None:
         shard_module(m_obj, msh)
+        if m_obj.ARCH == "hunyuan":  # routed experts expert-parallel (shard_map) on an expert axis, process-wide
+            from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
+
+            maybe_expert_parallel(msh)
     cal = calibrate(m_obj, batches, mesh=msh, out=out, progress=progress, weights=weights)
     return PruningProblem(m_obj, cal, source=source, task_weights=weights)
 

@@ -75,7 +75,8 @@ MOE_IMPLS = ("ragged", "dense")
 # Grouped matmul of the routed experts (``TMP_JAX_MOE_KERNEL``): "auto" = the Pallas Mosaic-GPU Hopper kernel
 # (``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu``) on a single-device Hopper GPU process for bf16 operands
 # whose shapes it supports, ``jax.lax.ragged_dot`` otherwise (CPU, fp32, several devices: XLA partitions
-# ragged_dot over an expert-sharded mesh, the Mosaic kernel has no sharding rule). XLA on this GPU stack
+# ragged_dot over an expert-sharded mesh, the Mosaic kernel has no sharding rule; with expert parallelism on,
+# :func:`set_expert_parallel`, each device runs the kernel on its own experts under shard_map). XLA on this GPU stack
 # lowers ragged_dot to a dense GEMM over every expert (docs/benchmarks.md, section 3), hence the kernel.
 # "xla" / "mosaic" force one ("mosaic" raises where the kernel cannot run).
 #
@@ -86,6 +87,43 @@ MOE_IMPLS = ("ragged", "dense")
 MOE_KERNEL: str = os.environ.get("TMP_JAX_MOE_KERNEL", "auto")
 ATTENTION_IMPLEMENTATION: str = os.environ.get("TMP_JAX_ATTENTION", "auto")
 MOSAIC_BLOCK = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)  # best of 2 tried on H100
+
+
+#: (mesh, axis) of expert parallelism, or None. While set, the ``ragged`` routed experts run under
+#: ``shard_map``: each device holds E / P experts and computes only the (token, slot) pairs routed to
+#: them (with the Mosaic kernel on Hopper), then the partial outputs are summed over the axis.
+EXPERT_PARALLEL: tuple[jax.sharding.Mesh, str] | None = None
+
+
+def set_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") -> None:
+    """Run routed experts expert-parallel over ``mesh`` axis ``axis`` (None: off); for functions traced after.
+
+    The experts' parameters must be sharded over that axis on their expert dimension (the ``exp`` logical
+    axis of ``configs/sharding_rules.json`` maps to ``expert``). Tokens may be sharded over a ``data`` axis;
+    any other mesh axis of size > 1 (tensor-parallel ``model``) is not supported by this path.
+    """
+    global EXPERT_PARALLEL
+    if mesh is None:
+        EXPERT_PARALLEL = None
+        return
+    if axis not in mesh.shape:
+        raise ValueError(f"expert parallelism: mesh axes {tuple(mesh.shape)} have no {axis!r} axis")
+    others = [a for a, n in mesh.shape.items() if n > 1 and a not in (axis, "data")]
+    if others:
+        raise ValueError(f"expert parallelism: mesh axes {others} of size > 1 are not supported (only data, {axis})")
+    EXPERT_PARALLEL = (mesh, axis)
+
+
+def maybe_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") -> bool:
+    """Turn expert parallelism on for ``mesh`` where it applies (an ``axis`` of size > 1, no other model-parallel
+    axis); returns whether it did. Forward passes only (calibration, candidate evaluation): both paths compute
+    the same function, so this is a speed setting, and a function traced without it is still correct."""
+    if mesh is None or mesh.shape.get(axis, 1) == 1:
+        return False
+    if any(n > 1 and a not in (axis, "data") for a, n in mesh.shape.items()):
+        return False
+    set_expert_parallel(mesh, axis)
+    return True
 
 
 def set_moe_kernel(name: str) -> None:
@@ -125,13 +163,13 @@ def _mosaic_unsupported(lhs: jax.Array, rhs: jax.Array) -> str | None:
     return None
 
 
-def _use_mosaic(lhs: jax.Array, rhs: jax.Array) -> bool:
+def _use_mosaic(lhs: jax.Array, rhs: jax.Array, per_device: bool = False) -> bool:
     why = _mosaic_unsupported(lhs, rhs)
     if MOE_KERNEL == "mosaic":
         if why:
             raise ValueError(f"TMP_JAX_MOE_KERNEL=mosaic: {why}")
         return True
-    return MOE_KERNEL == "auto" and why is None and jax.device_count() == 1
+    return MOE_KERNEL == "auto" and why is None and (per_device or jax.device_count() == 1)
 
 
 def _mosaic_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
@@ -161,9 +199,13 @@ def _mosaic_bwd(res: tuple, g: jax.Array) -> tuple:
 _mosaic_grouped.defvjp(_mosaic_fwd, _mosaic_bwd)
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """``lhs`` [M, K] rows sorted by group x ``rhs`` [G, K, N] -> [M, N] (``jax.lax.ragged_dot`` semantics)."""
-    if _use_mosaic(lhs, rhs):
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, per_device: bool = False) -> jax.Array:
+    """``lhs`` [M, K] rows sorted by group x ``rhs`` [G, K, N] -> [M, N] (``jax.lax.ragged_dot`` semantics).
+
+    ``per_device``: called inside ``shard_map`` on one device's shards, where the Mosaic kernel applies even in
+    a multi-device process. Rows past ``sum(group_sizes)`` are unspecified on the Mosaic path: callers mask them.
+    """
+    if _use_mosaic(lhs, rhs, per_device):
         return _mosaic_grouped(lhs, rhs, group_sizes)
     return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
@@ -664,32 +706,14 @@ class RoutedExperts(nnx.Module):
         ``x``: [N, H]; ``weights`` / ``indices``: [N, k] -> [N, H]. No capacity: every (token, slot) pair is
         computed, so nothing is ever dropped. With ``stats`` also returns per expert ``sum w * ||y||`` [E] and
         per (expert, channel) ``sum w * |h|`` [E, I] over the routed pairs (``y`` = unweighted expert output,
-        ``h`` = hidden activation; pairs with weight 0, i.e. padding, contribute nothing).
+        ``h`` = hidden activation; pairs with weight 0, i.e. padding, contribute nothing). Expert-parallel
+        under ``shard_map`` while :func:`set_expert_parallel` has set a mesh.
         """
-        n, k = indices.shape
         up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
-        flat = indices.reshape(-1)  # [N*k]
-        order = jnp.argsort(flat, stable=True)  # [N*k], expert-major order of the (token, slot) pairs
-        xs = jnp.take(x, order // k, axis=0).astype(up_w.dtype)  # [N*k, H]
-        group_sizes = jnp.bincount(flat, length=up_w.shape[0]).astype(jnp.int32)  # [E]
-        up = grouped_matmul(xs, up_w, group_sizes)  # [N*k, I]
-        gate = grouped_matmul(xs, gate_w, group_sizes)  # [N*k, I]
-        hidden = up * jax.nn.silu(gate)  # [N*k, I]
-        y = grouped_matmul(hidden, down_w, group_sizes)  # [N*k, H]
-        ws = jnp.take(weights.reshape(-1), order)  # [N*k] weights in sorted order
-        if stats:
-            num_e, wf = up_w.shape[0], ws.astype(jnp.float32)
-            sorted_ids = jnp.take(flat, order)
-            norms = jnp.linalg.norm(y.astype(jnp.float32), axis=-1)  # [N*k]
-            mass = jax.ops.segment_sum(wf * norms, sorted_ids, num_e, indices_are_sorted=True)  # [E]
-            act = wf[:, None] * jnp.abs(hidden.astype(jnp.float32))  # [N*k, I]
-            channel = jax.ops.segment_sum(act, sorted_ids, num_e, indices_are_sorted=True)  # [E, I]
-        y = y * ws[:, None].astype(y.dtype)
-        # back to (token, slot) order by a gather (a scatter of [N*k, H] rows is far slower on GPU)
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))  # [N*k]
-        y = jnp.take(y, inverse, axis=0)
-        out = y.reshape(n, k, -1).sum(axis=1)  # [N, H], summed over slots like the official code
-        return (out, mass, channel) if stats else out
+        ep = EXPERT_PARALLEL
+        if ep is None or up_w.shape[0] % ep[0].shape[ep[1]]:  # off, or experts (a pruned count) don't split evenly
+            return _routed_pairs(x, weights, indices, up_w, gate_w, down_w, 0, up_w.shape[0], stats, False)
+        return _routed_pairs_expert_parallel(x, weights, indices, up_w, gate_w, down_w, stats, *ep)
 
     def dense(
         self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False
@@ -713,6 +737,96 @@ class RoutedExperts(nnx.Module):
         mass = jnp.einsum("en,ne->e", jnp.linalg.norm(y.astype(jnp.float32), axis=-1), cf)  # [E]
         channel = jnp.einsum("eni,ne->ei", jnp.abs(hidden.astype(jnp.float32)), cf)  # [E, I]
         return out, mass, channel
+
+
+def _routed_pairs(
+    x: jax.Array,
+    weights: jax.Array,
+    indices: jax.Array,
+    up_w: jax.Array,
+    gate_w: jax.Array,
+    down_w: jax.Array,
+    e0: jax.Array | int,
+    num_experts: int,
+    stats: bool,
+    per_device: bool,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    """The routed experts ``e0 .. e0 + E_loc`` (``up_w`` etc. [E_loc, ...]) applied to their (token, slot) pairs.
+
+    ``x`` [N, H], ``weights`` / ``indices`` [N, k] over all ``num_experts``. Pairs routed to other experts
+    contribute 0, so summing the outputs of disjoint expert ranges gives the full layer (expert
+    parallelism); with ``e0 = 0`` and every expert local this is the whole routed MoE. Returns [N, H]
+    (+ ``mass`` [E_loc], ``channel`` [E_loc, I] with ``stats``; see :meth:`RoutedExperts.ragged`).
+    """
+    n, k = indices.shape
+    m, e_loc = n * k, up_w.shape[0]
+    flat = indices.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat, stable=True)  # [N*k], expert-major order of the (token, slot) pairs
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E] pairs per expert
+    group_sizes = jax.lax.dynamic_slice_in_dim(sizes, e0, e_loc)  # [E_loc]
+    start = jnp.sum(jnp.where(jnp.arange(num_experts) < e0, sizes, 0))  # first sorted row of expert e0
+    # rows of the local experts first: sorted position (i + start) mod M  -> local row i
+    pick = jnp.take(order, (jnp.arange(m) + start) % m)  # [N*k] pair index per local row
+    valid = jnp.arange(m) < jnp.sum(group_sizes)  # [N*k] rows that belong to a local expert
+    xs = jnp.take(x, pick // k, axis=0).astype(up_w.dtype)  # [N*k, H]
+    up = grouped_matmul(xs, up_w, group_sizes, per_device)  # [N*k, I]
+    gate = grouped_matmul(xs, gate_w, group_sizes, per_device)  # [N*k, I]
+    hidden = up * jax.nn.silu(gate)  # [N*k, I]
+    y = grouped_matmul(hidden, down_w, group_sizes, per_device)  # [N*k, H]
+    ws = jnp.where(valid, jnp.take(weights.reshape(-1), pick), 0)  # [N*k] weights, 0 off the local experts
+    if stats:
+        wf = ws.astype(jnp.float32)
+        local_ids = jnp.where(valid, jnp.take(flat, pick) - e0, e_loc)  # [N*k]; e_loc = dropped
+        norms = jnp.linalg.norm(jnp.where(valid[:, None], y, 0).astype(jnp.float32), axis=-1)  # [N*k]
+        mass = jax.ops.segment_sum(wf * norms, local_ids, e_loc, indices_are_sorted=True)  # [E_loc]
+        act = wf[:, None] * jnp.abs(jnp.where(valid[:, None], hidden, 0).astype(jnp.float32))  # [N*k, I]
+        channel = jax.ops.segment_sum(act, local_ids, e_loc, indices_are_sorted=True)  # [E_loc, I]
+    # rows past the local groups are unspecified on the Mosaic path (may be NaN): select, don't multiply
+    y = jnp.where(valid[:, None], y * ws[:, None].astype(y.dtype), 0)
+    # back to (token, slot) order by a gather (a scatter of [N*k, H] rows is far slower on GPU): the pair at
+    # sorted position j sits at local row (j - start) mod M
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))  # [N*k] sorted position
+    y = jnp.take(y, (inverse - start) % m, axis=0)
+    out = y.reshape(n, k, -1).sum(axis=1)  # [N, H], summed over slots like the official code
+    return (out, mass, channel) if stats else out
+
+
+def _routed_pairs_expert_parallel(
+    x: jax.Array,
+    weights: jax.Array,
+    indices: jax.Array,
+    up_w: jax.Array,
+    gate_w: jax.Array,
+    down_w: jax.Array,
+    stats: bool,
+    mesh: jax.sharding.Mesh,
+    axis: str,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_routed_pairs` under ``shard_map``: experts split over ``axis``, partial outputs summed (psum).
+
+    Tokens stay where they are (sharded over ``data`` when the mesh has it, else replicated): each device
+    routes its tokens' pairs to its own E / P experts only, so its grouped-matmul work is its share of the
+    routed pairs; the [N, H] partial outputs are all-reduced over the expert axis.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    num_e = up_w.shape[0]  # a multiple of the axis size (RoutedExperts.ragged checks)
+    data = "data" if mesh.shape.get("data", 1) > 1 and x.shape[0] % mesh.shape["data"] == 0 else None
+    tok, exp = P(data), P(axis)
+
+    def local(x, weights, indices, up_w, gate_w, down_w):  # one device: its tokens, its E / P experts
+        e0 = jax.lax.axis_index(axis) * up_w.shape[0]
+        res = _routed_pairs(x, weights, indices, up_w, gate_w, down_w, e0, num_e, stats, True)
+        if not stats:
+            return jax.lax.psum(res, axis)
+        out, mass, channel = res
+        if data is not None:  # statistics are over every token: sum the data shards
+            mass, channel = jax.lax.psum(mass, data), jax.lax.psum(channel, data)
+        return jax.lax.psum(out, axis), mass, channel
+
+    out_specs = (tok, exp, exp) if stats else tok
+    f = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=out_specs, check_vma=False)
+    return f(x, weights, indices, up_w, gate_w, down_w)
 
 
 class HunyuanMoE(nnx.Module):
