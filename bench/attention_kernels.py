@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.driver import run_part, write_outputs  # noqa: E402
 
 #: (block_q, block_kv, max_concurrent_steps) tried for the Mosaic-GPU kernel
 MGPU_CONFIGS = [(64, 128, 2), (64, 64, 2), (64, 128, 3), (64, 256, 2)]
@@ -202,19 +203,8 @@ def main() -> None:
         return
     results: dict = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     for part in ["jax"] + ([] if args.no_torch else ["torch"]):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--part", part]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        print("".join(ln + "\n" for ln in p.stdout.splitlines() if not ln.startswith("RESULT ")), end="")
-        got = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-        results[part] = json.loads(got[-1][7:]) if got else {"error": p.stderr[-2000:], "runs": []}
-        if not got:
-            print(f"[{part}] rc={p.returncode}: {p.stderr[-2000:]}", flush=True)
-    tab = table(results)
-    print(tab)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "attention.json").write_text(json.dumps(results, indent=2))
-        (args.out / "attention.md").write_text(tab + "\n")
+        results[part] = run_part(__file__, part)
+    write_outputs(args.out, "attention", results, table(results))
 
 
 if __name__ == "__main__":

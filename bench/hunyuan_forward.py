@@ -147,6 +147,24 @@ def _custom_calls(compiled_text: str) -> list[str]:
     return sorted(names)
 
 
+def _run_timed(f, fargs: tuple, iters: int) -> tuple:
+    """Compile ``f`` for ``fargs``, run it once (the output), twice more (warm-up), then ``iters`` synced runs.
+
+    Returns (compiled, output, per-run seconds, compile seconds, custom-call targets in the compiled HLO)."""
+    t0 = time.perf_counter()
+    compiled = f.lower(*fargs).compile()
+    compile_s = time.perf_counter() - t0
+    out = compiled(*fargs)
+    for _ in range(2):
+        compiled(*fargs).block_until_ready()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        compiled(*fargs).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return compiled, out, ts, compile_s, _custom_calls(compiled.as_text())
+
+
 def part_jax(args: argparse.Namespace) -> dict:
     import jax
     import jax.numpy as jnp
@@ -257,19 +275,7 @@ def part_jax(args: argparse.Namespace) -> dict:
         hm.set_moe_kernel(moe)
         hm.set_attention_implementation(attn)
         try:
-            f = make_fwd()
-            t0 = time.perf_counter()
-            compiled = f.lower(*args_fwd).compile()
-            compile_s = time.perf_counter() - t0
-            targets = _custom_calls(compiled.as_text())
-            out = compiled(*args_fwd)
-            for _ in range(2):
-                compiled(*args_fwd).block_until_ready()
-            ts = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                compiled(*args_fwd).block_until_ready()
-                ts.append(time.perf_counter() - t0)
+            compiled, out, ts, compile_s, targets = _run_timed(make_fwd(), args_fwd, iters)
             pipelined_ms = None
             if statistics.median(ts) < 0.3:  # back-to-back launches, one sync
                 t0 = time.perf_counter()
@@ -308,7 +314,7 @@ def part_jax(args: argparse.Namespace) -> dict:
         finally:
             hm.set_moe_kernel("auto")
             hm.set_attention_implementation("auto")
-        f = compiled = None
+        compiled = None
     for n_ep in args.ep:  # expert parallelism: routed experts under shard_map over n_ep devices
         if time.time() > deadline:
             break
@@ -326,20 +332,8 @@ def part_jax(args: argparse.Namespace) -> dict:
             rep = NamedSharding(mesh, PartitionSpec())
             ins = jax.device_put((x, cos, sin, mask, token_mask), rep)
             hm.set_expert_parallel(mesh)
-            f = make_fwd()
-            t0 = time.perf_counter()
-            compiled = f.lower(st_ep, *ins).compile()
-            compile_s = time.perf_counter() - t0
-            out = compiled(st_ep, *ins)
-            for _ in range(2):
-                compiled(st_ep, *ins).block_until_ready()
-            ts = []
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                compiled(st_ep, *ins).block_until_ready()
-                ts.append(time.perf_counter() - t0)
+            compiled, out, ts, compile_s, targets = _run_timed(make_fwd(), (st_ep, *ins), args.iters)
             outs[label] = out.astype(jnp.float32)
-            targets = _custom_calls(compiled.as_text())
             r = {
                 "impl": label,
                 "ms": med_ms(ts),
@@ -363,7 +357,7 @@ def part_jax(args: argparse.Namespace) -> dict:
             print(f"[jax] {label} FAILED: {type(ex).__name__}: {str(ex)[:600]}", flush=True)
         finally:
             hm.set_expert_parallel(None)
-        f = compiled = None
+        compiled = None
     ref = outs.get(variants[1][0])
     for r in res["runs"]:
         if ref is not None and r["impl"] in outs:

@@ -22,13 +22,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.driver import run_part, write_outputs  # noqa: E402
 
 #: name -> XLA_FLAGS added for that variant ("" = the defaults)
 FLAG_VARIANTS = {
@@ -170,17 +171,7 @@ def part_gemm_torch(args: argparse.Namespace) -> dict:
 
 
 def _child(args: argparse.Namespace, part: str, flags: str = "") -> dict:
-    env = dict(os.environ)
-    if flags:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--part", part]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout_s)
-    print("".join(ln + "\n" for ln in p.stdout.splitlines() if not ln.startswith("RESULT ")), end="", flush=True)
-    got = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not got:
-        print(f"[{part}] rc={p.returncode}: {p.stderr[-1500:]}", flush=True)
-        return {"error": p.stderr[-1500:]}
-    return json.loads(got[-1][7:])
+    return run_part(__file__, part, flags, args.child_timeout_s)
 
 
 def main() -> None:
@@ -224,12 +215,7 @@ def main() -> None:
         t = tor.get(tuple(r["mkn"]))
         tt = f"{t['ms']:.3f} | {t['tflops']:.0f}" if t else "- | -"
         lines.append(f"| {' x '.join(map(str, r['mkn']))} | {r['ms']:.3f} | {r['tflops']:.0f} | {tt} |")
-    tab = "\n".join(lines)
-    print(tab)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "block.json").write_text(json.dumps(results, indent=2))
-        (args.out / "block.md").write_text(tab + "\n")
+    write_outputs(args.out, "block", results, "\n".join(lines))
 
 
 if __name__ == "__main__":

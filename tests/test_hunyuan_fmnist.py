@@ -91,7 +91,8 @@ def test_training_batch_and_forward_train(teacher):
     inputs = H.prepare_batch(FMNIST_CONFIG, b)  # the calibration format: layout checked
     out, feats, balance = jax.jit(lambda x: forward_train_aux(teacher, x))(inputs)
     ref = H.forward(teacher, inputs)  # the blockwise runner (candidate evaluation)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    # fp32 both, the same kernels in another order (train path jitted whole, runner block by block)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
     assert len(feats) == FMNIST_CONFIG.num_hidden_layers
     assert 0.9 < float(balance) < 1.5  # trained with the balancing loss: near 1
     assert matched_features(FMNIST_CONFIG) == tuple(range(6))

@@ -79,6 +79,10 @@ def test_ti2i_hooks_equal_ti2i_forward(setup):
         H.for_task("ti2i").prepare_batch(CFG, {k: v for k, v in b.items() if k != "guidance"})
     with pytest.raises(ValueError, match="'vit_features_0' is missing"):
         H.for_task("ti2i").prepare_batch(CFG, {k: v for k, v in b.items() if k != "vit_features_0"})
+    n = b["timestep"].shape[0]
+    for key in ("timestep", "target_start", "guidance"):  # a per-row array of the wrong size names itself
+        with pytest.raises(ValueError, match=rf"'{key}' must hold one value per row \(B={n},\)"):
+            H.for_task("ti2i").prepare_batch(CFG, {**b, key: np.concatenate([b[key], b[key]])})
 
 
 def _error(model, cal, task: str) -> float:

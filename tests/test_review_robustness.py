@@ -157,6 +157,14 @@ def test_calibration_resume_state_of_another_set(tmp_path):
         calibrate(model, b2, out=tmp_path / "m")
     again = calibrate(model, a, out=tmp_path / "m")  # the same set still resumes
     assert len(again.teacher) == len(again.inputs) == 2
+    other = h.init_random(TINY, jnp.float32, 1)  # the same set through another teacher: refused too
+    with pytest.raises(ValueError, match="another teacher"):
+        calibrate(other, a, out=tmp_path / "m")
+    nudged = h.init_random(TINY, jnp.float32, 0)  # one weight of one parameter changed
+    blk = nudged.layers[0].attention.to_q.kernel
+    blk[...] = blk[...].at[0, 0].add(1e-3)
+    with pytest.raises(ValueError, match="another teacher"):
+        calibrate(nudged, a, out=tmp_path / "m")
     # streamed: an interrupted run's per-micro-batch state of another set of the same size
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(str(ckpt))
@@ -164,6 +172,12 @@ def test_calibration_resume_state_of_another_set(tmp_path):
     sc._write_mb(root, 0, 1, 2, len(sc._z_schedule(TINY)), {"x": np.zeros(1)}, {}, sc.batches_signature(a))
     with pytest.raises(ValueError, match="another calibration set"):
         sc.calibrate_streamed(ckpt, b2, out=tmp_path / "s")
+    # streamed, finished state of one checkpoint, then another checkpoint with the same set: refused
+    sc.calibrate_streamed(ckpt, a, out=tmp_path / "s2")
+    ckpt2 = tmp_path / "ckpt2"
+    other.save_pretrained(str(ckpt2))
+    with pytest.raises(ValueError, match="another teacher"):
+        sc.calibrate_streamed(ckpt2, a, out=tmp_path / "s2")
 
 
 def test_export_bad_plan_resolution_fails_before_any_work(tmp_path):

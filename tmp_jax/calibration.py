@@ -266,9 +266,11 @@ def calibrate(
     inputs = [shard_inputs(prepare(hooks, cfg, b), mesh) for b in batches]
     state_path = Path(out) / "calib_state.npz" if out is not None else None
     done, teacher, by_task = 0, [], {}
+    # the resume state belongs to this set of micro-batches AND this teacher
     sig = batches_signature(batches) if state_path is not None else None
+    tsig = f"params:{teacher_signature(model)}" if state_path is not None else None
     if state_path is not None and state_path.is_file():
-        done, teacher, by_task = _load_state(state_path, by_task=True, sig=sig, n=len(inputs))
+        done, teacher, by_task = _load_state(state_path, by_task=True, sig=sig, n=len(inputs), teacher_sig=tsig)
     it = range(done, len(inputs))
     if progress:
         from tqdm.auto import tqdm
@@ -282,7 +284,7 @@ def calibrate(
         for k, v in s.items():
             acc[k] = acc[k] + v if k in acc else v
         if state_path is not None:
-            _save_state(state_path, i + 1, teacher, by_task, sig)
+            _save_state(state_path, i + 1, teacher, by_task, sig, tsig)
     return finish(inputs, teacher, by_task, weights)
 
 
@@ -299,6 +301,32 @@ def batches_signature(batches: list[dict[str, Any]]) -> str:
             h.update(a.reshape(-1).view(np.uint8).data)
         h.update(b"|")
     return h.hexdigest()
+
+
+def teacher_signature(model: Any) -> str:
+    """sha256 of a loaded teacher: its config, every parameter's path / shape / dtype, and per parameter the fp32
+    sum and sum of squares (reduced on the devices in one jitted call, so nothing full-size leaves them).
+
+    Part of the resume signature: a calibration state written for one teacher is refused for another (the
+    same micro-batches through other weights give other outputs)."""
+    from flax import nnx
+
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    leaves = [v.get_value() if hasattr(v, "get_value") else v for _, v in flat]
+    moments = np.asarray(_param_moments(leaves))  # [P, 2] fp32
+    h = hashlib.sha256(json.dumps(model.config.to_hf_config(), sort_keys=True, default=str).encode())
+    for (path, _), leaf, mom in zip(flat, leaves, moments):
+        h.update(f"{'/'.join(map(str, path))}:{leaf.dtype}{tuple(leaf.shape)};".encode())
+        h.update(mom.tobytes())
+    return h.hexdigest()
+
+
+@jax.jit
+def _param_moments(leaves: list[jax.Array]) -> jax.Array:
+    """[P, 2]: (sum, sum of squares) of each parameter in fp32."""
+    return jnp.stack(
+        [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))]) for x in leaves]
+    )
 
 
 def prepare(hooks: arch.ArchHooks, cfg: Any, batch: dict[str, Any]) -> dict[str, Any]:
@@ -324,19 +352,28 @@ def finish(
 
 
 def _load_state(
-    path: Path, by_task: bool = False, sig: str | None = None, n: int | None = None
+    path: Path, by_task: bool = False, sig: str | None = None, n: int | None = None, teacher_sig: str | None = None
 ) -> tuple[int, list[np.ndarray], dict]:
     """(finished micro-batches, their teacher outputs, summed statistics) from a ``calib_state.npz``.
 
     ``by_task``: statistics as {task: {path: sum}} (files without ``stat_tasks`` are all ``t2i``); else the flat
     {path: sum} of a single-task file (what the streamed calibration reads and writes). ``sig``
-    (:func:`batches_signature`) / ``n``: the set being calibrated; a state of another set is a ValueError."""
+    (:func:`batches_signature`) / ``n``: the set being calibrated; a state of another set is a ValueError.
+    ``teacher_sig``: ``"params:..."`` (:func:`teacher_signature` of a loaded model) or ``"files:..."`` (the
+    checkpoint fingerprint, streamed calibration); a state written for another teacher of the same kind is a
+    ValueError (a state of the other kind cannot be compared and is accepted: the two paths share the format)."""
     z = np.load(path, allow_pickle=False)
     done = int(z["done"])
     stored = str(z["batch_sig"]) if "batch_sig" in z else None
     if (sig is not None and stored is not None and stored != sig) or (n is not None and done > n):
         raise ValueError(
             f"{path}: resume state of another calibration set ({done} micro-batches done; this set has {n}); "
+            "remove it or calibrate into another folder"
+        )
+    t_stored = str(z["teacher_sig"]) if "teacher_sig" in z else None
+    if teacher_sig and t_stored and t_stored.split(":")[0] == teacher_sig.split(":")[0] and t_stored != teacher_sig:
+        raise ValueError(
+            f"{path}: resume state of another teacher (same micro-batches, other weights or config); "
             "remove it or calibrate into another folder"
         )
     teacher = [z[f"teacher_{i}"] for i in range(done)]
@@ -352,7 +389,14 @@ def _load_state(
     return done, teacher, next(iter(per.values()), {})
 
 
-def _save_state(path: Path, done: int, teacher: list[np.ndarray], stats: dict, sig: str | None = None) -> None:
+def _save_state(
+    path: Path,
+    done: int,
+    teacher: list[np.ndarray],
+    stats: dict,
+    sig: str | None = None,
+    teacher_sig: str | None = None,
+) -> None:
     """Write ``calib_state.npz`` atomically; ``stats`` is {path: sum} (one task, t2i) or {task: {path: sum}}."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if stats and all(isinstance(k, str) for k in stats):
@@ -369,6 +413,7 @@ def _save_state(path: Path, done: int, teacher: list[np.ndarray], stats: dict, s
         stat_keys=np.array(json.dumps([list(k) for _, k, _ in items])),
         stat_tasks=np.array(json.dumps([t for t, _, _ in items])),
         **({"batch_sig": np.array(sig)} if sig else {}),
+        **({"teacher_sig": np.array(teacher_sig)} if teacher_sig else {}),
         **arrays,
     )
     os.replace(tmp, path)

@@ -23,6 +23,7 @@ format, so either calibration resumes from (and reuses) the other's finished res
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -378,6 +379,20 @@ def _carry_structures(ps: ParamStreamer, stem: nnx.Module, steps: list[Step], in
 # The streamed calibration
 
 
+def _sampled_content_hash(path: Path, samples: int = 64, chunk: int = 4096) -> str:
+    """sha256 of ``samples`` evenly spaced ``chunk``-byte reads of every safetensors file (a few hundred KB per
+    file, not the 100+ GB): tells apart checkpoints of the same shapes with other weights (a fine-tune, another
+    seed), which headers and sizes alone do not."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            for i in range(samples):
+                fh.seek(max(0, (size - chunk) * i // max(samples - 1, 1)))
+                h.update(fh.read(chunk))
+    return h.hexdigest()
+
+
 def calibrate_streamed(
     path: str | os.PathLike[str],
     batches: list[dict[str, np.ndarray]],
@@ -411,15 +426,21 @@ def calibrate_streamed(
     inputs = [shard_inputs(arch.get(hooks.name).prepare_batch(cfg, b), mesh) for b in batches]
     n = len(inputs)
     final = Path(out) / "calib_state.npz" if out is not None else None
-    sig = batches_signature(batches) if out is not None else None
+    sig = tsig = None
+    if out is not None:  # the resume state belongs to this set AND this checkpoint (headers, sizes, config)
+        from tmp_jax.problem import fingerprint
+
+        sig = batches_signature(batches)
+        tsig = f"files:{fingerprint(path, cfg.to_hf_config())}:{_sampled_content_hash(path)}"
     if final is not None and final.is_file():
-        done, teacher, stats = _load_state(final, sig=sig, n=n)
+        done, teacher, stats = _load_state(final, sig=sig, n=n, teacher_sig=tsig)
         if done == n:
             return Calibration(inputs, teacher, stats)
     steps = hooks.schedule(cfg)
     n_steps = len(steps)
     root = Path(out) / STREAM_DIR if out is not None else None
-    saved = [(0, None, {})] * n if root is None else _read_mbs(root, n, n_steps, sig)
+    mb_sig = None if sig is None else f"{sig}:{tsig}"  # per-micro-batch states: this set and checkpoint
+    saved = [(0, None, {})] * n if root is None else _read_mbs(root, n, n_steps, mb_sig)
     at = [a for a, _, _ in saved]  # steps each micro-batch has finished
     own = [dict(st) for _, _, st in saved]  # each micro-batch's own statistics (summed in order at the end)
     stem = hooks.stem_view(ps.model)
@@ -470,7 +491,7 @@ def calibrate_streamed(
             elif carry_on == "host":
                 carries[m] = jax.device_get(carries[m])
             if checkpoint:
-                _write_mb(root, m, si + 1, n, n_steps, teacher[m] if si == n_steps - 1 else carries[m], own[m], sig)
+                _write_mb(root, m, si + 1, n, n_steps, teacher[m] if si == n_steps - 1 else carries[m], own[m], mb_sig)
             if pbar:
                 pbar.update(1)
         if step.kind == "block":
@@ -486,7 +507,7 @@ def calibrate_streamed(
         for k, v in own[m].items():
             stats[k] = stats[k] + v if k in stats else v
     if final is not None:
-        _save_state(final, n, teacher, stats, sig)
+        _save_state(final, n, teacher, stats, sig, tsig)
         shutil.rmtree(root, ignore_errors=True)
     return Calibration(inputs, teacher, stats)
 

@@ -573,12 +573,18 @@ def prepare_ti2i_batch(config: HunyuanImage3Config, batch: dict[str, np.ndarray]
             raise ValueError(f"HunyuanImage TI2I batch: vit_features_{i} must be (B, hv, wv, vit_dim), got {v.shape}")
         conds.append(c)
         vits.append(v)
+    def per_row(name: str, dtype: Any) -> np.ndarray:  # one value per batch row, (B,) or (B, 1)
+        a = np.asarray(batch[name]).astype(dtype)
+        if a.size != b:
+            raise ValueError(f"HunyuanImage TI2I batch: {name!r} must hold one value per row (B={b},), got {a.shape}")
+        return a.reshape(b)
+
     inputs: dict[str, Any] = {
         "input_ids": ids,
         "latents": lat,
-        "timestep": np.asarray(batch["timestep"], np.float32).reshape(b),
-        "valid_lengths": np.asarray(batch["valid_lengths"]).astype(np.int32).reshape(b),
-        "target_start": np.asarray(batch["target_start"]).astype(np.int32).reshape(b),
+        "timestep": per_row("timestep", np.float32),
+        "valid_lengths": per_row("valid_lengths", np.int32),
+        "target_start": per_row("target_start", np.int32),
         "cond_start": cs,
         "cond_latents": tuple(conds),
         "vit_features": tuple(vits),
@@ -588,7 +594,7 @@ def prepare_ti2i_batch(config: HunyuanImage3Config, batch: dict[str, np.ndarray]
         if on and name not in batch:
             raise ValueError(f"HunyuanImage TI2I batch: the model's <{name}> slot needs the array {name!r} (B,)")
         if on:
-            inputs[name] = np.asarray(batch[name], np.float32).reshape(b)
+            inputs[name] = per_row(name, np.float32)
     check_ti2i_layout(ids, config, ti2i_layout_of(inputs), inputs["target_start"], cs)
     return inputs
 
