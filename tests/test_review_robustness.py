@@ -107,6 +107,51 @@ def test_hunyuan_training_data_bad_files(tmp_path):
     np.savez(ok, latents=np.ones((3, 4, 14, 14), np.float32), labels=np.arange(3))
     b = train.training_batch(cfg, str(ok), 2, 0, 0)
     assert b["latents"].shape == (2, 4, 14, 14) and b["input_ids"].shape == (2, train.SEQ_LEN)
+    # read once per file version: later steps reuse the arrays; rewriting the file is seen
+    calls = {"n": 0}
+    real_load = np.load
+
+    def counting_load(*a, **k):
+        calls["n"] += 1
+        return real_load(*a, **k)
+
+    np.load = counting_load
+    try:
+        for step in range(1, 4):
+            train.training_batch(cfg, str(ok), 2, 0, step)
+        assert calls["n"] == 0
+        np.savez(ok, latents=np.full((5, 4, 14, 14), 2.0, np.float32), labels=np.arange(5))
+        b2 = train.training_batch(cfg, str(ok), 5, 0, 9)
+        assert calls["n"] == 1 and b2["latents"].shape[0] == 5
+    finally:
+        np.load = real_load
+
+
+def test_zimage_training_data_bad_files(tmp_path):
+    from tmp_jax.models.z_image import TINY
+    from tmp_jax.models.z_image.runner import training_batch
+
+    with pytest.raises(ValueError, match=r"missing\.npz: cannot read"):
+        training_batch(TINY, str(tmp_path / "missing.npz"), 2, 0, 0)
+    no_lens = tmp_path / "no_lens.npz"
+    np.savez(no_lens, latents=np.zeros((3, 16, 1, 8, 8), np.float32), cap_feats=np.zeros((3, 4, TINY.cap_feat_dim)))
+    with pytest.raises(ValueError, match=r"no_lens\.npz: missing array 'cap_lens'"):
+        training_batch(TINY, str(no_lens), 2, 0, 0)
+    short = tmp_path / "short.npz"
+    np.savez(
+        short,
+        latents=np.zeros((3, 16, 1, 8, 8), np.float32),
+        cap_feats=np.zeros((2, 4, TINY.cap_feat_dim), np.float32),
+        cap_lens=np.full(3, 4),
+    )
+    with pytest.raises(ValueError, match=r"short\.npz: arrays .*same N"):
+        training_batch(TINY, str(short), 2, 0, 0)
+    ok = tmp_path / "ok.npz"
+    lat = np.random.default_rng(0).standard_normal((3, TINY.in_channels, 1, 8, 8)).astype(np.float32)
+    np.savez(ok, latents=lat, cap_feats=np.ones((3, 4, TINY.cap_feat_dim), np.float32), cap_lens=np.full(3, 4))
+    b = training_batch(TINY, str(ok), 2, 0, 1)
+    assert b["latents"].shape == (2, TINY.in_channels, 1, 8, 8) and b["cap_lens"].tolist() == [4, 4]
+    assert 0 < b["t"].min() and b["t"].max() < 1
 
 
 def test_search_mesh_help_example_is_a_valid_spec(capsys):

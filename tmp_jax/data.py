@@ -115,6 +115,33 @@ def load_subset(split: str, path: str | os.PathLike[str] | None = None) -> Split
         return Split(z[f"{split}_images"], z[f"{split}_labels"].astype(np.int64))
 
 
+_NPZ_CACHE: dict[tuple, dict[str, np.ndarray]] = {}
+
+
+def load_training_npz(path: str | os.PathLike[str], keys: tuple[str, ...], want: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of a user's ``--data`` .npz (no pickles), read once per file version and kept.
+
+    Distillation draws a batch from it every step; re-reading (and decompressing) the file each step was the
+    cost. Cached by (path, size, mtime), so an edited file is read again. ``want`` describes the expected
+    contents for the one-line errors (unreadable file, missing array)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read an .npz with {want} ({e})") from None
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, keys)
+    if key not in _NPZ_CACHE:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:  # not an .npz, or a pickle (refused)
+            raise ValueError(f"{path}: cannot read an .npz with {want} ({e})") from None
+        missing = [k for k in keys if k not in z]
+        if missing:
+            raise ValueError(f"{path}: missing array {missing[0]!r} (expected {want})")
+        _NPZ_CACHE.clear()  # one training file at a time: keep only the newest
+        _NPZ_CACHE[key] = {k: z[k] for k in keys}
+    return _NPZ_CACHE[key]
+
+
 def balanced_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """``per_class`` indices of each class drawn without replacement (seeded), shuffled together."""
     rng = np.random.default_rng(seed)

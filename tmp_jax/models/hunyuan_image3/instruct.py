@@ -573,6 +573,7 @@ def prepare_ti2i_batch(config: HunyuanImage3Config, batch: dict[str, np.ndarray]
             raise ValueError(f"HunyuanImage TI2I batch: vit_features_{i} must be (B, hv, wv, vit_dim), got {v.shape}")
         conds.append(c)
         vits.append(v)
+
     def per_row(name: str, dtype: Any) -> np.ndarray:  # one value per batch row, (B,) or (B, 1)
         a = np.asarray(batch[name]).astype(dtype)
         if a.size != b:

@@ -200,14 +200,7 @@ def _subset(split: str) -> fm.Split:
 def _load_data(data: str) -> dict[str, np.ndarray]:
     """The ``--data`` .npz (no pickles), its arrays checked: one-line errors naming the file and the array."""
     want = f"latents (N, {fm.LATENT_CHANNELS}, {fm.LATENT_SIZE}, {fm.LATENT_SIZE}) and labels (N,)"
-    try:
-        z = np.load(data, allow_pickle=False)
-    except (OSError, ValueError) as e:  # missing, unreadable, or not an .npz (a pickle is refused)
-        raise ValueError(f"{data}: cannot read an .npz with {want} ({e})") from None
-    for k in ("latents", "labels"):
-        if k not in z:
-            raise ValueError(f"{data}: missing array {k!r} (expected {want})")
-    arrays = {"latents": z["latents"], "labels": z["labels"]}  # each read once
+    arrays = fm.load_training_npz(data, ("latents", "labels"), want)  # read once, then cached
     lat, lab = arrays["latents"].shape, arrays["labels"].shape
     if len(lat) != 4 or tuple(lat[1:]) != (fm.LATENT_CHANNELS, fm.LATENT_SIZE, fm.LATENT_SIZE) or not lat[0]:
         raise ValueError(f"{data}: latents has shape {lat}, expected {want}")

@@ -354,11 +354,15 @@ def training_batch(cfg: ZImageConfig, data: str | None, batch_size: int, seed: i
         cap = fm.caption_features(labels, cfg.cap_feat_dim)
         lens = np.full(batch_size, cap.shape[1], np.int32)
     else:
-        z = np.load(data, allow_pickle=False)
-        for k in ("latents", "cap_feats", "cap_lens"):
-            if k not in z:
-                raise ValueError(f"{data}: missing array {k!r} (expected latents, cap_feats, cap_lens)")
-        idx = rng.integers(0, len(z["latents"]), batch_size)
+        from tmp_jax import data as fm
+
+        want = "latents (N, C, F, H, W), cap_feats (N, L, D) and cap_lens (N,)"
+        z = fm.load_training_npz(data, ("latents", "cap_feats", "cap_lens"), want)  # read once, then cached
+        n = len(z["latents"])
+        if not n or len(z["cap_feats"]) != n or len(z["cap_lens"]) != n:
+            shapes = {k: tuple(v.shape) for k, v in z.items()}
+            raise ValueError(f"{data}: arrays {shapes}: expected {want} with the same N > 0")
+        idx = rng.integers(0, n, batch_size)
         x0, cap, lens = z["latents"][idx].astype(np.float32), z["cap_feats"][idx], z["cap_lens"][idx]
     sigma = 1.0 / (1.0 + np.exp(-rng.standard_normal(batch_size)))
     eps = rng.standard_normal(x0.shape).astype(np.float32)
