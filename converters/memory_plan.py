@@ -12,7 +12,8 @@ needs only its prefix's rows) and the routed experts that do not fit: those are 
 copied to the GPU when their layer runs (the whole layer's offloaded experts, so the staging buffer is the
 largest layer's offloaded bytes). ``lm_head`` and the VAE / ViT tensors are not loaded by the denoiser.
 Experts are made resident greedily, one at a time from the layer with the most offloaded bytes (lowest expert
-index first), while resident + staging + activations + headroom fit the target.
+index first), while resident + staging + activations + headroom fit the target, then, smallest first, any
+other expert that still fits (:func:`choose_offload`).
 
 Z-Image: everything is resident (no experts); the plan only checks the estimate against the target.
 
@@ -117,6 +118,44 @@ def _tokens(conf: dict[str, Any], arch: str, resolution: int, text_tokens: int) 
     return img, img + -(-text_tokens // 32) * 32  # captions are padded to a multiple of 32
 
 
+def choose_offload(
+    experts: dict[tuple[int, int], int], fixed: int, target_bytes: int
+) -> tuple[dict[int, list[int]], int]:
+    """Which experts stay in CPU RAM: ({layer: [offloaded expert ids]}, bytes of the resident experts).
+
+    Peak = ``fixed`` + resident experts + staging (the largest layer's offloaded bytes, fetched per layer).
+    Greedy, from everything offloaded: (1) take experts one at a time from the layer with the most offloaded
+    bytes (lowest id first), which lowers the staging buffer as it adds to the resident set, while the peak
+    fits; (2) then, smallest first, every other expert that still fits on its own (a pruned model's experts
+    differ in width, so one that did not fit in (1) can leave room for smaller ones)."""
+    layers = sorted({layer for layer, _ in experts})
+    offloaded = {layer: sorted(e for l2, e in experts if l2 == layer) for layer in layers}
+
+    def staging() -> int:
+        return max((sum(experts[(la, e)] for e in es) for la, es in offloaded.items()), default=0)
+
+    resident = 0
+    while True:  # (1) shrink the largest layer's offloaded set while everything still fits
+        cand = [(sum(experts[(la, e)] for e in es), -la) for la, es in offloaded.items() if es]
+        if not cand:
+            break
+        la = -max(cand)[1]
+        e = offloaded[la][0]
+        offloaded[la] = offloaded[la][1:]
+        if fixed + resident + experts[(la, e)] + staging() > target_bytes:
+            offloaded[la] = [e, *offloaded[la]]
+            break
+        resident += experts[(la, e)]
+    for n, la, e in sorted((experts[(la, e)], la, e) for la, es in offloaded.items() for e in es):  # (2)
+        rest = [x for x in offloaded[la] if x != e]
+        before, offloaded[la] = offloaded[la], rest
+        if fixed + resident + n + staging() > target_bytes:
+            offloaded[la] = before
+        else:
+            resident += n
+    return offloaded, resident
+
+
 def make_plan(
     folder: Path,
     target_bytes: int,
@@ -178,18 +217,7 @@ def make_plan(
             f"{HEADROOM / 2**30:.2f} GiB = {(fixed + staging()) / 2**30:.2f} GiB "
             f"(try {hint}a lower --resolution, or a smaller plan)"
         )
-    resident_experts = 0
-    while True:  # greedy: shrink the largest layer's offloaded set while everything still fits
-        cand = [(sum(experts[(la, e)] for e in es), -la) for la, es in offloaded.items() if es]
-        if not cand:
-            break
-        la = -max(cand)[1]
-        e = offloaded[la][0]
-        offloaded[la] = offloaded[la][1:]
-        if fixed + resident_experts + experts[(la, e)] + staging() > target_bytes:
-            offloaded[la] = [e, *offloaded[la]]
-            break
-        resident_experts += experts[(la, e)]
+    offloaded, resident_experts = choose_offload(experts, fixed, target_bytes)
     stage = staging()
     peak = fixed + resident_experts + stage
     n_off = sum(len(v) for v in offloaded.values())

@@ -155,3 +155,22 @@ def test_zimage_runner(z_exports):
         assert sum(isinstance(m, rt.QLinear) for m in mq.modules()) == len(exq.quantized) > 0
         errs = rel_errs(rt.sample(exq, mq, steps=2, resolution=64, text_tokens=7).latents.numpy(), want)
         assert 0 < max(errs) <= QTOL[q], (q, errs)
+
+
+def test_choose_offload_fills_the_room_a_large_expert_leaves():
+    """Experts of different widths (a pruned model): after the largest layer's next expert no longer fits,
+    smaller ones that do fit are made resident too, and the peak stays within the target."""
+    from converters.memory_plan import choose_offload
+
+    experts = {(0, 0): 50, (0, 1): 50, (1, 0): 10, (1, 1): 10, (1, 2): 10}  # layer 0 wide, layer 1 narrow
+    fixed, target = 100, 215
+
+    def peak(off: dict, resident: int) -> int:
+        return fixed + resident + max(sum(experts[(la, e)] for e in es) for la, es in off.items())
+
+    off, resident = choose_offload(experts, fixed, target)
+    assert resident == sum(experts.values()) - sum(experts[(la, e)] for la, es in off.items() for e in es)
+    # (0, 0) resident (peak 200); (0, 1) would make it 230; the old greedy stopped there with 50 bytes
+    # resident. One narrow expert still fits: 60 resident, peak 210 <= 215; a second would be 220.
+    assert off == {0: [1], 1: [1, 2]} and resident == 60 and peak(off, resident) == 210
+    assert choose_offload(experts, fixed, 10**9) == ({0: [], 1: []}, 130)  # everything fits: nothing offloaded
