@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", default="66%", help="parameter budget (default 66%%)")
     p.add_argument("--quick", action="store_true", help="smaller evaluation (for tests)")
     a = p.parse_args(argv)
+    from tmp_jax.compile_cache import enable_default
+
+    enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
     r = run(a.out, generations=a.generations, steps=a.steps, budget=a.budget, quick=a.quick)
     print((a.out / "report.md").read_text())
     print(f"wrote {a.out / 'report.md'}, {a.out / 'samples.png'}, {a.out / 'pareto.png'}")

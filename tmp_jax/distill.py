@@ -451,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         "(default: every task of the set, equal)",
     )
     a = p.parse_args(argv)
+    from tmp_jax.compile_cache import enable_default
+
+    enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
     cfg = DistillConfig(
         plan=a.plan,
         model=a.model,

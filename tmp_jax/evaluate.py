@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out noise and the sampling noise")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     a = p.parse_args(argv)
+    from tmp_jax.compile_cache import enable_default
+
+    enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
     try:
         r = evaluate(a.model, a.teacher, a.setting, a.seed)
     except EvaluateError as e:

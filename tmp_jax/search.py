@@ -95,6 +95,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    from tmp_jax.compile_cache import enable_default
+
+    enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
     try:
         run(cfg)
     except SearchError as e:
