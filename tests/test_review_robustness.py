@@ -184,6 +184,7 @@ def test_dump_calibration_rejects_nonpositive_counts(tmp_path):
 def test_calibration_resume_state_of_another_set(tmp_path):
     """A calib_state.npz (in-memory) or calib_stream/ state (streamed) left by another calibration set in the
     same folder was resumed silently: teacher outputs of the other set, misaligned with the inputs."""
+    import jax
     import jax.numpy as jnp
 
     from tmp_jax import arch
@@ -205,6 +206,11 @@ def test_calibration_resume_state_of_another_set(tmp_path):
     other = h.init_random(TINY, jnp.float32, 1)  # the same set through another teacher: refused too
     with pytest.raises(ValueError, match="another teacher"):
         calibrate(other, a, out=tmp_path / "m")
+    from tmp_jax.calibration import teacher_signature
+    from tmp_jax.sharding import make_mesh, shard_module
+
+    mesh = make_mesh("data:2,model:4", jax.devices()[:8])  # the same weights on a mesh: the same teacher
+    assert teacher_signature(shard_module(h.init_random(TINY, jnp.float32, 0), mesh)) == teacher_signature(model)
     nudged = h.init_random(TINY, jnp.float32, 0)  # one weight of one parameter changed
     blk = nudged.layers[0].attention.to_q.kernel
     blk[...] = blk[...].at[0, 0].add(1e-3)

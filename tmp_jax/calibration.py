@@ -304,29 +304,37 @@ def batches_signature(batches: list[dict[str, Any]]) -> str:
 
 
 def teacher_signature(model: Any) -> str:
-    """sha256 of a loaded teacher: its config, every parameter's path / shape / dtype, and per parameter the fp32
-    sum and sum of squares (reduced on the devices in one jitted call, so nothing full-size leaves them).
+    """sha256 of a loaded teacher: its config, every parameter's path / shape / dtype, and two checksums of
+    each parameter's raw bits (computed on the devices in one jitted call, so nothing full-size leaves them).
 
     Part of the resume signature: a calibration state written for one teacher is refused for another (the
-    same micro-batches through other weights give other outputs)."""
+    same micro-batches through other weights give other outputs). The checksums are integer sums modulo
+    2^32, so they are exact and independent of reduction order and sharding: the same weights give the
+    same signature on any device layout, and a changed weight changes it."""
     from flax import nnx
 
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     leaves = [v.get_value() if hasattr(v, "get_value") else v for _, v in flat]
-    moments = np.asarray(_param_moments(leaves))  # [P, 2] fp32
+    sums = np.asarray(_param_checksums(leaves))  # [P, 2] uint32
     h = hashlib.sha256(json.dumps(model.config.to_hf_config(), sort_keys=True, default=str).encode())
-    for (path, _), leaf, mom in zip(flat, leaves, moments):
+    for (path, _), leaf, c in zip(flat, leaves, sums):
         h.update(f"{'/'.join(map(str, path))}:{leaf.dtype}{tuple(leaf.shape)};".encode())
-        h.update(mom.tobytes())
+        h.update(c.tobytes())
     return h.hexdigest()
 
 
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
 @jax.jit
-def _param_moments(leaves: list[jax.Array]) -> jax.Array:
-    """[P, 2]: (sum, sum of squares) of each parameter in fp32."""
-    return jnp.stack(
-        [jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))]) for x in leaves]
-    )
+def _param_checksums(leaves: list[jax.Array]) -> jax.Array:
+    """[P, 2] uint32 per parameter: sum of its bit patterns, and the same weighted by position (mod 2^32)."""
+    out = []
+    for x in leaves:
+        u = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32)
+        pos = (jax.lax.iota(jnp.uint32, x.size) % jnp.uint32(65521) + jnp.uint32(1)).reshape(x.shape)
+        out.append(jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * pos, dtype=jnp.uint32)]))
+    return jnp.stack(out)
 
 
 def prepare(hooks: arch.ArchHooks, cfg: Any, batch: dict[str, Any]) -> dict[str, Any]:
