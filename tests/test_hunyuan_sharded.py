@@ -129,6 +129,7 @@ def test_expert_parallel_bad_mesh_and_auto_choice():
         assert hm.EXPERT_PARALLEL is None
         mesh = make_mesh("data:2,expert:4", jax.devices()[:8])
         assert hm.maybe_expert_parallel(mesh) and hm.EXPERT_PARALLEL == (mesh, "expert")
+        assert not hm.maybe_expert_parallel(None) and hm.EXPERT_PARALLEL is None  # a later run without a mesh
     finally:
         hm.set_expert_parallel(None)
 

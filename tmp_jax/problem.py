@@ -261,10 +261,10 @@ def build_problem(
     msh = make_mesh(mesh) if mesh else None
     if msh is not None:
         shard_module(m_obj, msh)
-        if m_obj.ARCH == "hunyuan":  # routed experts expert-parallel (shard_map) on an expert axis, process-wide
-            from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
+    if m_obj.ARCH == "hunyuan":  # routed experts expert-parallel (shard_map) on an expert axis, else off
+        from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
 
-            maybe_expert_parallel(msh)
+        maybe_expert_parallel(msh)
     cal = calibrate(m_obj, batches, mesh=msh, out=out, progress=progress, weights=weights)
     return PruningProblem(m_obj, cal, source=source, task_weights=weights)
 

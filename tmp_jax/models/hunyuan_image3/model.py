@@ -115,15 +115,17 @@ def set_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") ->
 
 
 def maybe_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") -> bool:
-    """Turn expert parallelism on for ``mesh`` where it applies (an ``axis`` of size > 1, no other model-parallel
-    axis); returns whether it did. Forward passes only (calibration, candidate evaluation): both paths compute
-    the same function, so this is a speed setting, and a function traced without it is still correct."""
-    if mesh is None or mesh.shape.get(axis, 1) == 1:
-        return False
-    if any(n > 1 and a not in (axis, "data") for a, n in mesh.shape.items()):
-        return False
-    set_expert_parallel(mesh, axis)
-    return True
+    """Expert parallelism on for ``mesh`` where it applies (an ``axis`` of size > 1, no other model-parallel
+    axis), off otherwise (so a later run without a mesh does not inherit an earlier one); returns whether it
+    is on. Forward passes only (calibration, candidate evaluation): both paths compute the same function, so
+    this is a speed setting, and a function traced without it is still correct."""
+    ok = (
+        mesh is not None
+        and mesh.shape.get(axis, 1) > 1
+        and not any(n > 1 and a not in (axis, "data") for a, n in mesh.shape.items())
+    )
+    set_expert_parallel(mesh if ok else None, axis)
+    return ok
 
 
 def set_moe_kernel(name: str) -> None:
