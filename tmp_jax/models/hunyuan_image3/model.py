@@ -95,6 +95,16 @@ MOSAIC_BLOCK = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4
 EXPERT_PARALLEL: tuple[jax.sharding.Mesh, str] | None = None
 
 
+def _expert_parallel_unsupported(mesh: jax.sharding.Mesh, axis: str) -> str | None:
+    """Why expert parallelism cannot run on ``mesh`` (None: it can): no ``axis``, or another model-parallel axis."""
+    if axis not in mesh.shape:
+        return f"mesh axes {tuple(mesh.shape)} have no {axis!r} axis"
+    others = [a for a, n in mesh.shape.items() if n > 1 and a not in (axis, "data")]
+    if others:
+        return f"mesh axes {others} of size > 1 are not supported (only data, {axis})"
+    return None
+
+
 def set_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") -> None:
     """Run routed experts expert-parallel over ``mesh`` axis ``axis`` (None: off); for functions traced after.
 
@@ -103,15 +113,10 @@ def set_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") ->
     any other mesh axis of size > 1 (tensor-parallel ``model``) is not supported by this path.
     """
     global EXPERT_PARALLEL
-    if mesh is None:
-        EXPERT_PARALLEL = None
-        return
-    if axis not in mesh.shape:
-        raise ValueError(f"expert parallelism: mesh axes {tuple(mesh.shape)} have no {axis!r} axis")
-    others = [a for a, n in mesh.shape.items() if n > 1 and a not in (axis, "data")]
-    if others:
-        raise ValueError(f"expert parallelism: mesh axes {others} of size > 1 are not supported (only data, {axis})")
-    EXPERT_PARALLEL = (mesh, axis)
+    why = None if mesh is None else _expert_parallel_unsupported(mesh, axis)
+    if why:
+        raise ValueError(f"expert parallelism: {why}")
+    EXPERT_PARALLEL = None if mesh is None else (mesh, axis)
 
 
 def maybe_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") -> bool:
@@ -119,11 +124,7 @@ def maybe_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") 
     axis), off otherwise (so a later run without a mesh does not inherit an earlier one); returns whether it
     is on. Forward passes only (calibration, candidate evaluation): both paths compute the same function, so
     this is a speed setting, and a function traced without it is still correct."""
-    ok = (
-        mesh is not None
-        and mesh.shape.get(axis, 1) > 1
-        and not any(n > 1 and a not in (axis, "data") for a, n in mesh.shape.items())
-    )
+    ok = mesh is not None and mesh.shape.get(axis, 1) > 1 and _expert_parallel_unsupported(mesh, axis) is None
     set_expert_parallel(mesh if ok else None, axis)
     return ok
 
@@ -774,17 +775,17 @@ def _routed_pairs(
     up = grouped_matmul(xs, up_w, group_sizes, per_device)  # [N*k, I]
     gate = grouped_matmul(xs, gate_w, group_sizes, per_device)  # [N*k, I]
     hidden = up * jax.nn.silu(gate)  # [N*k, I]
-    y = grouped_matmul(hidden, down_w, group_sizes, per_device)  # [N*k, H]
+    # rows past the local groups are unspecified on the Mosaic path (may be NaN): select them away, don't multiply
+    y = jnp.where(valid[:, None], grouped_matmul(hidden, down_w, group_sizes, per_device), 0)  # [N*k, H]
     ws = jnp.where(valid, jnp.take(weights.reshape(-1), pick), 0)  # [N*k] weights, 0 off the local experts
     if stats:
         wf = ws.astype(jnp.float32)
         local_ids = jnp.where(valid, jnp.take(flat, pick) - e0, e_loc)  # [N*k]; e_loc = dropped
-        norms = jnp.linalg.norm(jnp.where(valid[:, None], y, 0).astype(jnp.float32), axis=-1)  # [N*k]
+        norms = jnp.linalg.norm(y.astype(jnp.float32), axis=-1)  # [N*k]
         mass = jax.ops.segment_sum(wf * norms, local_ids, e_loc, indices_are_sorted=True)  # [E_loc]
         act = wf[:, None] * jnp.abs(jnp.where(valid[:, None], hidden, 0).astype(jnp.float32))  # [N*k, I]
         channel = jax.ops.segment_sum(act, local_ids, e_loc, indices_are_sorted=True)  # [E_loc, I]
-    # rows past the local groups are unspecified on the Mosaic path (may be NaN): select, don't multiply
-    y = jnp.where(valid[:, None], y * ws[:, None].astype(y.dtype), 0)
+    y = y * ws[:, None].astype(y.dtype)
     # back to (token, slot) order by a gather (a scatter of [N*k, H] rows is far slower on GPU): the pair at
     # sorted position j sits at local row (j - start) mod M
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))  # [N*k] sorted position
