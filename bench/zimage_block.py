@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.driver import run_part, write_outputs  # noqa: E402
+from bench.zimage_forward import block_inputs, random_block  # noqa: E402
 
 #: name -> XLA_FLAGS added for that variant ("" = the defaults)
 FLAG_VARIANTS = {
@@ -64,37 +65,15 @@ def _dims(args: argparse.Namespace) -> tuple[int, int, int, int]:
 
 def part_block(args: argparse.Namespace) -> dict:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from bench.kernel_profile import format_table, kernel_table
     from tmp_jax.models.z_image import ZImageConfig
-    from tmp_jax.models.z_image import model as zm
-    from tmp_jax.models.z_image.config import BlockSpec
 
     T, dim, ffn, heads = _dims(args)
     cfg = ZImageConfig(dim=dim, n_heads=heads, n_kv_heads=heads, n_layers=1, n_refiner_layers=1, cap_feat_dim=64)
-    spec = BlockSpec(index=0, heads=heads, ffn_dim=ffn)
-    abstract = nnx.eval_shape(
-        lambda: zm.ZImageTransformerBlock(cfg, spec, modulation=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    )
-    gd, st = nnx.split(abstract)
-    flat = nnx.to_flat_state(st)
-
-    leaves = []
-    for i, (path, var) in enumerate(flat):
-        shape = tuple(var.get_value().shape)
-        z = jax.random.normal(jax.random.key(i), shape, jnp.float32)
-        name = str(path[-1])
-        z = z / np.sqrt(shape[0]) if name == "kernel" else (1.0 + 0.1 * z if name == "weight" else 0.1 * z)
-        leaves.append((path, z.astype(jnp.bfloat16)))
-    st = nnx.from_flat_state(leaves)
-    ks = jax.random.split(jax.random.key(7), 2)
-    x = jax.random.normal(ks[0], (1, T, dim), jnp.bfloat16)
-    c = jax.random.normal(ks[1], (1, cfg.adaln_dim), jnp.bfloat16)
-    pos = np.stack([np.arange(T) % 600, np.arange(T) % 64, (np.arange(T) // 64) % 64], -1)[None].astype(np.int32)
-    cos, sin = zm.rope_cos_sin(cfg, jnp.asarray(pos))
+    gd, st = nnx.split(random_block(cfg, ffn))
+    x, c, cos, sin = block_inputs(cfg, T)
 
     def run_block(st, x, cos, sin, c):
         return nnx.merge(gd, st)(x, None, cos, sin, c)  # dense layout: no key mask

@@ -126,8 +126,6 @@ def part_jax(args: argparse.Namespace) -> dict:
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
 
-    from functools import partial
-
     @partial(jax.jit, static_argnums=(1, 2))
     def gen(key: jax.Array, shape: tuple, kind: str) -> jax.Array:
         z = jax.random.normal(key, shape, jnp.float32)
@@ -272,43 +270,75 @@ def _time_pipelined(f, *xs, reps: int = 20) -> float:
     return 1e3 * statistics.median(out)
 
 
+def random_block(cfg, ffn: int | None = None, seed: int = 0):  # noqa: ANN001, ANN201 - bench helper
+    """One modulated main block (``ffn`` wide, default the config's), random bf16 weights born on the first
+    device by :func:`tmp_jax.sharding.random_on_mesh` (norms 1 +- 0.1, kernels N(0, 1/fan_in))."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tmp_jax.models.z_image import model as zm
+    from tmp_jax.models.z_image.config import BlockSpec
+    from tmp_jax.sharding import make_mesh, random_on_mesh
+
+    spec = BlockSpec(0, cfg.n_heads, cfg.ffn_dim if ffn is None else ffn)
+    abstract = nnx.eval_shape(
+        lambda: zm.ZImageTransformerBlock(cfg, spec, modulation=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    )
+    return random_on_mesh(abstract, make_mesh("data:1", jax.devices()[:1]), seed)
+
+
+def block_inputs(cfg, T: int) -> tuple:  # noqa: ANN001 - bench helper
+    """(x, c, cos, sin) of one main block at batch 1 on a ``T``-token sequence: random bf16 ``x`` [1, T, dim]
+    and adaLN input ``c`` [1, adaln], RoPE tables of synthetic 3-axis positions."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tmp_jax.models.z_image import model as zm
+
+    ks = jax.random.split(jax.random.key(7), 2)
+    x = jax.random.normal(ks[0], (1, T, cfg.dim), jnp.bfloat16)
+    c = jax.random.normal(ks[1], (1, cfg.adaln_dim), jnp.bfloat16)
+    pos = np.stack([np.arange(T) % 600, np.arange(T) % 64, (np.arange(T) // 64) % 64], -1)[None].astype(np.int32)
+    cos, sin = zm.rope_cos_sin(cfg, jnp.asarray(pos))
+    return x, c, cos, sin
+
+
 def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespace) -> dict:
     """One main block at batch 1 on the unified sequence: whole block vs its 7 GEMMs alone vs attention."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from tmp_jax.models.z_image import model as zm
 
     T = (side // 2) ** 2 + cap_len + (-cap_len) % 32
-    d, hd, nh = cfg.dim, cfg.head_dim, cfg.n_heads
-    ks = jax.random.split(jax.random.key(7), 8)
-    x = jax.random.normal(ks[0], (1, T, d), jnp.bfloat16)
-    c = jax.random.normal(ks[1], (1, cfg.adaln_dim), jnp.bfloat16)
-    pos = np.stack([np.arange(T) % 600, np.arange(T) % 64, (np.arange(T) // 64) % 64], -1)[None].astype(np.int32)
-    cos, sin = zm.rope_cos_sin(cfg, jnp.asarray(pos))
+    hd, nh = cfg.head_dim, cfg.n_heads
+    ks = jax.random.split(jax.random.key(8), 4)
+    x, c, cos, sin = block_inputs(cfg, T)
     mask = None  # batch 1: the dense layout, unmasked attention (as forward_padded(dense=True))
+    kernels = list(dict.fromkeys(v.partition("+")[0] for v in args.attn))  # "cudnn+fused" -> "cudnn"
+    first = kernels[0]
     blk = model.layers[0]
     gd, st = nnx.split(blk)
     out: dict = {"tokens": T}
-    zm.set_attention_implementation(args.attn[0].partition("+")[0])
+    zm.set_attention_implementation(first)
 
     def run_block(st, x, cos, sin, c):
         return nnx.merge(gd, st)(x, mask, cos, sin, c)
 
-    block_fn = jax.jit(run_block)
-    out["block_ms"] = _time_pipelined(block_fn, st, x, cos, sin, c)
+    out["block_ms"] = _time_pipelined(jax.jit(run_block), st, x, cos, sin, c)
     if args.profile:  # per-kernel GPU time of the block, from a jax.profiler trace
         from bench.kernel_profile import format_table, kernel_table
 
-        for impl in dict.fromkeys(v.partition("+")[0] for v in args.attn):
+        for impl in kernels:
             zm.set_attention_implementation(impl)
             rows = kernel_table(jax.jit(run_block), st, x, cos, sin, c, reps=5)
             out[f"profile_{impl}"] = rows
             print(f"[jax] block kernels, attention={impl}:\n" + format_table(rows, 40), flush=True)
             print(format_table(rows, 40, line="XLA Ops"), flush=True)
-        zm.set_attention_implementation(args.attn[0].partition("+")[0])
+        zm.set_attention_implementation(first)
     a, ff = blk.attention, blk.feed_forward
     ws = [
         a.to_q.kernel[...],
@@ -323,19 +353,18 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
     def gemms(x, h, wq, wk, wv, wo, w1, w3, w2):  # the block's 7 GEMMs with their real shapes
         return (x @ wq, x @ wk, x @ wv, x @ wo, x @ w1, x @ w3, h @ w2)
 
-    h = jax.random.normal(ks[2], (1, T, ws[-1].shape[0]), jnp.bfloat16)
+    h = jax.random.normal(ks[0], (1, T, ws[-1].shape[0]), jnp.bfloat16)
     out["gemms_ms"] = _time_pipelined(jax.jit(gemms), x, h, *ws)
     gemm_flops = 2 * T * sum(int(w.shape[0]) * int(w.shape[1]) for w in ws)
     out["gemms_tflops"] = gemm_flops / (out["gemms_ms"] / 1e3) / 1e12
-    q, k, v = (jax.random.normal(kk, (1, T, nh, hd), jnp.bfloat16) for kk in ks[3:6])
+    q, k, v = (jax.random.normal(kk, (1, T, nh, hd), jnp.bfloat16) for kk in ks[1:4])
     attn_flops = 4 * T * T * nh * hd
-    for impl in dict.fromkeys(v.partition("+")[0] for v in args.attn):
+    for impl in kernels:
         zm.set_attention_implementation(impl)
         ms = _time_pipelined(jax.jit(lambda q, k, v, m: zm._attention(q, k, v, m)), q, k, v, mask)
         out[f"attn_{impl}_ms"] = ms
         out[f"attn_{impl}_tflops"] = attn_flops / (ms / 1e3) / 1e12
     zm.set_attention_implementation("auto")
-    first = args.attn[0].partition("+")[0]
     out["rest_ms"] = out["block_ms"] - out["gemms_ms"] - out[f"attn_{first}_ms"]
     attn = ", ".join(f"{k}={v:.3f}" for k, v in out.items() if k.startswith("attn_"))
     print(
@@ -348,58 +377,35 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
 
 
 def part_gemm(args: argparse.Namespace) -> dict:
-    """Issue 10 item 1, bench-only variant: fused QKV (dim, 3*dim) and fused W1|W3 (dim, 2*ffn) kernels.
+    """Issue 10 item 1: fused QKV (dim, 3*dim) and fused W1|W3 (dim, 2*ffn) kernels.
 
     One main block at full width (random weights on the device), batch 1, the unified sequence. The fused
-    kernels are built ONCE from the block's own weights (concatenated along N); the model is unchanged. Times
-    (a) the GEMMs alone, separate vs fused, and (b) the whole jitted block, as the model computes it vs the
-    same block with the fused projections, with the outputs compared.
+    layout is the model's own ``fuse_projections`` (kernels concatenated along N once). Times (a) the GEMMs
+    alone, separate vs fused, and (b) the whole jitted block as stored vs in the fused layout, with the
+    outputs compared.
     """
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from tmp_jax.models.z_image import ZImageConfig
     from tmp_jax.models.z_image import model as zm
-    from tmp_jax.models.z_image.config import BlockSpec
 
     kw, side, cap_len = shapes(args)
     cfg = ZImageConfig(**kw)
     res: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-    abstract = nnx.eval_shape(
-        lambda: zm.ZImageTransformerBlock(
-            cfg, BlockSpec(0, cfg.n_heads, cfg.ffn_dim), modulation=True, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
-        )
-    )
-    gd, st = nnx.split(abstract)
-
-    @partial(jax.jit, static_argnums=(1, 2))
-    def gen(key: jax.Array, shape: tuple, kind: str) -> jax.Array:
-        z = jax.random.normal(key, shape, jnp.float32)
-        z = z / np.sqrt(shape[0]) if kind == "kernel" else (1.0 + 0.1 * z if kind == "weight" else 0.1 * z)
-        return z.astype(jnp.bfloat16)
-
-    leaves = []
-    for i, (path, var) in enumerate(nnx.to_flat_state(st)):
-        name = str(path[-1])
-        kind = name if name in ("kernel", "weight") else "other"
-        leaves.append((path, gen(jax.random.fold_in(jax.random.key(3), i), tuple(var.get_value().shape), kind)))
-    blk = nnx.merge(gd, nnx.from_flat_state(leaves))
+    blk = random_block(cfg, seed=3)
+    fused = zm.fuse_projections(nnx.clone(blk))  # the model's inference layout: q|k|v and w1|w3 built once
     gd, st = nnx.split(blk)
+    gdf, stf = nnx.split(fused)
     a, ff = blk.attention, blk.feed_forward
     wq, wk, wv = a.to_q.kernel[...], a.to_k.kernel[...], a.to_v.kernel[...]
     w1, w3 = ff.w1.kernel[...], ff.w3.kernel[...]
-    wqkv = jax.jit(lambda *w: jnp.concatenate(w, axis=1))(wq, wk, wv)  # [dim, 3 * inner], built once
-    w13 = jax.jit(lambda *w: jnp.concatenate(w, axis=1))(w1, w3)  # [dim, 2 * ffn], built once
+    wqkv = fused.attention.to_qkv.kernel[...]  # [dim, 3 * inner]
+    w13 = fused.feed_forward.w13.kernel[...]  # [dim, 2 * ffn]
 
     T = (side // 2) ** 2 + cap_len + (-cap_len) % 32
-    ks = jax.random.split(jax.random.key(7), 2)
-    x = jax.random.normal(ks[0], (1, T, cfg.dim), jnp.bfloat16)
-    c = jax.random.normal(ks[1], (1, cfg.adaln_dim), jnp.bfloat16)
-    pos = np.stack([np.arange(T) % 600, np.arange(T) % 64, (np.arange(T) // 64) % 64], -1)[None].astype(np.int32)
-    cos, sin = zm.rope_cos_sin(cfg, jnp.asarray(pos))
-    mask = None  # batch 1: the dense layout (forward_padded(dense=True)), unmasked attention
+    x, c, cos, sin = block_inputs(cfg, T)
     res["tokens"] = T
     d, ffn = cfg.dim, cfg.ffn_dim
 
@@ -420,51 +426,25 @@ def part_gemm(args: argparse.Namespace) -> dict:
         res["gemms"][name] = {"ms": ms, "tflops": tf(ms, flop)}
         print(f"[gemm] {name}: {ms:.3f} ms = {tf(ms, flop):.0f} TFLOP/s", flush=True)
 
-    # (b) whole block: as the model computes it vs with the fused projections (same math)
+    # (b) whole block: as stored vs in the fuse_projections layout (same math), unmasked (dense batch 1)
     def plain_block(st, x, cos, sin, c):
-        return nnx.merge(gd, st)(x, mask, cos, sin, c)
+        return nnx.merge(gd, st)(x, None, cos, sin, c)
 
-    def fused_block(st, wqkv, w13, x, cos, sin, c):
-        m = nnx.merge(gd, st)
-        s_msa, g_msa, s_mlp, g_mlp = m.modulation_terms(c)
-        at = m.attention
-        h = m.attention_norm1(x) * s_msa
-        B, L, _ = h.shape
-        qkv = (h @ wqkv).reshape(B, L, 3, at.heads, at.head_dim)  # [B, L, 3, N, D]: columns are q | k | v
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q, k = at.norm_q(q), at.norm_k(k)
-        o = zm._attention(zm.apply_rope(q, cos, sin), zm.apply_rope(k, cos, sin), v, mask)
-        x = x + g_msa * m.attention_norm2(at.to_out[0](o.reshape(B, L, -1)))
-        h = m.ffn_norm1(x) * s_mlp
-        u1, u3 = jnp.split(h @ w13, 2, axis=-1)
-        return x + g_mlp * m.ffn_norm2(m.feed_forward.w2(jax.nn.silu(u1) * u3))
-
-    def qkv_block(st, wqkv, x, cos, sin, c):  # fused QKV only; W1, W3 as the model has them
-        m = nnx.merge(gd, st)
-        s_msa, g_msa, s_mlp, g_mlp = m.modulation_terms(c)
-        at = m.attention
-        h = m.attention_norm1(x) * s_msa
-        B, L, _ = h.shape
-        qkv = (h @ wqkv).reshape(B, L, 3, at.heads, at.head_dim)  # [B, L, 3, N, D]
-        q, k = at.norm_q(qkv[:, :, 0]), at.norm_k(qkv[:, :, 1])
-        o = zm._attention(zm.apply_rope(q, cos, sin), zm.apply_rope(k, cos, sin), qkv[:, :, 2], mask)
-        x = x + g_msa * m.attention_norm2(at.to_out[0](o.reshape(B, L, -1)))
-        return zm.ffn_branch(m.feed_forward, m.ffn_norm1, m.ffn_norm2, x, s_mlp, g_mlp)
+    def fused_block(st, x, cos, sin, c):
+        return nnx.merge(gdf, st)(x, None, cos, sin, c)
 
     y0 = jax.jit(plain_block)(st, x, cos, sin, c)
-    y1 = jax.jit(fused_block)(st, wqkv, w13, x, cos, sin, c)
+    y1 = jax.jit(fused_block)(stf, x, cos, sin, c)
     y0f, y1f = y0.astype(jnp.float32), y1.astype(jnp.float32)
     res["block_rel_l2"] = float(jnp.linalg.norm(y1f - y0f) / jnp.linalg.norm(y0f))
     res["block_plain_ms"] = _time_pipelined(jax.jit(plain_block), st, x, cos, sin, c)
-    res["block_fused_ms"] = _time_pipelined(jax.jit(fused_block), st, wqkv, w13, x, cos, sin, c)
-    res["block_qkv_only_ms"] = _time_pipelined(jax.jit(qkv_block), st, wqkv, x, cos, sin, c)
-    print(f"[gemm] block with fused QKV only: {res['block_qkv_only_ms']:.3f} ms", flush=True)
+    res["block_fused_ms"] = _time_pipelined(jax.jit(fused_block), stf, x, cos, sin, c)
     if args.profile:
         from bench.kernel_profile import format_table, kernel_table
 
         for name, f, xs in (
             ("as the model", plain_block, (st, x, cos, sin, c)),
-            ("fused QKV + W1|W3", fused_block, (st, wqkv, w13, x, cos, sin, c)),
+            ("fused QKV + W1|W3", fused_block, (stf, x, cos, sin, c)),
         ):
             rows = kernel_table(jax.jit(f), *xs, reps=5)
             res[f"profile {name}"] = rows
