@@ -274,9 +274,9 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     passthrough = [k for k in src_reader.keys() if src_table.is_passthrough(k)]
     planned += [PlannedTensor(k, src_reader.infos[k].shape, src_reader.infos[k].dtype) for k in passthrough]
 
-    from tqdm.auto import tqdm
+    from tmp_jax.progress import progress_bar  # live on a terminal, a line every few seconds in a log
 
-    pbar = tqdm(total=len(planned) - len(quantized), desc="export", unit="tensor", disable=not cfg.progress)
+    pbar = progress_bar(total=len(planned) - len(quantized), desc="export", unit="tensor", disable=not cfg.progress)
     with AtomicDir(cfg.out, overwrite=cfg.overwrite) as tmp:
         writer = StreamingWriter(tmp, planned, prefix=ex.weights_prefix, max_shard_bytes=cfg.max_shard_bytes)
         for e in new_table.entries:
@@ -345,7 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m converters.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--plan", required=True, type=Path, help="plan.json written by python -m tmp_jax.search")
-    p.add_argument("--model", required=True, type=Path, help="the ORIGINAL checkpoint folder the plan was made from")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the ORIGINAL checkpoint folder the plan was made from, or an embedded name (zimage-fmnist, "
+        "hunyuan-fmnist)",
+    )
     p.add_argument("--weights", type=Path, help="recovered (distilled) weights to export instead of slicing SRC")
     p.add_argument("--out", type=Path, default=Path("pruned"), help="output folder (default: pruned)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep the source dtype)")
@@ -364,9 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--resolution", type=int, default=1024, help="image side (px) the memory plan assumes (1024)")
     args = p.parse_args(argv)
+    from tmp_jax.evaluate import resolve  # the embedded names search / distill / evaluate accept -> folders
+
+    try:
+        model = resolve(args.model)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg = ExportConfig(
         plan=args.plan,
-        model=args.model,
+        model=model,
         out=args.out,
         dtype=args.dtype,
         weights=args.weights,

@@ -6,7 +6,9 @@ A budget caps one cost of the pruned transformer (``kind``):
   it (embedders and final layer included; the text encoder and VAE are not part of the tree);
 * ``active`` — parameters used per token (MoE: top-k experts only);
 * ``memory`` — weight bytes at the spec dtype;
-* ``flops`` — matmul FLOPs of one forward at the problem's token counts (:meth:`Tree.flops`).
+* ``flops`` — matmul FLOPs of one forward at the problem's token counts (:meth:`Tree.flops`); without
+  them, at the architecture's own (:func:`tmp_jax.arch.default_tokens`: e.g. Z-Image's image / caption
+  streams, HunyuanImage's one joint sequence).
 
 :class:`CostModel` computes the same numbers as ``Tree.count`` / ``Tree.flops`` but for a whole
 population of genomes at once with numpy (``Tree.count`` walks the spec in Python: ~30 ms per genome
@@ -21,12 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tmp_jax import arch
 from tmp_jax.tree import Tree, parse_count
 
 KINDS = ("params", "active", "flops", "memory")
-# Token counts used for FLOP budgets when the problem does not say: a 1024x1024 image (latent 128x128,
-# patch 2 -> 4096 tokens) and a 512-token caption, the unified stream being both.
-DEFAULT_TOKENS = {"image": 4096, "caption": 512, "all": 4608}
 
 
 class SearchError(ValueError):
@@ -60,7 +60,7 @@ class CostModel:
         if kind not in KINDS:
             raise BudgetError(f"budget kind {kind!r}: expected one of {', '.join(KINDS)}")
         self.tree, self.kind = tree, kind
-        self.tokens = dict(tokens or DEFAULT_TOKENS)
+        self.tokens = dict(tokens) if tokens else self._default_tokens(tree.spec.arch, kind)
         nodes = list(tree.spec.nodes())
         idx = {n.name: i for i, n in enumerate(nodes)}
         n_nodes = len(nodes)
@@ -165,6 +165,17 @@ class CostModel:
         self.full = int(self(tree.full_genome())[0])
         self.floor = int(self(np.zeros(self.n_genes, np.int64))[0])
 
+    @staticmethod
+    def _default_tokens(name: str, kind: str) -> dict[str, int]:
+        """The architecture's token counts (each arch has its own sequence); an arch without any is an error
+        only for a FLOP budget (other kinds do not use them)."""
+        try:
+            return arch.default_tokens(name)
+        except KeyError as e:
+            if kind == "flops":
+                raise BudgetError(f"--budget-kind flops: {e.args[0]}") from None
+            return {}
+
     def _tokens_of(self, name: str) -> int:
         cur: str | None = name
         while cur is not None:
@@ -226,6 +237,15 @@ def _normalise_memory(text: str) -> str:
     return s
 
 
+def _percent(text: str) -> float:
+    """The value of a percentage budget ('150%' -> 150.0); -1 for any other form."""
+    s = text.strip().replace("_", "")
+    try:
+        return float(s[:-1]) if s.endswith("%") else -1.0
+    except ValueError:
+        return -1.0
+
+
 def fmt_count(v: float, kind: str = "params") -> str:
     """Human count: 6.15B params, 12.3 GB, 63.8 TFLOP."""
     unit = {"params": " params", "active": " active params", "memory": "B", "flops": "FLOP"}[kind]
@@ -236,8 +256,9 @@ def fmt_count(v: float, kind: str = "params") -> str:
 
 
 def parse_budgets(texts: str | list[str], cost: CostModel) -> list[Budget]:
-    """Parse comma-separated budgets against ``cost``; raises :class:`BudgetError` (one line) when a
-    budget is malformed or below the floor (every gene at its smallest level)."""
+    """Parse comma-separated budgets against ``cost``; raises :class:`BudgetError` (one line, naming the
+    offending budget) when a budget is malformed, below the floor (every gene at its smallest level), or at
+    least the full model (nothing to prune: a search would only return the model itself)."""
     items = texts.split(",") if isinstance(texts, str) else list(texts)
     items = [t.strip() for t in items if t.strip()]
     if not items:
@@ -246,9 +267,14 @@ def parse_budgets(texts: str | list[str], cost: CostModel) -> list[Budget]:
     for t in items:
         src = _normalise_memory(t) if cost.kind == "memory" else t
         try:
-            v = parse_count(src, cost.full)
+            v = cost.full if _percent(t) >= 100 else parse_count(src, cost.full)  # 150% parses as no budget
         except ValueError as e:
             raise BudgetError(str(e)) from None
+        if v >= cost.full:
+            raise BudgetError(
+                f"--budget {t} is at least the model's {fmt_count(cost.full, cost.kind)} "
+                f"({cost.full:,} {cost.kind}): nothing to prune"
+            )
         if v < cost.floor:
             raise BudgetError(
                 f"budget {t} = {v:,} {cost.kind} is below the floor of {cost.floor:,} {cost.kind} "

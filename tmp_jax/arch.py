@@ -8,7 +8,7 @@ spec's ``arch`` name; they never branch on the model type. Adding an architectur
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,9 @@ class ArchHooks:
     load: Callable[..., Any] | None = None  # (path, dtype=, mesh=) -> model
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
     config_from_dict: Callable[[dict], Any] | None = None  # config.json dict -> config
+    # token counts of one forward ({stream: length}, streams as in Node.tokens) for FLOP budgets and the plan's
+    # FLOP counts when the problem gives none; None: a built-in arch's ``DEFAULT_TOKENS`` (see default_tokens)
+    default_tokens: Mapping[str, int] | None = None
     # --- distillation ---------------------------------------------------------------------------
     forward_train: Callable[[Any, dict, bool], tuple] | None = None  # (model, inputs, remat) -> (out, feats)
     matched_features: Callable[[Any], tuple[int, ...]] | None = None  # student cfg -> teacher feature ids
@@ -118,10 +121,31 @@ def get(name: str) -> ArchHooks:
     return _REGISTRY[name]
 
 
+def default_tokens(name: str) -> dict[str, int]:
+    """Token counts of one forward of arch ``name`` that FLOP budgets use when the problem gives none: its
+    ``default_tokens`` hook, else ``DEFAULT_TOKENS`` of a built-in arch's ``config`` module (the numbers live
+    with each model package). KeyError (one line) when the arch declares none."""
+    h = get(name)
+    if h.default_tokens is not None:
+        return dict(h.default_tokens)
+    import importlib
+
+    pkg = _BUILTIN.get(name)
+    tokens = getattr(importlib.import_module(f"{pkg}.config"), "DEFAULT_TOKENS", None) if pkg else None
+    if tokens is None:
+        raise KeyError(f"architecture {name!r} declares no default token counts (ArchHooks.default_tokens)")
+    return dict(tokens)
+
+
+# built-in architectures: name -> model package (its ``structure`` module registers the hooks)
+_BUILTIN = {"zimage": "tmp_jax.models.z_image", "hunyuan": "tmp_jax.models.hunyuan_image3"}
+
+
 def _load_builtin() -> None:
     import importlib
 
-    for mod in ("tmp_jax.models.z_image.structure", "tmp_jax.models.hunyuan_image3.structure"):
+    for pkg in _BUILTIN.values():
+        mod = f"{pkg}.structure"
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

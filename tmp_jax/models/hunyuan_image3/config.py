@@ -35,6 +35,13 @@ from typing import Any
 # The four MoE fields that may be per-layer lists in config.json.
 PER_LAYER_FIELDS: tuple[str, ...] = ("num_experts", "moe_topk", "moe_intermediate_size", "num_shared_expert")
 
+# Token counts of one forward that FLOP budgets (``--budget-kind flops``) use when the problem gives none
+# (``tmp_jax.arch.default_tokens``): the release's T2I sequence for a 1024x1024 image -- VAE /16, patch 1:
+# 64x64 = 4096 ``<img>`` tokens -- a 128-token prompt (``converters.memory_plan``'s default ``--text-tokens``) and
+# the five specials ``<boi> <img_size> <img_ratio> <timestep> <eoi>``. It is ONE joint sequence: every layer runs
+# over all of it (Z-Image's image / caption refiners see only their own stream).
+DEFAULT_TOKENS = {"all": 4096 + 128 + 5}
+
 _GROUPNORM_GROUPS = 32  # the UNet patch_embed / final_layer use GroupNorm(32, channels)
 # Instruct / Instruct-Distil fields (and the ti2i extension) written to config.json only when set.
 _INSTRUCT_FIELDS: tuple[str, ...] = (
@@ -232,11 +239,17 @@ class HunyuanImage3Config:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> HunyuanImage3Config:
-        """Build from a config.json dict; unknown keys are ignored, known ones validated.
+        """Build from a config.json dict; unknown keys are ignored, known ones validated, and a
+        ``quantization_config`` (a ``--quantize`` export) is refused.
 
         ``head_dim`` is accepted as an alias of ``attention_head_dim``; ``rope_scaling.type`` must be
         ``custom`` and ``moe_layer_num_skipped`` must be 0 (what the official code can run as released).
         """
+        if "quantization_config" in hf:  # int8 / fp8 weights + scales: the JAX model has no such layers
+            raise ValueError(
+                "quantization_config (a --quantize int8 / fp8 export) cannot be loaded into the JAX model: "
+                "run it with python -m converters.run_torch, or export without --quantize"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in known}
         if "attention_head_dim" not in kwargs and hf.get("head_dim") is not None:

@@ -57,6 +57,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -1085,6 +1086,27 @@ class HunyuanImage3(nnx.Module):
         if config.ti2i:
             from tmp_jax.models.hunyuan_image3.instruct import vision_aligner_from_config  # imports this module
         self.vision_aligner = vision_aligner_from_config(config, dtype=dtype, rngs=rngs) if config.ti2i else None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        dtype: Any = jnp.float32,
+        mesh: jax.sharding.Mesh | None = None,
+        progress: bool = False,
+    ) -> HunyuanImage3:
+        """Load an official-layout checkpoint folder (or one this project saved or exported, per-layer MoE
+        lists included); streamed, strict, VAE / vision tensors skipped, the router kept fp32."""
+        from converters.hunyuan import load_hunyuan
+
+        return load_hunyuan(path, dtype=dtype, mesh=mesh, progress=progress)
+
+    def save_pretrained(self, path: str | os.PathLike[str], dtype: Any | None = None, overwrite: bool = False) -> None:
+        """Write the official layout (config.json + ``model*.safetensors`` [+ index]) atomically; the folder
+        loads back with :meth:`from_pretrained` (the denoiser only: no VAE / vision tensors)."""
+        from tmp_jax.models.hunyuan_image3.train import save  # the arch's save hook (official keys + config)
+
+        save(self, path, overwrite=overwrite, dtype=dtype)
 
     def set_moe_impl(self, impl: str) -> None:
         """Choose the routed-expert implementation of every layer (``"ragged"`` or ``"dense"``)."""

@@ -22,6 +22,10 @@ SEQ_MULTI_OF = 32  # every image/caption segment is padded to a multiple of 32 t
 T_MID_DIM = 1024  # timestep-MLP middle width
 STACKS = ("noise_refiner", "context_refiner", "layers")
 SIGLIP_STACK = "siglip_refiner"  # omni only; never pruned (n_refiner_layers full-width blocks)
+# Token counts of one forward that FLOP budgets (``--budget-kind flops``) use when the problem gives none
+# (``tmp_jax.arch.default_tokens``): a 1024x1024 image (latent 128x128, patch 2 -> 4096 tokens) and a 512-token
+# caption (the pipeline's max_sequence_length); the unified stream of the main layers is both.
+DEFAULT_TOKENS = {"image": 4096, "caption": 512, "all": 4608}
 STOCK_KEYS = (
     "all_patch_size",
     "all_f_patch_size",
@@ -41,6 +45,11 @@ STOCK_KEYS = (
     "axes_lens",
 )
 TUPLE_KEYS = {"all_patch_size", "all_f_patch_size", "axes_dims", "axes_lens"}
+# Hugging Face / diffusers bookkeeping that a config.json may carry next to the fields: which class and
+# library wrote it, where its remote code lives (our own heterogeneous exports write ``auto_map``), the weight
+# dtype. None of it changes the network, so it is ignored on read, like every ``_``-prefixed key
+# (``_class_name``, ``_diffusers_version``, ``_name_or_path``, ...). Anything else unknown is still an error.
+HF_METADATA_KEYS = frozenset({"auto_map", "architectures", "transformers_version", "torch_dtype", "dtype"})
 
 
 @dataclass(frozen=True)
@@ -169,9 +178,16 @@ class ZImageConfig:
     # ---- HF config.json ------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, d: dict[str, Any]) -> ZImageConfig:
-        """Build from a diffusers ``config.json`` dict (keys starting with '_' are ignored)."""
+        """Build from a diffusers ``config.json`` dict (keys starting with '_' and :data:`HF_METADATA_KEYS`
+        are ignored). Per-block widths are the ``{stack}_heads`` / ``_ffn_dims`` / ``_kept`` lists, as
+        :meth:`to_hf_config` and ``converters.export`` write them."""
+        if "quantization_config" in d:  # int8 / fp8 weights + scales: the JAX model has no such layers
+            raise ValueError(
+                "quantization_config (a --quantize int8 / fp8 export) cannot be loaded into the JAX model: "
+                "run it with python -m converters.run_torch, or export without --quantize"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = [k for k in d if not k.startswith("_") and k not in names]
+        unknown = [k for k in d if not k.startswith("_") and k not in names and k not in HF_METADATA_KEYS]
         if unknown:
             raise ValueError(f"config.json: unknown Z-Image field {unknown[0]!r} (known: {', '.join(STOCK_KEYS)})")
         kwargs = {k: v for k, v in d.items() if k in names}
