@@ -932,6 +932,6 @@ def save_model(
 def _pbar(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tmp_jax.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False)
+    return progress_bar(total=total, desc=desc, unit="tensor", leave=False)

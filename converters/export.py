@@ -73,6 +73,7 @@ class ExportConfig:
     quantize: str = "none"
     target_memory: str | None = None
     resolution: int = 1024
+    compensate: bool = True  # re-fit the kept consumers as the plan's search did (plans that record it)
 
 
 @dataclass
@@ -227,6 +228,18 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     by_path = {p: e for e in src_table.entries for p in e.flax_paths}
     pmap = hooks.path_map(src_cfg, new_cfg)
     slices = kept_slices(tree, plan)
+    # compensated plans: the kept consumer rows are re-fitted from the source weights and the plan's Grams
+    # (recovered --weights are final already)
+    comp = None
+    if cfg.compensate and cfg.weights is None:
+        from tmp_jax.compensate import from_plan
+
+        try:
+            comp = from_plan(plan, cfg.plan)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    consumers = comp.consumers(tree) if comp is not None else {}
+    kept_ids = {tuple(k.rsplit("/", 1)): np.asarray(v, np.int64) for k, v in plan["policy"]["kept_units"].items()}
     if cfg.weights is not None:
         reader = SafetensorsReader(cfg.weights)  # recovered weights: already the pruned shapes
         src_table_for_read = new_table
@@ -251,8 +264,13 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             cache.clear()  # one source entry at a time bounds memory
             cache[id(e)] = e.to_flax([reader.read(k) for k in e.torch_keys])
         arr = cache[id(e)][e.flax_paths.index(p_src)]
+        skip = None
+        if p_src in consumers:  # re-fit on the full consumer, then slice its other axes
+            node, kind, _, s = consumers[p_src]
+            arr, skip = comp.apply(tree, p_src, arr, kept_ids[(node, kind)]).astype(arr.dtype), s.axis
         for axis, idx in slices.get(p_src, []):
-            arr = np.take(arr, idx, axis=axis)
+            if axis != skip:
+                arr = np.take(arr, idx, axis=axis)
         return arr
 
     # plan every output tensor (shape, dtype) before writing, so headers are written up front
@@ -316,6 +334,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         "bytes": size,
         "quantized": len(quantized),
         "memory_plan": memory,
+        "compensated": comp is not None,
     }
 
 
@@ -368,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         "the export cannot fit",
     )
     p.add_argument("--resolution", type=int, default=1024, help="image side (px) the memory plan assumes (1024)")
+    p.add_argument(
+        "--compensate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="re-fit the kept consumer weights (to_out / w2 / o_proj / down_proj) by least squares from the "
+        "Grams the search saved next to a compensated plan, as the search evaluated them (default); "
+        "--no-compensate slices only (ablation). Ignored with --weights and for plans made with --no-compensate",
+    )
     args = p.parse_args(argv)
     from tmp_jax.evaluate import resolve  # the embedded names search / distill / evaluate accept -> folders
 
@@ -387,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         quantize=args.quantize,
         target_memory=args.target_memory,
         resolution=args.resolution,
+        compensate=args.compensate,
     )
     try:
         res = export(cfg)

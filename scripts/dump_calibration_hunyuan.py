@@ -98,10 +98,10 @@ def load_transformer(model_dir: str | Path, devices: Sequence[str] = ("cuda",)) 
         groups.setdefault(m.group(1) if m else "stem", []).append(k)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    from tqdm.auto import tqdm
+    from tmp_jax.progress import progress_bar
 
     with torch.no_grad():
-        for g in tqdm(sorted(groups, key=lambda s: (s != "stem", int(s) if s.isdigit() else 0)), desc="load"):
+        for g in progress_bar(sorted(groups, key=lambda s: (s != "stem", int(s) if s.isdigit() else 0)), desc="load"):
             native = model.state_dict_adapter.from_hf({k: _to_torch(reader.read(k)) for k in groups[g]})
             for name, t in native.items():
                 if name not in params:
@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     channels = int(model.config.vae["latent_channels"])
     shape = (channels, height // 16, width // 16)  # the release VAE downsamples by 16
     rows = []
-    from tqdm.auto import tqdm
+    from tmp_jax.progress import progress_bar
 
-    for j, prompt in enumerate(tqdm(prompts, desc="prompts")):
+    for j, prompt in enumerate(progress_bar(prompts, desc="prompts")):
         rows += record_prompt(
             model,
             tok(prompt, height, width),

@@ -8,8 +8,9 @@ Models: ``zimage-fmnist`` (the Z-Image-architecture DiT; default budgets 67% and
 model between ``<!-- section: NAME -->`` / ``<!-- end section: NAME -->`` markers; a run replaces the
 sections of the models it ran and keeps the others (each section states its own date and command).
 
-For each budget (of the model's parameters) and each strategy (levelswitch = ours;
-uniform, oneshot, depth, random = baselines) it takes the strategy's plan, materialises the student
+For each budget (of the model's parameters) and each strategy (levelswitch = ours; levelswitch-nocomp =
+ours without compensated pruning, i.e. ``--no-compensate``; uniform, oneshot, depth, random = baselines,
+compensated like ours) it takes the strategy's plan, materialises the student
 from the teacher, evaluates it (``tmp_jax.evaluate``, cheap setting), distils it for a fixed number of
 steps (same data, seed and settings for every row) and evaluates it again. All strategies share one
 calibration (one ``PruningProblem``); the iterative ones (levelswitch, random) run with the same
@@ -38,8 +39,10 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-STRATEGIES = ("levelswitch", "uniform", "oneshot", "depth", "random")
+STRATEGIES = ("levelswitch", "levelswitch-nocomp", "uniform", "oneshot", "depth", "random")
 OURS = "levelswitch"
+# rows that run another strategy / without compensation: name -> (strategy, compensated)
+VARIANTS = {"levelswitch-nocomp": ("levelswitch", False)}
 MODELS = {
     "zimage-fmnist": ("67%,50%", "embedded Z-Image-architecture DiT (zimage-fmnist)", "DiT"),
     "hunyuan-fmnist": ("50%,25%", "embedded HunyuanImage-3.0-architecture MoE (hunyuan-fmnist)", "MoE"),
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace, model: str, budgets: list[str]) -> dict[str, A
     from search.engine import SearchConfig
     from search.engine import run as search_run
     from tmp_jax import evaluate as ev
+    from tmp_jax.compensate import CompensationConfig
     from tmp_jax.distill import DistillConfig, build_pair
     from tmp_jax.distill import run as distill_run
     from tmp_jax.problem import build_problem
@@ -92,25 +96,29 @@ def run(args: argparse.Namespace, model: str, budgets: list[str]) -> dict[str, A
     print(f"teacher evaluated ({timings['teacher evaluation']:.0f} s)", flush=True)
 
     t = time.time()
-    problem = build_problem(model, seed=args.seed)
+    problems = {True: build_problem(model, seed=args.seed, compensation=CompensationConfig())}
     timings["calibration (shared)"] = time.time() - t
     rows: list[dict[str, Any]] = []
     for strat in args.strategies:
         t = time.time()
+        base_strat, comp = VARIANTS.get(strat, (strat, True))
+        if comp not in problems:  # the plain problem: same teacher and calibration set, no Grams
+            problems[comp] = build_problem(model, seed=args.seed)
         try:
             sres = search_run(
                 SearchConfig(
                     budget=",".join(budgets),
                     model=model,
                     out=str(work / f"search-{strat}"),
-                    strategy=strat,
+                    strategy=base_strat,
                     generations=args.generations,
                     population=args.population,
                     seed=args.seed,
                     progress=False,
                     summary=False,
+                    compensate=comp,
                 ),
-                problem=problem,
+                problem=problems[comp],
             )
         except SearchError as e:
             print(f"{strat}: {e}", flush=True)

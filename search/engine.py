@@ -71,6 +71,9 @@ class SearchConfig:
     progress: bool = True
     summary: bool = True
     task: str | None = None  # "t2i,ti2i" / "t2i:0.7,ti2i:0.3": tasks of the calibration set and their weights
+    compensate: bool = True  # compensated pruning: OBS order + least-squares re-fit of the kept consumers
+    damp: float = 0.01  # the re-fit's ridge, as a fraction of the Gram's mean diagonal
+    gram_stride: int = 1  # the Grams read every gram_stride-th token
 
 
 @dataclass
@@ -405,7 +408,10 @@ def _build_problem(cfg: SearchConfig) -> Problem:
             raise SearchError("tmp_jax.problem is not available in this checkout") from None
         raise
     try:
-        return build_problem(cfg.model, cfg.calib, cfg.mesh, cfg.seed, cfg.progress, task=cfg.task)
+        from tmp_jax.compensate import CompensationConfig
+
+        comp = CompensationConfig(damp=cfg.damp, token_stride=cfg.gram_stride) if cfg.compensate else None
+        return build_problem(cfg.model, cfg.calib, cfg.mesh, cfg.seed, cfg.progress, task=cfg.task, compensation=comp)
     except ValueError as e:
         if str(e).startswith("--task"):  # a malformed --task or one the calibration set lacks: a config error
             raise SearchError(str(e)) from None
@@ -420,7 +426,7 @@ def _precheck_budgets(cfg: SearchConfig) -> None:
     except ModuleNotFoundError:
         return
     load_tree = getattr(pm, "load_tree", None)
-    if load_tree is None or cfg.budget_kind == "flops":  # FLOPs depend on the problem's token counts
+    if load_tree is None:
         return
     parse_budgets(cfg.budget, CostModel(load_tree(cfg.model), cfg.budget_kind))
 
@@ -437,7 +443,28 @@ def _signature(cfg: SearchConfig, strat: Strategy, budgets: list[Budget], proble
         "n_samples_total": n_total,
         "fingerprint": str((getattr(problem, "source", {}) or {}).get("fingerprint", "")),
         "task": cfg.task,
+        "compensation": _compensation_record(problem),
     }
+
+
+def _compensation_record(problem: Problem) -> dict[str, Any] | None:
+    """What a plan records of compensated pruning (None: prefix slicing only)."""
+    comp = getattr(problem, "compensation", None)
+    if comp is None:
+        return None
+    return {**comp.config.to_json(), "calibration": getattr(problem, "calib_fingerprint", None)}
+
+
+def _save_compensation(out: Path, problem: Problem) -> dict[str, Any] | None:
+    """Write the consumer Grams next to the plans; returns the plan's ``compensation`` record (with the
+    file's name and sha256), so ``converters.export`` reproduces the re-fitted weights from the source."""
+    rec = _compensation_record(problem)
+    if rec is None:
+        return None
+    from tmp_jax.compensate import STATS_FILE
+
+    sha = problem.compensation.save(out / STATS_FILE)
+    return {**rec, "stats": STATS_FILE, "stats_sha256": sha}
 
 
 def _save_importance(path: Path, problem: Problem) -> None:
@@ -473,6 +500,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _save_importance(out / "importance.npz", problem)
+    comp_record = _save_compensation(out, problem)
     rng = np.random.Generator(np.random.PCG64(config.seed))
     ev = Evaluator(problem, cost, n_total)
     imp = split_importance(problem)
@@ -555,9 +583,9 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         with open(out / "history.jsonl", "a") as f:
             f.write(json.dumps(history[-1]) + "\n")
 
-    from tqdm.auto import tqdm
+    from tmp_jax.progress import progress_bar
 
-    bar = tqdm(
+    bar = progress_bar(
         total=generations,
         initial=max(start, 0),
         disable=not config.progress,
@@ -605,6 +633,8 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     for i, b in enumerate(budgets):
         g, f = ev.winner(b.value)
         plan = build_plan(problem, b, g, f, n_total, search_meta, tokens)
+        if comp_record is not None:
+            plan["compensation"] = comp_record
         # the exact tree count and the vectorised cost must agree: a plan is never over its budget
         if _metric(tree, tree.decode(g), b.kind, tokens) > b.value or plan["counts"]["after"]["params"] != int(
             params_cost(g)[0]

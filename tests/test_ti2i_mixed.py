@@ -31,7 +31,8 @@ from tmp_jax.calibration import (  # noqa: E402
     parse_task_weights,
     write_calib,
 )
-from tmp_jax.materialize import materialize  # noqa: E402
+from tmp_jax.compensate import from_plan  # noqa: E402
+from tmp_jax.materialize import kept_first_order, materialize  # noqa: E402
 from tmp_jax.models.z_image import ti2i  # noqa: E402
 from tmp_jax.problem import PruningProblem  # noqa: E402
 from tmp_jax.tree import Tree  # noqa: E402
@@ -166,12 +167,9 @@ def test_mixed_search_export_edits_in_pytorch_and_distills(setup, tmp_path):
     export(ExportConfig(plan=res.plan_paths[0], model=folder, out=out, progress=False))
     pt = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
     tree = Tree(H.build_spec(jm.config))
-    order = {}
-    for key, ids in plan["policy"]["kept_units"].items():
-        node, kind = key.rsplit("/", 1)
-        n = next(u.n for u in tree.spec.node(node).units if u.kind == kind)
-        order[(node, kind)] = np.concatenate([np.asarray(ids), np.setdiff1d(np.arange(n), ids)])
-    small = materialize(jm, tree, plan_assignment(plan), order)
+    order = kept_first_order(tree, plan["policy"]["kept_units"])
+    # the export re-fits the kept consumers as the (compensated) search did
+    small = materialize(jm, tree, plan_assignment(plan), order, comp=from_plan(plan, res.plan_paths[0]))
     edit = ti2i.synthetic_ti2i_calib(jm.config, 2, 2, seed=5)[0]
     a = ti2i.model_args(jm.config, edit)
     want = torch_forward_omni(pt, a["x"], a["t"], a["cap_feats"], a["siglip_feats"], a["image_noise_mask"])

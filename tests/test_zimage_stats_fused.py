@@ -60,8 +60,19 @@ def test_fast_path_equals_reference_path_and_caches(tiny):
     y0, s0 = runner.collect_stats_reference(m, inp)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
     _assert_same(s, s0, rtol=1e-6)
-    n_stats = 3 * len(TINY.stack("layers")) + 3 * 2 * TINY.n_refiner_layers
+    # per block: block_stat + per sub-layer unit_stat, out_energy, res_energy (no Grams unless asked for)
+    n_stats = 7 * len(TINY.stack("layers")) + 7 * 2 * TINY.n_refiner_layers
     assert len(s) == n_stats
+    assert not any(k[-1].startswith("gram_") for k in s)
+    st.set_grams(m, True)
+    try:
+        _, sg = runner.collect_stats(m, inp)
+    finally:
+        st.set_grams(m, False)
+    grams = {k: v for k, v in sg.items() if k[-1].startswith("gram_")}
+    assert len(grams) == 2 * (len(TINY.stack("layers")) + 2 * TINY.n_refiner_layers)
+    g = grams[("layers", 0, "feed_forward", "gram_ffn")]
+    assert g.shape == (TINY.ffn_dim, TINY.ffn_dim) and np.allclose(g, g.T, rtol=1e-5, atol=1e-3)
     # second call: same program, no retrace; a weight updated in place is seen (values are read per call)
     # (other tests in the same process may own programs too: compare per-program cache sizes, not totals)
     n_prog = len(st._PROGRAMS)

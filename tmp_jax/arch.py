@@ -26,7 +26,8 @@ class ArchHooks:
     # --- calibration / evaluation ---------------------------------------------------------------
     prepare_batch: Callable[[Any, dict], dict] | None = None  # (cfg, calib batch) -> model inputs (+ 'mask')
     forward: Callable[[Any, dict], Any] | None = None  # (model, inputs) -> output compared with the teacher
-    # (permuted teacher, tree, assignment, inputs) -> the candidate's output, evaluated without building it
+    # (permuted teacher, tree, assignment, inputs, refits=None) -> the candidate's output, evaluated without
+    # building it; ``refits``: re-fitted consumers per (path, kept units) (tmp_jax.materialize.with_refits)
     forward_pruned: Callable[[Any, Any, Any, dict], Any] | None = None
     collect_stats: Callable[[Any, dict], tuple[Any, dict]] | None = None  # -> (output, {path: stat})
     compile_count: Callable[[], int] | None = None
@@ -91,7 +92,7 @@ def runner_hooks(module: str) -> dict[str, Callable[..., Any]]:
     return {
         "prepare_batch": lambda cfg, b: r().prepare_batch(cfg, b),
         "forward": lambda m, x: r().forward_blockwise(m, x),
-        "forward_pruned": lambda m, tree, a, x: r().forward_pruned(m, tree, a, x),
+        "forward_pruned": lambda m, tree, a, x, refits=None: r().forward_pruned(m, tree, a, x, refits),
         "collect_stats": lambda m, x: r().collect_stats(m, x),
         "compile_count": lambda: r().compile_count(),
     }

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tmp_jax import arch
+from tmp_jax.stats import set_grams
 from tmp_jax.tree import Tree
 
 FORMAT_VERSION = 1
+GRAMS_SAVE_EVERY_S = 300.0  # calibration with consumer Grams writes its resume state at most this often
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +210,7 @@ def combine_stats(
     share of the total at the scale of a sum over all samples, whatever its sample count. One task: exactly its
     sum. A statistic only one task sows (Z-Image's SigLIP refiner under TI2I) is combined the same way."""
     if len(by_task) == 1 and (weights is None or len(weights) <= 1):
-        return dict(next(iter(by_task.values())))
+        return {k: np.asarray(v) for k, v in next(iter(by_task.values())).items()}  # device Grams -> host
     if weights is None:
         weights = {t: 1.0 / len(by_task) for t in by_task}
     total = sum(n_samples[t] for t in by_task)
@@ -230,8 +233,13 @@ def calibrate(
     streamed: bool | None = None,
     dtype: Any = None,
     weights: dict[str, float] | None = None,
+    grams: bool = False,
+    gram_stride: int = 1,
 ) -> Calibration:
     """Teacher outputs + summed statistics over all micro-batches (resumes from ``out``).
+
+    ``grams``: also accumulate the consumer Grams that compensated pruning re-fits with (``gram_<kind>`` per
+    unit group, :mod:`tmp_jax.compensate`), reading every ``gram_stride``-th token; part of the resume signature.
 
     ``model`` is a loaded model, or the path of a checkpoint folder. For a path, ``streamed`` chooses
     block-by-block calibration with the weights streamed from disk
@@ -256,6 +264,11 @@ def calibrate(
                     f"streamed (block-by-block) calibration covers {h.default_task} micro-batches only; "
                     f"this set has {', '.join(other)} ones (calibrate a loaded model instead)"
                 )
+            if grams:
+                raise ValueError(
+                    "compensated pruning needs consumer Grams, which streamed (block-by-block) calibration does "
+                    "not collect yet: pass --no-compensate, or calibrate a loaded model"
+                )
             return sc.calibrate_streamed(model, batches, dtype=dtype, mesh=mesh, out=out, progress=progress)
         h = arch.get(sc.checkpoint_arch(Path(model)))
         model = h.load(str(model), dtype=jnp.float32 if dtype is None else dtype, mesh=mesh)
@@ -267,24 +280,33 @@ def calibrate(
     state_path = Path(out) / "calib_state.npz" if out is not None else None
     done, teacher, by_task = 0, [], {}
     # the resume state belongs to this set of micro-batches AND this teacher
-    sig = batches_signature(batches) if state_path is not None else None
+    sig = (batches_signature(batches) + (f":grams{gram_stride}" if grams else "")) if state_path is not None else None
     tsig = f"params:{teacher_signature(model)}" if state_path is not None else None
     if state_path is not None and state_path.is_file():
         done, teacher, by_task = _load_state(state_path, by_task=True, sig=sig, n=len(inputs), teacher_sig=tsig)
     it = range(done, len(inputs))
     if progress:
-        from tqdm.auto import tqdm
+        from tmp_jax.progress import progress_bar
 
-        it = tqdm(it, desc="calibration", unit="batch", initial=done, total=len(inputs))
-    for i in it:
-        task = inputs[i]["task"]
-        y, s = hooks.for_task(task).collect_stats(model, inputs[i])
-        teacher.append(np.asarray(y))
-        acc = by_task.setdefault(task, {})
-        for k, v in s.items():
-            acc[k] = acc[k] + v if k in acc else v
-        if state_path is not None:
-            _save_state(state_path, i + 1, teacher, by_task, sig, tsig)
+        it = progress_bar(it, desc="calibration", unit="batch", initial=done, total=len(inputs))
+    set_grams(model, grams, gram_stride)
+    saved = time.monotonic()
+    try:
+        for i in it:
+            task = inputs[i]["task"]
+            y, s = hooks.for_task(task).collect_stats(model, inputs[i])
+            teacher.append(np.asarray(y))
+            acc = by_task.setdefault(task, {})
+            for k, v in s.items():  # Grams come back as device arrays and are summed there
+                acc[k] = acc[k] + v if k in acc else v
+            # the resume state after every micro-batch; with Grams (GBs at full size, copied to the host to be
+            # written) at most every GRAMS_SAVE_EVERY_S seconds and after the last micro-batch
+            last = i + 1 == len(inputs)
+            if state_path is not None and (not grams or last or time.monotonic() - saved >= GRAMS_SAVE_EVERY_S):
+                _save_state(state_path, i + 1, teacher, by_task, sig, tsig)
+                saved = time.monotonic()
+    finally:
+        set_grams(model, False)
     return finish(inputs, teacher, by_task, weights)
 
 
@@ -439,11 +461,17 @@ def _node_path(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
-def importance(tree: Tree, stats: dict[tuple, np.ndarray]) -> tuple[dict, dict]:
+def importance(tree: Tree, stats: dict[tuple, np.ndarray], commensurate: bool = True) -> tuple[dict, dict]:
     """Per-unit scores {(node, kind): (n,)} and per-droppable-node scores {node: float}.
 
     Units read the statistic their node's module sowed (``unit_stat_<kind>`` or ``unit_stat``);
-    droppable nodes read ``block_stat`` = [sum ||out - in||^2, sum ||in||^2] (relative change).
+    droppable nodes read ``block_stat`` = [sum ||out - in||^2, sum ||in||^2].
+
+    ``commensurate`` (default): every score is energy entering the residual stream, so heads, FFN channels,
+    experts, expert channels and blocks compare on one scale: a unit's score is its share of its group's
+    statistic times the branch's ``res_energy`` (what the branch adds to the residual stream, after its
+    post-norm and gate, where the node sows it), and a block's score is ``sum ||out - in||^2``. Otherwise:
+    the raw statistics and the relative block change (the scales differ per kind).
     """
     units: dict[tuple[str, str], np.ndarray] = {}
     blocks: dict[str, float] = {}
@@ -455,10 +483,14 @@ def importance(tree: Tree, stats: dict[tuple, np.ndarray]) -> tuple[dict, dict]:
                 raise ValueError(f"no importance statistic sown for {n.name}/{u.kind}")
             if v.shape != (u.n,):
                 raise ValueError(f"statistic for {n.name}/{u.kind} has shape {v.shape}, expected ({u.n},)")
-            units[(n.name, u.kind)] = np.asarray(v, np.float64)
+            v = np.asarray(v, np.float64)
+            res = stats.get((*base, "res_energy"))
+            if commensurate and res is not None:
+                v = v / max(float(v.sum()), 1e-30) * float(res)
+            units[(n.name, u.kind)] = v
         bs = stats.get((*base, "block_stat"))
         if n.droppable and bs is not None:
-            blocks[n.name] = float(bs[0] / max(bs[1], 1e-30))
+            blocks[n.name] = float(bs[0]) if commensurate else float(bs[0] / max(bs[1], 1e-30))
     return units, blocks
 
 

@@ -141,16 +141,14 @@ def run(out: Path, *, generations: int, steps: int, budget: str = "66%", quick: 
     print("[4/4] evaluate and sample", flush=True)
     teacher = dres["teacher"]
     from search.engine import plan_assignment
-    from tmp_jax.materialize import materialize
+    from tmp_jax.compensate import from_plan
+    from tmp_jax.materialize import kept_first_order, materialize
 
     tree = dres["tree"]
     a = plan_assignment(dres["plan"])
-    order = {}
-    for key, ids in dres["plan"]["policy"]["kept_units"].items():
-        node, kind = key.rsplit("/", 1)
-        n = next(u.n for u in tree.spec.node(node).units if u.kind == kind)
-        order[(node, kind)] = np.concatenate([np.asarray(ids, np.int64), np.setdiff1d(np.arange(n), ids)])
-    pruned = materialize(teacher, tree, a, order)
+    order = kept_first_order(tree, dres["plan"]["policy"]["kept_units"])
+    # the pruned plan as searched (consumers re-fitted when the plan is compensated), before distillation
+    pruned = materialize(teacher, tree, a, order, comp=from_plan(dres["plan"], res.plan_paths[0]))
     recovered = load_zimage(out / "distill" / "weights")
     test = fm.load_subset("test")
     n_eval = 100 if quick else 200

@@ -69,6 +69,7 @@ class DistillConfig:
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     task: str | None = None  # "t2i,ti2i" / "t2i:0.7,ti2i:0.3": tasks of --calib to train on and their weights
+    compensate: bool = True  # start from the plan's re-fitted consumers (compensated plans), not plain slices
 
 
 class NonFiniteLoss(RuntimeError):
@@ -89,7 +90,7 @@ def load_defaults() -> dict[str, Any]:
 def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
     """(teacher, student, tree, plan): the student is the plan's subnetwork sliced from the teacher."""
     from search.engine import load_plan, plan_assignment
-    from tmp_jax.materialize import materialize
+    from tmp_jax.materialize import kept_first_order, materialize
     from tmp_jax.problem import _load_model, fingerprint
 
     plan = load_plan(cfg.plan)
@@ -102,13 +103,13 @@ def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
     hooks = arch.get(teacher.ARCH)
     tree = Tree(hooks.build_spec(teacher.config))
     a = plan_assignment(plan)
-    order = {}
-    for key, ids in plan["policy"]["kept_units"].items():
-        node, kind = key.rsplit("/", 1)
-        n = next(u.n for u in tree.spec.node(node).units if u.kind == kind)
-        rest = np.setdiff1d(np.arange(n), ids)
-        order[(node, kind)] = np.concatenate([np.asarray(ids, np.int64), rest])  # kept first
-    student = materialize(teacher, tree, a, order)
+    order = kept_first_order(tree, plan["policy"]["kept_units"])
+    comp = None
+    if cfg.compensate:
+        from tmp_jax.compensate import from_plan
+
+        comp = from_plan(plan, cfg.plan)  # None for a plan searched with --no-compensate
+    student = materialize(teacher, tree, a, order, comp=comp)
     return teacher, student, tree, plan
 
 
@@ -362,9 +363,9 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         start = step0
     elif mngr.latest_step() is not None and not cfg.resume:
         raise ValueError(f"{ckpt_dir}: checkpoints exist; pass --resume to continue or choose another --out")
-    from tqdm.auto import tqdm
+    from tmp_jax.progress import progress_bar
 
-    pbar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not cfg.progress)
+    pbar = progress_bar(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not cfg.progress)
     t0 = time.time()
     for step in range(start, cfg.steps):
         loss_acc, parts_acc, grad_sum, n_micro = trainer.gradients(s_params, batch_at(step))
@@ -450,6 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         help="tasks of --calib to train on and their sampling weights: t2i,ti2i (equal) or t2i:0.7,ti2i:0.3 "
         "(default: every task of the set, equal)",
     )
+    p.add_argument(
+        "--compensate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start the student from the plan's least-squares re-fitted consumer weights, as the search "
+        "evaluated it (default; plans made with --no-compensate have none); --no-compensate: plain slices",
+    )
     a = p.parse_args(argv)
     from tmp_jax.compile_cache import enable_default
 
@@ -475,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh=a.mesh,
         compute_dtype=a.compute_dtype,
         task=a.task,
+        compensate=a.compensate,
     )
     try:
         res = run(cfg)

@@ -131,8 +131,42 @@ def apply_cut(state: nnx.State, cut: Cut) -> nnx.State:
     return nnx.from_flat_state(flat)
 
 
-def materialize(model: Any, tree: Tree, a: Assignment, order: Order | None = None, dtype: Any = None) -> Any:
-    """A new, smaller model computing the pruned network ``a`` (weights sliced from ``model``)."""
+Refits = dict[tuple[PathT, int], Any]  # (consumer parameter path, kept units) -> re-fitted FULL-shape consumer
+
+
+def with_refits(state: nnx.State, src_path: Callable[[PathT], PathT], refits: Refits | None, kept: int) -> nnx.State:
+    """``state`` (a sub-layer view of the PERMUTED teacher) with its consumer leaf swapped for the re-fit at
+    ``kept`` units (:meth:`tmp_jax.compensate.Compensation.level_weights`): same shape and dtype, so the
+    compiled cut functions are reused; the prefix cut then takes the kept rows. No refits: ``state``."""
+    if not refits:
+        return state
+    flat, hit = [], False
+    for path, var in nnx.to_flat_state(state):
+        r = refits.get((src_path(tuple(path)), kept))
+        if r is not None:
+            var, hit = var.replace(r), True
+        flat.append((path, var))
+    return nnx.from_flat_state(flat) if hit else state
+
+
+def kept_first_order(tree: Tree, kept_units_json: dict[str, list[int]]) -> Order:
+    """A plan's ``policy.kept_units`` ({"node/kind": [ids]}) as an order with the kept units first, so
+    :func:`materialize` keeps exactly them (in ascending original order)."""
+    order = {}
+    for key, ids in kept_units_json.items():
+        node, kind = key.rsplit("/", 1)
+        ids = np.asarray(ids, np.int64)
+        order[(node, kind)] = np.concatenate([ids, np.setdiff1d(np.arange(tree.units(node, kind).n), ids)])
+    return order
+
+
+def materialize(
+    model: Any, tree: Tree, a: Assignment, order: Order | None = None, dtype: Any = None, comp: Any = None
+) -> Any:
+    """A new, smaller model computing the pruned network ``a`` (weights sliced from ``model``).
+
+    ``comp``: a :class:`tmp_jax.compensate.Compensation` in ``model``'s numbering: the kept consumer rows are
+    re-fitted (least squares on the calibration Grams) instead of only sliced."""
     hooks = arch.get(tree.spec.arch)
     src_cfg = model.config
     new_cfg = hooks.pruned_config(src_cfg, tree, a)
@@ -142,12 +176,19 @@ def materialize(model: Any, tree: Tree, a: Assignment, order: Order | None = Non
     new = hooks.init_abstract(new_cfg, dtype)
     pmap = hooks.path_map(src_cfg, new_cfg)
     plan = slice_plan(tree, a, order)
+    consumers = comp.consumers(tree) if comp is not None else {}
+    kept = kept_units(tree, a, order) if consumers else {}
     state = nnx.state(new, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         sp = pmap(tuple(path))
         arr = _host_or_device(src[sp])
+        skip = None
+        if sp in consumers:  # re-fit the kept rows first (on the full consumer), then slice the other axes
+            node, kind, _, s = consumers[sp]
+            arr, skip = comp.apply(tree, sp, np.asarray(arr), kept[(node, kind)]), s.axis
         for axis, idx in plan.get(sp, []):
-            arr = _take(arr, idx, axis)
+            if axis != skip:
+                arr = _take(arr, idx, axis)
         want = var.get_value()
         if tuple(arr.shape) != tuple(want.shape):
             raise ValueError(f"materialise {path}: sliced {arr.shape} != expected {want.shape}")

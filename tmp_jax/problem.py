@@ -30,6 +30,7 @@ from flax import nnx
 from tmp_jax import arch
 from tmp_jax.calibration import (
     Calibration,
+    batches_signature,
     calibrate,
     importance,
     load_calib,
@@ -37,7 +38,8 @@ from tmp_jax.calibration import (
     parse_task_weights,
     select_tasks,
 )
-from tmp_jax.materialize import materialize, permute
+from tmp_jax.compensate import Compensation, CompensationConfig, gram_stats
+from tmp_jax.materialize import Refits, materialize, permute
 from tmp_jax.tree import Tree
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -91,9 +93,15 @@ class PruningProblem:
         source: dict[str, Any],
         levels: dict | None = None,
         task_weights: dict[str, float] | None = None,
+        compensation: CompensationConfig | None = None,
     ):
         """``task_weights``: {task: weight} for the fitness (normalised to sum 1; default: the calibration's
-        weights, else equal over the tasks of its micro-batches). Every weighted task needs micro-batches."""
+        weights, else equal over the tasks of its micro-batches). Every weighted task needs micro-batches.
+
+        ``compensation``: compensated pruning (:mod:`tmp_jax.compensate`; needs a calibration with Grams):
+        unit groups with a consumer Gram are ordered by greedy structured OBS (their scores become the OBS
+        output error, commensurate like the others) and every candidate is evaluated with its consumers
+        re-fitted at its kept widths (precomputed per (consumer, level): :attr:`refits`)."""
         self.arch = model.ARCH
         self.hooks = arch.get(self.arch)
         self.tree = Tree(self.hooks.build_spec(model.config), levels)
@@ -101,8 +109,16 @@ class PruningProblem:
         self.order = order_from_scores(self.importance)
         self.source = source
         self.teacher_model = model
+        self.compensation: Compensation | None = None  # in the TEACHER's (original) numbering
+        if compensation is not None:
+            self.compensation = self._compensate(model, calib.stats, compensation)
         # permute once: every kept set becomes a prefix (function-preserving)
         self.model = permute(nnx.clone(model), self.tree, self.order)
+        self.refits: Refits | None = None
+        self._comp_perm: Compensation | None = None  # the Grams in the permuted model's numbering
+        if self.compensation is not None:
+            self._comp_perm = self.compensation.permuted(self.tree, self.order)
+            self.refits = self._comp_perm.level_weights(self.tree, _params(self.model))
         self.calib = calib
         tasks = calib.tasks
         w = task_weights or calib.weights or parse_task_weights(None, tasks)
@@ -114,6 +130,24 @@ class PruningProblem:
         # micro-batch indices per weighted task, in set order (the multi-fidelity prefix is taken per task)
         self.task_batches = {t: [i for i, x in enumerate(tasks) if x == t] for t in self.task_weights}
         self.n_evals = 0
+        self.calib_fingerprint: str | None = None  # set by build_problem (recorded in compensated plans)
+
+    def _compensate(self, model: Any, stats: dict, cfg: CompensationConfig) -> Compensation:
+        """The Grams of the calibration; OBS order and scores replace the importance order of their groups."""
+        grams = gram_stats(self.tree, stats)
+        if not grams:
+            raise ValueError("compensated pruning needs consumer Grams: calibrate with grams=True (or --no-compensate)")
+        comp = Compensation(grams, cfg)
+        order, scores = comp.orders(self.tree, _params(model))
+        for key, o in order.items():
+            node = key[0]
+            base = tuple(int(p) if p.isdigit() else p for p in node.split("."))
+            res, out = stats.get((*base, "res_energy")), stats.get((*base, "out_energy"))
+            # OBS scores are consumer-output energy; scaled into energy entering the residual stream
+            scale = float(res) / max(float(out), 1e-30) if res is not None and out is not None else 1.0
+            self.order[key] = o
+            self.importance[key] = scores[key] * scale
+        return comp
 
     def warmup(self) -> int:
         """Compile every (stream, sub-layer, width-level combination) variant once: afterwards
@@ -136,7 +170,8 @@ class PruningProblem:
         return self.hooks.compile_count()
 
     def candidate(self, genome: np.ndarray) -> Any:
-        return materialize(self.model, self.tree, self.tree.decode(genome), None)
+        """The materialised candidate (consumers re-fitted under compensation)."""
+        return materialize(self.model, self.tree, self.tree.decode(genome), None, comp=self._comp_perm)
 
     def fitness(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
         """Normalised output error of each genome's candidate on the first ``n_samples`` calibration samples.
@@ -153,9 +188,9 @@ class PruningProblem:
             def run(inputs: dict, a: Any = a, built: list = built) -> Any:
                 h = self.hooks.for_task(inputs.get("task"))
                 if h.forward_pruned is not None:
-                    return h.forward_pruned(self.model, self.tree, a, inputs)
+                    return h.forward_pruned(self.model, self.tree, a, inputs, self.refits)
                 if not built:  # the materialising fallback: one candidate per genome, shared by its tasks
-                    built.append(materialize(self.model, self.tree, a, None))
+                    built.append(materialize(self.model, self.tree, a, None, comp=self._comp_perm))
                 return h.forward(built[0], inputs)
 
             out[i] = self._error(run, n_samples)
@@ -205,6 +240,11 @@ class PruningProblem:
         return float(sum(self.task_weights[t] * e for t, e in errs.items()))
 
 
+def _params(model: Any) -> dict[tuple, np.ndarray]:
+    """Host copies of the parameters by path (compensation works in float64 on the host)."""
+    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def build_problem(
     model: str | None = None,
     calib: str | None = None,
@@ -214,13 +254,15 @@ def build_problem(
     n_synthetic: int = 8,
     out: str | Path | None = None,
     task: str | None = None,
+    compensation: CompensationConfig | None = None,
 ) -> PruningProblem:
     """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it.
 
     ``task``: the ``--task`` spec (``"t2i,ti2i"``, ``"t2i:0.7,ti2i:0.3"``): only micro-batches of these tasks
     are used, statistics and fitness are weighted per task. None: every task of the set, equal weights.
     ``mesh``: a HunyuanImage model on a mesh with an ``expert`` axis (and no ``model`` axis) runs its routed
-    experts expert-parallel for the rest of the process (:func:`maybe_expert_parallel`)."""
+    experts expert-parallel for the rest of the process (:func:`maybe_expert_parallel`).
+    ``compensation``: compensated pruning (calibrates with the consumer Grams); None: prefix slicing only."""
     from tmp_jax.sharding import make_mesh, shard_module
 
     m_obj, path, name = _load_model(model)
@@ -265,8 +307,13 @@ def build_problem(
         from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
 
         maybe_expert_parallel(msh)
-    cal = calibrate(m_obj, batches, mesh=msh, out=out, progress=progress, weights=weights)
-    return PruningProblem(m_obj, cal, source=source, task_weights=weights)
+    grams, stride = compensation is not None, compensation.token_stride if compensation is not None else 1
+    cal = calibrate(
+        m_obj, batches, mesh=msh, out=out, progress=progress, weights=weights, grams=grams, gram_stride=stride
+    )
+    prob = PruningProblem(m_obj, cal, source=source, task_weights=weights, compensation=compensation)
+    prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from
+    return prob
 
 
 def load_tree(model: str | None) -> Tree:

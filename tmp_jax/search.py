@@ -74,8 +74,28 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         help="tasks of the calibration set to use and their weights: t2i,ti2i (equal) or t2i:0.7,ti2i:0.3; "
         "importance and fitness are the weighted per-task combinations (default: every task of the set, equal)",
     )
+    p.add_argument(
+        "--compensate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compensated pruning (default): calibration also gathers each consumer's input Gram; units are "
+        "ordered by greedy structured OBS and every candidate is scored with its kept to_out / w2 / o_proj rows "
+        "re-fitted by least squares; the Grams are saved next to the plan (compensation.safetensors) so "
+        "export and distill reproduce the weights. --no-compensate: prefix slicing only (ablation)",
+    )
+    p.add_argument("--damp", type=float, default=0.01, help="re-fit ridge, a fraction of the Gram's mean diagonal")
+    p.add_argument(
+        "--gram-stride",
+        type=int,
+        default=1,
+        help="the Grams read every N-th token: N x cheaper Gram statistics during calibration (default 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    if not a.damp > 0:
+        p.error(f"--damp must be > 0, got {a.damp}")
+    if a.gram_stride < 1:
+        p.error(f"--gram-stride must be >= 1, got {a.gram_stride}")
     return SearchConfig(
         budget=a.budget,
         model=a.model,
@@ -90,6 +110,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         mesh=a.mesh,
         progress=not a.no_progress,
         task=a.task,
+        compensate=a.compensate,
+        damp=a.damp,
+        gram_stride=a.gram_stride,
     )
 
 

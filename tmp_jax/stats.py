@@ -43,19 +43,22 @@ class _Program:
     def __init__(self, treedef: Any, body: Callable, static: tuple):
         self.treedef = treedef  # the model's pytree structure with every collect_stats flag on
         self.layout: list[tuple[tuple, tuple, Any]] = []  # (path, shape, dtype) per statistic, set at trace time
+        self.resident: list[tuple] = []  # paths of the statistics returned as device arrays (Grams)
 
-        def run(leaves: list, *args: Any) -> tuple[Any, jax.Array]:
+        def run(leaves: list, *args: Any) -> tuple[Any, jax.Array, tuple]:
             model = jax.tree.unflatten(self.treedef, leaves)
             out = body(model, *static, *args)
-            flat = []
+            flat, big = [], []
             for path, v in nnx.to_flat_state(nnx.pop(model, nnx.Intermediate)):
                 val = v.get_value() if hasattr(v, "get_value") else v
                 arrs = val if isinstance(val, tuple) else (val,)
-                flat.append((tuple(path), sum(arrs[1:], arrs[0])))  # sow keeps one entry per call: summed
+                x = sum(arrs[1:], arrs[0])  # sow keeps one entry per call: summed
+                (big if is_resident(tuple(path)) else flat).append((tuple(path), x))
             self.layout = [(p, tuple(x.shape), np.dtype(x.dtype)) for p, x in flat]
+            self.resident = [p for p, _ in big]
             # one fp32 vector: a single device-to-host copy, however many modules sowed
             vec = jnp.concatenate([x.astype(jnp.float32).ravel() for _, x in flat]) if flat else jnp.zeros((0,))
-            return out, vec
+            return out, vec, tuple(x for _, x in big)
 
         self.fn = jax.jit(run)
 
@@ -80,6 +83,8 @@ def run_collecting(model: nnx.Module, body: Callable, *args: Any, static: tuple 
 
     ``static`` are hashable arguments passed to ``body`` before ``args`` (e.g. a patch key); ``body`` should be
     a module-level function (it is part of the cache key). Statistics are returned in their sown dtype.
+    Consumer Grams (``gram_*``, up to 10240^2 per FFN at full size) stay ON THE DEVICE: they are returned as
+    device arrays, to be accumulated there over micro-batches (``calibrate``) and copied to the host once.
     """
     leaves, treedef = jax.tree.flatten(model)
     key = (treedef, body, static)
@@ -94,18 +99,48 @@ def run_collecting(model: nnx.Module, body: Callable, *args: Any, static: tuple 
             for n in nodes:
                 n.collect_stats = False
         prog = _PROGRAMS[key] = _Program(collecting, body, static)
-    out, vec = prog.fn(leaves, *args)
+    out, vec, big = prog.fn(leaves, *args)
     host = np.asarray(jax.device_get(vec))
     stats, off = {}, 0
     for path, shape, dtype in prog.layout:
         n = int(np.prod(shape))
         stats[path] = host[off : off + n].reshape(shape).astype(dtype)
         off += n
+    stats.update(zip(prog.resident, big))
     return out, stats
+
+
+def is_resident(path: tuple) -> bool:
+    """Statistics kept on the device between micro-batches (the consumer Grams)."""
+    return bool(path) and isinstance(path[-1], str) and path[-1].startswith("gram_")
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared statistic formulas
+
+
+def set_grams(model: nnx.Module, on: bool, stride: int = 1) -> int:
+    """Turn the consumer-Gram statistics of every module on or off; returns how many modules have them.
+
+    ``stride``: the Grams of token-wise projections read every ``stride``-th token (``stride`` x cheaper; a
+    least-squares re-fit only needs the Gram up to scale, and its damping is relative). Each module's
+    ``collect_grams`` holds the stride (0 = off); it is part of the model's pytree structure, so programs
+    compiled with other settings are cached apart (:func:`run_collecting`)."""
+    if on and (not isinstance(stride, int) or stride < 1):
+        raise ValueError(f"Gram token stride must be an integer >= 1, got {stride!r}")
+    nodes = [n for _, n in nnx.iter_graph(model) if hasattr(n, "collect_grams")]
+    for n in nodes:
+        n.collect_grams = stride if on else 0
+    return len(nodes)
+
+
+def gram(x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """``x^T diag(weight) x`` for ``x`` (N, C) -> (C, C) fp32: the second moment a least-squares re-fit of the
+    layer consuming ``x`` needs. Operands in their own dtype with fp32 accumulation (bf16 runs on tensor
+    cores); fp32 operands at HIGHEST precision (no TF32)."""
+    hp = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    xw = x if weight is None else x * weight[:, None].astype(x.dtype)
+    return jnp.einsum("nc,nd->cd", xw, x, precision=hp, preferred_element_type=jnp.float32)
 
 
 def group_output_energy(o: jax.Array, w_out: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:

@@ -457,9 +457,9 @@ def calibrate_streamed(
 
     pbar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tmp_jax.progress import progress_bar
 
-        pbar = tqdm(total=n_steps * n, initial=sum(at), desc="calibration (streamed)", unit="batch")
+        pbar = progress_bar(total=n_steps * n, initial=sum(at), desc="calibration (streamed)", unit="batch")
     stem_loaded = False
     for si in range(min(at), n_steps):
         step = steps[si]

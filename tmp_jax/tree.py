@@ -35,12 +35,16 @@ class Slice:
     ``always_active``: every token uses this slice of every kept unit, even where the group's ``active``
     (top-k) limits which units a token is routed to -- e.g. an expert's router column, since the router
     scores all experts for every token. Such slices are never clamped to ``Units.active``.
+
+    ``consumer``: this slice holds the input rows of the projection that consumes the units (``to_out``,
+    ``w2``, an expert's ``down_proj``): compensated pruning re-fits it (:mod:`tmp_jax.compensate`).
     """
 
     path: PathT
     axis: int
     group: int = 1
     always_active: bool = False
+    consumer: bool = False
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,10 @@ class Tree:
                 return True
             cur = self.parent[cur]
         return False
+
+    def units(self, node: str, kind: str) -> Units:
+        """The unit group ``kind`` of ``node``."""
+        return self._units[(node, kind)]
 
     def kept_count(self, a: Assignment, node: str, kind: str) -> int:
         return a.keep.get((node, kind), self._units[(node, kind)].n)

@@ -66,7 +66,7 @@ from flax import nnx
 
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.nn import Axes, Linear, RMSNorm, timestep_embedding
-from tmp_jax.stats import group_output_energy
+from tmp_jax.stats import gram, group_output_energy
 
 MOE_IMPLS = ("ragged", "dense")
 
@@ -628,6 +628,7 @@ class Attention(nnx.Module):
             self.query_layernorm = None
             self.key_layernorm = None
         self.collect_stats = False  # calibration sets this to sow importance statistics
+        self.collect_grams = 0  # token stride of o_proj's input Gram it sows too (0: none; compensated pruning)
 
     def __call__(
         self,
@@ -656,6 +657,10 @@ class Attention(nnx.Module):
             og = out.reshape(b, s, kv, width)  # [B, S, K, G*hd]: a KV group's query heads are contiguous
             # <O_k^T O_k, W_k W_k^T> (fp32 accumulation, padding zeroed): no [B, S, K, G*hd] fp32 tensor
             self.sow(nnx.Intermediate, "unit_stat", group_output_energy(og, self.o_proj.kernel[...], token_mask))
+            if self.collect_grams:  # [N*hd, N*hd] Gram of o_proj's input (padding excluded): the KV-group re-fit
+                st = self.collect_grams
+                wt = None if token_mask is None else token_mask.reshape(-1)[::st].astype(jnp.float32)
+                self.sow(nnx.Intermediate, "gram_kv_groups", gram(out.reshape(b * s, -1)[::st], wt))
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -703,25 +708,27 @@ class RoutedExperts(nnx.Module):
         self.down_proj = nnx.Param(_normal(rngs, (e, i, h), i**-0.5, dtype), logical_axes=("exp", "exp_mlp", "embed"))
 
     def ragged(
-        self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False
-    ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+        self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False, grams: bool = False
+    ) -> jax.Array | tuple[jax.Array, ...]:
         """Grouped matmuls over expert-sorted token copies.
 
         ``x``: [N, H]; ``weights`` / ``indices``: [N, k] -> [N, H]. No capacity: every (token, slot) pair is
         computed, so nothing is ever dropped. With ``stats`` also returns per expert ``sum w * ||y||`` [E] and
         per (expert, channel) ``sum w * |h|`` [E, I] over the routed pairs (``y`` = unweighted expert output,
-        ``h`` = hidden activation; pairs with weight 0, i.e. padding, contribute nothing). Expert-parallel
-        under ``shard_map`` while :func:`set_expert_parallel` has set a mesh.
+        ``h`` = hidden activation; pairs with weight 0, i.e. padding, contribute nothing). With ``stats`` and
+        ``grams`` also the per-expert gate-weighted Gram of ``down_proj``'s input ``sum (w h)^T (w h)``
+        [E, I, I] (compensated pruning re-fits each expert's kept channels with it). Expert-parallel under
+        ``shard_map`` while :func:`set_expert_parallel` has set a mesh.
         """
         up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
         ep = EXPERT_PARALLEL
         if ep is None or up_w.shape[0] % ep[0].shape[ep[1]]:  # off, or experts (a pruned count) don't split evenly
-            return _routed_pairs(x, weights, indices, up_w, gate_w, down_w, 0, up_w.shape[0], stats, False)
-        return _routed_pairs_expert_parallel(x, weights, indices, up_w, gate_w, down_w, stats, *ep)
+            return _routed_pairs(x, weights, indices, up_w, gate_w, down_w, 0, up_w.shape[0], stats, False, grams)
+        return _routed_pairs_expert_parallel(x, weights, indices, up_w, gate_w, down_w, stats, *ep, grams=grams)
 
     def dense(
-        self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False
-    ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+        self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False, grams: bool = False
+    ) -> jax.Array | tuple[jax.Array, ...]:
         """Reference path: every expert on every token, combined with the (sparse) routing weights.
 
         ``stats`` as in :meth:`ragged`."""
@@ -740,7 +747,10 @@ class RoutedExperts(nnx.Module):
         cf = combine.astype(jnp.float32)  # [N, E]
         mass = jnp.einsum("en,ne->e", jnp.linalg.norm(y.astype(jnp.float32), axis=-1), cf)  # [E]
         channel = jnp.einsum("eni,ne->ei", jnp.abs(hidden.astype(jnp.float32)), cf)  # [E, I]
-        return out, mass, channel
+        if not grams:
+            return out, mass, channel
+        hw = hidden.astype(jnp.float32) * cf.T[:, :, None]  # [E, N, I]: the routed, weighted down_proj input
+        return out, mass, channel, jnp.einsum("eni,enj->eij", hw, hw, precision=jax.lax.Precision.HIGHEST)
 
 
 def _routed_pairs(
@@ -754,7 +764,8 @@ def _routed_pairs(
     num_experts: int,
     stats: bool,
     per_device: bool,
-) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    grams: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """The routed experts ``e0 .. e0 + E_loc`` (``up_w`` etc. [E_loc, ...]) applied to their (token, slot) pairs.
 
     ``x`` [N, H], ``weights`` / ``indices`` [N, k] over all ``num_experts``. Pairs routed to other experts
@@ -786,12 +797,21 @@ def _routed_pairs(
         mass = jax.ops.segment_sum(wf * norms, local_ids, e_loc, indices_are_sorted=True)  # [E_loc]
         act = wf[:, None] * jnp.abs(jnp.where(valid[:, None], hidden, 0).astype(jnp.float32))  # [N*k, I]
         channel = jax.ops.segment_sum(act, local_ids, e_loc, indices_are_sorted=True)  # [E_loc, I]
+        if grams:  # per local expert sum (w h)^T (w h): a ragged contraction over its expert-sorted rows
+            hw = wf[:, None] * jnp.where(valid[:, None], hidden, 0).astype(jnp.float32)  # [N*k, I]
+            dn = jax.lax.RaggedDotDimensionNumbers(
+                dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
+            )
+            hp = jax.lax.Precision.HIGHEST
+            gram_e = jax.lax.ragged_dot_general(hw, hw, group_sizes, dn, precision=hp)  # [E_loc, I, I]
     y = y * ws[:, None].astype(y.dtype)
     # back to (token, slot) order by a gather (a scatter of [N*k, H] rows is far slower on GPU): the pair at
     # sorted position j sits at local row (j - start) mod M
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))  # [N*k] sorted position
     y = jnp.take(y, (inverse - start) % m, axis=0)
     out = y.reshape(n, k, -1).sum(axis=1)  # [N, H], summed over slots like the official code
+    if stats and grams:
+        return out, mass, channel, gram_e
     return (out, mass, channel) if stats else out
 
 
@@ -805,7 +825,8 @@ def _routed_pairs_expert_parallel(
     stats: bool,
     mesh: jax.sharding.Mesh,
     axis: str,
-) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+    grams: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """:func:`_routed_pairs` under ``shard_map``: experts split over ``axis``, partial outputs summed (psum).
 
     Tokens stay where they are (sharded over ``data`` when the mesh has it, else replicated): each device
@@ -820,15 +841,15 @@ def _routed_pairs_expert_parallel(
 
     def local(x, weights, indices, up_w, gate_w, down_w):  # one device: its tokens, its E / P experts
         e0 = jax.lax.axis_index(axis) * up_w.shape[0]
-        res = _routed_pairs(x, weights, indices, up_w, gate_w, down_w, e0, num_e, stats, True)
+        res = _routed_pairs(x, weights, indices, up_w, gate_w, down_w, e0, num_e, stats, True, grams)
         if not stats:
             return jax.lax.psum(res, axis)
-        out, mass, channel = res
+        out, *st = res
         if data is not None:  # statistics are over every token: sum the data shards
-            mass, channel = jax.lax.psum(mass, data), jax.lax.psum(channel, data)
-        return jax.lax.psum(out, axis), mass, channel
+            st = [jax.lax.psum(v, data) for v in st]
+        return (jax.lax.psum(out, axis), *st)
 
-    out_specs = (tok, exp, exp) if stats else tok
+    out_specs = (tok, exp, exp, exp)[: 4 if grams else 3] if stats else tok
     f = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=out_specs, check_vma=False)
     return f(x, weights, indices, up_w, gate_w, down_w)
 
@@ -851,6 +872,7 @@ class HunyuanMoE(nnx.Module):
         self.shared_mlp = SharedMLP(hidden, shared, dtype=dtype, rngs=rngs) if shared else None
         self.expert_mask: ExpertMask | None = nnx.data(None)  # see set_expert_mask
         self.collect_stats = False
+        self.collect_grams = 0  # sow the per-expert down_proj input Grams too (> 0; every routed pair is read)
 
     def set_expert_mask(self, keep: np.ndarray | jax.Array | None) -> None:
         """Mask experts out of the router (``keep`` [E] bool; ``None`` removes the mask).
@@ -890,8 +912,12 @@ class HunyuanMoE(nnx.Module):
         # The official code casts the routing weights to the activation dtype before combining.
         weights = weights.astype(x.dtype)
         if self.collect_stats:
-            routed, mass, channel = getattr(self.experts, self.impl)(x2, weights, indices, stats=True)
+            routed, mass, channel, *gram_e = getattr(self.experts, self.impl)(
+                x2, weights, indices, stats=True, grams=self.collect_grams > 0
+            )
             self._sow_stats(indices, token_mask, mass, channel)
+            if gram_e:  # [E, I, I] per-expert gate-weighted Gram of down_proj's input (compensated pruning)
+                self.sow(nnx.Intermediate, "gram_expert_ffn", gram_e[0])
         else:
             routed = getattr(self.experts, self.impl)(x2, weights, indices)
         routed = routed.astype(x.dtype)
@@ -943,7 +969,12 @@ class DecoderLayer(nnx.Module):
     ) -> jax.Array:
         x_in = x
         x = attn_branch(self.self_attn, self.input_layernorm, x, cos, sin, mask, token_mask)
+        x_mid = x
         x = moe_branch(self.mlp, self.post_attention_layernorm, x, token_mask)
+        if self.collect_stats:  # what each branch adds to the residual stream (commensurate unit scores)
+            for mod, d in ((self.self_attn, x_mid - x_in), (self.mlp, x - x_mid)):
+                e = _masked_sum(jnp.sum(jnp.square(d.astype(jnp.float32)), axis=-1), token_mask)
+                mod.sow(nnx.Intermediate, "res_energy", e)
         if self.collect_stats:  # how much the layer changes its input: [sum ||out-in||^2, sum ||in||^2]
             xf, xi = x.astype(jnp.float32), x_in.astype(jnp.float32)
             d = _masked_sum(jnp.sum(jnp.square(xf - xi), axis=-1), token_mask)

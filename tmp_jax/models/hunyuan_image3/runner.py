@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmp_jax.materialize import Cut, apply_cut, prefix_cut, prefix_shapes
+from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shapes, with_refits
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.models.hunyuan_image3.model import (
     DecoderLayer,
@@ -199,13 +199,16 @@ def _pruned_view(cfg: HunyuanImage3Config, sub: str, widths: tuple, impl: str) -
     return _PRUNED[key]
 
 
-def forward_pruned(model: HunyuanImage3, tree: Tree, a: Assignment, inputs: dict[str, Any]) -> jax.Array:
+def forward_pruned(
+    model: HunyuanImage3, tree: Tree, a: Assignment, inputs: dict[str, Any], refits: Refits | None = None
+) -> jax.Array:
     """The candidate ``a`` of the PERMUTED teacher ``model``, evaluated without building it.
 
     Same result as ``forward_blockwise(materialize(model, tree, a), inputs)``: every kept set is a prefix
     (:func:`tmp_jax.materialize.permute`), so each half takes the teacher's FULL sub-layer state and slices
     it inside the jit to the prefix shapes of the tree's slice plan (:func:`tmp_jax.materialize.prefix_shapes`),
     merged into the pruned sub-layer's graph (cached per widths). Compiled once per (half, widths).
+    ``refits``: compensated pruning's re-fitted ``o_proj`` / ``down_proj`` (same shapes and programs).
     """
     cfg = model.config
     if cfg.layers_kept is not None:
@@ -219,9 +222,12 @@ def forward_pruned(model: HunyuanImage3, tree: Tree, a: Assignment, inputs: dict
         if key not in _CUTS:
             if not plan:
                 plan.update(prefix_shapes(tree, a))
-            names = dict(zip(("layer", "norm"), _SUB_NAMES[sub]))
-            _CUTS[key] = prefix_cut(state, lambda p: (*LAYERS, pos, names[p[0]], *p[1:]), plan, want)
+            _CUTS[key] = prefix_cut(state, src_of(pos, sub), plan, want)
         return gd, _CUTS[key]
+
+    def src_of(pos: int, sub: str) -> Any:
+        names = dict(zip(("layer", "norm"), _SUB_NAMES[sub]))
+        return lambda p: (*LAYERS, pos, names[p[0]], *p[1:])
 
     head, e = _embed(model, inputs)
     x = e["embeds"]
@@ -230,10 +236,12 @@ def forward_pruned(model: HunyuanImage3, tree: Tree, a: Assignment, inputs: dict
         layer = model.model.layers[pos]  # the teacher is unpruned: position == original index
         st_a = nnx.state(_Sub(layer.self_attn, layer.input_layernorm))
         gd_a, cut = cut_of(pos, "self_attn", (kv,), st_a, layer.mlp.impl)
+        st_a = with_refits(st_a, src_of(pos, "self_attn"), refits, kv)
         x = _attn_cut(gd_a, cut, st_a, x, e["cos"], e["sin"], e["mask"], e["token_mask"])
         widths = (new.num_experts[j], new.moe_topk[j], new.moe_intermediate_size[j], new.num_shared_expert[j])
         st_m = nnx.state(_Sub(layer.mlp, layer.post_attention_layernorm))
         gd_m, cut = cut_of(pos, "mlp", widths, st_m, layer.mlp.impl)
+        st_m = with_refits(st_m, src_of(pos, "mlp"), refits, new.moe_intermediate_size[j])
         x = _moe_cut(gd_m, cut, st_m, x, e["token_mask"])
     return head(x, e["image_index"])
 

@@ -110,7 +110,7 @@ def build_spec(cfg: HunyuanImage3Config) -> Spec:
                         Slice((*att, "q_proj", "kernel"), 1, g * hd),
                         Slice((*att, "k_proj", "kernel"), 1, hd),
                         Slice((*att, "v_proj", "kernel"), 1, hd),
-                        Slice((*att, "o_proj", "kernel"), 0, g * hd),
+                        Slice((*att, "o_proj", "kernel"), 0, g * hd, consumer=True),
                     ),
                     tie="kv_groups",
                 ),
@@ -139,7 +139,11 @@ def build_spec(cfg: HunyuanImage3Config) -> Spec:
                 Units(
                     "expert_ffn",
                     cfg.moe_intermediate_size[i],
-                    (Slice((*ex, "up_proj"), 2), Slice((*ex, "gate_proj"), 2), Slice((*ex, "down_proj"), 1)),
+                    (
+                        Slice((*ex, "up_proj"), 2),
+                        Slice((*ex, "gate_proj"), 2),
+                        Slice((*ex, "down_proj"), 1, consumer=True),
+                    ),
                     multiple=EXPERT_FFN_MULTIPLE,
                     levels=expert_ffn_levels(cfg, i),
                 ),

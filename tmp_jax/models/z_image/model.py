@@ -26,7 +26,7 @@ from flax import nnx
 
 from tmp_jax.models.z_image.config import SEQ_MULTI_OF, SIGLIP_STACK, T_MID_DIM, BlockSpec, ZImageConfig
 from tmp_jax.nn import Linear, RMSNorm, timestep_embedding
-from tmp_jax.stats import group_output_energy
+from tmp_jax.stats import gram, group_output_energy
 
 # ----------------------------------------------------------------------------------------------
 # RoPE
@@ -151,6 +151,7 @@ class Attention(nnx.Module):
             [Linear(inner, cfg.dim, use_bias=False, axes=("heads", "embed"), dtype=dtype, rngs=rngs)]
         )
         self.collect_stats = False  # calibration sets this to sow importance statistics
+        self.collect_grams = 0  # token stride of the to_out input Gram it sows too (0: none; compensated pruning)
         self.to_qkv: Linear | None = nnx.data(None)  # set by fuse_projections (inference layout; to_q/k/v then None)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -168,7 +169,12 @@ class Attention(nnx.Module):
         o = _attention(q, k, v, mask)  # [B, T, N, D]
         if self.collect_stats:  # per-head energy of its contribution through to_out (importance)
             self.sow(nnx.Intermediate, "unit_stat", head_output_energy(o, self.to_out[0].kernel[...]))
-        return self.to_out[0](o.reshape(B, T, self.heads * self.head_dim))
+            if self.collect_grams:  # [N*D, N*D] Gram of to_out's input: the re-fit of the kept heads' rows
+                self.sow(nnx.Intermediate, "gram_heads", gram(o.reshape(B * T, -1)[:: self.collect_grams]))
+        y = self.to_out[0](o.reshape(B, T, self.heads * self.head_dim))
+        if self.collect_stats:  # the branch output energy before the post-norm (scales unit scores)
+            self.sow(nnx.Intermediate, "out_energy", jnp.sum(jnp.square(y.astype(jnp.float32))))
+        return y
 
 
 class FeedForward(nnx.Module):
@@ -180,6 +186,7 @@ class FeedForward(nnx.Module):
         self.w3 = Linear(dim, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.w13: Linear | None = nnx.data(None)  # set by fuse_projections (inference layout; w1/w3 then None)
         self.collect_stats = False
+        self.collect_grams = 0  # token stride of w2's input Gram it sows too (0: none; compensated pruning)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.w13 is not None:
@@ -192,7 +199,12 @@ class FeedForward(nnx.Module):
             act = jnp.sum(jnp.abs(h), axis=tuple(range(h.ndim - 1)), dtype=jnp.float32)  # [hidden]
             w2n = jnp.sqrt(jnp.sum(jnp.square(self.w2.kernel[...].astype(jnp.float32)), axis=1))  # [hidden]
             self.sow(nnx.Intermediate, "unit_stat", act * w2n)
-        return self.w2(h)
+            if self.collect_grams:  # [hidden, hidden] Gram of w2's input: the re-fit of the kept channels' rows
+                self.sow(nnx.Intermediate, "gram_ffn", gram(h.reshape(-1, h.shape[-1])[:: self.collect_grams]))
+        y = self.w2(h)
+        if self.collect_stats:  # the branch output energy before the post-norm (scales unit scores)
+            self.sow(nnx.Intermediate, "out_energy", jnp.sum(jnp.square(y.astype(jnp.float32))))
+        return y
 
 
 class ZImageTransformerBlock(nnx.Module):
@@ -231,9 +243,18 @@ class ZImageTransformerBlock(nnx.Module):
         x_in = x
         s_msa, g_msa, s_mlp, g_mlp = self.modulation_terms(c)
         if self.attention is not None:
-            x = attn_branch(self.attention, self.attention_norm1, self.attention_norm2, x, mask, cos, sin, s_msa, g_msa)
+            x0, x = (
+                x,
+                attn_branch(
+                    self.attention, self.attention_norm1, self.attention_norm2, x, mask, cos, sin, s_msa, g_msa
+                ),
+            )
+            if self.collect_stats:  # what the branch adds to the residual stream (after post-norm and gate)
+                self.attention.sow(nnx.Intermediate, "res_energy", jnp.sum(jnp.square((x - x0).astype(jnp.float32))))
         if self.feed_forward is not None:
-            x = ffn_branch(self.feed_forward, self.ffn_norm1, self.ffn_norm2, x, s_mlp, g_mlp)
+            x0, x = x, ffn_branch(self.feed_forward, self.ffn_norm1, self.ffn_norm2, x, s_mlp, g_mlp)
+            if self.collect_stats:
+                self.feed_forward.sow(nnx.Intermediate, "res_energy", jnp.sum(jnp.square((x - x0).astype(jnp.float32))))
         if self.collect_stats:  # how much the block changes its input: [sum ||out-in||^2, sum ||in||^2]
             d = jnp.sum(jnp.square((x - x_in).astype(jnp.float32)))
             self.sow(nnx.Intermediate, "block_stat", jnp.stack([d, jnp.sum(jnp.square(x_in.astype(jnp.float32)))]))

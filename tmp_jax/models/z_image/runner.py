@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmp_jax.materialize import Cut, apply_cut, prefix_cut, prefix_shapes
+from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shapes, with_refits
 from tmp_jax.models.z_image.config import BlockSpec, ZImageConfig
 from tmp_jax.models.z_image.model import (
     ZImageTransformer,
@@ -199,9 +199,14 @@ def _sub_cut(cfg: ZImageConfig, stack: str, pos: int, sub: str, width: int, stat
     key = (stack, pos, sub, width, cfg)
     gd, want = _pruned_view(cfg, sub, width)
     if key not in _CUTS:
-        names = dict(zip(("layer", "norm1", "norm2"), _SUB_NAMES[sub]))
-        _CUTS[key] = prefix_cut(state, lambda p: (stack, pos, names[p[0]], *p[1:]), shapes(), want)
+        _CUTS[key] = prefix_cut(state, _src(sub, stack, pos), shapes(), want)
     return gd, _CUTS[key]
+
+
+def _src(sub: str, stack: str, pos: int) -> Any:
+    """``_Sub`` view path -> the teacher's parameter path (block ``stack[pos]``, sub-layer ``sub``)."""
+    names = dict(zip(("layer", "norm1", "norm2"), _SUB_NAMES[sub]))
+    return lambda p: (stack, pos, names[p[0]], *p[1:])
 
 
 class PrunedStacks:
@@ -210,13 +215,14 @@ class PrunedStacks:
     inside the jit to the prefix shapes of the tree's slice plan (computed only when a new (block, width)
     cut is first needed). Shared by the T2I and the omni (TI2I) candidate evaluation."""
 
-    def __init__(self, model: ZImageTransformer, tree: Tree, a: Assignment):
+    def __init__(self, model: ZImageTransformer, tree: Tree, a: Assignment, refits: Refits | None = None):
         cfg = model.config
         if cfg.is_pruned:
             raise ValueError("forward_pruned evaluates candidates of the UNPRUNED (permuted) teacher")
         self.model, self.cfg = model, cfg
         self.new = pruned_config(cfg, tree, a)
         self._tree, self._a, self._plan = tree, a, {}
+        self.refits = refits  # compensated pruning: re-fitted to_out / w2 per kept width
 
     def _shapes(self) -> dict:
         if not self._plan:
@@ -237,15 +243,19 @@ class PrunedStacks:
             if b.heads:
                 st_a = nnx.state(_Sub(blk.attention, blk.attention_norm1, blk.attention_norm2))
                 gd_a, cut = _sub_cut(cfg, stack, b.index, "attention", b.heads, st_a, self._shapes)
+                st_a = with_refits(st_a, _src("attention", stack, b.index), self.refits, b.heads)
                 x = _attn_cut(gd_a, cut, st_a, x, mask, cos, sin, s_msa, g_msa)
             if b.ffn_dim:
                 st_f = nnx.state(_Sub(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2))
                 gd_f, cut = _sub_cut(cfg, stack, b.index, "feed_forward", b.ffn_dim, st_f, self._shapes)
+                st_f = with_refits(st_f, _src("feed_forward", stack, b.index), self.refits, b.ffn_dim)
                 x = _ffn_cut(gd_f, cut, st_f, x, s_mlp, g_mlp)
         return x
 
 
-def forward_pruned(model: ZImageTransformer, tree: Tree, a: Assignment, inputs: dict[str, Any]) -> jax.Array:
+def forward_pruned(
+    model: ZImageTransformer, tree: Tree, a: Assignment, inputs: dict[str, Any], refits: Refits | None = None
+) -> jax.Array:
     """The candidate ``a`` of the PERMUTED teacher ``model``, evaluated without building it.
 
     Same result as ``forward_blockwise(materialize(model, tree, a), inputs)``: every kept set is a prefix
@@ -253,8 +263,9 @@ def forward_pruned(model: ZImageTransformer, tree: Tree, a: Assignment, inputs: 
     state and slices it inside the jit to the prefix shapes of the tree's slice plan
     (:func:`tmp_jax.materialize.prefix_shapes`), merged into the pruned sub-layer's graph (cached per
     width). Compiled once per (sub-layer kind, width); no per-candidate model, copy or host work.
+    ``refits``: compensated pruning's re-fitted consumers (same shapes: the same compiled functions).
     """
-    stacks = PrunedStacks(model, tree, a)
+    stacks = PrunedStacks(model, tree, a, refits)
     arrs, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     gd, st = nnx.split(_Stem(model))
     e = _stem_embed(gd, st, arrs, t, pk)

@@ -66,7 +66,7 @@ def build_spec(cfg: ZImageConfig) -> Spec:
                         "heads",
                         cfg.n_heads,
                         tuple(Slice((*att, n, "kernel"), 1, hd) for n in ("to_q", "to_k", "to_v"))
-                        + (Slice((*att, "to_out", 0, "kernel"), 0, hd),),
+                        + (Slice((*att, "to_out", 0, "kernel"), 0, hd, consumer=True),),
                     ),
                 ),
                 droppable=True,
@@ -84,7 +84,7 @@ def build_spec(cfg: ZImageConfig) -> Spec:
                         (
                             Slice((*ff, "w1", "kernel"), 1),
                             Slice((*ff, "w3", "kernel"), 1),
-                            Slice((*ff, "w2", "kernel"), 0),
+                            Slice((*ff, "w2", "kernel"), 0, consumer=True),
                         ),
                     ),
                 ),
@@ -205,7 +205,7 @@ def _ti2i():
 TI2I_HOOKS: dict[str, Any] = {
     "prepare_batch": lambda cfg, b: _ti2i().prepare_batch(cfg, b),
     "forward": lambda m, x: _ti2i().forward(m, x),
-    "forward_pruned": lambda m, tree, a, x: _ti2i().forward_pruned(m, tree, a, x),
+    "forward_pruned": lambda m, tree, a, x, refits=None: _ti2i().forward_pruned(m, tree, a, x, refits),
     "collect_stats": lambda m, x: _ti2i().collect_stats(m, x),
     "forward_train": lambda m, x, remat=True: _ti2i().forward_train(m, x, remat),
     "synthetic_calib": lambda cfg, n, batch=4, seed=0: _ti2i().synthetic_ti2i_calib(cfg, n, batch, seed),

@@ -317,7 +317,9 @@ def compile_count() -> int:
     return sum(f._cache_size() for f in (_omni_stem, _unify_omni, _final_omni))
 
 
-def forward_pruned(model: ZImageTransformer, tree: Any, a: Any, inputs: dict[str, Any]) -> jax.Array:
+def forward_pruned(
+    model: ZImageTransformer, tree: Any, a: Any, inputs: dict[str, Any], refits: Any = None
+) -> jax.Array:
     """The candidate ``a`` of the PERMUTED teacher on omni inputs, evaluated without building it.
 
     Same result as ``forward(materialize(model, tree, a), inputs)``: the prunable blocks run through the T2I
@@ -328,7 +330,7 @@ def forward_pruned(model: ZImageTransformer, tree: Any, a: Any, inputs: dict[str
     from tmp_jax.models.z_image.model import _key_mask
     from tmp_jax.models.z_image.runner import PrunedStacks
 
-    stacks = PrunedStacks(model, tree, a)
+    stacks = PrunedStacks(model, tree, a, refits)
     arrs, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     gd, st = nnx.split(_OmniStem(model))
     e = _omni_stem(gd, st, arrs, t, pk)

@@ -1,0 +1,472 @@
+"""Compensated structured pruning: a least-squares re-fit of the kept consumer weights at every level.
+
+Pruning a unit (a head, an FFN channel, an expert channel) removes rows of the projection that consumes
+it (``to_out`` / ``o_proj`` / ``w2`` / an expert's ``down_proj``: the spec's slice marked ``consumer``).
+The remaining rows can absorb much of what was lost: with ``X`` the consumer's input over the calibration
+tokens and ``G = X^T X`` its Gram (sown by the modules as ``gram_<kind>`` when calibration runs with
+``grams=True``), the kept rows ``K`` are re-fitted as
+
+    W'_K = argmin ||X W - X_K W'||^2 + lam ||W' - W_K||^2 = (G_KK + lam I)^-1 (G_K: W + lam W_K),
+
+in float64 on the host, ``lam = damp * mean(diag G)``. The ridge pulls toward the original weights, so
+keeping every unit gives ``W`` exactly. A batched Gram ``(E, N, N)`` (per-expert, gate-weighted) re-fits
+each expert's ``down_proj`` with its own Gram.
+
+Order: a greedy structured-OBS pass (ZipLM / SlimGPT style) removes, one unit (or a small chunk, for
+wide groups) at a time, the unit whose removal adds the least output error given the re-fit of the
+others: ``err_S = tr(W_S^T (H^-1_SS)^-1 W_S)`` with ``H^-1 = (G + lam I)^-1``, followed by the
+OBS updates of ``W`` and ``H^-1``. Removal is sequential, so the kept sets of all levels are nested
+(prefixes of the reversed removal order): the zero-recompile prefix design holds. The error added at
+each removal is the unit's score, so the score lost by a level (what :class:`search.genome.GeneLoss`
+sums) is the OBS error of that level.
+
+Everything here works in "the numbering of the model at hand": :meth:`Compensation.permuted` maps the
+Grams into a permuted model's numbering (the search evaluates candidates on the importance-permuted
+teacher), and :meth:`level_weights` precomputes, per (consumer parameter, kept count), the re-fitted
+consumer at FULL shape (rows past the kept prefix zero), so a candidate swaps that array in for the
+teacher's and the per-width compiled functions are reused unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tmp_jax.tree import PathT, Slice, Tree, Units
+
+METHOD = "obs-lsq"  # greedy structured-OBS order + damped least-squares re-fit of the consumer
+GRAM_PREFIX = "gram_"
+STATS_FILE = "compensation.safetensors"
+
+
+@dataclass(frozen=True)
+class CompensationConfig:
+    """``damp``: ridge as a fraction of the Gram's mean diagonal; ``chunk``: wide groups remove
+    ``max(1, alive // chunk)`` units per greedy OBS step (1 unit at a time below ``chunk`` units);
+    ``token_stride``: the Grams read every ``token_stride``-th token (cheaper calibration)."""
+
+    damp: float = 0.01
+    chunk: int = 64
+    token_stride: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.damp > 0:
+            raise ValueError(f"compensation damp must be > 0, got {self.damp}")
+        if int(self.chunk) < 1 or int(self.token_stride) < 1:
+            raise ValueError(f"compensation chunk and token_stride must be >= 1, got {self.chunk}, {self.token_stride}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": METHOD, "damp": self.damp, "chunk": self.chunk, "token_stride": self.token_stride}
+
+
+def node_path(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+def consumer_slice(u: Units) -> Slice | None:
+    """The slice of ``u`` whose rows feed the branch output (re-fitted), or None."""
+    return next((s for s in u.slices if s.consumer), None)
+
+
+def gram_stats(tree: Tree, stats: dict[tuple, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
+    """The consumer Grams sown during calibration, by (node, units kind); groups without one are absent."""
+    out = {}
+    for n in tree.spec.nodes():
+        for u in n.units:
+            g = stats.get((*node_path(n.name), GRAM_PREFIX + u.kind))
+            if g is not None and consumer_slice(u) is not None:
+                out[(n.name, u.kind)] = np.asarray(g, np.float64)
+    return out
+
+
+def _damp(g: np.ndarray, damp: float) -> np.ndarray:
+    """lam per batch entry: ``damp * mean(diag)`` (a tiny floor keeps an all-zero Gram invertible)."""
+    d = np.mean(np.diagonal(g, axis1=-2, axis2=-1), axis=-1)
+    return damp * d + 1e-12 * (1.0 + np.max(np.abs(d)))
+
+
+def _rows(w: np.ndarray, axis: int) -> np.ndarray:
+    """Consumer parameter -> (batch, N, rest): the consumer axis second, a leading batch of 1 if none."""
+    if axis == 0:
+        return w.reshape(1, w.shape[0], -1)
+    if axis == 1:
+        return w.reshape(w.shape[0], w.shape[1], -1)
+    raise ValueError(f"consumer axis {axis} not supported (0, or 1 with a leading expert axis)")
+
+
+def refit(g: np.ndarray, w: np.ndarray, ids: np.ndarray, group: int, axis: int, damp: float) -> np.ndarray:
+    """Re-fitted consumer rows of the kept units ``ids`` (in the given sequence), float64.
+
+    ``g``: (N, N) or (B, N, N) Gram of the consumer input in the numbering of ``w``; ``w``: the FULL
+    consumer parameter, its input rows on ``axis`` (0; or 1 after a leading batch/expert axis of size B);
+    returns ``w`` with that axis reduced to the kept rows, ``len(ids) * group`` of them."""
+    w64 = _rows(np.asarray(w, np.float64), axis)  # [B, N, D]
+    gb = g if g.ndim == 3 else g[None]
+    if gb.shape[0] != w64.shape[0] or gb.shape[1] != w64.shape[1]:
+        raise ValueError(f"Gram of shape {g.shape} does not match consumer of shape {w.shape} on axis {axis}")
+    el = (np.asarray(ids, np.int64)[:, None] * group + np.arange(group)[None, :]).reshape(-1)  # [k*group]
+    lam = _damp(gb, damp)
+    if _accelerate(gb.shape):
+        out = np.asarray(_refit_device(gb, w64, el, lam), np.float64)
+    else:
+        out = np.empty((w64.shape[0], len(el), w64.shape[2]))
+        for b in range(w64.shape[0]):
+            a = gb[b][np.ix_(el, el)] + lam[b] * np.eye(len(el))
+            rhs = gb[b][el] @ w64[b] + lam[b] * w64[b][el]
+            out[b] = _solve_psd(a, rhs)
+    shape = list(w.shape)
+    shape[axis] = len(el)
+    return out.reshape(shape)
+
+
+# Wide groups (a 10240-channel FFN, 64 experts x 3072 channels) run on the default JAX device in float32: the
+# float64 host loop needs minutes per such group. Below this many Gram entries the host path is exact and fast.
+ACCELERATE_ABOVE = 4096**2
+
+
+def _accelerate(shape: tuple[int, ...]) -> bool:
+    """Whether a (B, N, N) Gram takes the on-device float32 path (set ACCELERATE_ABOVE to force either)."""
+    return int(np.prod(shape)) > ACCELERATE_ABOVE
+
+
+def _refit_device(g: np.ndarray, w: np.ndarray, el: np.ndarray, lam: np.ndarray) -> Any:
+    """:func:`refit` for a batch on the default JAX device (float32, Cholesky)."""
+    import jax.numpy as jnp
+
+    return _refit_jit(jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(el), jnp.asarray(lam))
+
+
+def _refit_body(g: Any, w: Any, el: Any, lam: Any) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    def one(gb: Any, wb: Any, lb: Any) -> Any:
+        a = gb[el][:, el] + lb * jnp.eye(el.shape[0], dtype=gb.dtype)  # [k, k]
+        rhs = gb[el] @ wb + lb * wb[el]  # [k, D]
+        c = jax.scipy.linalg.cho_factor(a, lower=True)
+        return jax.scipy.linalg.cho_solve(c, rhs)
+
+    hp = jax.default_matmul_precision("highest")
+    with hp:
+        return jax.lax.map(lambda t: one(*t), (g, w, lam.astype(g.dtype)))
+
+
+def _lazy_jit(fn: Any, **kw: Any) -> Any:
+    """``jax.jit(fn)`` built on first use (importing this module stays free of JAX work)."""
+    cache: list = []
+
+    def call(*a: Any) -> Any:
+        if not cache:
+            import jax
+
+            cache.append(jax.jit(fn, **kw))
+        return cache[0](*a)
+
+    return call
+
+
+_refit_jit = _lazy_jit(_refit_body)
+
+
+def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        c = np.linalg.cholesky(a)
+        return np.linalg.solve(c.T, np.linalg.solve(c, b))
+    except np.linalg.LinAlgError:  # numerically semi-definite: least squares is still well defined
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def obs_order(g: np.ndarray, w: np.ndarray, group: int, axis: int, damp: float, chunk: int = 64) -> tuple:
+    """Greedy structured-OBS removal over the units of one group.
+
+    Returns ``(order, scores)``: unit ids most important first (the reverse of the removal order), and per
+    unit (original numbering) the output error its removal added, summed over a batched Gram's entries.
+    The error of keeping the first ``k`` of ``order`` (with the re-fit) is the sum of the scores of the others.
+    """
+    w64 = _rows(np.asarray(w, np.float64), axis)  # [B, N, D]
+    gb = g if g.ndim == 3 else g[None]
+    nb, ne, _ = w64.shape
+    n = ne // group
+    lam = _damp(gb, damp)
+    if _accelerate(gb.shape):
+        return _obs_order_device(gb, w64, lam, group, chunk)
+    hinv = np.stack([np.linalg.inv(gb[b] + lam[b] * np.eye(ne)) for b in range(nb)])  # [B, N, N]
+    hinv = 0.5 * (hinv + np.transpose(hinv, (0, 2, 1)))
+    wk = w64.copy()
+    alive = np.ones(n, bool)
+    removed: list[int] = []
+    scores = np.zeros(n)
+    while alive.sum() > 0:
+        units = np.flatnonzero(alive)
+        err = _unit_errors(hinv, wk, units, group)  # [len(units)]
+        take = max(1, len(units) // chunk) if len(units) > chunk else 1
+        pick = units[np.argsort(err, kind="stable")[:take]]
+        if take == 1:
+            scores[pick[0]] = err[np.argsort(err, kind="stable")[0]]
+        else:  # a chunk: the joint error, shared in proportion to the single-unit errors
+            joint = _joint_error(hinv, wk, pick, group)
+            single = err[np.argsort(err, kind="stable")[:take]]
+            scores[pick] = joint * single / max(single.sum(), 1e-300) if single.sum() > 0 else joint / take
+        _remove(hinv, wk, pick, group)
+        alive[pick] = False
+        removed.extend(int(p) for p in pick)
+    return np.asarray(removed[::-1], np.int64), scores
+
+
+def _obs_order_device(g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int, chunk: int) -> tuple:
+    """:func:`obs_order` on the default JAX device in float32: the same greedy removal and OBS updates, one
+    jitted step per removal (chunks rounded down to a power of two, so a few step shapes compile)."""
+    import jax.numpy as jnp
+
+    n = g.shape[1] // group
+    hinv = _obs_init_jit(jnp.asarray(g, jnp.float32), jnp.asarray(lam, jnp.float32))
+    wk = jnp.asarray(w, jnp.float32)
+    alive = jnp.ones(n, bool)
+    removed: list[int] = []
+    scores = np.zeros(n)
+    left = n
+    while left > 0:
+        want = max(1, left // chunk) if left > chunk else 1
+        take = 1 << (want.bit_length() - 1)  # a power of two <= want
+        hinv, wk, alive, pick, err, joint = _obs_step_jit(hinv, wk, alive, group, take)
+        pick, err = np.asarray(pick), np.asarray(err, np.float64)
+        joint = float(joint)
+        scores[pick] = err if take == 1 else (joint * err / err.sum() if err.sum() > 0 else joint / take)
+        removed.extend(int(p) for p in pick)
+        left -= take
+    return np.asarray(removed[::-1], np.int64), scores
+
+
+def _obs_init(g: Any, lam: Any) -> tuple:
+    import jax
+    import jax.numpy as jnp
+
+    eye = jnp.eye(g.shape[1], dtype=g.dtype)
+    with jax.default_matmul_precision("highest"):
+        hinv = jnp.linalg.inv(g + lam[:, None, None] * eye)
+    return 0.5 * (hinv + jnp.swapaxes(hinv, 1, 2))
+
+
+def _obs_step(hinv: Any, w: Any, alive: Any, group: int, take: int) -> tuple:
+    """One greedy OBS removal of the ``take`` alive units with the least single-unit error (traced)."""
+    import jax
+    import jax.numpy as jnp
+
+    nb, ne, _ = hinv.shape
+    n = ne // group
+    with jax.default_matmul_precision("highest"):
+        if group == 1:
+            d = jnp.diagonal(hinv, axis1=1, axis2=2)  # [B, N]
+            err = jnp.sum(jnp.sum(jnp.square(w), -1) / jnp.maximum(d, 1e-30), axis=0)  # [N]
+        else:
+            h5 = hinv.reshape(nb, n, group, n, group)
+            blocks = h5[:, jnp.arange(n), :, jnp.arange(n), :]  # [n, B, g, g]: each unit's diagonal block
+            ws = w.reshape(nb, n, group, -1)  # [B, n, g, D]
+            sol = jnp.linalg.solve(blocks, jnp.swapaxes(ws, 0, 1))  # [n, B, g, D]
+            err = jnp.einsum("nbgd,bngd->n", sol, ws)
+        err = jnp.where(alive, err, jnp.inf)
+        neg, pick = jax.lax.top_k(-err, take)
+        el = (pick[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)  # [s]
+        h_s = hinv[:, :, el]  # [B, N, s]
+        inv_ss = jnp.linalg.inv(h_s[:, el, :])  # [B, s, s]
+        w_s = w[:, el, :]  # [B, s, D]
+        joint = jnp.sum(w_s * (inv_ss @ w_s))
+        w = w - h_s @ (inv_ss @ w_s)
+        hinv = hinv - h_s @ inv_ss @ jnp.swapaxes(h_s, 1, 2)
+    w = w.at[:, el, :].set(0.0)
+    hinv = hinv.at[:, el, :].set(0.0).at[:, :, el].set(0.0).at[:, el, el].set(1.0)
+    return hinv, w, alive.at[pick].set(False), pick, -neg, joint
+
+
+_obs_init_jit = _lazy_jit(_obs_init)
+_obs_step_jit = _lazy_jit(_obs_step, static_argnums=(3, 4), donate_argnums=(0, 1))
+
+
+def _elements(units: np.ndarray, group: int) -> np.ndarray:
+    return (np.asarray(units)[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+
+
+def _unit_errors(hinv: np.ndarray, w: np.ndarray, units: np.ndarray, group: int) -> np.ndarray:
+    """Per alive unit: ``sum_b tr(W_S^T (H^-1_SS)^-1 W_S)`` for S = that unit's rows."""
+    if group == 1:
+        d = np.diagonal(hinv, axis1=1, axis2=2)[:, units]  # [B, U]
+        num = np.sum(np.square(w[:, units, :]), axis=-1)  # [B, U]
+        return np.sum(num / np.maximum(d, 1e-300), axis=0)
+    el = _elements(units, group).reshape(len(units), group)  # [U, g]
+    out = np.zeros(len(units))
+    for b in range(hinv.shape[0]):
+        blk = hinv[b][el[:, :, None], el[:, None, :]]  # [U, g, g]
+        ws = w[b][el]  # [U, g, D]
+        sol = np.linalg.solve(blk, ws)  # (H^-1_SS)^-1 W_S
+        out += np.einsum("ugd,ugd->u", ws, sol)
+    return out
+
+
+def _joint_error(hinv: np.ndarray, w: np.ndarray, units: np.ndarray, group: int) -> float:
+    el = _elements(units, group)
+    tot = 0.0
+    for b in range(hinv.shape[0]):
+        ws = w[b][el]
+        tot += float(np.sum(ws * np.linalg.solve(hinv[b][np.ix_(el, el)], ws)))
+    return tot
+
+
+def _remove(hinv: np.ndarray, w: np.ndarray, units: np.ndarray, group: int) -> None:
+    """OBS updates (in place) after removing ``units``: the others absorb the removed rows' output."""
+    el = _elements(units, group)
+    for b in range(hinv.shape[0]):
+        h_s = hinv[b][:, el]  # [N, s]
+        inv_ss = np.linalg.inv(hinv[b][np.ix_(el, el)])
+        w[b] -= h_s @ (inv_ss @ w[b][el])
+        hinv[b] -= h_s @ inv_ss @ h_s.T
+        w[b][el] = 0.0
+        hinv[b][el, :] = 0.0
+        hinv[b][:, el] = 0.0
+        hinv[b][el, el] = 1.0  # removed: inert (never picked again, keeps the matrix invertible)
+
+
+@dataclass
+class Compensation:
+    """Consumer Grams by (node, units kind), in the numbering of the model they belong to."""
+
+    grams: dict[tuple[str, str], np.ndarray]
+    config: CompensationConfig = field(default_factory=CompensationConfig)
+
+    def consumers(self, tree: Tree) -> dict[PathT, tuple[str, str, Units, Slice]]:
+        """Consumer parameter path -> (node, kind, units, slice), for the groups with a Gram."""
+        out = {}
+        for n in tree.spec.nodes():
+            for u in n.units:
+                s = consumer_slice(u)
+                if s is not None and (n.name, u.kind) in self.grams:
+                    out[s.path] = (n.name, u.kind, u, s)
+        return out
+
+    def orders(self, tree: Tree, params: dict[PathT, Any]) -> tuple[dict, dict]:
+        """Greedy OBS (order, per-unit scores) for every group with a Gram; ``params``: path -> full array."""
+        order, scores = {}, {}
+        for path, (node, kind, _, s) in self.consumers(tree).items():
+            o, sc = obs_order(
+                self.grams[(node, kind)], np.asarray(params[path]), s.group, s.axis, self.config.damp, self.config.chunk
+            )
+            order[(node, kind)], scores[(node, kind)] = o, sc
+        return order, scores
+
+    def apply(self, tree: Tree, path: PathT, w: Any, ids: np.ndarray) -> np.ndarray | None:
+        """The re-fitted consumer ``path`` keeping unit ``ids`` (its consumer axis reduced), or None if
+        ``path`` is no compensated consumer."""
+        c = self.consumers(tree).get(path)
+        if c is None:
+            return None
+        node, kind, _, s = c
+        return refit(self.grams[(node, kind)], np.asarray(w), ids, s.group, s.axis, self.config.damp)
+
+    def permuted(self, tree: Tree, order: dict[tuple[str, str], np.ndarray]) -> Compensation:
+        """These Grams in the numbering of a model permuted by ``order`` (:func:`tmp_jax.materialize.permute`).
+
+        A batched (per-expert) Gram is also permuted along its batch axis by the order of the node's group
+        that slices the consumer's axis 0 (the experts): expert ``e`` of the permuted model is ``order[e]``."""
+        out = {}
+        for key, g in self.grams.items():
+            s = consumer_slice(tree.units(*key))
+            o = order.get(key)
+            if o is not None:
+                el = _elements(np.asarray(o), s.group)
+                g = g[..., el, :][..., :, el]
+            if g.ndim == 3:
+                for n in tree.spec.nodes():
+                    if n.name != key[0]:
+                        continue
+                    for u in n.units:
+                        if u.kind != key[1] and (n.name, u.kind) in order:
+                            if any(x.path == s.path and x.axis == 0 for x in u.slices):
+                                g = g[_elements(np.asarray(order[(n.name, u.kind)]), 1)]
+            out[key] = g
+        return Compensation(out, self.config)
+
+    def level_weights(self, tree: Tree, params: dict[PathT, Any], dtype: Any = None) -> dict[tuple[PathT, int], Any]:
+        """(consumer path, kept units k) -> the re-fitted consumer at FULL shape for every level of every
+        gene acting on it (rows past the kept prefix zero), for a PERMUTED model (kept = prefix)."""
+        import jax.numpy as jnp
+
+        counts: dict[tuple[str, str], set[int]] = {}
+        for gene in tree.genes:
+            for m in gene.members or (gene.node,):
+                if (m, gene.kind) in self.grams:
+                    counts.setdefault((m, gene.kind), set()).update(c for c in gene.counts if c > 0)
+        out = {}
+        for path, (node, kind, u, s) in self.consumers(tree).items():
+            w = np.asarray(params[path])
+            for k in sorted(counts.get((node, kind), ())):
+                if k >= u.n:
+                    continue  # full width: the re-fit is the identity (see the module docstring)
+                r = self.apply(tree, path, w, np.arange(k))
+                full = np.zeros(w.shape, np.float64)
+                idx = [slice(None)] * w.ndim
+                idx[s.axis] = slice(0, k * s.group)
+                full[tuple(idx)] = r
+                out[(path, k)] = jnp.asarray(full, dtype or w.dtype)
+        return out
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict[str, str] | None = None) -> str:
+        """Write the Grams (float32 safetensors, atomically); returns the file's sha256."""
+        from safetensors.numpy import save_file
+
+        from tmp_jax.calibration import _atomic_write
+
+        path = Path(path)
+        arrays = {f"{n}/{k}": np.ascontiguousarray(g, np.float32) for (n, k), g in sorted(self.grams.items())}
+        meta = {"config": json.dumps(self.config.to_json()), **(extra or {})}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(arrays, str(tmp), metadata=meta)
+        data = tmp.read_bytes()
+        tmp.unlink()
+        _atomic_write(path, data)
+        return hashlib.sha256(data).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | Path, config: CompensationConfig, sha256: str | None = None) -> Compensation:
+        """Read a Gram file written by :meth:`save` (safetensors only); ``sha256`` checks it is the one a plan
+        was made with."""
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: compensation statistics file missing (written by tmp_jax.search)")
+        if sha256 is not None:
+            got = hashlib.sha256(path.read_bytes()).hexdigest()
+            if got != sha256:
+                raise ValueError(f"{path}: sha256 {got[:12]}... differs from the plan's {sha256[:12]}... (another run)")
+        grams = {}
+        for key, v in load_file(str(path)).items():
+            node, _, kind = key.rpartition("/")
+            if not node:
+                raise ValueError(f"{path}: key {key!r} is not 'node/kind'")
+            grams[(node, kind)] = np.asarray(v, np.float64)
+        return cls(grams, config)
+
+
+def from_plan(plan: dict[str, Any], plan_path: str | Path) -> Compensation | None:
+    """The compensation a plan was searched with (its Gram file next to the plan, sha256-checked), or None
+    for a plan made with ``--no-compensate``. One-line errors name the plan and what is wrong."""
+    rec = plan.get("compensation")
+    if rec is None:
+        return None
+    p = Path(plan_path)
+    if not isinstance(rec, dict) or rec.get("method") != METHOD or "stats" not in rec:
+        raise ValueError(f"{p}: 'compensation' must record method {METHOD!r} and its 'stats' file, got {rec!r}")
+    try:
+        cfg = CompensationConfig(
+            damp=float(rec.get("damp", 0.01)),
+            chunk=int(rec.get("chunk", 64)),
+            token_stride=int(rec.get("token_stride", 1)),
+        )
+    except (TypeError, ValueError):
+        raise ValueError(f"{p}: 'compensation' damp / chunk must be numbers, got {rec!r}") from None
+    return Compensation.load(p.parent / str(rec["stats"]), cfg, sha256=rec.get("stats_sha256"))
