@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 from tmp_jax import arch
-from tmp_jax.calibration import Calibration, _node_path
+from tmp_jax.calibration import Calibration
 from tmp_jax.materialize import prefix_shapes, slice_plan
 from tmp_jax.models.hunyuan_image3 import TINY as H_TINY
 from tmp_jax.models.z_image import TINY as Z_TINY
 from tmp_jax.problem import PruningProblem
 from tmp_jax.tree import Tree
+from tmp_jax.tree import node_path as _node_path
 
 # HunyuanImage: 4 KV groups of 2 query heads, 6 experts of width 16 (top-2), shared width 32.
 H_CFG = H_TINY.replace(

@@ -14,24 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_candidate_eval import H_CFG  # 4 KV groups of 2 heads, 6 experts of width 16, top-2
 
 from tmp_jax import arch
 from tmp_jax.calibration import calibrate
 from tmp_jax.compensate import Compensation, CompensationConfig, obs_order, refit
-from tmp_jax.models.hunyuan_image3 import TINY as H_TINY
 from tmp_jax.models.z_image import TINY as Z_TINY
 from tmp_jax.problem import PruningProblem
 
 LEVELS = {"fractions": [0.5, 1.0]}
-H_CFG = H_TINY.replace(
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    num_experts=6,
-    moe_topk=2,
-    moe_intermediate_size=16,
-    num_shared_expert=2,
-    vae={"latent_channels": 4},
-)
 
 
 def _planted(rng: np.random.Generator, t: int = 400, n: int = 12, d: int = 6, group: int = 1):
@@ -68,6 +59,12 @@ def test_obs_error_matches_refit_and_is_monotone():
         np.testing.assert_allclose(e, scores[order[k:]].sum(), rtol=1e-6, atol=1e-6 * np.sum(y**2))
         errs.append(e)
     assert all(b >= a - 1e-9 for a, b in zip(errs, errs[1:]))  # fewer units kept -> never less error
+    # the OBS pass's own snapshots are the re-fits of its levels (what the search swaps in), removed rows zero
+    o2, _, snaps = obs_order(g, w, 1, 0, damp=1e-3, snapshots=(3, 8, 12))
+    assert sorted(snaps) == [3, 8, 12]
+    for k, snap in snaps.items():
+        np.testing.assert_allclose(snap[o2[:k]], refit(g, w, o2[:k], 1, 0, 1e-3), rtol=1e-8, atol=1e-10)
+        assert not snap[o2[k:]].any()
     # full keep is the identity, whatever the damping
     np.testing.assert_allclose(refit(g, w, np.arange(16), 1, 0, 0.1), w, atol=1e-10)
     # a batched (per-expert) Gram re-fits each entry with its own Gram
@@ -157,7 +154,7 @@ def comp_prob(request):
 
 
 def test_fast_eval_equals_materialised_refit(comp_prob):
-    from tests.test_candidate_eval import _genomes
+    from test_candidate_eval import _genomes
 
     prob = comp_prob
     assert prob.refits, "no re-fitted consumers precomputed"
@@ -227,7 +224,10 @@ def test_device_path_agrees_with_host_path(monkeypatch, group, batch):
     w = rng.standard_normal((batch, n * group, 5))
     o_host, s_host = obs_order(g, w, group, 1, 1e-3, chunk=8)
     monkeypatch.setattr(cm, "ACCELERATE_ABOVE", 0)
-    o_dev, s_dev = obs_order(g, w, group, 1, 1e-3, chunk=8)
+    o_dev, s_dev, snaps = obs_order(g, w, group, 1, 1e-3, chunk=8, snapshots=(10,))
+    el = (o_dev[:10, None] * group + np.arange(group)).ravel()
+    r_snap = refit(g, w, o_dev[:10], group, 1, 1e-3)  # (device path too)
+    np.testing.assert_allclose(snaps[10][:, el], r_snap, rtol=1e-3, atol=1e-4)
     r_dev = refit(g, w, o_host[:10], group, 1, 1e-3)
     monkeypatch.setattr(cm, "ACCELERATE_ABOVE", 1 << 62)
     np.testing.assert_allclose(r_dev, refit(g, w, o_host[:10], group, 1, 1e-3), rtol=1e-3, atol=1e-4)

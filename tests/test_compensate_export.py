@@ -35,8 +35,15 @@ def _order(plan: dict, tree) -> dict:
 
 
 def _search(folder, out, strategy: str = "oneshot", budget: str = "75%"):
+    """The search engine on a compensated problem (the CLI's default), without the all-levels warm-up (the
+    one-shot strategies evaluate a candidate or two: only their shapes compile)."""
+    from tmp_jax.compensate import CompensationConfig
+    from tmp_jax.problem import build_problem
+
+    problem = build_problem(str(folder), compensation=CompensationConfig())
+    problem.warmup = None
     cfg = SearchConfig(budget=budget, model=str(folder), strategy=strategy, out=str(out), progress=False, summary=False)
-    res = search(cfg)
+    res = search(cfg, problem=problem)
     return res.plan_paths[0]
 
 

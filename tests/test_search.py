@@ -333,7 +333,8 @@ def _real_problem():
     The calibration statistics are synthetic (running calibration would compile the statistics
     forward: ~20 s on CI); the teacher outputs are real."""
     problem_mod = pytest.importorskip("tmp_jax.problem")
-    from tmp_jax.calibration import Calibration, _node_path
+    from tmp_jax.calibration import Calibration
+    from tmp_jax.tree import node_path as _node_path
 
     hooks = arch.get("zimage")
     model = fast_random_model(TINY)

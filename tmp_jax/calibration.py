@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tmp_jax import arch
 from tmp_jax.stats import set_grams
-from tmp_jax.tree import Tree
+from tmp_jax.tree import Tree, node_path
 
 FORMAT_VERSION = 1
 GRAMS_SAVE_EVERY_S = 300.0  # calibration with consumer Grams writes its resume state at most this often
@@ -457,10 +457,6 @@ def _arch_of(model: Any) -> str:
 # Importance
 
 
-def _node_path(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
-
-
 def importance(tree: Tree, stats: dict[tuple, np.ndarray], commensurate: bool = True) -> tuple[dict, dict]:
     """Per-unit scores {(node, kind): (n,)} and per-droppable-node scores {node: float}.
 
@@ -476,7 +472,7 @@ def importance(tree: Tree, stats: dict[tuple, np.ndarray], commensurate: bool = 
     units: dict[tuple[str, str], np.ndarray] = {}
     blocks: dict[str, float] = {}
     for n in tree.spec.nodes():
-        base = _node_path(n.name)
+        base = node_path(n.name)
         for u in n.units:
             v = stats.get((*base, f"unit_stat_{u.kind}"), stats.get((*base, "unit_stat")))
             if v is None:

@@ -22,7 +22,7 @@ sums) is the OBS error of that level.
 
 Everything here works in "the numbering of the model at hand": :meth:`Compensation.permuted` maps the
 Grams into a permuted model's numbering (the search evaluates candidates on the importance-permuted
-teacher), and :meth:`level_weights` precomputes, per (consumer parameter, kept count), the re-fitted
+teacher), and :meth:`level_refits` precomputes, per (consumer parameter, kept count), the re-fitted
 consumer at FULL shape (rows past the kept prefix zero), so a candidate swaps that array in for the
 teacher's and the per-width compiled functions are reused unchanged.
 """
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tmp_jax.tree import PathT, Slice, Tree, Units
+from tmp_jax.tree import PathT, Slice, Tree, Units, node_path
 
 METHOD = "obs-lsq"  # greedy structured-OBS order + damped least-squares re-fit of the consumer
 GRAM_PREFIX = "gram_"
@@ -62,10 +62,6 @@ class CompensationConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {"method": METHOD, "damp": self.damp, "chunk": self.chunk, "token_stride": self.token_stride}
-
-
-def node_path(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
 def consumer_slice(u: Units) -> Slice | None:
@@ -181,30 +177,51 @@ def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
-def obs_order(g: np.ndarray, w: np.ndarray, group: int, axis: int, damp: float, chunk: int = 64) -> tuple:
+def obs_order(
+    g: np.ndarray,
+    w: np.ndarray,
+    group: int,
+    axis: int,
+    damp: float,
+    chunk: int = 64,
+    snapshots: tuple[int, ...] = (),
+) -> tuple:
     """Greedy structured-OBS removal over the units of one group.
 
     Returns ``(order, scores)``: unit ids most important first (the reverse of the removal order), and per
     unit (original numbering) the output error its removal added, summed over a batched Gram's entries.
     The error of keeping the first ``k`` of ``order`` (with the re-fit) is the sum of the scores of the others.
+
+    ``snapshots``: kept counts ``k`` at which the OBS-updated consumer is also returned, as a third item
+    ``{k: array}`` (``w``'s shape, removed rows zero). The OBS update solves the same damped least squares as
+    :func:`refit` (``min ||X W - X_K W'||^2 + lam ||W' - W_K||^2``), so each snapshot's kept rows are the re-fit
+    of keeping ``order[:k]``, with no solve of its own; the removal steps stop exactly at every such ``k``.
     """
     w64 = _rows(np.asarray(w, np.float64), axis)  # [B, N, D]
     gb = g if g.ndim == 3 else g[None]
     nb, ne, _ = w64.shape
     n = ne // group
     lam = _damp(gb, damp)
+    stops = sorted({int(k) for k in snapshots if 0 < int(k) < n}, reverse=True)
     if _accelerate(gb.shape):
-        return _obs_order_device(gb, w64, lam, group, chunk)
+        order, scores, snaps = _obs_order_device(gb, w64, lam, group, chunk, stops)
+        snaps = {k: np.asarray(v, np.float64).reshape(w.shape) for k, v in snaps.items()}
+        return (order, scores, snaps) if snapshots else (order, scores)
     hinv = np.stack([np.linalg.inv(gb[b] + lam[b] * np.eye(ne)) for b in range(nb)])  # [B, N, N]
     hinv = 0.5 * (hinv + np.transpose(hinv, (0, 2, 1)))
     wk = w64.copy()
     alive = np.ones(n, bool)
     removed: list[int] = []
     scores = np.zeros(n)
+    snaps: dict[int, np.ndarray] = {}
     while alive.sum() > 0:
         units = np.flatnonzero(alive)
+        if stops and len(units) == stops[0]:
+            snaps[stops.pop(0)] = wk.copy().reshape(w.shape)
         err = _unit_errors(hinv, wk, units, group)  # [len(units)]
         take = max(1, len(units) // chunk) if len(units) > chunk else 1
+        if stops:  # never step past a snapshot
+            take = min(take, len(units) - stops[0])
         pick = units[np.argsort(err, kind="stable")[:take]]
         if take == 1:
             scores[pick[0]] = err[np.argsort(err, kind="stable")[0]]
@@ -215,12 +232,14 @@ def obs_order(g: np.ndarray, w: np.ndarray, group: int, axis: int, damp: float, 
         _remove(hinv, wk, pick, group)
         alive[pick] = False
         removed.extend(int(p) for p in pick)
-    return np.asarray(removed[::-1], np.int64), scores
+    order = np.asarray(removed[::-1], np.int64)
+    return (order, scores, snaps) if snapshots else (order, scores)
 
 
-def _obs_order_device(g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int, chunk: int) -> tuple:
+def _obs_order_device(g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int, chunk: int, stops: list[int]) -> tuple:
     """:func:`obs_order` on the default JAX device in float32: the same greedy removal and OBS updates, one
-    jitted step per removal (chunks rounded down to a power of two, so a few step shapes compile)."""
+    jitted step per removal (chunks rounded down to a power of two, so a few step shapes compile); snapshots
+    at the kept counts ``stops`` (descending) stay on the device."""
     import jax.numpy as jnp
 
     n = g.shape[1] // group
@@ -229,9 +248,14 @@ def _obs_order_device(g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int,
     alive = jnp.ones(n, bool)
     removed: list[int] = []
     scores = np.zeros(n)
+    snaps: dict[int, Any] = {}
     left = n
     while left > 0:
+        if stops and left == stops[0]:
+            snaps[stops.pop(0)] = wk + 0.0  # a copy: the step donates wk
         want = max(1, left // chunk) if left > chunk else 1
+        if stops:  # never step past a snapshot
+            want = min(want, left - stops[0])
         take = 1 << (want.bit_length() - 1)  # a power of two <= want
         hinv, wk, alive, pick, err, joint = _obs_step_jit(hinv, wk, alive, group, take)
         pick, err = np.asarray(pick), np.asarray(err, np.float64)
@@ -239,7 +263,7 @@ def _obs_order_device(g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int,
         scores[pick] = err if take == 1 else (joint * err / err.sum() if err.sum() > 0 else joint / take)
         removed.extend(int(p) for p in pick)
         left -= take
-    return np.asarray(removed[::-1], np.int64), scores
+    return np.asarray(removed[::-1], np.int64), scores, snaps
 
 
 def _obs_init(g: Any, lam: Any) -> tuple:
@@ -347,15 +371,30 @@ class Compensation:
                     out[s.path] = (n.name, u.kind, u, s)
         return out
 
-    def orders(self, tree: Tree, params: dict[PathT, Any]) -> tuple[dict, dict]:
-        """Greedy OBS (order, per-unit scores) for every group with a Gram; ``params``: path -> full array."""
-        order, scores = {}, {}
+    def orders(self, tree: Tree, params: dict[PathT, Any]) -> tuple[dict, dict, dict]:
+        """Greedy OBS for every group with a Gram; ``params``: path -> full array (this numbering).
+
+        Returns ``(order, scores, snapshots)``: per (node, kind) the unit order and scores of :func:`obs_order`,
+        and ``{k: re-fitted consumer}`` at every kept count ``k`` below full of the genes acting on the group
+        (the OBS pass's own updates: :func:`obs_order` ``snapshots``)."""
+        counts = self.level_counts(tree)
+        order, scores, snaps = {}, {}, {}
         for path, (node, kind, _, s) in self.consumers(tree).items():
-            o, sc = obs_order(
-                self.grams[(node, kind)], np.asarray(params[path]), s.group, s.axis, self.config.damp, self.config.chunk
-            )
-            order[(node, kind)], scores[(node, kind)] = o, sc
-        return order, scores
+            w, g = np.asarray(params[path]), self.grams[(node, kind)]
+            ks = tuple(counts.get((node, kind), ())) or (0,)  # (0,): none wanted, still the 3-tuple form
+            o, sc, sn = obs_order(g, w, s.group, s.axis, self.config.damp, self.config.chunk, ks)
+            order[(node, kind)], scores[(node, kind)], snaps[(node, kind)] = o, sc, sn
+        return order, scores, snaps
+
+    def level_counts(self, tree: Tree) -> dict[tuple[str, str], list[int]]:
+        """Kept counts below full, per (node, kind) with a Gram, of the genes acting on it."""
+        counts: dict[tuple[str, str], set[int]] = {}
+        for gene in tree.genes:
+            for m in gene.members or (gene.node,):
+                if (m, gene.kind) in self.grams:
+                    n = tree.units(m, gene.kind).n
+                    counts.setdefault((m, gene.kind), set()).update(c for c in gene.counts if 0 < c < n)
+        return {k: sorted(v) for k, v in counts.items()}
 
     def apply(self, tree: Tree, path: PathT, w: Any, ids: np.ndarray) -> np.ndarray | None:
         """The re-fitted consumer ``path`` keeping unit ``ids`` (its consumer axis reduced), or None if
@@ -378,39 +417,22 @@ class Compensation:
             if o is not None:
                 el = _elements(np.asarray(o), s.group)
                 g = g[..., el, :][..., :, el]
-            if g.ndim == 3:
-                for n in tree.spec.nodes():
-                    if n.name != key[0]:
-                        continue
-                    for u in n.units:
-                        if u.kind != key[1] and (n.name, u.kind) in order:
-                            if any(x.path == s.path and x.axis == 0 for x in u.slices):
-                                g = g[_elements(np.asarray(order[(n.name, u.kind)]), 1)]
-            out[key] = g
+            bo = _batch_order(tree, *key, s, order) if g.ndim == 3 else None
+            out[key] = g[bo] if bo is not None else g
         return Compensation(out, self.config)
 
-    def level_weights(self, tree: Tree, params: dict[PathT, Any], dtype: Any = None) -> dict[tuple[PathT, int], Any]:
-        """(consumer path, kept units k) -> the re-fitted consumer at FULL shape for every level of every
-        gene acting on it (rows past the kept prefix zero), for a PERMUTED model (kept = prefix)."""
+    def level_refits(
+        self, tree: Tree, snapshots: dict[tuple[str, str], dict[int, np.ndarray]], order: dict, dtype: Any
+    ) -> dict[tuple[PathT, int], Any]:
+        """(consumer path, kept units k) -> the re-fitted consumer at FULL shape in the numbering of the model
+        permuted by ``order`` (kept = a prefix; rows past it zero), from :meth:`orders`' snapshots (this
+        Compensation's numbering): what the search swaps in per candidate width, on the default device."""
         import jax.numpy as jnp
 
-        counts: dict[tuple[str, str], set[int]] = {}
-        for gene in tree.genes:
-            for m in gene.members or (gene.node,):
-                if (m, gene.kind) in self.grams:
-                    counts.setdefault((m, gene.kind), set()).update(c for c in gene.counts if c > 0)
         out = {}
-        for path, (node, kind, u, s) in self.consumers(tree).items():
-            w = np.asarray(params[path])
-            for k in sorted(counts.get((node, kind), ())):
-                if k >= u.n:
-                    continue  # full width: the re-fit is the identity (see the module docstring)
-                r = self.apply(tree, path, w, np.arange(k))
-                full = np.zeros(w.shape, np.float64)
-                idx = [slice(None)] * w.ndim
-                idx[s.axis] = slice(0, k * s.group)
-                full[tuple(idx)] = r
-                out[(path, k)] = jnp.asarray(full, dtype or w.dtype)
+        for path, (node, kind, _, s) in self.consumers(tree).items():
+            for k, snap in snapshots.get((node, kind), {}).items():
+                out[(path, k)] = jnp.asarray(_permute_consumer(tree, node, kind, s, snap, order), dtype)
         return out
 
     # -- files -------------------------------------------------------------------------------------
@@ -450,6 +472,26 @@ class Compensation:
                 raise ValueError(f"{path}: key {key!r} is not 'node/kind'")
             grams[(node, kind)] = np.asarray(v, np.float64)
         return cls(grams, config)
+
+
+def _batch_order(tree: Tree, node: str, kind: str, s: Slice, order: dict) -> np.ndarray | None:
+    """The order of the node's other group that slices the consumer's axis 0 (the experts), if any."""
+    for n in tree.spec.nodes():
+        if n.name == node:
+            for u in n.units:
+                on_axis0 = any(x.path == s.path and x.axis == 0 for x in u.slices)
+                if u.kind != kind and (node, u.kind) in order and on_axis0:
+                    return np.asarray(order[(node, u.kind)])
+    return None
+
+
+def _permute_consumer(tree: Tree, node: str, kind: str, s: Slice, w: np.ndarray, order: dict) -> np.ndarray:
+    """A consumer array (full shape) in the numbering of the model permuted by ``order``."""
+    o = order.get((node, kind))
+    if o is not None:
+        w = np.take(w, _elements(np.asarray(o), s.group), axis=s.axis)
+    bo = _batch_order(tree, node, kind, s, order) if s.axis > 0 else None
+    return np.take(w, bo, axis=0) if bo is not None else w
 
 
 def from_plan(plan: dict[str, Any], plan_path: str | Path) -> Compensation | None:

@@ -136,7 +136,7 @@ Refits = dict[tuple[PathT, int], Any]  # (consumer parameter path, kept units) -
 
 def with_refits(state: nnx.State, src_path: Callable[[PathT], PathT], refits: Refits | None, kept: int) -> nnx.State:
     """``state`` (a sub-layer view of the PERMUTED teacher) with its consumer leaf swapped for the re-fit at
-    ``kept`` units (:meth:`tmp_jax.compensate.Compensation.level_weights`): same shape and dtype, so the
+    ``kept`` units (:meth:`tmp_jax.compensate.Compensation.level_refits`): same shape and dtype, so the
     compiled cut functions are reused; the prefix cut then takes the kept rows. No refits: ``state``."""
     if not refits:
         return state

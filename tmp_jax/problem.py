@@ -40,7 +40,7 @@ from tmp_jax.calibration import (
 )
 from tmp_jax.compensate import Compensation, CompensationConfig, gram_stats
 from tmp_jax.materialize import Refits, materialize, permute
-from tmp_jax.tree import Tree
+from tmp_jax.tree import Tree, node_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED = {"zimage-fmnist": ASSETS / "zimage-fmnist", "hunyuan-fmnist": ASSETS / "hunyuan-fmnist"}
@@ -118,7 +118,9 @@ class PruningProblem:
         self._comp_perm: Compensation | None = None  # the Grams in the permuted model's numbering
         if self.compensation is not None:
             self._comp_perm = self.compensation.permuted(self.tree, self.order)
-            self.refits = self._comp_perm.level_weights(self.tree, _params(self.model))
+            dtype = next(iter(_params(self.model, self.compensation.consumers(self.tree)).values())).dtype
+            self.refits = self.compensation.level_refits(self.tree, self._snapshots, self.order, dtype)
+            self._snapshots = {}
         self.calib = calib
         tasks = calib.tasks
         w = task_weights or calib.weights or parse_task_weights(None, tasks)
@@ -138,10 +140,10 @@ class PruningProblem:
         if not grams:
             raise ValueError("compensated pruning needs consumer Grams: calibrate with grams=True (or --no-compensate)")
         comp = Compensation(grams, cfg)
-        order, scores = comp.orders(self.tree, _params(model))
+        # the OBS pass also yields the re-fitted consumers of every level (no separate solve per level)
+        order, scores, self._snapshots = comp.orders(self.tree, _params(model, comp.consumers(self.tree)))
         for key, o in order.items():
-            node = key[0]
-            base = tuple(int(p) if p.isdigit() else p for p in node.split("."))
+            base = node_path(key[0])
             res, out = stats.get((*base, "res_energy")), stats.get((*base, "out_energy"))
             # OBS scores are consumer-output energy; scaled into energy entering the residual stream
             scale = float(res) / max(float(out), 1e-30) if res is not None and out is not None else 1.0
@@ -240,9 +242,10 @@ class PruningProblem:
         return float(sum(self.task_weights[t] * e for t, e in errs.items()))
 
 
-def _params(model: Any) -> dict[tuple, np.ndarray]:
-    """Host copies of the parameters by path (compensation works in float64 on the host)."""
-    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def _params(model: Any, paths: Any = None) -> dict[tuple, Any]:
+    """The parameters by path (device arrays; only ``paths`` when given: compensation reads the consumers)."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {tuple(p): v.get_value() for p, v in flat if paths is None or tuple(p) in paths}
 
 
 def build_problem(

@@ -339,6 +339,11 @@ class Tree:
         return self.count(self.decode(np.zeros(self.n_genes, np.int32)))
 
 
+def node_path(name: str) -> PathT:
+    """A node name (``layers.3.attention``) -> the module path its statistics are sown under."""
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
 def parse_count(text: str, full: int) -> int:
     """Parse a budget: '20B', '4B', '350M', '1.5e6', '25%', '0.25' (a fraction of ``full``)."""
     s = text.strip().replace("_", "")
