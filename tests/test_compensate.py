@@ -243,3 +243,23 @@ def test_device_path_agrees_with_host_path(monkeypatch, group, batch):
     for k in (4, 12, 20):
         assert loss(o_dev, k) <= 1.01 * loss(o_host, k) + 1e-9
     np.testing.assert_allclose(s_dev[o_dev[12:]].sum(), s_host[o_host[12:]].sum(), rtol=2e-2)
+
+
+def test_materialising_fallback_uses_the_precomputed_refits(comp_prob):
+    """Tasks without a fast path materialise each candidate: with the search's precomputed re-fits (no solve
+    per candidate), giving the same model as the solved re-fit."""
+    from test_candidate_eval import _genomes
+
+    from tmp_jax.materialize import materialize
+
+    prob = comp_prob
+    for g in _genomes(prob.tree, 3, 5)[:3]:
+        a = prob.tree.decode(g)
+        fast = materialize(prob.model, prob.tree, a, None, refits=prob.refits)
+        solved = prob.candidate(g)
+        for (path, v), (_, w) in zip(
+            nnx.to_flat_state(nnx.state(fast, nnx.Param)), nnx.to_flat_state(nnx.state(solved, nnx.Param))
+        ):
+            np.testing.assert_allclose(
+                np.asarray(v.get_value()), np.asarray(w.get_value()), rtol=1e-4, atol=1e-6, err_msg=str(path)
+            )

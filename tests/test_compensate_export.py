@@ -5,6 +5,7 @@ checked against the plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,6 +84,15 @@ def test_zimage_compensated_export_matches_diffusers(tmp_path):
     for g_pt, g_jax, g_plain in zip(torch_forward(pt, x, t, cap), small(x, t, cap), plain(x, t, cap)):
         assert rel_err(g_pt, g_jax) <= 1e-5
         assert rel_err(g_pt, g_plain) > 1e-4  # the re-fit changed the function (not a plain slice)
+
+    # distillation starts from the same re-fitted student (and from plain slices with --no-compensate)
+    from tmp_jax.distill import DistillConfig, build_pair
+
+    dcfg = DistillConfig(plan=plan_path, model=str(folder), out=tmp_path / "d", progress=False)
+    for comp_on, want in ((True, small), (False, plain)):
+        _, student, _, _ = build_pair(dataclasses.replace(dcfg, compensate=comp_on))
+        for g_s, g_w in zip(student(x, t, cap), want(x, t, cap)):
+            assert rel_err(g_s, g_w) <= 1e-6
 
     # --no-compensate: plain slices of the source
     out2 = tmp_path / "plain"

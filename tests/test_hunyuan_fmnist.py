@@ -129,6 +129,7 @@ def test_search_and_distill_end_to_end(tmp_path):
             population=4,
             progress=False,
             summary=False,
+            compensate=False,  # the plain path (compensated plans: tests/test_compensate*.py); keeps CI short
         )
     )
     plan = res.plans[0]
@@ -152,9 +153,8 @@ def test_search_and_distill_end_to_end(tmp_path):
     assert len(out["history"]) == 8 and all(np.isfinite(h[1]) for h in out["history"])
     inputs = heldout_inputs(FMNIST_CONFIG, 32, seed=0)
     gap0, gap1 = velocity_gap(student0, teacher, inputs)[0], velocity_gap(out["student"], teacher, inputs)[0]
-    # distillation lowers the held-out gap further from the compensated (re-fitted) start; measured (CPU, 32 test
-    # images): 0.0313 -> 0.0294 in 8 steps (the plain sliced start was 0.0844 -> 0.0633)
-    assert gap1 < 0.97 * gap0, (gap0, gap1)
-    assert gap0 < 0.06, gap0  # the re-fit: well below the plain start
+    # distillation recovers the pruned MoE on held-out data; measured (CPU, 32 test images): 0.0844 -> 0.0633 in 8
+    # steps (a compensated plan starts far lower: 0.0313 -> 0.0294)
+    assert gap1 < 0.9 * gap0, (gap0, gap1)
     student = load(tmp_path / "distill" / "weights")  # written in the official layout, read back
     assert student.ARCH == "hunyuan" and student.config.num_hidden_layers == out["student"].config.num_hidden_layers

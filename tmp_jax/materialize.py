@@ -161,12 +161,19 @@ def kept_first_order(tree: Tree, kept_units_json: dict[str, list[int]]) -> Order
 
 
 def materialize(
-    model: Any, tree: Tree, a: Assignment, order: Order | None = None, dtype: Any = None, comp: Any = None
+    model: Any,
+    tree: Tree,
+    a: Assignment,
+    order: Order | None = None,
+    dtype: Any = None,
+    comp: Any = None,
+    refits: Refits | None = None,
 ) -> Any:
     """A new, smaller model computing the pruned network ``a`` (weights sliced from ``model``).
 
     ``comp``: a :class:`tmp_jax.compensate.Compensation` in ``model``'s numbering: the kept consumer rows are
-    re-fitted (least squares on the calibration Grams) instead of only sliced."""
+    re-fitted (least squares on the calibration Grams) instead of only sliced. ``refits``: the precomputed
+    re-fits of a PERMUTED model (``order`` None), taken instead of solving (the search's materialising path)."""
     hooks = arch.get(tree.spec.arch)
     src_cfg = model.config
     new_cfg = hooks.pruned_config(src_cfg, tree, a)
@@ -177,12 +184,19 @@ def materialize(
     pmap = hooks.path_map(src_cfg, new_cfg)
     plan = slice_plan(tree, a, order)
     consumers = comp.consumers(tree) if comp is not None else {}
+    rows_per_unit = {
+        (s.path, s.axis): s.group for n in tree.spec.nodes() for u in n.units for s in u.slices if s.consumer
+    }
     kept = kept_units(tree, a, order) if consumers else {}
     state = nnx.state(new, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         sp = pmap(tuple(path))
         arr = _host_or_device(src[sp])
         skip = None
+        for axis, idx in plan.get(sp, []) if refits else ():
+            g = rows_per_unit.get((sp, axis))  # a consumer: its precomputed re-fit at this kept count, if any
+            if g is not None and (sp, len(idx) // g) in refits:
+                arr = refits[(sp, len(idx) // g)]  # full shape (rows past the kept prefix zero): sliced below
         if sp in consumers:  # re-fit the kept rows first (on the full consumer), then slice the other axes
             node, kind, _, s = consumers[sp]
             arr, skip = comp.apply(tree, sp, np.asarray(arr), kept[(node, kind)]), s.axis

@@ -192,7 +192,7 @@ class PruningProblem:
                 if h.forward_pruned is not None:
                     return h.forward_pruned(self.model, self.tree, a, inputs, self.refits)
                 if not built:  # the materialising fallback: one candidate per genome, shared by its tasks
-                    built.append(materialize(self.model, self.tree, a, None, comp=self._comp_perm))
+                    built.append(materialize(self.model, self.tree, a, None, refits=self.refits))
                 return h.forward(built[0], inputs)
 
             out[i] = self._error(run, n_samples)
