@@ -222,13 +222,10 @@ def obs_order(
         take = max(1, len(units) // chunk) if len(units) > chunk else 1
         if stops:  # never step past a snapshot
             take = min(take, len(units) - stops[0])
-        pick = units[np.argsort(err, kind="stable")[:take]]
-        if take == 1:
-            scores[pick[0]] = err[np.argsort(err, kind="stable")[0]]
-        else:  # a chunk: the joint error, shared in proportion to the single-unit errors
-            joint = _joint_error(hinv, wk, pick, group)
-            single = err[np.argsort(err, kind="stable")[:take]]
-            scores[pick] = joint * single / max(single.sum(), 1e-300) if single.sum() > 0 else joint / take
+        best = np.argsort(err, kind="stable")[:take]
+        pick = units[best]
+        joint = _joint_error(hinv, wk, pick, group) if take > 1 else 0.0
+        scores[pick] = _chunk_scores(err[best], joint)
         _remove(hinv, wk, pick, group)
         alive[pick] = False
         removed.extend(int(p) for p in pick)
@@ -259,8 +256,7 @@ def _obs_order_device(g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int,
         take = 1 << (want.bit_length() - 1)  # a power of two <= want
         hinv, wk, alive, pick, err, joint = _obs_step_jit(hinv, wk, alive, group, take)
         pick, err = np.asarray(pick), np.asarray(err, np.float64)
-        joint = float(joint)
-        scores[pick] = err if take == 1 else (joint * err / err.sum() if err.sum() > 0 else joint / take)
+        scores[pick] = _chunk_scores(err, float(joint))
         removed.extend(int(p) for p in pick)
         left -= take
     return np.asarray(removed[::-1], np.int64), scores, snaps
@@ -309,6 +305,15 @@ def _obs_step(hinv: Any, w: Any, alive: Any, group: int, take: int) -> tuple:
 
 _obs_init_jit = _lazy_jit(_obs_init)
 _obs_step_jit = _lazy_jit(_obs_step, static_argnums=(3, 4), donate_argnums=(0, 1))
+
+
+def _chunk_scores(single: np.ndarray, joint: float) -> np.ndarray:
+    """Scores of the units removed in one greedy step: a single unit keeps its own error; a chunk shares
+    the chunk's joint error in proportion to the single-unit errors (equally where those are all zero)."""
+    if len(single) == 1:
+        return single
+    total = float(single.sum())
+    return joint * single / total if total > 0 else np.full(len(single), joint / len(single))
 
 
 def _elements(units: np.ndarray, group: int) -> np.ndarray:
