@@ -31,6 +31,9 @@ class ArchHooks:
     forward_pruned: Callable[[Any, Any, Any, dict], Any] | None = None
     collect_stats: Callable[[Any, dict], tuple[Any, dict]] | None = None  # -> (output, {path: stat})
     compile_count: Callable[[], int] | None = None
+    # gene kinds whose level is runtime data in ``forward_pruned`` (a mask, not a slice): they never change a
+    # compiled program's shape, so the warm-up walks them at full size only (tmp_jax.problem.warmup_genomes)
+    data_kinds: frozenset[str] = frozenset()
     synthetic_calib: Callable[[Any, int, int, int], list[dict]] | None = None  # (cfg, n, batch, seed)
     load: Callable[..., Any] | None = None  # (path, dtype=, mesh=) -> model
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from tmp_jax.calibration import (
 )
 from tmp_jax.compensate import Compensation, CompensationConfig, gram_stats
 from tmp_jax.materialize import Refits, materialize, permute
+from tmp_jax.progress import progress_bar
 from tmp_jax.tree import Tree, node_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -60,13 +63,19 @@ def fingerprint(path: str | Path | None, config: dict[str, Any]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def warmup_genomes(tree: Tree) -> list[np.ndarray]:
-    """Genomes that together visit, for every node, every combination of the levels of the genes acting
-    on it (keep genes at 'keep'). Generic: a gene acts on its ``node`` and on its tied ``members``."""
+def warmup_genomes(tree: Tree, data_kinds: frozenset[str] | set[str] = frozenset()) -> list[np.ndarray]:
+    """Genomes that together visit, for every node, every combination of the levels of the SHAPE genes acting
+    on it (keep genes at 'keep'). Generic: a gene acts on its ``node`` and on its tied ``members``.
+
+    ``data_kinds``: gene kinds the evaluator takes as runtime data (``ArchHooks.data_kinds``, e.g. an expert
+    count applied as a router mask). They never change a compiled shape, so they stay at full size here: a
+    node with an expert-count and an expert-width gene needs width-many genomes, not count x width. Nodes walk
+    their combinations side by side, so the number of genomes is the largest per-node product of shape
+    levels, and the compiled programs grow with the sum of the levels over unit kinds."""
     mx = tree.max_levels()
     by_node: dict[str, list[int]] = {}
     for i, g in enumerate(tree.genes):
-        if g.kind == "keep":
+        if g.kind == "keep" or g.kind in data_kinds:
             continue
         for n in dict.fromkeys((g.node, *g.members)):
             by_node.setdefault(n, []).append(i)
@@ -82,6 +91,21 @@ def warmup_genomes(tree: Tree) -> list[np.ndarray]:
                 r //= mx[i] + 1
         out.append(g)
     return out
+
+
+def warmup_workers() -> int:
+    """Threads compiling warm-up programs side by side: ``TMP_JAX_COMPILE_WORKERS``, else up to 8 (one per
+    core). XLA compiles without the GIL, so programs of different shapes compile in parallel."""
+    env = os.environ.get("TMP_JAX_COMPILE_WORKERS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"TMP_JAX_COMPILE_WORKERS={env!r}: expected a positive integer") from None
+        if n < 1:
+            raise ValueError(f"TMP_JAX_COMPILE_WORKERS={env!r}: expected a positive integer")
+        return n
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 class PruningProblem:
@@ -151,19 +175,50 @@ class PruningProblem:
             self.importance[key] = scores[key] * scale
         return comp
 
-    def warmup(self) -> int:
-        """Compile every (stream, sub-layer, width-level combination) variant once: afterwards
-        evaluating any candidate compiles nothing. Returns the number of compiled variants.
+    def warmup(self, progress: bool = False, workers: int | None = None) -> int:
+        """Compile every (stream, sub-layer, width-level combination) variant once: afterwards evaluating any
+        candidate compiles nothing. Returns the number of compiled variants.
 
-        A sub-layer's compiled function depends on every gene acting on its node (e.g. an MoE
-        sub-layer on its expert count AND its expert width), so each node walks the Cartesian product
-        of its genes' levels; nodes walk their products side by side, so the number of warm-up
-        evaluations is the largest product, not the sum."""
-        genomes = warmup_genomes(self.tree)
-        for g in genomes:
-            self.fitness(g[None])
-        self.n_evals -= len(genomes)  # warm-up evaluations are not search evaluations
+        The genomes of :func:`warmup_genomes` (the largest per-node product of SHAPE levels; data kinds such
+        as the expert count cost no compile) run their candidate forward on one calibration micro-batch per
+        distinct (task, input shapes), not the whole set. The first genome runs alone (it compiles the
+        programs every candidate shares: stem, head, full-width sub-layers); the rest run on ``workers``
+        threads (default :func:`warmup_workers`), whose programs differ in shape, so XLA compiles them side by
+        side. ``progress``: a "compiling" bar (k/N warm-up candidates, ETA, programs compiled so far)."""
+        genomes = warmup_genomes(self.tree, self.hooks.data_kinds)
+        reps = self._shape_representatives()
+        workers = warmup_workers() if workers is None else max(1, int(workers))
+
+        def run(g: np.ndarray) -> None:
+            a = self.tree.decode(g)
+            built: list[Any] = []
+            for i in reps:
+                y = self._run(a, self.calib.inputs[i], built)
+                np.asarray(y)  # wait for it: the compile and the run finish inside this thread
+
+        bar = progress_bar(total=len(genomes), desc="compiling", unit="cand", disable=not progress)
+        try:
+            run(genomes[0])
+            bar.update(1)
+            bar.set_postfix(programs=self.compile_count())
+            if len(genomes) > 1:
+                with ThreadPoolExecutor(max_workers=min(workers, len(genomes) - 1)) as pool:
+                    for f in as_completed([pool.submit(run, g) for g in genomes[1:]]):
+                        f.result()  # re-raise a worker's error here
+                        bar.update(1)
+                        bar.set_postfix(programs=self.compile_count())
+        finally:
+            bar.close()
         return self.compile_count()
+
+    def _shape_representatives(self) -> list[int]:
+        """One calibration micro-batch index per distinct (task, shapes of its array inputs): the warm-up runs
+        only these, since a program depends on its input shapes, not on their values."""
+        seen: dict[tuple, int] = {}
+        for i, inputs in enumerate(self.calib.inputs):
+            sig = (inputs.get("task"), *sorted((k, np.shape(v)) for k, v in inputs.items() if hasattr(v, "shape")))
+            seen.setdefault(sig, i)
+        return sorted(seen.values())
 
     def n_samples_total(self) -> int:
         return sum(int(t.shape[0]) for t in self.calib.teacher)
@@ -186,18 +241,19 @@ class PruningProblem:
         for i, g in enumerate(genomes):
             a = self.tree.decode(g)
             built: list[Any] = []
-
-            def run(inputs: dict, a: Any = a, built: list = built) -> Any:
-                h = self.hooks.for_task(inputs.get("task"))
-                if h.forward_pruned is not None:
-                    return h.forward_pruned(self.model, self.tree, a, inputs, self.refits)
-                if not built:  # the materialising fallback: one candidate per genome, shared by its tasks
-                    built.append(materialize(self.model, self.tree, a, None, refits=self.refits))
-                return h.forward(built[0], inputs)
-
-            out[i] = self._error(run, n_samples)
+            out[i] = self._error(lambda inputs, a=a, built=built: self._run(a, inputs, built), n_samples)
             self.n_evals += 1
         return out
+
+    def _run(self, a: Any, inputs: dict, built: list) -> Any:
+        """Candidate ``a``'s output on prepared ``inputs``: ``hooks.forward_pruned`` on the permuted teacher, or
+        (a task without it) the candidate materialised once into ``built`` and shared by its tasks."""
+        h = self.hooks.for_task(inputs.get("task"))
+        if h.forward_pruned is not None:
+            return h.forward_pruned(self.model, self.tree, a, inputs, self.refits)
+        if not built:
+            built.append(materialize(self.model, self.tree, a, None, refits=self.refits))
+        return h.forward(built[0], inputs)
 
     def fitness_materialized(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
         """:meth:`fitness` through a materialised candidate per genome (the reference the fast path is

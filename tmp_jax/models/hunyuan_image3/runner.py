@@ -4,8 +4,11 @@
 layer as two separately jitted halves (attention branch, MoE branch) and the final layer, each function's
 static part being its sub-module's graph: the attention branch is compiled once per KV-group level (a
 global count), the MoE branch once per (experts, top-k, expert width, shared width) shape, and both are
-reused by every later candidate. ``collect_stats`` runs the whole forward once with statistics sown by the
-modules.
+reused by every later candidate. Candidate evaluation (``forward_pruned``) keeps the expert count out of
+the compiled shape: a layer's kept experts are a runtime router mask over the teacher's full expert axis, so
+the MoE half compiles once per (top-k, expert width, shared width), and the warm-up grows with the SUM of the
+expert-count and expert-width levels, not their product (:data:`DATA_KINDS`). ``collect_stats`` runs the
+whole forward once with statistics sown by the modules.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shape
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.models.hunyuan_image3.model import (
     DecoderLayer,
+    ExpertMask,
     HunyuanImage3,
     attn_branch,
     check_t2i_layout,
@@ -29,7 +33,7 @@ from tmp_jax.models.hunyuan_image3.model import (
     t2i_embed,
     t2i_head,
 )
-from tmp_jax.models.hunyuan_image3.structure import LAYERS, pruned_config
+from tmp_jax.models.hunyuan_image3.structure import DATA_KINDS, LAYERS, pruned_config
 from tmp_jax.stats import flatten_intermediates, split_collecting
 from tmp_jax.tree import Assignment, Tree
 
@@ -163,8 +167,13 @@ def _attn_cut(gd: Any, cut: Cut, state: Any, x: jax.Array, cos: jax.Array, sin: 
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _moe_cut(gd: Any, cut: Cut, state: Any, x: jax.Array, tm: jax.Array) -> jax.Array:
+def _moe_cut(gd: Any, cut: Cut, state: Any, x: jax.Array, tm: jax.Array, n_experts: jax.Array) -> jax.Array:
+    """The MoE half over the FULL expert axis, experts ``>= n_experts`` (a traced scalar) masked out of the
+    router: the same output as the layer with only the first ``n_experts`` (a prefix of the permuted
+    teacher), since a masked logit is ``-inf`` before the softmax (``HunyuanMoE.set_expert_mask``) and a
+    dropped expert gets no routed pairs; one program serves every expert count."""
     v = nnx.merge(gd, apply_cut(state, cut))
+    v.layer.expert_mask = ExpertMask(jnp.arange(v.layer.num_experts) < n_experts)
     return moe_branch(v.layer, v.norm, x, tm)
 
 
@@ -176,7 +185,8 @@ _CUTS: dict[tuple, Cut] = {}  # (layer, sub-layer, widths, config) -> static cut
 def _pruned_view(cfg: HunyuanImage3Config, sub: str, widths: tuple, impl: str) -> tuple[Any, Any]:
     """Graphdef + abstract state of a ``_Sub`` view of one pruned sub-layer (cached; nothing allocated).
 
-    ``widths``: ``(kv_groups,)`` for attention, ``(experts, top_k, expert width, shared count)`` for the MoE.
+    ``widths``: ``(kv_groups,)`` for attention, ``(experts, top_k, expert width, shared count)`` for the MoE
+    (``experts`` is the teacher's full count: the kept count is a runtime mask, see :func:`_moe_cut`).
     """
     key = (sub, widths, impl, cfg)
     if key not in _PRUNED:
@@ -207,13 +217,16 @@ def forward_pruned(
     Same result as ``forward_blockwise(materialize(model, tree, a), inputs)``: every kept set is a prefix
     (:func:`tmp_jax.materialize.permute`), so each half takes the teacher's FULL sub-layer state and slices
     it inside the jit to the prefix shapes of the tree's slice plan (:func:`tmp_jax.materialize.prefix_shapes`),
-    merged into the pruned sub-layer's graph (cached per widths). Compiled once per (half, widths).
+    merged into the pruned sub-layer's graph (cached per widths). Compiled once per (half, widths); the
+    expert count is not a width here but a router mask (:data:`DATA_KINDS`), so it compiles nothing.
     ``refits``: compensated pruning's re-fitted ``o_proj`` / ``down_proj`` (same shapes and programs).
     """
     cfg = model.config
     if cfg.layers_kept is not None:
         raise ValueError("forward_pruned evaluates candidates of the UNPRUNED (permuted) teacher")
     new = pruned_config(cfg, tree, a)
+    # the slice plan with every data kind at full size: those are masked at run time, not sliced
+    shape_a = Assignment(a.dropped, {k: v for k, v in a.keep.items() if k[1] not in DATA_KINDS})
     plan: dict = {}
 
     def cut_of(pos: int, sub: str, widths: tuple, state: Any, impl: str) -> tuple[Any, Cut]:
@@ -221,7 +234,7 @@ def forward_pruned(
         key = (pos, sub, widths, impl, cfg)
         if key not in _CUTS:
             if not plan:
-                plan.update(prefix_shapes(tree, a))
+                plan.update(prefix_shapes(tree, shape_a))
             _CUTS[key] = prefix_cut(state, src_of(pos, sub), plan, want)
         return gd, _CUTS[key]
 
@@ -238,11 +251,13 @@ def forward_pruned(
         gd_a, cut = cut_of(pos, "self_attn", (kv,), st_a, layer.mlp.impl)
         st_a = with_refits(st_a, src_of(pos, "self_attn"), refits, kv)
         x = _attn_cut(gd_a, cut, st_a, x, e["cos"], e["sin"], e["mask"], e["token_mask"])
-        widths = (new.num_experts[j], new.moe_topk[j], new.moe_intermediate_size[j], new.num_shared_expert[j])
+        full_e = cfg.num_experts[pos]
+        widths = (full_e, new.moe_topk[j], new.moe_intermediate_size[j], new.num_shared_expert[j])
         st_m = nnx.state(_Sub(layer.mlp, layer.post_attention_layernorm))
         gd_m, cut = cut_of(pos, "mlp", widths, st_m, layer.mlp.impl)
         st_m = with_refits(st_m, src_of(pos, "mlp"), refits, new.moe_intermediate_size[j])
-        x = _moe_cut(gd_m, cut, st_m, x, e["token_mask"])
+        n_e = np.int32(new.num_experts[j])  # a runtime value: every expert count shares the program
+        x = _moe_cut(gd_m, cut, st_m, x, e["token_mask"], n_e)
     return head(x, e["image_index"])
 
 

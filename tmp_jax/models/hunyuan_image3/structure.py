@@ -353,6 +353,10 @@ TI2I_HOOKS: dict[str, Any] = {
     "training_batch": None,  # no TI2I data pipeline: distil TI2I from a calibration set
 }
 
+# gene kinds whose level is runtime data in candidate evaluation (runner.forward_pruned masks the router over
+# the full expert axis), so they never change a compiled shape and the warm-up need not walk them
+DATA_KINDS = frozenset({"experts"})
+
 HOOKS = arch.register(
     arch.ArchHooks(
         name="hunyuan",
@@ -374,5 +378,6 @@ HOOKS = arch.register(
         ),
         tasks={"ti2i": TI2I_HOOKS},
         task_of=lambda b: "ti2i" if "cond_start" in b else "t2i",
+        data_kinds=DATA_KINDS,
     )
 )
