@@ -127,7 +127,9 @@ def child_hunyuan(tiny: bool, layers: int, rec_path: str) -> int:
 
     enable_default()
     hooks = arch.get("hunyuan")
-    cfg = TINY if tiny else FULL.replace(num_hidden_layers=layers)
+    from bench.full_scale import with_layers
+
+    cfg = TINY if tiny else with_layers(FULL, layers)
     dtype = jnp.float32 if tiny else jnp.bfloat16
     phases: dict[str, float] = {}
     t = time.perf_counter()

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmp_jax import arch
+from tmp_jax import aot, arch
 from tmp_jax.calibration import (
     Calibration,
     batches_signature,
@@ -180,11 +180,13 @@ class PruningProblem:
         candidate compiles nothing. Returns the number of compiled variants.
 
         The genomes of :func:`warmup_genomes` (the largest per-node product of SHAPE levels; data kinds such
-        as the expert count cost no compile) run their candidate forward on one calibration micro-batch per
-        distinct (task, input shapes), not the whole set. The first genome runs alone (it compiles the
-        programs every candidate shares: stem, head, full-width sub-layers); the rest run on ``workers``
-        threads (default :func:`warmup_workers`), whose programs differ in shape, so XLA compiles them side by
-        side. ``progress``: a "compiling" bar (k/N warm-up candidates, ETA, programs compiled so far)."""
+        as the expert count cost no compile) go through the candidate forward in compile-only mode
+        (:mod:`tmp_jax.aot`: each sub-layer program is compiled for the shapes of one calibration micro-batch
+        per distinct (task, input shapes), nothing runs, nothing is allocated). The first genome goes alone (it
+        compiles the programs every candidate shares: stem, head, full-width sub-layers); the rest go on
+        ``workers`` threads (default :func:`warmup_workers`), whose programs differ in shape, so XLA compiles
+        them side by side. A task without ``forward_pruned`` (the materialising fallback) runs its candidate
+        for real, once. ``progress``: a "compiling" bar (k/N warm-up candidates, ETA, programs so far)."""
         genomes = warmup_genomes(self.tree, self.hooks.data_kinds)
         reps = self._shape_representatives()
         workers = warmup_workers() if workers is None else max(1, int(workers))
@@ -193,8 +195,12 @@ class PruningProblem:
             a = self.tree.decode(g)
             built: list[Any] = []
             for i in reps:
-                y = self._run(a, self.calib.inputs[i], built)
-                np.asarray(y)  # wait for it: the compile and the run finish inside this thread
+                inputs = self.calib.inputs[i]
+                if self.hooks.for_task(inputs.get("task")).forward_pruned is None:
+                    np.asarray(self._run(a, inputs, built))  # the fallback: compiles as it runs
+                    continue
+                with aot.compile_only():
+                    self._run(a, inputs, built)
 
         bar = progress_bar(total=len(genomes), desc="compiling", unit="cand", disable=not progress)
         try:
@@ -224,7 +230,9 @@ class PruningProblem:
         return sum(int(t.shape[0]) for t in self.calib.teacher)
 
     def compile_count(self) -> int:
-        return self.hooks.compile_count()
+        """XLA compiles of the process so far (:func:`tmp_jax.aot.compile_events`): evaluating candidates after
+        :meth:`warmup` must leave it unchanged."""
+        return aot.compile_events()
 
     def candidate(self, genome: np.ndarray) -> Any:
         """The materialised candidate (consumers re-fitted under compensation)."""

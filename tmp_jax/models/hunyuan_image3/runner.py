@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tmp_jax import aot
 from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shapes, with_refits
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.models.hunyuan_image3.model import (
@@ -135,8 +136,9 @@ def _embed(model: HunyuanImage3, inputs: dict[str, Any]) -> tuple[Any, dict]:
     _, _, th, tw = lat.shape
     gd, st = nnx.split(_Stem(model))
     t = jnp.asarray(inputs["timestep"])
-    e = _stem_embed(gd, st, jnp.asarray(inputs["input_ids"]), lat, t, jnp.asarray(inputs["valid_lengths"]))
-    return (lambda x, index: _final(gd, st, x, index, t, th, tw)), e
+    ids, vl = jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["valid_lengths"])
+    e = aot.call(_stem_embed, gd, st, ids, lat, t, vl)
+    return (lambda x, index: aot.call(_final, gd, st, x, index, t, th, tw)), e
 
 
 def forward_blockwise(model: HunyuanImage3, inputs: dict[str, Any], features: bool = False) -> Any:
@@ -250,14 +252,14 @@ def forward_pruned(
         st_a = nnx.state(_Sub(layer.self_attn, layer.input_layernorm))
         gd_a, cut = cut_of(pos, "self_attn", (kv,), st_a, layer.mlp.impl)
         st_a = with_refits(st_a, src_of(pos, "self_attn"), refits, kv)
-        x = _attn_cut(gd_a, cut, st_a, x, e["cos"], e["sin"], e["mask"], e["token_mask"])
+        x = aot.call(_attn_cut, gd_a, cut, st_a, x, e["cos"], e["sin"], e["mask"], e["token_mask"])
         full_e = cfg.num_experts[pos]
         widths = (full_e, new.moe_topk[j], new.moe_intermediate_size[j], new.num_shared_expert[j])
         st_m = nnx.state(_Sub(layer.mlp, layer.post_attention_layernorm))
         gd_m, cut = cut_of(pos, "mlp", widths, st_m, layer.mlp.impl)
         st_m = with_refits(st_m, src_of(pos, "mlp"), refits, new.moe_intermediate_size[j])
         n_e = np.int32(new.num_experts[j])  # a runtime value: every expert count shares the program
-        x = _moe_cut(gd_m, cut, st_m, x, e["token_mask"], n_e)
+        x = aot.call(_moe_cut, gd_m, cut, st_m, x, e["token_mask"], n_e)
     return head(x, e["image_index"])
 
 

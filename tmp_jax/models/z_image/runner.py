@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tmp_jax import aot
 from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shapes, with_refits
 from tmp_jax.models.z_image.config import BlockSpec, ZImageConfig
 from tmp_jax.models.z_image.model import (
@@ -237,19 +238,19 @@ class PrunedStacks:
             blk = blocks[b.index]  # the teacher is unpruned: position == original index
             if blk.modulation:
                 gd_m, st_m = nnx.split(_Mod(blk))
-                s_msa, g_msa, s_mlp, g_mlp = _mod(gd_m, st_m, c)
+                s_msa, g_msa, s_mlp, g_mlp = aot.call(_mod, gd_m, st_m, c)
             else:
                 s_msa = g_msa = s_mlp = g_mlp = None
             if b.heads:
                 st_a = nnx.state(_Sub(blk.attention, blk.attention_norm1, blk.attention_norm2))
                 gd_a, cut = _sub_cut(cfg, stack, b.index, "attention", b.heads, st_a, self._shapes)
                 st_a = with_refits(st_a, _src("attention", stack, b.index), self.refits, b.heads)
-                x = _attn_cut(gd_a, cut, st_a, x, mask, cos, sin, s_msa, g_msa)
+                x = aot.call(_attn_cut, gd_a, cut, st_a, x, mask, cos, sin, s_msa, g_msa)
             if b.ffn_dim:
                 st_f = nnx.state(_Sub(blk.feed_forward, blk.ffn_norm1, blk.ffn_norm2))
                 gd_f, cut = _sub_cut(cfg, stack, b.index, "feed_forward", b.ffn_dim, st_f, self._shapes)
                 st_f = with_refits(st_f, _src("feed_forward", stack, b.index), self.refits, b.ffn_dim)
-                x = _ffn_cut(gd_f, cut, st_f, x, s_mlp, g_mlp)
+                x = aot.call(_ffn_cut, gd_f, cut, st_f, x, s_mlp, g_mlp)
         return x
 
 
@@ -268,14 +269,14 @@ def forward_pruned(
     stacks = PrunedStacks(model, tree, a, refits)
     arrs, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     gd, st = nnx.split(_Stem(model))
-    e = _stem_embed(gd, st, arrs, t, pk)
+    e = aot.call(_stem_embed, gd, st, arrs, t, pk)
     c = e["c"]
     m_img, m_cap = _key_mask(jnp.asarray(arrs["img_valid"])), _key_mask(jnp.asarray(arrs["cap_valid"]))
     img = stacks.run("noise_refiner", e["img"], m_img, *e["img_cs"], c)
     cap = stacks.run("context_refiner", e["cap"], m_cap, *e["cap_cs"], c)
-    x, cos, sin, mask = _unify(arrs, img, cap, e)
+    x, cos, sin, mask = aot.call(_unify, arrs, img, cap, e)
     x = stacks.run("layers", x, mask, cos, sin, c)
-    return _final(gd, st, x, c, pk)
+    return aot.call(_final, gd, st, x, c, pk)
 
 
 @partial(jax.jit, static_argnums=(0, 4))

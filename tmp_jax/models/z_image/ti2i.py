@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tmp_jax import aot
 from tmp_jax.models.z_image.config import ZImageConfig
 from tmp_jax.models.z_image.model import ZImageTransformer, make_omni_layout
 from tmp_jax.stats import flatten_intermediates, split_collecting
@@ -333,14 +334,14 @@ def forward_pruned(
     stacks = PrunedStacks(model, tree, a, refits)
     arrs, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     gd, st = nnx.split(_OmniStem(model))
-    e = _omni_stem(gd, st, arrs, t, pk)
+    e = aot.call(_omni_stem, gd, st, arrs, t, pk)
     run = stacks.run
     m_img, m_cap = _key_mask(jnp.asarray(arrs["img_valid"])), _key_mask(jnp.asarray(arrs["cap_valid"]))
     img = run("noise_refiner", e["img"], m_img, *e["img_cs"], e["img_cond"])
     cap = run("context_refiner", e["cap"], m_cap, *e["cap_cs"], None)
-    x, cos, sin, mask, cond = _unify_omni(arrs, img, cap, e.get("sig"), e)
+    x, cos, sin, mask, cond = aot.call(_unify_omni, arrs, img, cap, e.get("sig"), e)
     x = run("layers", x, mask, cos, sin, cond)
-    return _final_omni(gd, st, x, cond, pk)
+    return aot.call(_final_omni, gd, st, x, cond, pk)
 
 
 # ----------------------------------------------------------------------------------------------
