@@ -31,7 +31,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tmp_jax import arch
-from tmp_jax.stats import set_grams
+from tmp_jax.compensate import check_timestep_weight, sample_sigmas, timestep_weights
+from tmp_jax.stats import set_gram_weights, set_grams
 from tmp_jax.tree import Tree, node_path
 
 FORMAT_VERSION = 1
@@ -235,11 +236,14 @@ def calibrate(
     weights: dict[str, float] | None = None,
     grams: bool = False,
     gram_stride: int = 1,
+    gram_timestep_weight: str = "uniform",
 ) -> Calibration:
     """Teacher outputs + summed statistics over all micro-batches (resumes from ``out``).
 
     ``grams``: also accumulate the consumer Grams that compensated pruning re-fits with (``gram_<kind>`` per
-    unit group, :mod:`tmp_jax.compensate`), reading every ``gram_stride``-th token; part of the resume signature.
+    unit group, :mod:`tmp_jax.compensate`), reading every ``gram_stride``-th token, each sample's rows weighted
+    by its noise level per ``gram_timestep_weight`` (:func:`tmp_jax.compensate.timestep_weights`; "uniform":
+    unweighted); all three are part of the resume signature (:func:`gram_signature`).
 
     ``model`` is a loaded model, or the path of a checkpoint folder. For a path, ``streamed`` chooses
     block-by-block calibration with the weights streamed from disk
@@ -251,6 +255,8 @@ def calibrate(
     are summed per task (``Calibration.stats_by_task``) and combined with ``weights`` (task -> weight, default
     equal over the tasks present) into ``Calibration.stats`` (:func:`combine_stats`).
     """
+    if grams:
+        check_timestep_weight(gram_timestep_weight)
     if isinstance(model, str | os.PathLike):
         from tmp_jax import streamed_calibration as sc
 
@@ -280,7 +286,8 @@ def calibrate(
     state_path = Path(out) / "calib_state.npz" if out is not None else None
     done, teacher, by_task = 0, [], {}
     # the resume state belongs to this set of micro-batches AND this teacher
-    sig = (batches_signature(batches) + (f":grams{gram_stride}" if grams else "")) if state_path is not None else None
+    gsig = gram_signature(grams, gram_stride, gram_timestep_weight)
+    sig = batches_signature(batches) + gsig if state_path is not None else None
     tsig = f"params:{teacher_signature(model)}" if state_path is not None else None
     if state_path is not None and state_path.is_file():
         done, teacher, by_task = _load_state(state_path, by_task=True, sig=sig, n=len(inputs), teacher_sig=tsig)
@@ -290,10 +297,13 @@ def calibrate(
 
         it = progress_bar(it, desc="calibration", unit="batch", initial=done, total=len(inputs))
     set_grams(model, grams, gram_stride)
+    arch_name = _arch_of(model)
     saved = time.monotonic()
     try:
         for i in it:
             task = inputs[i]["task"]
+            if grams:  # this micro-batch's per-sample Gram weights (None: uniform, the unweighted program)
+                set_gram_weights(model, timestep_weights(gram_timestep_weight, sample_sigmas(arch_name, batches[i])))
             y, s = hooks.for_task(task).collect_stats(model, inputs[i])
             teacher.append(np.asarray(y))
             acc = by_task.setdefault(task, {})
@@ -307,7 +317,16 @@ def calibrate(
                 saved = time.monotonic()
     finally:
         set_grams(model, False)
+        set_gram_weights(model, None)
     return finish(inputs, teacher, by_task, weights)
+
+
+def gram_signature(grams: bool, stride: int = 1, timestep_weight: str = "uniform") -> str:
+    """The consumer-Gram settings' part of a calibration resume signature ("" without Grams; the uniform
+    weighting adds nothing, so states written before timestep weighting existed still resume)."""
+    if not grams:
+        return ""
+    return f":grams{stride}" + ("" if timestep_weight == "uniform" else f":tw={timestep_weight}")
 
 
 def batches_signature(batches: list[dict[str, Any]]) -> str:

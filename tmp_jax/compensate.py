@@ -10,7 +10,9 @@ tokens and ``G = X^T X`` its Gram (sown by the modules as ``gram_<kind>`` when c
 
 in float64 on the host, ``lam = damp * mean(diag G)``. The ridge pulls toward the original weights, so
 keeping every unit gives ``W`` exactly. A batched Gram ``(E, N, N)`` (per-expert, gate-weighted) re-fits
-each expert's ``down_proj`` with its own Gram.
+each expert's ``down_proj`` with its own Gram. With ``timestep_weight="high-noise"`` every calibration
+sample's rows enter ``G`` with the weight ``sigma`` of its noise level (:func:`timestep_weights`; the models
+weight the rows as they sow the Grams, :func:`tmp_jax.stats.set_gram_weights`).
 
 Order: a greedy structured-OBS pass (ZipLM / SlimGPT style) removes, one unit (or a small chunk, for
 wide groups) at a time, the unit whose removal adds the least output error given the re-fit of the
@@ -44,24 +46,76 @@ GRAM_PREFIX = "gram_"
 STATS_FILE = "compensation.safetensors"
 
 
+# How the calibration samples' Gram contributions are weighted by their noise level sigma (1 = pure noise):
+# "uniform" (every sample alike) or "high-noise" (w = sigma: see timestep_weights).
+TIMESTEP_WEIGHTS = ("uniform", "high-noise")
+
+
 @dataclass(frozen=True)
 class CompensationConfig:
     """``damp``: ridge as a fraction of the Gram's mean diagonal; ``chunk``: wide groups remove
     ``max(1, alive // chunk)`` units per greedy OBS step (1 unit at a time below ``chunk`` units);
-    ``token_stride``: the Grams read every ``token_stride``-th token (cheaper calibration)."""
+    ``token_stride``: the Grams read every ``token_stride``-th token (cheaper calibration);
+    ``timestep_weight``: one of :data:`TIMESTEP_WEIGHTS`, each sample's weight in the Grams by its noise
+    level (:func:`timestep_weights`)."""
 
     damp: float = 0.01
     chunk: int = 64
     token_stride: int = 1
+    timestep_weight: str = "uniform"
 
     def __post_init__(self) -> None:
         if not self.damp > 0:
             raise ValueError(f"compensation damp must be > 0, got {self.damp}")
         if int(self.chunk) < 1 or int(self.token_stride) < 1:
             raise ValueError(f"compensation chunk and token_stride must be >= 1, got {self.chunk}, {self.token_stride}")
+        check_timestep_weight(self.timestep_weight)
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": METHOD, "damp": self.damp, "chunk": self.chunk, "token_stride": self.token_stride}
+        return {
+            "method": METHOD,
+            "damp": self.damp,
+            "chunk": self.chunk,
+            "token_stride": self.token_stride,
+            "timestep_weight": self.timestep_weight,
+        }
+
+
+def check_timestep_weight(kind: str) -> str:
+    """``kind`` if it names a Gram timestep weighting, else a one-line ValueError."""
+    if kind not in TIMESTEP_WEIGHTS:
+        raise ValueError(f"Gram timestep weight {kind!r}: expected one of {', '.join(TIMESTEP_WEIGHTS)}")
+    return kind
+
+
+def sample_sigmas(arch_name: str, batch: dict[str, Any]) -> np.ndarray:
+    """Each sample's noise level sigma in [0, 1] (1 = pure noise) of a raw calibration micro-batch
+    (``docs/calibration-format.md``): Z-Image's ``t`` is ``1 - sigma``, HunyuanImage's ``timestep`` is
+    ``sigma * 1000`` (TI2I micro-batches: the target's, as in T2I). -> (B,) float64."""
+    if arch_name == "zimage":
+        sigma = 1.0 - np.asarray(batch["t"], np.float64).reshape(-1)
+    elif arch_name == "hunyuan":
+        sigma = np.asarray(batch["timestep"], np.float64).reshape(-1) / 1000.0
+    else:
+        raise ValueError(f"Gram timestep weighting: no noise level known for arch {arch_name!r}")
+    if not np.all(np.isfinite(sigma)):
+        raise ValueError(f"Gram timestep weighting: non-finite timesteps in a {arch_name} micro-batch")
+    return np.clip(sigma, 0.0, 1.0)
+
+
+def timestep_weights(kind: str, sigma: np.ndarray) -> np.ndarray | None:
+    """Per-sample weights of the Gram contributions (``G = sum_b w_b sum_{t in b} x_t^T x_t``), None for uniform.
+
+    ``"high-noise"``: ``w = sigma``. Under flow matching, the high-noise steps fix layout and composition and
+    their velocity errors are carried through every later step of sampling, while the low-noise steps refine
+    detail; a linear ramp is the simplest monotone choice with no knob to tune (with sigma ~ U(0, 1) the
+    noisier half of the samples gets 3/4 of the weight instead of 1/2). Only ratios between samples matter:
+    the re-fit needs the Gram up to scale and its damping is relative. A sample at sigma = 0 drops out of the
+    Grams. The importance statistics stay unweighted."""
+    check_timestep_weight(kind)
+    if kind == "uniform":
+        return None
+    return np.asarray(sigma, np.float64).reshape(-1)
 
 
 def consumer_slice(u: Units) -> Slice | None:
@@ -513,7 +567,11 @@ def from_plan(plan: dict[str, Any], plan_path: str | Path) -> Compensation | Non
             damp=float(rec.get("damp", 0.01)),
             chunk=int(rec.get("chunk", 64)),
             token_stride=int(rec.get("token_stride", 1)),
+            timestep_weight=str(rec.get("timestep_weight", "uniform")),  # plans before the field: uniform
         )
     except (TypeError, ValueError):
-        raise ValueError(f"{p}: 'compensation' damp / chunk must be numbers, got {rec!r}") from None
+        raise ValueError(
+            f"{p}: 'compensation' damp / chunk must be numbers and timestep_weight one of "
+            f"{', '.join(TIMESTEP_WEIGHTS)}, got {rec!r}"
+        ) from None
     return Compensation.load(p.parent / str(rec["stats"]), cfg, sha256=rec.get("stats_sha256"))
