@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tmp_jax import arch
-from tmp_jax.compensate import check_timestep_weight, sample_sigmas, timestep_weights
+from tmp_jax.compensate import StoredGram, check_timestep_weight, sample_sigmas, timestep_weights
 from tmp_jax.stats import set_gram_weights, set_grams
 from tmp_jax.tree import Tree, node_path
 
@@ -210,8 +210,8 @@ def combine_stats(
     ``S_t`` is task t's sum over its ``N_t`` samples and ``N`` the total: every task contributes its weight's
     share of the total at the scale of a sum over all samples, whatever its sample count. One task: exactly its
     sum. A statistic only one task sows (Z-Image's SigLIP refiner under TI2I) is combined the same way."""
-    if len(by_task) == 1 and (weights is None or len(weights) <= 1):
-        return {k: np.asarray(v) for k, v in next(iter(by_task.values())).items()}  # device Grams -> host
+    if len(by_task) == 1 and (weights is None or len(weights) <= 1):  # device Grams -> host; Grams on disk stay
+        return {k: v if isinstance(v, StoredGram) else np.asarray(v) for k, v in next(iter(by_task.values())).items()}
     if weights is None:
         weights = {t: 1.0 / len(by_task) for t in by_task}
     total = sum(n_samples[t] for t in by_task)
@@ -270,12 +270,17 @@ def calibrate(
                     f"streamed (block-by-block) calibration covers {h.default_task} micro-batches only; "
                     f"this set has {', '.join(other)} ones (calibrate a loaded model instead)"
                 )
-            if grams:
-                raise ValueError(
-                    "compensated pruning needs consumer Grams, which streamed (block-by-block) calibration does "
-                    "not collect yet: pass --no-compensate, or calibrate a loaded model"
-                )
-            return sc.calibrate_streamed(model, batches, dtype=dtype, mesh=mesh, out=out, progress=progress)
+            return sc.calibrate_streamed(
+                model,
+                batches,
+                dtype=dtype,
+                mesh=mesh,
+                out=out,
+                progress=progress,
+                grams=grams,
+                gram_stride=gram_stride,
+                gram_timestep_weight=gram_timestep_weight,
+            )
         h = arch.get(sc.checkpoint_arch(Path(model)))
         model = h.load(str(model), dtype=jnp.float32 if dtype is None else dtype, mesh=mesh)
     elif streamed:
@@ -410,7 +415,9 @@ def _load_state(
     (:func:`batches_signature`) / ``n``: the set being calibrated; a state of another set is a ValueError.
     ``teacher_sig``: ``"params:..."`` (:func:`teacher_signature` of a loaded model) or ``"files:..."`` (the
     checkpoint fingerprint, streamed calibration); a state written for another teacher of the same kind is a
-    ValueError (a state of the other kind cannot be compared and is accepted: the two paths share the format)."""
+    ValueError (a state of the other kind cannot be compared and is accepted: the two paths share the format).
+    Statistics the state names by file (``stat_files``: streamed calibration's per-block Gram files) come back
+    as :class:`~tmp_jax.compensate.StoredGram` s."""
     z = np.load(path, allow_pickle=False)
     done = int(z["done"])
     stored = str(z["batch_sig"]) if "batch_sig" in z else None
@@ -428,9 +435,16 @@ def _load_state(
     teacher = [z[f"teacher_{i}"] for i in range(done)]
     keys = json.loads(str(z["stat_keys"]))
     tasks = json.loads(str(z["stat_tasks"])) if "stat_tasks" in z else ["t2i"] * len(keys)
-    per: dict[str, dict[tuple, np.ndarray]] = {}
+    files = {int(i): (f, name) for i, f, name in json.loads(str(z["stat_files"]))} if "stat_files" in z else {}
+    per: dict[str, dict[tuple, Any]] = {}
     for i, (t, k) in enumerate(zip(tasks, keys)):
-        per.setdefault(t, {})[tuple(k)] = z[f"stat_{i}"]
+        if i in files:  # a Gram kept on disk next to the state
+            f = path.parent / files[i][0]
+            if not f.is_file():
+                raise ValueError(f"{path}: names the Gram file {f}, which is missing; remove {path} to recalibrate")
+            per.setdefault(t, {})[tuple(k)] = StoredGram.open(f, files[i][1])
+        else:
+            per.setdefault(t, {})[tuple(k)] = z[f"stat_{i}"]
     if by_task:
         return done, teacher, per
     if len(per) > 1:
@@ -446,14 +460,23 @@ def _save_state(
     sig: str | None = None,
     teacher_sig: str | None = None,
 ) -> None:
-    """Write ``calib_state.npz`` atomically; ``stats`` is {path: sum} (one task, t2i) or {task: {path: sum}}."""
+    """Write ``calib_state.npz`` atomically; ``stats`` is {path: sum} (one task, t2i) or {task: {path: sum}}.
+
+    A :class:`~tmp_jax.compensate.StoredGram` (a Gram already on disk) is recorded by its file (relative to the
+    state's folder) and tensor name, not copied."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if stats and all(isinstance(k, str) for k in stats):
         items = [(t, k, v) for t, st in stats.items() for k, v in st.items()]
     else:
         items = [("t2i", k, v) for k, v in stats.items()]
     arrays = {f"teacher_{i}": t for i, t in enumerate(teacher)}
-    arrays.update({f"stat_{i}": v for i, (_, _, v) in enumerate(items)})
+    arrays.update({f"stat_{i}": v for i, (_, _, v) in enumerate(items) if not isinstance(v, StoredGram)})
+    files = []
+    for i, (_, _, v) in enumerate(items):
+        if isinstance(v, StoredGram):
+            if v.takes:
+                raise ValueError(f"internal: a permuted StoredGram ({v!r}) is no calibration statistic")
+            files.append([i, os.path.relpath(v.path, path.parent), v.name])
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calib_state.", suffix=".npz")
     os.close(fd)
     np.savez(
@@ -463,6 +486,7 @@ def _save_state(
         stat_tasks=np.array(json.dumps([t for t, _, _ in items])),
         **({"batch_sig": np.array(sig)} if sig else {}),
         **({"teacher_sig": np.array(teacher_sig)} if teacher_sig else {}),
+        **({"stat_files": np.array(json.dumps(files))} if files else {}),
         **arrays,
     )
     os.replace(tmp, path)

@@ -33,6 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,15 +126,118 @@ def consumer_slice(u: Units) -> Slice | None:
     return next((s for s in u.slices if s.consumer), None)
 
 
-def gram_stats(tree: Tree, stats: dict[tuple, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-    """The consumer Grams sown during calibration, by (node, units kind); groups without one are absent."""
+def gram_stats(tree: Tree, stats: dict[tuple, Any]) -> dict[tuple[str, str], Any]:
+    """The consumer Grams sown during calibration, by (node, units kind); groups without one are absent.
+
+    Host arrays come back as float64; a :class:`StoredGram` (streamed calibration with a run folder keeps its
+    Grams on disk) stays one, read when a group is ordered or re-fitted."""
     out = {}
     for n in tree.spec.nodes():
         for u in n.units:
             g = stats.get((*node_path(n.name), GRAM_PREFIX + u.kind))
             if g is not None and consumer_slice(u) is not None:
-                out[(n.name, u.kind)] = np.asarray(g, np.float64)
+                out[(n.name, u.kind)] = g if isinstance(g, StoredGram) else np.asarray(g, np.float64)
     return out
+
+
+def _f64(g: Any) -> np.ndarray:
+    """A Gram (host array or :class:`StoredGram`) as a float64 host array."""
+    return np.asarray(g, np.float64)
+
+
+def _take(g: Any, idx: np.ndarray, axis: int) -> Any:
+    """``np.take`` of a Gram; a :class:`StoredGram` stays lazy (the selection is applied when it is read)."""
+    return g.take(idx, axis) if isinstance(g, StoredGram) else np.take(g, idx, axis=axis)
+
+
+class StoredGram:
+    """A Gram in a safetensors file, read when used (``np.asarray(g)``, float32 as stored).
+
+    Streamed calibration writes each block's Grams to disk as soon as the block is done (HunyuanImage: 64 x
+    3072^2 fp32 = 2.4 GB of expert Grams per layer, never all in memory at once); :class:`Compensation`
+    reads one group's Gram at a time. ``take`` records an index selection applied on read (the permuted
+    numbering of :meth:`Compensation.permuted`) without reading anything."""
+
+    def __init__(self, path: str | Path, name: str, shape: tuple[int, ...], takes: tuple = ()):
+        self.path, self.name, self.takes = Path(path), name, takes
+        self.shape = tuple(int(d) for d in shape)  # after the selections in ``takes``
+
+    @classmethod
+    def open(cls, path: str | Path, name: str) -> StoredGram:
+        """The tensor ``name`` of the safetensors file ``path`` (its shape from the header)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            return cls(path, name, tuple(f.get_slice(name).get_shape()))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def take(self, idx: Any, axis: int) -> StoredGram:
+        idx, axis = np.asarray(idx, np.int64).reshape(-1), axis % self.ndim
+        shape = list(self.shape)
+        shape[axis] = len(idx)
+        return StoredGram(self.path, self.name, tuple(shape), (*self.takes, (idx, axis)))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="numpy") as f:
+            a = f.get_tensor(self.name)
+        for idx, axis in self.takes:
+            a = np.take(a, idx, axis=axis)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"StoredGram({str(self.path)!r}, {self.name!r}, shape={self.shape})"
+
+
+def save_f32_safetensors(
+    path: str | Path, arrays: list[tuple[str, Any]], metadata: dict[str, str] | None = None
+) -> str:
+    """Write ``(name, array)`` pairs as one float32 safetensors file, atomically (a temporary name in the same
+    folder, then a rename); returns the file's sha256, computed while writing.
+
+    The arrays (host or device arrays, :class:`StoredGram`) are converted and written ONE AT A TIME, so
+    writing Grams larger than host memory in total needs memory for the largest one only (the format's
+    header, which lists every tensor's shape and byte range, is written first, from the shapes alone)."""
+    path = Path(path)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    off = 0
+    for name, a in arrays:
+        size = int(np.prod(a.shape, dtype=np.int64)) * 4
+        header[name] = {"dtype": "F32", "shape": [int(d) for d in a.shape], "data_offsets": [off, off + size]}
+        off += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the reference writer pads
+    sha = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in (struct.pack("<Q", len(head)), head):
+                f.write(part)
+                sha.update(part)
+            for _, a in arrays:
+                data = memoryview(np.ascontiguousarray(np.asarray(a, np.float32), "<f4")).cast("B")
+                f.write(data)
+                sha.update(data)
+                del data
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sha.hexdigest()
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _damp(g: np.ndarray, damp: float) -> np.ndarray:
@@ -417,7 +523,7 @@ def _remove(hinv: np.ndarray, w: np.ndarray, units: np.ndarray, group: int) -> N
 class Compensation:
     """Consumer Grams by (node, units kind), in the numbering of the model they belong to."""
 
-    grams: dict[tuple[str, str], np.ndarray]
+    grams: dict[tuple[str, str], Any]  # host arrays (float64) or StoredGram (read on use)
     config: CompensationConfig = field(default_factory=CompensationConfig)
 
     def consumers(self, tree: Tree) -> dict[PathT, tuple[str, str, Units, Slice]]:
@@ -439,7 +545,7 @@ class Compensation:
         counts = self.level_counts(tree)
         order, scores, snaps = {}, {}, {}
         for path, (node, kind, _, s) in self.consumers(tree).items():
-            w, g = np.asarray(params[path]), self.grams[(node, kind)]
+            w, g = np.asarray(params[path]), _f64(self.grams[(node, kind)])  # one group's Gram in memory at a time
             ks = tuple(counts.get((node, kind), ())) or (0,)  # (0,): none wanted, still the 3-tuple form
             o, sc, sn = obs_order(g, w, s.group, s.axis, self.config.damp, self.config.chunk, ks)
             order[(node, kind)], scores[(node, kind)], snaps[(node, kind)] = o, sc, sn
@@ -462,22 +568,23 @@ class Compensation:
         if c is None:
             return None
         node, kind, _, s = c
-        return refit(self.grams[(node, kind)], np.asarray(w), ids, s.group, s.axis, self.config.damp)
+        return refit(_f64(self.grams[(node, kind)]), np.asarray(w), ids, s.group, s.axis, self.config.damp)
 
     def permuted(self, tree: Tree, order: dict[tuple[str, str], np.ndarray]) -> Compensation:
         """These Grams in the numbering of a model permuted by ``order`` (:func:`tmp_jax.materialize.permute`).
 
         A batched (per-expert) Gram is also permuted along its batch axis by the order of the node's group
-        that slices the consumer's axis 0 (the experts): expert ``e`` of the permuted model is ``order[e]``."""
+        that slices the consumer's axis 0 (the experts): expert ``e`` of the permuted model is ``order[e]``.
+        A :class:`StoredGram` stays on disk (the permutation is applied when it is read)."""
         out = {}
         for key, g in self.grams.items():
             s = consumer_slice(tree.units(*key))
             o = order.get(key)
             if o is not None:
                 el = _elements(np.asarray(o), s.group)
-                g = g[..., el, :][..., :, el]
+                g = _take(_take(g, el, -2), el, -1)
             bo = _batch_order(tree, *key, s, order) if g.ndim == 3 else None
-            out[key] = g[bo] if bo is not None else g
+            out[key] = _take(g, bo, 0) if bo is not None else g
         return Compensation(out, self.config)
 
     def level_refits(
@@ -496,40 +603,32 @@ class Compensation:
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> str:
-        """Write the Grams (float32 safetensors, atomically); returns the file's sha256."""
-        from safetensors.numpy import save_file
-
-        from tmp_jax.calibration import _atomic_write
-
-        path = Path(path)
-        arrays = {f"{n}/{k}": np.ascontiguousarray(g, np.float32) for (n, k), g in sorted(self.grams.items())}
+        """Write the Grams (float32 safetensors, atomically, one Gram in memory at a time); returns the file's
+        sha256."""
+        arrays = [(f"{n}/{k}", g) for (n, k), g in sorted(self.grams.items())]
         meta = {"config": json.dumps(self.config.to_json()), **(extra or {})}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(arrays, str(tmp), metadata=meta)
-        data = tmp.read_bytes()
-        tmp.unlink()
-        _atomic_write(path, data)
-        return hashlib.sha256(data).hexdigest()
+        return save_f32_safetensors(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | Path, config: CompensationConfig, sha256: str | None = None) -> Compensation:
-        """Read a Gram file written by :meth:`save` (safetensors only); ``sha256`` checks it is the one a plan
-        was made with."""
-        from safetensors.numpy import load_file
+        """Open a Gram file written by :meth:`save` (safetensors only); ``sha256`` checks it is the one a plan
+        was made with. The Grams are :class:`StoredGram` s, read from the file when a group is re-fitted."""
+        from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: compensation statistics file missing (written by tmp_jax.search)")
         if sha256 is not None:
-            got = hashlib.sha256(path.read_bytes()).hexdigest()
+            got = _sha256_file(path)
             if got != sha256:
                 raise ValueError(f"{path}: sha256 {got[:12]}... differs from the plan's {sha256[:12]}... (another run)")
-        grams = {}
-        for key, v in load_file(str(path)).items():
-            node, _, kind = key.rpartition("/")
-            if not node:
-                raise ValueError(f"{path}: key {key!r} is not 'node/kind'")
-            grams[(node, kind)] = np.asarray(v, np.float64)
+        grams: dict[tuple[str, str], Any] = {}
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                node, _, kind = key.rpartition("/")
+                if not node:
+                    raise ValueError(f"{path}: key {key!r} is not 'node/kind'")
+                grams[(node, kind)] = StoredGram(path, key, tuple(f.get_slice(key).get_shape()))
         return cls(grams, config)
 
 
