@@ -74,6 +74,7 @@ class SearchConfig:
     compensate: bool = True  # compensated pruning: OBS order + least-squares re-fit of the kept consumers
     damp: float = 0.01  # the re-fit's ridge, as a fraction of the Gram's mean diagonal
     gram_stride: int = 1  # the Grams read every gram_stride-th token
+    gram_timestep_weight: str = "uniform"  # each sample's Gram weight by its noise level: uniform | high-noise
 
 
 @dataclass
@@ -410,7 +411,11 @@ def _build_problem(cfg: SearchConfig) -> Problem:
     try:
         from tmp_jax.compensate import CompensationConfig
 
-        comp = CompensationConfig(damp=cfg.damp, token_stride=cfg.gram_stride) if cfg.compensate else None
+        comp = (
+            CompensationConfig(damp=cfg.damp, token_stride=cfg.gram_stride, timestep_weight=cfg.gram_timestep_weight)
+            if cfg.compensate
+            else None
+        )
         return build_problem(cfg.model, cfg.calib, cfg.mesh, cfg.seed, cfg.progress, task=cfg.task, compensation=comp)
     except ValueError as e:
         if str(e).startswith("--task"):  # a malformed --task or one the calibration set lacks: a config error
@@ -443,8 +448,17 @@ def _signature(cfg: SearchConfig, strat: Strategy, budgets: list[Budget], proble
         "n_samples_total": n_total,
         "fingerprint": str((getattr(problem, "source", {}) or {}).get("fingerprint", "")),
         "task": cfg.task,
-        "compensation": _compensation_record(problem),
+        "compensation": _signature_compensation(problem),
     }
+
+
+def _signature_compensation(problem: Problem) -> dict[str, Any] | None:
+    """The compensation record in a resume signature; the uniform timestep weighting is left out, so search
+    checkpoints written before that field existed still resume."""
+    rec = _compensation_record(problem)
+    if rec is not None and rec.get("timestep_weight") == "uniform":
+        rec = {k: v for k, v in rec.items() if k != "timestep_weight"}
+    return rec
 
 
 def _compensation_record(problem: Problem) -> dict[str, Any] | None:

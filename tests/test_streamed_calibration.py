@@ -179,3 +179,129 @@ def test_carry_files_keep_bf16(tmp_path):
     y = sc._load_arrays(tmp_path / "c.npz")
     assert y["a"].dtype == x["a"].dtype and y["m"].dtype == bool
     np.testing.assert_array_equal(y["a"].astype(np.float32), x["a"].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Consumer Grams (compensated pruning), streamed: one block's on the device, then host RAM or one file per block
+
+
+def _gram_keys(stats):
+    return sorted((k for k in stats if str(k[-1]).startswith("gram_")), key=str)
+
+
+def _problem(model, cal):
+    from tmp_jax.compensate import CompensationConfig
+    from tmp_jax.problem import PruningProblem
+
+    src = {"path": None, "fingerprint": "t", "config": {}}
+    comp = CompensationConfig(damp=1e-3)
+    return PruningProblem(model, cal, source=src, levels={"fractions": [0.5, 1.0]}, compensation=comp)
+
+
+def test_streamed_grams_equal_in_memory(setup, tmp_path, monkeypatch):
+    """Streamed calibration with Grams == the in-memory ``calibrate(grams=True)``: host RAM without a run folder
+    (here with the high-noise timestep weighting), one file per block with one (uniform); each block's Grams
+    leave the device when the block is done; the compensated order and re-fits built from the file-backed
+    Grams equal those from the in-memory ones."""
+    from tmp_jax.compensate import StoredGram
+
+    name, path, model, batches, _ = setup
+    ref = calibrate(model, batches, grams=True)
+    blocks = [s.path for s in sc.get_hooks(name).schedule(model.config) if s.kind == "block"]
+    stored = []  # per move off the device: the blocks whose Grams it held (the one just done), and the file
+    real_store = sc._store_block_grams
+
+    def store(acc, f, sig):
+        stored.append(([b for b in blocks if all(k[: len(b)] == b for k in acc)], f))
+        return real_store(acc, f, sig)
+
+    monkeypatch.setattr(sc, "_store_block_grams", store)
+    hn = calibrate(path, batches, streamed=True, grams=True, gram_timestep_weight="high-noise")
+    _assert_same(hn, calibrate(model, batches, grams=True, gram_timestep_weight="high-noise"))
+    assert all(isinstance(hn.stats[k], np.ndarray) for k in _gram_keys(hn.stats))
+    # one move off the device per block, holding that block's Grams only, to host RAM
+    assert [b for b, _ in stored] == [[b] for b in blocks] and all(f is None for _, f in stored)
+    stored.clear()
+    cal = sc.calibrate_streamed(path, batches, grams=True, out=tmp_path)
+    _assert_same(cal, ref)  # fp32: rtol 1e-5, atol 1e-6 x the Gram's largest entry (other compiled programs)
+    keys = _gram_keys(cal.stats)
+    assert keys == _gram_keys(ref.stats) and all(isinstance(cal.stats[k], StoredGram) for k in keys)
+    files = sorted(p.name for p in (tmp_path / sc.GRAM_DIR).iterdir())
+    assert files == sorted(f.name for _, f in stored) and len(files) == len(blocks)
+    # the finished state names the Gram files; reading it back (either calibration) gives the same Grams
+    again = calibrate(model, batches, grams=True, out=tmp_path)
+    for k in keys:
+        assert isinstance(again.stats[k], StoredGram)
+        np.testing.assert_array_equal(np.asarray(again.stats[k]), np.asarray(cal.stats[k]))
+    # compensated pruning from the file-backed Grams == from the in-memory ones
+    a, b = _problem(model, ref), _problem(model, cal)
+    assert set(a.order) == set(b.order)
+    for k in a.order:
+        np.testing.assert_array_equal(a.order[k], b.order[k], err_msg=str(k))
+    assert set(a.refits) == set(b.refits) and a.refits
+    for k, v in a.refits.items():
+        np.testing.assert_allclose(np.asarray(b.refits[k]), np.asarray(v), rtol=1e-4, atol=1e-5, err_msg=str(k))
+    # the Grams stay on disk through the permutation (applied on read) and the plan's Gram file
+    from tmp_jax.compensate import Compensation
+
+    sha = b.compensation.save(tmp_path / "compensation.safetensors")
+    back = Compensation.load(tmp_path / "compensation.safetensors", b.compensation.config, sha256=sha)
+    for k, g in a._comp_perm.grams.items():
+        assert isinstance(b._comp_perm.grams[k], StoredGram)
+        tol = 1e-5 * float(np.abs(g).max())
+        np.testing.assert_allclose(np.asarray(b._comp_perm.grams[k]), g, rtol=1e-5, atol=tol, err_msg=str(k))
+        np.testing.assert_array_equal(np.asarray(back.grams[k]), np.asarray(b.compensation.grams[k]))
+
+
+def test_streamed_grams_resume(setup, tmp_path, monkeypatch):
+    """Interrupted streamed calibrations with Grams resume to exactly the uninterrupted result: (a) inside a
+    block (its Grams were on the device: the block is re-run for every micro-batch, no state past it exists);
+    (b) after a block's Gram file was written but before every micro-batch's state was (the micro-batch
+    re-runs the block for its activations and adds nothing to the Grams)."""
+    name, path, model, batches, _ = setup
+    steps = sc.get_hooks(name).schedule(model.config)
+    blocks = [i for i, s in enumerate(steps) if s.kind == "block"]
+    want = sc.calibrate_streamed(path, batches, grams=True)
+    real_block, real_write = sc._block_jit, sc._write_mb
+    calls = {"n": 0}
+
+    def boom(*a):
+        calls["n"] += 1
+        if calls["n"] == (len(blocks) - 1) * len(batches) + 2:  # in the last block, second micro-batch
+            raise KeyboardInterrupt
+        return real_block(*a)
+
+    def exact(cal):
+        assert _gram_keys(cal.stats) == _gram_keys(want.stats)
+        for k in _gram_keys(want.stats):
+            np.testing.assert_array_equal(np.asarray(cal.stats[k]), np.asarray(want.stats[k]), err_msg=str(k))
+        _assert_same(cal, want, rtol=0, atol=0)
+
+    monkeypatch.setattr(sc, "_block_jit", boom)
+    with pytest.raises(KeyboardInterrupt):
+        sc.calibrate_streamed(path, batches, grams=True, out=tmp_path / "a")
+    grams = sorted(p.name for p in (tmp_path / "a" / sc.GRAM_DIR).iterdir())
+    assert grams == [sc._gram_file(tmp_path, si).name for si in blocks[:-1]]  # every block but the one in progress
+    states = sorted(p.name for p in (tmp_path / "a" / sc.STREAM_DIR).iterdir())
+    assert states == [f"mb-{m:05d}-at-{blocks[-1]:04d}.npz" for m in range(len(batches))]  # none past it
+    calls["n"] = -(10**9)
+    exact(sc.calibrate_streamed(path, batches, grams=True, out=tmp_path / "a"))
+    assert calls["n"] + 10**9 == len(batches)  # only the interrupted block, for every micro-batch
+
+    monkeypatch.setattr(sc, "_block_jit", real_block)
+    second = blocks[1]
+
+    def write_boom(root, m, at, *a):
+        if at == second + 1 and m == 1:  # block `second`'s Grams are on disk, micro-batch 1's state is not
+            raise KeyboardInterrupt
+        return real_write(root, m, at, *a)
+
+    monkeypatch.setattr(sc, "_write_mb", write_boom)
+    with pytest.raises(KeyboardInterrupt):
+        sc.calibrate_streamed(path, batches, grams=True, out=tmp_path / "b")
+    assert sc._gram_file(tmp_path / "b" / sc.GRAM_DIR, second).is_file()
+    monkeypatch.setattr(sc, "_write_mb", real_write)
+    exact(sc.calibrate_streamed(path, batches, grams=True, out=tmp_path / "b"))
+    # another Gram setting is another calibration: its states and Grams are refused, not mixed
+    with pytest.raises(ValueError, match="resume state"):
+        sc.calibrate_streamed(path, batches, grams=True, gram_timestep_weight="high-noise", out=tmp_path / "b")

@@ -31,7 +31,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tmp_jax import arch
-from tmp_jax.stats import set_grams
+from tmp_jax.compensate import StoredGram, check_timestep_weight, sample_sigmas, timestep_weights
+from tmp_jax.stats import set_gram_weights, set_grams
 from tmp_jax.tree import Tree, node_path
 
 FORMAT_VERSION = 1
@@ -209,8 +210,8 @@ def combine_stats(
     ``S_t`` is task t's sum over its ``N_t`` samples and ``N`` the total: every task contributes its weight's
     share of the total at the scale of a sum over all samples, whatever its sample count. One task: exactly its
     sum. A statistic only one task sows (Z-Image's SigLIP refiner under TI2I) is combined the same way."""
-    if len(by_task) == 1 and (weights is None or len(weights) <= 1):
-        return {k: np.asarray(v) for k, v in next(iter(by_task.values())).items()}  # device Grams -> host
+    if len(by_task) == 1 and (weights is None or len(weights) <= 1):  # device Grams -> host; Grams on disk stay
+        return {k: v if isinstance(v, StoredGram) else np.asarray(v) for k, v in next(iter(by_task.values())).items()}
     if weights is None:
         weights = {t: 1.0 / len(by_task) for t in by_task}
     total = sum(n_samples[t] for t in by_task)
@@ -235,11 +236,14 @@ def calibrate(
     weights: dict[str, float] | None = None,
     grams: bool = False,
     gram_stride: int = 1,
+    gram_timestep_weight: str = "uniform",
 ) -> Calibration:
     """Teacher outputs + summed statistics over all micro-batches (resumes from ``out``).
 
     ``grams``: also accumulate the consumer Grams that compensated pruning re-fits with (``gram_<kind>`` per
-    unit group, :mod:`tmp_jax.compensate`), reading every ``gram_stride``-th token; part of the resume signature.
+    unit group, :mod:`tmp_jax.compensate`), reading every ``gram_stride``-th token, each sample's rows weighted
+    by its noise level per ``gram_timestep_weight`` (:func:`tmp_jax.compensate.timestep_weights`; "uniform":
+    unweighted); all three are part of the resume signature (:func:`gram_signature`).
 
     ``model`` is a loaded model, or the path of a checkpoint folder. For a path, ``streamed`` chooses
     block-by-block calibration with the weights streamed from disk
@@ -251,6 +255,8 @@ def calibrate(
     are summed per task (``Calibration.stats_by_task``) and combined with ``weights`` (task -> weight, default
     equal over the tasks present) into ``Calibration.stats`` (:func:`combine_stats`).
     """
+    if grams:
+        check_timestep_weight(gram_timestep_weight)
     if isinstance(model, str | os.PathLike):
         from tmp_jax import streamed_calibration as sc
 
@@ -264,12 +270,17 @@ def calibrate(
                     f"streamed (block-by-block) calibration covers {h.default_task} micro-batches only; "
                     f"this set has {', '.join(other)} ones (calibrate a loaded model instead)"
                 )
-            if grams:
-                raise ValueError(
-                    "compensated pruning needs consumer Grams, which streamed (block-by-block) calibration does "
-                    "not collect yet: pass --no-compensate, or calibrate a loaded model"
-                )
-            return sc.calibrate_streamed(model, batches, dtype=dtype, mesh=mesh, out=out, progress=progress)
+            return sc.calibrate_streamed(
+                model,
+                batches,
+                dtype=dtype,
+                mesh=mesh,
+                out=out,
+                progress=progress,
+                grams=grams,
+                gram_stride=gram_stride,
+                gram_timestep_weight=gram_timestep_weight,
+            )
         h = arch.get(sc.checkpoint_arch(Path(model)))
         model = h.load(str(model), dtype=jnp.float32 if dtype is None else dtype, mesh=mesh)
     elif streamed:
@@ -280,7 +291,8 @@ def calibrate(
     state_path = Path(out) / "calib_state.npz" if out is not None else None
     done, teacher, by_task = 0, [], {}
     # the resume state belongs to this set of micro-batches AND this teacher
-    sig = (batches_signature(batches) + (f":grams{gram_stride}" if grams else "")) if state_path is not None else None
+    gsig = gram_signature(grams, gram_stride, gram_timestep_weight)
+    sig = batches_signature(batches) + gsig if state_path is not None else None
     tsig = f"params:{teacher_signature(model)}" if state_path is not None else None
     if state_path is not None and state_path.is_file():
         done, teacher, by_task = _load_state(state_path, by_task=True, sig=sig, n=len(inputs), teacher_sig=tsig)
@@ -290,10 +302,13 @@ def calibrate(
 
         it = progress_bar(it, desc="calibration", unit="batch", initial=done, total=len(inputs))
     set_grams(model, grams, gram_stride)
+    arch_name = _arch_of(model)
     saved = time.monotonic()
     try:
         for i in it:
             task = inputs[i]["task"]
+            if grams:  # this micro-batch's per-sample Gram weights (None: uniform, the unweighted program)
+                set_gram_weights(model, timestep_weights(gram_timestep_weight, sample_sigmas(arch_name, batches[i])))
             y, s = hooks.for_task(task).collect_stats(model, inputs[i])
             teacher.append(np.asarray(y))
             acc = by_task.setdefault(task, {})
@@ -307,7 +322,16 @@ def calibrate(
                 saved = time.monotonic()
     finally:
         set_grams(model, False)
+        set_gram_weights(model, None)
     return finish(inputs, teacher, by_task, weights)
+
+
+def gram_signature(grams: bool, stride: int = 1, timestep_weight: str = "uniform") -> str:
+    """The consumer-Gram settings' part of a calibration resume signature ("" without Grams; the uniform
+    weighting adds nothing, so states written before timestep weighting existed still resume)."""
+    if not grams:
+        return ""
+    return f":grams{stride}" + ("" if timestep_weight == "uniform" else f":tw={timestep_weight}")
 
 
 def batches_signature(batches: list[dict[str, Any]]) -> str:
@@ -391,7 +415,9 @@ def _load_state(
     (:func:`batches_signature`) / ``n``: the set being calibrated; a state of another set is a ValueError.
     ``teacher_sig``: ``"params:..."`` (:func:`teacher_signature` of a loaded model) or ``"files:..."`` (the
     checkpoint fingerprint, streamed calibration); a state written for another teacher of the same kind is a
-    ValueError (a state of the other kind cannot be compared and is accepted: the two paths share the format)."""
+    ValueError (a state of the other kind cannot be compared and is accepted: the two paths share the format).
+    Statistics the state names by file (``stat_files``: streamed calibration's per-block Gram files) come back
+    as :class:`~tmp_jax.compensate.StoredGram` s."""
     z = np.load(path, allow_pickle=False)
     done = int(z["done"])
     stored = str(z["batch_sig"]) if "batch_sig" in z else None
@@ -409,9 +435,16 @@ def _load_state(
     teacher = [z[f"teacher_{i}"] for i in range(done)]
     keys = json.loads(str(z["stat_keys"]))
     tasks = json.loads(str(z["stat_tasks"])) if "stat_tasks" in z else ["t2i"] * len(keys)
-    per: dict[str, dict[tuple, np.ndarray]] = {}
+    files = {int(i): (f, name) for i, f, name in json.loads(str(z["stat_files"]))} if "stat_files" in z else {}
+    per: dict[str, dict[tuple, Any]] = {}
     for i, (t, k) in enumerate(zip(tasks, keys)):
-        per.setdefault(t, {})[tuple(k)] = z[f"stat_{i}"]
+        if i in files:  # a Gram kept on disk next to the state
+            f = path.parent / files[i][0]
+            if not f.is_file():
+                raise ValueError(f"{path}: names the Gram file {f}, which is missing; remove {path} to recalibrate")
+            per.setdefault(t, {})[tuple(k)] = StoredGram.open(f, files[i][1])
+        else:
+            per.setdefault(t, {})[tuple(k)] = z[f"stat_{i}"]
     if by_task:
         return done, teacher, per
     if len(per) > 1:
@@ -427,14 +460,23 @@ def _save_state(
     sig: str | None = None,
     teacher_sig: str | None = None,
 ) -> None:
-    """Write ``calib_state.npz`` atomically; ``stats`` is {path: sum} (one task, t2i) or {task: {path: sum}}."""
+    """Write ``calib_state.npz`` atomically; ``stats`` is {path: sum} (one task, t2i) or {task: {path: sum}}.
+
+    A :class:`~tmp_jax.compensate.StoredGram` (a Gram already on disk) is recorded by its file (relative to the
+    state's folder) and tensor name, not copied."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if stats and all(isinstance(k, str) for k in stats):
         items = [(t, k, v) for t, st in stats.items() for k, v in st.items()]
     else:
         items = [("t2i", k, v) for k, v in stats.items()]
     arrays = {f"teacher_{i}": t for i, t in enumerate(teacher)}
-    arrays.update({f"stat_{i}": v for i, (_, _, v) in enumerate(items)})
+    arrays.update({f"stat_{i}": v for i, (_, _, v) in enumerate(items) if not isinstance(v, StoredGram)})
+    files = []
+    for i, (_, _, v) in enumerate(items):
+        if isinstance(v, StoredGram):
+            if v.takes:
+                raise ValueError(f"internal: a permuted StoredGram ({v!r}) is no calibration statistic")
+            files.append([i, os.path.relpath(v.path, path.parent), v.name])
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calib_state.", suffix=".npz")
     os.close(fd)
     np.savez(
@@ -444,6 +486,7 @@ def _save_state(
         stat_tasks=np.array(json.dumps([t for t, _, _ in items])),
         **({"batch_sig": np.array(sig)} if sig else {}),
         **({"teacher_sig": np.array(teacher_sig)} if teacher_sig else {}),
+        **({"stat_files": np.array(json.dumps(files))} if files else {}),
         **arrays,
     )
     os.replace(tmp, path)

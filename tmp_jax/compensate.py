@@ -10,7 +10,9 @@ tokens and ``G = X^T X`` its Gram (sown by the modules as ``gram_<kind>`` when c
 
 in float64 on the host, ``lam = damp * mean(diag G)``. The ridge pulls toward the original weights, so
 keeping every unit gives ``W`` exactly. A batched Gram ``(E, N, N)`` (per-expert, gate-weighted) re-fits
-each expert's ``down_proj`` with its own Gram.
+each expert's ``down_proj`` with its own Gram. With ``timestep_weight="high-noise"`` every calibration
+sample's rows enter ``G`` with the weight ``sigma`` of its noise level (:func:`timestep_weights`; the models
+weight the rows as they sow the Grams, :func:`tmp_jax.stats.set_gram_weights`).
 
 Order: a greedy structured-OBS pass (ZipLM / SlimGPT style) removes, one unit (or a small chunk, for
 wide groups) at a time, the unit whose removal adds the least output error given the re-fit of the
@@ -31,6 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,24 +49,76 @@ GRAM_PREFIX = "gram_"
 STATS_FILE = "compensation.safetensors"
 
 
+# How the calibration samples' Gram contributions are weighted by their noise level sigma (1 = pure noise):
+# "uniform" (every sample alike) or "high-noise" (w = sigma: see timestep_weights).
+TIMESTEP_WEIGHTS = ("uniform", "high-noise")
+
+
 @dataclass(frozen=True)
 class CompensationConfig:
     """``damp``: ridge as a fraction of the Gram's mean diagonal; ``chunk``: wide groups remove
     ``max(1, alive // chunk)`` units per greedy OBS step (1 unit at a time below ``chunk`` units);
-    ``token_stride``: the Grams read every ``token_stride``-th token (cheaper calibration)."""
+    ``token_stride``: the Grams read every ``token_stride``-th token (cheaper calibration);
+    ``timestep_weight``: one of :data:`TIMESTEP_WEIGHTS`, each sample's weight in the Grams by its noise
+    level (:func:`timestep_weights`)."""
 
     damp: float = 0.01
     chunk: int = 64
     token_stride: int = 1
+    timestep_weight: str = "uniform"
 
     def __post_init__(self) -> None:
         if not self.damp > 0:
             raise ValueError(f"compensation damp must be > 0, got {self.damp}")
         if int(self.chunk) < 1 or int(self.token_stride) < 1:
             raise ValueError(f"compensation chunk and token_stride must be >= 1, got {self.chunk}, {self.token_stride}")
+        check_timestep_weight(self.timestep_weight)
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": METHOD, "damp": self.damp, "chunk": self.chunk, "token_stride": self.token_stride}
+        return {
+            "method": METHOD,
+            "damp": self.damp,
+            "chunk": self.chunk,
+            "token_stride": self.token_stride,
+            "timestep_weight": self.timestep_weight,
+        }
+
+
+def check_timestep_weight(kind: str) -> str:
+    """``kind`` if it names a Gram timestep weighting, else a one-line ValueError."""
+    if kind not in TIMESTEP_WEIGHTS:
+        raise ValueError(f"Gram timestep weight {kind!r}: expected one of {', '.join(TIMESTEP_WEIGHTS)}")
+    return kind
+
+
+def sample_sigmas(arch_name: str, batch: dict[str, Any]) -> np.ndarray:
+    """Each sample's noise level sigma in [0, 1] (1 = pure noise) of a raw calibration micro-batch
+    (``docs/calibration-format.md``): Z-Image's ``t`` is ``1 - sigma``, HunyuanImage's ``timestep`` is
+    ``sigma * 1000`` (TI2I micro-batches: the target's, as in T2I). -> (B,) float64."""
+    if arch_name == "zimage":
+        sigma = 1.0 - np.asarray(batch["t"], np.float64).reshape(-1)
+    elif arch_name == "hunyuan":
+        sigma = np.asarray(batch["timestep"], np.float64).reshape(-1) / 1000.0
+    else:
+        raise ValueError(f"Gram timestep weighting: no noise level known for arch {arch_name!r}")
+    if not np.all(np.isfinite(sigma)):
+        raise ValueError(f"Gram timestep weighting: non-finite timesteps in a {arch_name} micro-batch")
+    return np.clip(sigma, 0.0, 1.0)
+
+
+def timestep_weights(kind: str, sigma: np.ndarray) -> np.ndarray | None:
+    """Per-sample weights of the Gram contributions (``G = sum_b w_b sum_{t in b} x_t^T x_t``), None for uniform.
+
+    ``"high-noise"``: ``w = sigma``. Under flow matching, the high-noise steps fix layout and composition and
+    their velocity errors are carried through every later step of sampling, while the low-noise steps refine
+    detail; a linear ramp is the simplest monotone choice with no knob to tune (with sigma ~ U(0, 1) the
+    noisier half of the samples gets 3/4 of the weight instead of 1/2). Only ratios between samples matter:
+    the re-fit needs the Gram up to scale and its damping is relative. A sample at sigma = 0 drops out of the
+    Grams. The importance statistics stay unweighted."""
+    check_timestep_weight(kind)
+    if kind == "uniform":
+        return None
+    return np.asarray(sigma, np.float64).reshape(-1)
 
 
 def consumer_slice(u: Units) -> Slice | None:
@@ -69,15 +126,118 @@ def consumer_slice(u: Units) -> Slice | None:
     return next((s for s in u.slices if s.consumer), None)
 
 
-def gram_stats(tree: Tree, stats: dict[tuple, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-    """The consumer Grams sown during calibration, by (node, units kind); groups without one are absent."""
+def gram_stats(tree: Tree, stats: dict[tuple, Any]) -> dict[tuple[str, str], Any]:
+    """The consumer Grams sown during calibration, by (node, units kind); groups without one are absent.
+
+    Host arrays come back as float64; a :class:`StoredGram` (streamed calibration with a run folder keeps its
+    Grams on disk) stays one, read when a group is ordered or re-fitted."""
     out = {}
     for n in tree.spec.nodes():
         for u in n.units:
             g = stats.get((*node_path(n.name), GRAM_PREFIX + u.kind))
             if g is not None and consumer_slice(u) is not None:
-                out[(n.name, u.kind)] = np.asarray(g, np.float64)
+                out[(n.name, u.kind)] = g if isinstance(g, StoredGram) else np.asarray(g, np.float64)
     return out
+
+
+def _f64(g: Any) -> np.ndarray:
+    """A Gram (host array or :class:`StoredGram`) as a float64 host array."""
+    return np.asarray(g, np.float64)
+
+
+def _take(g: Any, idx: np.ndarray, axis: int) -> Any:
+    """``np.take`` of a Gram; a :class:`StoredGram` stays lazy (the selection is applied when it is read)."""
+    return g.take(idx, axis) if isinstance(g, StoredGram) else np.take(g, idx, axis=axis)
+
+
+class StoredGram:
+    """A Gram in a safetensors file, read when used (``np.asarray(g)``, float32 as stored).
+
+    Streamed calibration writes each block's Grams to disk as soon as the block is done (HunyuanImage: 64 x
+    3072^2 fp32 = 2.4 GB of expert Grams per layer, never all in memory at once); :class:`Compensation`
+    reads one group's Gram at a time. ``take`` records an index selection applied on read (the permuted
+    numbering of :meth:`Compensation.permuted`) without reading anything."""
+
+    def __init__(self, path: str | Path, name: str, shape: tuple[int, ...], takes: tuple = ()):
+        self.path, self.name, self.takes = Path(path), name, takes
+        self.shape = tuple(int(d) for d in shape)  # after the selections in ``takes``
+
+    @classmethod
+    def open(cls, path: str | Path, name: str) -> StoredGram:
+        """The tensor ``name`` of the safetensors file ``path`` (its shape from the header)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            return cls(path, name, tuple(f.get_slice(name).get_shape()))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def take(self, idx: Any, axis: int) -> StoredGram:
+        idx, axis = np.asarray(idx, np.int64).reshape(-1), axis % self.ndim
+        shape = list(self.shape)
+        shape[axis] = len(idx)
+        return StoredGram(self.path, self.name, tuple(shape), (*self.takes, (idx, axis)))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="numpy") as f:
+            a = f.get_tensor(self.name)
+        for idx, axis in self.takes:
+            a = np.take(a, idx, axis=axis)
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"StoredGram({str(self.path)!r}, {self.name!r}, shape={self.shape})"
+
+
+def save_f32_safetensors(
+    path: str | Path, arrays: list[tuple[str, Any]], metadata: dict[str, str] | None = None
+) -> str:
+    """Write ``(name, array)`` pairs as one float32 safetensors file, atomically (a temporary name in the same
+    folder, then a rename); returns the file's sha256, computed while writing.
+
+    The arrays (host or device arrays, :class:`StoredGram`) are converted and written ONE AT A TIME, so
+    writing Grams larger than host memory in total needs memory for the largest one only (the format's
+    header, which lists every tensor's shape and byte range, is written first, from the shapes alone)."""
+    path = Path(path)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    off = 0
+    for name, a in arrays:
+        size = int(np.prod(a.shape, dtype=np.int64)) * 4
+        header[name] = {"dtype": "F32", "shape": [int(d) for d in a.shape], "data_offsets": [off, off + size]}
+        off += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the reference writer pads
+    sha = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in (struct.pack("<Q", len(head)), head):
+                f.write(part)
+                sha.update(part)
+            for _, a in arrays:
+                data = memoryview(np.ascontiguousarray(np.asarray(a, np.float32), "<f4")).cast("B")
+                f.write(data)
+                sha.update(data)
+                del data
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sha.hexdigest()
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _damp(g: np.ndarray, damp: float) -> np.ndarray:
@@ -363,7 +523,7 @@ def _remove(hinv: np.ndarray, w: np.ndarray, units: np.ndarray, group: int) -> N
 class Compensation:
     """Consumer Grams by (node, units kind), in the numbering of the model they belong to."""
 
-    grams: dict[tuple[str, str], np.ndarray]
+    grams: dict[tuple[str, str], Any]  # host arrays (float64) or StoredGram (read on use)
     config: CompensationConfig = field(default_factory=CompensationConfig)
 
     def consumers(self, tree: Tree) -> dict[PathT, tuple[str, str, Units, Slice]]:
@@ -385,7 +545,7 @@ class Compensation:
         counts = self.level_counts(tree)
         order, scores, snaps = {}, {}, {}
         for path, (node, kind, _, s) in self.consumers(tree).items():
-            w, g = np.asarray(params[path]), self.grams[(node, kind)]
+            w, g = np.asarray(params[path]), _f64(self.grams[(node, kind)])  # one group's Gram in memory at a time
             ks = tuple(counts.get((node, kind), ())) or (0,)  # (0,): none wanted, still the 3-tuple form
             o, sc, sn = obs_order(g, w, s.group, s.axis, self.config.damp, self.config.chunk, ks)
             order[(node, kind)], scores[(node, kind)], snaps[(node, kind)] = o, sc, sn
@@ -408,22 +568,23 @@ class Compensation:
         if c is None:
             return None
         node, kind, _, s = c
-        return refit(self.grams[(node, kind)], np.asarray(w), ids, s.group, s.axis, self.config.damp)
+        return refit(_f64(self.grams[(node, kind)]), np.asarray(w), ids, s.group, s.axis, self.config.damp)
 
     def permuted(self, tree: Tree, order: dict[tuple[str, str], np.ndarray]) -> Compensation:
         """These Grams in the numbering of a model permuted by ``order`` (:func:`tmp_jax.materialize.permute`).
 
         A batched (per-expert) Gram is also permuted along its batch axis by the order of the node's group
-        that slices the consumer's axis 0 (the experts): expert ``e`` of the permuted model is ``order[e]``."""
+        that slices the consumer's axis 0 (the experts): expert ``e`` of the permuted model is ``order[e]``.
+        A :class:`StoredGram` stays on disk (the permutation is applied when it is read)."""
         out = {}
         for key, g in self.grams.items():
             s = consumer_slice(tree.units(*key))
             o = order.get(key)
             if o is not None:
                 el = _elements(np.asarray(o), s.group)
-                g = g[..., el, :][..., :, el]
+                g = _take(_take(g, el, -2), el, -1)
             bo = _batch_order(tree, *key, s, order) if g.ndim == 3 else None
-            out[key] = g[bo] if bo is not None else g
+            out[key] = _take(g, bo, 0) if bo is not None else g
         return Compensation(out, self.config)
 
     def level_refits(
@@ -442,40 +603,32 @@ class Compensation:
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> str:
-        """Write the Grams (float32 safetensors, atomically); returns the file's sha256."""
-        from safetensors.numpy import save_file
-
-        from tmp_jax.calibration import _atomic_write
-
-        path = Path(path)
-        arrays = {f"{n}/{k}": np.ascontiguousarray(g, np.float32) for (n, k), g in sorted(self.grams.items())}
+        """Write the Grams (float32 safetensors, atomically, one Gram in memory at a time); returns the file's
+        sha256."""
+        arrays = [(f"{n}/{k}", g) for (n, k), g in sorted(self.grams.items())]
         meta = {"config": json.dumps(self.config.to_json()), **(extra or {})}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(arrays, str(tmp), metadata=meta)
-        data = tmp.read_bytes()
-        tmp.unlink()
-        _atomic_write(path, data)
-        return hashlib.sha256(data).hexdigest()
+        return save_f32_safetensors(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | Path, config: CompensationConfig, sha256: str | None = None) -> Compensation:
-        """Read a Gram file written by :meth:`save` (safetensors only); ``sha256`` checks it is the one a plan
-        was made with."""
-        from safetensors.numpy import load_file
+        """Open a Gram file written by :meth:`save` (safetensors only); ``sha256`` checks it is the one a plan
+        was made with. The Grams are :class:`StoredGram` s, read from the file when a group is re-fitted."""
+        from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: compensation statistics file missing (written by tmp_jax.search)")
         if sha256 is not None:
-            got = hashlib.sha256(path.read_bytes()).hexdigest()
+            got = _sha256_file(path)
             if got != sha256:
                 raise ValueError(f"{path}: sha256 {got[:12]}... differs from the plan's {sha256[:12]}... (another run)")
-        grams = {}
-        for key, v in load_file(str(path)).items():
-            node, _, kind = key.rpartition("/")
-            if not node:
-                raise ValueError(f"{path}: key {key!r} is not 'node/kind'")
-            grams[(node, kind)] = np.asarray(v, np.float64)
+        grams: dict[tuple[str, str], Any] = {}
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                node, _, kind = key.rpartition("/")
+                if not node:
+                    raise ValueError(f"{path}: key {key!r} is not 'node/kind'")
+                grams[(node, kind)] = StoredGram(path, key, tuple(f.get_slice(key).get_shape()))
         return cls(grams, config)
 
 
@@ -513,7 +666,11 @@ def from_plan(plan: dict[str, Any], plan_path: str | Path) -> Compensation | Non
             damp=float(rec.get("damp", 0.01)),
             chunk=int(rec.get("chunk", 64)),
             token_stride=int(rec.get("token_stride", 1)),
+            timestep_weight=str(rec.get("timestep_weight", "uniform")),  # plans before the field: uniform
         )
     except (TypeError, ValueError):
-        raise ValueError(f"{p}: 'compensation' damp / chunk must be numbers, got {rec!r}") from None
+        raise ValueError(
+            f"{p}: 'compensation' damp / chunk must be numbers and timestep_weight one of "
+            f"{', '.join(TIMESTEP_WEIGHTS)}, got {rec!r}"
+        ) from None
     return Compensation.load(p.parent / str(rec["stats"]), cfg, sha256=rec.get("stats_sha256"))

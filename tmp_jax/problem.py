@@ -375,8 +375,17 @@ def build_problem(
 
         maybe_expert_parallel(msh)
     grams, stride = compensation is not None, compensation.token_stride if compensation is not None else 1
+    tw = compensation.timestep_weight if compensation is not None else "uniform"
     cal = calibrate(
-        m_obj, batches, mesh=msh, out=out, progress=progress, weights=weights, grams=grams, gram_stride=stride
+        m_obj,
+        batches,
+        mesh=msh,
+        out=out,
+        progress=progress,
+        weights=weights,
+        grams=grams,
+        gram_stride=stride,
+        gram_timestep_weight=tw,
     )
     prob = PruningProblem(m_obj, cal, source=source, task_weights=weights, compensation=compensation)
     prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from search.budget import KINDS, SearchError
 from search.engine import SearchConfig, run
 from search.strategies import STRATEGIES
+from tmp_jax.compensate import TIMESTEP_WEIGHTS
 
 DESCRIPTION = """\
 Search which blocks, sub-layers, heads, FFN channels and experts of a diffusion transformer to keep
@@ -90,6 +91,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         default=1,
         help="the Grams read every N-th token: N x cheaper Gram statistics during calibration (default 1)",
     )
+    p.add_argument(
+        "--gram-timestep-weight",
+        default="uniform",
+        choices=list(TIMESTEP_WEIGHTS),
+        help="each calibration sample's weight in the Grams by its noise level sigma: uniform (default) or "
+        "high-noise (w = sigma: the re-fit favours the high-noise steps that fix the layout); recorded in the plan",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if not a.damp > 0:
@@ -113,6 +121,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         compensate=a.compensate,
         damp=a.damp,
         gram_stride=a.gram_stride,
+        gram_timestep_weight=a.gram_timestep_weight,
     )
 
 

@@ -134,6 +134,42 @@ def set_grams(model: nnx.Module, on: bool, stride: int = 1) -> int:
     return len(nodes)
 
 
+class GramWeight(nnx.Variable):
+    """Per-sample weights ``[B]`` of the consumer Grams (timestep weighting; calibration only, never a parameter)."""
+
+
+def set_gram_weights(model: nnx.Module, weights: np.ndarray | jax.Array | None) -> None:
+    """Weight every sample's rows in the consumer Grams of the next forwards: ``G = sum_b w_b sum_{t in b} x_t^T x_t``.
+
+    ``weights``: (B,) for the micro-batch about to run (B = its leading axis), or None to drop them. Each
+    module with ``collect_grams`` gets a ``gram_weight`` attribute (a :class:`GramWeight`) only while weights
+    are set; None deletes it, so the model's pytree structure outside a weighted calibration is what it was
+    (nothing else recompiles). The value is a leaf: programs are reused across micro-batches of one size."""
+    w = None if weights is None else jnp.asarray(weights, jnp.float32).reshape(-1)
+    for _, n in nnx.iter_graph(model):
+        if not hasattr(n, "collect_grams"):
+            continue
+        if w is not None:
+            n.gram_weight = GramWeight(w)
+        elif "gram_weight" in vars(n):
+            del n.gram_weight
+
+
+def gram_row_weights(
+    module: nnx.Module, b: int, t: int, stride: int = 1, token_mask: jax.Array | None = None
+) -> jax.Array | None:
+    """Row weights of a Gram over ``x.reshape(b * t, -1)[::stride]`` (``b`` samples of ``t`` tokens): the
+    module's per-sample weights (:func:`set_gram_weights`) repeated over each sample's tokens, times
+    ``token_mask`` (b, t) where given (padding excluded); None when there is neither (an unweighted Gram)."""
+    gw = getattr(module, "gram_weight", None)
+    if gw is None and token_mask is None:
+        return None
+    w = jnp.ones((b, t), jnp.float32) if token_mask is None else token_mask.reshape(b, t).astype(jnp.float32)
+    if gw is not None:
+        w = w * gw[...].reshape(b, 1)
+    return w.reshape(-1)[::stride]
+
+
 def gram(x: jax.Array, weight: jax.Array | None = None) -> jax.Array:
     """``x^T diag(weight) x`` for ``x`` (N, C) -> (C, C) fp32: the second moment a least-squares re-fit of the
     layer consuming ``x`` needs. Operands in their own dtype with fp32 accumulation (bf16 runs on tensor

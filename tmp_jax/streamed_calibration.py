@@ -19,6 +19,18 @@ Resume: with ``out``, every micro-batch's state (its carry and its own statistic
 run resumes each micro-batch from its last written step (micro-batch granularity, as the in-memory one).
 The finished result is written to ``OUT/calib_state.npz`` in the in-memory calibration's
 format, so either calibration resumes from (and reuses) the other's finished result.
+
+Consumer Grams (``grams=True``, compensated pruning): a block's Grams are summed over the micro-batches ON
+THE DEVICE while the block is resident, then moved off it when the block is done, so the devices never hold
+more than one block's Grams (HunyuanImage: 64 x 3072^2 fp32 = 2.4 GB of expert Grams per layer). Without
+``out`` they go to host RAM; with ``out`` each block's go to ONE safetensors file,
+``OUT/calib_grams/grams-SSSS.safetensors`` (SSSS = the block's step; written atomically, one tensor in host
+memory at a time), and the result holds them as :class:`~tmp_jax.compensate.StoredGram` s, read when
+used; ``calib_state.npz`` names the files. A block's Grams sum EVERY micro-batch, so while a block runs its
+micro-batch states are held back until its Gram file is written: no state past a block exists without that
+block's Grams on disk, and a resumed run that re-runs a block whose Gram file exists (for micro-batches
+whose state is older) does not add to it. A crash loses at most the block in progress (plus the
+``checkpoint_every`` spacing), never a Gram contribution.
 """
 
 from __future__ import annotations
@@ -40,12 +52,27 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax import arch
-from tmp_jax.calibration import Calibration, _load_state, _save_state, batches_signature, shard_inputs
-from tmp_jax.stats import flatten_intermediates, split_collecting
+from tmp_jax.calibration import (
+    Calibration,
+    _load_state,
+    _save_state,
+    batches_signature,
+    gram_signature,
+    shard_inputs,
+)
+from tmp_jax.compensate import (
+    StoredGram,
+    check_timestep_weight,
+    sample_sigmas,
+    save_f32_safetensors,
+    timestep_weights,
+)
+from tmp_jax.stats import is_resident, set_gram_weights, set_grams, split_collecting
 
 PathT = tuple[str | int, ...]
 Carry = Any  # one micro-batch's activations between steps: any pytree of arrays (a dict, usually)
 STREAM_DIR = "calib_stream"
+GRAM_DIR = "calib_grams"  # per-block Gram files of a streamed calibration with a run folder (kept with the result)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +403,62 @@ def _carry_structures(ps: ParamStreamer, stem: nnx.Module, steps: list[Step], in
 
 
 # ----------------------------------------------------------------------------------------------
+# Consumer Grams: one block's at a time on the device, then on the host or in one file per block
+
+
+def _split_intermediates(inter: Any) -> tuple[dict[tuple, np.ndarray], dict[tuple, jax.Array]]:
+    """A block's sown intermediates -> (host statistics, as :func:`tmp_jax.stats.flatten_intermediates` gives
+    them; the consumer Grams, summed over the calls but left on the device)."""
+    host, dev = {}, {}
+    for path, v in nnx.to_flat_state(inter):
+        val = v.get_value() if hasattr(v, "get_value") else v
+        arrs = val if isinstance(val, tuple) else (val,)
+        if is_resident(tuple(path)):
+            dev[tuple(path)] = sum(arrs[1:], arrs[0])
+        else:
+            host[tuple(path)] = np.asarray(sum(np.asarray(x) for x in arrs))
+    return host, dev
+
+
+def _gram_file(root: Path, si: int) -> Path:
+    return root / f"grams-{si:04d}.safetensors"
+
+
+def _read_block_grams(f: Path, sig: str | None) -> dict[tuple, StoredGram] | None:
+    """The Grams of a finished block from its file (None if it has none yet); a file of another calibration
+    (set, checkpoint or Gram settings) is a ValueError."""
+    if not f.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="numpy") as fh:
+        meta, names = fh.metadata() or {}, list(fh.keys())
+    if meta.get("sig") != (sig or ""):
+        raise ValueError(
+            f"{f}: consumer Grams of another calibration (micro-batches, checkpoint or Gram settings); "
+            f"remove {f.parent} to start over"
+        )
+    keys = json.loads(meta["keys"])
+    return {tuple(keys[nm]): StoredGram.open(f, nm) for nm in names}
+
+
+def _store_block_grams(acc: dict[tuple, jax.Array], f: Path | None, sig: str | None) -> dict[tuple, Any]:
+    """One finished block's summed Grams off the device: to host arrays (``f`` None) or to the file ``f``
+    (atomically, one Gram on the host at a time), returned as :class:`StoredGram` s. Empties ``acc``, so the
+    device copies are freed."""
+    try:
+        if f is None:
+            return {k: np.asarray(jax.device_get(v)) for k, v in acc.items()}
+        names = {"/".join(map(str, k)): k for k in acc}  # readable tensor names; the keys (ints kept) in metadata
+        meta = {"sig": sig or "", "keys": json.dumps({nm: list(k) for nm, k in names.items()})}
+        f.parent.mkdir(parents=True, exist_ok=True)
+        save_f32_safetensors(f, [(nm, acc[k]) for nm, k in names.items()], meta)
+        return {k: StoredGram.open(f, nm) for nm, k in names.items()}
+    finally:
+        acc.clear()
+
+
+# ----------------------------------------------------------------------------------------------
 # The streamed calibration
 
 
@@ -403,6 +486,9 @@ def calibrate_streamed(
     progress: bool = False,
     carry_on: str = "device",
     checkpoint_every: int = 1,
+    grams: bool = False,
+    gram_stride: int = 1,
+    gram_timestep_weight: str = "uniform",
 ) -> Calibration:
     """Teacher outputs + summed statistics of the checkpoint at ``path``, block by block (see module doc).
 
@@ -416,9 +502,14 @@ def calibrate_streamed(
             ``"host"`` moves them to host RAM (device memory = stem + one block + one micro-batch).
         checkpoint_every: with ``out``, write each micro-batch's state (its carry: activations) as it finishes
             every this many-th step (and the last); a large set may prefer a few blocks between checkpoints.
+        grams / gram_stride / gram_timestep_weight: also the consumer Grams of compensated pruning, as for
+            ``calibrate`` (one block's on the device at a time; host RAM without ``out``, else one file per
+            block under ``OUT/calib_grams``: see the module docstring).
     """
     if carry_on not in ("device", "host"):
         raise ValueError(f"carry_on={carry_on!r}: expected 'device' or 'host'")
+    if grams:
+        check_timestep_weight(gram_timestep_weight)
     path = Path(path)
     hooks = get_hooks(checkpoint_arch(path))
     ps = ParamStreamer(path, hooks, dtype, mesh)
@@ -430,7 +521,7 @@ def calibrate_streamed(
     if out is not None:  # the resume state belongs to this set AND this checkpoint (headers, sizes, config)
         from tmp_jax.problem import fingerprint
 
-        sig = batches_signature(batches)
+        sig = batches_signature(batches) + gram_signature(grams, gram_stride, gram_timestep_weight)
         tsig = f"files:{fingerprint(path, cfg.to_hf_config())}:{_sampled_content_hash(path)}"
     if final is not None and final.is_file():
         done, teacher, stats = _load_state(final, sig=sig, n=n, teacher_sig=tsig)
@@ -445,6 +536,23 @@ def calibrate_streamed(
     own = [dict(st) for _, _, st in saved]  # each micro-batch's own statistics (summed in order at the end)
     stem = hooks.stem_view(ps.model)
     trees = _carry_structures(ps, stem, steps, inputs, [a if a < n_steps else 0 for a in at])
+    gram_root = Path(out) / GRAM_DIR if out is not None and grams else None
+    gram_w = [timestep_weights(gram_timestep_weight, sample_sigmas(hooks.name, b)) for b in batches] if grams else []
+    block_grams: dict[tuple, Any] = {}  # the finished blocks' Grams (host arrays, or StoredGrams with out)
+    pending_g: set[int] = set()  # block steps whose Grams this run sums (the others' are on disk already)
+    for si, step in enumerate(steps):
+        if not grams or step.kind != "block":
+            continue
+        done_g = _read_block_grams(_gram_file(gram_root, si), mb_sig) if gram_root is not None else None
+        if done_g is None and max(at) > si:  # a state past a block is written only after the block's Grams
+            raise ValueError(
+                f"{root}: micro-batch states past step {si} without its consumer Grams in {gram_root}; remove "
+                f"{root} to start over"
+            )
+        block_grams.update(done_g or {})
+        if done_g is None:
+            pending_g.add(si)
+    set_grams(ps.model, grams, gram_stride)
     carries: list[Any] = [None] * n
     teacher: list[Any] = [None] * n
     for m, (a, data, _) in enumerate(saved):
@@ -476,25 +584,46 @@ def calibrate_streamed(
             blk = _get(ps.model, step.path)
             ps.load(blk)
             gd, st = split_collecting(blk)
+        # this block's Grams: summed on the device over every micro-batch (all in ``todo``: checked above),
+        # unless a resumed run has them on disk (then the block only re-runs for the activations)
+        accumulate = si in pending_g
+        acc: dict[tuple, jax.Array] = {}
+        held: list[int] = []  # micro-batch states held back until the block's Grams are written
         for m in todo:
             if step.kind == "op":
                 dyn, static = _split_static(inputs[m])
                 prev = None if carries[m] is None else _to_devices(carries[m], mesh)
                 carries[m] = _op_jit(gd_s, step.fn, static, st_s, dyn, prev)
             else:
+                if grams and gram_w[m] is not None:  # this micro-batch's per-sample Gram weights (a state leaf)
+                    set_gram_weights(blk, gram_w[m])
+                    gd, st = split_collecting(blk)
                 carries[m], inter = _block_jit(gd, step.fn, st, _to_devices(carries[m], mesh))
-                for k, v in flatten_intermediates(inter).items():
+                host, dev = _split_intermediates(inter)
+                for k, v in host.items():
                     own[m][(*step.path, *k)] = v
+                for k, v in dev.items() if accumulate else ():  # in micro-batch order, as calibrate sums
+                    key = (*step.path, *k)
+                    acc[key] = acc[key] + v if key in acc else v
+                del inter, dev
             at[m] = si + 1
             if si == n_steps - 1:
                 teacher[m], carries[m] = np.asarray(carries[m]), None
             elif carry_on == "host":
                 carries[m] = jax.device_get(carries[m])
-            if checkpoint:
+            if checkpoint and accumulate and gram_root is not None:
+                held.append(m)
+            elif checkpoint:
                 _write_mb(root, m, si + 1, n, n_steps, teacher[m] if si == n_steps - 1 else carries[m], own[m], mb_sig)
             if pbar:
                 pbar.update(1)
+        if accumulate:  # off the device before the next block's are summed
+            block_grams.update(_store_block_grams(acc, gram_root and _gram_file(gram_root, si), mb_sig))
+        for m in held:
+            _write_mb(root, m, si + 1, n, n_steps, teacher[m] if si == n_steps - 1 else carries[m], own[m], mb_sig)
         if step.kind == "block":
+            if grams:
+                set_gram_weights(blk, None)
             del st
             ps.release(blk)
     if pbar:
@@ -502,10 +631,11 @@ def calibrate_streamed(
     if stem_loaded:
         del st_s
         ps.release(stem)
-    stats: dict[tuple, np.ndarray] = {}
+    stats: dict[tuple, Any] = {}
     for m in range(n):  # the in-memory calibration's order: micro-batch by micro-batch
         for k, v in own[m].items():
             stats[k] = stats[k] + v if k in stats else v
+    stats.update(block_grams)
     if final is not None:
         _save_state(final, n, teacher, stats, sig, tsig)
         shutil.rmtree(root, ignore_errors=True)

@@ -66,7 +66,7 @@ from flax import nnx
 
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.nn import Axes, Linear, RMSNorm, timestep_embedding
-from tmp_jax.stats import gram, group_output_energy
+from tmp_jax.stats import gram, gram_row_weights, group_output_energy
 
 MOE_IMPLS = ("ragged", "dense")
 
@@ -659,7 +659,7 @@ class Attention(nnx.Module):
             self.sow(nnx.Intermediate, "unit_stat", group_output_energy(og, self.o_proj.kernel[...], token_mask))
             if self.collect_grams:  # [N*hd, N*hd] Gram of o_proj's input (padding excluded): the KV-group re-fit
                 st = self.collect_grams
-                wt = None if token_mask is None else token_mask.reshape(-1)[::st].astype(jnp.float32)
+                wt = gram_row_weights(self, b, s, st, token_mask)  # padding 0; x the sample's timestep weight
                 self.sow(nnx.Intermediate, "gram_kv_groups", gram(out.reshape(b * s, -1)[::st], wt))
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
 
@@ -708,7 +708,13 @@ class RoutedExperts(nnx.Module):
         self.down_proj = nnx.Param(_normal(rngs, (e, i, h), i**-0.5, dtype), logical_axes=("exp", "exp_mlp", "embed"))
 
     def ragged(
-        self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False, grams: bool = False
+        self,
+        x: jax.Array,
+        weights: jax.Array,
+        indices: jax.Array,
+        stats: bool = False,
+        grams: bool = False,
+        gram_weight: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, ...]:
         """Grouped matmuls over expert-sorted token copies.
 
@@ -717,17 +723,27 @@ class RoutedExperts(nnx.Module):
         per (expert, channel) ``sum w * |h|`` [E, I] over the routed pairs (``y`` = unweighted expert output,
         ``h`` = hidden activation; pairs with weight 0, i.e. padding, contribute nothing). With ``stats`` and
         ``grams`` also the per-expert gate-weighted Gram of ``down_proj``'s input ``sum (w h)^T (w h)``
-        [E, I, I] (compensated pruning re-fits each expert's kept channels with it). Expert-parallel under
+        [E, I, I] (compensated pruning re-fits each expert's kept channels with it), each pair's term times
+        ``gram_weight`` [N] of its token where given (timestep weighting). Expert-parallel under
         ``shard_map`` while :func:`set_expert_parallel` has set a mesh.
         """
         up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
         ep = EXPERT_PARALLEL
         if ep is None or up_w.shape[0] % ep[0].shape[ep[1]]:  # off, or experts (a pruned count) don't split evenly
-            return _routed_pairs(x, weights, indices, up_w, gate_w, down_w, 0, up_w.shape[0], stats, False, grams)
-        return _routed_pairs_expert_parallel(x, weights, indices, up_w, gate_w, down_w, stats, *ep, grams=grams)
+            n_e = up_w.shape[0]
+            return _routed_pairs(x, weights, indices, up_w, gate_w, down_w, 0, n_e, stats, False, grams, gram_weight)
+        return _routed_pairs_expert_parallel(
+            x, weights, indices, up_w, gate_w, down_w, stats, *ep, grams=grams, gram_weight=gram_weight
+        )
 
     def dense(
-        self, x: jax.Array, weights: jax.Array, indices: jax.Array, stats: bool = False, grams: bool = False
+        self,
+        x: jax.Array,
+        weights: jax.Array,
+        indices: jax.Array,
+        stats: bool = False,
+        grams: bool = False,
+        gram_weight: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, ...]:
         """Reference path: every expert on every token, combined with the (sparse) routing weights.
 
@@ -750,7 +766,8 @@ class RoutedExperts(nnx.Module):
         if not grams:
             return out, mass, channel
         hw = hidden.astype(jnp.float32) * cf.T[:, :, None]  # [E, N, I]: the routed, weighted down_proj input
-        return out, mass, channel, jnp.einsum("eni,enj->eij", hw, hw, precision=jax.lax.Precision.HIGHEST)
+        lhs = hw if gram_weight is None else hw * gram_weight.astype(jnp.float32)[None, :, None]
+        return out, mass, channel, jnp.einsum("eni,enj->eij", lhs, hw, precision=jax.lax.Precision.HIGHEST)
 
 
 def _routed_pairs(
@@ -765,6 +782,7 @@ def _routed_pairs(
     stats: bool,
     per_device: bool,
     grams: bool = False,
+    gram_weight: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """The routed experts ``e0 .. e0 + E_loc`` (``up_w`` etc. [E_loc, ...]) applied to their (token, slot) pairs.
 
@@ -803,7 +821,8 @@ def _routed_pairs(
                 dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
             )
             hp = jax.lax.Precision.HIGHEST
-            gram_e = jax.lax.ragged_dot_general(hw, hw, group_sizes, dn, precision=hp)  # [E_loc, I, I]
+            lhs = hw if gram_weight is None else hw * jnp.take(gram_weight.astype(jnp.float32), pick // k)[:, None]
+            gram_e = jax.lax.ragged_dot_general(lhs, hw, group_sizes, dn, precision=hp)  # [E_loc, I, I]
     y = y * ws[:, None].astype(y.dtype)
     # back to (token, slot) order by a gather (a scatter of [N*k, H] rows is far slower on GPU): the pair at
     # sorted position j sits at local row (j - start) mod M
@@ -826,6 +845,7 @@ def _routed_pairs_expert_parallel(
     mesh: jax.sharding.Mesh,
     axis: str,
     grams: bool = False,
+    gram_weight: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """:func:`_routed_pairs` under ``shard_map``: experts split over ``axis``, partial outputs summed (psum).
 
@@ -839,9 +859,9 @@ def _routed_pairs_expert_parallel(
     data = "data" if mesh.shape.get("data", 1) > 1 and x.shape[0] % mesh.shape["data"] == 0 else None
     tok, exp = P(data), P(axis)
 
-    def local(x, weights, indices, up_w, gate_w, down_w):  # one device: its tokens, its E / P experts
+    def local(x, weights, indices, up_w, gate_w, down_w, *gw):  # one device: its tokens, its E / P experts
         e0 = jax.lax.axis_index(axis) * up_w.shape[0]
-        res = _routed_pairs(x, weights, indices, up_w, gate_w, down_w, e0, num_e, stats, True, grams)
+        res = _routed_pairs(x, weights, indices, up_w, gate_w, down_w, e0, num_e, stats, True, grams, *gw)
         if not stats:
             return jax.lax.psum(res, axis)
         out, *st = res
@@ -850,8 +870,10 @@ def _routed_pairs_expert_parallel(
         return (jax.lax.psum(out, axis), *st)
 
     out_specs = (tok, exp, exp, exp)[: 4 if grams else 3] if stats else tok
-    f = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=out_specs, check_vma=False)
-    return f(x, weights, indices, up_w, gate_w, down_w)
+    gw = () if gram_weight is None else (gram_weight,)  # per-token Gram weights: sharded like the tokens
+    in_specs = (tok, tok, tok, exp, exp, exp) + (tok,) * len(gw)
+    f = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return f(x, weights, indices, up_w, gate_w, down_w, *gw)
 
 
 class HunyuanMoE(nnx.Module):
@@ -912,8 +934,10 @@ class HunyuanMoE(nnx.Module):
         # The official code casts the routing weights to the activation dtype before combining.
         weights = weights.astype(x.dtype)
         if self.collect_stats:
+            # per-token Gram weights: each sample's timestep weight (None unless timestep weighting is on)
+            gw = gram_row_weights(self, shape[0], x2.shape[0] // shape[0]) if self.collect_grams else None
             routed, mass, channel, *gram_e = getattr(self.experts, self.impl)(
-                x2, weights, indices, stats=True, grams=self.collect_grams > 0
+                x2, weights, indices, stats=True, grams=self.collect_grams > 0, gram_weight=gw
             )
             self._sow_stats(indices, token_mask, mass, channel)
             if gram_e:  # [E, I, I] per-expert gate-weighted Gram of down_proj's input (compensated pruning)

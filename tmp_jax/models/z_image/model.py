@@ -26,7 +26,7 @@ from flax import nnx
 
 from tmp_jax.models.z_image.config import SEQ_MULTI_OF, SIGLIP_STACK, T_MID_DIM, BlockSpec, ZImageConfig
 from tmp_jax.nn import Linear, RMSNorm, timestep_embedding
-from tmp_jax.stats import gram, group_output_energy
+from tmp_jax.stats import gram, gram_row_weights, group_output_energy
 
 # ----------------------------------------------------------------------------------------------
 # RoPE
@@ -170,7 +170,9 @@ class Attention(nnx.Module):
         if self.collect_stats:  # per-head energy of its contribution through to_out (importance)
             self.sow(nnx.Intermediate, "unit_stat", head_output_energy(o, self.to_out[0].kernel[...]))
             if self.collect_grams:  # [N*D, N*D] Gram of to_out's input: the re-fit of the kept heads' rows
-                self.sow(nnx.Intermediate, "gram_heads", gram(o.reshape(B * T, -1)[:: self.collect_grams]))
+                st = self.collect_grams  # rows weighted per sample when timestep weighting is on
+                rw = gram_row_weights(self, B, T, st)
+                self.sow(nnx.Intermediate, "gram_heads", gram(o.reshape(B * T, -1)[::st], rw))
         y = self.to_out[0](o.reshape(B, T, self.heads * self.head_dim))
         if self.collect_stats:  # the branch output energy before the post-norm (scales unit scores)
             self.sow(nnx.Intermediate, "out_energy", jnp.sum(jnp.square(y.astype(jnp.float32))))
@@ -200,7 +202,9 @@ class FeedForward(nnx.Module):
             w2n = jnp.sqrt(jnp.sum(jnp.square(self.w2.kernel[...].astype(jnp.float32)), axis=1))  # [hidden]
             self.sow(nnx.Intermediate, "unit_stat", act * w2n)
             if self.collect_grams:  # [hidden, hidden] Gram of w2's input: the re-fit of the kept channels' rows
-                self.sow(nnx.Intermediate, "gram_ffn", gram(h.reshape(-1, h.shape[-1])[:: self.collect_grams]))
+                st, b = self.collect_grams, h.shape[0]  # rows weighted per sample when timestep weighting is on
+                rw = gram_row_weights(self, b, h.size // (b * h.shape[-1]), st)
+                self.sow(nnx.Intermediate, "gram_ffn", gram(h.reshape(-1, h.shape[-1])[::st], rw))
         y = self.w2(h)
         if self.collect_stats:  # the branch output energy before the post-norm (scales unit scores)
             self.sow(nnx.Intermediate, "out_energy", jnp.sum(jnp.square(y.astype(jnp.float32))))
