@@ -203,7 +203,7 @@ def run_child(args: list[str], env_extra: dict[str, str], cache: Path, cold: boo
     t0 = time.perf_counter()
     try:
         p = subprocess.run(
-            [sys.executable, __file__, "--child-record", str(rec), *args],
+            [sys.executable, __file__, "--child-record", str(rec), "--", *args],
             env=env,
             cwd=ROOT,
             capture_output=True,
@@ -225,6 +225,15 @@ def run_child(args: list[str], env_extra: dict[str, str], cache: Path, cold: boo
     if m:
         r["evaluations"] = int(m[-1])
     r["tail"] = out[-1500:]
+    with open(cache.parent / "logs.txt", "a") as fh:  # every child's whole output, one file
+        fh.write(f"\n===== {' '.join(args)} (cache {'cold' if cold else 'warm'}, env {env_extra}) =====\n{out}")
+    plans = sorted(Path(args[args.index("--out") + 1]).rglob("plan.json")) if "--out" in args else []
+    if plans:
+        plan = json.loads(plans[0].read_text())
+        meta = plan.get("search", {})
+        r["search_evals"], r["search_wall_s"] = meta.get("evals"), meta.get("wall_s")
+        if r["search_evals"] and r["search_wall_s"]:  # the search phase only (after the warm-up)
+            r["evals_per_s"] = round(r["search_evals"] / r["search_wall_s"], 2)
     return r
 
 
@@ -239,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-warm", action="store_true", help="cold runs only")
     p.add_argument("--search-args", default="", help="extra arguments for every search run (e.g. '--dtype bf16')")
     p.add_argument("--child-record", default=None, help=argparse.SUPPRESS)
-    a, rest = p.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)  # a child's own command line follows "--"
+    a, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]
     if a.child_record:  # child mode: the rest of the command line is the case's own
         if rest and rest[0].startswith("hunyuan:"):  # hunyuan:LAYERS[:tiny]
             _, layers, *tiny = rest[0].split(":")
@@ -257,30 +268,30 @@ def main(argv: list[str] | None = None) -> int:
             budget = "75%" if a.tiny else "4B"
             args = ["--model", str(turbo), "--budget", budget, "--generations", "2", "--population", "8"]
             args += ["--out", str(out / f"search-{case}"), *extra]
-        elif case == "dit":
-            args = ["--model", "zimage-fmnist", "--budget", "50%", "--out", str(out / "search-dit"), *extra]
+        elif case.startswith("dit"):
+            args = ["--model", "zimage-fmnist", "--budget", "50%", "--out", str(out / f"search-{case}"), *extra]
         elif case == "hunyuan":
             args = [f"hunyuan:{a.layers}" + (":tiny" if a.tiny else "")]
         else:
             raise SystemExit(f"unknown case {case!r}")
         env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()}
-        env = env if case == "turbo-autotune0" else {}
+        env = env if case.endswith("-autotune0") else {}
         cache = out / f"cache-{case}"
         runs = {"cold": run_child(args, env, cache, True, a.timeout)}
         print(f"{case} cold: {json.dumps({k: v for k, v in runs['cold'].items() if k != 'tail'})}", flush=True)
-        if not a.no_warm and case != "turbo-autotune0":
+        if not a.no_warm and not case.endswith("-autotune0"):
             runs["warm"] = run_child(args, env, cache, False, a.timeout)
             print(f"{case} warm: {json.dumps({k: v for k, v in runs['warm'].items() if k != 'tail'})}", flush=True)
         res[case] = runs
         (out / "cold_start.json").write_text(json.dumps(res, indent=1))
-    print("\n| case | cache | wall s | compiles | compile s | cache hits | peak GB | phases (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| case | cache | wall s | compiles | compile s | cache hits | peak GB | evals/s | phases (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for case in a.cases:
         for kind, r in res[case].items():
             ph = ", ".join(f"{k} {v:.1f}" for k, v in r.get("phases_s", {}).items())
             print(
                 f"| {case} | {kind} | {r.get('wall_s', r['outer_wall_s'])} | {r.get('compiles')} | "
-                f"{r.get('compile_s')} | {r.get('cache_hits')} | {r.get('peak_gb')} | {ph} |"
+                f"{r.get('compile_s')} | {r.get('cache_hits')} | {r.get('peak_gb')} | {r.get('evals_per_s')} | {ph} |"
             )
     return 0
 

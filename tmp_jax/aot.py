@@ -40,6 +40,33 @@ def _on_duration(event: str, *_a: Any, **_k: Any) -> None:
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
+_TEMP = [0]  # the largest device workspace (temp bytes) of a program compiled ahead of time so far
+
+
+def _note_temp(compiled: Any) -> None:
+    try:
+        t = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - a backend without memory analysis: no estimate
+        return
+    with _LOCK:
+        _TEMP[0] = max(_TEMP[0], t)
+
+
+def memory_bound_workers(default: int) -> int:
+    """How many programs may compile side by side on this device: ``default`` where the device keeps no
+    memory statistics (CPU), else at most the free device memory over twice the largest workspace of the
+    programs compiled so far. GPU autotuning runs each candidate kernel on buffers of the program's operand
+    sizes, so concurrent compiles of a large model's sub-layers can exhaust the memory the weights leave."""
+    try:
+        st = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001
+        st = {}
+    if "bytes_limit" not in st or _TEMP[0] <= 0:
+        return default
+    free = int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0))
+    return max(1, min(default, free // (2 * _TEMP[0])))
+
+
 def compile_events() -> int:
     """XLA compiles in this process since ``tmp_jax.aot`` was imported (persistent-cache reads included)."""
     return _COMPILES[0]
@@ -66,7 +93,9 @@ def call(f: Callable[..., Any], *args: Any) -> Any:
     (static arguments included) and its abstract output instead."""
     if not active():
         return f(*args)
-    out = f.lower(*args).compile().out_info
+    compiled = f.lower(*args).compile()
+    _note_temp(compiled)
+    out = compiled.out_info
     if any(_committed(x) for x in jax.tree.leaves(args)):
         return out
     # A real call on uncommitted arrays returns uncommitted arrays, which the next jitted call sees with no

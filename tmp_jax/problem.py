@@ -184,9 +184,11 @@ class PruningProblem:
         (:mod:`tmp_jax.aot`: each sub-layer program is compiled for the shapes of one calibration micro-batch
         per distinct (task, input shapes), nothing runs, nothing is allocated). The first genome goes alone (it
         compiles the programs every candidate shares: stem, head, full-width sub-layers); the rest go on
-        ``workers`` threads (default :func:`warmup_workers`), whose programs differ in shape, so XLA compiles
-        them side by side. A task without ``forward_pruned`` (the materialising fallback) runs its candidate
-        for real, once. ``progress``: a "compiling" bar (k/N warm-up candidates, ETA, programs so far)."""
+        ``workers`` threads (default :func:`warmup_workers`; on a GPU also bounded by free memory over the
+        widest programs' workspace, :func:`tmp_jax.aot.memory_bound_workers`, since autotuning allocates),
+        whose programs differ in shape, so XLA compiles them side by side. A task without ``forward_pruned``
+        (the materialising fallback) runs its candidate for real, once. ``progress``: a "compiling" bar (k/N
+        warm-up candidates, ETA, programs so far)."""
         genomes = warmup_genomes(self.tree, self.hooks.data_kinds)
         reps = self._shape_representatives()
         workers = warmup_workers() if workers is None else max(1, int(workers))
@@ -208,6 +210,8 @@ class PruningProblem:
             bar.update(1)
             bar.set_postfix(programs=self.compile_count())
             if len(genomes) > 1:
+                # the first genome's programs are the widest: their workspace bounds how many fit side by side
+                workers = aot.memory_bound_workers(workers)
                 with ThreadPoolExecutor(max_workers=min(workers, len(genomes) - 1)) as pool:
                     for f in as_completed([pool.submit(run, g) for g in genomes[1:]]):
                         f.result()  # re-raise a worker's error here
