@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from search.budget import KINDS, SearchError
 from search.engine import SearchConfig, run
 from search.strategies import STRATEGIES
+from tmp_jax import dtypes
 
 DESCRIPTION = """\
 Search which blocks, sub-layers, heads, FFN channels and experts of a diffusion transformer to keep
 under a budget, and write OUT/plan.json (format: docs/plan-format.md), OUT/history.jsonl,
 OUT/pareto.png and checkpoints for --resume.
+
+Progress: stderr names each phase as it starts and ends ('[phase] loading', 'calibration', 'compiling'
+(every width level's programs, once), 'searching'), with a progress bar and ETA inside the long ones.
 
 What a budget counts (--budget-kind):
   params  every parameter of the prunable transformer as counted by Tree.count: all parameters of
@@ -90,8 +94,23 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         default=1,
         help="the Grams read every N-th token: N x cheaper Gram statistics during calibration (default 1)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dtypes.add_argument(
+        p,
+        help="dtype the teacher is loaded in and every candidate evaluated in: bf16, fp32 or auto (default: auto "
+        "= bf16 on a GPU/TPU, fp32 on the CPU). bf16 halves the teacher's memory and runs the GEMMs at bf16 rate; "
+        "statistics and Grams are accumulated in fp32, the fitness computed in fp64 on the host and the "
+        "compensation re-fits solved in fp32/fp64 either way. Recorded in plan.json (search.dtype) and in the "
+        "calibration and search resume states (a run in another dtype does not resume them)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars. The phase lines stay: '[phase] loading ...' / '[phase] loading done in 12.3 s' on "
+        "stderr at the start and end of loading, calibration, compiling and searching (a few lines per run), so "
+        "a cold run that compiles for minutes is never silent; redirect stderr to drop them",
+    )
     a = p.parse_args(argv)
+    dtype = dtypes.from_args(p, a.dtype)
     if not a.damp > 0:
         p.error(f"--damp must be > 0, got {a.damp}")
     if a.gram_stride < 1:
@@ -113,6 +132,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         compensate=a.compensate,
         damp=a.damp,
         gram_stride=a.gram_stride,
+        dtype=dtype,
     )
 
 
