@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tmp_jax import arch
+from tmp_jax.dtypes import model_dtype
 from tmp_jax.stats import set_grams, stat_dtype
 from tmp_jax.tree import Tree, node_path
 
@@ -328,13 +329,6 @@ def host_output(y: Any) -> np.ndarray:
     compares candidates with (in fp64) and what ``calib_state.npz`` stores (``.npz`` cannot name bf16)."""
     y = np.asarray(y)
     return y.astype(stat_dtype(y.dtype), copy=False)
-
-
-def model_dtype(model: Any) -> str:
-    """The dtype name most of ``model``'s floating parameters are in (:func:`tmp_jax.dtypes.model_dtype`)."""
-    from tmp_jax.dtypes import model_dtype as md
-
-    return md(model)
 
 
 def batches_signature(batches: list[dict[str, Any]]) -> str:

@@ -14,8 +14,8 @@ cosine, global-norm clipping). ``--dtype`` (bf16 / fp32 / auto = bf16 on a GPU o
 the dtype the teacher is loaded in, so the one the frozen teacher runs in and the student is sliced from
 (the fp32 master starts from those values), and the student's forward dtype (``--compute-dtype`` overrides
 the latter alone); the losses are computed in fp32. Every block is rematerialised (``jax.checkpoint``) and
-micro-batches accumulated. Orbax checkpoints every
-``--save-every`` steps; ``--resume`` continues exactly (batches are a pure function of seed and step).
+micro-batches accumulated. Orbax checkpoints every ``--save-every`` steps; ``--resume`` continues exactly
+(batches are a pure function of seed and step).
 A NaN/Inf loss stops the run with a clear message and keeps the last good checkpoint.
 
 Mixed T2I + TI2I calibration sets (``--calib`` with micro-batches of several tasks): each step draws a task by
