@@ -13,6 +13,10 @@
    kill at any point ends with the same plan as an uninterrupted run;
 5. writes ``plan.json`` (format: ``docs/plan-format.md``; :func:`load_plan` reads it back),
    ``pareto.png`` and prints a summary.
+
+Each phase (``loading`` and ``calibration`` in ``build_problem``, ``compiling`` the warm-up, ``searching``) prints
+a start and an end line on stderr (:func:`tmp_jax.progress.phase`), with or without progress bars. The problem's
+dtype (``--dtype``: the teacher's and every candidate's) is recorded in the plan and the checkpoint signature.
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ class SearchConfig:
     damp: float = 0.01  # the re-fit's ridge, as a fraction of the Gram's mean diagonal
     gram_stride: int = 1  # the Grams read every gram_stride-th token
     gram_timestep_weight: str = "uniform"  # each sample's Gram weight by its noise level: uniform | high-noise
+    dtype: str = "auto"  # the teacher's and the candidates' dtype: bf16, fp32, auto (bf16 on GPU/TPU, fp32 on CPU)
+    phases: bool = True  # "[phase] loading ... done in 12.3 s" lines on stderr (also without progress bars)
 
 
 @dataclass
@@ -416,9 +422,19 @@ def _build_problem(cfg: SearchConfig) -> Problem:
             if cfg.compensate
             else None
         )
-        return build_problem(cfg.model, cfg.calib, cfg.mesh, cfg.seed, cfg.progress, task=cfg.task, compensation=comp)
+        return build_problem(
+            cfg.model,
+            cfg.calib,
+            cfg.mesh,
+            cfg.seed,
+            cfg.progress,
+            task=cfg.task,
+            compensation=comp,
+            dtype=cfg.dtype,
+            phases=cfg.phases,
+        )
     except ValueError as e:
-        if str(e).startswith("--task"):  # a malformed --task or one the calibration set lacks: a config error
+        if str(e).startswith(("--task", "--dtype")):  # a malformed --task or --dtype: a config error
             raise SearchError(str(e)) from None
         raise
 
@@ -449,7 +465,18 @@ def _signature(cfg: SearchConfig, strat: Strategy, budgets: list[Budget], proble
         "fingerprint": str((getattr(problem, "source", {}) or {}).get("fingerprint", "")),
         "task": cfg.task,
         "compensation": _signature_compensation(problem),
+        "dtype": _problem_dtype(problem) or "float32",
     }
+
+
+# signature keys added after checkpoints were first written: their value in a checkpoint that lacks them
+_SIGNATURE_DEFAULTS = {"dtype": "float32"}  # problems were always evaluated in float32 before --dtype
+
+
+def _problem_dtype(problem: Problem) -> str | None:
+    """The dtype the problem evaluates candidates in (``"bfloat16"``, ``"float32"``); None if it does not say."""
+    dt = getattr(problem, "dtype", None)
+    return None if dt is None else str(dt)
 
 
 def _signature_compensation(problem: Problem) -> dict[str, Any] | None:
@@ -513,8 +540,6 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    _save_importance(out / "importance.npz", problem)
-    comp_record = _save_compensation(out, problem)
     rng = np.random.Generator(np.random.PCG64(config.seed))
     ev = Evaluator(problem, cost, n_total)
     imp = split_importance(problem)
@@ -525,9 +550,12 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     generations = generations if strat.iterative else 0
     sig = _signature(config, strat, budgets, problem, n_total)
 
+    from tmp_jax.progress import phase, progress_bar
+
     warm = getattr(problem, "warmup", None)
     if warm is not None:  # compile every width level once, so generations compile nothing
-        warm()
+        with phase("compiling", enabled=config.phases):
+            warm()
     history: list[dict[str, Any]] = []
     elapsed0 = 0.0
     start = -1  # last completed generation
@@ -536,7 +564,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         meta = json.loads(ckpt.read_text())
         if meta.get("checkpoint_version") != CHECKPOINT_VERSION:
             raise SearchError(f"{ckpt}: unsupported checkpoint version {meta.get('checkpoint_version')!r}")
-        diff = [k for k in sig if meta["signature"].get(k) != sig[k]]
+        diff = [k for k in sig if meta["signature"].get(k, _SIGNATURE_DEFAULTS.get(k)) != sig[k]]
         if diff:
             raise SearchError(
                 f"{ckpt} is from a different search ({', '.join(diff)} differ); use another --out or drop --resume"
@@ -550,6 +578,9 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         _atomic_write(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     else:
         (out / "history.jsonl").unlink(missing_ok=True)
+    # only now: a refused --resume (another search) must not overwrite that search's files
+    _save_importance(out / "importance.npz", problem)
+    comp_record = _save_compensation(out, problem)
 
     t_run = time.time()
 
@@ -597,34 +628,32 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         with open(out / "history.jsonl", "a") as f:
             f.write(json.dumps(history[-1]) + "\n")
 
-    from tmp_jax.progress import progress_bar
-
-    bar = progress_bar(
-        total=generations,
-        initial=max(start, 0),
-        disable=not config.progress,
-        unit="gen",
-        desc=f"{config.strategy} search",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-
-    def show(h: dict[str, Any]) -> None:
+    def show(bar: Any, h: dict[str, Any]) -> None:
         bar.set_postfix_str(f"best {h['best_fitness']:.4g}, {fmt_count(h['params'])}, {h['evals']} evals")
 
-    if start < 0:
-        strat.init()
-        show(record(0))
-        checkpoint(0)
-        start = 0
-    elif history:
-        show(history[-1])
-    for gen in range(start + 1, generations + 1):
-        strat.step(gen)
-        show(record(gen))
-        checkpoint(gen)
-        bar.update(1)
-    bar.close()
+    with phase("searching", enabled=config.phases):  # the bar inside gives generations and the ETA
+        bar = progress_bar(
+            total=generations,
+            initial=max(start, 0),
+            disable=not config.progress,
+            unit="gen",
+            desc=f"{config.strategy} search",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        if start < 0:
+            strat.init()
+            show(bar, record(0))
+            checkpoint(0)
+            start = 0
+        elif history:
+            show(bar, history[-1])
+        for gen in range(start + 1, generations + 1):
+            strat.step(gen)
+            show(bar, record(gen))
+            checkpoint(gen)
+            bar.update(1)
+        bar.close()
 
     wall = elapsed0 + time.time() - t_run
     search_meta = {
@@ -642,6 +671,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         "mesh": config.mesh,
         "task": config.task,
         "task_weights": dict(getattr(problem, "task_weights", None) or {}),
+        "dtype": _problem_dtype(problem),
     }
     plans, paths = [], []
     for i, b in enumerate(budgets):

@@ -32,7 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tmp_jax import arch
 from tmp_jax.compensate import StoredGram, check_timestep_weight, sample_sigmas, timestep_weights
-from tmp_jax.stats import set_gram_weights, set_grams
+from tmp_jax.dtypes import model_dtype
+from tmp_jax.stats import set_gram_weights, set_grams, stat_dtype
 from tmp_jax.tree import Tree, node_path
 
 FORMAT_VERSION = 1
@@ -245,6 +246,11 @@ def calibrate(
     by its noise level per ``gram_timestep_weight`` (:func:`tmp_jax.compensate.timestep_weights`; "uniform":
     unweighted); all three are part of the resume signature (:func:`gram_signature`).
 
+    Precision: the teacher runs in its parameters' dtype (``dtype`` for a path; a bf16 teacher runs in bf16), but
+    statistics and Grams are accumulated in float32 and the cached teacher outputs are float32 on the host. The
+    teacher's dtype is part of the resume signature: a state written by an fp32 calibration is refused for a
+    bf16 one (and the reverse), with a message saying so.
+
     ``model`` is a loaded model, or the path of a checkpoint folder. For a path, ``streamed`` chooses
     block-by-block calibration with the weights streamed from disk
     (:func:`tmp_jax.streamed_calibration.calibrate_streamed`, same result, only the stem and one block on the
@@ -257,6 +263,10 @@ def calibrate(
     """
     if grams:
         check_timestep_weight(gram_timestep_weight)
+    if isinstance(dtype, str):  # "bf16" / "fp32" / "auto" as on the command line
+        from tmp_jax.dtypes import jnp_dtype
+
+        dtype = jnp_dtype(dtype)
     if isinstance(model, str | os.PathLike):
         from tmp_jax import streamed_calibration as sc
 
@@ -294,8 +304,11 @@ def calibrate(
     gsig = gram_signature(grams, gram_stride, gram_timestep_weight)
     sig = batches_signature(batches) + gsig if state_path is not None else None
     tsig = f"params:{teacher_signature(model)}" if state_path is not None else None
+    mdt = model_dtype(model)
     if state_path is not None and state_path.is_file():
-        done, teacher, by_task = _load_state(state_path, by_task=True, sig=sig, n=len(inputs), teacher_sig=tsig)
+        done, teacher, by_task = _load_state(
+            state_path, by_task=True, sig=sig, n=len(inputs), teacher_sig=tsig, dtype=mdt
+        )
     it = range(done, len(inputs))
     if progress:
         from tmp_jax.progress import progress_bar
@@ -310,15 +323,16 @@ def calibrate(
             if grams:  # this micro-batch's per-sample Gram weights (None: uniform, the unweighted program)
                 set_gram_weights(model, timestep_weights(gram_timestep_weight, sample_sigmas(arch_name, batches[i])))
             y, s = hooks.for_task(task).collect_stats(model, inputs[i])
-            teacher.append(np.asarray(y))
+            teacher.append(host_output(y))
             acc = by_task.setdefault(task, {})
-            for k, v in s.items():  # Grams come back as device arrays and are summed there
+            for k, v in s.items():  # Grams come back as device arrays and are summed there; all in >= fp32
+                v = v.astype(stat_dtype(v.dtype))
                 acc[k] = acc[k] + v if k in acc else v
             # the resume state after every micro-batch; with Grams (GBs at full size, copied to the host to be
             # written) at most every GRAMS_SAVE_EVERY_S seconds and after the last micro-batch
             last = i + 1 == len(inputs)
             if state_path is not None and (not grams or last or time.monotonic() - saved >= GRAMS_SAVE_EVERY_S):
-                _save_state(state_path, i + 1, teacher, by_task, sig, tsig)
+                _save_state(state_path, i + 1, teacher, by_task, sig, tsig, dtype=mdt)
                 saved = time.monotonic()
     finally:
         set_grams(model, False)
@@ -332,6 +346,13 @@ def gram_signature(grams: bool, stride: int = 1, timestep_weight: str = "uniform
     if not grams:
         return ""
     return f":grams{stride}" + ("" if timestep_weight == "uniform" else f":tw={timestep_weight}")
+
+
+def host_output(y: Any) -> np.ndarray:
+    """A teacher output on the host, float32 when the model ran in a narrower float (bf16): what the fitness
+    compares candidates with (in fp64) and what ``calib_state.npz`` stores (``.npz`` cannot name bf16)."""
+    y = np.asarray(y)
+    return y.astype(stat_dtype(y.dtype), copy=False)
 
 
 def batches_signature(batches: list[dict[str, Any]]) -> str:
@@ -406,7 +427,12 @@ def finish(
 
 
 def _load_state(
-    path: Path, by_task: bool = False, sig: str | None = None, n: int | None = None, teacher_sig: str | None = None
+    path: Path,
+    by_task: bool = False,
+    sig: str | None = None,
+    n: int | None = None,
+    teacher_sig: str | None = None,
+    dtype: str | None = None,
 ) -> tuple[int, list[np.ndarray], dict]:
     """(finished micro-batches, their teacher outputs, summed statistics) from a ``calib_state.npz``.
 
@@ -417,9 +443,17 @@ def _load_state(
     checkpoint fingerprint, streamed calibration); a state written for another teacher of the same kind is a
     ValueError (a state of the other kind cannot be compared and is accepted: the two paths share the format).
     Statistics the state names by file (``stat_files``: streamed calibration's per-block Gram files) come back
-    as :class:`~tmp_jax.compensate.StoredGram` s."""
+    as :class:`~tmp_jax.compensate.StoredGram` s.
+    ``dtype``: the teacher's dtype name (``"bfloat16"``); a state written at another dtype is a ValueError (files
+    from before the dtype was recorded were all written by float32 teachers)."""
     z = np.load(path, allow_pickle=False)
     done = int(z["done"])
+    stored_dt = str(z["dtype"]) if "dtype" in z else "float32"
+    if dtype is not None and stored_dt != dtype:
+        raise ValueError(
+            f"{path}: resume state of a calibration with the teacher in {stored_dt}, this run has it in {dtype} "
+            "(--dtype); remove it, calibrate into another folder, or pass the same --dtype"
+        )
     stored = str(z["batch_sig"]) if "batch_sig" in z else None
     if (sig is not None and stored is not None and stored != sig) or (n is not None and done > n):
         raise ValueError(
@@ -459,11 +493,13 @@ def _save_state(
     stats: dict,
     sig: str | None = None,
     teacher_sig: str | None = None,
+    dtype: str | None = None,
 ) -> None:
     """Write ``calib_state.npz`` atomically; ``stats`` is {path: sum} (one task, t2i) or {task: {path: sum}}.
 
     A :class:`~tmp_jax.compensate.StoredGram` (a Gram already on disk) is recorded by its file (relative to the
-    state's folder) and tensor name, not copied."""
+    state's folder) and tensor name, not copied. ``dtype``: the teacher's dtype name, checked on resume
+    (:func:`_load_state`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if stats and all(isinstance(k, str) for k in stats):
         items = [(t, k, v) for t, st in stats.items() for k, v in st.items()]
@@ -487,6 +523,7 @@ def _save_state(
         **({"batch_sig": np.array(sig)} if sig else {}),
         **({"teacher_sig": np.array(teacher_sig)} if teacher_sig else {}),
         **({"stat_files": np.array(json.dumps(files))} if files else {}),
+        **({"dtype": np.array(dtype)} if dtype else {}),
         **arrays,
     )
     os.replace(tmp, path)

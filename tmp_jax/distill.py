@@ -1,7 +1,7 @@
 """Recovery distillation of a pruned student from its unpruned teacher (optax, orbax, resumable).
 
     python -m tmp_jax.distill --plan OUT/plan.json --model SRC [--calib DIR | --data NPZ] [--steps N]
-                              [--out DIR] [--resume] [--mesh SPEC] [--task t2i:0.7,ti2i:0.3]
+                              [--out DIR] [--resume] [--mesh SPEC] [--task t2i:0.7,ti2i:0.3] [--dtype bf16|fp32]
 
 The student is the plan's subnetwork materialised from the teacher (kept unit indices in ORIGINAL
 numbering). Loss = ``w_out`` * normalised MSE between student and teacher denoiser outputs on noised
@@ -10,9 +10,12 @@ teacher block ``kept[j]``, matches that teacher block's output; a run of dropped
 matched at the next kept boundary). Weights and optimiser settings: ``configs/distill.json``.
 
 Training keeps an fp32 master copy of the parameters and the optimiser state (AdamW, warm-up +
-cosine, global-norm clipping); the forward runs in ``--compute-dtype`` (bf16 on GPU), with every
-block rematerialised (``jax.checkpoint``) and micro-batches accumulated. Orbax checkpoints every
-``--save-every`` steps; ``--resume`` continues exactly (batches are a pure function of seed and step).
+cosine, global-norm clipping). ``--dtype`` (bf16 / fp32 / auto = bf16 on a GPU or TPU, fp32 on the CPU) is
+the dtype the teacher is loaded in, so the one the frozen teacher runs in and the student is sliced from
+(the fp32 master starts from those values), and the student's forward dtype (``--compute-dtype`` overrides
+the latter alone); the losses are computed in fp32. Every block is rematerialised (``jax.checkpoint``) and
+micro-batches accumulated. Orbax checkpoints every ``--save-every`` steps; ``--resume`` continues exactly
+(batches are a pure function of seed and step).
 A NaN/Inf loss stops the run with a clear message and keeps the last good checkpoint.
 
 Mixed T2I + TI2I calibration sets (``--calib`` with micro-batches of several tasks): each step draws a task by
@@ -39,6 +42,9 @@ import optax
 from flax import nnx
 
 from tmp_jax import arch
+from tmp_jax import dtypes as dtypes_mod
+from tmp_jax.dtypes import model_dtype
+from tmp_jax.dtypes import resolve as resolve_dtype
 from tmp_jax.tree import Tree
 
 DEFAULTS_PATH = Path(__file__).resolve().parents[1] / "configs" / "distill.json"
@@ -64,7 +70,8 @@ class DistillConfig:
     seed: int = 0
     resume: bool = False
     mesh: str | None = None
-    compute_dtype: str = "float32"
+    dtype: str = "auto"  # the teacher's dtype (loaded in it): bf16, fp32, auto (bf16 on GPU/TPU, fp32 on CPU)
+    compute_dtype: str | None = None  # the student's forward dtype (None: the teacher's, ``dtype``)
     remat: bool = True
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -94,7 +101,7 @@ def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
     from tmp_jax.problem import _load_model, fingerprint
 
     plan = load_plan(cfg.plan)
-    teacher, path, _ = _load_model(cfg.model)
+    teacher, path, _ = _load_model(cfg.model, cfg.dtype)
     if teacher.ARCH != plan["arch"]:
         raise ValueError(f"{cfg.plan}: plan is for {plan['arch']!r}, --model is {teacher.ARCH!r}")
     fp = fingerprint(path, teacher.config.to_hf_config())
@@ -284,7 +291,8 @@ def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Traine
     if hooks.forward_train is None:
         raise ValueError(f"arch {teacher.ARCH!r} does not support distillation yet")
     matched = hooks.matched_features(student.config)  # student block j -> teacher feature index
-    dtype = jnp.dtype(cfg.compute_dtype)
+    # the student's forward dtype: as set, else the teacher's (its parameters' dtype: the one --dtype loaded)
+    dtype = jnp.dtype(cfg.compute_dtype or resolve_dtype(model_dtype(teacher)))
     opt = make_optimizer(cfg)
     s_gd, s_params = nnx.split(student, nnx.Param)
     # a jitted cast always writes new buffers (astype to the same dtype returns the input itself)
@@ -444,7 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--mesh", help="device mesh, e.g. data:4,model:2 (default: all devices on data)")
-    p.add_argument("--compute-dtype", default=d.get("compute_dtype", "float32"), choices=["float32", "bfloat16"])
+    dtypes_mod.add_argument(
+        p,
+        default=d.get("dtype", "auto"),
+        help="dtype the teacher is loaded and run in, and the student's forward dtype: bf16, fp32 or auto "
+        "(default: auto = bf16 on a GPU/TPU, fp32 on the CPU). The master weights, the optimiser state and the "
+        "losses stay fp32 either way; the student is sliced from the teacher as loaded",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        default=d.get("compute_dtype"),
+        choices=["float32", "bfloat16"],
+        help="the student's forward dtype only (default: --dtype's); the teacher stays in --dtype",
+    )
     p.add_argument(
         "--task",
         default=None,
@@ -459,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluated it (default; plans made with --no-compensate have none); --no-compensate: plain slices",
     )
     a = p.parse_args(argv)
+    dtype = dtypes_mod.from_args(p, a.dtype)
     from tmp_jax.compile_cache import enable_default
 
     enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
@@ -481,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         resume=a.resume,
         mesh=a.mesh,
+        dtype=dtype,
         compute_dtype=a.compute_dtype,
         task=a.task,
         compensate=a.compensate,

@@ -1,6 +1,7 @@
 """Quality of a (pruned / recovered) Fashion-MNIST model against its teacher, on held-out data.
 
     python -m tmp_jax.evaluate --model DIR_OR_NAME [--teacher DIR_OR_NAME] [--setting cheap|full] [--seed S]
+                               [--dtype bf16|fp32|auto]
 
 ``--model`` / ``--teacher`` is an embedded teacher (``zimage-fmnist``: the Z-Image-architecture DiT;
 ``hunyuan-fmnist``: the HunyuanImage-3.0-architecture MoE) or a checkpoint folder of either architecture
@@ -21,6 +22,10 @@ same starting noise:
 * ``paired_mse``       mean squared pixel difference (in [0, 1]^2) of each sample vs the teacher's
                        sample from the same noise and label.
 
+``--dtype``: the dtype the model under evaluation is loaded and run in (default ``auto``: bf16 on a GPU/TPU,
+fp32 on the CPU), i.e. the model as it would be deployed; the teacher, the reference every metric is taken
+against, is always loaded in fp32, and all metrics are computed in fp32 / fp64 on the host.
+
 Settings: ``cheap`` = 512 test images for the MSEs, 200 samples of 6 Euler steps (about a minute on
 a 2-core CPU per model); ``full`` = the whole 2048-image test subset for both, 20 Euler steps.
 """
@@ -40,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from tmp_jax import dtypes
 
 GUIDANCE = 2.0
 BATCH = 256  # MSE forward batch: one compiled shape per model
@@ -120,22 +127,31 @@ def _arch_of(conf: Path) -> str | None:
         return None
 
 
-def load(spec: str | Path | Any) -> Any:
-    """A model from an embedded name or a folder (cached per resolved path); modules pass through."""
+def load(spec: str | Path | Any, dtype: str = "fp32") -> Any:
+    """A model from an embedded name or a folder in ``dtype`` (``bf16``, ``fp32``, ``auto``; cached per resolved path
+    and dtype); modules pass through as they are."""
     if not isinstance(spec, str | Path):
         return spec
     from tmp_jax import arch
+    from tmp_jax.dtypes import resolve as resolve_dtype
 
     p = resolve(spec)
-    key = str(p.resolve())
+    dt = resolve_dtype(dtype)
+    key = f"{p.resolve()}:{dt}"
     if key not in _LOADED:
         folder = p if p.is_dir() else p.parent
         name = _arch_of(folder / "config.json")
         try:
-            _LOADED[key] = arch.get(name).load(str(p), dtype=jnp.float32)
+            _LOADED[key] = arch.get(name).load(str(p), dtype=jnp.dtype(dt))
         except (OSError, ValueError, KeyError) as e:
             raise EvaluateError(f"{spec}: cannot load as a {name} model ({type(e).__name__}: {e})") from None
     return _LOADED[key]
+
+
+def _dtype_of(model: Any) -> str:
+    from tmp_jax.dtypes import model_dtype
+
+    return model_dtype(model)
 
 
 def n_params(model: Any) -> int:
@@ -285,9 +301,13 @@ def evaluate(
     teacher: str | Path | Any | None = None,
     setting: str | Setting = "cheap",
     seed: int = 0,
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """Metrics of ``model`` (a name, a folder or a loaded model) against ``teacher`` (default: the embedded
     teacher of the model's architecture); see the module doc.
+
+    ``dtype``: the dtype a named ``model`` is loaded in (``bf16``, ``fp32``, ``auto``: bf16 on a GPU/TPU, fp32 on
+    the CPU); a loaded model is evaluated as it is. A named teacher is always loaded in fp32 (the reference).
 
     Returns the model's metrics plus ``teacher`` (the teacher's own metrics under the same setting),
     ``setting`` and ``seconds``. Teacher-side work is cached per (teacher, setting, seed)."""
@@ -295,7 +315,12 @@ def evaluate(
     st = setting if isinstance(setting, Setting) else SETTINGS.get(setting)
     if st is None:
         raise EvaluateError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
-    m_model = load(model)
+    try:
+        m_model = load(model, dtype)
+    except ValueError as e:  # a bad dtype (the CLI checks it first)
+        if isinstance(e, EvaluateError):
+            raise
+        raise EvaluateError(str(e)) from None
     m_arch = getattr(m_model, "ARCH", None)
     if m_arch not in DEFAULT_TEACHERS:
         raise EvaluateError(f"--model: a {type(m_model).__name__}; Z-Image or HunyuanImage models only")
@@ -313,6 +338,7 @@ def evaluate(
     out["teacher"] = dict(ref["metrics"])
     out["setting"] = asdict(st)
     out["seed"] = seed
+    out["dtype"] = _dtype_of(m_model)
     out["seconds"] = time.time() - t0
     return out
 
@@ -350,19 +376,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setting", default="cheap", choices=sorted(SETTINGS), help="cheap (default) or full")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out noise and the sampling noise")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    dtypes.add_argument(
+        p,
+        help="dtype the model under evaluation is loaded and run in: bf16, fp32 or auto (default: auto = bf16 on a "
+        "GPU/TPU, fp32 on the CPU); the teacher (the reference) is loaded in fp32 and the metrics are computed in "
+        "fp32/fp64 either way",
+    )
     a = p.parse_args(argv)
+    dtype = dtypes.from_args(p, a.dtype)
     from tmp_jax.compile_cache import enable_default
 
     enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
     try:
-        r = evaluate(a.model, a.teacher, a.setting, a.seed)
+        r = evaluate(a.model, a.teacher, a.setting, a.seed, dtype=dtype)
     except EvaluateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     st = r["setting"]
     print(
         f"setting {st['name']}: {st['fm_images']} test images for the MSEs, {st['samples']} samples of "
-        f"{st['steps']} Euler steps (CFG {st['guidance']:g}), seed {r['seed']}; {r['seconds']:.0f} s"
+        f"{st['steps']} Euler steps (CFG {st['guidance']:g}), seed {r['seed']}, model in {r['dtype']}; "
+        f"{r['seconds']:.0f} s"
     )
     print(table([("teacher", r["teacher"]), (str(a.model), r)]))
     if a.json:

@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -41,6 +40,7 @@ from tmp_jax.calibration import (
     select_tasks,
 )
 from tmp_jax.compensate import Compensation, CompensationConfig, gram_stats
+from tmp_jax.dtypes import jnp_dtype, model_dtype
 from tmp_jax.materialize import Refits, materialize, permute
 from tmp_jax.progress import progress_bar
 from tmp_jax.tree import Tree, node_path
@@ -127,6 +127,7 @@ class PruningProblem:
         output error, commensurate like the others) and every candidate is evaluated with its consumers
         re-fitted at its kept widths (precomputed per (consumer, level): :attr:`refits`)."""
         self.arch = model.ARCH
+        self.dtype = model_dtype(model)  # what the teacher and every candidate run in (recorded in plans)
         self.hooks = arch.get(self.arch)
         self.tree = Tree(self.hooks.build_spec(model.config), levels)
         self.importance, self.block_scores = importance(self.tree, calib.stats)
@@ -279,6 +280,26 @@ class PruningProblem:
             )
         return out
 
+    def plan_fitness(
+        self, plan: dict[str, Any], compensation: Compensation | None = None, n_samples: int | None = None
+    ) -> float:
+        """:meth:`fitness` of a PLAN's subnetwork: its ``policy`` (dropped nodes, kept unit indices in the original
+        numbering), materialised from this problem's teacher, whatever problem searched it. What "re-scoring the
+        fp32 winner in bf16" means: the same genome would name other units here wherever this problem's
+        importance order differs from the searching one's, the plan's kept units do not.
+
+        ``compensation``: the Grams the plan's consumers are re-fitted with (teacher numbering; the searching
+        problem's :attr:`compensation`, or ``tmp_jax.compensate.from_plan``: what export and distill use); None:
+        plain slices. The candidate is built in the teacher's dtype and run through the materialising forward, so
+        compare plans by this method with each other, not with :meth:`fitness` values (bf16: they differ at the
+        bf16 noise floor)."""
+        from search.engine import plan_assignment
+        from tmp_jax.materialize import kept_first_order
+
+        order = kept_first_order(self.tree, plan["policy"]["kept_units"])
+        m = materialize(self.teacher_model, self.tree, plan_assignment(plan), order, comp=compensation)
+        return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(m, inputs), n_samples)
+
     def task_errors(self, run: Any, n_samples: int | None = None) -> dict[str, float]:
         """Per task: ``sum ||y - y_T||^2 / sum ||y_T||^2`` over the masked output of its first micro-batches.
 
@@ -326,6 +347,8 @@ def build_problem(
     out: str | Path | None = None,
     task: str | None = None,
     compensation: CompensationConfig | None = None,
+    dtype: str | None = "auto",
+    phases: bool = False,
 ) -> PruningProblem:
     """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it.
 
@@ -333,16 +356,55 @@ def build_problem(
     are used, statistics and fitness are weighted per task. None: every task of the set, equal weights.
     ``mesh``: a HunyuanImage model on a mesh with an ``expert`` axis (and no ``model`` axis) runs its routed
     experts expert-parallel for the rest of the process (:func:`maybe_expert_parallel`).
-    ``compensation``: compensated pruning (calibrates with the consumer Grams); None: prefix slicing only."""
+    ``compensation``: compensated pruning (calibrates with the consumer Grams); None: prefix slicing only.
+    ``dtype``: the dtype the teacher is loaded and evaluated in, ``"bf16"`` / ``"fp32"`` / ``"auto"`` (bf16 on a
+    GPU/TPU, fp32 on the CPU; :mod:`tmp_jax.dtypes`). Statistics and Grams are accumulated in fp32, the fitness
+    in fp64, the compensation re-fits solved in fp32/fp64 and stored in this dtype (``problem.dtype`` names it).
+    ``phases``: print ``[phase] loading`` / ``[phase] calibration`` start and end lines on stderr
+    (:func:`tmp_jax.progress.phase`: a cold run is never silent)."""
+    from tmp_jax.progress import phase
     from tmp_jax.sharding import make_mesh, shard_module
 
-    m_obj, path, name = _load_model(model)
+    with phase("loading", enabled=phases):
+        m_obj, path, name, batches, weights = _teacher_and_set(model, calib, dtype, task, n_synthetic, seed)
+        msh = make_mesh(mesh) if mesh else None
+        if msh is not None:
+            shard_module(m_obj, msh)
     cfg_dict = m_obj.config.to_hf_config()
     source = {
         "path": str(path) if path else name,
         "fingerprint": fingerprint(path, cfg_dict),
         "config": cfg_dict,
     }
+    if m_obj.ARCH == "hunyuan":  # routed experts expert-parallel (shard_map) on an expert axis, else off
+        from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
+
+        maybe_expert_parallel(msh)
+    grams, stride = compensation is not None, compensation.token_stride if compensation is not None else 1
+    tw = compensation.timestep_weight if compensation is not None else "uniform"
+    # the teacher pass, then what is derived from its statistics (importance; the OBS order and re-fits)
+    with phase("calibration", enabled=phases):
+        cal = calibrate(
+            m_obj,
+            batches,
+            mesh=msh,
+            out=out,
+            progress=progress,
+            weights=weights,
+            grams=grams,
+            gram_stride=stride,
+            gram_timestep_weight=tw,
+        )
+        prob = PruningProblem(m_obj, cal, source=source, task_weights=weights, compensation=compensation)
+    prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from
+    return prob
+
+
+def _teacher_and_set(
+    model: str | None, calib: str | None, dtype: str | None, task: str | None, n_synthetic: int, seed: int
+) -> tuple[Any, Path | None, str, list[dict[str, Any]], dict[str, float] | None]:
+    """(the teacher in ``dtype``, its folder, its name, the calibration micro-batches, the ``--task`` weights)."""
+    m_obj, path, name = _load_model(model, dtype)
     hooks = arch.get(m_obj.ARCH)
     weights = parse_task_weights(task)
     if weights is not None:
@@ -361,7 +423,7 @@ def build_problem(
             warnings.warn(
                 "no --calib given: using a synthetic calibration set matching the model's inputs; "
                 "real data gives better plans",
-                stacklevel=2,
+                stacklevel=3,
             )
             batches = []
             for t in weights or [hooks.default_task]:
@@ -371,29 +433,7 @@ def build_problem(
                 batches += [{**b, "task": t} for b in h.synthetic_calib(m_obj.config, n_synthetic, 4, seed)]
     if weights is not None:
         batches = select_tasks(batches, weights, f"calibration set {calib}" if calib else "calibration set")
-    msh = make_mesh(mesh) if mesh else None
-    if msh is not None:
-        shard_module(m_obj, msh)
-    if m_obj.ARCH == "hunyuan":  # routed experts expert-parallel (shard_map) on an expert axis, else off
-        from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
-
-        maybe_expert_parallel(msh)
-    grams, stride = compensation is not None, compensation.token_stride if compensation is not None else 1
-    tw = compensation.timestep_weight if compensation is not None else "uniform"
-    cal = calibrate(
-        m_obj,
-        batches,
-        mesh=msh,
-        out=out,
-        progress=progress,
-        weights=weights,
-        grams=grams,
-        gram_stride=stride,
-        gram_timestep_weight=tw,
-    )
-    prob = PruningProblem(m_obj, cal, source=source, task_weights=weights, compensation=compensation)
-    prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from
-    return prob
+    return m_obj, path, name, batches, weights
 
 
 def load_tree(model: str | None) -> Tree:
@@ -413,27 +453,30 @@ def load_tree(model: str | None) -> Tree:
     return Tree(hooks.build_spec(hooks.config_from_dict(cfg_d)))
 
 
-def _load_model(model: str | None) -> tuple[Any, Path | None, str]:
+def _load_model(model: str | None, dtype: str | None = "fp32") -> tuple[Any, Path | None, str]:
+    """(the model in ``dtype`` (``"bf16"``, ``"fp32"``, ``"auto"``: :func:`tmp_jax.dtypes.resolve`), its folder or
+    None, its name) of a checkpoint folder, an embedded name, or the default (None)."""
+    dt = jnp_dtype(dtype)
     if model is None:
         model = "zimage-fmnist"
     if model in EMBEDDED:
         p = EMBEDDED[model]
         if (p / "config.json").is_file():
             cfg = json.loads((p / "config.json").read_text())
-            return arch.detect(cfg).load(str(p), dtype=jnp.float32), p, model
+            return arch.detect(cfg).load(str(p), dtype=dt), p, model
         if model != "zimage-fmnist":
             raise ValueError(f"embedded model {model!r} is not available in this installation ({p})")
         # until the embedded teacher is trained: a tiny built-in random Z-Image
         from tmp_jax.models.z_image import TINY
 
         print("embedded teacher not found: using the tiny built-in random Z-Image", file=sys.stderr)
-        return arch.get("zimage").init_random(TINY, jnp.float32, 0), None, "zimage-tiny-random"
+        return arch.get("zimage").init_random(TINY, dt, 0), None, "zimage-tiny-random"
     p = Path(model)
     conf = p / "config.json" if p.is_dir() else p.parent / "config.json"
     if not conf.is_file():
         raise ValueError(f"--model {model}: no config.json (expected a HF/diffusers checkpoint folder)")
     cfg = json.loads(conf.read_text())
-    return arch.detect(cfg).load(str(p), dtype=jnp.float32), p, str(p)
+    return arch.detect(cfg).load(str(p), dtype=dt), p, str(p)
 
 
 def _embedded_calib(arch_name: str, path: Path | None, cfg: Any = None, n_batches: int = 4) -> list[dict] | None:

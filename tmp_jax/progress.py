@@ -5,12 +5,18 @@ the stream is not a terminal (a log file, a pipe, a batch job's stdout/stderr) t
 with a carriage return on every refresh, leaving hundreds of ``\\r``-joined updates in the log; there it writes
 plain lines instead: the first state, then at most one line every :data:`LOG_INTERVAL_S` seconds, and the final
 state when the bar closes.
+
+:func:`phase` names the long phases of a run (``[phase] loading ...`` / ``[phase] loading done in 12.3 s``), one
+line each at start and end on stderr, so a cold run that compiles for minutes before its first bar is never
+silent; the bars inside a phase give its ETA.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 from tqdm import tqdm as _tqdm
@@ -81,3 +87,24 @@ def progress_bar(iterable: Iterable[Any] | None = None, *, file: IO[str] | None 
     kw["maxinterval"] = max(float(kw.get("maxinterval") or 0.0), kw["mininterval"])
     kw.setdefault("ascii", True)  # logs are often read without a UTF-8 terminal
     return _LogBar(iterable, file=_LineWriter(fp), **kw)
+
+
+@contextmanager
+def phase(name: str, *, enabled: bool = True, file: IO[str] | None = None) -> Iterator[None]:
+    """Announce a phase of a run: ``[phase] NAME ...`` on entry, ``[phase] NAME done in 12.3 s`` on a normal exit
+    (``[phase] NAME failed after 12.3 s`` when it raises; the error itself is reported by whoever catches it).
+
+    Plain lines, flushed at once, on the CURRENT ``sys.stderr`` by default: they are meant for logs as much as
+    for terminals, and are printed with progress bars off too (``enabled=False`` silences them)."""
+    if not enabled:
+        yield
+        return
+    fp = file if file is not None else sys.stderr
+    print(f"[phase] {name} ...", file=fp, flush=True)
+    t0 = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(f"[phase] {name} failed after {time.perf_counter() - t0:.1f} s", file=fp, flush=True)
+        raise
+    print(f"[phase] {name} done in {time.perf_counter() - t0:.1f} s", file=fp, flush=True)

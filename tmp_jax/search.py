@@ -14,12 +14,16 @@ from collections.abc import Sequence
 from search.budget import KINDS, SearchError
 from search.engine import SearchConfig, run
 from search.strategies import STRATEGIES
+from tmp_jax import dtypes
 from tmp_jax.compensate import TIMESTEP_WEIGHTS
 
 DESCRIPTION = """\
 Search which blocks, sub-layers, heads, FFN channels and experts of a diffusion transformer to keep
 under a budget, and write OUT/plan.json (format: docs/plan-format.md), OUT/history.jsonl,
 OUT/pareto.png and checkpoints for --resume.
+
+Progress: stderr names each phase as it starts and ends ('[phase] loading', 'calibration', 'compiling'
+(every width level's programs, once), 'searching'), with a progress bar and ETA inside the long ones.
 
 What a budget counts (--budget-kind):
   params  every parameter of the prunable transformer as counted by Tree.count: all parameters of
@@ -98,8 +102,23 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         help="each calibration sample's weight in the Grams by its noise level sigma: uniform (default) or "
         "high-noise (w = sigma: the re-fit favours the high-noise steps that fix the layout); recorded in the plan",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dtypes.add_argument(
+        p,
+        help="dtype the teacher is loaded in and every candidate evaluated in: bf16, fp32 or auto (default: auto "
+        "= bf16 on a GPU/TPU, fp32 on the CPU). bf16 halves the teacher's memory and runs the GEMMs at bf16 rate; "
+        "statistics and Grams are accumulated in fp32, the fitness computed in fp64 on the host and the "
+        "compensation re-fits solved in fp32/fp64 either way. Recorded in plan.json (search.dtype) and in the "
+        "calibration and search resume states (a run in another dtype does not resume them)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars. The phase lines stay: '[phase] loading ...' / '[phase] loading done in 12.3 s' on "
+        "stderr at the start and end of loading, calibration, compiling and searching (a few lines per run), so "
+        "a cold run that compiles for minutes is never silent; redirect stderr to drop them",
+    )
     a = p.parse_args(argv)
+    dtype = dtypes.from_args(p, a.dtype)
     if not a.damp > 0:
         p.error(f"--damp must be > 0, got {a.damp}")
     if a.gram_stride < 1:
@@ -122,6 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         damp=a.damp,
         gram_stride=a.gram_stride,
         gram_timestep_weight=a.gram_timestep_weight,
+        dtype=dtype,
     )
 
 

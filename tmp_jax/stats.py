@@ -23,13 +23,22 @@ def split_collecting(model: nnx.Module) -> tuple[Any, Any]:
             n.collect_stats = False
 
 
+def stat_dtype(dtype: Any) -> np.dtype:
+    """The dtype a sown statistic is accumulated in: float32 for any narrower float (a bf16 model's statistics
+    must not be summed over micro-batches in bf16: 8 mantissa bits lose the small terms), else its own."""
+    if jnp.issubdtype(dtype, jnp.floating) and np.dtype(dtype).itemsize < 4:
+        return np.dtype(np.float32)
+    return np.dtype(dtype)
+
+
 def flatten_intermediates(inter: nnx.State) -> dict[tuple, np.ndarray]:
-    """Sown intermediates -> {module path + stat name: summed host array} (sow keeps tuples of calls)."""
+    """Sown intermediates -> {module path + stat name: summed host array} (sow keeps tuples of calls; summed in
+    at least fp32, :func:`stat_dtype`)."""
     stats = {}
     for path, v in nnx.to_flat_state(inter):
         val = v.get_value() if hasattr(v, "get_value") else v
         arrs = val if isinstance(val, tuple) else (val,)
-        stats[tuple(path)] = np.asarray(sum(np.asarray(x) for x in arrs))
+        stats[tuple(path)] = np.asarray(sum(np.asarray(x).astype(stat_dtype(x.dtype)) for x in arrs))
     return stats
 
 
@@ -54,7 +63,7 @@ class _Program:
                 arrs = val if isinstance(val, tuple) else (val,)
                 x = sum(arrs[1:], arrs[0])  # sow keeps one entry per call: summed
                 (big if is_resident(tuple(path)) else flat).append((tuple(path), x))
-            self.layout = [(p, tuple(x.shape), np.dtype(x.dtype)) for p, x in flat]
+            self.layout = [(p, tuple(x.shape), stat_dtype(x.dtype)) for p, x in flat]
             self.resident = [p for p, _ in big]
             # one fp32 vector: a single device-to-host copy, however many modules sowed
             vec = jnp.concatenate([x.astype(jnp.float32).ravel() for _, x in flat]) if flat else jnp.zeros((0,))
@@ -82,7 +91,8 @@ def run_collecting(model: nnx.Module, body: Callable, *args: Any, static: tuple 
       recorded at trace time (each sown array had its own synchronising copy before).
 
     ``static`` are hashable arguments passed to ``body`` before ``args`` (e.g. a patch key); ``body`` should be
-    a module-level function (it is part of the cache key). Statistics are returned in their sown dtype.
+    a module-level function (it is part of the cache key). Statistics are returned in their sown dtype, at least
+    float32 (:func:`stat_dtype`; the models sow fp32 whatever their parameter dtype).
     Consumer Grams (``gram_*``, up to 10240^2 per FFN at full size) stay ON THE DEVICE: they are returned as
     device arrays, to be accumulated there over micro-batches (``calibrate``) and copied to the host once.
     """

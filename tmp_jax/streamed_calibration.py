@@ -58,6 +58,7 @@ from tmp_jax.calibration import (
     _save_state,
     batches_signature,
     gram_signature,
+    host_output,
     shard_inputs,
 )
 from tmp_jax.compensate import (
@@ -523,14 +524,16 @@ def calibrate_streamed(
 
         sig = batches_signature(batches) + gram_signature(grams, gram_stride, gram_timestep_weight)
         tsig = f"files:{fingerprint(path, cfg.to_hf_config())}:{_sampled_content_hash(path)}"
+    dt_name = np.dtype(jnp.float32 if dtype is None else dtype).name  # the resume states are per teacher dtype
     if final is not None and final.is_file():
-        done, teacher, stats = _load_state(final, sig=sig, n=n, teacher_sig=tsig)
+        done, teacher, stats = _load_state(final, sig=sig, n=n, teacher_sig=tsig, dtype=dt_name)
         if done == n:
             return Calibration(inputs, teacher, stats)
     steps = hooks.schedule(cfg)
     n_steps = len(steps)
     root = Path(out) / STREAM_DIR if out is not None else None
-    mb_sig = None if sig is None else f"{sig}:{tsig}"  # per-micro-batch states: this set and checkpoint
+    # per-micro-batch states: this set, checkpoint and teacher dtype
+    mb_sig = None if sig is None else f"{sig}:{tsig}" + ("" if dt_name == "float32" else f":{dt_name}")
     saved = [(0, None, {})] * n if root is None else _read_mbs(root, n, n_steps, mb_sig)
     at = [a for a, _, _ in saved]  # steps each micro-batch has finished
     own = [dict(st) for _, _, st in saved]  # each micro-batch's own statistics (summed in order at the end)
@@ -608,7 +611,7 @@ def calibrate_streamed(
                 del inter, dev
             at[m] = si + 1
             if si == n_steps - 1:
-                teacher[m], carries[m] = np.asarray(carries[m]), None
+                teacher[m], carries[m] = host_output(carries[m]), None  # float32 on the host (bf16 teacher)
             elif carry_on == "host":
                 carries[m] = jax.device_get(carries[m])
             if checkpoint and accumulate and gram_root is not None:
@@ -637,7 +640,7 @@ def calibrate_streamed(
             stats[k] = stats[k] + v if k in stats else v
     stats.update(block_grams)
     if final is not None:
-        _save_state(final, n, teacher, stats, sig, tsig)
+        _save_state(final, n, teacher, stats, sig, tsig, dtype=dt_name)
         shutil.rmtree(root, ignore_errors=True)
     return Calibration(inputs, teacher, stats)
 
