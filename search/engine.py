@@ -22,6 +22,7 @@ dtype (``--dtype``: the teacher's and every candidate's) is recorded in the plan
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -555,7 +556,9 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     warm = getattr(problem, "warmup", None)
     if warm is not None:  # compile every width level once, so generations compile nothing
         with phase("compiling", enabled=config.phases):
-            warm()
+            # a PruningProblem shows a "compiling" bar (k/N warm-up candidates, ETA); other problems may not take it
+            takes_progress = "progress" in inspect.signature(warm).parameters
+            warm(progress=config.progress) if takes_progress else warm()
     history: list[dict[str, Any]] = []
     elapsed0 = 0.0
     start = -1  # last completed generation
