@@ -12,6 +12,7 @@ search prints (``[phase] NAME done in S s``), wall time and peak device memory. 
 * ``hunyuan``   calibration + search warm-up of the 4-layer full-width HunyuanImage-3.0 (random bf16 weights
                 born on the device), then 6 random new candidates: compiles after the warm-up must be 0.
                 ``--tiny``: the tiny config.
+* ``turbo-fp32``  the cold ``turbo`` case again with ``--dtype fp32`` (the default on a GPU is bf16).
 * ``turbo-autotune0``  the cold ``turbo`` case again with ``XLA_FLAGS=--xla_gpu_autotune_level=0``: compile
                 seconds saved vs search throughput lost (evaluations per second of the search phase).
 
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             budget = "75%" if a.tiny else "4B"
             args = ["--model", str(turbo), "--budget", budget, "--generations", "2", "--population", "8"]
             args += ["--out", str(out / f"search-{case}"), *extra]
+            if case.endswith("-fp32"):  # the same search with the teacher and candidates in float32
+                args += ["--dtype", "fp32"]
         elif case.startswith("dit"):
             args = ["--model", "zimage-fmnist", "--budget", "50%", "--out", str(out / f"search-{case}"), *extra]
         elif case == "hunyuan":
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = out / f"cache-{case}"
         runs = {"cold": run_child(args, env, cache, True, a.timeout)}
         print(f"{case} cold: {json.dumps({k: v for k, v in runs['cold'].items() if k != 'tail'})}", flush=True)
-        if not a.no_warm and not case.endswith("-autotune0"):
+        if not a.no_warm and "-" not in case:  # variants (turbo-fp32, turbo-autotune0) run cold only
             runs["warm"] = run_child(args, env, cache, False, a.timeout)
             print(f"{case} warm: {json.dumps({k: v for k, v in runs['warm'].items() if k != 'tail'})}", flush=True)
         res[case] = runs
