@@ -13,6 +13,7 @@ search prints (``[phase] NAME done in S s``), wall time and peak device memory. 
                 born on the device), then 6 random new candidates: compiles after the warm-up must be 0.
                 ``--tiny``: the tiny config.
 * ``turbo-fp32``  the cold ``turbo`` case again with ``--dtype fp32`` (the default on a GPU is bf16).
+* ``rescore``    after ``turbo`` and ``turbo-fp32``: both winners' subnetworks scored in one fp32 problem.
 * ``turbo-autotune0``  the cold ``turbo`` case again with ``XLA_FLAGS=--xla_gpu_autotune_level=0``: compile
                 seconds saved vs search throughput lost (evaluations per second of the search phase).
 
@@ -167,6 +168,28 @@ def child_hunyuan(tiny: bool, layers: int, rec_path: str) -> int:
     return 0
 
 
+def child_rescore(model: str, plans: list[str], rec_path: str) -> int:
+    """The plans' subnetworks scored in ONE float32 problem (the same synthetic calibration set the searches
+    used): does the bf16 search's winner hold up in fp32 against the fp32 search's winner?"""
+    h = _instrument()
+    t0 = time.perf_counter()
+    from tmp_jax.compile_cache import enable_default
+    from tmp_jax.problem import build_problem
+
+    enable_default()
+    prob = build_problem(model, dtype="fp32", phases=True)
+    out = {}
+    for p in plans:
+        plan = json.loads(Path(p).read_text())
+        out[p] = {
+            "fitness_in_fp32": prob.plan_fitness(plan),
+            "fitness_as_searched": plan.get("fitness"),
+            "dtype_searched": plan.get("search", {}).get("dtype"),
+        }
+    Path(rec_path).write_text(json.dumps(_record(h, t0, {"rescore": out})))
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # parent side
 
@@ -253,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)  # a child's own command line follows "--"
     a, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]
     if a.child_record:  # child mode: the rest of the command line is the case's own
+        if rest and rest[0] == "rescore":  # rescore MODEL PLAN...
+            return child_rescore(rest[1], rest[2:], a.child_record)
         if rest and rest[0].startswith("hunyuan:"):  # hunyuan:LAYERS[:tiny]
             _, layers, *tiny = rest[0].split(":")
             return child_hunyuan(bool(tiny), int(layers), a.child_record)
@@ -271,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             args += ["--out", str(out / f"search-{case}"), *extra]
             if case.endswith("-fp32"):  # the same search with the teacher and candidates in float32
                 args += ["--dtype", "fp32"]
+        elif case == "rescore":  # after turbo and turbo-fp32: both winners scored in one fp32 problem
+            plans = [str(out / f"search-{c}" / "plan.json") for c in ("turbo", "turbo-fp32")]
+            args = ["rescore", str(turbo), *[p for p in plans if Path(p).is_file()]]
         elif case.startswith("dit"):
             args = ["--model", "zimage-fmnist", "--budget", "50%", "--out", str(out / f"search-{case}"), *extra]
         elif case == "hunyuan":
@@ -282,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = out / f"cache-{case}"
         runs = {"cold": run_child(args, env, cache, True, a.timeout)}
         print(f"{case} cold: {json.dumps({k: v for k, v in runs['cold'].items() if k != 'tail'})}", flush=True)
-        if not a.no_warm and "-" not in case:  # variants (turbo-fp32, turbo-autotune0) run cold only
+        if not a.no_warm and "-" not in case and case != "rescore":  # variants run cold only
             runs["warm"] = run_child(args, env, cache, False, a.timeout)
             print(f"{case} warm: {json.dumps({k: v for k, v in runs['warm'].items() if k != 'tail'})}", flush=True)
         res[case] = runs

@@ -54,7 +54,7 @@ def _note_temp(compiled: Any) -> None:
 
 def memory_bound_workers(default: int) -> int:
     """How many programs may compile side by side on this device: ``default`` where the device keeps no
-    memory statistics (CPU), else at most the free device memory over twice the largest workspace of the
+    memory statistics (CPU), else at most the free device memory over four times the largest workspace of the
     programs compiled so far. GPU autotuning runs each candidate kernel on buffers of the program's operand
     sizes, so concurrent compiles of a large model's sub-layers can exhaust the memory the weights leave."""
     try:
@@ -64,7 +64,7 @@ def memory_bound_workers(default: int) -> int:
     if "bytes_limit" not in st or _TEMP[0] <= 0:
         return default
     free = int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0))
-    return max(1, min(default, free // (2 * _TEMP[0])))
+    return max(1, min(default, free // (4 * _TEMP[0])))
 
 
 def compile_events() -> int:

@@ -213,11 +213,23 @@ class PruningProblem:
             if len(genomes) > 1:
                 # the first genome's programs are the widest: their workspace bounds how many fit side by side
                 workers = aot.memory_bound_workers(workers)
+                retry = []
                 with ThreadPoolExecutor(max_workers=min(workers, len(genomes) - 1)) as pool:
-                    for f in as_completed([pool.submit(run, g) for g in genomes[1:]]):
-                        f.result()  # re-raise a worker's error here
+                    futures = {pool.submit(run, g): j for j, g in enumerate(genomes[1:], 1)}
+                    for f in as_completed(futures):
+                        try:
+                            f.result()  # re-raise a worker's error here
+                        except Exception as e:  # noqa: BLE001 - only device-memory exhaustion is retried
+                            if "RESOURCE_EXHAUSTED" not in str(e):
+                                raise
+                            retry.append(futures[f])  # autotuning side by side ran out of memory
+                            continue
                         bar.update(1)
                         bar.set_postfix(programs=self.compile_count())
+                for j in sorted(retry):  # one at a time: the whole free memory for each one's autotuning
+                    run(genomes[j])
+                    bar.update(1)
+                    bar.set_postfix(programs=self.compile_count())
         finally:
             bar.close()
         return self.compile_count()
