@@ -85,6 +85,7 @@ def _problem() -> PruningProblem:
         Calibration(inputs, teacher, stats),
         source={"path": None, "fingerprint": "law", "config": {}},
         levels=LEVELS,
+        eval_mode="sliced",  # the per-width-level programs (the masked mode compiles one: test_masked_eval.py)
     )
 
 

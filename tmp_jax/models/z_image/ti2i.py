@@ -344,6 +344,28 @@ def forward_pruned(
     return aot.call(_final_omni, gd, st, x, cond, pk)
 
 
+def forward_masked(model: ZImageTransformer, m: Any, inputs: dict[str, Any]) -> jax.Array:
+    """Candidate ``m`` (a :class:`tmp_jax.masked_eval.MaskView`) of the PERMUTED teacher on omni inputs,
+    traceable: :meth:`ZImageTransformer.forward_omni_padded` with the prunable stacks run by the T2I runner's
+    :func:`~tmp_jax.models.z_image.runner.masked_stack` (head / channel masks, branch gates); the SigLIP
+    refiner is unprunable and runs in full. Same result as :func:`forward_pruned`."""
+    from tmp_jax.models.z_image.model import _key_mask
+    from tmp_jax.models.z_image.runner import masked_stack
+
+    a, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
+    e = model.embed_omni(a, t, pk)
+    img, cap, sig = e["img"], e["cap"], e.get("sig")
+    img = masked_stack(model, "noise_refiner", m, img, _key_mask(a["img_valid"]), *e["img_cs"], e["img_cond"])
+    cap = masked_stack(model, "context_refiner", m, cap, _key_mask(a["cap_valid"]), *e["cap_cs"], None)
+    if sig is not None:
+        m_sig = _key_mask(a["sig_valid"])
+        for blk in model.siglip_refiner:
+            sig = blk(sig, m_sig, *e["sig_cs"])
+    x, cos, sin, mask, cond = model.unify_omni(a, img, cap, sig, e)
+    x = masked_stack(model, "layers", m, x, mask, cos, sin, cond)
+    return model.all_final_layer[pk](x, cond)
+
+
 # ----------------------------------------------------------------------------------------------
 # Recording: diffusers' omni forward arguments -> one TI2I micro-batch
 
