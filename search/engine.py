@@ -74,6 +74,7 @@ class SearchConfig:
     compensate: bool = True  # compensated pruning: OBS order + least-squares re-fit of the kept consumers
     damp: float = 0.01  # the re-fit's ridge, as a fraction of the Gram's mean diagonal
     gram_stride: int = 1  # the Grams read every gram_stride-th token
+    eval_mode: str = "auto"  # candidate evaluation: auto | masked | sliced (tmp_jax.problem.EVAL_MODES)
 
 
 @dataclass
@@ -411,9 +412,18 @@ def _build_problem(cfg: SearchConfig) -> Problem:
         from tmp_jax.compensate import CompensationConfig
 
         comp = CompensationConfig(damp=cfg.damp, token_stride=cfg.gram_stride) if cfg.compensate else None
-        return build_problem(cfg.model, cfg.calib, cfg.mesh, cfg.seed, cfg.progress, task=cfg.task, compensation=comp)
+        return build_problem(
+            cfg.model,
+            cfg.calib,
+            cfg.mesh,
+            cfg.seed,
+            cfg.progress,
+            task=cfg.task,
+            compensation=comp,
+            eval_mode=cfg.eval_mode,
+        )
     except ValueError as e:
-        if str(e).startswith("--task"):  # a malformed --task or one the calibration set lacks: a config error
+        if str(e).startswith(("--task", "--eval-mode")):  # e.g. a --task the calibration set lacks: a config error
             raise SearchError(str(e)) from None
         raise
 

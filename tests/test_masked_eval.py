@@ -24,7 +24,7 @@ from tmp_jax.calibration import calibrate
 from tmp_jax.compensate import CompensationConfig
 from tmp_jax.masked_eval import MaskLayout
 from tmp_jax.models.z_image import TINY as Z_TINY
-from tmp_jax.problem import MASKED_MAX_PARAMS, PruningProblem
+from tmp_jax.problem import PruningProblem
 from tmp_jax.tree import Tree
 
 CFGS = {"zimage": Z_TINY, "hunyuan": H_CFG}
@@ -55,13 +55,19 @@ def _covering(tree) -> np.ndarray:
     return gs
 
 
-def test_auto_mode_picks_masked_for_small_teachers(sliced):
+def test_auto_mode_picks_masked_for_small_teachers(sliced, monkeypatch):
+    import tmp_jax.problem as pm
+
     assert sliced.eval_mode == "sliced" and sliced.masked is None  # asked for explicitly
-    assert sliced.tree.full["params"] < MASKED_MAX_PARAMS
-    prob = PruningProblem(
-        sliced.teacher_model, sliced.calib, source=sliced.source, levels=LEVELS, eval_mode="auto"
-    )
+    assert sliced.tree.full["params"] < pm.MASKED_MAX_PARAMS_CPU < pm.MASKED_MAX_PARAMS  # CPU: the tighter limit
+
+    def auto() -> PruningProblem:
+        return PruningProblem(sliced.teacher_model, sliced.calib, source=sliced.source, levels=LEVELS)
+
+    prob = auto()
     assert prob.eval_mode == "masked" and prob.masked is not None
+    monkeypatch.setattr(pm, "MASKED_MAX_PARAMS_CPU", sliced.tree.full["params"])  # now "too big" on the CPU
+    assert auto().eval_mode == "sliced"
     with pytest.raises(ValueError, match="eval_mode"):
         PruningProblem(sliced.teacher_model, sliced.calib, source=sliced.source, levels=LEVELS, eval_mode="fast")
 
@@ -143,3 +149,12 @@ def test_layout_data_is_the_assignment():
     for node, gate in zip(lay.gates, d["gates"]):
         assert gate == (0.0 if node in a.dropped else 1.0)
     assert d["refit"].shape == (0,)
+
+
+def test_search_cli_eval_mode_option():
+    from tmp_jax.search import parse_args
+
+    assert parse_args(["--budget", "50%"]).eval_mode == "auto"
+    assert parse_args(["--budget", "50%", "--eval-mode", "masked"]).eval_mode == "masked"
+    with pytest.raises(SystemExit):
+        parse_args(["--budget", "50%", "--eval-mode", "fast"])

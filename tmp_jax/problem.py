@@ -17,7 +17,8 @@ evaluation modes (``eval_mode``), neither building a model per candidate, and af
   :mod:`tmp_jax.masked_eval`), several candidates per call. For small teachers, where the sliced mode's
   compiles and per-sub-layer dispatches cost more than the masked units' FLOPs.
 
-``auto`` (the default) picks masked below :data:`MASKED_MAX_PARAMS` parameters. Each micro-batch runs through
+``auto`` (the default) picks masked below :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU`
+on the CPU, where full-width FLOPs are not free). Each micro-batch runs through
 its own task's hooks (``hooks.for_task``); a task without ``forward_masked`` is evaluated sliced, and a task
 without ``forward_pruned`` falls back to a materialised candidate.
 """
@@ -62,11 +63,17 @@ EVAL_MODES = ("auto", "masked", "sliced")
 # eval_mode="auto" evaluates masked below this many teacher parameters. Masked evaluation runs every candidate
 # at the teacher's FULL width (a candidate at half the budget costs twice its own FLOPs) but compiles one
 # program instead of one per (sub-layer, width level) and dispatches one call per few candidates instead of
-# ~2 per block per candidate. Below ~1e9 parameters a forward on an accelerator is launch- and compile-bound
+# ~2 per block per candidate. On an accelerator a forward below ~1e9 parameters is launch- and compile-bound
 # (the embedded teachers: ~5M; a cold sliced warm-up compiles ~50 programs of 1-5 s each on a GPU), so the
 # masked FLOPs are nearly free; from the ~6B Z-Image up, the FLOPs dominate and the sliced per-width programs
 # (compiled once, reused for the whole search) are the cheaper way.
 MASKED_MAX_PARAMS = 1_000_000_000
+# The same on the CPU, where a forward is compute-bound at any size: full-width FLOPs cost their full time.
+# Measured on the 5.1M-parameter embedded DiT (2 cores): the masked warm-up is 12 s shorter (1 program vs 50)
+# but a random candidate costs 65 vs 30 ms per micro-batch, so sliced wins after ~40 full evaluations (a
+# default search makes 1000). Test-size teachers (< 1e6: ~0.6M for the tiny configs) run a forward in a few
+# ms, where compiles dominate any search.
+MASKED_MAX_PARAMS_CPU = 1_000_000
 
 
 def fingerprint(path: str | Path | None, config: dict[str, Any]) -> str:
@@ -192,14 +199,16 @@ class PruningProblem:
 
     def _resolve_eval_mode(self, mode: str) -> str:
         """``auto`` -> ``masked`` when a weighted task has ``forward_masked`` and the teacher has fewer than
-        :data:`MASKED_MAX_PARAMS` parameters, else ``sliced``. Explicit ``masked`` needs such a task."""
+        :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU` on the CPU), else ``sliced``.
+        Explicit ``masked`` needs such a task."""
         has = [t for t in self.task_weights if self.hooks.for_task(t).forward_masked is not None]
         if mode == "masked" and not has:
             raise ValueError(
                 f"eval_mode masked: arch {self.arch!r} has no masked forward for task(s) {', '.join(self.task_weights)}"
             )
         if mode == "auto":
-            return "masked" if has and self.tree.full["params"] < MASKED_MAX_PARAMS else "sliced"
+            limit = MASKED_MAX_PARAMS_CPU if jax.default_backend() == "cpu" else MASKED_MAX_PARAMS
+            return "masked" if has and self.tree.full["params"] < limit else "sliced"
         return mode
 
     def _masked_hook(self, inputs: dict) -> Any:
@@ -409,6 +418,7 @@ def build_problem(
     out: str | Path | None = None,
     task: str | None = None,
     compensation: CompensationConfig | None = None,
+    eval_mode: str = "auto",
 ) -> PruningProblem:
     """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it.
 
@@ -416,7 +426,8 @@ def build_problem(
     are used, statistics and fitness are weighted per task. None: every task of the set, equal weights.
     ``mesh``: a HunyuanImage model on a mesh with an ``expert`` axis (and no ``model`` axis) runs its routed
     experts expert-parallel for the rest of the process (:func:`maybe_expert_parallel`).
-    ``compensation``: compensated pruning (calibrates with the consumer Grams); None: prefix slicing only."""
+    ``compensation``: compensated pruning (calibrates with the consumer Grams); None: prefix slicing only.
+    ``eval_mode``: candidate evaluation (:class:`PruningProblem`: auto, masked or sliced)."""
     from tmp_jax.sharding import make_mesh, shard_module
 
     m_obj, path, name = _load_model(model)
@@ -454,6 +465,10 @@ def build_problem(
                 batches += [{**b, "task": t} for b in h.synthetic_calib(m_obj.config, n_synthetic, 4, seed)]
     if weights is not None:
         batches = select_tasks(batches, weights, f"calibration set {calib}" if calib else "calibration set")
+    if eval_mode == "masked":  # fail before calibrating, as PruningProblem would after
+        tasks = sorted({hooks.batch_task(b) for b in batches})
+        if all(hooks.for_task(t).forward_masked is None for t in tasks):
+            raise ValueError(f"--eval-mode masked: arch {m_obj.ARCH!r} has no masked forward for {', '.join(tasks)}")
     msh = make_mesh(mesh) if mesh else None
     if msh is not None:
         shard_module(m_obj, msh)
@@ -465,7 +480,9 @@ def build_problem(
     cal = calibrate(
         m_obj, batches, mesh=msh, out=out, progress=progress, weights=weights, grams=grams, gram_stride=stride
     )
-    prob = PruningProblem(m_obj, cal, source=source, task_weights=weights, compensation=compensation)
+    prob = PruningProblem(
+        m_obj, cal, source=source, task_weights=weights, compensation=compensation, eval_mode=eval_mode
+    )
     prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from
     return prob
 

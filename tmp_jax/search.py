@@ -90,6 +90,14 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         default=1,
         help="the Grams read every N-th token: N x cheaper Gram statistics during calibration (default 1)",
     )
+    p.add_argument(
+        "--eval-mode",
+        default="auto",
+        choices=["auto", "masked", "sliced"],
+        help="candidate evaluation: masked = one full-width program for every candidate, pruning as runtime "
+        "masks (no per-width compiles; full-width FLOPs); sliced = per-sub-layer programs at the kept widths "
+        "(one compile per width level); auto (default) = masked below 1e9 teacher parameters (1e6 on the CPU)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     if not a.damp > 0:
@@ -113,6 +121,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         compensate=a.compensate,
         damp=a.damp,
         gram_stride=a.gram_stride,
+        eval_mode=a.eval_mode,
     )
 
 
