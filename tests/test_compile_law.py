@@ -143,7 +143,7 @@ def test_masked_mode_compiles_one_program_whatever_the_levels(prob):
     with compile_log() as names:
         masked.warmup(workers=2)
     per = Counter(names)
-    assert per["jit(_program)"] == 1, per  # one (task, input shape): one program, no per-level programs
+    assert per["jit(masked_program)"] == 1, per  # one (task, input shape): one program, no per-level programs
     assert not any(n in per for n in ("jit(_moe_cut)", "jit(_attn_cut)")), per
     rng = np.random.default_rng(2)
     mx = masked.tree.max_levels()

@@ -104,7 +104,7 @@ def test_warmup_compiles_one_program_and_candidates_nothing(sliced):
     prob = _twin(sliced, "masked", 2)
     with compile_log() as names:
         prob.warmup(workers=2)
-    assert names.count("jit(_program)") == len(prob._shape_representatives()) == 1, names
+    assert names.count("jit(masked_program)") == len(prob._shape_representatives()) == 1, names
     assert not any(n.endswith("_cut)") for n in names)  # nothing per width level
     gs = _genomes(prob.tree, 9, 11)  # an odd count: a padded last call
     with compile_log() as after:
@@ -158,3 +158,25 @@ def test_search_cli_eval_mode_option():
     assert parse_args(["--budget", "50%", "--eval-mode", "masked"]).eval_mode == "masked"
     with pytest.raises(SystemExit):
         parse_args(["--budget", "50%", "--eval-mode", "fast"])
+
+
+def test_moe_channel_mask_is_zero_down_proj_rows_on_both_paths():
+    """The routed experts' channel mask (hidden activation before ``down_proj``) computes what zeroing those
+    ``down_proj`` rows does, on the ragged and the dense path; the shared expert is untouched."""
+    import jax
+
+    from tmp_jax.models.hunyuan_image3.model import HunyuanMoE
+
+    moe = arch.get("hunyuan").init_random(H_CFG, jnp.float32, 3).model.layers[0].mlp
+    assert isinstance(moe, HunyuanMoE) and moe.shared_mlp is not None
+    x = jax.random.normal(jax.random.key(0), (2, 5, H_CFG.hidden_size))
+    keep = (jnp.arange(H_CFG.moe_intermediate_size[0]) < 9).astype(jnp.float32)
+    outs = {}
+    for impl in ("ragged", "dense"):
+        moe.impl = impl
+        outs[impl] = np.asarray(moe(x, None, keep))
+    down = moe.experts.down_proj
+    down[...] = down[...] * keep[None, :, None]
+    ref = np.asarray(moe(x))
+    np.testing.assert_allclose(outs["ragged"], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs["dense"], ref, rtol=1e-5, atol=1e-6)

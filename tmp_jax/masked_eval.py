@@ -147,31 +147,39 @@ def _swap_consumers(state: nnx.State, layout: MaskLayout, tables: tuple, slots: 
     return nnx.from_flat_state(flat)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _program(
-    forward: Callable[..., Any],
-    layout: MaskLayout,
-    gd: Any,
-    static: tuple,
-    vmapped: bool,
-    state: Any,
-    tables: tuple,
-    data: dict[str, jax.Array],
-    arrays: dict[str, Any],
-) -> jax.Array:
-    """The candidates ``data`` (leading axis) on one micro-batch: [candidates, *output]."""
-    inputs = {**arrays, **dict(static)}
+def make_program(gd: Any, treedef: Any, layout: MaskLayout) -> Callable[..., jax.Array]:
+    """The jitted masked program of one teacher (graph ``gd``, state structure ``treedef``) and ``layout``.
 
-    def one(d: dict[str, jax.Array]) -> jax.Array:
-        # fresh Variables in this (vmap) trace: the forward may set per-candidate values on them (NNX refuses
-        # to mutate Variables of the enclosing jit trace)
-        st = jax.tree.map(lambda x: x, state)
-        model = nnx.merge(gd, _swap_consumers(st, layout, tables, d["refit"]))
-        return forward(model, MaskView(layout, d), inputs)
+    ``masked_program(forward, static, vmapped, leaves, tables, data, arrays)`` -> [candidates, *output]: the
+    candidates ``data`` (leading axis) on one micro-batch. The graph and layout are closed over rather than
+    static arguments (hashing a model's graph costs milliseconds per call) and the state goes in as its flat
+    leaves (flattening NNX Variables per call costs more); ``forward`` (the hook), the string inputs and
+    ``vmapped`` (``batch > 1``) are static."""
 
-    if vmapped:
-        return jax.vmap(one)(data)
-    return one(jax.tree.map(lambda x: x[0], data))[None]  # one candidate: no batching rule in the way
+    @partial(jax.jit, static_argnums=(0, 1, 2))
+    def masked_program(
+        forward: Callable[..., Any],
+        static: tuple,
+        vmapped: bool,
+        leaves: list,
+        tables: tuple,
+        data: dict[str, jax.Array],
+        arrays: dict[str, Any],
+    ) -> jax.Array:
+        inputs = {**arrays, **dict(static)}
+
+        def one(d: dict[str, jax.Array]) -> jax.Array:
+            # fresh Variables in this (vmap) trace: the forward may set per-candidate values on them (NNX refuses
+            # to mutate Variables of an enclosing trace)
+            state = jax.tree.unflatten(treedef, leaves)
+            model = nnx.merge(gd, _swap_consumers(state, layout, tables, d["refit"]))
+            return forward(model, MaskView(layout, d), inputs)
+
+        if vmapped:
+            return jax.vmap(one)(data)
+        return one(jax.tree.map(lambda x: x[0], data))[None]  # one candidate: no batching rule in the way
+
+    return masked_program
 
 
 def default_batch() -> int:
@@ -208,7 +216,9 @@ class MaskedEvaluator:
             raise ValueError("masked evaluation runs candidates of the UNPRUNED (permuted) teacher")
         self.tree = tree
         self.layout = MaskLayout.build(tree, refits)
-        self.gd, self.state = nnx.split(model)
+        gd, state = nnx.split(model)
+        self.leaves, treedef = jax.tree.flatten(state)
+        self.program = make_program(gd, treedef, self.layout)
         self.tables = refit_tables(model, self.layout, refits)
         self.batch = default_batch() if batch is None else max(1, int(batch))
         self._inputs: dict[int, tuple[dict, tuple]] = {}
@@ -233,11 +243,11 @@ class MaskedEvaluator:
         for lo in range(0, n, b):
             idx = np.minimum(np.arange(lo, lo + b), n - 1)  # pad: the same program for every chunk
             chunk = {k: v[idx] for k, v in data.items()}
-            y = aot.call(_program, forward, self.layout, self.gd, static, b > 1, self.state, self.tables, chunk, arrays)
+            y = aot.call(self.program, forward, static, b > 1, self.leaves, self.tables, chunk, arrays)
             if aot.active():
                 return y  # compile-only: the abstract output, nothing ran
-            outs.append(np.asarray(y)[: min(b, n - lo)])
-        return np.concatenate(outs)
+            outs.append(y)  # dispatched asynchronously: read back once every call is queued
+        return np.concatenate([np.asarray(y) for y in outs])[:n]
 
     def compile(self, forward: Callable[..., Any], key: int, inputs: dict[str, Any]) -> None:
         """Compile (ahead of time, nothing runs) the program of micro-batch ``key``'s task and shapes."""
