@@ -18,9 +18,9 @@ evaluation modes (``eval_mode``), neither building a model per candidate, and af
   compiles and per-sub-layer dispatches cost more than the masked units' FLOPs.
 
 ``auto`` (the default) picks masked below :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU`
-on the CPU, where full-width FLOPs are not free). Each micro-batch runs through
-its own task's hooks (``hooks.for_task``); a task without ``forward_masked`` is evaluated sliced, and a task
-without ``forward_pruned`` falls back to a materialised candidate.
+on the CPU, where full-width FLOPs are not free). Each micro-batch runs through its own task's hooks
+(``hooks.for_task``); a task without ``forward_masked`` is evaluated sliced, and a task without
+``forward_pruned`` falls back to a materialised candidate.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ global count), the MoE branch once per (experts, top-k, expert width, shared wid
 reused by every later candidate. Candidate evaluation (``forward_pruned``) keeps the expert count out of
 the compiled shape: a layer's kept experts are a runtime router mask over the teacher's full expert axis, so
 the MoE half compiles once per (top-k, expert width, shared width), and the warm-up grows with the SUM of the
-expert-count and expert-width levels, not their product (:data:`DATA_KINDS`). ``collect_stats`` runs the
-whole forward once with statistics sown by the modules.
+expert-count and expert-width levels, not their product (:data:`DATA_KINDS`). ``forward_masked`` (traceable,
+jitted by :mod:`tmp_jax.masked_eval`) goes further: the whole teacher at full width, every decision (KV groups,
+experts, expert channels, dropped layers) runtime data, one program for every candidate. ``collect_stats``
+runs the whole forward once with statistics sown by the modules.
 """
 
 from __future__ import annotations
@@ -279,10 +281,11 @@ def forward_masked(model: HunyuanImage3, m: MaskView, inputs: dict[str, Any]) ->
     drops both: exactly the identity). Same result as :func:`forward_pruned` and the materialised candidate.
 
     The routed experts run the ``dense`` path (every expert on every token, combined by the sparse routing
-    weights; the same values): it batches under ``jax.vmap`` with the weights shared by the candidates, where
-    ``ragged_dot`` batches only when every operand is batched and the Mosaic kernel not at all, and at the sizes
-    masked evaluation is for it is the cheaper one (measured on hunyuan-fmnist, CPU: 208 vs 296 ms per
-    micro-batch; on a GPU, XLA lowers ``ragged_dot`` to a dense GEMM over every expert anyway).
+    weights; the same values, an [experts, tokens, width] activation per layer): it batches under ``jax.vmap``
+    with the weights shared by the candidates, where ``ragged_dot`` batches only when every operand is batched
+    (and the Mosaic kernel's batching is untested), and at the sizes masked evaluation is for it is the cheaper
+    one (measured on hunyuan-fmnist, CPU: 208 vs 296 ms per micro-batch; on a GPU, XLA lowers ``ragged_dot`` to
+    a dense GEMM over every expert anyway).
     """
     cfg = model.config
     lat, t = inputs["latents"], inputs["timestep"]

@@ -4,6 +4,10 @@
 whose static part is the sub-module's graph (its widths). A candidate is therefore compiled per
 (block kind, width level) once and reused by every later candidate: after warm-up there are zero
 recompilations. ``collect_stats`` runs the whole forward once with statistics sown by the modules.
+
+Candidate evaluation on the permuted teacher: ``forward_pruned`` slices each kept sub-layer to its prefix
+inside per-width jitted functions; ``forward_masked`` (traceable, jitted by :mod:`tmp_jax.masked_eval`) runs
+the whole teacher at full width with the candidate's head / channel masks and branch gates as runtime data.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Registered as the ``zimage`` arch's ``"ti2i"`` task hooks (``structure.HOOKS.tas
 search and distillation pick per micro-batch by its task tag: :func:`prepare_batch`, :func:`collect_stats`
 and :func:`forward` (whole-model jitted), :func:`forward_pruned` (the candidate evaluation on the permuted
 teacher: prefix slices inside the T2I runner's per-sub-layer jitted functions, zero recompiles after
-warm-up), :func:`forward_train` (the traceable distillation forward) and :func:`synthetic_ti2i_calib`.
+warm-up), :func:`forward_masked` (the same at full width, decisions as masks: :mod:`tmp_jax.masked_eval`),
+:func:`forward_train` (the traceable distillation forward) and :func:`synthetic_ti2i_calib`.
 :func:`batch_from_args` is the inverse of :func:`model_args` (the dump script records diffusers' omni
 arguments with it).
 """
