@@ -82,6 +82,7 @@ class SearchConfig:
     gram_timestep_weight: str = "uniform"  # each sample's Gram weight by its noise level: uniform | high-noise
     dtype: str = "auto"  # the teacher's and the candidates' dtype: bf16, fp32, auto (bf16 on GPU/TPU, fp32 on CPU)
     phases: bool = True  # "[phase] loading ... done in 12.3 s" lines on stderr (also without progress bars)
+    eval_mode: str = "auto"  # candidate evaluation: auto | masked | sliced (tmp_jax.problem.EVAL_MODES)
 
 
 @dataclass
@@ -433,9 +434,10 @@ def _build_problem(cfg: SearchConfig) -> Problem:
             compensation=comp,
             dtype=cfg.dtype,
             phases=cfg.phases,
+            eval_mode=cfg.eval_mode,
         )
     except ValueError as e:
-        if str(e).startswith(("--task", "--dtype")):  # a malformed --task or --dtype: a config error
+        if str(e).startswith(("--task", "--dtype", "--eval-mode")):  # malformed options: a config error
             raise SearchError(str(e)) from None
         raise
 

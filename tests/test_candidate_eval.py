@@ -54,6 +54,7 @@ def _problem(name: str, cfg, seed: int = 0) -> PruningProblem:
         Calibration(inputs, teacher, stats),
         source={"path": None, "fingerprint": name, "config": {}},
         levels=LEVELS,
+        eval_mode="sliced",  # this file tests forward_pruned (tests/test_masked_eval.py: the masked mode)
     )
     assert any(not np.array_equal(o, np.arange(len(o))) for o in prob.order.values())  # a real permutation
     return prob

@@ -82,7 +82,8 @@ def _calibrated_problem(name: str, cfg, plant: bool, compensate: bool) -> Prunin
     cal = calibrate(model, batches, grams=compensate)
     src = {"path": None, "fingerprint": name, "config": {}}
     comp = CompensationConfig(damp=1e-6) if compensate else None
-    return PruningProblem(model, cal, source=src, levels=LEVELS, compensation=comp)
+    # the sliced evaluation with re-fits (the masked one: tests/test_masked_eval.py)
+    return PruningProblem(model, cal, source=src, levels=LEVELS, compensation=comp, eval_mode="sliced")
 
 
 def _plant(name: str, model) -> None:

@@ -6,6 +6,7 @@ is runtime data in candidate evaluation (a router mask over the full expert axis
 compiled once per expert width, not once per (count, width) pair. After the warm-up no candidate compiles
 anything (every "Compiling ..." line of ``jax_log_compiles`` is counted, persistent-cache hits included).
 The warm-up also compiles on several threads: the fitness afterwards equals a single-threaded problem's.
+The masked evaluation mode (:mod:`tmp_jax.masked_eval`) goes further: ONE program, whatever the levels.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def compile_log():
         log.setLevel(old)
 
 
-def _problem() -> PruningProblem:
+def _problem(eval_mode: str = "sliced") -> PruningProblem:
     hooks = arch.get("hunyuan")
     model = hooks.init_random(CFG, jnp.float32, 0)
     tree = Tree(hooks.build_spec(CFG), LEVELS)
@@ -85,12 +86,13 @@ def _problem() -> PruningProblem:
         Calibration(inputs, teacher, stats),
         source={"path": None, "fingerprint": "law", "config": {}},
         levels=LEVELS,
+        eval_mode=eval_mode,
     )
 
 
 @pytest.fixture(scope="module")
 def prob() -> PruningProblem:
-    return _problem()
+    return _problem()  # sliced: the per-width-level programs
 
 
 def _levels(tree: Tree, kind: str) -> int:
@@ -134,3 +136,21 @@ def test_compiles_grow_with_the_sum_of_levels(prob):
     assert after == [] and np.all(np.isfinite(f))
     # the expert count as a mask gives the materialised candidate's numbers (sliced experts, sliced router)
     np.testing.assert_allclose(f[:4], prob.fitness_materialized(gs[:4]), rtol=1e-5, atol=1e-9)
+
+
+def test_masked_mode_compiles_one_program_whatever_the_levels(prob):
+    masked = _problem("masked")
+    with compile_log() as names:
+        masked.warmup(workers=2)
+    per = Counter(names)
+    assert per["jit(masked_program)"] == 1, per  # one (task, input shape): one program, no per-level programs
+    assert not any(n in per for n in ("jit(_moe_cut)", "jit(_attn_cut)")), per
+    rng = np.random.default_rng(2)
+    mx = masked.tree.max_levels()
+    gs = rng.integers(0, mx + 1, size=(12, len(mx)))
+    for j, m in enumerate(mx):
+        gs[: m + 1, j] = rng.permutation(m + 1)
+    with compile_log() as after:
+        f = masked.fitness(gs)
+    assert after == []
+    np.testing.assert_allclose(f, prob.fitness(gs), rtol=1e-5, atol=1e-9)  # = the sliced evaluation

@@ -4,7 +4,8 @@ diffusers Omni model with every parameter randomised.
 - the calibration format tags every micro-batch with its task (safetensors metadata + ``calib.json``);
 - per-task weights: the fitness is the weighted mean of per-task normalised discrepancies (checked
   against numpy on the materialised candidate), statistics are summed per task and combined by weight;
-- the TI2I candidate evaluation (prefix slices on the permuted teacher) equals the materialised one;
+- the TI2I candidate evaluation (prefix slices on the permuted teacher, and the masked full-width program)
+  equals the materialised one;
 - a search on a mixed set writes a plan; its export (diffusers subclass, trust_remote_code) runs the
   omni editing forward in PyTorch and matches the JAX materialised model; distillation on the mixed set
   samples both tasks and lowers the loss.
@@ -110,7 +111,9 @@ def _numpy_error(model, cal, task: str) -> float:
 
 def test_fitness_is_the_weighted_mean_of_task_errors(setup):
     _, folder, jm, _, cal = setup
-    p = PruningProblem(jm, cal, source={"path": str(folder)}, task_weights={"t2i": 0.7, "ti2i": 0.3})
+    p = PruningProblem(
+        jm, cal, source={"path": str(folder)}, task_weights={"t2i": 0.7, "ti2i": 0.3}, eval_mode="sliced"
+    )
     q = PruningProblem(jm, cal, source={"path": str(folder)}, task_weights={"t2i": 0.2, "ti2i": 0.8})
     rng = np.random.default_rng(3)
     g = rng.integers(1, p.tree.max_levels() + 1)
@@ -128,6 +131,15 @@ def test_fitness_is_the_weighted_mean_of_task_errors(setup):
     f = p.fitness(gs)
     assert p.compile_count() == n
     np.testing.assert_allclose(f, p.fitness_materialized(gs), rtol=1e-6)
+    # the masked evaluation (one full-width program per task and input shape, the omni one for TI2I) agrees,
+    # and compiles nothing after its own warm-up either
+    pm = PruningProblem(
+        jm, cal, source={"path": str(folder)}, task_weights={"t2i": 0.7, "ti2i": 0.3}, eval_mode="masked"
+    )
+    pm.warmup()
+    n = pm.compile_count()
+    np.testing.assert_allclose(pm.fitness(gs), f, rtol=1e-5)
+    assert pm.compile_count() == n
     # multi-fidelity: 2 of 8 samples -> each task's first micro-batch (its share of the prefix)
     errs = p.task_errors(lambda x: H.for_task(x["task"]).forward(cand, x), n_samples=2)
     assert set(errs) == {"t2i", "ti2i"}

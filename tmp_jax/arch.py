@@ -29,6 +29,10 @@ class ArchHooks:
     # (permuted teacher, tree, assignment, inputs, refits=None) -> the candidate's output, evaluated without
     # building it; ``refits``: re-fitted consumers per (path, kept units) (tmp_jax.materialize.with_refits)
     forward_pruned: Callable[[Any, Any, Any, dict], Any] | None = None
+    # (full permuted teacher, tmp_jax.masked_eval.MaskView, inputs) -> the candidate's output, TRACEABLE: the
+    # decisions are runtime data (unit masks, branch gates), so tmp_jax.masked_eval compiles one program per
+    # (task, input shapes) for every candidate. None: the task is evaluated by ``forward_pruned`` (sliced)
+    forward_masked: Callable[[Any, Any, dict], Any] | None = None
     collect_stats: Callable[[Any, dict], tuple[Any, dict]] | None = None  # -> (output, {path: stat})
     compile_count: Callable[[], int] | None = None
     # gene kinds whose level is runtime data in ``forward_pruned`` (a mask, not a slice): they never change a
@@ -48,8 +52,9 @@ class ArchHooks:
     save: Callable[..., Any] | None = None  # (model, folder, overwrite=) -> None
     # --- tasks (T2I and TI2I editing) -----------------------------------------------------------
     # the arch's fields above serve ``default_task``; ``tasks[name]`` overrides any of them (by field name:
-    # prepare_batch, forward, forward_pruned, collect_stats, forward_train, synthetic_calib, ...) for the
-    # micro-batches of that task. Generic code picks the hooks with ``hooks.for_task(task)``, never by model type.
+    # prepare_batch, forward, forward_pruned, forward_masked, collect_stats, forward_train, synthetic_calib,
+    # ...) for the micro-batches of that task. Generic code picks the hooks with ``hooks.for_task(task)``, never
+    # by model type.
     default_task: str = "t2i"
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_of: Callable[[dict], str] | None = None  # a raw micro-batch without a "task" tag -> its task

@@ -6,12 +6,21 @@ tokens that matter (image tokens; for TI2I the target image's), minimised. A mix
 micro-batches, each tagged with its task) gives the weighted mean of the per-task normalised
 discrepancies, ``sum_t w_t * (sum_t ||y - y_T||^2 / sum_t ||y_T||^2)``, with the ``--task`` weights.
 
-Candidates are evaluated with their own pruned widths: the teacher is permuted once into importance
-order, so every candidate is a set of prefix slices. Evaluation runs the permuted teacher's FULL
-parameters through per-sub-layer jitted functions that slice those prefixes inside the jit
-(``hooks.forward_pruned``), each compiled once per (sub-layer kind, width level): no model is built per
-candidate, and after warm-up nothing compiles. Each micro-batch runs through its own task's hooks
-(``hooks.for_task``); a task without ``forward_pruned`` falls back to a materialised candidate.
+The teacher is permuted once into importance order, so every candidate is a set of prefix slices. Two
+evaluation modes (``eval_mode``), neither building a model per candidate, and after warm-up neither compiles:
+
+* ``sliced``: the candidate at its own pruned widths. The permuted teacher's FULL parameters go through
+  per-sub-layer jitted functions that slice those prefixes inside the jit (``hooks.forward_pruned``), each
+  compiled once per (sub-layer kind, width level). FLOPs scale with the kept widths: for large teachers.
+* ``masked``: the candidate at the teacher's full width, its decisions (unit masks, branch gates, re-fit
+  slots) as runtime data of ONE program per (task, input shapes) (``hooks.forward_masked``,
+  :mod:`tmp_jax.masked_eval`), several candidates per call. For small teachers, where the sliced mode's
+  compiles and per-sub-layer dispatches cost more than the masked units' FLOPs.
+
+``auto`` (the default) picks masked below :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU`
+on the CPU, where full-width FLOPs are not free). Each micro-batch runs through its own task's hooks
+(``hooks.for_task``); a task without ``forward_masked`` is evaluated sliced, and a task without
+``forward_pruned`` falls back to a materialised candidate.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -41,12 +51,29 @@ from tmp_jax.calibration import (
 )
 from tmp_jax.compensate import Compensation, CompensationConfig, gram_stats
 from tmp_jax.dtypes import jnp_dtype, model_dtype
+from tmp_jax.masked_eval import MaskedEvaluator
 from tmp_jax.materialize import Refits, materialize, permute
 from tmp_jax.progress import progress_bar
 from tmp_jax.tree import Tree, node_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED = {"zimage-fmnist": ASSETS / "zimage-fmnist", "hunyuan-fmnist": ASSETS / "hunyuan-fmnist"}
+
+EVAL_MODES = ("auto", "masked", "sliced")
+# eval_mode="auto" evaluates masked below this many teacher parameters. Masked evaluation runs every candidate
+# at the teacher's FULL width (a candidate at half the budget costs twice its own FLOPs) but compiles one
+# program instead of one per (sub-layer, width level) and dispatches one call per few candidates instead of
+# ~2 per block per candidate. On an accelerator a forward below ~1e9 parameters is launch- and compile-bound
+# (the embedded teachers: ~5M; a cold sliced warm-up compiles ~50 programs of 1-5 s each on a GPU), so the
+# masked FLOPs are nearly free; from the ~6B Z-Image up, the FLOPs dominate and the sliced per-width programs
+# (compiled once, reused for the whole search) are the cheaper way.
+MASKED_MAX_PARAMS = 1_000_000_000
+# The same on the CPU, where a forward is compute-bound at any size: full-width FLOPs cost their full time.
+# Measured on the 5.1M-parameter embedded DiT (2 cores): the masked warm-up is 12 s shorter (1 program vs 50)
+# but a random candidate costs 65 vs 30 ms per micro-batch, so sliced wins after ~40 full evaluations (a
+# default search makes 1000). Test-size teachers (< 1e6: ~0.6M for the tiny configs) run a forward in a few
+# ms, where compiles dominate any search.
+MASKED_MAX_PARAMS_CPU = 1_000_000
 
 
 def fingerprint(path: str | Path | None, config: dict[str, Any]) -> str:
@@ -118,6 +145,8 @@ class PruningProblem:
         levels: dict | None = None,
         task_weights: dict[str, float] | None = None,
         compensation: CompensationConfig | None = None,
+        eval_mode: str = "auto",
+        masked_batch: int | None = None,
     ):
         """``task_weights``: {task: weight} for the fitness (normalised to sum 1; default: the calibration's
         weights, else equal over the tasks of its micro-batches). Every weighted task needs micro-batches.
@@ -125,7 +154,13 @@ class PruningProblem:
         ``compensation``: compensated pruning (:mod:`tmp_jax.compensate`; needs a calibration with Grams):
         unit groups with a consumer Gram are ordered by greedy structured OBS (their scores become the OBS
         output error, commensurate like the others) and every candidate is evaluated with its consumers
-        re-fitted at its kept widths (precomputed per (consumer, level): :attr:`refits`)."""
+        re-fitted at its kept widths (precomputed per (consumer, level): :attr:`refits`).
+
+        ``eval_mode``: ``"sliced"``, ``"masked"`` or ``"auto"`` (module docstring; the mode in use is
+        :attr:`eval_mode`). ``masked_batch``: candidates per masked call
+        (default :func:`tmp_jax.masked_eval.default_batch`)."""
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got {eval_mode!r}")
         self.arch = model.ARCH
         self.dtype = model_dtype(model)  # what the teacher and every candidate run in (recorded in plans)
         self.hooks = arch.get(self.arch)
@@ -158,6 +193,30 @@ class PruningProblem:
         self.task_batches = {t: [i for i, x in enumerate(tasks) if x == t] for t in self.task_weights}
         self.n_evals = 0
         self.calib_fingerprint: str | None = None  # set by build_problem (recorded in compensated plans)
+        self.eval_mode = self._resolve_eval_mode(eval_mode)
+        self.masked: MaskedEvaluator | None = None
+        if self.eval_mode == "masked":
+            self.masked = MaskedEvaluator(self.model, self.tree, self.refits, masked_batch)
+
+    def _resolve_eval_mode(self, mode: str) -> str:
+        """``auto`` -> ``masked`` when a weighted task has ``forward_masked`` and the teacher has fewer than
+        :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU` on the CPU), else ``sliced``.
+        Explicit ``masked`` needs such a task."""
+        has = [t for t in self.task_weights if self.hooks.for_task(t).forward_masked is not None]
+        if mode == "masked" and not has:
+            raise ValueError(
+                f"eval_mode masked: arch {self.arch!r} has no masked forward for task(s) {', '.join(self.task_weights)}"
+            )
+        if mode == "auto":
+            limit = MASKED_MAX_PARAMS_CPU if jax.default_backend() == "cpu" else MASKED_MAX_PARAMS
+            return "masked" if has and self.tree.full["params"] < limit else "sliced"
+        return mode
+
+    def _masked_hook(self, inputs: dict) -> Any:
+        """The masked forward of ``inputs``' task, or None (sliced mode, or a task without one)."""
+        if self.masked is None:
+            return None
+        return self.hooks.for_task(inputs.get("task")).forward_masked
 
     def _compensate(self, model: Any, stats: dict, cfg: CompensationConfig) -> Compensation:
         """The Grams of the calibration; OBS order and scores replace the importance order of their groups."""
@@ -177,27 +236,33 @@ class PruningProblem:
         return comp
 
     def warmup(self, progress: bool = False, workers: int | None = None) -> int:
-        """Compile every (stream, sub-layer, width-level combination) variant once: afterwards evaluating any
-        candidate compiles nothing. Returns the number of compiled variants.
+        """Compile every program candidate evaluation needs once: afterwards evaluating any candidate compiles
+        nothing. Returns the number of XLA compiles so far (:meth:`compile_count`).
 
-        The genomes of :func:`warmup_genomes` (the largest per-node product of SHAPE levels; data kinds such
-        as the expert count cost no compile) go through the candidate forward in compile-only mode
-        (:mod:`tmp_jax.aot`: each sub-layer program is compiled for the shapes of one calibration micro-batch
-        per distinct (task, input shapes), nothing runs, nothing is allocated). The first genome goes alone (it
-        compiles the programs every candidate shares: stem, head, full-width sub-layers); the rest go on
+        Masked mode: the masked program of one calibration micro-batch per distinct (task, input shapes)
+        (ahead of time, :mod:`tmp_jax.aot`: nothing runs), nothing per level. Sliced mode (and, in masked mode,
+        the tasks without ``forward_masked``): every (stream, sub-layer, width-level combination) variant. The
+        genomes of :func:`warmup_genomes` (the largest per-node product of SHAPE levels; data kinds such as
+        the expert count cost no compile) go through the candidate forward in compile-only mode (each
+        sub-layer program is compiled for the shapes of one micro-batch per distinct (task, input shapes),
+        nothing runs, nothing is allocated). The first genome goes alone (it compiles the programs every
+        candidate shares: stem, head, full-width sub-layers); the rest, and the masked programs, go on
         ``workers`` threads (default :func:`warmup_workers`; on a GPU also bounded by free memory over the
-        widest programs' workspace, :func:`tmp_jax.aot.memory_bound_workers`, since autotuning allocates),
-        whose programs differ in shape, so XLA compiles them side by side. A task without ``forward_pruned``
-        (the materialising fallback) runs its candidate for real, once. ``progress``: a "compiling" bar (k/N
-        warm-up candidates, ETA, programs so far)."""
-        genomes = warmup_genomes(self.tree, self.hooks.data_kinds)
+        widest programs' workspace, :func:`tmp_jax.aot.memory_bound_workers`, since autotuning allocates, and
+        a job whose side-by-side compile ran out of memory compiled again alone), whose programs differ in
+        shape, so XLA compiles them side by side. A task without ``forward_pruned`` (the materialising
+        fallback) runs its candidate for real, once. ``progress``: a "compiling" bar (k/N warm-up jobs, ETA,
+        programs so far)."""
         reps = self._shape_representatives()
+        masked = [i for i in reps if self._masked_hook(self.calib.inputs[i]) is not None]
+        sliced = [i for i in reps if i not in masked]
+        genomes = warmup_genomes(self.tree, self.hooks.data_kinds) if sliced else []
         workers = warmup_workers() if workers is None else max(1, int(workers))
 
         def run(g: np.ndarray) -> None:
             a = self.tree.decode(g)
             built: list[Any] = []
-            for i in reps:
+            for i in sliced:
                 inputs = self.calib.inputs[i]
                 if self.hooks.for_task(inputs.get("task")).forward_pruned is None:
                     np.asarray(self._run(a, inputs, built))  # the fallback: compiles as it runs
@@ -205,17 +270,24 @@ class PruningProblem:
                 with aot.compile_only():
                     self._run(a, inputs, built)
 
-        bar = progress_bar(total=len(genomes), desc="compiling", unit="cand", disable=not progress)
+        def compile_masked(i: int) -> None:
+            assert self.masked is not None
+            inputs = self.calib.inputs[i]
+            self.masked.compile(self._masked_hook(inputs), i, inputs)
+
+        jobs = [lambda g=g: run(g) for g in genomes[1:]] + [lambda i=i: compile_masked(i) for i in masked]
+        bar = progress_bar(total=len(genomes) + len(masked), desc="compiling", unit="job", disable=not progress)
         try:
-            run(genomes[0])
-            bar.update(1)
-            bar.set_postfix(programs=self.compile_count())
-            if len(genomes) > 1:
+            if genomes:
+                run(genomes[0])
+                bar.update(1)
+                bar.set_postfix(programs=self.compile_count())
+            if jobs:
                 # the first genome's programs are the widest: their workspace bounds how many fit side by side
                 workers = aot.memory_bound_workers(workers)
                 retry = []
-                with ThreadPoolExecutor(max_workers=min(workers, len(genomes) - 1)) as pool:
-                    futures = {pool.submit(run, g): j for j, g in enumerate(genomes[1:], 1)}
+                with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+                    futures = {pool.submit(j): j for j in jobs}
                     for f in as_completed(futures):
                         try:
                             f.result()  # re-raise a worker's error here
@@ -226,8 +298,8 @@ class PruningProblem:
                             continue
                         bar.update(1)
                         bar.set_postfix(programs=self.compile_count())
-                for j in sorted(retry):  # one at a time: the whole free memory for each one's autotuning
-                    run(genomes[j])
+                for job in retry:  # one at a time: the whole free memory for each one's autotuning
+                    job()
                     bar.update(1)
                     bar.set_postfix(programs=self.compile_count())
         finally:
@@ -235,12 +307,14 @@ class PruningProblem:
         return self.compile_count()
 
     def _shape_representatives(self) -> list[int]:
-        """One calibration micro-batch index per distinct (task, shapes of its array inputs): the warm-up runs
-        only these, since a program depends on its input shapes, not on their values."""
+        """One calibration micro-batch index per distinct (task, shapes of its array inputs, nested ones
+        included): the warm-up runs only these, since a program depends on its input shapes, not on their
+        values."""
         seen: dict[tuple, int] = {}
         for i, inputs in enumerate(self.calib.inputs):
-            sig = (inputs.get("task"), *sorted((k, np.shape(v)) for k, v in inputs.items() if hasattr(v, "shape")))
-            seen.setdefault(sig, i)
+            leaves = jax.tree_util.tree_flatten_with_path({k: v for k, v in inputs.items() if k != "task"})[0]
+            shapes = tuple((jax.tree_util.keystr(p), np.shape(v)) for p, v in leaves if hasattr(v, "shape"))
+            seen.setdefault((inputs.get("task"), shapes), i)
         return sorted(seen.values())
 
     def n_samples_total(self) -> int:
@@ -258,17 +332,33 @@ class PruningProblem:
     def fitness(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
         """Normalised output error of each genome's candidate on the first ``n_samples`` calibration samples.
 
-        Candidates are evaluated on the permuted teacher itself (``hooks.forward_pruned``: prefixes sliced
-        inside the per-sub-layer jitted functions), so nothing is materialised per candidate; a task (or an
-        architecture) without that hook falls back to materialising the candidate, once per genome."""
+        Candidates are evaluated on the permuted teacher itself, so nothing is materialised per candidate:
+        masked mode runs every genome of a micro-batch through its task's one masked program (``batch``
+        candidates per call), sliced mode each genome through ``hooks.forward_pruned`` (prefixes sliced inside
+        the per-sub-layer jitted functions); a task (or an architecture) without those hooks falls back to
+        materialising the candidate, once per genome."""
         genomes = np.atleast_2d(np.asarray(genomes))
-        out = np.zeros(len(genomes))
-        for i, g in enumerate(genomes):
-            a = self.tree.decode(g)
-            built: list[Any] = []
-            out[i] = self._error(lambda inputs, a=a, built=built: self._run(a, inputs, built), n_samples)
-            self.n_evals += 1
-        return out
+        if self.masked is None:
+            out = np.zeros(len(genomes))
+            for i, g in enumerate(genomes):
+                a = self.tree.decode(g)
+                built: list[Any] = []
+                out[i] = self._error(lambda inputs, a=a, built=built: self._run(a, inputs, built), n_samples)
+                self.n_evals += 1
+            return out
+        assignments = [self.tree.decode(g) for g in genomes]
+        data = self.masked.data(assignments) if len(genomes) else None
+        builds: list[list[Any]] = [[] for _ in assignments]
+
+        def run_all(i: int, inputs: dict) -> np.ndarray:
+            hook = self._masked_hook(inputs)
+            if hook is not None:
+                return self.masked.run(hook, data, i, inputs)
+            return np.stack([np.asarray(self._run(a, inputs, b)) for a, b in zip(assignments, builds)])
+
+        errs = self._task_errors_many(run_all, len(genomes), n_samples)
+        self.n_evals += len(genomes)
+        return sum((self.task_weights[t] * e for t, e in errs.items()), np.zeros(len(genomes)))
 
     def _run(self, a: Any, inputs: dict, built: list) -> Any:
         """Candidate ``a``'s output on prepared ``inputs``: ``hooks.forward_pruned`` on the permuted teacher, or
@@ -318,20 +408,27 @@ class PruningProblem:
         With ``n_samples`` (multi-fidelity) each task takes its first micro-batches until it has seen
         ``ceil(n_samples * N_t / N)`` samples (N_t its samples, N all weighted tasks'), at least one
         micro-batch: a low-fidelity evaluation sees every task in its set proportion."""
+        errs = self._task_errors_many(lambda _, inputs: np.asarray(run(inputs))[None], 1, n_samples)
+        return {t: float(e[0]) for t, e in errs.items()}
+
+    def _task_errors_many(self, run: Any, n: int, n_samples: int | None) -> dict[str, np.ndarray]:
+        """:meth:`task_errors` of ``n`` candidates at once: ``run(i, inputs)`` gives their outputs on micro-batch
+        ``i``, stacked ([n, *output]); per task an [n] array."""
         n_all = sum(int(self.calib.teacher[i].shape[0]) for ids in self.task_batches.values() for i in ids)
         errs = {}
         for t, ids in self.task_batches.items():
             n_t = sum(int(self.calib.teacher[i].shape[0]) for i in ids)
             quota = None if n_samples is None or n_samples >= n_all else max(1, -(-n_samples * n_t // n_all))
-            num = den = 0.0
+            num, den = np.zeros(n), 0.0
             seen = 0
             for i in ids:
                 if quota is not None and seen >= quota:
                     break
                 inputs, yt = self.calib.inputs[i], self.calib.teacher[i]
-                y = np.asarray(run(inputs), np.float64)
                 mask = np.asarray(inputs["mask"])[..., None]
-                num += float(np.sum(np.square(y - yt) * mask))
+                if n:
+                    y = np.asarray(run(i, inputs), np.float64)
+                    num += np.sum((np.square(y - yt) * mask).reshape(n, -1), axis=1)
                 den += float(np.sum(np.square(yt.astype(np.float64)) * mask))
                 seen += int(yt.shape[0])
             errs[t] = num / max(den, 1e-30)
@@ -361,6 +458,7 @@ def build_problem(
     compensation: CompensationConfig | None = None,
     dtype: str | None = "auto",
     phases: bool = False,
+    eval_mode: str = "auto",
 ) -> PruningProblem:
     """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it.
 
@@ -373,12 +471,20 @@ def build_problem(
     GPU/TPU, fp32 on the CPU; :mod:`tmp_jax.dtypes`). Statistics and Grams are accumulated in fp32, the fitness
     in fp64, the compensation re-fits solved in fp32/fp64 and stored in this dtype (``problem.dtype`` names it).
     ``phases``: print ``[phase] loading`` / ``[phase] calibration`` start and end lines on stderr
-    (:func:`tmp_jax.progress.phase`: a cold run is never silent)."""
+    (:func:`tmp_jax.progress.phase`: a cold run is never silent).
+    ``eval_mode``: candidate evaluation (:class:`PruningProblem`: auto, masked or sliced)."""
     from tmp_jax.progress import phase
     from tmp_jax.sharding import make_mesh, shard_module
 
     with phase("loading", enabled=phases):
         m_obj, path, name, batches, weights = _teacher_and_set(model, calib, dtype, task, n_synthetic, seed)
+        if eval_mode == "masked":  # fail before calibrating, as PruningProblem would after
+            hooks = arch.get(m_obj.ARCH)
+            tasks = sorted({hooks.batch_task(b) for b in batches})
+            if all(hooks.for_task(t).forward_masked is None for t in tasks):
+                raise ValueError(
+                    f"--eval-mode masked: arch {m_obj.ARCH!r} has no masked forward for {', '.join(tasks)}"
+                )
         msh = make_mesh(mesh) if mesh else None
         if msh is not None:
             shard_module(m_obj, msh)
@@ -407,7 +513,9 @@ def build_problem(
             gram_stride=stride,
             gram_timestep_weight=tw,
         )
-        prob = PruningProblem(m_obj, cal, source=source, task_weights=weights, compensation=compensation)
+        prob = PruningProblem(
+            m_obj, cal, source=source, task_weights=weights, compensation=compensation, eval_mode=eval_mode
+        )
     prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from
     return prob
 

@@ -111,6 +111,14 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         "calibration and search resume states (a run in another dtype does not resume them)",
     )
     p.add_argument(
+        "--eval-mode",
+        default="auto",
+        choices=["auto", "masked", "sliced"],
+        help="candidate evaluation: masked = one full-width program for every candidate, pruning as runtime "
+        "masks (no per-width compiles; full-width FLOPs); sliced = per-sub-layer programs at the kept widths "
+        "(one compile per width level); auto (default) = masked below 1e9 teacher parameters (1e6 on the CPU)",
+    )
+    p.add_argument(
         "--no-progress",
         action="store_true",
         help="no progress bars. The phase lines stay: '[phase] loading ...' / '[phase] loading done in 12.3 s' on "
@@ -142,6 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         gram_stride=a.gram_stride,
         gram_timestep_weight=a.gram_timestep_weight,
         dtype=dtype,
+        eval_mode=a.eval_mode,
     )
 
 

@@ -637,7 +637,10 @@ class Attention(nnx.Module):
         sin: jax.Array,
         mask: jax.Array | T2IMask,
         token_mask: jax.Array | None = None,
+        head_mask: jax.Array | None = None,
     ) -> jax.Array:
+        """``head_mask``: (num_heads,) 0/1 weights of each query head's output before ``o_proj`` (masked
+        candidate evaluation, :mod:`tmp_jax.masked_eval`: a removed KV group = its query heads at 0)."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)  # [B, S, N, hd]
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)  # [B, S, K, hd]
@@ -652,6 +655,8 @@ class Attention(nnx.Module):
         else:
             dense = mask.dense if isinstance(mask, T2IMask) else mask
             out = jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale)  # [B, S, N, hd]
+        if head_mask is not None:
+            out = out * head_mask.astype(out.dtype)[:, None]
         if self.collect_stats:  # per KV group: energy of its query heads' contribution through o_proj
             kv, width = self.num_kv_heads, (self.num_heads // self.num_kv_heads) * self.head_dim
             og = out.reshape(b, s, kv, width)  # [B, S, K, G*hd]: a KV group's query heads are contiguous
@@ -715,6 +720,7 @@ class RoutedExperts(nnx.Module):
         stats: bool = False,
         grams: bool = False,
         gram_weight: jax.Array | None = None,
+        channel_mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, ...]:
         """Grouped matmuls over expert-sorted token copies.
 
@@ -725,13 +731,30 @@ class RoutedExperts(nnx.Module):
         ``grams`` also the per-expert gate-weighted Gram of ``down_proj``'s input ``sum (w h)^T (w h)``
         [E, I, I] (compensated pruning re-fits each expert's kept channels with it), each pair's term times
         ``gram_weight`` [N] of its token where given (timestep weighting). Expert-parallel under
-        ``shard_map`` while :func:`set_expert_parallel` has set a mesh.
+        ``shard_map`` while :func:`set_expert_parallel` has set a mesh. ``channel_mask`` [I]: 0/1 weights of
+        every expert's hidden channels before ``down_proj`` (masked candidate evaluation).
         """
         up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
         ep = EXPERT_PARALLEL
         if ep is None or up_w.shape[0] % ep[0].shape[ep[1]]:  # off, or experts (a pruned count) don't split evenly
             n_e = up_w.shape[0]
-            return _routed_pairs(x, weights, indices, up_w, gate_w, down_w, 0, n_e, stats, False, grams, gram_weight)
+            return _routed_pairs(
+                x,
+                weights,
+                indices,
+                up_w,
+                gate_w,
+                down_w,
+                0,
+                n_e,
+                stats,
+                False,
+                grams,
+                gram_weight=gram_weight,
+                channel_mask=channel_mask,
+            )
+        if channel_mask is not None:  # zero down_proj rows: the same product, and nothing new to shard
+            down_w = down_w * channel_mask.astype(down_w.dtype)[None, :, None]
         return _routed_pairs_expert_parallel(
             x, weights, indices, up_w, gate_w, down_w, stats, *ep, grams=grams, gram_weight=gram_weight
         )
@@ -744,10 +767,11 @@ class RoutedExperts(nnx.Module):
         stats: bool = False,
         grams: bool = False,
         gram_weight: jax.Array | None = None,
+        channel_mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, ...]:
         """Reference path: every expert on every token, combined with the (sparse) routing weights.
 
-        ``stats`` as in :meth:`ragged`."""
+        ``stats`` and ``channel_mask`` as in :meth:`ragged`."""
         n = x.shape[0]
         up_w, gate_w, down_w = self.up_proj[...], self.gate_proj[...], self.down_proj[...]
         combine = jnp.zeros((n, up_w.shape[0]), weights.dtype)
@@ -756,6 +780,8 @@ class RoutedExperts(nnx.Module):
         up = jnp.einsum("nh,ehi->eni", xe, up_w)  # [E, N, I]
         gate = jnp.einsum("nh,ehi->eni", xe, gate_w)  # [E, N, I]
         hidden = up * jax.nn.silu(gate)  # [E, N, I]
+        if channel_mask is not None:
+            hidden = hidden * channel_mask.astype(hidden.dtype)
         y = jnp.einsum("eni,eih->enh", hidden, down_w)  # [E, N, H]
         out = jnp.einsum("enh,ne->nh", y, combine.astype(y.dtype))
         if not stats:
@@ -783,6 +809,7 @@ def _routed_pairs(
     per_device: bool,
     grams: bool = False,
     gram_weight: jax.Array | None = None,
+    channel_mask: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, ...]:
     """The routed experts ``e0 .. e0 + E_loc`` (``up_w`` etc. [E_loc, ...]) applied to their (token, slot) pairs.
 
@@ -790,6 +817,7 @@ def _routed_pairs(
     contribute 0, so summing the outputs of disjoint expert ranges gives the full layer (expert
     parallelism); with ``e0 = 0`` and every expert local this is the whole routed MoE. Returns [N, H]
     (+ ``mass`` [E_loc], ``channel`` [E_loc, I] with ``stats``; see :meth:`RoutedExperts.ragged`).
+    ``channel_mask`` [I]: 0/1 weights of the hidden channels before ``down_proj`` (masked evaluation).
     """
     n, k = indices.shape
     m, e_loc = n * k, up_w.shape[0]
@@ -805,6 +833,8 @@ def _routed_pairs(
     up = grouped_matmul(xs, up_w, group_sizes, per_device)  # [N*k, I]
     gate = grouped_matmul(xs, gate_w, group_sizes, per_device)  # [N*k, I]
     hidden = up * jax.nn.silu(gate)  # [N*k, I]
+    if channel_mask is not None:
+        hidden = hidden * channel_mask.astype(hidden.dtype)
     # rows past the local groups are unspecified on the Mosaic path (may be NaN): select them away, don't multiply
     y = jnp.where(valid[:, None], grouped_matmul(hidden, down_w, group_sizes, per_device), 0)  # [N*k, H]
     ws = jnp.where(valid, jnp.take(weights.reshape(-1), pick), 0)  # [N*k] weights, 0 off the local experts
@@ -924,8 +954,12 @@ class HunyuanMoE(nnx.Module):
         weights = weights / jnp.maximum(weights.sum(axis=-1, keepdims=True), 1e-8)
         return weights, indices
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> jax.Array:
-        """``x`` [B, S, H]; ``token_mask`` [B, S] true for real tokens (padding gets no routed output)."""
+    def __call__(
+        self, x: jax.Array, token_mask: jax.Array | None = None, channel_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """``x`` [B, S, H]; ``token_mask`` [B, S] true for real tokens (padding gets no routed output);
+        ``channel_mask`` [I]: 0/1 weights of every routed expert's hidden channels (masked evaluation; the
+        shared expert is never masked)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [N, H]
         weights, indices = self.route(x2)
@@ -943,7 +977,7 @@ class HunyuanMoE(nnx.Module):
             if gram_e:  # [E, I, I] per-expert gate-weighted Gram of down_proj's input (compensated pruning)
                 self.sow(nnx.Intermediate, "gram_expert_ffn", gram_e[0])
         else:
-            routed = getattr(self.experts, self.impl)(x2, weights, indices)
+            routed = getattr(self.experts, self.impl)(x2, weights, indices, channel_mask=channel_mask)
         routed = routed.astype(x.dtype)
         out = routed if self.shared_mlp is None else self.shared_mlp(x2) + routed
         return out.reshape(shape)
@@ -967,14 +1001,30 @@ def attn_branch(
     sin: jax.Array,
     mask: jax.Array | T2IMask,
     token_mask: jax.Array | None,
+    head_mask: jax.Array | None = None,
+    keep: jax.Array | None = None,
 ) -> jax.Array:
-    """The attention half of a decoder layer: ``x + attn(input_layernorm(x))``."""
-    return x + attn(norm(x), cos, sin, mask, token_mask)
+    """The attention half of a decoder layer: ``x + attn(input_layernorm(x))``.
+
+    Masked candidate evaluation (:mod:`tmp_jax.masked_eval`): ``head_mask`` weights the query heads' outputs
+    before ``o_proj``; ``keep`` (a 0/1 scalar) weights the whole residual contribution (0: a dropped layer's
+    identity; ``o_proj`` has no bias, but the contribution is gated as a whole anyway)."""
+    a = attn(norm(x), cos, sin, mask, token_mask, head_mask)
+    return x + (a if keep is None else keep.astype(a.dtype) * a)
 
 
-def moe_branch(moe: HunyuanMoE, norm: RMSNorm, x: jax.Array, token_mask: jax.Array | None) -> jax.Array:
-    """The MoE half of a decoder layer: ``x + moe(post_attention_layernorm(x))``."""
-    return x + moe(norm(x), token_mask)
+def moe_branch(
+    moe: HunyuanMoE,
+    norm: RMSNorm,
+    x: jax.Array,
+    token_mask: jax.Array | None,
+    channel_mask: jax.Array | None = None,
+    keep: jax.Array | None = None,
+) -> jax.Array:
+    """The MoE half of a decoder layer: ``x + moe(post_attention_layernorm(x))``; ``channel_mask`` (routed
+    experts' hidden channels) and ``keep`` (the routed + shared contribution) as in :func:`attn_branch`."""
+    m = moe(norm(x), token_mask, channel_mask)
+    return x + (m if keep is None else keep.astype(m.dtype) * m)
 
 
 class DecoderLayer(nnx.Module):

@@ -329,6 +329,12 @@ def _load(path: str, dtype: Any = jnp.float32, mesh: Any = None) -> Any:
     return load_hunyuan(path, dtype=dtype, mesh=mesh)
 
 
+def _runner() -> Any:  # calibration / candidate evaluation (lazy import)
+    from tmp_jax.models.hunyuan_image3 import runner
+
+    return runner
+
+
 def _train() -> Any:  # Fashion-MNIST data, training forward and official-layout save (lazy import)
     from tmp_jax.models.hunyuan_image3 import train
 
@@ -347,6 +353,7 @@ TI2I_HOOKS: dict[str, Any] = {
     "prepare_batch": lambda cfg, b: _instruct().prepare_ti2i_batch(cfg, b),
     "forward": lambda m, x: _instruct().forward_ti2i(m, x),
     "forward_pruned": None,
+    "forward_masked": None,
     "collect_stats": lambda m, x: _instruct().collect_stats_ti2i(m, x),
     "forward_train": lambda m, x, remat=True: _instruct().forward_train_ti2i(m, x, remat),
     "synthetic_calib": lambda cfg, n, batch=4, seed=0: _instruct().synthetic_ti2i_calib(cfg, n, batch, seed),
@@ -366,6 +373,7 @@ HOOKS = arch.register(
         init_abstract=init_abstract,
         init_random=init_random,
         **arch.runner_hooks("tmp_jax.models.hunyuan_image3.runner"),
+        forward_masked=lambda m, view, x: _runner().forward_masked(m, view, x),
         synthetic_calib=synthetic_calib,
         load=_load,
         forward_train=lambda m, x, remat=True: _train().forward_train(m, x, remat),

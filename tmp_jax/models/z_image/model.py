@@ -154,7 +154,11 @@ class Attention(nnx.Module):
         self.collect_grams = 0  # token stride of the to_out input Gram it sows too (0: none; compensated pruning)
         self.to_qkv: Linear | None = nnx.data(None)  # set by fuse_projections (inference layout; to_q/k/v then None)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array, head_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """``head_mask``: (heads,) 0/1 weights of each head's output before ``to_out`` (masked candidate
+        evaluation, :mod:`tmp_jax.masked_eval`: a 0 removes the head exactly as slicing it away would)."""
         B, T, _ = x.shape
         if self.to_qkv is not None:
             qkv = self.to_qkv(x).reshape(B, T, 3, self.heads, self.head_dim)  # [B, T, 3, N, D]: q | k | v
@@ -167,6 +171,8 @@ class Attention(nnx.Module):
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = _attention(q, k, v, mask)  # [B, T, N, D]
+        if head_mask is not None:
+            o = o * head_mask.astype(o.dtype)[:, None]
         if self.collect_stats:  # per-head energy of its contribution through to_out (importance)
             self.sow(nnx.Intermediate, "unit_stat", head_output_energy(o, self.to_out[0].kernel[...]))
             if self.collect_grams:  # [N*D, N*D] Gram of to_out's input: the re-fit of the kept heads' rows
@@ -190,12 +196,15 @@ class FeedForward(nnx.Module):
         self.collect_stats = False
         self.collect_grams = 0  # token stride of w2's input Gram it sows too (0: none; compensated pruning)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, channel_mask: jax.Array | None = None) -> jax.Array:
+        """``channel_mask``: (hidden,) 0/1 weights of the hidden activation before ``w2`` (masked evaluation)."""
         if self.w13 is not None:
             u1, u3 = jnp.split(self.w13(x), 2, axis=-1)  # [..., hidden] each: w1 | w3 columns
             h = jax.nn.silu(u1) * u3
         else:
             h = jax.nn.silu(self.w1(x)) * self.w3(x)
+        if channel_mask is not None:
+            h = h * channel_mask.astype(h.dtype)
         if self.collect_stats:  # per-channel sum |activation| x ||w2 row|| (importance)
             # one column reduction over the h the w2 GEMM reads anyway (bf16 in, fp32 sum; no fp32 copy of h)
             act = jnp.sum(jnp.abs(h), axis=tuple(range(h.ndim - 1)), dtype=jnp.float32)  # [hidden]
@@ -286,22 +295,29 @@ class ZImageTransformerBlock(nnx.Module):
         return 1.0 + scale_msa, jnp.tanh(gate_msa), 1.0 + scale_mlp, jnp.tanh(gate_mlp)
 
 
-def attn_branch(attention, norm1, norm2, x, mask, cos, sin, scale=None, gate=None) -> jax.Array:  # noqa: ANN001
-    """``x + gate * norm2(attn(norm1(x) * scale))`` (scale/gate None for unmodulated blocks)."""
+def attn_branch(attention, norm1, norm2, x, mask, cos, sin, scale=None, gate=None, head_mask=None, keep=None):  # noqa: ANN001, ANN201
+    """``x + gate * norm2(attn(norm1(x) * scale))`` (scale/gate None for unmodulated blocks).
+
+    Masked candidate evaluation (:mod:`tmp_jax.masked_eval`): ``head_mask`` weights each head's output before
+    ``to_out``; ``keep`` (a 0/1 scalar) weights the branch's whole residual contribution, so 0 is exactly the
+    skipped sub-layer ``x`` (the post-norm of the adaLN-gated branch is inside the contribution)."""
     h = norm1(x)
     if scale is not None:
         h = h * scale
-    a = norm2(attention(h, mask, cos, sin))
-    return x + (a if gate is None else gate * a)
+    a = norm2(attention(h, mask, cos, sin, head_mask))
+    a = a if gate is None else gate * a
+    return x + (a if keep is None else keep.astype(a.dtype) * a)
 
 
-def ffn_branch(ff, norm1, norm2, x, scale=None, gate=None) -> jax.Array:  # noqa: ANN001
-    """``x + gate * norm2(ffn(norm1(x) * scale))`` (scale/gate None for unmodulated blocks)."""
+def ffn_branch(ff, norm1, norm2, x, scale=None, gate=None, channel_mask=None, keep=None) -> jax.Array:  # noqa: ANN001
+    """``x + gate * norm2(ffn(norm1(x) * scale))`` (scale/gate None for unmodulated blocks); ``channel_mask``
+    and ``keep`` as in :func:`attn_branch` (the FFN's hidden channels before ``w2``)."""
     h = norm1(x)
     if scale is not None:
         h = h * scale
-    f = norm2(ff(h))
-    return x + (f if gate is None else gate * f)
+    f = norm2(ff(h, channel_mask))
+    f = f if gate is None else gate * f
+    return x + (f if keep is None else keep.astype(f.dtype) * f)
 
 
 class FinalLayer(nnx.Module):

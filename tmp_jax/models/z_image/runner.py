@@ -4,6 +4,10 @@
 whose static part is the sub-module's graph (its widths). A candidate is therefore compiled per
 (block kind, width level) once and reused by every later candidate: after warm-up there are zero
 recompilations. ``collect_stats`` runs the whole forward once with statistics sown by the modules.
+
+Candidate evaluation on the permuted teacher: ``forward_pruned`` slices each kept sub-layer to its prefix
+inside per-width jitted functions; ``forward_masked`` (traceable, jitted by :mod:`tmp_jax.masked_eval`) runs
+the whole teacher at full width with the candidate's head / channel masks and branch gates as runtime data.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax import aot
+from tmp_jax.masked_eval import MaskView
 from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shapes, with_refits
 from tmp_jax.models.z_image.config import BlockSpec, ZImageConfig
 from tmp_jax.models.z_image.model import (
@@ -277,6 +282,88 @@ def forward_pruned(
     x, cos, sin, mask = aot.call(_unify, arrs, img, cap, e)
     x = stacks.run("layers", x, mask, cos, sin, c)
     return aot.call(_final, gd, st, x, c, pk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked candidate evaluation: the whole permuted teacher at full width, the decisions as runtime data
+
+
+def masked_block(
+    blk: ZImageTransformerBlock,
+    name: str,
+    m: MaskView,
+    x: jax.Array,
+    mask: jax.Array | None,
+    cos: jax.Array,
+    sin: jax.Array,
+    c: Any,
+) -> jax.Array:
+    """Block ``name`` (``stack.index``) of the permuted teacher as candidate ``m`` has it: the first kept heads'
+    outputs before ``to_out`` and the first kept FFN channels before ``w2`` (0/1 masks), each branch's whole
+    residual contribution (adaLN gate and post-norm included) times its sub-layer's 0/1 gate, so a skipped
+    sub-layer or dropped block (whose sub-layers are dropped with it) is exactly the identity."""
+    s_msa, g_msa, s_mlp, g_mlp = blk.modulation_terms(c)
+    if blk.attention is not None:
+        node = f"{name}.attention"
+        x = attn_branch(
+            blk.attention,
+            blk.attention_norm1,
+            blk.attention_norm2,
+            x,
+            mask,
+            cos,
+            sin,
+            s_msa,
+            g_msa,
+            head_mask=m.keep(node, "heads"),
+            keep=m.gate(node),
+        )
+    if blk.feed_forward is not None:
+        node = f"{name}.feed_forward"
+        x = ffn_branch(
+            blk.feed_forward,
+            blk.ffn_norm1,
+            blk.ffn_norm2,
+            x,
+            s_mlp,
+            g_mlp,
+            channel_mask=m.keep(node, "ffn"),
+            keep=m.gate(node),
+        )
+    return x
+
+
+def masked_stack(
+    model: ZImageTransformer,
+    stack: str,
+    m: MaskView,
+    x: jax.Array,
+    mask: jax.Array | None,
+    cos: jax.Array,
+    sin: jax.Array,
+    c: Any,
+) -> jax.Array:
+    """Every block of ``stack`` through :func:`masked_block` (the teacher is unpruned: position == index)."""
+    for b, blk in zip(model.config.stack(stack), getattr(model, stack)):
+        x = masked_block(blk, f"{stack}.{b.index}", m, x, mask, cos, sin, c)
+    return x
+
+
+def forward_masked(model: ZImageTransformer, m: MaskView, inputs: dict[str, Any]) -> jax.Array:
+    """Candidate ``m`` of the PERMUTED teacher ``model`` on T2I ``inputs``, traceable (the
+    ``ArchHooks.forward_masked`` hook; :mod:`tmp_jax.masked_eval` jits and batches it).
+
+    Same result as :func:`forward_pruned` (and the materialised candidate): every kept set is a prefix, so
+    masking the units past it at full width computes what slicing them away does."""
+    a, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
+    e = model.embed(a, t, pk)
+    c = e["c"]
+    m_img, m_cap = _key_mask(a["img_valid"]), _key_mask(a["cap_valid"])
+    img = masked_stack(model, "noise_refiner", m, e["img"], m_img, *e["img_cs"], c)
+    cap = masked_stack(model, "context_refiner", m, e["cap"], m_cap, *e["cap_cs"], None)
+    x, cos, sin, mask = model.unify(a, img, cap, e)
+    x = masked_stack(model, "layers", m, x, mask, cos, sin, c)
+    return model.all_final_layer[pk](x, c)
 
 
 @partial(jax.jit, static_argnums=(0, 4))

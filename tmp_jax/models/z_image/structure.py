@@ -206,6 +206,7 @@ TI2I_HOOKS: dict[str, Any] = {
     "prepare_batch": lambda cfg, b: _ti2i().prepare_batch(cfg, b),
     "forward": lambda m, x: _ti2i().forward(m, x),
     "forward_pruned": lambda m, tree, a, x, refits=None: _ti2i().forward_pruned(m, tree, a, x, refits),
+    "forward_masked": lambda m, view, x: _ti2i().forward_masked(m, view, x),
     "collect_stats": lambda m, x: _ti2i().collect_stats(m, x),
     "forward_train": lambda m, x, remat=True: _ti2i().forward_train(m, x, remat),
     "synthetic_calib": lambda cfg, n, batch=4, seed=0: _ti2i().synthetic_ti2i_calib(cfg, n, batch, seed),
@@ -232,6 +233,7 @@ HOOKS = arch.register(
             # zero-recompile checks count the omni stem / unify / final functions too (blocks are shared)
             "compile_count": lambda: _runner().compile_count() + _ti2i().compile_count(),
         },
+        forward_masked=lambda m, view, x: _runner().forward_masked(m, view, x),
         synthetic_calib=synthetic_calib,
         load=_load,
         forward_train=lambda m, x, remat=True: _runner().forward_train(m, x, remat),

@@ -14,7 +14,8 @@ Registered as the ``zimage`` arch's ``"ti2i"`` task hooks (``structure.HOOKS.tas
 search and distillation pick per micro-batch by its task tag: :func:`prepare_batch`, :func:`collect_stats`
 and :func:`forward` (whole-model jitted), :func:`forward_pruned` (the candidate evaluation on the permuted
 teacher: prefix slices inside the T2I runner's per-sub-layer jitted functions, zero recompiles after
-warm-up), :func:`forward_train` (the traceable distillation forward) and :func:`synthetic_ti2i_calib`.
+warm-up), :func:`forward_masked` (the same at full width, decisions as masks: :mod:`tmp_jax.masked_eval`),
+:func:`forward_train` (the traceable distillation forward) and :func:`synthetic_ti2i_calib`.
 :func:`batch_from_args` is the inverse of :func:`model_args` (the dump script records diffusers' omni
 arguments with it).
 """
@@ -342,6 +343,28 @@ def forward_pruned(
     x, cos, sin, mask, cond = aot.call(_unify_omni, arrs, img, cap, e.get("sig"), e)
     x = run("layers", x, mask, cos, sin, cond)
     return aot.call(_final_omni, gd, st, x, cond, pk)
+
+
+def forward_masked(model: ZImageTransformer, m: Any, inputs: dict[str, Any]) -> jax.Array:
+    """Candidate ``m`` (a :class:`tmp_jax.masked_eval.MaskView`) of the PERMUTED teacher on omni inputs,
+    traceable: :meth:`ZImageTransformer.forward_omni_padded` with the prunable stacks run by the T2I runner's
+    :func:`~tmp_jax.models.z_image.runner.masked_stack` (head / channel masks, branch gates); the SigLIP
+    refiner is unprunable and runs in full. Same result as :func:`forward_pruned`."""
+    from tmp_jax.models.z_image.model import _key_mask
+    from tmp_jax.models.z_image.runner import masked_stack
+
+    a, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
+    e = model.embed_omni(a, t, pk)
+    img, cap, sig = e["img"], e["cap"], e.get("sig")
+    img = masked_stack(model, "noise_refiner", m, img, _key_mask(a["img_valid"]), *e["img_cs"], e["img_cond"])
+    cap = masked_stack(model, "context_refiner", m, cap, _key_mask(a["cap_valid"]), *e["cap_cs"], None)
+    if sig is not None:
+        m_sig = _key_mask(a["sig_valid"])
+        for blk in model.siglip_refiner:
+            sig = blk(sig, m_sig, *e["sig_cs"])
+    x, cos, sin, mask, cond = model.unify_omni(a, img, cap, sig, e)
+    x = masked_stack(model, "layers", m, x, mask, cos, sin, cond)
+    return model.all_final_layer[pk](x, cond)
 
 
 # ----------------------------------------------------------------------------------------------
