@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4, help="HunyuanImage layers (full width)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per child run")
     p.add_argument("--no-warm", action="store_true", help="cold runs only")
-    p.add_argument("--search-args", default="", help="extra arguments for every search run (e.g. '--dtype bf16')")
+    p.add_argument("--search-args", default="", help="extra turbo search arguments ('--no-compensate'); dit: defaults")
     p.add_argument("--child-record", default=None, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)  # a child's own command line follows "--"
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             plans = [str(out / f"search-{c}" / "plan.json") for c in ("turbo", "turbo-fp32")]
             args = ["rescore", str(turbo), *[p for p in plans if Path(p).is_file()]]
         elif case.startswith("dit"):
-            args = ["--model", "zimage-fmnist", "--budget", "50%", "--out", str(out / f"search-{case}"), *extra]
+            args = ["--model", "zimage-fmnist", "--budget", "50%", "--out", str(out / f"search-{case}")]
         elif case == "hunyuan":
             args = [f"hunyuan:{a.layers}" + (":tiny" if a.tiny else "")]
         else:
