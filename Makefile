@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python -m tmp_jax.demo --out demo-out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -p no:cacheprovider tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

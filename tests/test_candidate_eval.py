@@ -10,18 +10,16 @@ compiles nothing. Tiny configs, CPU, one input shape per model.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from problem_ref import random_problem
 
 from tmp_jax import arch
-from tmp_jax.calibration import Calibration
 from tmp_jax.materialize import prefix_shapes, slice_plan
 from tmp_jax.models.hunyuan_image3 import TINY as H_TINY
 from tmp_jax.models.z_image import TINY as Z_TINY
 from tmp_jax.problem import PruningProblem
 from tmp_jax.tree import Tree
-from tmp_jax.tree import node_path as _node_path
 
 # HunyuanImage: 4 KV groups of 2 query heads, 6 experts of width 16 (top-2), shared width 32.
 H_CFG = H_TINY.replace(
@@ -37,25 +35,8 @@ LEVELS = {"fractions": [0.5, 1.0]}  # two width levels per gene (plus skip / dro
 
 
 def _problem(name: str, cfg, seed: int = 0) -> PruningProblem:
-    hooks = arch.get(name)
-    model = hooks.init_random(cfg, jnp.float32, seed)
-    tree = Tree(hooks.build_spec(cfg), LEVELS)
-    rng = np.random.default_rng(seed)
-    stats = {}
-    for n in tree.spec.nodes():
-        for u in n.units:
-            stats[(*_node_path(n.name), f"unit_stat_{u.kind}")] = rng.uniform(size=u.n)
-        if n.droppable:
-            stats[(*_node_path(n.name), "block_stat")] = np.array([rng.uniform(), 1.0])
-    inputs = [hooks.prepare_batch(cfg, b) for b in hooks.synthetic_calib(cfg, 4, 2, seed)]
-    teacher = [np.asarray(hooks.forward(model, x)) for x in inputs]
-    prob = PruningProblem(
-        model,
-        Calibration(inputs, teacher, stats),
-        source={"path": None, "fingerprint": name, "config": {}},
-        levels=LEVELS,
-        eval_mode="sliced",  # this file tests forward_pruned (tests/test_masked_eval.py: the masked mode)
-    )
+    # this file tests forward_pruned (tests/test_masked_eval.py: the masked mode)
+    prob = random_problem(name, cfg, LEVELS, seed=seed, fingerprint=name, eval_mode="sliced")
     assert any(not np.array_equal(o, np.arange(len(o))) for o in prob.order.values())  # a real permutation
     return prob
 

@@ -17,16 +17,14 @@ from collections import Counter
 from contextlib import contextmanager
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from problem_ref import random_problem
 
 from tmp_jax import arch
-from tmp_jax.calibration import Calibration
 from tmp_jax.models.hunyuan_image3 import TINY as H_TINY
 from tmp_jax.problem import PruningProblem, warmup_genomes
 from tmp_jax.tree import Tree
-from tmp_jax.tree import node_path as _node_path
 
 # 8 experts (top-2) of width 32, 2 layers; 4 fractions -> several count AND width levels per MoE node
 CFG = H_TINY.replace(
@@ -69,25 +67,7 @@ def compile_log():
 
 
 def _problem(eval_mode: str = "sliced") -> PruningProblem:
-    hooks = arch.get("hunyuan")
-    model = hooks.init_random(CFG, jnp.float32, 0)
-    tree = Tree(hooks.build_spec(CFG), LEVELS)
-    rng = np.random.default_rng(0)
-    stats = {}
-    for n in tree.spec.nodes():
-        for u in n.units:
-            stats[(*_node_path(n.name), f"unit_stat_{u.kind}")] = rng.uniform(size=u.n)
-        if n.droppable:
-            stats[(*_node_path(n.name), "block_stat")] = np.array([rng.uniform(), 1.0])
-    inputs = [hooks.prepare_batch(CFG, b) for b in hooks.synthetic_calib(CFG, 2, 2, 0)]
-    teacher = [np.asarray(hooks.forward(model, x)) for x in inputs]
-    return PruningProblem(
-        model,
-        Calibration(inputs, teacher, stats),
-        source={"path": None, "fingerprint": "law", "config": {}},
-        levels=LEVELS,
-        eval_mode=eval_mode,
-    )
+    return random_problem("hunyuan", CFG, LEVELS, n=2, fingerprint="law", eval_mode=eval_mode)
 
 
 @pytest.fixture(scope="module")

@@ -130,6 +130,7 @@ def test_search_and_distill_end_to_end(tmp_path):
             progress=False,
             summary=False,
             compensate=False,  # the plain path (compensated plans: tests/test_compensate*.py); keeps CI short
+            eval_mode="masked",  # one program instead of every width level: a 1-generation search is compile-bound
         )
     )
     plan = res.plans[0]

@@ -332,26 +332,10 @@ def _real_problem():
 
     The calibration statistics are synthetic (running calibration would compile the statistics
     forward: ~20 s on CI); the teacher outputs are real."""
-    problem_mod = pytest.importorskip("tmp_jax.problem")
-    from tmp_jax.calibration import Calibration
-    from tmp_jax.tree import node_path as _node_path
+    pytest.importorskip("tmp_jax.problem")
+    from problem_ref import random_problem
 
-    hooks = arch.get("zimage")
-    model = fast_random_model(TINY)
-    tree = Tree(hooks.build_spec(TINY), {"fractions": [1.0]})
-    rng = np.random.default_rng(0)
-    stats = {}
-    for n in tree.spec.nodes():
-        for u in n.units:
-            stats[(*_node_path(n.name), f"unit_stat_{u.kind}")] = rng.uniform(size=u.n)
-        if n.droppable:
-            stats[(*_node_path(n.name), "block_stat")] = np.array([rng.uniform(), 1.0])
-    inputs = [hooks.prepare_batch(TINY, b) for b in hooks.synthetic_calib(TINY, 2, 2, 0)]
-    teacher = [np.asarray(hooks.forward(model, x)) for x in inputs]
-    cal = Calibration(inputs, teacher, stats)
-    return problem_mod.PruningProblem(
-        model, cal, source={"path": None, "fingerprint": "tiny", "config": {}}, levels={"fractions": [1.0]}
-    )
+    return random_problem("zimage", TINY, {"fractions": [1.0]}, n=2, model=fast_random_model(TINY))
 
 
 def test_real_problem_second_generation_compiles_nothing(tmp_path):
