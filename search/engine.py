@@ -452,7 +452,11 @@ def _precheck_budgets(cfg: SearchConfig) -> None:
     load_tree = getattr(pm, "load_tree", None)
     if load_tree is None:
         return
-    parse_budgets(cfg.budget, CostModel(load_tree(cfg.model), cfg.budget_kind))
+    try:
+        tree = load_tree(cfg.model)
+    except ValueError as e:  # the model's config.json is unusable: a one-line error, before any work
+        raise SearchError(str(e)) from None
+    parse_budgets(cfg.budget, CostModel(tree, cfg.budget_kind))
 
 
 def _signature(cfg: SearchConfig, strat: Strategy, budgets: list[Budget], problem: Problem, n_total: int) -> dict:

@@ -240,6 +240,35 @@ def test_search_refuses_budget_not_below_the_model(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "plan.json").exists()
 
 
+@pytest.mark.parametrize("kind", ["pruned", "quantized"])
+def test_search_on_an_export_it_cannot_prune_is_one_line(tmp_path, monkeypatch, capsys, kind):
+    """A pruned or a --quantize export given to the search: a one-line error naming the file, before any work."""
+    from search import engine
+    from tmp_jax.models.z_image import TINY
+    from tmp_jax.search import main
+
+    hooks = arch.get("zimage")
+    tree = Tree(hooks.build_spec(TINY))
+    g = tree.full_genome()
+    g[[i for i, x in enumerate(tree.genes) if x.kind == "ffn"]] = 1  # every FFN at its smallest level
+    cfg = hooks.pruned_config(TINY, tree, tree.decode(g)).to_hf_config()
+    if kind == "quantized":
+        cfg = {**TINY.to_hf_config(), "quantization_config": {"quant_method": "tmp_jax", "dtype": "int8"}}
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+    def no_search(cfg):
+        raise AssertionError("the model must be refused before it is loaded or calibrated")
+
+    monkeypatch.setattr(engine, "_build_problem", no_search)
+    rc = main(["--model", str(folder), "--budget", "50%", "--out", str(tmp_path / "s"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert str(folder / "config.json") in err
+    assert ("pruned checkpoint" if kind == "pruned" else "quantization_config") in err
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 6. progress bars in a log
 # ----------------------------------------------------------------------------------------------------------

@@ -568,9 +568,12 @@ def load_tree(model: str | None) -> Tree:
 
             return Tree(arch.get("zimage").build_spec(TINY))
         raise ValueError(f"--model {model}: no config.json (expected a HF/diffusers checkpoint folder)")
-    cfg_d = json.loads(conf.read_text())
-    hooks = arch.detect(cfg_d)
-    return Tree(hooks.build_spec(hooks.config_from_dict(cfg_d)))
+    try:
+        cfg_d = json.loads(conf.read_text())
+        hooks = arch.detect(cfg_d)
+        return Tree(hooks.build_spec(hooks.config_from_dict(cfg_d)))
+    except ValueError as e:  # unreadable JSON, an unknown or quantised config, a pruned checkpoint: one line
+        raise ValueError(f"--model {model}: {conf}: {e}") from None
 
 
 def _load_model(model: str | None, dtype: str | None = "fp32") -> tuple[Any, Path | None, str]:

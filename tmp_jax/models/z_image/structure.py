@@ -44,7 +44,10 @@ def _shapes(cfg: ZImageConfig) -> dict[tuple, tuple[int, ...]]:
 def build_spec(cfg: ZImageConfig) -> Spec:
     """The tree of an UNPRUNED Z-Image config (paths index the full model)."""
     if cfg.is_pruned:
-        raise ValueError("build the pruning tree from the unpruned model's config")
+        raise ValueError(
+            "a pruned checkpoint (its config.json lists per-block widths); pruning it again is not supported: "
+            "search the unpruned source checkpoint with a smaller budget"
+        )
     shapes = _shapes(cfg)
     hd = cfg.head_dim
     block_owned: set[tuple] = set()
