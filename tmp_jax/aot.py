@@ -18,6 +18,7 @@ size (``f._cache_size()``) to grow at the first real call without any compiling.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,6 +66,21 @@ def memory_bound_workers(default: int) -> int:
         return default
     free = int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0))
     return max(1, min(default, free // (4 * _TEMP[0])))
+
+
+def env_count(name: str, default: int) -> int:
+    """A positive integer from environment variable ``name`` (a thread or batch count), else ``default``;
+    anything else set there is a one-line ValueError naming the variable."""
+    env = os.environ.get(name)
+    if not env:
+        return default
+    try:
+        n = int(env)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{name}={env!r}: expected a positive integer")
+    return n
 
 
 def compile_events() -> int:

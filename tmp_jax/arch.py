@@ -34,10 +34,12 @@ class ArchHooks:
     # (task, input shapes) for every candidate. None: the task is evaluated by ``forward_pruned`` (sliced)
     forward_masked: Callable[[Any, Any, dict], Any] | None = None
     collect_stats: Callable[[Any, dict], tuple[Any, dict]] | None = None  # -> (output, {path: stat})
-    compile_count: Callable[[], int] | None = None
     # gene kinds whose level is runtime data in ``forward_pruned`` (a mask, not a slice): they never change a
     # compiled program's shape, so the warm-up walks them at full size only (tmp_jax.problem.warmup_genomes)
     data_kinds: frozenset[str] = frozenset()
+    # a raw calibration micro-batch -> each sample's noise level sigma (1 = pure noise), float64 [B]: what the
+    # timestep weighting of the compensation Grams reads (tmp_jax.compensate.sample_sigmas)
+    noise_levels: Callable[[dict], Any] | None = None
     synthetic_calib: Callable[[Any, int, int, int], list[dict]] | None = None  # (cfg, n, batch, seed)
     load: Callable[..., Any] | None = None  # (path, dtype=, mesh=) -> model
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
@@ -91,7 +93,7 @@ _REGISTRY: dict[str, ArchHooks] = {}
 
 def runner_hooks(module: str) -> dict[str, Callable[..., Any]]:
     """The evaluation hooks every runner module provides (prepare_batch, forward_blockwise,
-    collect_stats, compile_count), imported lazily so registering an arch stays cheap."""
+    collect_stats), imported lazily so registering an arch stays cheap."""
     import importlib
 
     def r() -> Any:
@@ -102,7 +104,6 @@ def runner_hooks(module: str) -> dict[str, Callable[..., Any]]:
         "forward": lambda m, x: r().forward_blockwise(m, x),
         "forward_pruned": lambda m, tree, a, x, refits=None: r().forward_pruned(m, tree, a, x, refits),
         "collect_stats": lambda m, x: r().collect_stats(m, x),
-        "compile_count": lambda: r().compile_count(),
     }
 
 

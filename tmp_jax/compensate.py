@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from tmp_jax import arch
 from tmp_jax.tree import PathT, Slice, Tree, Units, node_path
 
 METHOD = "obs-lsq"  # greedy structured-OBS order + damped least-squares re-fit of the consumer
@@ -93,14 +94,11 @@ def check_timestep_weight(kind: str) -> str:
 
 def sample_sigmas(arch_name: str, batch: dict[str, Any]) -> np.ndarray:
     """Each sample's noise level sigma in [0, 1] (1 = pure noise) of a raw calibration micro-batch
-    (``docs/calibration-format.md``): Z-Image's ``t`` is ``1 - sigma``, HunyuanImage's ``timestep`` is
-    ``sigma * 1000`` (TI2I micro-batches: the target's, as in T2I). -> (B,) float64."""
-    if arch_name == "zimage":
-        sigma = 1.0 - np.asarray(batch["t"], np.float64).reshape(-1)
-    elif arch_name == "hunyuan":
-        sigma = np.asarray(batch["timestep"], np.float64).reshape(-1) / 1000.0
-    else:
+    (``docs/calibration-format.md``), read by the arch's ``noise_levels`` hook. -> (B,) float64."""
+    hook = arch.get(arch_name).noise_levels
+    if hook is None:
         raise ValueError(f"Gram timestep weighting: no noise level known for arch {arch_name!r}")
+    sigma = np.asarray(hook(batch), np.float64)
     if not np.all(np.isfinite(sigma)):
         raise ValueError(f"Gram timestep weighting: non-finite timesteps in a {arch_name} micro-batch")
     return np.clip(sigma, 0.0, 1.0)

@@ -30,10 +30,9 @@ The price is full-width FLOPs per candidate, so only small teachers use it by de
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import jax
@@ -42,9 +41,9 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax import aot
+from tmp_jax.materialize import Refits
 from tmp_jax.tree import Assignment, PathT, Tree
 
-Refits = dict[tuple[PathT, int], Any]
 MaskData = dict[str, np.ndarray]  # {"counts": int32 [G], "gates": float32 [N], "refit": int32 [R]} (+ leading axis)
 
 
@@ -85,7 +84,9 @@ class MaskLayout:
             refit[i] = ks.index(k) + 1 if k in ks else 0
         return {"counts": counts, "gates": gates, "refit": refit}
 
+    @cached_property
     def index(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """Positions of each unit group and each gate in the data vectors (computed once per layout)."""
         return {(n, k): i for i, (n, k, _) in enumerate(self.groups)}, {g: i for i, g in enumerate(self.gates)}
 
 
@@ -94,7 +95,7 @@ class MaskView:
 
     def __init__(self, layout: MaskLayout, data: dict[str, jax.Array]):
         self.layout, self.data = layout, data
-        self._groups, self._gates = _index(layout)
+        self._groups, self._gates = layout.index
 
     def count(self, node: str, kind: str) -> jax.Array:
         """Kept units of ``node``'s group ``kind`` (int32 scalar; the full count where the node is dropped)."""
@@ -108,15 +109,6 @@ class MaskView:
     def gate(self, node: str) -> jax.Array:
         """0/1 float32 scalar: 0 iff ``node`` is dropped (itself or an ancestor)."""
         return self.data["gates"][self._gates[node]]
-
-
-_INDEX: dict[MaskLayout, tuple[dict, dict]] = {}
-
-
-def _index(layout: MaskLayout) -> tuple[dict, dict]:
-    if layout not in _INDEX:
-        _INDEX[layout] = layout.index()
-    return _INDEX[layout]
 
 
 def refit_tables(model: Any, layout: MaskLayout, refits: Refits | None) -> tuple[jax.Array, ...]:
@@ -185,16 +177,7 @@ def make_program(gd: Any, treedef: Any, layout: MaskLayout) -> Callable[..., jax
 def default_batch() -> int:
     """Candidates per masked call: ``TMP_JAX_MASKED_BATCH``, else 1 on CPU (compute-bound: batching only adds
     padding) and 8 on accelerators (small models are launch-bound there: one call runs 8 candidates)."""
-    env = os.environ.get("TMP_JAX_MASKED_BATCH")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"TMP_JAX_MASKED_BATCH={env!r}: expected a positive integer")
-        return n
-    return 1 if jax.default_backend() == "cpu" else 8
+    return aot.env_count("TMP_JAX_MASKED_BATCH", 1 if jax.default_backend() == "cpu" else 8)
 
 
 def split_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], tuple]:

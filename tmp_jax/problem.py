@@ -123,16 +123,7 @@ def warmup_genomes(tree: Tree, data_kinds: frozenset[str] | set[str] = frozenset
 def warmup_workers() -> int:
     """Threads compiling warm-up programs side by side: ``TMP_JAX_COMPILE_WORKERS``, else up to 8 (one per
     core). XLA compiles without the GIL, so programs of different shapes compile in parallel."""
-    env = os.environ.get("TMP_JAX_COMPILE_WORKERS")
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"TMP_JAX_COMPILE_WORKERS={env!r}: expected a positive integer") from None
-        if n < 1:
-            raise ValueError(f"TMP_JAX_COMPILE_WORKERS={env!r}: expected a positive integer")
-        return n
-    return max(1, min(8, os.cpu_count() or 1))
+    return aot.env_count("TMP_JAX_COMPILE_WORKERS", max(1, min(8, os.cpu_count() or 1)))
 
 
 class PruningProblem:

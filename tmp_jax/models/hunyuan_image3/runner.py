@@ -86,7 +86,11 @@ class _Stem(nnx.Module):
 
 @partial(jax.jit, static_argnums=(0,))
 def _stem_embed(gd: Any, state: Any, ids: jax.Array, lat: jax.Array, t: jax.Array, vl: jax.Array) -> dict:
-    s = nnx.merge(gd, state)
+    return _stem_body(nnx.merge(gd, state), ids, lat, t, vl)
+
+
+def _stem_body(s: _Stem, ids: jax.Array, lat: jax.Array, t: jax.Array, vl: jax.Array) -> dict:
+    """The T2I embed through the stem view (traceable): what the blockwise and the masked forwards start from."""
     return t2i_embed(
         s.wte,
         s.patch_embed,
@@ -125,11 +129,6 @@ def _moe(gd: Any, state: Any, x: jax.Array, tm: jax.Array) -> jax.Array:
 def _final(gd: Any, state: Any, x: jax.Array, index: jax.Array, t: jax.Array, th: int, tw: int) -> jax.Array:
     s = nnx.merge(gd, state)
     return t2i_head(s.final_layer, s.time_embed_2, x, index, t, th, tw)
-
-
-def compile_count() -> int:
-    """Compiled variants of the blockwise functions so far (for zero-recompile checks)."""
-    return sum(f._cache_size() for f in (_stem_embed, _attn, _moe, _final, _attn_cut, _moe_cut))
 
 
 def _embed(model: HunyuanImage3, inputs: dict[str, Any]) -> tuple[Any, dict]:
@@ -290,19 +289,7 @@ def forward_masked(model: HunyuanImage3, m: MaskView, inputs: dict[str, Any]) ->
     cfg = model.config
     lat, t = inputs["latents"], inputs["timestep"]
     _, _, th, tw = lat.shape
-    e = t2i_embed(
-        model.model.wte,
-        model.patch_embed,
-        model.time_embed,
-        model.timestep_emb,
-        inputs["input_ids"],
-        lat,
-        t,
-        inputs["valid_lengths"],
-        image_token_id=cfg.image_token_id,
-        head_dim=cfg.attention_head_dim,
-        rope_theta=cfg.rope_theta,
-    )
+    e = _stem_body(_Stem(model), inputs["input_ids"], lat, t, inputs["valid_lengths"])
     x, tm = e["embeds"], e["token_mask"]
     for i, layer in enumerate(model.model.layers):
         attn, mlp = f"{_layer_name(i)}.self_attn", f"{_layer_name(i)}.mlp"

@@ -387,5 +387,7 @@ HOOKS = arch.register(
         tasks={"ti2i": TI2I_HOOKS},
         task_of=lambda b: "ti2i" if "cond_start" in b else "t2i",
         data_kinds=DATA_KINDS,
+        # timestep = sigma * 1000 (TI2I micro-batches: the target's, as in T2I)
+        noise_levels=lambda b: np.asarray(b["timestep"], np.float64).reshape(-1) / 1000.0,
     )
 )

@@ -231,11 +231,7 @@ HOOKS = arch.register(
         path_map=path_map,
         init_abstract=init_abstract,
         init_random=init_random,
-        **{
-            **arch.runner_hooks("tmp_jax.models.z_image.runner"),
-            # zero-recompile checks count the omni stem / unify / final functions too (blocks are shared)
-            "compile_count": lambda: _runner().compile_count() + _ti2i().compile_count(),
-        },
+        **arch.runner_hooks("tmp_jax.models.z_image.runner"),
         forward_masked=lambda m, view, x: _runner().forward_masked(m, view, x),
         synthetic_calib=synthetic_calib,
         load=_load,
@@ -247,5 +243,6 @@ HOOKS = arch.register(
         config_file_kind=lambda d: d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d,
         tasks={"ti2i": TI2I_HOOKS},
         task_of=lambda b: "ti2i" if "cond_latents" in b else "t2i",
+        noise_levels=lambda b: 1.0 - np.asarray(b["t"], np.float64).reshape(-1),  # t is 1 - sigma
     )
 )

@@ -314,11 +314,6 @@ def _final_omni(gd: Any, state: Any, x: jax.Array, cond: tuple, pk: str) -> jax.
     return nnx.merge(gd, state).all_final_layer[pk](x, cond)
 
 
-def compile_count() -> int:
-    """Compiled variants of the omni stem / unify / final functions (the blocks are the T2I runner's)."""
-    return sum(f._cache_size() for f in (_omni_stem, _unify_omni, _final_omni))
-
-
 def forward_pruned(
     model: ZImageTransformer, tree: Any, a: Any, inputs: dict[str, Any], refits: Any = None
 ) -> jax.Array:
