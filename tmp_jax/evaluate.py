@@ -148,12 +148,6 @@ def load(spec: str | Path | Any, dtype: str = "fp32") -> Any:
     return _LOADED[key]
 
 
-def _dtype_of(model: Any) -> str:
-    from tmp_jax.dtypes import model_dtype
-
-    return model_dtype(model)
-
-
 def n_params(model: Any) -> int:
     return int(sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
@@ -338,7 +332,7 @@ def evaluate(
     out["teacher"] = dict(ref["metrics"])
     out["setting"] = asdict(st)
     out["seed"] = seed
-    out["dtype"] = _dtype_of(m_model)
+    out["dtype"] = dtypes.model_dtype(m_model)
     out["seconds"] = time.time() - t0
     return out
 
