@@ -54,6 +54,7 @@ from converters.engine import (
     write_json,
 )
 from tmp_jax import arch
+from tmp_jax.materialize import take_kept
 from tmp_jax.tree import Assignment, Tree
 
 REMOTE = Path(__file__).resolve().parent / "remote"
@@ -175,23 +176,28 @@ EXPORTERS = {"zimage": _zimage_export, "hunyuan": _hunyuan_export}
 
 
 def kept_slices(tree: Tree, plan: dict[str, Any]) -> dict[tuple, list[tuple[int, np.ndarray]]]:
-    """Source parameter path -> [(axis, element indices)] from the plan's ORIGINAL-numbered unit ids."""
-    kept = {tuple(k.rsplit("/", 1)): np.asarray(v, np.int64) for k, v in plan["policy"]["kept_units"].items()}
-    dropped = set(plan["policy"]["dropped"])
-    out: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    """Source parameter path -> [(axis, element indices)] from the plan's ORIGINAL-numbered unit ids (one list
+    per expert for per-expert groups): :func:`tmp_jax.materialize.slice_plan` of the plan's kept-first order,
+    applied with :func:`tmp_jax.materialize.take_kept`."""
+    from search.engine import plan_assignment
+    from tmp_jax.materialize import kept_first_order, slice_plan
+
+    a = plan_assignment(plan)
+    kept = plan["policy"]["kept_units"]
     for n in tree.spec.nodes():
-        if n.name in dropped:
-            continue
-        for u in n.units:
-            ids = kept.get((n.name, u.kind))
-            if ids is None:
-                raise CheckpointError(f"plan: no kept_units for {n.name}/{u.kind}")
-            if len(ids) and (ids.min() < 0 or ids.max() >= u.n):
-                raise CheckpointError(f"plan: kept_units for {n.name}/{u.kind} outside [0, {u.n})")
-            for s in u.slices:
-                el = (ids[:, None] * s.group + np.arange(s.group)[None, :]).reshape(-1)
-                out.setdefault(s.path, []).append((s.axis, el))
-    return out
+        if n.name not in a.dropped:
+            for u in n.units:
+                if f"{n.name}/{u.kind}" not in kept:
+                    raise CheckpointError(f"plan: no kept_units for {n.name}/{u.kind}")
+    try:
+        order = kept_first_order(tree, kept)
+    except ValueError as e:
+        raise CheckpointError(f"plan: {e}") from None
+    for node, kind in order:  # the lists must hold exactly the plan's kept counts
+        got, k = np.shape(kept[f"{node}/{kind}"])[-1], tree.kept_count(a, node, kind)
+        if node not in a.dropped and got != k:
+            raise CheckpointError(f"plan: kept_units for {node}/{kind} lists {got} units, its keep is {k}")
+    return slice_plan(tree, a, order)
 
 
 def export(cfg: ExportConfig) -> dict[str, Any]:
@@ -240,6 +246,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             raise CheckpointError(str(e)) from None
     consumers = comp.consumers(tree) if comp is not None else {}
     kept_ids = {tuple(k.rsplit("/", 1)): np.asarray(v, np.int64) for k, v in plan["policy"]["kept_units"].items()}
+    # a plan from before per-expert orders lists one set for every expert: the re-fit takes it per row too
     if cfg.weights is not None:
         reader = SafetensorsReader(cfg.weights)  # recovered weights: already the pruned shapes
         src_table_for_read = new_table
@@ -268,10 +275,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         if p_src in consumers:  # re-fit on the full consumer, then slice its other axes
             node, kind, _, s = consumers[p_src]
             arr, skip = comp.apply(tree, p_src, arr, kept_ids[(node, kind)]).astype(arr.dtype), s.axis
-        for axis, idx in slices.get(p_src, []):
-            if axis != skip:
-                arr = np.take(arr, idx, axis=axis)
-        return arr
+        return take_kept(arr, slices.get(p_src, []), skip)
 
     # plan every output tensor (shape, dtype) before writing, so headers are written up front
     # a quantised weight is followed by its fp32 per-output-channel scale

@@ -39,12 +39,23 @@ SHORT = {"bfloat16": "bf16", "float32": "fp32"}
 SECTION = "dtype"
 
 
+def _units(kept: dict[str, Any]) -> set[tuple]:
+    """Every kept unit as (group, id), or (group, expert, id) for a per-expert group (one list per expert)."""
+    out: set[tuple] = set()
+    for g, ids in kept.items():
+        if ids and isinstance(ids[0], list):
+            out.update((g, r, int(i)) for r, row in enumerate(ids) for i in row)
+        else:
+            out.update((g, int(i)) for i in ids)
+    return out
+
+
 def kept_overlap(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Share of the kept units (all groups of the nodes both plans keep) the two plans have in common: |A & B| /
     |A | B| over (group, unit) pairs (1.0 = the same subnetwork)."""
     ka, kb = a["policy"]["kept_units"], b["policy"]["kept_units"]
-    sa = {(g, int(i)) for g, ids in ka.items() for i in ids}
-    sb = {(g, int(i)) for g, ids in kb.items() for i in ids}
+    # a unit is (group, its index path): per-expert groups list one row per expert
+    sa, sb = _units(ka), _units(kb)
     da, db = set(a["policy"]["dropped"]), set(b["policy"]["dropped"])
     sa |= {("dropped", n) for n in da}
     sb |= {("dropped", n) for n in db}

@@ -41,7 +41,8 @@ from search.genome import GeneLoss, split_importance
 from search.strategies import STRATEGIES, Context, Strategy, make_strategy
 from tmp_jax.tree import Assignment, Tree
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-expert kept lists for expert channels (docs/plan-format.md, Compatibility)
+READ_VERSIONS = (1, 2)  # version 1 plans (one kept list for every expert) are still read
 CHECKPOINT_VERSION = 1
 
 
@@ -264,7 +265,8 @@ def build_plan(
         "policy": {
             "dropped": sorted(a.dropped),
             "keep": {f"{n}/{k}": int(v) for (n, k), v in sorted(a.keep.items())},
-            "kept_units": {f"{n}/{k}": [int(i) for i in ids] for (n, k), ids in sorted(kept.items())},
+            # per-expert groups: one list per expert (docs/plan-format.md)
+            "kept_units": {f"{n}/{k}": np.asarray(ids, np.int64).tolist() for (n, k), ids in sorted(kept.items())},
         },
         "genome": {"genes": [g.name for g in tree.genes], "levels": [int(x) for x in genome]},
         "counts": {
@@ -321,10 +323,10 @@ def load_plan(path: str | Path) -> dict[str, Any]:
     if not isinstance(plan, dict) or "format_version" not in plan:
         raise ValueError(f"{p}: not a tmp-jax plan (no format_version)")
     v = plan["format_version"]
-    if v != FORMAT_VERSION:
+    if v not in READ_VERSIONS:
         raise ValueError(
             f"{p}: plan format_version {v!r} is not supported; this tmp_jax "
-            f"({versions()['tmp_jax']}) reads format_version {FORMAT_VERSION}"
+            f"({versions()['tmp_jax']}) reads format_version {', '.join(map(str, READ_VERSIONS))}"
         )
     missing = [k for k in _REQUIRED if k not in plan]
     if missing:

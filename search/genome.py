@@ -202,9 +202,11 @@ class GeneLoss:
                 continue
             for m in gene.members or (gene.node,):
                 u = tree._units[(m, gene.kind)]
-                s = np.asarray(unit_scores.get((m, gene.kind), np.ones(u.n)), np.float64)
+                # 2-D scores / orders (a batched group: one row per expert, each keeping its own first k)
+                s = np.atleast_2d(np.asarray(unit_scores.get((m, gene.kind), np.ones(u.n)), np.float64))
                 o = np.asarray(order[(m, gene.kind)]) if order and (m, gene.kind) in order else np.arange(u.n)
-                ranked = s[o]  # most important first
+                o = np.broadcast_to(o, (max(s.shape[0], np.atleast_2d(o).shape[0]), u.n))
+                ranked = np.take_along_axis(np.broadcast_to(s, o.shape), o, axis=1).sum(0)  # most important first
                 tail = np.concatenate([np.cumsum(ranked[::-1])[::-1], [0.0]])  # tail[k] = loss keeping k
                 for lvl, c in enumerate(gene.counts):
                     lost = tail[c]

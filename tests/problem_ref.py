@@ -22,7 +22,8 @@ def random_stats(tree: Tree, rng: np.random.Generator) -> dict[tuple, np.ndarray
     stats = {}
     for n in tree.spec.nodes():
         for u in n.units:
-            stats[(*node_path(n.name), f"unit_stat_{u.kind}")] = rng.uniform(size=u.n)
+            rows = () if u.batch is None else (tree.units(n.name, u.batch).n,)  # per-expert groups: one row each
+            stats[(*node_path(n.name), f"unit_stat_{u.kind}")] = rng.uniform(size=(*rows, u.n))
         if n.droppable:
             stats[(*node_path(n.name), "block_stat")] = np.array([rng.uniform(), 1.0])
     return stats

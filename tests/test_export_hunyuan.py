@@ -201,7 +201,14 @@ def forward_fn(model):
 def test_export_official_layout(tmp_path, src, kind):
     folder, model, tree = src
     rng = np.random.default_rng(1)
-    order = {(n.name, u.kind): rng.permutation(u.n) for n in tree.spec.nodes() for u in n.units}
+    # expert channels: one random order per expert (Units.batch), so every expert keeps different channels
+    order = {
+        (n.name, u.kind): rng.permutation(u.n)
+        if u.batch is None
+        else np.stack([rng.permutation(u.n) for _ in range(tree.units(n.name, u.batch).n)])
+        for n in tree.spec.nodes()
+        for u in n.units
+    }
     g = _genome(tree, kind)
     plan = _plan(tmp_path, folder, model, tree, g, order)
     out = tmp_path / "pruned"
@@ -257,15 +264,18 @@ def test_export_official_layout(tmp_path, src, kind):
     wg = "model.layers.{}.mlp.gate.wg.weight"
     np.testing.assert_array_equal(ord_.read(wg.format(1)), srd.read(wg.format(2))[ex])
     inter = KW["moe_intermediate_size"][2]
+    assert ch.shape == (KW["num_experts"], np.shape(ch)[-1])  # one kept list per (source) expert
+    if kind == "hetero":  # the experts kept different channels
+        assert len({tuple(ch[e]) for e in ex}) > 1
     for j, e in enumerate(ex):
         gu = srd.read(f"model.layers.2.mlp.experts.{e}.gate_and_up_proj.weight")
         np.testing.assert_array_equal(
             ord_.read(f"model.layers.1.mlp.experts.{j}.gate_and_up_proj.weight"),
-            np.concatenate([gu[:inter][ch], gu[inter:][ch]]),
+            np.concatenate([gu[:inter][ch[e]], gu[inter:][ch[e]]]),
         )
         np.testing.assert_array_equal(
             ord_.read(f"model.layers.1.mlp.experts.{j}.down_proj.weight"),
-            srd.read(f"model.layers.2.mlp.experts.{e}.down_proj.weight")[:, ch],
+            srd.read(f"model.layers.2.mlp.experts.{e}.down_proj.weight")[:, ch[e]],
         )
 
     # our loader: every parameter equals the materialised model's, and so does the forward

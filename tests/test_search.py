@@ -246,7 +246,7 @@ def test_plan_format_and_load_plan(tmp_path, ztree):
     prob = FakeProblem(ztree)
     run(cfg(tmp_path, generations=1), prob)
     plan = load_plan(tmp_path / "plan.json")
-    assert plan["format_version"] == 1 and plan["arch"] == "zimage"
+    assert plan["format_version"] == 2 and plan["arch"] == "zimage"
     assert plan["source"]["fingerprint"] == "fake-0123"
     assert set(plan["versions"]) == {"jax", "flax", "evosax", "numpy", "tmp_jax"}
     assert plan["counts"]["before"]["params"] == ztree.full["params"]

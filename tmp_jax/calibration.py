@@ -538,7 +538,8 @@ def _arch_of(model: Any) -> str:
 
 
 def importance(tree: Tree, stats: dict[tuple, np.ndarray], commensurate: bool = True) -> tuple[dict, dict]:
-    """Per-unit scores {(node, kind): (n,)} and per-droppable-node scores {node: float}.
+    """Per-unit scores {(node, kind): (n,)}, (batch units, n) for a batched group (``Units.batch``), and
+    per-droppable-node scores {node: float}.
 
     Units read the statistic their node's module sowed (``unit_stat_<kind>`` or ``unit_stat``);
     droppable nodes read ``block_stat`` = [sum ||out - in||^2, sum ||in||^2].
@@ -557,8 +558,9 @@ def importance(tree: Tree, stats: dict[tuple, np.ndarray], commensurate: bool = 
             v = stats.get((*base, f"unit_stat_{u.kind}"), stats.get((*base, "unit_stat")))
             if v is None:
                 raise ValueError(f"no importance statistic sown for {n.name}/{u.kind}")
-            if v.shape != (u.n,):
-                raise ValueError(f"statistic for {n.name}/{u.kind} has shape {v.shape}, expected ({u.n},)")
+            want = (u.n,) if u.batch is None else (tree.units(n.name, u.batch).n, u.n)  # per batch unit (expert)
+            if v.shape != want and not (u.batch is not None and v.shape == (u.n,)):  # (n,): the same for every row
+                raise ValueError(f"statistic for {n.name}/{u.kind} has shape {v.shape}, expected {want}")
             v = np.asarray(v, np.float64)
             res = stats.get((*base, "res_energy"))
             if commensurate and res is not None:
@@ -571,5 +573,6 @@ def importance(tree: Tree, stats: dict[tuple, np.ndarray], commensurate: bool = 
 
 
 def order_from_scores(units: dict[tuple[str, str], np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-    """Most important first (stable, so ties keep original order)."""
-    return {k: np.argsort(-v, kind="stable") for k, v in units.items()}
+    """Most important first (stable, so ties keep original order); a (B, n) score array (a batched group,
+    ``Units.batch``) gets one order per row."""
+    return {k: np.argsort(-v, axis=-1, kind="stable") for k, v in units.items()}

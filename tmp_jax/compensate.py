@@ -144,8 +144,17 @@ def _f64(g: Any) -> np.ndarray:
 
 
 def _take(g: Any, idx: np.ndarray, axis: int) -> Any:
-    """``np.take`` of a Gram; a :class:`StoredGram` stays lazy (the selection is applied when it is read)."""
-    return g.take(idx, axis) if isinstance(g, StoredGram) else np.take(g, idx, axis=axis)
+    """``np.take`` of a Gram (or consumer); a 2-D ``idx`` (rows, k) selects per row of axis 0 (one order per
+    expert). A :class:`StoredGram` stays lazy (the selection is applied when it is read)."""
+    if isinstance(g, StoredGram):
+        return g.take(idx, axis)
+    idx = np.asarray(idx)
+    if idx.ndim == 1:
+        return np.take(g, idx, axis=axis)
+    axis %= g.ndim
+    shape = [1] * g.ndim
+    shape[0], shape[axis] = idx.shape
+    return np.take_along_axis(g, idx.reshape(shape), axis=axis)
 
 
 class StoredGram:
@@ -173,9 +182,10 @@ class StoredGram:
         return len(self.shape)
 
     def take(self, idx: Any, axis: int) -> StoredGram:
-        idx, axis = np.asarray(idx, np.int64).reshape(-1), axis % self.ndim
+        """Record ``_take(self, idx, axis)``: 1-D ``idx`` for every row, or (rows, k) per row of axis 0."""
+        idx, axis = np.asarray(idx, np.int64), axis % self.ndim
         shape = list(self.shape)
-        shape[axis] = len(idx)
+        shape[axis] = idx.shape[-1]
         return StoredGram(self.path, self.name, tuple(shape), (*self.takes, (idx, axis)))
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -184,7 +194,7 @@ class StoredGram:
         with safe_open(str(self.path), framework="numpy") as f:
             a = f.get_tensor(self.name)
         for idx, axis in self.takes:
-            a = np.take(a, idx, axis=axis)
+            a = _take(a, idx, axis)
         return a if dtype is None else a.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
@@ -254,7 +264,8 @@ def _rows(w: np.ndarray, axis: int) -> np.ndarray:
 
 
 def refit(g: np.ndarray, w: np.ndarray, ids: np.ndarray, group: int, axis: int, damp: float) -> np.ndarray:
-    """Re-fitted consumer rows of the kept units ``ids`` (in the given sequence), float64.
+    """Re-fitted consumer rows of the kept units ``ids`` (in the given sequence), float64; ``ids`` (B, k): each
+    batch entry (expert) keeps its own units.
 
     ``g``: (N, N) or (B, N, N) Gram of the consumer input in the numbering of ``w``; ``w``: the FULL
     consumer parameter, its input rows on ``axis`` (0; or 1 after a leading batch/expert axis of size B);
@@ -263,18 +274,22 @@ def refit(g: np.ndarray, w: np.ndarray, ids: np.ndarray, group: int, axis: int, 
     gb = g if g.ndim == 3 else g[None]
     if gb.shape[0] != w64.shape[0] or gb.shape[1] != w64.shape[1]:
         raise ValueError(f"Gram of shape {g.shape} does not match consumer of shape {w.shape} on axis {axis}")
-    el = (np.asarray(ids, np.int64)[:, None] * group + np.arange(group)[None, :]).reshape(-1)  # [k*group]
+    ids = np.asarray(ids, np.int64)
+    if ids.ndim == 2 and ids.shape[0] != gb.shape[0]:
+        raise ValueError(f"per-row kept units for {ids.shape[0]} rows, the Gram has {gb.shape[0]}")
+    el = np.broadcast_to(_elements(ids, group), (gb.shape[0], ids.shape[-1] * group))  # [B, k*group]
     lam = _damp(gb, damp)
     if _accelerate(gb.shape):
         out = np.asarray(_refit_device(gb, w64, el, lam), np.float64)
     else:
-        out = np.empty((w64.shape[0], len(el), w64.shape[2]))
+        out = np.empty((w64.shape[0], el.shape[1], w64.shape[2]))
         for b in range(w64.shape[0]):
-            a = gb[b][np.ix_(el, el)] + lam[b] * np.eye(len(el))
-            rhs = gb[b][el] @ w64[b] + lam[b] * w64[b][el]
+            e = el[b]
+            a = gb[b][np.ix_(e, e)] + lam[b] * np.eye(len(e))
+            rhs = gb[b][e] @ w64[b] + lam[b] * w64[b][e]
             out[b] = _solve_psd(a, rhs)
     shape = list(w.shape)
-    shape[axis] = len(el)
+    shape[axis] = el.shape[1]
     return out.reshape(shape)
 
 
@@ -299,15 +314,15 @@ def _refit_body(g: Any, w: Any, el: Any, lam: Any) -> Any:
     import jax
     import jax.numpy as jnp
 
-    def one(gb: Any, wb: Any, lb: Any) -> Any:
-        a = gb[el][:, el] + lb * jnp.eye(el.shape[0], dtype=gb.dtype)  # [k, k]
-        rhs = gb[el] @ wb + lb * wb[el]  # [k, D]
+    def one(gb: Any, wb: Any, eb: Any, lb: Any) -> Any:
+        a = gb[eb][:, eb] + lb * jnp.eye(eb.shape[0], dtype=gb.dtype)  # [k, k]
+        rhs = gb[eb] @ wb + lb * wb[eb]  # [k, D]
         c = jax.scipy.linalg.cho_factor(a, lower=True)
         return jax.scipy.linalg.cho_solve(c, rhs)
 
     hp = jax.default_matmul_precision("highest")
     with hp:
-        return jax.lax.map(lambda t: one(*t), (g, w, lam.astype(g.dtype)))
+        return jax.lax.map(lambda t: one(*t), (g, w, el, lam.astype(g.dtype)))
 
 
 def _lazy_jit(fn: Any, **kw: Any) -> Any:
@@ -391,19 +406,54 @@ def obs_order(
     return (order, scores, snaps) if snapshots else (order, scores)
 
 
-def _obs_order_device(g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int, chunk: int, stops: list[int]) -> tuple:
+def obs_order_rows(
+    g: np.ndarray,
+    w: np.ndarray,
+    group: int,
+    axis: int,
+    damp: float,
+    chunk: int = 64,
+    snapshots: tuple[int, ...] = (),
+) -> tuple:
+    """:func:`obs_order` run separately for every entry of a batched Gram ``g`` (B, N, N) and consumer ``w``
+    (B leading, its rows on ``axis`` >= 1): one order per expert, since channel ``c`` of one expert has
+    nothing to do with channel ``c`` of another. Returns ``(order [B, n], scores [B, n], {k: w-shaped})``:
+    the snapshot at ``k`` holds every expert's own re-fit of its own first ``k`` units."""
+    if g.ndim != 3 or axis < 1 or w.shape[0] != g.shape[0]:
+        raise ValueError(f"per-row OBS needs a (B, N, N) Gram and a consumer with B leading, got {g.shape}, {w.shape}")
+    if _accelerate(g.shape):  # all experts side by side on the device (vmapped steps), float32
+        w64 = _rows(np.asarray(w, np.float64), axis)  # [B, N, D]
+        stops = sorted({int(k) for k in snapshots if 0 < int(k) < w64.shape[1] // group}, reverse=True)
+        order, scores, snaps = _obs_order_device(g, w64, _damp(g, damp), group, chunk, stops, rows=True)
+        return order, scores, {k: np.asarray(v, np.float64).reshape(w.shape) for k, v in snaps.items()}
+    orders, scores, snaps = [], [], {}
+    for b in range(g.shape[0]):
+        o, sc, sn = obs_order(g[b], w[b], group, axis - 1, damp, chunk, tuple(snapshots) or (0,))
+        orders.append(o)
+        scores.append(sc)
+        for k, v in sn.items():
+            snaps.setdefault(k, []).append(np.asarray(v))
+    return np.stack(orders), np.stack(scores), {k: np.stack(v) for k, v in snaps.items()}
+
+
+def _obs_order_device(
+    g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int, chunk: int, stops: list[int], rows: bool = False
+) -> tuple:
     """:func:`obs_order` on the default JAX device in float32: the same greedy removal and OBS updates, one
     jitted step per removal (chunks rounded down to a power of two, so a few step shapes compile); snapshots
-    at the kept counts ``stops`` (descending) stay on the device."""
+    at the kept counts ``stops`` (descending) stay on the device. ``rows``: every batch entry is its own
+    greedy pass (:func:`obs_order_rows`; the steps vmapped over the entries, which all remove ``take`` units
+    per step), and the order and scores are (B, n)."""
     import jax.numpy as jnp
 
-    n = g.shape[1] // group
+    nb, n = g.shape[0], g.shape[1] // group
     hinv = _obs_init_jit(jnp.asarray(g, jnp.float32), jnp.asarray(lam, jnp.float32))
     wk = jnp.asarray(w, jnp.float32)
-    alive = jnp.ones(n, bool)
-    removed: list[int] = []
-    scores = np.zeros(n)
+    alive = jnp.ones((nb, n) if rows else n, bool)
+    removed: list[np.ndarray] = []
+    scores = np.zeros((nb, n) if rows else n)
     snaps: dict[int, Any] = {}
+    step = _obs_step_rows_jit if rows else _obs_step_jit
     left = n
     while left > 0:
         if stops and left == stops[0]:
@@ -412,12 +462,17 @@ def _obs_order_device(g: np.ndarray, w: np.ndarray, lam: np.ndarray, group: int,
         if stops:  # never step past a snapshot
             want = min(want, left - stops[0])
         take = 1 << (want.bit_length() - 1)  # a power of two <= want
-        hinv, wk, alive, pick, err, joint = _obs_step_jit(hinv, wk, alive, group, take)
-        pick, err = np.asarray(pick), np.asarray(err, np.float64)
-        scores[pick] = _chunk_scores(err, float(joint))
-        removed.extend(int(p) for p in pick)
+        hinv, wk, alive, pick, err, joint = step(hinv, wk, alive, group, take)
+        pick, err, joint = np.asarray(pick), np.asarray(err, np.float64), np.asarray(joint, np.float64)
+        if rows:
+            for b in range(nb):
+                scores[b, pick[b]] = _chunk_scores(err[b], float(joint[b]))
+        else:
+            scores[pick] = _chunk_scores(err, float(joint))
+        removed.append(pick)
         left -= take
-    return np.asarray(removed[::-1], np.int64), scores, snaps
+    order = np.concatenate(removed, axis=-1)[..., ::-1].astype(np.int64)  # most important first
+    return order, scores, snaps
 
 
 def _obs_init(g: Any, lam: Any) -> tuple:
@@ -461,8 +516,20 @@ def _obs_step(hinv: Any, w: Any, alive: Any, group: int, take: int) -> tuple:
     return hinv, w, alive.at[pick].set(False), pick, -neg, joint
 
 
+def _obs_step_rows(hinv: Any, w: Any, alive: Any, group: int, take: int) -> tuple:
+    """:func:`_obs_step` for every batch entry on its own (``alive`` [B, n]): one greedy pass per expert."""
+    import jax
+
+    def one(h: Any, ww: Any, al: Any) -> tuple:
+        h, ww, al, pick, err, joint = _obs_step(h[None], ww[None], al, group, take)
+        return h[0], ww[0], al, pick, err, joint
+
+    return jax.vmap(one)(hinv, w, alive)
+
+
 _obs_init_jit = _lazy_jit(_obs_init)
 _obs_step_jit = _lazy_jit(_obs_step, static_argnums=(3, 4), donate_argnums=(0, 1))
+_obs_step_rows_jit = _lazy_jit(_obs_step_rows, static_argnums=(3, 4), donate_argnums=(0, 1))
 
 
 def _chunk_scores(single: np.ndarray, joint: float) -> np.ndarray:
@@ -475,7 +542,9 @@ def _chunk_scores(single: np.ndarray, joint: float) -> np.ndarray:
 
 
 def _elements(units: np.ndarray, group: int) -> np.ndarray:
-    return (np.asarray(units)[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+    """Unit ids [..., k] -> element (row) indices [..., k*group]."""
+    units = np.asarray(units)
+    return (units[..., :, None] * group + np.arange(group)).reshape(*units.shape[:-1], -1)
 
 
 def _unit_errors(hinv: np.ndarray, w: np.ndarray, units: np.ndarray, group: int) -> np.ndarray:
@@ -537,15 +606,19 @@ class Compensation:
     def orders(self, tree: Tree, params: dict[PathT, Any]) -> tuple[dict, dict, dict]:
         """Greedy OBS for every group with a Gram; ``params``: path -> full array (this numbering).
 
-        Returns ``(order, scores, snapshots)``: per (node, kind) the unit order and scores of :func:`obs_order`,
-        and ``{k: re-fitted consumer}`` at every kept count ``k`` below full of the genes acting on the group
+        Returns ``(order, scores, snapshots)``: per (node, kind) the unit order and scores of :func:`obs_order`
+        (a batched group, ``Units.batch``: (B, n) from :func:`obs_order_rows`, one order per expert), and
+        ``{k: re-fitted consumer}`` at every kept count ``k`` below full of the genes acting on the group
         (the OBS pass's own updates: :func:`obs_order` ``snapshots``)."""
         counts = self.level_counts(tree)
         order, scores, snaps = {}, {}, {}
-        for path, (node, kind, _, s) in self.consumers(tree).items():
+        for path, (node, kind, u, s) in self.consumers(tree).items():
             w, g = np.asarray(params[path]), _f64(self.grams[(node, kind)])  # one group's Gram in memory at a time
             ks = tuple(counts.get((node, kind), ())) or (0,)  # (0,): none wanted, still the 3-tuple form
-            o, sc, sn = obs_order(g, w, s.group, s.axis, self.config.damp, self.config.chunk, ks)
+            if u.batch is not None and g.ndim == 3:  # one order per expert, each from its own Gram
+                o, sc, sn = obs_order_rows(g, w, s.group, s.axis, self.config.damp, self.config.chunk, ks)
+            else:
+                o, sc, sn = obs_order(g, w, s.group, s.axis, self.config.damp, self.config.chunk, ks)
             order[(node, kind)], scores[(node, kind)], snaps[(node, kind)] = o, sc, sn
         return order, scores, snaps
 
@@ -578,7 +651,7 @@ class Compensation:
         for key, g in self.grams.items():
             s = consumer_slice(tree.units(*key))
             o = order.get(key)
-            if o is not None:
+            if o is not None:  # a 2-D order (one per expert) selects per batch row, before the batch order
                 el = _elements(np.asarray(o), s.group)
                 g = _take(_take(g, el, -2), el, -1)
             bo = _batch_order(tree, *key, s, order) if g.ndim == 3 else None
@@ -644,8 +717,8 @@ def _batch_order(tree: Tree, node: str, kind: str, s: Slice, order: dict) -> np.
 def _permute_consumer(tree: Tree, node: str, kind: str, s: Slice, w: np.ndarray, order: dict) -> np.ndarray:
     """A consumer array (full shape) in the numbering of the model permuted by ``order``."""
     o = order.get((node, kind))
-    if o is not None:
-        w = np.take(w, _elements(np.asarray(o), s.group), axis=s.axis)
+    if o is not None:  # a 2-D order: per row of axis 0 in the original numbering, before the batch order
+        w = _take(w, _elements(np.asarray(o), s.group), s.axis)
     bo = _batch_order(tree, node, kind, s, order) if s.axis > 0 else None
     return np.take(w, bo, axis=0) if bo is not None else w
 

@@ -21,7 +21,10 @@ Order = dict[tuple[str, str], np.ndarray]  # (node, units kind) -> unit ids, mos
 
 
 def kept_units(tree: Tree, a: Assignment, order: Order | None = None) -> dict[tuple[str, str], np.ndarray]:
-    """Kept unit ids (ORIGINAL numbering, ascending) for every unit group of every kept node."""
+    """Kept unit ids (ORIGINAL numbering, ascending) for every unit group of every kept node.
+
+    A batched group (``Units.batch``, e.g. expert channels) with a 2-D order gets a (batch units, k) array:
+    row ``e`` = the channels expert ``e`` keeps (every expert has a row, kept or not)."""
     out = {}
     for n in tree.spec.nodes():
         if n.name in a.dropped:
@@ -30,26 +33,58 @@ def kept_units(tree: Tree, a: Assignment, order: Order | None = None) -> dict[tu
             k = tree.kept_count(a, n.name, u.kind)
             o = order.get((n.name, u.kind)) if order else None
             ids = np.arange(u.n) if o is None else np.asarray(o)
-            out[(n.name, u.kind)] = np.sort(ids[:k])
+            out[(n.name, u.kind)] = np.sort(ids[..., :k], axis=-1)
     return out
 
 
 def _element_index(units: np.ndarray, group: int) -> np.ndarray:
-    return (units[:, None] * group + np.arange(group)[None, :]).reshape(-1)  # [k*group]
+    """Unit ids [..., k] -> element indices [..., k*group] (unit u owns ``[u*group, (u+1)*group)``)."""
+    units = np.asarray(units)
+    return (units[..., :, None] * group + np.arange(group)).reshape(*units.shape[:-1], -1)
 
 
-def slice_plan(tree: Tree, a: Assignment, order: Order | None = None) -> dict[PathT, list[tuple[int, np.ndarray]]]:
-    """Source parameter path -> list of (axis, element indices) to keep."""
+SliceEntry = tuple[int, np.ndarray]  # (axis, element indices [k]; or [rows, k]: per row of axis 0, batched groups)
+
+
+def slice_plan(tree: Tree, a: Assignment, order: Order | None = None) -> dict[PathT, list[SliceEntry]]:
+    """Source parameter path -> list of (axis, element indices) to keep, applied by :func:`take_kept`.
+
+    A batched group with per-row kept units gives a 2-D index: one row per KEPT unit of its batch group
+    (ascending), for the tensor after that group's own axis-0 selection."""
     kept = kept_units(tree, a, order)
-    plan: dict[PathT, list[tuple[int, np.ndarray]]] = {}
+    plan: dict[PathT, list[SliceEntry]] = {}
     for n in tree.spec.nodes():
         if n.name in a.dropped:
             continue
         for u in n.units:
             ids = kept[(n.name, u.kind)]
+            if ids.ndim == 2:  # rows of the batch group's kept units, in their (ascending) kept order
+                ids = ids[kept[(n.name, u.batch)]]
             for s in u.slices:
                 plan.setdefault(s.path, []).append((s.axis, _element_index(ids, s.group)))
     return plan
+
+
+def take_kept(arr: Any, entries: list[SliceEntry], skip: int | None = None) -> Any:
+    """``arr`` sliced by a :func:`slice_plan` entry list (host or device arrays); ``skip``: an axis already
+    reduced (a re-fitted consumer). 1-D selections go first, so a per-row (2-D) selection sees the tensor
+    whose axis 0 is already reduced to its rows."""
+    for axis, idx in sorted(entries, key=lambda e: np.ndim(e[1])):
+        if axis == skip:
+            continue
+        if np.ndim(idx) == 1:
+            arr = _take(arr, idx, axis)
+            continue
+        if idx.shape[0] != arr.shape[0]:
+            raise ValueError(f"per-row selection of {idx.shape[0]} rows for a tensor with {arr.shape[0]} on axis 0")
+        shape = [1] * arr.ndim
+        shape[0], shape[axis] = idx.shape
+        full = idx.reshape(shape)  # [rows, 1.., k, 1..]: broadcast along the other axes
+        if isinstance(arr, np.ndarray):
+            arr = np.take_along_axis(arr, full, axis=axis)
+        else:
+            arr = jnp.take_along_axis(arr, jnp.asarray(full), axis=axis)
+    return arr
 
 
 def prefix_shapes(tree: Tree, a: Assignment) -> dict[PathT, tuple[int, ...]]:
@@ -149,14 +184,35 @@ def with_refits(state: nnx.State, src_path: Callable[[PathT], PathT], refits: Re
     return nnx.from_flat_state(flat) if hit else state
 
 
-def kept_first_order(tree: Tree, kept_units_json: dict[str, list[int]]) -> Order:
-    """A plan's ``policy.kept_units`` ({"node/kind": [ids]}) as an order with the kept units first, so
-    :func:`materialize` keeps exactly them (in ascending original order)."""
+def kept_first_order(tree: Tree, kept_units_json: dict[str, Any]) -> Order:
+    """A plan's ``policy.kept_units`` ({"node/kind": [ids]}, or [[ids] per expert] for a batched group) as an
+    order with the kept units first, so :func:`materialize` keeps exactly them (in ascending original order).
+    A 1-D list for a batched group (plans before per-expert orders) means the same units in every row.
+    Raises ValueError naming the group for an unknown group, ids out of range, or repeated ids."""
     order = {}
     for key, ids in kept_units_json.items():
         node, kind = key.rsplit("/", 1)
-        ids = np.asarray(ids, np.int64)
-        order[(node, kind)] = np.concatenate([ids, np.setdiff1d(np.arange(tree.units(node, kind).n), ids)])
+        try:
+            u = tree.units(node, kind)
+        except KeyError:
+            raise ValueError(f"kept_units[{key!r}]: no such unit group in this model") from None
+        try:
+            ids = np.asarray(ids, np.int64)
+        except (TypeError, ValueError):
+            raise ValueError(f"kept_units[{key!r}]: expected a list of unit ids (or one list per expert)") from None
+        if ids.ndim == 2 and u.batch is None or ids.ndim not in (1, 2):
+            raise ValueError(f"kept_units[{key!r}]: expected a flat list of unit ids, got shape {ids.shape}")
+        if u.batch is not None and ids.ndim == 2 and ids.shape[0] != tree.units(node, u.batch).n:
+            raise ValueError(
+                f"kept_units[{key!r}]: {ids.shape[0]} rows, expected one per {u.batch} ({tree.units(node, u.batch).n})"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= u.n):
+            raise ValueError(f"kept_units[{key!r}]: ids outside [0, {u.n})")
+        rows = ids.reshape(-1, ids.shape[-1])
+        if any(len(np.unique(r)) != len(r) for r in rows):
+            raise ValueError(f"kept_units[{key!r}]: repeated unit ids")
+        full = np.stack([np.concatenate([r, np.setdiff1d(np.arange(u.n), r)]) for r in rows])
+        order[(node, kind)] = full if ids.ndim == 2 else full[0]
     return order
 
 
@@ -195,14 +251,12 @@ def materialize(
         skip = None
         for axis, idx in plan.get(sp, []) if refits else ():
             g = rows_per_unit.get((sp, axis))  # a consumer: its precomputed re-fit at this kept count, if any
-            if g is not None and (sp, len(idx) // g) in refits:
-                arr = refits[(sp, len(idx) // g)]  # full shape (rows past the kept prefix zero): sliced below
+            if g is not None and (sp, idx.shape[-1] // g) in refits:
+                arr = refits[(sp, idx.shape[-1] // g)]  # full shape (rows past the kept prefix zero): sliced below
         if sp in consumers:  # re-fit the kept rows first (on the full consumer), then slice the other axes
             node, kind, _, s = consumers[sp]
             arr, skip = comp.apply(tree, sp, np.asarray(arr), kept[(node, kind)]), s.axis
-        for axis, idx in plan.get(sp, []):
-            if axis != skip:
-                arr = _take(arr, idx, axis)
+        arr = take_kept(arr, plan.get(sp, []), skip)
         want = var.get_value()
         if tuple(arr.shape) != tuple(want.shape):
             raise ValueError(f"materialise {path}: sliced {arr.shape} != expected {want.shape}")
@@ -231,17 +285,18 @@ def _take(arr: Any, idx: np.ndarray, axis: int) -> Any:
 
 
 def permute(model: Any, tree: Tree, order: Order) -> Any:
-    """Reorder units inside every node by ``order`` (function-preserving), in place."""
+    """Reorder units inside every node by ``order`` (function-preserving), in place.
+
+    Batched groups (2-D orders, one row per unit of the batch group: per-expert channels) are permuted
+    first, row by row in the ORIGINAL batch numbering; then the 1-D groups (the experts themselves)."""
     state = nnx.state(model, nnx.Param)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
-    for n in tree.spec.nodes():
-        for u in n.units:
-            o = order.get((n.name, u.kind))
-            if o is None:
-                continue
-            for s in u.slices:
-                var = flat[s.path]
-                var.set_value(jnp.take(var.get_value(), jnp.asarray(_element_index(np.asarray(o), s.group)), s.axis))
+    groups = [(n, u) for n in tree.spec.nodes() for u in n.units if order.get((n.name, u.kind)) is not None]
+    for n, u in sorted(groups, key=lambda nu: -np.ndim(order[(nu[0].name, nu[1].kind)])):
+        o = np.asarray(order[(n.name, u.kind)])
+        for s in u.slices:
+            var = flat[s.path]
+            var.set_value(take_kept(var.get_value(), [(s.axis, _element_index(o, s.group))]))
     nnx.update(model, state)
     return model
 

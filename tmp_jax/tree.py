@@ -59,6 +59,11 @@ class Units:
     active: int | None = None  # units used per token (top-k); None = all
     tie: str | None = None  # groups with the same tie share ONE decision (e.g. global head count)
     levels: tuple[int, ...] | None = None  # explicit allowed kept counts (overrides the ladder)
+    # ``batch``: the kind of a sibling group (e.g. 'experts') each of whose units keeps ITS OWN subset of this
+    # group (one channel order per expert: channel c of one expert means nothing in another). Every slice of
+    # this group then lies in a tensor whose axis 0 is the batch group's axis. The kept COUNT is still one
+    # decision for the whole group; orders and scores are (batch units, n) arrays instead of (n,).
+    batch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,16 @@ class Spec:
                     raise ValueError(f"node {n.name} owns unknown parameter {p}")
                 owned[p] = n.name
             for u in n.units:
+                if u.batch is not None:
+                    b = next((x for x in n.units if x.kind == u.batch), None)
+                    if b is None or u.batch == u.kind:
+                        raise ValueError(f"{n.name}/{u.kind}: batch group {u.batch!r} is no other group of the node")
+                    for s in u.slices:
+                        if self.shapes[s.path][0] != b.n or s.axis == 0:
+                            raise ValueError(
+                                f"{n.name}/{u.kind}: {s.path} must have the {b.n} {u.batch} on axis 0 and "
+                                f"the units on another axis"
+                            )
                 for s in u.slices:
                     if s.path not in n.params:
                         raise ValueError(f"{n.name}/{u.kind}: slice of {s.path} not owned by the node")

@@ -42,9 +42,9 @@ Pruning support (off by default; normal runs, parameter counts and parity are un
     (token, slot) pairs routed to ``e``, ``C = sum_e C_e``, ``n = sum_e n_e``: the output mass the expert
     delivers plus its share of the routed traffic valued at the layer's mean per-pair mass (removing a busy
     expert reroutes many tokens even when its outputs are small);
-  - MoE ``unit_stat_expert_ffn`` ``[I]``: ``sum_e ||W_down[e, c]|| * sum_{(t,j) routed to e} w_tj |h_tjc|``
-    with ``h = up(x) * silu(gate(x))`` the expert's hidden activation (channel ``c`` is pruned in every
-    expert at once);
+  - MoE ``unit_stat_expert_ffn`` ``[E, I]``: ``||W_down[e, c]|| * sum_{(t,j) routed to e} w_tj |h_tjc|``
+    with ``h = up(x) * silu(gate(x))`` the expert's hidden activation (per expert: each expert keeps its
+    own channels, ``Units.batch``);
   - decoder layer ``block_stat`` ``[2]``: ``[sum ||out - in||^2, sum ||in||^2]``.
 * ``HunyuanMoE.expert_mask`` (an :class:`ExpertMask` variable, ``None`` by default): router logits of masked
   experts are set to ``-inf`` before the softmax, which is exactly what removing them does. Tests use it to
@@ -990,7 +990,7 @@ class HunyuanMoE(nnx.Module):
         mean_mass = jnp.sum(mass) / jnp.maximum(jnp.sum(counts), 1.0)
         self.sow(nnx.Intermediate, "unit_stat_experts", mass + counts * mean_mass)
         down_norm = jnp.linalg.norm(self.experts.down_proj[...].astype(jnp.float32), axis=-1)  # [E, I]
-        self.sow(nnx.Intermediate, "unit_stat_expert_ffn", jnp.sum(channel * down_norm, axis=0))
+        self.sow(nnx.Intermediate, "unit_stat_expert_ffn", channel * down_norm)  # [E, I]: one order per expert
 
 
 def attn_branch(

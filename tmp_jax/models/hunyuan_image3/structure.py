@@ -12,7 +12,8 @@ Tree: model → stage ``model.layers`` → decoder layers ``model.layers.{i}`` (
 * ``model.layers.{i}.mlp`` (not droppable) owning the router, the routed experts and the (unpruned) shared
   expert, with unit groups ``experts`` (an expert = its ``up/gate/down_proj`` block, axis 0, and its router
   column ``gate.wg.kernel[:, e]``; at least ``moe_topk`` kept; ``moe_topk`` active per token) and
-  ``expert_ffn`` (a channel of every kept expert: ``up/gate_proj`` axis 2, ``down_proj`` axis 1). The official
+  ``expert_ffn`` (channels of every kept expert: ``up/gate_proj`` axis 2, ``down_proj`` axis 1; one width for
+  the layer, but each expert keeps its own channels: ``Units.batch``). The official
   code ties the shared-expert width to ``moe_intermediate_size[l] * num_shared_expert[l]``, so the allowed
   expert widths ``I'`` are the divisors of the shared width ``S`` (export writes ``num_shared_expert = S / I'``
   and the shared MLP stays intact); where ``S`` is full-size (>= 1024) only multiples of 128.
@@ -146,6 +147,7 @@ def build_spec(cfg: HunyuanImage3Config) -> Spec:
                     ),
                     multiple=EXPERT_FFN_MULTIPLE,
                     levels=expert_ffn_levels(cfg, i),
+                    batch="experts",  # one channel order per expert (one kept width for all)
                 ),
             ),
         )
@@ -290,7 +292,7 @@ def masked_model(model: Any, tree: Tree, a: Assignment, order: dict | None = Non
     """Exact oracle of a pruned model: a copy of the FULL model computing what ``materialize`` would.
 
     Removed experts are masked out of the router (``expert_mask``: logits -inf), removed KV groups get zero
-    ``o_proj`` rows, removed expert channels zero ``down_proj`` rows (in every expert), and a dropped layer
+    ``o_proj`` rows, removed expert channels zero ``down_proj`` rows (each expert its own), and a dropped layer
     zero ``o_proj`` and zero down projections (shared and routed) so it is the identity.
     """
     from tmp_jax.materialize import kept_units
@@ -317,9 +319,10 @@ def masked_model(model: Any, tree: Tree, a: Assignment, order: dict | None = Non
         keep_e = np.zeros(cfg.num_experts[i], bool)
         keep_e[kept[(f"{name}.mlp", "experts")]] = True
         layer.mlp.set_expert_mask(keep_e)
-        keep_c = np.zeros(cfg.moe_intermediate_size[i], bool)
-        keep_c[kept[(f"{name}.mlp", "expert_ffn")]] = True
-        down[...] = jnp.where(jnp.asarray(keep_c)[None, :, None], down[...], 0)
+        ids = np.asarray(kept[(f"{name}.mlp", "expert_ffn")])  # [k] (every expert) or [E, k] (per expert)
+        keep_c = np.zeros((cfg.num_experts[i], cfg.moe_intermediate_size[i]), bool)
+        np.put_along_axis(keep_c, np.broadcast_to(ids, (cfg.num_experts[i], ids.shape[-1])), True, axis=1)
+        down[...] = jnp.where(jnp.asarray(keep_c)[:, :, None], down[...], 0)
     return m
 
 
