@@ -67,6 +67,9 @@ class SearchConfig:
     model: str | None = None
     budget_kind: str = "params"
     calib: str | None = None
+    # the embedded teachers' built-in set without --calib: "trajectory" (the teacher's CFG sampler states, scored
+    # on the guided output: tmp_jax.trajectory) or "noised" (noised training images at random sigma)
+    calib_source: str = "trajectory"
     out: str = "search-out"
     strategy: str = "levelswitch"
     population: int | None = None
@@ -437,9 +440,11 @@ def _build_problem(cfg: SearchConfig) -> Problem:
             dtype=cfg.dtype,
             phases=cfg.phases,
             eval_mode=cfg.eval_mode,
+            calib_source=cfg.calib_source,
         )
     except ValueError as e:
-        if str(e).startswith(("--task", "--dtype", "--eval-mode")):  # malformed options: a config error
+        # malformed options: a config error
+        if str(e).startswith(("--task", "--dtype", "--eval-mode", "--calib-source")):
             raise SearchError(str(e)) from None
         raise
 
@@ -679,6 +684,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         "budgets": [b.to_json() for b in budgets],
         "model": config.model,
         "calib": config.calib,
+        "calib_source": None if config.calib else config.calib_source,
         "mesh": config.mesh,
         "task": config.task,
         "task_weights": dict(getattr(problem, "task_weights", None) or {}),

@@ -51,6 +51,9 @@ class ArchHooks:
     forward_train: Callable[[Any, dict, bool], tuple] | None = None  # (model, inputs, remat) -> (out, feats)
     matched_features: Callable[[Any], tuple[int, ...]] | None = None  # student cfg -> teacher feature ids
     training_batch: Callable[..., dict] | None = None  # (cfg, data, batch, seed, step) -> calib batch
+    # (cfg, latents [P, C, H, W], sigma [P], class labels [P]) -> a raw calibration micro-batch of 2P samples:
+    # the P conditional ones, then the same latents and sigmas with the null prompt (tmp_jax.trajectory)
+    guided_batch: Callable[[Any, Any, Any, Any], dict] | None = None
     save: Callable[..., Any] | None = None  # (model, folder, overwrite=) -> None
     # --- tasks (T2I and TI2I editing) -----------------------------------------------------------
     # the arch's fields above serve ``default_task``; ``tasks[name]`` overrides any of them (by field name:

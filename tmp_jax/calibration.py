@@ -34,6 +34,7 @@ from tmp_jax import arch
 from tmp_jax.compensate import StoredGram, check_timestep_weight, sample_sigmas, timestep_weights
 from tmp_jax.dtypes import model_dtype
 from tmp_jax.stats import set_gram_weights, set_grams, stat_dtype
+from tmp_jax.trajectory import fitness_entries
 from tmp_jax.tree import Tree, node_path
 
 FORMAT_VERSION = 1
@@ -408,7 +409,8 @@ def prepare(hooks: arch.ArchHooks, cfg: Any, batch: dict[str, Any]) -> dict[str,
     """A raw micro-batch -> model inputs through its task's ``prepare_batch``, tagged with that task."""
     task = hooks.batch_task(batch)
     inputs = hooks.for_task(task).prepare_batch(cfg, batch)
-    return {**inputs, "task": task}
+    # a trajectory set's guidance / per-sample weights ride along for the fitness (the forwards never read them)
+    return {**inputs, **fitness_entries(batch), "task": task}
 
 
 def finish(

@@ -42,6 +42,7 @@ from flax import nnx
 
 from tmp_jax import aot
 from tmp_jax.materialize import Refits
+from tmp_jax.trajectory import FITNESS_KEYS
 from tmp_jax.tree import Assignment, PathT, Tree
 
 MaskData = dict[str, np.ndarray]  # {"counts": int32 [G], "gates": float32 [N], "refit": int32 [R]} (+ leading axis)
@@ -182,8 +183,9 @@ def default_batch() -> int:
 
 def split_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
     """Prepared inputs -> (array part, traced; static part: the string-valued entries such as a patch key or
-    the task tag). The fitness' output ``mask`` stays out: the forward does not read it."""
-    arrays = {k: v for k, v in inputs.items() if k != "mask" and not isinstance(v, str) and v is not None}
+    the task tag). The fitness' output ``mask`` and trajectory weights stay out: the forward does not read them."""
+    skip = {"mask", *FITNESS_KEYS}  # read by the fitness on the host, never by the forward
+    arrays = {k: v for k, v in inputs.items() if k not in skip and not isinstance(v, str) and v is not None}
     static = tuple(sorted((k, v) for k, v in inputs.items() if isinstance(v, str)))
     return arrays, static
 

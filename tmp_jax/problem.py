@@ -54,6 +54,7 @@ from tmp_jax.dtypes import jnp_dtype, model_dtype
 from tmp_jax.masked_eval import MaskedEvaluator
 from tmp_jax.materialize import Refits, materialize, permute
 from tmp_jax.progress import progress_bar
+from tmp_jax.trajectory import error_weights, guided_view
 from tmp_jax.tree import Tree, node_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -173,6 +174,7 @@ class PruningProblem:
             self.refits = self.compensation.level_refits(self.tree, self._snapshots, self.order, dtype)
             self._snapshots = {}
         self.calib = calib
+        self._targets: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # micro-batch -> compared teacher output, weights
         tasks = calib.tasks
         w = task_weights or calib.weights or parse_task_weights(None, tasks)
         missing = [t for t in w if t not in tasks]
@@ -415,15 +417,24 @@ class PruningProblem:
             for i in ids:
                 if quota is not None and seen >= quota:
                     break
-                inputs, yt = self.calib.inputs[i], self.calib.teacher[i]
-                mask = np.asarray(inputs["mask"])[..., None]
-                if n:
-                    y = np.asarray(run(i, inputs), np.float64)
-                    num += np.sum((np.square(y - yt) * mask).reshape(n, -1), axis=1)
-                den += float(np.sum(np.square(yt.astype(np.float64)) * mask))
-                seen += int(yt.shape[0])
+                inputs, (yt, wt) = self.calib.inputs[i], self._target(i)
+                if n:  # trajectory sets: the guided output u + w (c - u), each state weighted by its step
+                    y = guided_view(np.asarray(run(i, inputs), np.float64), inputs, axis=1)
+                    num += np.sum((np.square(y - yt) * wt).reshape(n, -1), axis=1)
+                den += float(np.sum(np.square(yt) * wt))
+                seen += int(self.calib.teacher[i].shape[0])
             errs[t] = num / max(den, 1e-30)
         return errs
+
+    def _target(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Micro-batch ``i``'s compared teacher output (float64; the guided view of a trajectory batch) and the
+        weight of each compared element (:func:`tmp_jax.trajectory.error_weights`), computed once."""
+        cache = self._targets
+        if i not in cache:
+            inputs = self.calib.inputs[i]
+            yt = guided_view(np.asarray(self.calib.teacher[i], np.float64), inputs, axis=0)
+            cache[i] = (yt, error_weights(inputs))
+        return cache[i]
 
     def _error(self, run: Any, n_samples: int | None) -> float:
         """The weighted mean of the per-task normalised discrepancies (:meth:`task_errors`)."""
@@ -435,6 +446,9 @@ def _params(model: Any, paths: Any = None) -> dict[tuple, Any]:
     """The parameters by path (device arrays; only ``paths`` when given: compensation reads the consumers)."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {tuple(p): v.get_value() for p, v in flat if paths is None or tuple(p) in paths}
+
+
+CALIB_SOURCES = ("trajectory", "noised")  # an embedded teacher's built-in calibration set (build_problem)
 
 
 def build_problem(
@@ -450,8 +464,13 @@ def build_problem(
     dtype: str | None = "auto",
     phases: bool = False,
     eval_mode: str = "auto",
+    calib_source: str = "trajectory",
 ) -> PruningProblem:
     """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it.
+
+    ``calib_source``: an embedded teacher's built-in set when ``calib`` is None: ``"trajectory"`` (its CFG
+    sampler's states, fitness on the guided output: :mod:`tmp_jax.trajectory`) or ``"noised"`` (noised
+    training images at random sigma).
 
     ``task``: the ``--task`` spec (``"t2i,ti2i"``, ``"t2i:0.7,ti2i:0.3"``): only micro-batches of these tasks
     are used, statistics and fitness are weighted per task. None: every task of the set, equal weights.
@@ -468,7 +487,9 @@ def build_problem(
     from tmp_jax.sharding import make_mesh, shard_module
 
     with phase("loading", enabled=phases):
-        m_obj, path, name, batches, weights = _teacher_and_set(model, calib, dtype, task, n_synthetic, seed)
+        m_obj, path, name, batches, weights = _teacher_and_set(
+            model, calib, dtype, task, n_synthetic, seed, calib_source
+        )
         if eval_mode == "masked":  # fail before calibrating, as PruningProblem would after
             hooks = arch.get(m_obj.ARCH)
             tasks = sorted({hooks.batch_task(b) for b in batches})
@@ -512,9 +533,17 @@ def build_problem(
 
 
 def _teacher_and_set(
-    model: str | None, calib: str | None, dtype: str | None, task: str | None, n_synthetic: int, seed: int
+    model: str | None,
+    calib: str | None,
+    dtype: str | None,
+    task: str | None,
+    n_synthetic: int,
+    seed: int,
+    calib_source: str = "trajectory",
 ) -> tuple[Any, Path | None, str, list[dict[str, Any]], dict[str, float] | None]:
     """(the teacher in ``dtype``, its folder, its name, the calibration micro-batches, the ``--task`` weights)."""
+    if calib_source not in CALIB_SOURCES:
+        raise ValueError(f"--calib-source must be one of {', '.join(CALIB_SOURCES)}, got {calib_source!r}")
     m_obj, path, name = _load_model(model, dtype)
     hooks = arch.get(m_obj.ARCH)
     weights = parse_task_weights(task)
@@ -527,7 +556,7 @@ def _teacher_and_set(
     if calib is not None:
         batches = load_calib(calib, m_obj.ARCH)
     else:
-        emb = _embedded_calib(m_obj.ARCH, path, m_obj.config)
+        emb = _embedded_calib(m_obj, path, calib_source)
         if emb is not None and (weights is None or set(weights) == {hooks.default_task}):
             batches = emb
         else:
@@ -593,11 +622,16 @@ def _load_model(model: str | None, dtype: str | None = "fp32") -> tuple[Any, Pat
     return arch.detect(cfg).load(str(p), dtype=dt), p, str(p)
 
 
-def _embedded_calib(arch_name: str, path: Path | None, cfg: Any = None, n_batches: int = 4) -> list[dict] | None:
-    """The embedded teacher's own calibration set: noised train-split images at a spread of t."""
+def _embedded_calib(model: Any, path: Path | None, source: str = "trajectory", n_batches: int = 4) -> list[dict] | None:
+    """The embedded teacher's own calibration set: its CFG sampler's trajectory (``source="trajectory"``:
+    :func:`tmp_jax.trajectory.trajectory_calib`) or noised train-split images at a spread of t (``"noised"``)."""
     if path is None or path.parent != ASSETS:
         return None
-    hooks = arch.get(arch_name)
+    hooks = arch.get(model.ARCH)
+    if source == "trajectory" and hooks.guided_batch is not None:
+        from tmp_jax.trajectory import trajectory_calib
+
+        return trajectory_calib(model)
     if hooks.training_batch is None:
         return None
-    return [hooks.training_batch(cfg, None, 8, 1234, i) for i in range(n_batches)]
+    return [hooks.training_batch(model.config, None, 8, 1234, i) for i in range(n_batches)]

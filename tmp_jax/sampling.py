@@ -162,7 +162,7 @@ def sigma_schedule(steps: int, shift: float = 1.0) -> np.ndarray:
     return (shift * s / (1.0 + (shift - 1.0) * s)).astype(np.float32)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4, 5))
+@partial(jax.jit, static_argnums=(0, 3, 4, 5, 11))
 def _euler(
     graphdef: Any,
     state: Any,
@@ -175,7 +175,9 @@ def _euler(
     null_cap: jax.Array,
     sigmas: jax.Array,
     guidance: jax.Array,
-) -> jax.Array:
+    record: bool = False,
+) -> Any:
+    """Final tokens; ``record``: (final tokens, the state before every step [steps, B, tokens, dim])."""
     model = nnx.merge(graphdef, state)
     B = noise.shape[0]
 
@@ -196,10 +198,10 @@ def _euler(
         else:
             pred = predict_tokens(model, arrays, x, jnp.full((B,), s), cap, n_img, patch_key)
         # velocity d x / d sigma = noise - x0 = -pred
-        return x - (s_next - s) * pred.astype(jnp.float32), None
+        return x - (s_next - s) * pred.astype(jnp.float32), x if record else None
 
-    x, _ = jax.lax.scan(step, noise, jnp.arange(sigmas.shape[0] - 1))
-    return x
+    x, states = jax.lax.scan(step, noise, jnp.arange(sigmas.shape[0] - 1))
+    return (x, states) if record else x
 
 
 def sample_latents(
@@ -211,17 +213,20 @@ def sample_latents(
     guidance: float = 3.0,
     shift: float = 1.0,
     batch: int = 256,
-) -> np.ndarray:
+    record: bool = False,
+) -> Any:
     """Euler sampling with classifier-free guidance -> float32 latents (N, 4, 14, 14).
 
     The initial noise of sample ``i`` depends only on ``(seed, i)``-ordered draws of the whole set,
     so results do not depend on ``batch``. ``guidance == 1`` skips the unconditional pass. Z-Image or
-    HunyuanImage (class token sequences, the null prompt for CFG).
+    HunyuanImage (class token sequences, the null prompt for CFG). ``record``: ``(latents, states)`` with
+    ``states`` (N, steps, 4, 14, 14) the sampler's state before each step (at ``sigma_schedule(steps,
+    shift)[i]``, pure noise first): the teacher's own trajectory (:mod:`tmp_jax.trajectory`).
     """
     labels = np.asarray(labels, np.int64).reshape(-1)
     if _is_hunyuan(model):
         return _hunyuan_sample_latents(
-            model, labels, seed=seed, steps=steps, guidance=guidance, shift=shift, batch=batch
+            model, labels, seed=seed, steps=steps, guidance=guidance, shift=shift, batch=batch, record=record
         )
     cfg: ZImageConfig = model.config
     N = len(labels)
@@ -235,7 +240,7 @@ def sample_latents(
     lay = fixed_layout(cfg, 2 * bs if use_cfg else bs, hw=hw)
     graphdef, state = nnx.split(model)
     sig = jnp.asarray(sigma_schedule(steps, shift))
-    out = []
+    out, traj = [], []
     for i in range(0, N, bs):
         lab = labels[i : i + bs]
         nz = noise_all[i : i + bs]
@@ -255,9 +260,15 @@ def sample_latents(
             jnp.asarray(np.repeat(table[NULL_LABEL : NULL_LABEL + 1], bs, 0)),
             sig,
             jnp.float32(guidance),
+            record,
         )
+        if record:
+            x, st = x  # st [steps, B, tokens, dim] -> [B, steps, C, H, W]
+            st = unpatchify(st.reshape(-1, *st.shape[2:]), p, cfg.in_channels, hw)
+            traj.append(np.swapaxes(np.asarray(st).reshape(steps, bs, *st.shape[1:]), 0, 1)[:n])
         out.append(np.asarray(unpatchify(x, p, cfg.in_channels, hw))[:n])
-    return np.concatenate(out).astype(np.float32)
+    lat = np.concatenate(out).astype(np.float32)
+    return (lat, np.concatenate(traj).astype(np.float32)) if record else lat
 
 
 def sample_images(model: Any, labels: np.ndarray | list[int], **kw: Any) -> np.ndarray:
@@ -312,7 +323,7 @@ def _hunyuan_heldout_fm_mse(model: Any, images: np.ndarray, labels: np.ndarray, 
     return float(np.mean(np.square(v - (noise - x0))))
 
 
-@partial(jax.jit, static_argnums=(0, 2))
+@partial(jax.jit, static_argnums=(0, 2, 8))
 def _hy_euler(
     graphdef: Any,
     state: Any,
@@ -322,7 +333,8 @@ def _hy_euler(
     null_ids: jax.Array,
     sigmas: jax.Array,
     guidance: jax.Array,
-) -> jax.Array:
+    record: bool = False,
+) -> Any:
     model = nnx.merge(graphdef, state)
     B = noise.shape[0]
 
@@ -334,15 +346,23 @@ def _hy_euler(
             v = unc + guidance * (cond - unc)
         else:
             v = model(ids, x, jnp.full((B,), 1000.0 * s)).astype(jnp.float32)
-        return x + (s_next - s) * v, None  # v = d x / d sigma = noise - x0
+        return x + (s_next - s) * v, x if record else None  # v = d x / d sigma = noise - x0
 
-    x, _ = jax.lax.scan(step, noise, jnp.arange(sigmas.shape[0] - 1))
-    return x
+    x, states = jax.lax.scan(step, noise, jnp.arange(sigmas.shape[0] - 1))
+    return (x, states) if record else x
 
 
 def _hunyuan_sample_latents(
-    model: Any, labels: np.ndarray, *, seed: int, steps: int, guidance: float, shift: float, batch: int
-) -> np.ndarray:
+    model: Any,
+    labels: np.ndarray,
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    shift: float,
+    batch: int,
+    record: bool = False,
+) -> Any:
     from tmp_jax.models.hunyuan_image3.train import ids_table
 
     table = ids_table(model.config)
@@ -354,7 +374,7 @@ def _hunyuan_sample_latents(
     graphdef, state = nnx.split(model)
     sig = jnp.asarray(sigma_schedule(steps, shift))
     null_ids = jnp.asarray(np.repeat(table[NULL_LABEL : NULL_LABEL + 1], bs, 0))
-    out = []
+    out, traj = [], []
     for i in range(0, N, bs):
         lab, nz = labels[i : i + bs], noise_all[i : i + bs]
         n = len(lab)
@@ -362,7 +382,19 @@ def _hunyuan_sample_latents(
             lab = np.concatenate([lab, np.zeros(bs - n, np.int64)])
             nz = np.concatenate([nz, np.zeros((bs - n, *shape), np.float32)])
         x = _hy_euler(
-            graphdef, state, use_cfg, jnp.asarray(nz), jnp.asarray(table[lab]), null_ids, sig, jnp.float32(guidance)
+            graphdef,
+            state,
+            use_cfg,
+            jnp.asarray(nz),
+            jnp.asarray(table[lab]),
+            null_ids,
+            sig,
+            jnp.float32(guidance),
+            record,
         )
+        if record:
+            x, st = x  # [steps, B, C, H, W] -> [B, steps, C, H, W]
+            traj.append(np.swapaxes(np.asarray(st), 0, 1)[:n])
         out.append(np.asarray(x)[:n])
-    return np.concatenate(out).astype(np.float32)
+    lat = np.concatenate(out).astype(np.float32)
+    return (lat, np.concatenate(traj).astype(np.float32)) if record else lat

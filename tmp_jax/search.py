@@ -60,6 +60,15 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
     )
     p.add_argument("--budget-kind", default="params", choices=KINDS, help="what the budget counts (see above)")
     p.add_argument("--calib", default=None, help="calibration folder (default: built-in calibration set)")
+    p.add_argument(
+        "--calib-source",
+        default="trajectory",
+        choices=["trajectory", "noised"],
+        help="the embedded teachers' built-in calibration set (without --calib): 'trajectory' (default) = the "
+        "teacher's own CFG sampler states at the inference sigma grid (sigma = 1 first), each with and without "
+        "the prompt, and the fitness compares the guided output u + w (c - u) with early steps weighted more; "
+        "'noised' = noised training images at random sigma, the plain denoiser output",
+    )
     p.add_argument("--out", default="search-out", help="output folder (default: search-out)")
     p.add_argument(
         "--strategy",
@@ -136,6 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         model=a.model,
         budget_kind=a.budget_kind,
         calib=a.calib,
+        calib_source=a.calib_source,
         out=a.out,
         strategy=a.strategy,
         population=a.population,

@@ -69,6 +69,7 @@ from tmp_jax.compensate import (
     timestep_weights,
 )
 from tmp_jax.stats import is_resident, set_gram_weights, set_grams, split_collecting
+from tmp_jax.trajectory import fitness_entries
 
 PathT = tuple[str | int, ...]
 Carry = Any  # one micro-batch's activations between steps: any pytree of arrays (a dict, usually)
@@ -515,7 +516,7 @@ def calibrate_streamed(
     hooks = get_hooks(checkpoint_arch(path))
     ps = ParamStreamer(path, hooks, dtype, mesh)
     cfg = ps.cfg
-    inputs = [shard_inputs(arch.get(hooks.name).prepare_batch(cfg, b), mesh) for b in batches]
+    inputs = [shard_inputs({**arch.get(hooks.name).prepare_batch(cfg, b), **fitness_entries(b)}, mesh) for b in batches]
     n = len(inputs)
     final = Path(out) / "calib_state.npz" if out is not None else None
     sig = tsig = None

@@ -382,6 +382,7 @@ HOOKS = arch.register(
         forward_train=lambda m, x, remat=True: _train().forward_train(m, x, remat),
         matched_features=lambda c: _train().matched_features(c),
         training_batch=lambda *a: _train().training_batch(*a),
+        guided_batch=lambda *a: _train().guided_batch(*a),
         save=lambda m, p, overwrite=False: _train().save(m, p, overwrite=overwrite),
         config_from_dict=HunyuanImage3Config.from_hf_config,
         config_file_kind=lambda d: (

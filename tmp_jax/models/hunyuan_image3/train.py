@@ -239,6 +239,20 @@ def training_batch(cfg: HunyuanImage3Config, data: str | None, batch_size: int, 
     }
 
 
+def guided_batch(cfg: HunyuanImage3Config, latents: np.ndarray, sigma: np.ndarray, labels: np.ndarray) -> dict:
+    """The class-prompted states ``latents`` (P, 4, 14, 14) at noise ``sigma`` (P,), then the same with the null
+    prompt: a calibration micro-batch of 2P samples whose outputs give the CFG direction (tmp_jax.trajectory)."""
+    _check_cfg(cfg)
+    p = len(latents)
+    lab = np.concatenate([np.asarray(labels, np.int64), np.full(p, fm.NULL_LABEL, np.int64)])
+    return {
+        "input_ids": t2i_ids(lab, cfg),
+        "latents": np.concatenate([latents, latents]).astype(np.float32),
+        "timestep": (1000.0 * np.concatenate([sigma, sigma])).astype(np.float32),
+        "valid_lengths": np.full(2 * p, SEQ_LEN, np.int32),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Save (official layout)
 

@@ -475,6 +475,24 @@ def training_batch(cfg: ZImageConfig, data: str | None, batch_size: int, seed: i
     }
 
 
+def guided_batch(cfg: ZImageConfig, latents: np.ndarray, sigma: np.ndarray, labels: np.ndarray) -> dict:
+    """The class-captioned states ``latents`` (P, C, H, W) at noise ``sigma`` (P,), then the same with the null
+    caption: a calibration micro-batch of 2P samples whose outputs give the CFG direction (tmp_jax.trajectory)."""
+    from tmp_jax import data as fm
+
+    p = len(latents)
+    lab = np.concatenate([np.asarray(labels, np.int64), np.full(p, fm.NULL_LABEL, np.int64)])
+    cap = fm.caption_features(lab, cfg.cap_feat_dim)
+    lat = np.concatenate([latents, latents]).astype(np.float32)[:, :, None]  # [2P, C, 1, H, W]
+    t = 1.0 - np.concatenate([sigma, sigma]).astype(np.float32)  # t = 1 - sigma (1 = clean)
+    return {
+        "latents": lat,
+        "cap_feats": cap.astype(np.float32),
+        "cap_lens": np.full(2 * p, cap.shape[1], np.int32),
+        "t": t,
+    }
+
+
 _SUBSET = {}
 
 

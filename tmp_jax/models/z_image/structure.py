@@ -238,6 +238,7 @@ HOOKS = arch.register(
         forward_train=lambda m, x, remat=True: _runner().forward_train(m, x, remat),
         matched_features=lambda c: _runner().matched_features(c),
         training_batch=lambda *a: _runner().training_batch(*a),
+        guided_batch=lambda *a: _runner().guided_batch(*a),
         save=lambda m, p, overwrite=False: m.save_pretrained(str(p), overwrite=overwrite),
         config_from_dict=ZImageConfig.from_hf_config,
         config_file_kind=lambda d: d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d,

@@ -1,0 +1,206 @@
+"""How well does the search's fitness predict samples? Spearman correlations over many candidates (issue 17).
+
+    python scripts/fitness_correlation.py                              # zimage-fmnist at 50%, 32 candidates
+    python scripts/fitness_correlation.py --model hunyuan-fmnist --budget 25%
+
+One teacher, one budget, ``--candidates`` subnetworks (half level switches around the uniform cut, half random
+genomes, all at the budget; decoded alternately with each calibration's importance order), each scored by
+two fitness functions on the SAME subnetwork (its kept units, original numbering:
+``PruningProblem.plan_fitness``; plain slices, no compensation, so both see identical weights):
+
+* ``noised``: the old calibration set (noised training images at random sigma, the plain denoiser output);
+* ``trajectory``: the teacher's own CFG sampler states with the guided output ``u + w (c - u)``, early steps
+  weighted more (:mod:`tmp_jax.trajectory`, the default now);
+
+and by what users see (``tmp_jax.evaluate``: class accuracy, FID_cls and paired sample MSE of ``--samples``
+samples, 6 Euler steps, CFG 2). The table in docs/quality.md (``<!-- section: fitness-correlation -->``) gives
+Spearman's rho of each fitness against each metric (class accuracy: the more negative the better; FID_cls and
+paired MSE: the more positive the better) with a bootstrap 95% interval over the candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SECTION = "fitness-correlation"
+METRICS = ("class_acc", "fid_cls", "paired_mse")
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 with ties averaged."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x))
+    for v in np.unique(x):
+        tie = x == v
+        r[tie] = r[tie].mean()
+    return r
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt(np.sum(ra * ra) * np.sum(rb * rb)))
+    return float(np.sum(ra * rb) / den) if den > 0 else 0.0
+
+
+def bootstrap_ci(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), (n, len(a)))
+    vals = np.array([spearman(a[i], b[i]) for i in idx])
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+def candidates(probs: dict[str, Any], budget: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` plans at ``budget`` (local and random, see the comment below), decoded alternately with each
+    problem's order."""
+    from search.budget import CostModel
+    from search.genome import fill, level_switch, random_genome, repair, uniform_genome
+    from tmp_jax.materialize import kept_units
+    from tmp_jax.tree import parse_count
+
+    names = list(probs)
+    tree = probs[names[0]].tree
+    cost = CostModel(tree, "params")
+    cap = parse_count(budget, tree.full["params"])
+    rng = np.random.default_rng(seed)
+    # half "local": what selection compares, level switches around the uniform cut (fitted to the budget);
+    # half "random": random genomes repaired to the budget (a wide quality spread)
+    base = fill(repair(uniform_genome(tree, cap / tree.full["params"]), cost, cap, rng), cost, cap, rng)
+    genomes, kinds = [], []
+    while len(genomes) < n:
+        if len(genomes) % 2 == 0:
+            genomes.append(level_switch(base, cost, cap, rng, n_switch=int(rng.integers(1, 7))))
+            kinds.append("local")
+        else:
+            genomes.append(random_genome(cost, cap, rng))
+            kinds.append("random")
+    out = []
+    for i, g in enumerate(genomes):
+        prob = probs[names[i % len(names)]]
+        a = tree.decode(g)
+        kept = kept_units(tree, a, prob.order)
+        out.append(
+            {
+                "policy": {
+                    "dropped": sorted(a.dropped),
+                    "keep": {f"{k}/{u}": int(v) for (k, u), v in a.keep.items()},
+                    "kept_units": {f"{k}/{u}": np.asarray(v).tolist() for (k, u), v in kept.items()},
+                },
+                "params": int(tree.count(a)["params"]),
+                "order_of": names[i % len(names)],
+                "kind": kinds[i],
+            }
+        )
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from search.engine import plan_assignment
+    from tmp_jax import evaluate as ev
+    from tmp_jax.materialize import kept_first_order, materialize
+    from tmp_jax.problem import build_problem
+
+    probs = {src: build_problem(args.model, seed=args.seed, calib_source=src) for src in ("noised", "trajectory")}
+    teacher = probs["noised"].teacher_model
+    setting = ev.Setting("corr", fm_images=256, samples=args.samples, steps=6)
+    rows = []
+    t0 = time.time()
+    for i, plan in enumerate(candidates(probs, args.budget, args.candidates, args.seed)):
+        fit = {src: float(p.plan_fitness(plan)) for src, p in probs.items()}
+        tree = probs["noised"].tree
+        m = materialize(teacher, tree, plan_assignment(plan), kept_first_order(tree, plan["policy"]["kept_units"]))
+        met = ev.evaluate(m, teacher, setting=setting, seed=args.seed)
+        metrics = {k: met[k] for k in METRICS}
+        rows.append(
+            {"kind": plan["kind"], "params": plan["params"], **{f"fit_{k}": v for k, v in fit.items()}, **metrics}
+        )
+        print(f"[{i + 1}/{args.candidates}] {json.dumps(rows[-1])} ({time.time() - t0:.0f} s)", flush=True)
+    return {"rows": rows, "teacher": {k: met["teacher"][k] for k in METRICS}}
+
+
+def section(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
+    from scripts.quality_table import _machine
+
+    rows = res["rows"]
+    lines = [
+        f"<!-- section: {SECTION} -->",
+        "## Does the fitness predict samples? (Spearman over candidates)",
+        "",
+        f"{dt.date.today().isoformat()}, `{command}`, {_machine()}.",
+        "",
+        f"**{args.model}** at {args.budget}: {len(rows)} candidates (*local*: 1-6 level switches around the uniform "
+        "cut fitted to the budget, what selection compares; *random*: random genomes repaired to the budget; "
+        f"params {min(r['params'] for r in rows):,} to {max(r['params'] for r in rows):,}), plain "
+        f"slices. Each is scored by both fitness functions on the same subnetwork and sampled ({args.samples} "
+        "samples, 6 Euler steps, CFG 2, fixed noise). Spearman's rho with a bootstrap 95% interval over the "
+        "candidates: class accuracy should fall as the error grows (rho < 0), FID_cls and paired MSE rise (rho > 0).",
+        "",
+        "| fitness | rho vs class acc. | rho vs FID_cls | rho vs paired MSE |",
+        "|---|---|---|---|",
+    ]
+    names = {"noised": "noised images, denoiser output (old)", "trajectory": "sampler trajectory, guided output (new)"}
+    for subset in ("all", "local"):
+        sub = [r for r in rows if subset == "all" or r["kind"] == subset]
+        if len(sub) < 3:
+            continue
+        for src, name in names.items():
+            f = np.array([r[f"fit_{src}"] for r in sub])
+            cells = []
+            for m in METRICS:
+                v = np.array([r[m] for r in sub])
+                lo, hi = bootstrap_ci(f, v)
+                cells.append(f"{spearman(f, v):+.2f} [{lo:+.2f}, {hi:+.2f}]")
+            lines.append(f"| {name}, {subset} ({len(sub)}) | " + " | ".join(cells) + " |")
+    t = res["teacher"]
+    lines += [
+        "",
+        f"Teacher: class acc. {t['class_acc']:.3f}, FID_cls {t['fid_cls']:.2f}. Candidates: class acc. "
+        f"{min(r['class_acc'] for r in rows):.3f} to {max(r['class_acc'] for r in rows):.3f}.",
+    ]
+    return "\n".join(lines) + f"\n<!-- end section: {SECTION} -->"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="zimage-fmnist", help="an embedded teacher (zimage-fmnist, hunyuan-fmnist)")
+    p.add_argument("--budget", default="50%", help="the candidates' parameter budget (default 50%%)")
+    p.add_argument("--candidates", type=int, default=32, help="subnetworks scored (>= 30 for the issue's table)")
+    p.add_argument("--samples", type=int, default=500, help="samples per candidate for the metrics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md")
+    p.add_argument("--json", type=Path, default=None, help="also write the per-candidate rows here")
+    a = p.parse_args(argv)
+    if a.candidates < 3:
+        p.error("--candidates must be >= 3")
+    from tmp_jax.compile_cache import enable_default
+
+    enable_default()
+    res = run(a)
+    if a.json is not None:
+        a.json.write_text(json.dumps(res, indent=1))
+    command = "python scripts/fitness_correlation.py" + "".join(f" {shlex.quote(x)}" for x in (argv or []))
+    from scripts.quality_table import write
+
+    text = section(res, a, command)
+    write(a.out, {SECTION: text})
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

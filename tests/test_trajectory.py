@@ -1,0 +1,104 @@
+"""The fitness on the teacher's own sampling trajectory (:mod:`tmp_jax.trajectory`, issue 17 item 1).
+
+* The recorded states are the sampler's: the first is the initial noise (sigma = 1), recording changes no
+  sample, and each micro-batch is P class-prompted states then the same P with the null prompt.
+* The fitness of a guided micro-batch is the weighted error of ``u + w (c - u)``, computed here by hand from
+  the materialised candidate's outputs, in the sliced and the masked evaluation, on both embedded teachers.
+* The embedded teachers calibrate on their trajectory by default; ``calib_source="noised"`` keeps the old set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tmp_jax import arch
+from tmp_jax.calibration import calibrate
+from tmp_jax.problem import PruningProblem, _load_model
+from tmp_jax.sampling import sample_latents, sigma_schedule
+from tmp_jax.trajectory import step_weights, trajectory_calib
+
+LEVELS = {"fractions": [0.5, 1.0]}
+
+
+@pytest.fixture(scope="module", params=["zimage-fmnist", "hunyuan-fmnist"])
+def teacher(request):
+    model, _, _ = _load_model(request.param, "fp32")
+    return model
+
+
+def test_states_are_the_samplers(teacher):
+    if teacher.ARCH == "hunyuan":
+        pytest.skip("HunyuanImage's states: through test_guided_fitness_by_hand (saves a sampler compile in CI)")
+    labels = np.array([0, 1])  # what trajectory_calib draws for n_labels=2
+    final, states = sample_latents(teacher, labels, seed=5, steps=3, guidance=2.0, record=True)
+    assert states.shape == (2, 3, 4, 14, 14) and final.shape == (2, 4, 14, 14)
+    assert not np.allclose(states[:, 1], states[:, 0])  # the sampler moved
+    batches = trajectory_calib(teacher, n_labels=2, steps=3, pairs_per_batch=4, guidance=2.0, seed=5)
+    assert [len(b["sample_weight"]) for b in batches] == [4, 2]
+    hooks = arch.get(teacher.ARCH)
+    sig = np.tile(sigma_schedule(3)[:3], 2)
+    # every micro-batch: P prompted states, then the same states with the null prompt
+    lat = np.concatenate([np.asarray(b["latents"]).reshape(-1, 4, 14, 14)[: len(b["sample_weight"])] for b in batches])
+    np.testing.assert_allclose(lat, states.reshape(6, 4, 14, 14))
+    for b in batches:
+        p = len(b["sample_weight"])
+        lt = np.asarray(b["latents"])
+        np.testing.assert_array_equal(lt[:p], lt[p:])
+        assert float(b["cfg_guidance"][0]) == 2.0
+        assert hooks.batch_task(b) == hooks.default_task
+    np.testing.assert_allclose(np.concatenate([b["sample_weight"] for b in batches]), step_weights("sigma", sig))
+    assert sig[0] == 1.0 and step_weights("sigma", sig)[0] > step_weights("sigma", sig)[2]
+
+
+@pytest.mark.parametrize("mode", ["sliced", "masked"])
+def test_guided_fitness_by_hand(teacher, mode):
+    if mode == "sliced" and teacher.ARCH == "hunyuan":
+        pytest.skip("sliced == masked on any batch: tests/test_masked_eval.py (saves compiles in CI)")
+    batches = trajectory_calib(teacher, n_labels=2, steps=3, pairs_per_batch=3, seed=5)
+    cal = calibrate(teacher, batches)
+    prob = PruningProblem(
+        teacher, cal, source={"path": None, "fingerprint": "t", "config": {}}, levels=LEVELS, eval_mode=mode
+    )
+    hooks = arch.get(teacher.ARCH)
+    g = prob.tree.full_genome()
+    g[::2] = 0  # every other gene at its smallest level
+    if mode == "sliced":  # one width per kind: few sub-layer programs to compile
+        g[:] = 0
+    cand = prob.candidate(g)
+    num = den = 0.0
+    for inputs, yt in zip(cal.inputs, cal.teacher):
+        y = np.asarray(hooks.forward(cand, inputs), np.float64)
+        yt = np.asarray(yt, np.float64)
+        p = y.shape[0] // 2
+        w = float(inputs["cfg_guidance"][0])
+        gy, gt = y[p:] + w * (y[:p] - y[p:]), yt[p:] + w * (yt[:p] - yt[p:])
+        m = np.asarray(inputs["mask"])[:p, ..., None] * np.asarray(inputs["sample_weight"]).reshape(
+            -1, *[1] * (y.ndim - 1)
+        )
+        num += float(np.sum(np.square(gy - gt) * m))
+        den += float(np.sum(np.square(gt) * m))
+    got = prob.fitness(g[None])[0]
+    np.testing.assert_allclose(got, num / den, rtol=2e-4)
+    assert got > 1e-4
+    if mode == "masked":
+        assert prob.fitness(prob.tree.full_genome()[None])[0] < 1e-9
+
+
+def test_embedded_default_is_the_trajectory(monkeypatch):
+    import tmp_jax.problem as pm
+
+    seen = {}
+
+    def fake(model, **kw):
+        seen["called"] = True
+        return trajectory_calib(model, n_labels=2, steps=3, pairs_per_batch=3, seed=5)  # shapes compiled above
+
+    monkeypatch.setattr("tmp_jax.trajectory.trajectory_calib", fake)
+    model, path, _ = _load_model("zimage-fmnist", "fp32")
+    traj = pm._embedded_calib(model, path)
+    assert seen and all("cfg_guidance" in b for b in traj)
+    noised = pm._embedded_calib(model, path, "noised")
+    assert len(noised) == 4 and not any("cfg_guidance" in b for b in noised)
+    with pytest.raises(ValueError, match="--calib-source must be one of trajectory, noised"):
+        pm._teacher_and_set("zimage-fmnist", None, "fp32", None, 8, 0, "bogus")

@@ -1,0 +1,117 @@
+"""Calibration on the teacher's own sampling trajectory, scored on the guided output (issue 17 item 1).
+
+A fitness on noised training images at random sigma never sees what decides a sample: the first steps
+(sigma = 1, where the sampler fixes class and layout) and the guided direction ``c - u`` that classifier-free
+guidance amplifies ``w`` times. Here the calibration states are the teacher's own CFG sampler states at the
+inference sigma grid (pure noise first), and each micro-batch holds every state twice, with the class prompt
+and with the null prompt. The fitness (:class:`tmp_jax.problem.PruningProblem`) then compares
+
+    g = u + w (c - u)
+
+of the candidate with the teacher's, each state's squared error weighted by its step (early steps count
+more: weight ``sigma``, normalised to mean 1; or ``uniform``). Two raw micro-batch keys carry this and never
+reach the model:
+
+* ``cfg_guidance`` (1,): ``w``; the batch's first half is conditional, its second half the same latents
+  and sigmas unconditional;
+* ``sample_weight`` (P,): each pair's weight in the error (and in its normaliser).
+
+Importance statistics and the consumer Grams are gathered on the same states (both halves), so the
+compensation re-fits what the sampler feeds the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tmp_jax import arch
+
+FITNESS_KEYS = ("cfg_guidance", "sample_weight")  # raw micro-batch keys that shape the fitness, not the forward
+STEP_WEIGHTS = ("sigma", "uniform")
+# what the embedded teachers are evaluated with (tmp_jax.evaluate's cheap setting): 6 Euler steps, CFG 2
+STEPS, GUIDANCE = 6, 2.0
+
+
+def step_weights(kind: str, sigma: np.ndarray) -> np.ndarray:
+    """Per-state weights (mean 1) by noise level: ``sigma`` (early, noisy steps count more) or ``uniform``."""
+    if kind not in STEP_WEIGHTS:
+        raise ValueError(f"step weight {kind!r}: choose from {', '.join(STEP_WEIGHTS)}")
+    w = np.ones_like(sigma, np.float64) if kind == "uniform" else np.asarray(sigma, np.float64)
+    return (w / max(float(w.mean()), 1e-30)).astype(np.float32)
+
+
+def trajectory_calib(
+    model: Any,
+    *,
+    n_labels: int = 10,
+    steps: int = STEPS,
+    guidance: float = GUIDANCE,
+    shift: float = 1.0,
+    seed: int = 1234,
+    pairs_per_batch: int = 10,
+    step_weight: str = "sigma",
+) -> list[dict[str, Any]]:
+    """The teacher's CFG sampler states as calibration micro-batches (module docstring).
+
+    ``n_labels`` samples (classes ``0..9`` in turn) are drawn with ``steps`` Euler steps at guidance
+    ``guidance``; every state before a step (``steps`` per sample, sigma = 1 first) becomes one
+    conditional/unconditional pair. Pairs are ordered sample-major, so each micro-batch of
+    ``pairs_per_batch`` pairs spans the whole sigma grid (a low-fidelity fitness on the first micro-batches
+    still sees the first step)."""
+    from tmp_jax.sampling import sample_latents, sigma_schedule
+
+    hooks = arch.get(model.ARCH)
+    if hooks.guided_batch is None:
+        raise ValueError(f"arch {model.ARCH!r} has no guided calibration batch (ArchHooks.guided_batch)")
+    if n_labels < 1 or steps < 1 or pairs_per_batch < 1:
+        raise ValueError("trajectory calibration: n_labels, steps and pairs_per_batch must be >= 1")
+    labels = np.arange(n_labels) % 10
+    _, states = sample_latents(model, labels, seed=seed, steps=steps, guidance=guidance, shift=shift, record=True)
+    sig = sigma_schedule(steps, shift)[:steps]  # the state before step i is at sigma_i (sigma_0 = 1)
+    lat = states.reshape(n_labels * steps, *states.shape[2:])  # [N * steps, C, H, W], sample-major
+    sigma = np.tile(sig, n_labels)
+    lab = np.repeat(labels, steps)
+    weight = step_weights(step_weight, sigma)
+    out = []
+    for lo in range(0, len(lat), pairs_per_batch):
+        sl = slice(lo, lo + pairs_per_batch)
+        b = hooks.guided_batch(model.config, lat[sl], sigma[sl], lab[sl])
+        b["cfg_guidance"] = np.full((1,), guidance, np.float32)
+        b["sample_weight"] = weight[sl]
+        out.append(b)
+    return out
+
+
+def fitness_entries(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The raw micro-batch's fitness keys (:data:`FITNESS_KEYS`), checked, to carry into its prepared inputs."""
+    out = {k: np.asarray(batch[k], np.float32) for k in FITNESS_KEYS if k in batch}
+    if "cfg_guidance" in out and out["cfg_guidance"].size != 1:
+        raise ValueError(f"cfg_guidance: expected one value, got shape {out['cfg_guidance'].shape}")
+    return out
+
+
+def guided_view(y: np.ndarray, inputs: dict[str, Any], axis: int) -> np.ndarray:
+    """The output the fitness compares: ``u + w (c - u)`` of a guided micro-batch (halves along ``axis``),
+    else ``y`` itself."""
+    w = inputs.get("cfg_guidance")
+    if w is None:
+        return y
+    c, u = np.split(y, 2, axis=axis)
+    return u + float(np.asarray(w).reshape(-1)[0]) * (c - u)
+
+
+def error_weights(inputs: dict[str, Any]) -> np.ndarray:
+    """Per compared element, the fitness weight of a prepared micro-batch: its output ``mask`` (the first half
+    for a guided batch) times each sample's ``sample_weight``; shape ``mask.shape + (1,)``."""
+    mask = np.asarray(inputs["mask"]).astype(np.float64)
+    if inputs.get("cfg_guidance") is not None:
+        mask = mask[: mask.shape[0] // 2]
+    sw = inputs.get("sample_weight")
+    if sw is not None:
+        sw = np.asarray(sw, np.float64).reshape(-1)
+        if sw.shape[0] != mask.shape[0]:
+            raise ValueError(f"sample_weight has {sw.shape[0]} entries for {mask.shape[0]} compared samples")
+        mask = mask * sw.reshape(-1, *([1] * (mask.ndim - 1)))
+    return mask[..., None]
