@@ -47,11 +47,12 @@ from tmp_jax.calibration import (
     load_calib,
     order_from_scores,
     parse_task_weights,
+    prepare,
     select_tasks,
 )
-from tmp_jax.compensate import Compensation, CompensationConfig, gram_stats
+from tmp_jax.compensate import Compensation, CompensationConfig, consumer_slice, gram_stats
 from tmp_jax.dtypes import jnp_dtype, model_dtype
-from tmp_jax.masked_eval import MaskedEvaluator
+from tmp_jax.masked_eval import MaskedEvaluator, Precompile
 from tmp_jax.materialize import Refits, materialize, permute
 from tmp_jax.progress import progress_bar
 from tmp_jax.tree import Tree, node_path
@@ -120,6 +121,50 @@ def warmup_genomes(tree: Tree, data_kinds: frozenset[str] | set[str] = frozenset
     return out
 
 
+def resolve_eval_mode(mode: str, hooks: arch.ArchHooks, tasks: Any, n_params: int) -> str:
+    """``auto`` -> ``masked`` when one of the weighted ``tasks`` has ``forward_masked`` and the teacher has fewer
+    than :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU` on the CPU), else ``sliced``.
+    Explicit ``masked`` needs such a task."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
+    has = [t for t in tasks if hooks.for_task(t).forward_masked is not None]
+    if mode == "masked" and not has:
+        raise ValueError(f"eval_mode masked: arch {hooks.name!r} has no masked forward for task(s) {', '.join(tasks)}")
+    if mode == "auto":
+        limit = MASKED_MAX_PARAMS_CPU if jax.default_backend() == "cpu" else MASKED_MAX_PARAMS
+        return "masked" if has and n_params < limit else "sliced"
+    return mode
+
+
+def shape_representatives(inputs: list[dict[str, Any]]) -> list[int]:
+    """One index per distinct (task, shapes of the array inputs, nested ones included) of prepared micro-batches:
+    a program depends on its input shapes, not on their values, so warming these up covers every micro-batch."""
+    seen: dict[tuple, int] = {}
+    for i, inp in enumerate(inputs):
+        leaves = jax.tree_util.tree_flatten_with_path({k: v for k, v in inp.items() if k != "task"})[0]
+        shapes = tuple((jax.tree_util.keystr(p), np.shape(v)) for p, v in leaves if hasattr(v, "shape"))
+        seen.setdefault((inp.get("task"), shapes), i)
+    return sorted(seen.values())
+
+
+def refit_levels(tree: Tree, compensation: CompensationConfig | None) -> dict[tuple, list[int]]:
+    """Consumer path -> the kept counts compensation will re-fit it at (the keys of
+    :attr:`PruningProblem.refits`), from the tree alone: every group with a consumer slice gets a Gram, and
+    :meth:`~tmp_jax.compensate.Compensation.level_counts` names the counts below full of the genes acting on
+    it. What the masked program's layout needs before calibration (:class:`tmp_jax.masked_eval.Precompile`);
+    an architecture that sows fewer Grams gets another layout, and its program compiles in the warm-up."""
+    if compensation is None:
+        return {}
+    groups = {(n.name, u.kind): None for n in tree.spec.nodes() for u in n.units if consumer_slice(u) is not None}
+    comp = Compensation(groups, compensation)
+    counts = comp.level_counts(tree)
+    out = {}
+    for path, (node, kind, _, _) in comp.consumers(tree).items():
+        if counts.get((node, kind)):
+            out[path] = counts[(node, kind)]
+    return out
+
+
 def warmup_workers() -> int:
     """Threads compiling warm-up programs side by side: ``TMP_JAX_COMPILE_WORKERS``, else up to 8 (one per
     core). XLA compiles without the GIL, so programs of different shapes compile in parallel."""
@@ -138,6 +183,7 @@ class PruningProblem:
         compensation: CompensationConfig | None = None,
         eval_mode: str = "auto",
         masked_batch: int | None = None,
+        precompiled: Precompile | None = None,
     ):
         """``task_weights``: {task: weight} for the fitness (normalised to sum 1; default: the calibration's
         weights, else equal over the tasks of its micro-batches). Every weighted task needs micro-batches.
@@ -149,7 +195,8 @@ class PruningProblem:
 
         ``eval_mode``: ``"sliced"``, ``"masked"`` or ``"auto"`` (module docstring; the mode in use is
         :attr:`eval_mode`). ``masked_batch``: candidates per masked call
-        (default :func:`tmp_jax.masked_eval.default_batch`)."""
+        (default :func:`tmp_jax.masked_eval.default_batch`). ``precompiled``: the masked program of this
+        teacher, compiling since before calibration (:func:`build_problem`); used when it is the same program."""
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got {eval_mode!r}")
         self.arch = model.ARCH
@@ -187,21 +234,11 @@ class PruningProblem:
         self.eval_mode = self._resolve_eval_mode(eval_mode)
         self.masked: MaskedEvaluator | None = None
         if self.eval_mode == "masked":
-            self.masked = MaskedEvaluator(self.model, self.tree, self.refits, masked_batch)
+            self.masked = MaskedEvaluator(self.model, self.tree, self.refits, masked_batch, precompiled)
 
     def _resolve_eval_mode(self, mode: str) -> str:
-        """``auto`` -> ``masked`` when a weighted task has ``forward_masked`` and the teacher has fewer than
-        :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU` on the CPU), else ``sliced``.
-        Explicit ``masked`` needs such a task."""
-        has = [t for t in self.task_weights if self.hooks.for_task(t).forward_masked is not None]
-        if mode == "masked" and not has:
-            raise ValueError(
-                f"eval_mode masked: arch {self.arch!r} has no masked forward for task(s) {', '.join(self.task_weights)}"
-            )
-        if mode == "auto":
-            limit = MASKED_MAX_PARAMS_CPU if jax.default_backend() == "cpu" else MASKED_MAX_PARAMS
-            return "masked" if has and self.tree.full["params"] < limit else "sliced"
-        return mode
+        """:func:`resolve_eval_mode` for this problem's weighted tasks and teacher size."""
+        return resolve_eval_mode(mode, self.hooks, list(self.task_weights), self.tree.full["params"])
 
     def _masked_hook(self, inputs: dict) -> Any:
         """The masked forward of ``inputs``' task, or None (sliced mode, or a task without one)."""
@@ -298,15 +335,9 @@ class PruningProblem:
         return self.compile_count()
 
     def _shape_representatives(self) -> list[int]:
-        """One calibration micro-batch index per distinct (task, shapes of its array inputs, nested ones
-        included): the warm-up runs only these, since a program depends on its input shapes, not on their
-        values."""
-        seen: dict[tuple, int] = {}
-        for i, inputs in enumerate(self.calib.inputs):
-            leaves = jax.tree_util.tree_flatten_with_path({k: v for k, v in inputs.items() if k != "task"})[0]
-            shapes = tuple((jax.tree_util.keystr(p), np.shape(v)) for p, v in leaves if hasattr(v, "shape"))
-            seen.setdefault((inputs.get("task"), shapes), i)
-        return sorted(seen.values())
+        """One calibration micro-batch index per distinct (task, input shapes): the warm-up runs only these
+        (:func:`shape_representatives`)."""
+        return shape_representatives(self.calib.inputs)
 
     def n_samples_total(self) -> int:
         return sum(int(t.shape[0]) for t in self.calib.teacher)
@@ -493,6 +524,9 @@ def build_problem(
     tw = compensation.timestep_weight if compensation is not None else "uniform"
     # the teacher pass, then what is derived from its statistics (importance; the OBS order and re-fits)
     with phase("calibration", enabled=phases):
+        # masked evaluation's one program does not depend on the calibration's results, only on shapes known
+        # now: it compiles on a background thread while the teacher pass and the OBS re-fits run
+        pre = start_precompile(m_obj, batches, weights, compensation, eval_mode, msh)
         cal = calibrate(
             m_obj,
             batches,
@@ -505,10 +539,48 @@ def build_problem(
             gram_timestep_weight=tw,
         )
         prob = PruningProblem(
-            m_obj, cal, source=source, task_weights=weights, compensation=compensation, eval_mode=eval_mode
+            m_obj,
+            cal,
+            source=source,
+            task_weights=weights,
+            compensation=compensation,
+            eval_mode=eval_mode,
+            precompiled=pre,
         )
     prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from
     return prob
+
+
+def start_precompile(
+    model: Any,
+    batches: list[dict[str, Any]],
+    weights: dict[str, float] | None,
+    compensation: CompensationConfig | None,
+    eval_mode: str,
+    mesh: Any = None,
+    levels: dict | None = None,
+) -> Precompile | None:
+    """Start compiling the masked program of ``model`` on a background thread (:class:`Precompile`) when the
+    problem :func:`build_problem` is about to calibrate will evaluate masked; None otherwise (sliced
+    evaluation; a mesh, whose input placement the program would be keyed on; ``TMP_JAX_PRECOMPILE=0``, which
+    leaves the compile to the warm-up as before). The layout is predicted from the tree
+    (:func:`refit_levels`); the program is compiled for one micro-batch per distinct (task, input shapes).
+    ``levels``: the width levels the problem will be built with (:class:`PruningProblem`'s)."""
+    if mesh is not None or os.environ.get("TMP_JAX_PRECOMPILE", "1") == "0":
+        return None
+    hooks = arch.get(model.ARCH)
+    tree = Tree(hooks.build_spec(model.config), levels)
+    present = list(dict.fromkeys(hooks.batch_task(b) for b in batches))
+    tasks = list(weights) if weights else present
+    if resolve_eval_mode(eval_mode, hooks, tasks, tree.full["params"]) != "masked":
+        return None
+    inputs = [prepare(hooks, model.config, b) for b in batches]
+    jobs = []
+    for i in shape_representatives(inputs):
+        fwd = hooks.for_task(inputs[i]["task"]).forward_masked
+        if fwd is not None:
+            jobs.append((fwd, inputs[i]))
+    return Precompile(model, tree, refit_levels(tree, compensation), jobs) if jobs else None
 
 
 def _teacher_and_set(
