@@ -31,6 +31,7 @@ The price is full-width FLOPs per candidate, so only small teachers use it by de
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -127,9 +128,18 @@ def refit_tables(model: Any, layout: MaskLayout, refits: Refits | None) -> tuple
     out = []
     for path, _, _, ks in layout.consumers:
         orig = flat[path]
+        if orig.nbytes * (1 + len(ks)) <= HOST_TABLE_BYTES:
+            # stacked on the host and placed once, where the consumer is (committed iff it is, as a device stack
+            # would be): the same values without a stack and a convert program to compile per consumer shape
+            host = np.stack([np.asarray(orig), *(np.asarray(refits[(path, k)]).astype(orig.dtype) for k in ks)])  # type: ignore[index]
+            out.append(jax.device_put(host, orig.sharding if getattr(orig, "_committed", False) else None))
+            continue
         rows = [jnp.asarray(refits[(path, k)], orig.dtype) for k in ks]  # type: ignore[index]
         out.append(jnp.stack([orig, *rows]))
     return tuple(out)
+
+
+HOST_TABLE_BYTES = 64 << 20  # re-fit tables up to this size are built on the host (:func:`refit_tables`)
 
 
 def _swap_consumers(state: nnx.State, layout: MaskLayout, tables: tuple, slots: jax.Array) -> nnx.State:
@@ -244,8 +254,8 @@ class Precompile:
         self.program = make_program(gd, self.treedef, self.layout)
         self.batch = default_batch() if batch is None else max(1, int(batch))
         flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-        abstract = [_abstract(x) for x in leaves]
-        tables = abstract_tables(flat, self.layout)
+        self.abstract = abstract = [_abstract(x) for x in leaves]
+        self.tables = tables = abstract_tables(flat, self.layout)
         row = self.layout.data(tree, tree.full_assignment())
         data = {k: np.stack([v] * self.batch) for k, v in row.items()}
         args = [(fwd, split_inputs(inputs)) for fwd, inputs in jobs]
@@ -269,9 +279,13 @@ class Precompile:
 
         threading.Thread(target=work, name="masked-precompile", daemon=True).start()
 
-    def serves(self, gd: Any, treedef: Any, layout: MaskLayout, batch: int) -> bool:
-        """Whether an evaluator of this graph, state structure, layout and batch runs the precompiled program."""
-        return (batch, layout, treedef, gd) == (self.batch, self.layout, self.treedef, self.gd)
+    def serves(self, gd: Any, treedef: Any, layout: MaskLayout, batch: int, leaves: list, tables: tuple) -> bool:
+        """Whether an evaluator of this graph, state structure, layout and batch runs the precompiled program, and
+        calls it with arguments of the compiled shapes, dtypes and placements (else its calls would compile
+        anew under the same program)."""
+        if (batch, layout, treedef) != (self.batch, self.layout, self.treedef) or gd != self.gd:
+            return False
+        return [_abstract(x) for x in leaves] == self.abstract and tuple(_abstract(t) for t in tables) == self.tables
 
     def wait(self) -> bool:
         """Block until the background compile has ended; whether it succeeded."""
@@ -300,19 +314,23 @@ class MaskedEvaluator:
         gd, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)
         self.batch = default_batch() if batch is None else max(1, int(batch))
+        self.tables = refit_tables(model, self.layout, refits)
         self.precompiled: Precompile | None = None  # the background compile this evaluator still has to wait for
-        if precompiled is not None and precompiled.serves(gd, treedef, self.layout, self.batch):
+        if precompiled is not None and precompiled.serves(
+            gd, treedef, self.layout, self.batch, self.leaves, self.tables
+        ):
             self.program, self.precompiled = precompiled.program, precompiled
         else:
             self.program = make_program(gd, treedef, self.layout)
-        self.tables = refit_tables(model, self.layout, refits)
         self._inputs: dict[int, tuple[dict, tuple]] = {}
 
     def _await_precompile(self) -> None:
         """Let a background compile of this program end before compiling or running it here (else both would
         compile it: jit does not share a compile in flight)."""
         if self.precompiled is not None:
-            self.precompiled.wait()
+            if not self.precompiled.wait():  # compiled here instead; say why, since only time would tell
+                err = self.precompiled.future.exception()
+                warnings.warn(f"background compile of the masked program failed: {err}", stacklevel=3)
             self.precompiled = None
 
     def data(self, assignments: Sequence[Assignment]) -> MaskData:
