@@ -357,10 +357,12 @@ def masked_block(
     return masked_block_with(blk, block_masks(blk, name, m), x, mask, cos, sin, c)
 
 
-# Masked stacks of identical blocks run as one lax.scan over their stacked parameters: XLA then compiles ONE
-# block body instead of one copy per block (on a GPU the masked program of the embedded DiT, 6 main blocks,
-# compiled for ~25 s unrolled: most of a cold search). TMP_JAX_MASKED_SCAN=0 unrolls them (the previous form).
-SCAN_STACKS = os.environ.get("TMP_JAX_MASKED_SCAN", "1") != "0"
+# TMP_JAX_MASKED_SCAN=1: masked stacks of identical blocks run as one lax.scan over their stacked parameters,
+# so the program holds ONE block body (embedded DiT: 156 fusions in XLA:CPU's optimised module instead of 249).
+# Off by default: on the CPU it did not pay (2-core development machine, 2026-12-06, three interleaved pairs:
+# compile 7.8-9.9 s scanned vs 5.9-6.8 s unrolled, same run time); on a GPU, where the unrolled program took 25 s
+# to compile, it is not measured yet (bench/cold_start.py --cases dit-scan).
+SCAN_STACKS = os.environ.get("TMP_JAX_MASKED_SCAN", "0") == "1"
 
 
 def masked_stack(
@@ -375,10 +377,10 @@ def masked_stack(
 ) -> jax.Array:
     """Every block of ``stack`` through :func:`masked_block` (the teacher is unpruned: position == index).
 
-    Two or more blocks of one structure (an unpruned teacher's stack: same widths, same modulation) go through
-    one ``lax.scan`` (:data:`SCAN_STACKS`): their parameters and decisions are stacked on a leading axis and the
-    scan body is one block, so the program holds one block however deep the stack is. Same arithmetic per
-    block as the unrolled loop."""
+    With :data:`SCAN_STACKS`, two or more blocks of one structure (an unpruned teacher's stack: same widths,
+    same modulation) go through one ``lax.scan``: their parameters and decisions are stacked on a leading axis
+    and the scan body is one block, so the program holds one block however deep the stack is. Same arithmetic
+    per block as the unrolled loop."""
     blocks = list(getattr(model, stack))
     names = [f"{stack}.{b.index}" for b in model.config.stack(stack)]
     if SCAN_STACKS and len(blocks) > 1:
