@@ -25,6 +25,7 @@ on the CPU, where full-width FLOPs are not free). Each micro-batch runs through 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -165,6 +166,31 @@ def refit_levels(tree: Tree, compensation: CompensationConfig | None) -> dict[tu
     return out
 
 
+# Compensated pruning evaluates every candidate with its consumers re-fitted at its widths, from a table of one
+# full-size consumer per (consumer, width level): at full Z-Image-Turbo size 68 consumers x 7 levels, 12.9e9
+# elements, 25.7 GB in bf16 and 51.5 GB in fp32, next to the teacher and its permuted copy (2 x 24.6 GB in
+# fp32). Tables larger than this fraction of the device memory left free keep to the host instead.
+REFITS_DEVICE_FRACTION = 0.5
+
+
+def refits_on_host(tree: Tree, compensation: CompensationConfig | None, dtype: Any) -> bool:
+    """Whether the re-fit tables of ``tree`` (:func:`refit_levels`, in ``dtype``) are kept on the host: they
+    exceed :data:`REFITS_DEVICE_FRACTION` of the default device's free memory (never on a CPU, whose arrays are
+    host memory anyway, or on a backend that keeps no memory statistics)."""
+    if jax.default_backend() == "cpu":
+        return False
+    try:
+        st = jax.devices()[0].memory_stats() or {}
+        jax.devices("cpu")
+    except Exception:  # noqa: BLE001 - no statistics, or no CPU backend to build them on: keep them on the device
+        return False
+    if "bytes_limit" not in st:
+        return False
+    need = sum(int(np.prod(tree.spec.shapes[p])) * len(ks) for p, ks in refit_levels(tree, compensation).items())
+    free = int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0))
+    return need * np.dtype(dtype).itemsize > REFITS_DEVICE_FRACTION * free
+
+
 def warmup_workers() -> int:
     """Threads compiling warm-up programs side by side: ``TMP_JAX_COMPILE_WORKERS``, else up to 8 (one per
     core). XLA compiles without the GIL, so programs of different shapes compile in parallel."""
@@ -217,7 +243,13 @@ class PruningProblem:
         if self.compensation is not None:
             self._comp_perm = self.compensation.permuted(self.tree, self.order)
             dtype = next(iter(_params(self.model, self.compensation.consumers(self.tree)).values())).dtype
-            self.refits = self.compensation.level_refits(self.tree, self._snapshots, self.order, dtype)
+            host = refits_on_host(self.tree, compensation, dtype)
+            # on the host: built on the CPU device (never all on the accelerator at once), kept as numpy arrays,
+            # which every jitted sub-layer call copies in for its own consumer (same shapes and programs)
+            with jax.default_device(jax.devices("cpu")[0]) if host else contextlib.nullcontext():
+                self.refits = self.compensation.level_refits(self.tree, self._snapshots, self.order, dtype)
+            if host:
+                self.refits = {k: np.asarray(v) for k, v in self.refits.items()}
             self._snapshots = {}
         self.calib = calib
         tasks = calib.tasks
