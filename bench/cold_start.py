@@ -16,9 +16,9 @@ search prints (``[phase] NAME done in S s``), wall time and peak device memory. 
 * ``rescore``    after ``turbo`` and ``turbo-fp32``: both winners' subnetworks scored in one fp32 problem.
 * ``turbo-autotune0``  the cold ``turbo`` case again with ``XLA_FLAGS=--xla_gpu_autotune_level=0``: compile
                 seconds saved vs search throughput lost (evaluations per second of the search phase).
-* ``dit-noscan``, ``dit-noprecompile`` (or both: ``dit-noscan-noprecompile``): the ``dit`` case with the masked
-                program's blocks unrolled (``TMP_JAX_MASKED_SCAN=0``) and/or its compile left to the warm-up
-                instead of overlapping the calibration (``TMP_JAX_PRECOMPILE=0``): what each of those buys.
+* ``dit-scan``, ``dit-noprecompile`` (or both: ``dit-scan-noprecompile``): the ``dit`` case with the masked
+                program's identical blocks as one ``lax.scan`` (``TMP_JAX_MASKED_SCAN=1``) and/or its compile left
+                to the warm-up instead of overlapping the calibration (``TMP_JAX_PRECOMPILE=0``): what each buys.
 
 With ``rescore`` in the cases, the ``turbo-fp32`` child also re-scores the plans in its own fp32 problem right
 after its search (the bf16 ``turbo`` winner and its own), which saves the separate child's fp32 load and
@@ -135,6 +135,9 @@ def child_search(argv: list[str], rec_path: str) -> int:
     prob = _build_problem(cfg)
     run(cfg, prob)
     wall = time.perf_counter() - t0
+    # re-scoring materialises each plan from the unpermuted teacher (plan_fitness): drop the permuted copy the
+    # search evaluated on first, so an fp32 Turbo holds one 24.6 GB teacher and the candidate, not two teachers
+    prob.model = prob.masked = None
     t = time.perf_counter()
     own = str(Path(cfg.out) / "plan.json")
     out = {}
@@ -356,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         flags = set(case.split("-")[1:])
         if "autotune0" in flags:
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
-        if "noscan" in flags:
-            env["TMP_JAX_MASKED_SCAN"] = "0"
+        if "scan" in flags:
+            env["TMP_JAX_MASKED_SCAN"] = "1"
         if "noprecompile" in flags:
             env["TMP_JAX_PRECOMPILE"] = "0"
         cache = out / f"cache-{case}"

@@ -5,8 +5,8 @@
   (:func:`tmp_jax.problem.refit_levels` equals the re-fits compensation computes), the warm-up then compiles
   nothing and candidates compile nothing, with the teacher's arrays committed to a device (a loaded
   checkpoint) or not (a random init), and the fitness is the one of an evaluator compiled the usual way;
-* Z-Image stacks of identical blocks run as one ``lax.scan`` in the masked program (one block body to compile)
-  with the unrolled loop's numbers;
+* Z-Image stacks of identical blocks, run as one ``lax.scan`` in the masked program (``TMP_JAX_MASKED_SCAN=1``:
+  one block body to compile), give the unrolled loop's numbers;
 * a small checkpoint loads with no compile (its tensors are transposed / cast on the host) and the same values
   as the device path.
 
@@ -99,6 +99,11 @@ def test_a_mismatched_precompile_is_not_used():
     pre = start_precompile(model, batches, None, None, "masked", levels=LEVELS)  # no re-fit tables: another layout
     prob = _problem("zimage", model, batches, pre)
     assert pre.wait() and prob.masked.precompiled is None and prob.masked.program is not pre.program
+    # same layout, but the arrays placed otherwise (committed to the device): the compiled program would not fit
+    pre = start_precompile(model, batches, None, COMP, "masked", levels=LEVELS)
+    placed, _ = _model("zimage", True)
+    prob = _problem("zimage", placed, batches, pre)
+    assert pre.wait() and prob.masked.precompiled is None and prob.masked.program is not pre.program
 
 
 def test_scanned_stacks_equal_the_unrolled_blocks(monkeypatch):
@@ -116,6 +121,8 @@ def test_scanned_stacks_equal_the_unrolled_blocks(monkeypatch):
 
     gs = _genomes(prob.tree, 6, 4)
     monkeypatch.setattr(jax.lax, "scan", counting_scan)
+    monkeypatch.setattr(runner, "SCAN_STACKS", True)
+    prob.masked = MaskedEvaluator(prob.model, prob.tree, prob.refits)  # traced afresh, scanned
     scanned = prob.fitness(gs)
     assert scans  # the masked program traced a scan over the main blocks
     monkeypatch.setattr(runner, "SCAN_STACKS", False)
@@ -143,3 +150,31 @@ def test_small_checkpoint_loads_without_compiles(tmp_path, monkeypatch):
         assert pa == pb
         np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()))
         assert va.get_value().dtype == jnp.float32
+
+
+def test_refit_tables_on_the_host_give_the_same_sliced_fitness(monkeypatch):
+    """Re-fit tables too large for the device stay on the host (numpy; each sub-layer call copies its own
+    consumer in): same fitness as device tables, and after the warm-up no candidate compiles anything."""
+    import tmp_jax.problem as pm
+
+    model, batches = _model("zimage", False)
+    cal = calibrate(model, batches, grams=True)
+    src = {"path": None, "fingerprint": "host", "config": {}}
+
+    def make() -> PruningProblem:
+        return PruningProblem(model, cal, source=src, levels=LEVELS, compensation=COMP, eval_mode="sliced")
+
+    dev = make()
+    # the size estimate the decision uses is exact: the tables refit_levels predicts, at the model's dtype
+    need = sum(int(np.prod(dev.tree.spec.shapes[p])) * len(ks) for p, ks in refit_levels(dev.tree, COMP).items())
+    assert need * 4 == sum(int(np.asarray(v).nbytes) for v in dev.refits.values())
+    assert not pm.refits_on_host(dev.tree, COMP, jnp.float32)  # a CPU backend: its arrays are host memory anyway
+    monkeypatch.setattr(pm, "refits_on_host", lambda *a: True)
+    host = make()
+    assert all(isinstance(v, np.ndarray) for v in host.refits.values())
+    host.warmup(workers=2)
+    gs = _genomes(host.tree, 6, 5)
+    with compile_log() as after:
+        f = host.fitness(gs)
+    assert after == [], after
+    np.testing.assert_allclose(f, dev.fitness(gs), rtol=1e-6, atol=1e-12)
