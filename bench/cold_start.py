@@ -16,6 +16,13 @@ search prints (``[phase] NAME done in S s``), wall time and peak device memory. 
 * ``rescore``    after ``turbo`` and ``turbo-fp32``: both winners' subnetworks scored in one fp32 problem.
 * ``turbo-autotune0``  the cold ``turbo`` case again with ``XLA_FLAGS=--xla_gpu_autotune_level=0``: compile
                 seconds saved vs search throughput lost (evaluations per second of the search phase).
+* ``dit-scan``, ``dit-noprecompile`` (or both: ``dit-scan-noprecompile``): the ``dit`` case with the masked
+                program's identical blocks as one ``lax.scan`` (``TMP_JAX_MASKED_SCAN=1``) and/or its compile left
+                to the warm-up instead of overlapping the calibration (``TMP_JAX_PRECOMPILE=0``): what each buys.
+
+With ``rescore`` in the cases, the ``turbo-fp32`` child also re-scores the plans in its own fp32 problem right
+after its search (the bf16 ``turbo`` winner and its own), which saves the separate child's fp32 load and
+calibration; the ``rescore`` case then runs only if that failed.
 
     python bench/cold_start.py --tiny --out bench-out/cold          # CPU smoke run (~2 min)
     python bench/cold_start.py --out $OUT/cold --cases turbo dit hunyuan
@@ -54,13 +61,16 @@ class _CompileLog(logging.Handler):
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)
         self.compiles: list[tuple[str, float]] = []
+        self.ends: list[float] = []  # when each compile ended (seconds since the child started)
         self.cache_hits = 0
+        self.t0 = time.perf_counter()
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
         m = re.match(r"Finished XLA compilation of (.+) in ([0-9.e-]+) sec", msg)
         if m:
             self.compiles.append((m.group(1), float(m.group(2))))
+            self.ends.append(time.perf_counter() - self.t0)
         elif msg.startswith("Persistent compilation cache hit"):
             self.cache_hits += 1
 
@@ -97,6 +107,8 @@ def _record(h: _CompileLog, t0: float, extra: dict[str, Any]) -> dict[str, Any]:
         "compile_s": round(sum(s for _, s in h.compiles), 2),
         "cache_hits": h.cache_hits,
         "top_programs_s": dict(sorted(top.items(), key=lambda kv: -kv[1])[:12]),
+        # the long compiles as [program, seconds, ended at s]: shows what overlapped what (threads)
+        "timeline": [[n, round(s, 2), round(e, 2)] for (n, s), e in zip(h.compiles, h.ends) if s >= 0.5],
         "peak_gb": _peak_gb(),
         "device": str(jax.devices()[0].device_kind),
         **extra,
@@ -106,11 +118,42 @@ def _record(h: _CompileLog, t0: float, extra: dict[str, Any]) -> dict[str, Any]:
 def child_search(argv: list[str], rec_path: str) -> int:
     h = _instrument()
     t0 = time.perf_counter()
-    from tmp_jax.search import main
+    rescore = [p for p in os.environ.get("COLD_START_RESCORE", "").split(os.pathsep) if p]
+    if not rescore:
+        from tmp_jax.search import main
 
-    rc = main(argv)
-    Path(rec_path).write_text(json.dumps(_record(h, t0, {"rc": rc})))
-    return rc
+        rc = main(argv)
+        Path(rec_path).write_text(json.dumps(_record(h, t0, {"rc": rc})))
+        return rc
+    # the CLI's own steps (tmp_jax.search.main), keeping the problem to re-score plans in it afterwards
+    from search.engine import _build_problem, run
+    from tmp_jax.compile_cache import enable_default
+    from tmp_jax.search import parse_args
+
+    cfg = parse_args(argv)
+    enable_default()
+    prob = _build_problem(cfg)
+    run(cfg, prob)
+    wall = time.perf_counter() - t0
+    # re-scoring materialises each plan from the unpermuted teacher (plan_fitness): drop the permuted copy the
+    # search evaluated on first, so an fp32 Turbo holds one 24.6 GB teacher and the candidate, not two teachers
+    prob.model = prob.masked = None
+    t = time.perf_counter()
+    own = str(Path(cfg.out) / "plan.json")
+    out = {}
+    for p in [*rescore, own]:
+        if Path(p).is_file():
+            plan = json.loads(Path(p).read_text())
+            out[p] = {
+                # re-fitted with this (fp32) problem's Grams when it has them; --no-compensate: plain slices
+                "fitness_in_fp32": prob.plan_fitness(plan, prob.compensation),
+                "fitness_as_searched": plan.get("fitness"),
+                "dtype_searched": plan.get("search", {}).get("dtype"),
+            }
+    rescore_s = round(time.perf_counter() - t, 2)
+    extra = {"rc": 0, "search_cli_wall_s": round(wall, 2), "rescore_s": rescore_s, "rescore": out}
+    Path(rec_path).write_text(json.dumps(_record(h, t0, extra)))
+    return 0
 
 
 def child_hunyuan(tiny: bool, layers: int, rec_path: str) -> int:
@@ -269,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turbo-dir", default=None, help="random Turbo checkpoint folder (default OUT/turbo-random)")
     p.add_argument("--layers", type=int, default=4, help="HunyuanImage layers (full width)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per child run")
+    p.add_argument("--case-timeout", action="append", default=[], help="CASE=SECONDS: another limit for one case")
     p.add_argument("--no-warm", action="store_true", help="cold runs only")
     p.add_argument("--search-args", default="", help="extra turbo search arguments ('--no-compensate'); dit: defaults")
     p.add_argument("--child-record", default=None, help=argparse.SUPPRESS)
@@ -288,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "argv": sys.argv[1:]}
     extra = a.search_args.split()
     turbo = Path(a.turbo_dir) if a.turbo_dir else out / "turbo-random"
+    limits = {k: int(v) for k, v in (x.split("=", 1) for x in a.case_timeout)}
     for case in a.cases:
+        env: dict[str, str] = {}
         if case.startswith("turbo"):
             res["turbo_write_s"] = round(make_turbo(turbo, a.tiny), 1)
             budget = "75%" if a.tiny else "4B"
@@ -296,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
             args += ["--out", str(out / f"search-{case}"), *extra]
             if case.endswith("-fp32"):  # the same search with the teacher and candidates in float32
                 args += ["--dtype", "fp32"]
+                if "rescore" in a.cases:  # and the bf16 winner re-scored in its fp32 problem afterwards
+                    env["COLD_START_RESCORE"] = str(out / "search-turbo" / "plan.json")
         elif case == "rescore":  # after turbo and turbo-fp32: both winners scored in one fp32 problem
+            if res.get("turbo-fp32", {}).get("cold", {}).get("rescore"):
+                res[case] = {"cold": {"outer_wall_s": 0.0, "note": "done in the turbo-fp32 child"}}
+                continue
             plans = [str(out / f"search-{c}" / "plan.json") for c in ("turbo", "turbo-fp32")]
             args = ["rescore", str(turbo), *[p for p in plans if Path(p).is_file()]]
         elif case.startswith("dit"):
@@ -305,13 +356,19 @@ def main(argv: list[str] | None = None) -> int:
             args = [f"hunyuan:{a.layers}" + (":tiny" if a.tiny else "")]
         else:
             raise SystemExit(f"unknown case {case!r}")
-        env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()}
-        env = env if case.endswith("-autotune0") else {}
+        flags = set(case.split("-")[1:])
+        if "autotune0" in flags:
+            env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+        if "scan" in flags:
+            env["TMP_JAX_MASKED_SCAN"] = "1"
+        if "noprecompile" in flags:
+            env["TMP_JAX_PRECOMPILE"] = "0"
         cache = out / f"cache-{case}"
-        runs = {"cold": run_child(args, env, cache, True, a.timeout)}
+        timeout = limits.get(case, a.timeout)
+        runs = {"cold": run_child(args, env, cache, True, timeout)}
         print(f"{case} cold: {json.dumps({k: v for k, v in runs['cold'].items() if k != 'tail'})}", flush=True)
         if not a.no_warm and "-" not in case and case != "rescore":  # variants run cold only
-            runs["warm"] = run_child(args, env, cache, False, a.timeout)
+            runs["warm"] = run_child(args, env, cache, False, timeout)
             print(f"{case} warm: {json.dumps({k: v for k, v in runs['warm'].items() if k != 'tail'})}", flush=True)
         res[case] = runs
         (out / "cold_start.json").write_text(json.dumps(res, indent=1))

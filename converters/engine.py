@@ -445,6 +445,9 @@ def load_into(
     # On the CPU backend the "device" is this host: XLA's transpose measured about as fast as PJRT's
     # transposing copy, plus a compile per shape (docs/benchmarks.md section 2), so auto = host there.
     on_device = transpose_on == "device" or (transpose_on == "auto" and platform != "cpu")
+    # auto: a tensor of at most HOST_PLACE_BYTES is transposed / cast on the host instead (microseconds), since
+    # its device program is a compile per shape (~0.1 s each on a GPU: a small model's load was mostly those)
+    host_below = HOST_PLACE_BYTES if transpose_on == "auto" else -1
     fast = {id(e) for e in table.entries if transpose_on != "legacy" and _is_plain(e)}
     # Reused staging buffers for fast-path tensors whose placement makes a new device buffer (all of
     # them off the CPU; on the CPU, whose device_put adopts aligned host memory, only transposes and
@@ -479,7 +482,8 @@ def load_into(
     for e in table.entries:
         for k, (tdt, tr, sharding) in zip(e.torch_keys, plans.get(id(e), ())):
             src_dt = ST_TO_NP[reader.infos[k].dtype]
-            if tdt != src_dt or (tr and on_device):
+            small = reader.infos[k].end - reader.infos[k].start <= host_below
+            if (tdt != src_dt or (tr and on_device)) and not small:
                 _precompile(_place_key(reader.infos[k].shape, src_dt, tdt, tr, sharding))
 
     index = {id(e): i for i, e in enumerate(table.entries)}
@@ -504,7 +508,7 @@ def load_into(
         for e, src, slots in _read_ahead(table.entries, read_entry, read_ahead):
             if id(e) in fast:
                 for path, raw, slot, (tdt, tr, sharding) in zip(e.flax_paths, src, slots, plans[id(e)]):
-                    filled[path] = _place_plain(raw, tdt, tr, sharding, on_device, slot is not None)
+                    filled[path] = _place_plain(raw, tdt, tr, sharding, on_device, slot is not None, host_below)
                     if slot is not None:
                         stage.done(slot, filled[path])
             else:
@@ -677,8 +681,17 @@ def _precompile(key: tuple) -> Future:
     return fut
 
 
+HOST_PLACE_BYTES = 1 << 20
+
+
 def _place_plain(
-    raw: np.ndarray, dst: np.dtype, transpose: bool, sharding: Any, on_device: bool, staged: bool
+    raw: np.ndarray,
+    dst: np.dtype,
+    transpose: bool,
+    sharding: Any,
+    on_device: bool,
+    staged: bool,
+    host_below: int = -1,
 ) -> jax.Array:
     """Put ``raw`` (PyTorch layout, as stored) on the devices and finish it there.
 
@@ -687,8 +700,12 @@ def _place_plain(
     runs on the device when ``on_device``; otherwise the host-to-device copy itself transposes
     (``device_put`` of the transposed view: on the CPU backend PJRT's tiled transposing copy, with no
     compile). ``staged``: ``raw`` is a reused staging buffer; every output here is a new device buffer
-    (a transpose, a cast or a forced copy), so the buffer is free once the output is ready.
+    (a transpose, a cast or a forced copy), so the buffer is free once the output is ready. A tensor of at most
+    ``host_below`` bytes is transposed and cast on the host into a new array (the same values: numpy's and
+    XLA's float casts both round to nearest even), which saves its device program's compile.
     """
+    if (transpose or raw.dtype != dst) and raw.nbytes <= host_below:
+        return jax.device_put(np.ascontiguousarray(raw.T if transpose else raw).astype(dst), sharding)
     if not transpose and raw.dtype == dst:
         return jax.device_put(_unadoptable(raw, staged, sharding), sharding)
     if transpose and raw.dtype == dst and not on_device:

@@ -30,7 +30,10 @@ The price is full-width FLOPs per candidate, so only small teachers use it by de
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import Any
@@ -61,10 +64,16 @@ class MaskLayout:
 
     @classmethod
     def build(cls, tree: Tree, refits: Refits | None = None) -> MaskLayout:
-        groups, gates, consumers = [], [], []
         levels: dict[PathT, list[int]] = {}
         for path, k in refits or {}:
             levels.setdefault(path, []).append(int(k))
+        return cls.from_levels(tree, levels)
+
+    @classmethod
+    def from_levels(cls, tree: Tree, levels: dict[PathT, Sequence[int]]) -> MaskLayout:
+        """The layout of re-fits at the kept counts ``levels`` (consumer path -> counts): only the keys of the
+        re-fit table matter, so the layout (and the program) is known before the re-fits are computed."""
+        groups, gates, consumers = [], [], []
         for n in tree.spec.nodes():
             if n.units or n.droppable:
                 gates.append(n.name)
@@ -120,9 +129,18 @@ def refit_tables(model: Any, layout: MaskLayout, refits: Refits | None) -> tuple
     out = []
     for path, _, _, ks in layout.consumers:
         orig = flat[path]
+        if orig.nbytes * (1 + len(ks)) <= HOST_TABLE_BYTES:
+            # stacked on the host and placed once, where the consumer is (committed iff it is, as a device stack
+            # would be): the same values without a stack and a convert program to compile per consumer shape
+            host = np.stack([np.asarray(orig), *(np.asarray(refits[(path, k)]).astype(orig.dtype) for k in ks)])  # type: ignore[index]
+            out.append(jax.device_put(host, orig.sharding if getattr(orig, "_committed", False) else None))
+            continue
         rows = [jnp.asarray(refits[(path, k)], orig.dtype) for k in ks]  # type: ignore[index]
         out.append(jnp.stack([orig, *rows]))
     return tuple(out)
+
+
+HOST_TABLE_BYTES = 64 << 20  # re-fit tables up to this size are built on the host (:func:`refit_tables`)
 
 
 def _swap_consumers(state: nnx.State, layout: MaskLayout, tables: tuple, slots: jax.Array) -> nnx.State:
@@ -190,23 +208,132 @@ def split_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
     return arrays, static
 
 
+def _abstract(x: Any) -> Any:
+    """An array ``x`` as the argument a jitted call keys its compile on: shape, dtype, weak type, and its
+    sharding only where it is committed (an uncommitted array and an abstract one without a sharding lower
+    alike); anything else as is."""
+    if not isinstance(x, jax.Array):
+        return x
+    sharding = x.sharding if getattr(x, "_committed", False) else None
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type, sharding=sharding)
+
+
+def abstract_tables(leaves_by_path: dict[PathT, Any], layout: MaskLayout) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """What :func:`refit_tables` will return for ``layout``, abstractly: per consumer ``[1 + levels, *shape]``
+    in the consumer's dtype, placed like it (a stack with a committed array is committed to its device)."""
+    out = []
+    for path, _, _, ks in layout.consumers:
+        x = _abstract(leaves_by_path[path])
+        out.append(jax.ShapeDtypeStruct((1 + len(ks), *x.shape), x.dtype, sharding=x.sharding))
+    return tuple(out)
+
+
+class Precompile:
+    """The masked program of a teacher, compiled ahead of time on a background thread before its evaluator
+    exists (:func:`tmp_jax.problem.build_problem` starts it when loading ends, so the compile overlaps the
+    calibration, which it does not depend on: the program needs the re-fit tables' SHAPES, known from the tree
+    and the width levels, not their values).
+
+    ``levels``: consumer path -> the kept counts it will have re-fits at (:meth:`MaskLayout.from_levels`);
+    ``jobs``: (forward hook, prepared inputs) per distinct (task, input shapes). A :class:`MaskedEvaluator` built
+    with it runs :attr:`program` when its own graph, state structure and layout are the same (the permuted
+    teacher's are the teacher's), and waits for :attr:`future` before compiling or running anything itself, so
+    the program is compiled once. A failed background compile (say, out of device memory beside the
+    calibration) is not an error: the evaluator then compiles in the warm-up as it would without it."""
+
+    def __init__(
+        self,
+        model: Any,
+        tree: Tree,
+        levels: dict[PathT, Sequence[int]],
+        jobs: Sequence[tuple[Callable[..., Any], dict[str, Any]]],
+        batch: int | None = None,
+    ):
+        self.layout = MaskLayout.from_levels(tree, levels)
+        gd, state = nnx.split(model)  # on the caller's thread: calibration flips module flags while it runs
+        leaves, self.treedef = jax.tree.flatten(state)
+        self.gd = gd
+        self.program = make_program(gd, self.treedef, self.layout)
+        self.batch = default_batch() if batch is None else max(1, int(batch))
+        flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        self.abstract = abstract = [_abstract(x) for x in leaves]
+        self.tables = tables = abstract_tables(flat, self.layout)
+        row = self.layout.data(tree, tree.full_assignment())
+        data = {k: np.stack([v] * self.batch) for k, v in row.items()}
+        args = [(fwd, split_inputs(inputs)) for fwd, inputs in jobs]
+        self.future: Future = Future()
+        self.seconds = 0.0  # wall time of the background compile (reported by the bench)
+
+        def work() -> None:
+            import time
+
+            t0 = time.perf_counter()
+            try:
+                for fwd, (arrays, static) in args:
+                    dev = jax.device_put(arrays)  # as the evaluator will hold them: uncommitted device arrays
+                    self.program.lower(fwd, static, self.batch > 1, abstract, tables, data, dev).compile()
+            except BaseException as e:  # noqa: BLE001 - reported through the future, never raised on this thread
+                self.seconds = time.perf_counter() - t0
+                self.future.set_exception(e)
+                return
+            self.seconds = time.perf_counter() - t0
+            self.future.set_result(None)
+
+        threading.Thread(target=work, name="masked-precompile", daemon=True).start()
+
+    def serves(self, gd: Any, treedef: Any, layout: MaskLayout, batch: int, leaves: list, tables: tuple) -> bool:
+        """Whether an evaluator of this graph, state structure, layout and batch runs the precompiled program, and
+        calls it with arguments of the compiled shapes, dtypes and placements (else its calls would compile
+        anew under the same program)."""
+        if (batch, layout, treedef) != (self.batch, self.layout, self.treedef) or gd != self.gd:
+            return False
+        return [_abstract(x) for x in leaves] == self.abstract and tuple(_abstract(t) for t in tables) == self.tables
+
+    def wait(self) -> bool:
+        """Block until the background compile has ended; whether it succeeded."""
+        return self.future.exception() is None
+
+
 class MaskedEvaluator:
     """The masked program of a PERMUTED teacher: candidates' outputs per micro-batch, ``batch`` per call.
 
     Holds the teacher's state, the re-fit tables and the device copies of the micro-batches it has seen (the
-    calibration set is fixed: each is transferred once)."""
+    calibration set is fixed: each is transferred once). ``precompiled``: a :class:`Precompile` of this
+    teacher, whose program it runs if it is the same one."""
 
-    def __init__(self, model: Any, tree: Tree, refits: Refits | None = None, batch: int | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tree: Tree,
+        refits: Refits | None = None,
+        batch: int | None = None,
+        precompiled: Precompile | None = None,
+    ):
         if getattr(model.config, "is_pruned", False) or getattr(model.config, "layers_kept", None) is not None:
             raise ValueError("masked evaluation runs candidates of the UNPRUNED (permuted) teacher")
         self.tree = tree
         self.layout = MaskLayout.build(tree, refits)
         gd, state = nnx.split(model)
         self.leaves, treedef = jax.tree.flatten(state)
-        self.program = make_program(gd, treedef, self.layout)
-        self.tables = refit_tables(model, self.layout, refits)
         self.batch = default_batch() if batch is None else max(1, int(batch))
+        self.tables = refit_tables(model, self.layout, refits)
+        self.precompiled: Precompile | None = None  # the background compile this evaluator still has to wait for
+        if precompiled is not None and precompiled.serves(
+            gd, treedef, self.layout, self.batch, self.leaves, self.tables
+        ):
+            self.program, self.precompiled = precompiled.program, precompiled
+        else:
+            self.program = make_program(gd, treedef, self.layout)
         self._inputs: dict[int, tuple[dict, tuple]] = {}
+
+    def _await_precompile(self) -> None:
+        """Let a background compile of this program end before compiling or running it here (else both would
+        compile it: jit does not share a compile in flight)."""
+        if self.precompiled is not None:
+            if not self.precompiled.wait():  # compiled here instead; say why, since only time would tell
+                err = self.precompiled.future.exception()
+                warnings.warn(f"background compile of the masked program failed: {err}", stacklevel=3)
+            self.precompiled = None
 
     def data(self, assignments: Sequence[Assignment]) -> MaskData:
         """The stacked decision vectors of ``assignments`` (leading candidate axis)."""
@@ -222,6 +349,7 @@ class MaskedEvaluator:
     def run(self, forward: Callable[..., Any], data: MaskData, key: int, inputs: dict[str, Any]) -> np.ndarray:
         """Outputs [candidates, *output] of the candidates ``data`` on micro-batch ``key`` (``inputs``), in
         calls of ``batch`` candidates (the last one padded by repeating its final candidate)."""
+        self._await_precompile()
         arrays, static = self._device_inputs(key, inputs)
         n, b = len(data["counts"]), self.batch
         outs = []

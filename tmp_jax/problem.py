@@ -25,6 +25,7 @@ on the CPU, where full-width FLOPs are not free). Each micro-batch runs through 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,11 +48,12 @@ from tmp_jax.calibration import (
     load_calib,
     order_from_scores,
     parse_task_weights,
+    prepare,
     select_tasks,
 )
-from tmp_jax.compensate import Compensation, CompensationConfig, gram_stats
+from tmp_jax.compensate import Compensation, CompensationConfig, consumer_slice, gram_stats
 from tmp_jax.dtypes import jnp_dtype, model_dtype
-from tmp_jax.masked_eval import MaskedEvaluator
+from tmp_jax.masked_eval import MaskedEvaluator, Precompile
 from tmp_jax.materialize import Refits, materialize, permute
 from tmp_jax.progress import progress_bar
 from tmp_jax.trajectory import error_weights, guided_view
@@ -121,6 +123,75 @@ def warmup_genomes(tree: Tree, data_kinds: frozenset[str] | set[str] = frozenset
     return out
 
 
+def resolve_eval_mode(mode: str, hooks: arch.ArchHooks, tasks: Any, n_params: int) -> str:
+    """``auto`` -> ``masked`` when one of the weighted ``tasks`` has ``forward_masked`` and the teacher has fewer
+    than :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU` on the CPU), else ``sliced``.
+    Explicit ``masked`` needs such a task."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got {mode!r}")
+    has = [t for t in tasks if hooks.for_task(t).forward_masked is not None]
+    if mode == "masked" and not has:
+        raise ValueError(f"eval_mode masked: arch {hooks.name!r} has no masked forward for task(s) {', '.join(tasks)}")
+    if mode == "auto":
+        limit = MASKED_MAX_PARAMS_CPU if jax.default_backend() == "cpu" else MASKED_MAX_PARAMS
+        return "masked" if has and n_params < limit else "sliced"
+    return mode
+
+
+def shape_representatives(inputs: list[dict[str, Any]]) -> list[int]:
+    """One index per distinct (task, shapes of the array inputs, nested ones included) of prepared micro-batches:
+    a program depends on its input shapes, not on their values, so warming these up covers every micro-batch."""
+    seen: dict[tuple, int] = {}
+    for i, inp in enumerate(inputs):
+        leaves = jax.tree_util.tree_flatten_with_path({k: v for k, v in inp.items() if k != "task"})[0]
+        shapes = tuple((jax.tree_util.keystr(p), np.shape(v)) for p, v in leaves if hasattr(v, "shape"))
+        seen.setdefault((inp.get("task"), shapes), i)
+    return sorted(seen.values())
+
+
+def refit_levels(tree: Tree, compensation: CompensationConfig | None) -> dict[tuple, list[int]]:
+    """Consumer path -> the kept counts compensation will re-fit it at (the keys of
+    :attr:`PruningProblem.refits`), from the tree alone: every group with a consumer slice gets a Gram, and
+    :meth:`~tmp_jax.compensate.Compensation.level_counts` names the counts below full of the genes acting on
+    it. What the masked program's layout needs before calibration (:class:`tmp_jax.masked_eval.Precompile`);
+    an architecture that sows fewer Grams gets another layout, and its program compiles in the warm-up."""
+    if compensation is None:
+        return {}
+    groups = {(n.name, u.kind): None for n in tree.spec.nodes() for u in n.units if consumer_slice(u) is not None}
+    comp = Compensation(groups, compensation)
+    counts = comp.level_counts(tree)
+    out = {}
+    for path, (node, kind, _, _) in comp.consumers(tree).items():
+        if counts.get((node, kind)):
+            out[path] = counts[(node, kind)]
+    return out
+
+
+# Compensated pruning evaluates every candidate with its consumers re-fitted at its widths, from a table of one
+# full-size consumer per (consumer, width level): at full Z-Image-Turbo size 68 consumers x 7 levels, 12.9e9
+# elements, 25.7 GB in bf16 and 51.5 GB in fp32, next to the teacher and its permuted copy (2 x 24.6 GB in
+# fp32). Tables larger than this fraction of the device memory left free keep to the host instead.
+REFITS_DEVICE_FRACTION = 0.5
+
+
+def refits_on_host(tree: Tree, compensation: CompensationConfig | None, dtype: Any) -> bool:
+    """Whether the re-fit tables of ``tree`` (:func:`refit_levels`, in ``dtype``) are kept on the host: they
+    exceed :data:`REFITS_DEVICE_FRACTION` of the default device's free memory (never on a CPU, whose arrays are
+    host memory anyway, or on a backend that keeps no memory statistics)."""
+    if jax.default_backend() == "cpu":
+        return False
+    try:
+        st = jax.devices()[0].memory_stats() or {}
+        jax.devices("cpu")
+    except Exception:  # noqa: BLE001 - no statistics, or no CPU backend to build them on: keep them on the device
+        return False
+    if "bytes_limit" not in st:
+        return False
+    need = sum(int(np.prod(tree.spec.shapes[p])) * len(ks) for p, ks in refit_levels(tree, compensation).items())
+    free = int(st["bytes_limit"]) - int(st.get("bytes_in_use", 0))
+    return need * np.dtype(dtype).itemsize > REFITS_DEVICE_FRACTION * free
+
+
 def warmup_workers() -> int:
     """Threads compiling warm-up programs side by side: ``TMP_JAX_COMPILE_WORKERS``, else up to 8 (one per
     core). XLA compiles without the GIL, so programs of different shapes compile in parallel."""
@@ -139,6 +210,7 @@ class PruningProblem:
         compensation: CompensationConfig | None = None,
         eval_mode: str = "auto",
         masked_batch: int | None = None,
+        precompiled: Precompile | None = None,
     ):
         """``task_weights``: {task: weight} for the fitness (normalised to sum 1; default: the calibration's
         weights, else equal over the tasks of its micro-batches). Every weighted task needs micro-batches.
@@ -150,7 +222,8 @@ class PruningProblem:
 
         ``eval_mode``: ``"sliced"``, ``"masked"`` or ``"auto"`` (module docstring; the mode in use is
         :attr:`eval_mode`). ``masked_batch``: candidates per masked call
-        (default :func:`tmp_jax.masked_eval.default_batch`)."""
+        (default :func:`tmp_jax.masked_eval.default_batch`). ``precompiled``: the masked program of this
+        teacher, compiling since before calibration (:func:`build_problem`); used when it is the same program."""
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got {eval_mode!r}")
         self.arch = model.ARCH
@@ -171,7 +244,13 @@ class PruningProblem:
         if self.compensation is not None:
             self._comp_perm = self.compensation.permuted(self.tree, self.order)
             dtype = next(iter(_params(self.model, self.compensation.consumers(self.tree)).values())).dtype
-            self.refits = self.compensation.level_refits(self.tree, self._snapshots, self.order, dtype)
+            host = refits_on_host(self.tree, compensation, dtype)
+            # on the host: built on the CPU device (never all on the accelerator at once), kept as numpy arrays,
+            # which every jitted sub-layer call copies in for its own consumer (same shapes and programs)
+            with jax.default_device(jax.devices("cpu")[0]) if host else contextlib.nullcontext():
+                self.refits = self.compensation.level_refits(self.tree, self._snapshots, self.order, dtype)
+            if host:
+                self.refits = {k: np.asarray(v) for k, v in self.refits.items()}
             self._snapshots = {}
         self.calib = calib
         self._targets: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # micro-batch -> compared teacher output, weights
@@ -189,21 +268,11 @@ class PruningProblem:
         self.eval_mode = self._resolve_eval_mode(eval_mode)
         self.masked: MaskedEvaluator | None = None
         if self.eval_mode == "masked":
-            self.masked = MaskedEvaluator(self.model, self.tree, self.refits, masked_batch)
+            self.masked = MaskedEvaluator(self.model, self.tree, self.refits, masked_batch, precompiled)
 
     def _resolve_eval_mode(self, mode: str) -> str:
-        """``auto`` -> ``masked`` when a weighted task has ``forward_masked`` and the teacher has fewer than
-        :data:`MASKED_MAX_PARAMS` parameters (:data:`MASKED_MAX_PARAMS_CPU` on the CPU), else ``sliced``.
-        Explicit ``masked`` needs such a task."""
-        has = [t for t in self.task_weights if self.hooks.for_task(t).forward_masked is not None]
-        if mode == "masked" and not has:
-            raise ValueError(
-                f"eval_mode masked: arch {self.arch!r} has no masked forward for task(s) {', '.join(self.task_weights)}"
-            )
-        if mode == "auto":
-            limit = MASKED_MAX_PARAMS_CPU if jax.default_backend() == "cpu" else MASKED_MAX_PARAMS
-            return "masked" if has and self.tree.full["params"] < limit else "sliced"
-        return mode
+        """:func:`resolve_eval_mode` for this problem's weighted tasks and teacher size."""
+        return resolve_eval_mode(mode, self.hooks, list(self.task_weights), self.tree.full["params"])
 
     def _masked_hook(self, inputs: dict) -> Any:
         """The masked forward of ``inputs``' task, or None (sliced mode, or a task without one)."""
@@ -300,15 +369,9 @@ class PruningProblem:
         return self.compile_count()
 
     def _shape_representatives(self) -> list[int]:
-        """One calibration micro-batch index per distinct (task, shapes of its array inputs, nested ones
-        included): the warm-up runs only these, since a program depends on its input shapes, not on their
-        values."""
-        seen: dict[tuple, int] = {}
-        for i, inputs in enumerate(self.calib.inputs):
-            leaves = jax.tree_util.tree_flatten_with_path({k: v for k, v in inputs.items() if k != "task"})[0]
-            shapes = tuple((jax.tree_util.keystr(p), np.shape(v)) for p, v in leaves if hasattr(v, "shape"))
-            seen.setdefault((inputs.get("task"), shapes), i)
-        return sorted(seen.values())
+        """One calibration micro-batch index per distinct (task, input shapes): the warm-up runs only these
+        (:func:`shape_representatives`)."""
+        return shape_representatives(self.calib.inputs)
 
     def n_samples_total(self) -> int:
         return sum(int(t.shape[0]) for t in self.calib.teacher)
@@ -514,6 +577,9 @@ def build_problem(
     tw = compensation.timestep_weight if compensation is not None else "uniform"
     # the teacher pass, then what is derived from its statistics (importance; the OBS order and re-fits)
     with phase("calibration", enabled=phases):
+        # masked evaluation's one program does not depend on the calibration's results, only on shapes known
+        # now: it compiles on a background thread while the teacher pass and the OBS re-fits run
+        pre = start_precompile(m_obj, batches, weights, compensation, eval_mode, msh)
         cal = calibrate(
             m_obj,
             batches,
@@ -526,10 +592,48 @@ def build_problem(
             gram_timestep_weight=tw,
         )
         prob = PruningProblem(
-            m_obj, cal, source=source, task_weights=weights, compensation=compensation, eval_mode=eval_mode
+            m_obj,
+            cal,
+            source=source,
+            task_weights=weights,
+            compensation=compensation,
+            eval_mode=eval_mode,
+            precompiled=pre,
         )
     prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from
     return prob
+
+
+def start_precompile(
+    model: Any,
+    batches: list[dict[str, Any]],
+    weights: dict[str, float] | None,
+    compensation: CompensationConfig | None,
+    eval_mode: str,
+    mesh: Any = None,
+    levels: dict | None = None,
+) -> Precompile | None:
+    """Start compiling the masked program of ``model`` on a background thread (:class:`Precompile`) when the
+    problem :func:`build_problem` is about to calibrate will evaluate masked; None otherwise (sliced
+    evaluation; a mesh, whose input placement the program would be keyed on; ``TMP_JAX_PRECOMPILE=0``, which
+    leaves the compile to the warm-up as before). The layout is predicted from the tree
+    (:func:`refit_levels`); the program is compiled for one micro-batch per distinct (task, input shapes).
+    ``levels``: the width levels the problem will be built with (:class:`PruningProblem`'s)."""
+    if mesh is not None or os.environ.get("TMP_JAX_PRECOMPILE", "1") == "0":
+        return None
+    hooks = arch.get(model.ARCH)
+    tree = Tree(hooks.build_spec(model.config), levels)
+    present = list(dict.fromkeys(hooks.batch_task(b) for b in batches))
+    tasks = list(weights) if weights else present
+    if resolve_eval_mode(eval_mode, hooks, tasks, tree.full["params"]) != "masked":
+        return None
+    inputs = [prepare(hooks, model.config, b) for b in batches]
+    jobs = []
+    for i in shape_representatives(inputs):
+        fwd = hooks.for_task(inputs[i]["task"]).forward_masked
+        if fwd is not None:
+            jobs.append((fwd, inputs[i]))
+    return Precompile(model, tree, refit_levels(tree, compensation), jobs) if jobs else None
 
 
 def _teacher_and_set(

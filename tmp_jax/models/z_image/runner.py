@@ -12,6 +12,7 @@ the whole teacher at full width with the candidate's head / channel masks and br
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -288,23 +289,32 @@ def forward_pruned(
 # Masked candidate evaluation: the whole permuted teacher at full width, the decisions as runtime data
 
 
-def masked_block(
+def block_masks(blk: ZImageTransformerBlock, name: str, m: MaskView) -> dict[str, jax.Array]:
+    """Candidate ``m``'s decisions for block ``name`` (``stack.index``): head / FFN-channel 0/1 masks and the
+    two sub-layers' 0/1 gates (only for the sub-layers the block has)."""
+    out = {}
+    if blk.attention is not None:
+        out["heads"], out["attn_gate"] = m.keep(f"{name}.attention", "heads"), m.gate(f"{name}.attention")
+    if blk.feed_forward is not None:
+        out["ffn"], out["ffn_gate"] = m.keep(f"{name}.feed_forward", "ffn"), m.gate(f"{name}.feed_forward")
+    return out
+
+
+def masked_block_with(
     blk: ZImageTransformerBlock,
-    name: str,
-    m: MaskView,
+    masks: dict[str, jax.Array],
     x: jax.Array,
     mask: jax.Array | None,
     cos: jax.Array,
     sin: jax.Array,
     c: Any,
 ) -> jax.Array:
-    """Block ``name`` (``stack.index``) of the permuted teacher as candidate ``m`` has it: the first kept heads'
-    outputs before ``to_out`` and the first kept FFN channels before ``w2`` (0/1 masks), each branch's whole
-    residual contribution (adaLN gate and post-norm included) times its sub-layer's 0/1 gate, so a skipped
-    sub-layer or dropped block (whose sub-layers are dropped with it) is exactly the identity."""
+    """One block of the permuted teacher under the decisions ``masks`` (:func:`block_masks`): the first kept
+    heads' outputs before ``to_out`` and the first kept FFN channels before ``w2`` (0/1 masks), each branch's
+    whole residual contribution (adaLN gate and post-norm included) times its sub-layer's 0/1 gate, so a
+    skipped sub-layer or dropped block (whose sub-layers are dropped with it) is exactly the identity."""
     s_msa, g_msa, s_mlp, g_mlp = blk.modulation_terms(c)
     if blk.attention is not None:
-        node = f"{name}.attention"
         x = attn_branch(
             blk.attention,
             blk.attention_norm1,
@@ -315,11 +325,10 @@ def masked_block(
             sin,
             s_msa,
             g_msa,
-            head_mask=m.keep(node, "heads"),
-            keep=m.gate(node),
+            head_mask=masks["heads"],
+            keep=masks["attn_gate"],
         )
     if blk.feed_forward is not None:
-        node = f"{name}.feed_forward"
         x = ffn_branch(
             blk.feed_forward,
             blk.ffn_norm1,
@@ -327,10 +336,33 @@ def masked_block(
             x,
             s_mlp,
             g_mlp,
-            channel_mask=m.keep(node, "ffn"),
-            keep=m.gate(node),
+            channel_mask=masks["ffn"],
+            keep=masks["ffn_gate"],
         )
     return x
+
+
+def masked_block(
+    blk: ZImageTransformerBlock,
+    name: str,
+    m: MaskView,
+    x: jax.Array,
+    mask: jax.Array | None,
+    cos: jax.Array,
+    sin: jax.Array,
+    c: Any,
+) -> jax.Array:
+    """Block ``name`` (``stack.index``) of the permuted teacher as candidate ``m`` has it
+    (:func:`masked_block_with` of :func:`block_masks`)."""
+    return masked_block_with(blk, block_masks(blk, name, m), x, mask, cos, sin, c)
+
+
+# TMP_JAX_MASKED_SCAN=1: masked stacks of identical blocks run as one lax.scan over their stacked parameters,
+# so the program holds ONE block body (embedded DiT: 156 fusions in XLA:CPU's optimised module instead of 249).
+# Off by default: on the CPU it did not pay (2-core development machine, 2026-12-06, three interleaved pairs:
+# compile 7.8-9.9 s scanned vs 5.9-6.8 s unrolled, same run time); on a GPU, where the unrolled program took 25 s
+# to compile, it is not measured yet (bench/cold_start.py --cases dit-scan).
+SCAN_STACKS = os.environ.get("TMP_JAX_MASKED_SCAN", "0") == "1"
 
 
 def masked_stack(
@@ -343,9 +375,29 @@ def masked_stack(
     sin: jax.Array,
     c: Any,
 ) -> jax.Array:
-    """Every block of ``stack`` through :func:`masked_block` (the teacher is unpruned: position == index)."""
-    for b, blk in zip(model.config.stack(stack), getattr(model, stack)):
-        x = masked_block(blk, f"{stack}.{b.index}", m, x, mask, cos, sin, c)
+    """Every block of ``stack`` through :func:`masked_block` (the teacher is unpruned: position == index).
+
+    With :data:`SCAN_STACKS`, two or more blocks of one structure (an unpruned teacher's stack: same widths,
+    same modulation) go through one ``lax.scan``: their parameters and decisions are stacked on a leading axis
+    and the scan body is one block, so the program holds one block however deep the stack is. Same arithmetic
+    per block as the unrolled loop."""
+    blocks = list(getattr(model, stack))
+    names = [f"{stack}.{b.index}" for b in model.config.stack(stack)]
+    if SCAN_STACKS and len(blocks) > 1:
+        parts = [nnx.split(blk) for blk in blocks]
+        gd = parts[0][0]
+        if all(p[0] == gd for p in parts[1:]):
+            params = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[1] for p in parts])
+            decisions = [block_masks(blk, n, m) for blk, n in zip(blocks, names)]
+            masks = jax.tree.map(lambda *xs: jnp.stack(xs), *decisions)
+
+            def body(h: jax.Array, per: tuple) -> tuple[jax.Array, None]:
+                st, mk = per
+                return masked_block_with(nnx.merge(gd, st), mk, h, mask, cos, sin, c), None
+
+            return jax.lax.scan(body, x, (params, masks))[0]
+    for blk, name in zip(blocks, names):
+        x = masked_block(blk, name, m, x, mask, cos, sin, c)
     return x
 
 
