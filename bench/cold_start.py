@@ -16,6 +16,8 @@ search prints (``[phase] NAME done in S s``), wall time and peak device memory. 
 * ``rescore``    after ``turbo`` and ``turbo-fp32``: both winners' subnetworks scored in one fp32 problem.
 * ``turbo-autotune0``  the cold ``turbo`` case again with ``XLA_FLAGS=--xla_gpu_autotune_level=0``: compile
                 seconds saved vs search throughput lost (evaluations per second of the search phase).
+* ``dit-noised``: the ``dit`` case on the old built-in calibration set (``--calib-source noised``: no teacher
+                trajectory to sample, 32 instead of 120 calibration samples).
 * ``dit-scan``, ``dit-noprecompile`` (or both: ``dit-scan-noprecompile``): the ``dit`` case with the masked
                 program's identical blocks as one ``lax.scan`` (``TMP_JAX_MASKED_SCAN=1``) and/or its compile left
                 to the warm-up instead of overlapping the calibration (``TMP_JAX_PRECOMPILE=0``): what each buys.
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             args = ["rescore", str(turbo), *[p for p in plans if Path(p).is_file()]]
         elif case.startswith("dit"):
             args = ["--model", "zimage-fmnist", "--budget", "50%", "--out", str(out / f"search-{case}")]
+            if "noised" in case.split("-")[1:]:  # the old built-in set (no sampler trajectory to record)
+                args += ["--calib-source", "noised"]
         elif case == "hunyuan":
             args = [f"hunyuan:{a.layers}" + (":tiny" if a.tiny else "")]
         else:
