@@ -18,8 +18,9 @@ search prints (``[phase] NAME done in S s``), wall time and peak device memory. 
                 seconds saved vs search throughput lost (evaluations per second of the search phase).
 * ``dit-noised``: the ``dit`` case on the old built-in calibration set (``--calib-source noised``: no teacher
                 trajectory to sample, 32 instead of 120 calibration samples).
-* ``dit-scan``, ``dit-noprecompile`` (or both: ``dit-scan-noprecompile``): the ``dit`` case with the masked
-                program's identical blocks as one ``lax.scan`` (``TMP_JAX_MASKED_SCAN=1``) and/or its compile left
+* ``dit-scan`` / ``dit-noscan``, ``dit-noprecompile`` (or combined: ``dit-noscan-noprecompile``): the ``dit``
+                case with the masked program's identical blocks forced to one ``lax.scan`` (``TMP_JAX_MASKED_SCAN=1``;
+                the default on accelerators) or unrolled (``=0``; the CPU default), and/or its compile left
                 to the warm-up instead of overlapping the calibration (``TMP_JAX_PRECOMPILE=0``): what each buys.
 
 With ``rescore`` in the cases, the ``turbo-fp32`` child also re-scores the plans in its own fp32 problem right
@@ -363,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         flags = set(case.split("-")[1:])
         if "autotune0" in flags:
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
-        if "scan" in flags:
-            env["TMP_JAX_MASKED_SCAN"] = "1"
+        if "scan" in flags or "noscan" in flags:  # the default: scanned on accelerators, unrolled on the CPU
+            env["TMP_JAX_MASKED_SCAN"] = "1" if "scan" in flags else "0"
         if "noprecompile" in flags:
             env["TMP_JAX_PRECOMPILE"] = "0"
         cache = out / f"cache-{case}"

@@ -102,3 +102,37 @@ def test_embedded_default_is_the_trajectory(monkeypatch):
     assert len(noised) == 4 and not any("cfg_guidance" in b for b in noised)
     with pytest.raises(ValueError, match="--calib-source must be one of trajectory, noised"):
         pm._teacher_and_set("zimage-fmnist", None, "fp32", None, 8, 0, "bogus")
+
+
+def test_shipped_states_belong_to_the_embedded_teachers(tmp_path):
+    """The embedded teachers ship their sampler states (no sampler compile on a first run); they are used only
+    for the checkpoint and settings they were made with."""
+    import json
+
+    from tmp_jax.problem import fingerprint
+    from tmp_jax.trajectory import GUIDANCE, STEPS, default_states_file, sampled_states, write_states
+
+    for name in ("zimage-fmnist", "hunyuan-fmnist"):
+        model, path, _ = _load_model(name, "fp32")
+        key = fingerprint(path, model.config.to_hf_config())
+        with np.load(default_states_file(name), allow_pickle=False) as z:
+            meta, states = json.loads(str(z["meta"])), z["states"]
+        assert meta == {
+            "n_labels": 10,
+            "steps": STEPS,
+            "guidance": GUIDANCE,
+            "shift": 1.0,
+            "seed": 1234,
+            "teacher": key,
+        }
+        assert states.shape == (10, STEPS, 4, 14, 14)
+        assert abs(float(states[:, 0].std()) - 1.0) < 0.05  # sigma = 1: the initial Gaussian noise
+    # another teacher's key (or other settings): the stored states are not used
+    fake = tmp_path / "s.npz"
+    write_states(
+        fake,
+        np.zeros((2, 3, 4, 14, 14)),
+        {"n_labels": 2, "steps": 3, "guidance": 2.0, "shift": 1.0, "seed": 5, "teacher": "other"},
+    )
+    got = sampled_states(model, n_labels=2, steps=3, guidance=2.0, shift=1.0, seed=5, teacher_key="mine", cache=fake)
+    assert np.abs(got).sum() > 0

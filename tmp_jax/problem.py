@@ -733,9 +733,11 @@ def _embedded_calib(model: Any, path: Path | None, source: str = "trajectory", n
         return None
     hooks = arch.get(model.ARCH)
     if source == "trajectory" and hooks.guided_batch is not None:
-        from tmp_jax.trajectory import trajectory_calib
+        from tmp_jax.trajectory import default_states_file, trajectory_calib
 
-        return trajectory_calib(model)
+        # the shipped sampler states when they belong to this checkpoint (else sampled: a sampler compile)
+        key = fingerprint(path, model.config.to_hf_config())
+        return trajectory_calib(model, teacher_key=key, cache=default_states_file(path.name))
     if hooks.training_batch is None:
         return None
     return [hooks.training_batch(model.config, None, 8, 1234, i) for i in range(n_batches)]

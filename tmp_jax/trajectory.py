@@ -22,6 +22,12 @@ compensation re-fits what the sampler feeds the model.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +48,50 @@ def step_weights(kind: str, sigma: np.ndarray) -> np.ndarray:
     return (w / max(float(w.mean()), 1e-30)).astype(np.float32)
 
 
+def sampled_states(
+    model: Any,
+    *,
+    n_labels: int,
+    steps: int,
+    guidance: float,
+    shift: float,
+    seed: int,
+    teacher_key: str | None = None,
+    cache: str | Path | None = None,
+) -> np.ndarray:
+    """The teacher's sampler states [n_labels, steps, C, H, W] (classes ``0..9`` in turn): read from ``cache`` (an
+    ``.npz`` written by :func:`write_states`) when it was made by the same teacher (``teacher_key``, e.g. the
+    checkpoint fingerprint) with the same settings, else sampled (a sampler compile and ``steps`` CFG forwards)."""
+    from tmp_jax.sampling import sample_latents
+
+    want = _states_meta(n_labels, steps, guidance, shift, seed, teacher_key)
+    if cache is not None and teacher_key is not None and Path(cache).is_file():
+        with np.load(cache, allow_pickle=False) as z:  # numpy arrays and a JSON string only, never pickles
+            if json.loads(str(z["meta"])) == want:
+                return np.asarray(z["states"], np.float32)
+    labels = np.arange(n_labels) % 10
+    _, states = sample_latents(model, labels, seed=seed, steps=steps, guidance=guidance, shift=shift, record=True)
+    return states
+
+
+def _states_meta(n_labels: int, steps: int, guidance: float, shift: float, seed: int, key: str | None) -> dict:
+    return {"n_labels": n_labels, "steps": steps, "guidance": guidance, "shift": shift, "seed": seed, "teacher": key}
+
+
+def write_states(path: str | Path, states: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write sampler states and their settings (:func:`sampled_states`' cache) atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, states=np.asarray(states, np.float32), meta=np.array(json.dumps(meta)))
+        os.chmod(tmp, 0o644)  # a package asset: readable by everyone (mkstemp makes it private)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def trajectory_calib(
     model: Any,
     *,
@@ -52,6 +102,8 @@ def trajectory_calib(
     seed: int = 1234,
     pairs_per_batch: int = 10,
     step_weight: str = "sigma",
+    teacher_key: str | None = None,
+    cache: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """The teacher's CFG sampler states as calibration micro-batches (module docstring).
 
@@ -59,8 +111,9 @@ def trajectory_calib(
     ``guidance``; every state before a step (``steps`` per sample, sigma = 1 first) becomes one
     conditional/unconditional pair. Pairs are ordered sample-major, so each micro-batch of
     ``pairs_per_batch`` pairs spans the whole sigma grid (a low-fidelity fitness on the first micro-batches
-    still sees the first step)."""
-    from tmp_jax.sampling import sample_latents, sigma_schedule
+    still sees the first step). ``cache`` / ``teacher_key``: stored states to reuse (:func:`sampled_states`;
+    the embedded teachers ship theirs, so a first run compiles no sampler)."""
+    from tmp_jax.sampling import sigma_schedule
 
     hooks = arch.get(model.ARCH)
     if hooks.guided_batch is None:
@@ -68,7 +121,16 @@ def trajectory_calib(
     if n_labels < 1 or steps < 1 or pairs_per_batch < 1:
         raise ValueError("trajectory calibration: n_labels, steps and pairs_per_batch must be >= 1")
     labels = np.arange(n_labels) % 10
-    _, states = sample_latents(model, labels, seed=seed, steps=steps, guidance=guidance, shift=shift, record=True)
+    states = sampled_states(
+        model,
+        n_labels=n_labels,
+        steps=steps,
+        guidance=guidance,
+        shift=shift,
+        seed=seed,
+        teacher_key=teacher_key,
+        cache=cache,
+    )
     sig = sigma_schedule(steps, shift)[:steps]  # the state before step i is at sigma_i (sigma_0 = 1)
     lat = states.reshape(n_labels * steps, *states.shape[2:])  # [N * steps, C, H, W], sample-major
     sigma = np.tile(sig, n_labels)
@@ -115,3 +177,31 @@ def error_weights(inputs: dict[str, Any]) -> np.ndarray:
             raise ValueError(f"sample_weight has {sw.shape[0]} entries for {mask.shape[0]} compared samples")
         mask = mask * sw.reshape(-1, *([1] * (mask.ndim - 1)))
     return mask[..., None]
+
+
+def default_states_file(name: str) -> Path:
+    """Where an embedded teacher's shipped sampler states live (next to its checkpoint folder)."""
+    from tmp_jax.problem import ASSETS
+
+    return ASSETS / f"{name}.trajectory.npz"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write an embedded teacher's sampler states (the built-in trajectory calibration) into the package assets."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", required=True, choices=["zimage-fmnist", "hunyuan-fmnist"])
+    a = p.parse_args(argv)
+    from tmp_jax.problem import EMBEDDED, _load_model, fingerprint
+
+    model, path, _ = _load_model(a.model, "fp32")
+    key = fingerprint(path, model.config.to_hf_config())
+    kw = {"n_labels": 10, "steps": STEPS, "guidance": GUIDANCE, "shift": 1.0, "seed": 1234}
+    states = sampled_states(model, **kw)
+    out = default_states_file(a.model)
+    write_states(out, states, _states_meta(**kw, key=key))
+    print(f"{out}: {states.shape} states of {EMBEDDED[a.model].name}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

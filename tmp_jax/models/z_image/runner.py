@@ -357,12 +357,17 @@ def masked_block(
     return masked_block_with(blk, block_masks(blk, name, m), x, mask, cos, sin, c)
 
 
-# TMP_JAX_MASKED_SCAN=1: masked stacks of identical blocks run as one lax.scan over their stacked parameters,
-# so the program holds ONE block body (embedded DiT: 156 fusions in XLA:CPU's optimised module instead of 249).
-# Off by default: on the CPU it did not pay (2-core development machine, 2026-12-06, three interleaved pairs:
-# compile 7.8-9.9 s scanned vs 5.9-6.8 s unrolled, same run time); on a GPU, where the unrolled program took 25 s
-# to compile, it is not measured yet (bench/cold_start.py --cases dit-scan).
-SCAN_STACKS = os.environ.get("TMP_JAX_MASKED_SCAN", "0") == "1"
+# Masked stacks of identical blocks run as one lax.scan over their stacked parameters, so the program holds ONE
+# block body (embedded DiT: 156 fusions in XLA:CPU's optimised module instead of 249). Default: on accelerators,
+# off on the CPU (TMP_JAX_MASKED_SCAN=1 / 0 forces it). Measured (docs/benchmarks.md section 9): on an H100 the
+# embedded DiT's masked program compiled in 20.6 s scanned vs 34.5 s unrolled (cold search 40.4 s vs 59.5 s,
+# same evaluation rate within noise); on the 2-core CPU it compiled 1-4 s SLOWER scanned (7.8-9.9 s vs 5.9-6.8 s).
+_SCAN_ENV = os.environ.get("TMP_JAX_MASKED_SCAN")
+SCAN_STACKS: bool | None = None if _SCAN_ENV is None else _SCAN_ENV == "1"  # None: by backend
+
+
+def _scan_stacks() -> bool:
+    return SCAN_STACKS if SCAN_STACKS is not None else jax.default_backend() != "cpu"
 
 
 def masked_stack(
@@ -377,13 +382,13 @@ def masked_stack(
 ) -> jax.Array:
     """Every block of ``stack`` through :func:`masked_block` (the teacher is unpruned: position == index).
 
-    With :data:`SCAN_STACKS`, two or more blocks of one structure (an unpruned teacher's stack: same widths,
-    same modulation) go through one ``lax.scan``: their parameters and decisions are stacked on a leading axis
-    and the scan body is one block, so the program holds one block however deep the stack is. Same arithmetic
-    per block as the unrolled loop."""
+    With :func:`_scan_stacks` (on accelerators by default), two or more blocks of one structure (an unpruned
+    teacher's stack: same widths, same modulation) go through one ``lax.scan``: their parameters and decisions
+    are stacked on a leading axis and the scan body is one block, so the program holds one block however deep
+    the stack is. Same arithmetic per block as the unrolled loop."""
     blocks = list(getattr(model, stack))
     names = [f"{stack}.{b.index}" for b in model.config.stack(stack)]
-    if SCAN_STACKS and len(blocks) > 1:
+    if _scan_stacks() and len(blocks) > 1:
         parts = [nnx.split(blk) for blk in blocks]
         gd = parts[0][0]
         if all(p[0] == gd for p in parts[1:]):
