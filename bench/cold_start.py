@@ -138,9 +138,9 @@ def child_search(argv: list[str], rec_path: str) -> int:
     prob = _build_problem(cfg)
     run(cfg, prob)
     wall = time.perf_counter() - t0
-    # re-scoring materialises each plan from the unpermuted teacher (plan_fitness): drop the permuted copy the
-    # search evaluated on first, so an fp32 Turbo holds one 24.6 GB teacher and the candidate, not two teachers
-    prob.model = prob.masked = None
+    # the search's problem holds only the permuted teacher (keep_teacher=False): plan_fitness materialises each
+    # plan from it, so an fp32 Turbo holds one 24.6 GB teacher and the candidate; the masked evaluator goes first
+    prob.masked = None
     t = time.perf_counter()
     own = str(Path(cfg.out) / "plan.json")
     out = {}
@@ -223,7 +223,7 @@ def child_rescore(model: str, plans: list[str], rec_path: str) -> int:
     from tmp_jax.problem import build_problem
 
     enable_default()
-    prob = build_problem(model, dtype="fp32", phases=True)
+    prob = build_problem(model, dtype="fp32", phases=True, keep_teacher=False)  # one fp32 copy of the teacher
     out = {}
     for p in plans:
         plan = json.loads(Path(p).read_text())

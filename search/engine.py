@@ -441,6 +441,7 @@ def _build_problem(cfg: SearchConfig) -> Problem:
             phases=cfg.phases,
             eval_mode=cfg.eval_mode,
             calib_source=cfg.calib_source,
+            keep_teacher=False,  # the search needs only the permuted copy: half the teacher memory
         )
     except ValueError as e:
         # malformed options: a config error

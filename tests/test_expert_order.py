@@ -182,3 +182,38 @@ def test_export_of_per_expert_plan_equals_materialised(planted, tmp_path):
         down = np.asarray(layer.mlp.experts.down_proj[...])  # [E, I/2, H]
         assert down.shape[1] == WIDTH // 2
         assert np.all(np.abs(down).sum(-1) > 0)  # every kept channel of every expert is live
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_plan_fitness_without_the_unpermuted_teacher(planted, compensate):
+    """keep_teacher=False (the search CLI: one permuted copy of the teacher, half the memory) scores a plan
+    exactly as the problem that keeps the teacher: the plan's per-expert units mapped into the permuted numbering."""
+    from flax import nnx
+
+    model, _, probs = planted
+    prob = probs[compensate]
+    lean = PruningProblem(
+        nnx.clone(model),
+        prob.calib,
+        source=prob.source,
+        levels=LEVELS,
+        compensation=CompensationConfig(damp=1e-6) if compensate else None,
+        eval_mode="sliced",
+        keep_teacher=False,
+    )
+    assert lean.teacher_model is None
+    rng = np.random.default_rng(0)
+    tree = prob.tree
+    for _ in range(2):
+        g = rng.integers(0, tree.max_levels() + 1)
+        a = tree.decode(g)
+        plan = {
+            "policy": {
+                "dropped": sorted(a.dropped),
+                "keep": {f"{n}/{k}": int(v) for (n, k), v in a.keep.items()},
+                "kept_units": _json(kept_units(tree, a, prob.order)),
+            }
+        }
+        want = prob.plan_fitness(plan, prob.compensation)
+        np.testing.assert_allclose(lean.plan_fitness(plan, lean.compensation), want, rtol=1e-5)
+        np.testing.assert_allclose(lean.fitness(g[None])[0], prob.fitness(g[None])[0], rtol=1e-5)

@@ -211,6 +211,7 @@ class PruningProblem:
         eval_mode: str = "auto",
         masked_batch: int | None = None,
         precompiled: Precompile | None = None,
+        keep_teacher: bool = True,
     ):
         """``task_weights``: {task: weight} for the fitness (normalised to sum 1; default: the calibration's
         weights, else equal over the tasks of its micro-batches). Every weighted task needs micro-batches.
@@ -223,7 +224,12 @@ class PruningProblem:
         ``eval_mode``: ``"sliced"``, ``"masked"`` or ``"auto"`` (module docstring; the mode in use is
         :attr:`eval_mode`). ``masked_batch``: candidates per masked call
         (default :func:`tmp_jax.masked_eval.default_batch`). ``precompiled``: the masked program of this
-        teacher, compiling since before calibration (:func:`build_problem`); used when it is the same program."""
+        teacher, compiling since before calibration (:func:`build_problem`); used when it is the same program.
+
+        ``keep_teacher``: keep the caller's model unchanged as :attr:`teacher_model` beside the permuted copy the
+        search evaluates (default). False: permute ``model`` IN PLACE and keep only that copy (half the memory:
+        a 6.15B Turbo in fp32 is 24.6 GB a copy); :meth:`plan_fitness` then maps a plan's units into the permuted
+        numbering, and :attr:`teacher_model` is None."""
         if eval_mode not in EVAL_MODES:
             raise ValueError(f"eval_mode must be one of {', '.join(EVAL_MODES)}, got {eval_mode!r}")
         self.arch = model.ARCH
@@ -233,12 +239,12 @@ class PruningProblem:
         self.importance, self.block_scores = importance(self.tree, calib.stats)
         self.order = order_from_scores(self.importance)
         self.source = source
-        self.teacher_model = model
+        self.teacher_model = model if keep_teacher else None
         self.compensation: Compensation | None = None  # in the TEACHER's (original) numbering
         if compensation is not None:
             self.compensation = self._compensate(model, calib.stats, compensation)
         # permute once: every kept set becomes a prefix (function-preserving)
-        self.model = permute(nnx.clone(model), self.tree, self.order)
+        self.model = permute(nnx.clone(model) if keep_teacher else model, self.tree, self.order)
         self.refits: Refits | None = None
         self._comp_perm: Compensation | None = None  # the Grams in the permuted model's numbering
         if self.compensation is not None:
@@ -454,9 +460,41 @@ class PruningProblem:
         from search.engine import plan_assignment
         from tmp_jax.materialize import kept_first_order
 
-        order = kept_first_order(self.tree, plan["policy"]["kept_units"])
-        m = materialize(self.teacher_model, self.tree, plan_assignment(plan), order, comp=compensation)
+        kept = plan["policy"]["kept_units"]
+        if self.teacher_model is not None:
+            order = kept_first_order(self.tree, kept)
+            m = materialize(self.teacher_model, self.tree, plan_assignment(plan), order, comp=compensation)
+        else:  # only the permuted teacher is kept: the plan's units (and the Grams) in its numbering
+            if compensation is not None and compensation is not self.compensation:
+                compensation = compensation.permuted(self.tree, self.order)
+            elif compensation is not None:
+                compensation = self._comp_perm
+            order = kept_first_order(self.tree, self._permuted_ids(kept))
+            m = materialize(self.model, self.tree, plan_assignment(plan), order, comp=compensation)
         return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(m, inputs), n_samples)
+
+    def _permuted_ids(self, kept: dict[str, Any]) -> dict[str, list]:
+        """A plan's ``kept_units`` (original numbering) in the numbering of the permuted teacher :attr:`model`.
+
+        Unit ``u`` of a group ordered by ``o`` sits at position ``argsort(o)[u]``. A per-expert group's rows move
+        with the experts (permuted row ``r`` is original expert ``order_experts[r]``), and each row is mapped by
+        its own expert's order."""
+        out = {}
+        for key, ids in kept.items():
+            node, kind = key.rsplit("/", 1)
+            u = self.tree.units(node, kind)
+            ids = np.asarray(ids, np.int64)
+            o = self.order.get((node, kind))
+            if u.batch is None:
+                out[key] = (ids if o is None else np.argsort(o)[ids]).tolist()
+                continue
+            rows = self.tree.units(node, u.batch).n
+            ids2 = np.broadcast_to(ids, (rows, ids.shape[-1]))  # a flat list: the same units in every expert
+            eo = self.order.get((node, u.batch))
+            eo = np.arange(rows) if eo is None else np.asarray(eo)
+            o2 = np.broadcast_to(np.arange(u.n) if o is None else np.asarray(o), (rows, u.n))
+            out[key] = np.stack([np.argsort(o2[e])[ids2[e]] for e in eo]).tolist()
+        return out
 
     def task_errors(self, run: Any, n_samples: int | None = None) -> dict[str, float]:
         """Per task: ``sum ||y - y_T||^2 / sum ||y_T||^2`` over the masked output of its first micro-batches.
@@ -528,9 +566,11 @@ def build_problem(
     phases: bool = False,
     eval_mode: str = "auto",
     calib_source: str = "trajectory",
+    keep_teacher: bool = True,
 ) -> PruningProblem:
     """Load the teacher (a checkpoint folder, an embedded name, or the default) and calibrate it.
 
+    ``keep_teacher``: :class:`PruningProblem`'s (False: one permuted copy of the teacher in memory, not two).
     ``calib_source``: an embedded teacher's built-in set when ``calib`` is None: ``"trajectory"`` (its CFG
     sampler's states, fitness on the guided output: :mod:`tmp_jax.trajectory`) or ``"noised"`` (noised
     training images at random sigma).
@@ -599,6 +639,7 @@ def build_problem(
             compensation=compensation,
             eval_mode=eval_mode,
             precompiled=pre,
+            keep_teacher=keep_teacher,
         )
     prob.calib_fingerprint = "sha256:" + batches_signature(batches)  # which set the Grams come from
     return prob
