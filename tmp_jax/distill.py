@@ -281,6 +281,23 @@ class Trainer:
         return out
 
 
+def _committed(tree: Any) -> Any:
+    """Every leaf committed to its device(s): a sharded leaf as it is, an uncommitted one (``opt.init``'s step
+    count, the unsharded case's params) to its device, or replicated over the params' mesh when they are
+    sharded. A jitted step's outputs are committed; an uncommitted argument lowers to another program, so
+    without this the first step compiles the gradient and update programs once more than the later steps."""
+    leaves = jax.tree.leaves(tree)
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(x.sharding, jax.sharding.NamedSharding)), None)
+    rep = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def put(x: Any) -> Any:
+        if isinstance(x.sharding, jax.sharding.NamedSharding):
+            return x
+        return jax.device_put(x, x.sharding if rep is None else rep)
+
+    return jax.tree.map(put, tree)
+
+
 def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Trainer, Any, Any]:
     """(trainer, fp32 master params, optimiser state) for distilling ``student`` from ``teacher``.
 
@@ -298,7 +315,8 @@ def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Traine
     # a jitted cast always writes new buffers (astype to the same dtype returns the input itself)
     s_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p))(s_params)
     t_gd, t_state = nnx.split(teacher)
-    opt_state = opt.init(s_params)
+    # committed like the jitted steps' outputs, so step 0 runs the same compiled programs as the later steps
+    s_params, opt_state = _committed((s_params, opt.init(s_params)))
 
     def make_grad_step(h: Any) -> Any:
         """The jitted (params, t_state, inputs, acc) step of one task's training forward ``h.forward_train``."""
