@@ -388,19 +388,6 @@ def _check_source(reader: SafetensorsReader, table: KeyTable, allow_ints: bool =
                 raise CheckpointError(f"{info.file}: key {key!r} has dtype {info.dtype}, expected a float type")
 
 
-def iter_converted(
-    reader: SafetensorsReader, table: KeyTable, progress: Callable[[int], None] | None = None
-) -> Iterator[tuple[Entry, list[np.ndarray]]]:
-    """Yield (entry, NNX-layout arrays) one entry at a time (bounded host memory)."""
-    for e in table.entries:
-        src = [reader.read(k) for k in e.torch_keys]
-        out = e.to_flax(src)
-        del src
-        if progress is not None:
-            progress(1)
-        yield e, out
-
-
 def load_into(
     abstract_model: nnx.Module,
     table: KeyTable,

@@ -186,11 +186,6 @@ def from_latents(latents: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def to_pixels01(images: np.ndarray) -> np.ndarray:
-    """uint8 images -> float32 in [0, 1] (the evaluator's input)."""
-    return np.asarray(images, np.float32) / 255.0
-
-
 # ----------------------------------------------------------------------------------------------
 # Conditioning
 

@@ -301,10 +301,5 @@ def permute(model: Any, tree: Tree, order: Order) -> Any:
     return model
 
 
-def prefix_order(tree: Tree) -> Order:
-    """The identity order (what a permuted model uses: kept sets are prefixes)."""
-    return {(n.name, u.kind): np.arange(u.n) for n in tree.spec.nodes() for u in n.units}
-
-
 def count_params(model: Any) -> int:
     return sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
