@@ -56,6 +56,9 @@ class Problem(Protocol):
 
     def fitness(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray: ...
 
+    # optional: ``fitness(genomes, n_samples, start=k)`` reads each task's micro-batches cyclically from the k-th
+    # (fresh micro-batches per selection stage); a problem without ``start`` is always read from the first
+
     def n_samples_total(self) -> int: ...
 
 
@@ -87,6 +90,11 @@ class SearchConfig:
     dtype: str = "auto"  # the teacher's and the candidates' dtype: bf16, fp32, auto (bf16 on GPU/TPU, fp32 on CPU)
     phases: bool = True  # "[phase] loading ... done in 12.3 s" lines on stderr (also without progress bars)
     eval_mode: str = "auto"  # candidate evaluation: auto | masked | sliced (tmp_jax.problem.EVAL_MODES)
+    # levelswitch dynamics (None: the strategy's default; search.strategies.LevelSwitch)
+    max_changes: int | None = None  # cap on the total level changes of an offspring vs its parent
+    cross_kind: float | None = None  # probability that a level switch pairs genes of different kinds
+    start: str | None = None  # classic (default: uniform / oneshot) | all (+ tree DP) | dp | auto (DP if cheap)
+    fresh_batches: bool = True  # each selection stage below full fidelity reads fresh calibration micro-batches
 
 
 @dataclass
@@ -110,15 +118,22 @@ class Evaluator:
 
     def __init__(self, problem: Problem, cost: CostModel, n_total: int):
         self.problem, self.cost, self.n_total = problem, cost, n_total
-        self.cache: dict[tuple[bytes, int], float] = {}
-        self.order: list[tuple[np.ndarray, int, float]] = []  # insertion order, for checkpoints
+        try:
+            self.takes_start = "start" in inspect.signature(problem.fitness).parameters
+        except (TypeError, ValueError):
+            self.takes_start = False
+        self.cache: dict[tuple[bytes, int, int], float] = {}
+        self.order: list[tuple[np.ndarray, int, int, float]] = []  # insertion order, for checkpoints
         self.evals = 0
         self.sample_evals = 0
         self.arch_genomes: list[np.ndarray] = []
         self.arch_fitness: list[float] = []
         self.arch_cost: list[int] = []
 
-    def __call__(self, genomes: np.ndarray, n: int, budget_values: np.ndarray) -> np.ndarray:
+    def __call__(self, genomes: np.ndarray, n: int, budget_values: np.ndarray, start: int = 0) -> np.ndarray:
+        """Fitness of ``genomes`` on ``n`` samples, the micro-batches read from the ``start``-th on (ignored at
+        full fidelity and by problems without it); cached per (canonical genome, n, start)."""
+        start = int(start) if self.takes_start and n < self.n_total else 0
         g = self.cost.canonical(genomes)
         c = self.cost(g)
         over = np.flatnonzero(c > np.asarray(budget_values))
@@ -127,23 +142,24 @@ class Evaluator:
         keys = [row.tobytes() for row in g]
         todo: dict[bytes, int] = {}
         for i, k in enumerate(keys):
-            if (k, n) not in self.cache and k not in todo:
+            if (k, n, start) not in self.cache and k not in todo:
                 todo[k] = i
         if todo:
             rows = np.stack([g[i] for i in todo.values()]).astype(np.int32)
-            fit = np.asarray(self.problem.fitness(rows, n_samples=n), np.float64).reshape(-1)
+            kw = {"start": start} if start else {}
+            fit = np.asarray(self.problem.fitness(rows, n_samples=n, **kw), np.float64).reshape(-1)
             if fit.shape != (len(rows),):
                 raise RuntimeError(f"problem.fitness returned shape {fit.shape} for {len(rows)} genomes")
             fit = np.where(np.isfinite(fit), fit, np.inf)  # a failed candidate never wins
             for i, f in zip(todo.values(), fit):
-                self._record(g[i], n, float(f), int(c[i]))
+                self._record(g[i], n, start, float(f), int(c[i]))
             self.evals += len(rows)
             self.sample_evals += len(rows) * n
-        return np.array([self.cache[(k, n)] for k in keys])
+        return np.array([self.cache[(k, n, start)] for k in keys])
 
-    def _record(self, genome: np.ndarray, n: int, f: float, cost: int) -> None:
-        self.cache[(genome.tobytes(), n)] = f
-        self.order.append((genome.copy(), n, f))
+    def _record(self, genome: np.ndarray, n: int, start: int, f: float, cost: int) -> None:
+        self.cache[(genome.tobytes(), n, start)] = f
+        self.order.append((genome.copy(), n, start, f))
         if n == self.n_total:
             self.arch_genomes.append(genome.copy())
             self.arch_fitness.append(f)
@@ -163,16 +179,18 @@ class Evaluator:
     def arrays(self) -> dict[str, np.ndarray]:
         n_genes = self.cost.n_genes
         return {
-            "cache_genomes": np.array([g for g, _, _ in self.order], np.int32).reshape(-1, n_genes),
-            "cache_n": np.array([n for _, n, _ in self.order], np.int64),
-            "cache_fit": np.array([f for _, _, f in self.order], np.float64),
+            "cache_genomes": np.array([g for g, _, _, _ in self.order], np.int32).reshape(-1, n_genes),
+            "cache_n": np.array([n for _, n, _, _ in self.order], np.int64),
+            "cache_start": np.array([s for _, _, s, _ in self.order], np.int64),
+            "cache_fit": np.array([f for _, _, _, f in self.order], np.float64),
         }
 
     def restore(self, arrays: dict[str, np.ndarray], evals: int, sample_evals: int) -> None:
         g = arrays["cache_genomes"].astype(np.int64)
         costs = self.cost(g) if len(g) else np.zeros(0, np.int64)
-        for row, n, f, c in zip(g, arrays["cache_n"], arrays["cache_fit"], costs):
-            self._record(row, int(n), float(f), int(c))
+        starts = arrays.get("cache_start", np.zeros(len(g), np.int64))  # checkpoints before fresh batches: 0
+        for row, n, s, f, c in zip(g, arrays["cache_n"], starts, arrays["cache_fit"], costs):
+            self._record(row, int(n), int(s), float(f), int(c))
         self.evals, self.sample_evals = evals, sample_evals
 
 
@@ -559,7 +577,15 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     ev = Evaluator(problem, cost, n_total)
     imp = split_importance(problem)
     loss = GeneLoss(tree, cost, imp[0], imp[1], getattr(problem, "order", None)) if imp else None
-    ctx = Context(tree, cost, budgets, ev, n_total, rng, config.seed, ev.winner, loss, imp[1] if imp else None)
+    options = {
+        "max_changes": config.max_changes,
+        "cross_kind": config.cross_kind,
+        "start": config.start,
+        "fresh_batches": config.fresh_batches and ev.takes_start,
+        # the run's length: levelswitch's start auto weighs the DP's error tables against it
+        "generations": config.generations,
+    }
+    ctx = Context(tree, cost, budgets, ev, n_total, rng, config.seed, ev.winner, loss, imp[1] if imp else None, options)
     strat = make_strategy(config.strategy, ctx, config.population)
     generations = config.generations if config.generations is not None else strat.default_generations
     generations = generations if strat.iterative else 0

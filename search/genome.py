@@ -8,9 +8,11 @@ Every operator here keeps candidates within a budget with exact costs (:class:`s
 
 * :func:`repair` lowers genes one level at a time until the cost fits — at random, or greedily by
   importance lost per unit of cost saved (:class:`GeneLoss`, the one-shot ranking);
-* :func:`fill` raises random genes while they still fit, so candidates use their budget;
-* :func:`level_switch` is EvoPress's budget-preserving mutation: one gene up a level, another down,
-  then repair/fill;
+* :func:`fill` raises genes while they still fit, so candidates use their budget — at random, or greedily
+  the raise that restores the most importance per unit of cost added;
+* :func:`level_switch` is EvoPress's budget-preserving mutation: one gene up a level and another gene of
+  the SAME kind down by at least as much cost (exactly as much where their units are equal), a cap on the
+  total level changes, then (importance-guided) repair/fill within that cap;
 * :func:`from_unit` / :func:`to_unit` map continuous strategy coordinates in ``[0, 1]`` to levels.
 """
 
@@ -77,9 +79,17 @@ def repair(
 
 
 def fill(
-    genome: np.ndarray, cost: CostModel, budget: int, rng: np.random.Generator, max_moves: int | None = None
+    genome: np.ndarray,
+    cost: CostModel,
+    budget: int,
+    rng: np.random.Generator,
+    max_moves: int | None = None,
+    loss: GeneLoss | None = None,
 ) -> np.ndarray:
-    """Raise random genes one level while the result still fits (at most ``max_moves`` raises)."""
+    """Raise genes one level while the result still fits (at most ``max_moves`` raises).
+
+    With ``loss``, each raise is the one restoring the most importance per unit of cost added (the most
+    important units come back first; deterministic); otherwise a uniformly random raise that fits."""
     g = np.asarray(genome, np.int64).copy()
     moves = 0
     while max_moves is None or moves < max_moves:
@@ -87,35 +97,117 @@ def fill(
         if len(idx) == 0:
             break
         cand = _neighbours(g, idx, +1)
-        fit = np.flatnonzero(cost(cand) <= budget)
+        cc = cost(cand)
+        fit = np.flatnonzero(cc <= budget)
         if len(fit) == 0:
             break
-        j = int(fit[rng.integers(len(fit))])
+        if loss is not None:
+            gained = loss(g[None])[0] - loss(cand[fit])
+            added = np.maximum(cc[fit] - int(cost(g[None])[0]), 1)
+            # most importance restored per unit of cost added, then the most restored, then gene order
+            j = int(fit[np.lexsort((idx[fit], -gained, -gained / added))[0]])
+        else:
+            j = int(fit[rng.integers(len(fit))])
         g = cand[j]
         moves += 1
     return g
 
 
+def gene_kinds(cost: CostModel) -> np.ndarray:
+    """An integer per gene naming its kind (``keep``, ``heads``, ``ffn``, ``experts``, ...): the switch classes
+    of :func:`level_switch`."""
+    names = [gene.kind for gene in cost.tree.genes]
+    ids = {k: i for i, k in enumerate(dict.fromkeys(names))}
+    return np.array([ids[k] for k in names], np.int64)
+
+
+def level_changes(a: np.ndarray, b: np.ndarray) -> int:
+    """Total level changes between two raw genomes: ``sum |a - b|`` over genes."""
+    return int(np.abs(np.asarray(a, np.int64) - np.asarray(b, np.int64)).sum())
+
+
+def _switch(
+    g: np.ndarray,
+    cost: CostModel,
+    rng: np.random.Generator,
+    kinds: np.ndarray,
+    same_kind: bool,
+    exclude: set[int],
+) -> tuple[np.ndarray, int] | None:
+    """One level switch: a random gene up a level, then a gene of the same kind (``same_kind``) down a level,
+    chosen at random among the down-moves saving at least what the up-move added (so the switch never adds cost;
+    equal-sized units switch at exactly equal cost, and a sub-layer at its smallest width may be skipped, the
+    slack left to fill); else a gene of ANOTHER kind, among the down-moves saving the least cost that is still
+    enough. Up-genes are tried in random order until one has such a partner; None if none has. Returns
+    (genome, up gene)."""
+    c0 = int(cost(g[None])[0])
+    up = _movable(g, cost, up=True)
+    for i in rng.permutation(up)[:16].tolist():
+        if i in exclude:
+            continue
+        gu = g.copy()
+        gu[i] += 1
+        cu = int(cost(gu[None])[0])
+        added = cu - c0
+        down = _movable(gu, cost, up=False)
+        down = down[(down != i) & ~np.isin(down, list(exclude))]
+        down = down[(kinds[down] == kinds[i]) == same_kind]
+        if len(down) == 0:
+            continue
+        cand = _neighbours(gu, down, -1)
+        saved = cu - cost(cand)
+        ok = np.flatnonzero((saved >= added) & (saved > 0))
+        if len(ok) == 0:
+            continue
+        if not same_kind:  # another kind: the one wasting the least budget (else a block would pay for a head)
+            ok = ok[saved[ok] == saved[ok].min()]
+        return cand[int(ok[rng.integers(len(ok))])], i
+    return None
+
+
 def level_switch(
-    parent: np.ndarray, cost: CostModel, budget: int, rng: np.random.Generator, n_switch: int = 1
+    parent: np.ndarray,
+    cost: CostModel,
+    budget: int,
+    rng: np.random.Generator,
+    n_switch: int = 1,
+    *,
+    max_changes: int | None = None,
+    loss: GeneLoss | None = None,
+    cross_kind: float = 0.0,
+    kinds: np.ndarray | None = None,
 ) -> np.ndarray:
-    """EvoPress mutation: ``n_switch`` times move one gene up a level and a different one down; then
-    repair (never undoing the up-moves first) and fill, so the child sits at the budget."""
+    """EvoPress mutation: ``n_switch`` level switches (:func:`_switch`: one gene up a level, one gene of the SAME
+    kind down by at least the cost it added, exactly that where the units are equal; with probability
+    ``cross_kind`` the down-gene is of ANOTHER kind, so budget moves between heads and FFN channels, experts and
+    expert width, widths and blocks (a block dropped for a width level leaves slack that fill spends within the
+    cap); the same kind where no other kind can pay), then repair (a no-op when the parent fits) and fill, so
+    the child sits at the budget.
+
+    ``max_changes`` caps the total level changes ``sum |child - parent|`` (a switch is 2): the switches stop
+    before exceeding it and fill only raises what is left. ``loss`` makes repair and fill importance-guided
+    (least important units removed first, most important restored first); otherwise they move at random.
+    Works on RAW genomes: an inert gene under a dropped block keeps its level, so a restored block comes back
+    with its sub-layers' previous widths."""
     g = np.asarray(parent, np.int64).copy()
+    kinds = gene_kinds(cost) if kinds is None else kinds
+    changes = 0
     ups: list[int] = []
     for _ in range(n_switch):
-        up = _movable(g, cost, up=True)
-        if len(up) == 0:
+        if max_changes is not None and changes + 2 > max_changes:
             break
-        i = int(up[rng.integers(len(up))])
-        g[i] += 1
+        same = not (cross_kind > 0 and rng.random() < cross_kind)
+        moved = _switch(g, cost, rng, kinds, same, set(ups))
+        if moved is None and not same:
+            moved = _switch(g, cost, rng, kinds, True, set(ups))
+        if moved is None:
+            continue
+        g, i = moved
         ups.append(i)
-        down = _movable(g, cost, up=False)
-        down = down[down != i]
-        if len(down):
-            g[int(down[rng.integers(len(down))])] -= 1
-    g = repair(g, cost, budget, rng, protect=tuple(ups))
-    return fill(g, cost, budget, rng)
+        changes += 2
+    g = repair(g, cost, budget, rng, loss=loss, protect=tuple(ups))
+    rest = None if max_changes is None else max(0, max_changes - level_changes(g, parent))
+    return fill(g, cost, budget, rng, max_moves=rest, loss=loss)
 
 
 def random_genome(cost: CostModel, budget: int, rng: np.random.Generator) -> np.ndarray:

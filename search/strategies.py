@@ -6,8 +6,12 @@ full-fidelity evaluation, and the winner for a budget is the archive's best cand
 so a candidate found while searching one budget also serves every larger one (the shared Pareto set).
 
 * ``levelswitch`` (default) — EvoPress-style (1+λ) evolution per budget: λ level-switch offspring of
-  the budget's current winner, multi-step selection on growing calibration sample counts (all λ on
-  N/8 samples, the best quarter on N/2, the best quarter of those on N).
+  the budget's parent (its winner, kept as a RAW genome), multi-step selection on growing calibration
+  sample counts (all λ on N/8 samples, the best quarter on N/2 — each stage on fresh micro-batches —, the
+  best quarter of those, with the parent re-scored, on all N). Offspring switch levels between genes of
+  the same kind at equal cost, at most ``max_changes`` level changes each, with importance-guided repair
+  and fill; the start is the best of uniform and oneshot, or (``start`` all / dp / auto) also a tree DP over
+  measured per-gene error tables (:mod:`search.hierarchy`).
 * ``ga`` / ``cmaes`` — evosax ``SimpleGA`` / ``CMA_ES`` over continuous coordinates in [0, 1] per gene,
   rounded to levels and repaired into the budget (GA is told the repaired genomes: Lamarckian).
 * ``random`` — random in-budget genomes, ``population`` per generation: the same number of
@@ -24,17 +28,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from search.budget import Budget, CostModel, SearchError
-from search.genome import GeneLoss, fill, from_unit, level_switch, random_genome, repair, to_unit, uniform_genome
+from search.genome import (
+    GeneLoss,
+    fill,
+    from_unit,
+    gene_kinds,
+    level_switch,
+    random_genome,
+    repair,
+    to_unit,
+    uniform_genome,
+)
+from search.hierarchy import error_table, error_table_genomes, tree_dp
 from tmp_jax.tree import Tree
 
-# evaluate(genomes [P, G], n_samples, budget values [P]) -> fitness [P] (minimised)
-EvalFn = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+# evaluate(genomes [P, G], n_samples, budget values [P], start=0) -> fitness [P] (minimised); ``start``: the
+# micro-batch the samples are read from (fresh calibration data per selection stage)
+EvalFn = Callable[..., np.ndarray]
 
 
 @dataclass
@@ -51,6 +67,7 @@ class Context:
     winner: Callable[[int], tuple[np.ndarray, float] | None]  # best archive entry within budget value
     loss: GeneLoss | None = None
     block_scores: dict[str, float] | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # strategy knobs (SearchConfig); None: the default
 
 
 class Strategy:
@@ -205,41 +222,157 @@ def fidelity_stages(n_total: int, offspring: int) -> list[tuple[int, int]]:
 
 class LevelSwitch(Strategy):
     name = "levelswitch"
-    max_switch = 3  # level-switch moves per mutation: 1 (p=1/2), 2 (1/4), 3 (1/4)
+    # level switches per mutation: 1 (p=1/2), 2 (1/4), 3 (1/8), ... up to max_changes // 2 (a switch is 2 changes)
+    default_max_changes = 4  # total level changes per offspring (a switch is 2)
+    default_cross_kind = 0.25  # a switch pairs genes of different kinds with this probability
+    # classic: on both embedded teachers the DP start is the best start but its search ends worse at the default
+    # length (docs/quality.md, "Search dynamics")
+    default_start = "classic"
+    starts = ("classic", "all", "dp", "auto")
+    dp_share = 0.25  # start auto: the DP's error tables may cost at most this share of the search's evaluations
 
     def __init__(self, ctx: Context, population: int | None = None):
         super().__init__(ctx, population)
         self.stages = fidelity_stages(ctx.n_total, self.population)
+        opt = ctx.options
+        self.max_changes = int(_opt(opt, "max_changes", self.default_max_changes))
+        self.cross_kind = float(_opt(opt, "cross_kind", self.default_cross_kind))
+        self.start = str(_opt(opt, "start", self.default_start))
+        self.fresh = bool(_opt(opt, "fresh_batches", True))
+        if self.max_changes < 2:
+            raise SearchError(f"--max-changes must be >= 2 (one level switch), got {self.max_changes}")
+        if not 0.0 <= self.cross_kind <= 1.0:
+            raise SearchError(f"--cross-kind must be in [0, 1], got {self.cross_kind}")
+        if self.start not in self.starts:
+            raise SearchError(f"--start must be one of {', '.join(self.starts)}, got {self.start!r}")
+        self.kinds = gene_kinds(ctx.cost)
+        self.parents: list[np.ndarray] = []  # raw parent genome per budget
+        self.start_fitness: list[dict[str, float]] = []  # per budget: each start's fitness (reported)
+        self.used_dp: bool | None = None  # decided at generation 0 (state), from that run's --generations
 
     def settings(self) -> dict[str, Any]:
         return {
             "offspring": self.population,
             "stages": [{"samples": n, "candidates": k} for n, k in self.stages],
-            "max_switch": self.max_switch,
-            "start": "best of uniform / oneshot / random fill",
+            "max_switch": self.max_changes // 2,
+            "max_changes": self.max_changes,
+            "cross_kind": self.cross_kind,
+            "switch": "same kind: a random down-move saving >= the up-move cost (equal units: equal cost); "
+            "cross kind: the least such saving",
+            "repair_fill": "importance-guided" if self.ctx.loss is not None else "random",
+            "fresh_batches": self.fresh,
+            "parent": "raw genome, re-scored in the final stage",
+            "start": {
+                "auto": f"as all where the DP's error tables cost <= {self.dp_share:g} of the search's evaluations "
+                "(decided at generation 0), else as classic",
+                "all": "best of uniform / filled uniform / oneshot / tree DP over per-gene error tables",
+                "dp": "tree DP over per-gene error tables",
+                "classic": "best of uniform / filled uniform / oneshot",
+            }[self.start],
         }
 
-    def init(self) -> None:
-        ctx, gs, bs = self.ctx, [], []
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        arrays = {f"parent{bi}": p for bi, p in enumerate(self.parents)}
+        meta = {"parents": len(self.parents), "start_fitness": self.start_fitness, "used_dp": self.used_dp}
+        return meta, arrays
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.parents = [arrays[f"parent{bi}"].astype(np.int64) for bi in range(int(meta.get("parents", 0)))]
+        self.start_fitness = list(meta.get("start_fitness", []))
+        self.used_dp = meta.get("used_dp")
+
+    def _use_dp(self) -> bool:
+        """Whether this run starts from the tree DP: always for start all / dp, never for classic; for auto,
+        where its error tables (one evaluation per gene level below full) cost at most ``dp_share`` of the
+        evaluations the search will make (generations x the candidates of its selection stages)."""
+        if self.start != "auto":
+            return self.start in ("all", "dp")
+        n_table = sum(g.n_levels - 1 for g in self.ctx.tree.genes) + 1
+        gens = int(self.ctx.options.get("generations") or self.default_generations)
+        per_gen = sum(k for _, k in self.stages) * len(self.ctx.budgets)
+        return n_table <= self.dp_share * gens * per_gen
+
+    def _dp_starts(self) -> list[np.ndarray | None]:
+        """The tree-DP start per budget, from per-gene error tables measured once through the evaluator (each
+        gene's level alone in the full model, on all samples; these near-full candidates are over the budgets,
+        so each is checked against its own cost)."""
+        ctx = self.ctx
+        rows, pairs = error_table_genomes(ctx.tree)
+        full = ctx.tree.full_genome().astype(np.int64)[None]
+        gs = np.concatenate([full, rows])
+        fit = ctx.evaluate(gs, ctx.n_total, ctx.cost(gs))
+        err = error_table(ctx.tree, pairs, fit[1:], float(fit[0]))
+        out: list[np.ndarray | None] = []
         for b in ctx.budgets:
-            starts = self._uniform_best(b)[:1]
-            if not starts:
-                starts = [repair(uniform_genome(ctx.tree, 0.0), ctx.cost, b.value, ctx.rng, loss=ctx.loss)]
-            # the uniform start filled up to the budget: EvoPress starts from a uniform configuration
-            starts.append(fill(starts[0], ctx.cost, b.value, ctx.rng))
-            if ctx.loss is not None:
-                starts.append(repair(ctx.tree.full_genome(), ctx.cost, b.value, loss=ctx.loss))
-            gs += starts
+            res = tree_dp(ctx.tree, ctx.cost, err, b.value)
+            if res is None:
+                out.append(None)
+                continue
+            g = res[0]
+            if int(ctx.cost(g[None])[0]) > b.value:  # exact costs: never, but a plan is never over budget
+                g = repair(g, ctx.cost, b.value, ctx.rng, loss=ctx.loss)
+            out.append(fill(g, ctx.cost, b.value, ctx.rng, loss=ctx.loss))
+        return out
+
+    def init(self) -> None:
+        ctx, gs, bs, names = self.ctx, [], [], []
+        self.used_dp = self._use_dp()
+        dp = self._dp_starts() if self.used_dp else [None] * len(ctx.budgets)
+        per_budget: list[list[tuple[str, np.ndarray]]] = []
+        for bi, b in enumerate(ctx.budgets):
+            starts: list[tuple[str, np.ndarray]] = []
+            if self.start != "dp" or dp[bi] is None:
+                first = self._uniform_best(b)[:1]
+                if not first:
+                    first = [repair(uniform_genome(ctx.tree, 0.0), ctx.cost, b.value, ctx.rng, loss=ctx.loss)]
+                starts.append(("uniform", first[0]))
+                # the uniform start filled up to the budget: EvoPress starts from a uniform configuration
+                starts.append(("uniform_filled", fill(first[0], ctx.cost, b.value, ctx.rng)))
+                if ctx.loss is not None:
+                    starts.append(("oneshot", repair(ctx.tree.full_genome(), ctx.cost, b.value, loss=ctx.loss)))
+            if dp[bi] is not None:
+                starts.append(("dp", dp[bi]))
+            per_budget.append(starts)
+            gs += [g for _, g in starts]
             bs += [b.value] * len(starts)
-        self._eval_full(gs, bs)
+            names += [n for n, _ in starts]
+        fit = self._eval_full(gs, bs)
+        k = 0
+        self.parents, self.start_fitness = [], []
+        for bi, starts in enumerate(per_budget):
+            self.start_fitness.append({n: float(fit[k + j]) for j, (n, _) in enumerate(starts)})
+            self.parents.append(self._raw_winner(bi, [g for _, g in starts]))
+            k += len(starts)
+
+    def _raw_winner(self, bi: int, raws: list[np.ndarray]) -> np.ndarray:
+        """The budget's archive winner as a raw genome: the first of ``raws`` with the same canonical form
+        (inert genes keep their levels), else the archive's canonical genome."""
+        w = self.ctx.winner(self.ctx.budgets[bi].value)
+        if w is None:
+            raise RuntimeError(f"no evaluated candidate within budget {self.ctx.budgets[bi].text}")
+        key = self.ctx.cost.canonical(w[0])[0].tobytes()
+        for r in raws:
+            if self.ctx.cost.canonical(r)[0].tobytes() == key:
+                return np.asarray(r, np.int64).copy()
+        return np.asarray(w[0], np.int64).copy()
 
     def _offspring(self, parent: np.ndarray, b: Budget) -> list[np.ndarray]:
         ctx, out = self.ctx, []
         seen = {ctx.cost.canonical(parent)[0].tobytes()}
         for _ in range(self.population):
             for _attempt in range(4):  # a few retries so offspring differ from the parent and each other
-                n_switch = min(self.max_switch, int(ctx.rng.geometric(0.5)))
-                child = level_switch(parent, ctx.cost, b.value, ctx.rng, n_switch)
+                n_switch = min(self.max_changes // 2, int(ctx.rng.geometric(0.5)))
+                child = level_switch(
+                    parent,
+                    ctx.cost,
+                    b.value,
+                    ctx.rng,
+                    n_switch,
+                    max_changes=self.max_changes,
+                    loss=ctx.loss,
+                    cross_kind=self.cross_kind,
+                    kinds=self.kinds,
+                )
                 key = ctx.cost.canonical(child)[0].tobytes()
                 if key not in seen:
                     break
@@ -249,15 +382,20 @@ class LevelSwitch(Strategy):
 
     def step(self, gen: int) -> None:
         ctx = self.ctx
-        cands: list[tuple[int, np.ndarray]] = []  # (budget index, genome)
+        if len(self.parents) != len(ctx.budgets):  # a state without raw parents: start from the winners
+            self.parents = [self._raw_winner(bi, []) for bi in range(len(ctx.budgets))]
+        cands: list[tuple[int, np.ndarray]] = []  # (budget index, raw genome)
         for bi, b in enumerate(ctx.budgets):
-            w = ctx.winner(b.value)
-            if w is None:
-                raise RuntimeError(f"no evaluated candidate within budget {b.text}")
-            cands += [(bi, c) for c in self._offspring(w[0], b)]
+            cands += [(bi, c) for c in self._offspring(self.parents[bi], b)]
         for si, (n, _k) in enumerate(self.stages):
-            fit = ctx.evaluate(np.stack([g for _, g in cands]), n, np.array([ctx.budgets[bi].value for bi, _ in cands]))
-            if si + 1 == len(self.stages):
+            last = si + 1 == len(self.stages)
+            if last:  # the parent competes again in the final stage (on all samples: its cached score)
+                cands += [(bi, p) for bi, p in enumerate(self.parents)]
+            # below full fidelity each stage reads fresh micro-batches (a random first one per stage)
+            start = int(ctx.rng.integers(1 << 30)) if self.fresh and n < ctx.n_total else 0
+            genomes = np.stack([g for _, g in cands])
+            fit = ctx.evaluate(genomes, n, np.array([ctx.budgets[bi].value for bi, _ in cands]), start=start)
+            if last:
                 break  # full-fidelity results are in the archive; the winners update through it
             keep = self.stages[si + 1][1]
             nxt = []
@@ -266,6 +404,16 @@ class LevelSwitch(Strategy):
                 best = sorted(idx, key=lambda i: (fit[i], i))[:keep]  # stable: ties by offspring order
                 nxt += [cands[i] for i in best]
             cands = nxt
+        # the next parent: each budget's archive winner, raw where it is the parent or one of these candidates
+        self.parents = [
+            self._raw_winner(bi, [self.parents[bi]] + [g for bj, g in cands if bj == bi])
+            for bi in range(len(ctx.budgets))
+        ]
+
+
+def _opt(options: dict[str, Any], key: str, default: Any) -> Any:
+    v = options.get(key)
+    return default if v is None else v
 
 
 # --------------------------------------------------------------------------------------------------

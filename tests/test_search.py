@@ -17,7 +17,8 @@ from flax import nnx
 from search import engine
 from search.budget import BudgetError, CostModel, SearchError, parse_budgets
 from search.engine import SearchConfig, load_plan, plan_assignment, run
-from search.genome import GeneLoss, fill, level_switch, random_genome, repair, uniform_genome
+from search.genome import GeneLoss, fill, gene_kinds, level_changes, level_switch, random_genome, repair, uniform_genome
+from search.hierarchy import error_table, error_table_genomes, tree_dp
 from search.strategies import STRATEGIES, fidelity_stages
 from tmp_jax import arch
 from tmp_jax.materialize import count_params, materialize
@@ -60,6 +61,7 @@ class FakeProblem:
 
     def __init__(self, tree, free=(), n_samples=8, importance=True, seed=0, fail_after=None):
         self.tree, self.free = tree, set(free)
+        self.starts: list[tuple[int, int]] = []  # (n_samples, start) of every call
         self.source = {"path": None, "fingerprint": "fake-0123", "config": {"dim": ZCFG.dim}}
         rng = np.random.default_rng(seed)
         self.order = {(n.name, u.kind): rng.permutation(u.n) for n in tree.spec.nodes() for u in n.units}
@@ -98,14 +100,16 @@ class FakeProblem:
                     err += self.w[n.name] * (1 - self.tree.kept_count(a, n.name, u.kind) / u.n)
         return err
 
-    def fitness(self, genomes, n_samples=None):
+    def fitness(self, genomes, n_samples=None, start=0):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise KeyboardInterrupt("simulated kill")
         n = n_samples or self.n
+        self.starts.append((n, start))
         out = []
         for g in np.asarray(genomes):
-            h = zlib.crc32(np.asarray(g, np.int32).tobytes() + bytes([n])) / 2**32
+            # the noise depends on which samples are read (n, and the first micro-batch: start)
+            h = zlib.crc32(np.asarray(g, np.int32).tobytes() + bytes([n]) + str(start % 4).encode()) / 2**32
             out.append(self._err(g) + 0.002 * (h - 0.5) / np.sqrt(n))
         return np.array(out, np.float32)
 
@@ -304,6 +308,12 @@ def test_planted_redundancy_is_found(tmp_path, ztree):
     plan = res.plans[0]
     assert {"layers.1", "context_refiner.0.feed_forward"} <= set(plan["policy"]["dropped"])
     assert plan["fitness"]["value"] < 0.01
+    # start auto: a search this long starts from the tree DP too (its tables cost <= 1/4 of the evaluations)
+    prob = FakeProblem(ztree, free=free, importance=False)
+    res = run(cfg(tmp_path / "dp", budget=str(budget), population=8, generations=24, start="auto"), prob)
+    meta = json.loads((tmp_path / "dp" / "checkpoint.json").read_text())["strategy"]
+    assert meta["used_dp"] is True and set(meta["start_fitness"][0]) == {"uniform", "uniform_filled", "dp"}
+    assert {"layers.1", "context_refiner.0.feed_forward"} <= set(res.plans[0]["policy"]["dropped"])
 
 
 def test_cli_floor_error_is_one_line(tmp_path, ztree, monkeypatch, capsys):
@@ -335,7 +345,8 @@ def _real_problem():
     pytest.importorskip("tmp_jax.problem")
     from problem_ref import random_problem
 
-    return random_problem("zimage", TINY, {"fractions": [1.0]}, n=2, model=fast_random_model(TINY))
+    # two micro-batches: selection stages below all samples read either one (fresh batches)
+    return random_problem("zimage", TINY, {"fractions": [1.0]}, n=4, model=fast_random_model(TINY))
 
 
 def test_real_problem_second_generation_compiles_nothing(tmp_path):
@@ -358,4 +369,141 @@ def test_real_problem_second_generation_compiles_nothing(tmp_path):
     g[keeps] = 0  # no main block at all: a depth no search candidate had before
     prob.fitness(g[None])
     assert prob.compile_count() == c1
+    # fresh micro-batches: start picks the first micro-batch read (cyclically); all samples ignore it
+    two = np.stack([g, prob.tree.full_genome()])
+    f0, f1, f2 = (prob.fitness(two[:1], n_samples=2, start=s)[0] for s in (0, 1, 2))
+    assert f0 != f1 and f0 == f2
+    assert prob.fitness(two[:1], start=1)[0] == pytest.approx(prob.fitness(two[:1])[0], rel=1e-12)
+    assert prob.compile_count() == c1
     assert res.plans[0]["counts"]["after"]["params"] <= res.plans[0]["budget"]["value"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Search dynamics (issue 17): same-kind switches, the change cap, raw parents, the tree-DP start, fresh batches
+
+
+def _mid_genome(tree):
+    """Every block kept, every width gene in the middle of its ladder (room to move both ways)."""
+    return np.array([1 if g.kind == "keep" else g.n_levels // 2 for g in tree.genes], np.int64)
+
+
+def test_level_switch_same_kind_equal_cost_and_change_cap(ztree):
+    cm, rng = CostModel(ztree), np.random.default_rng(3)
+    kinds = gene_kinds(cm)
+    parent = _mid_genome(ztree)
+    c0 = int(cm(parent)[0])
+    exact = 0
+    for _ in range(60):  # one switch, nothing left for fill: exactly one gene up and one of its kind down
+        child = level_switch(parent, cm, c0, rng, 1, max_changes=2, cross_kind=0.0)
+        d = child - parent
+        assert sorted(d[d != 0].tolist()) == [-1, 1]
+        up, down = int(np.flatnonzero(d == 1)[0]), int(np.flatnonzero(d == -1)[0])
+        assert kinds[up] == kinds[down]
+        assert cm(child)[0] <= c0  # the down-move saves at least what the up-move added
+        exact += int(cm(child)[0] == c0)
+    assert exact == 60  # equal unit sizes (heads; FFN steps of 21 channels from the middle): equal cost
+    # cross-kind switches pair different kinds where another kind can pay for the up-move, never adding cost
+    crossed = 0
+    for _ in range(40):
+        child = level_switch(parent, cm, c0, rng, 1, max_changes=2, cross_kind=1.0)
+        d = child - parent
+        assert cm(child)[0] <= c0 and np.abs(d).sum() == 2
+        crossed += int(kinds[np.flatnonzero(d == 1)[0]] != kinds[np.flatnonzero(d == -1)[0]])
+    assert crossed >= 10
+    # the cap holds for any number of switches, with importance-guided fill using what the cap leaves
+    prob = FakeProblem(ztree)
+    loss = GeneLoss(ztree, cm, prob.unit_scores, prob.block_scores, prob.order)
+    b = int(cm.floor + 0.6 * (cm.full - cm.floor))
+    for cap in (2, 3, 4, 7):
+        for _ in range(15):
+            p = random_genome(cm, b, rng)
+            child = level_switch(p, cm, b, rng, 3, max_changes=cap, loss=loss, cross_kind=0.5)
+            assert cm(child)[0] <= b and level_changes(child, p) <= cap
+
+
+def test_restored_block_keeps_its_raw_levels(ztree):
+    cm, rng = CostModel(ztree), np.random.default_rng(0)
+    names = [g.name for g in ztree.genes]
+    parent = ztree.full_genome().astype(np.int64)
+    parent[names.index("layers.1.attention:heads")] = 2
+    parent[names.index("layers.1.feed_forward:ffn")] = 3
+    parent[names.index("layers.1:keep")] = 0  # dropped: its sub-layer genes are inert but keep their levels
+    assert cm.canonical(parent)[0][names.index("layers.1.attention:heads")] == 0
+    restored = 0
+    for _ in range(200):
+        child = level_switch(parent, cm, int(cm(parent)[0]), rng, 1, max_changes=2, cross_kind=0.0)
+        if child[names.index("layers.1:keep")] == 1:
+            restored += 1
+            # the block comes back with its previous widths (not skipped sub-layers), another block goes
+            assert child[names.index("layers.1.attention:heads")] == 2
+            assert child[names.index("layers.1.feed_forward:ffn")] == 3
+            keeps = [i for i, n in enumerate(names) if n.endswith(":keep")]
+            assert child[keeps].sum() == parent[keeps].sum()
+    assert restored > 0
+
+
+def test_levelswitch_keeps_raw_parents_and_fresh_batches(tmp_path, ztree):
+    prob = FakeProblem(ztree)
+    res = run(cfg(tmp_path, budget="70%", population=8, generations=4), prob)
+    with np.load(next(tmp_path.glob("checkpoint-*.npz"))) as z:
+        parent = z["strategy/parent0"]
+    cm = CostModel(ztree)
+    # the parent is the winner (raw; same canonical form as the plan's genome)
+    assert (cm.canonical(parent)[0] == cm.canonical(np.array(res.plans[0]["genome"]["levels"]))[0]).all()
+    low = [s for n, s in prob.starts if n < prob.n]
+    assert len(low) >= 8 and len(set(low)) > 1  # selection stages read different first micro-batches
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["strategy"]["used_dp"] is False  # classic
+    prob3 = FakeProblem(ztree)  # start auto, 4 generations: the DP's 66 table evaluations would outweigh the search
+    run(cfg(tmp_path / "c", budget="70%", population=8, generations=4, start="auto"), prob3)
+    assert json.loads((tmp_path / "c" / "checkpoint.json").read_text())["strategy"]["used_dp"] is False
+    assert all(s == 0 for n, s in prob.starts if n == prob.n)
+    # --no-fresh-batches: always the first micro-batches
+    prob2 = FakeProblem(ztree)
+    run(cfg(tmp_path / "b", budget="70%", population=8, generations=2, fresh_batches=False), prob2)
+    assert {s for _, s in prob2.starts} == {0}
+
+
+def test_tree_dp_start_meets_budget_and_beats_uniform(ztree):
+    cm = CostModel(ztree)
+    prob = FakeProblem(ztree, free=("layers.1",))
+    rows, pairs = error_table_genomes(ztree)
+    assert len(rows) == sum(g.n_levels - 1 for g in ztree.genes)
+    full_f = float(prob.fitness(ztree.full_genome()[None], 8)[0])
+    err = error_table(ztree, pairs, prob.fitness(rows, 8), full_f)
+    rng = np.random.default_rng(0)
+    for frac in (0.35, 0.5, 0.7):
+        b = int(cm.floor + frac * (cm.full - cm.floor))
+        g, pred = tree_dp(ztree, cm, err, b)
+        assert cm(g)[0] <= b
+        g = fill(g, cm, b, rng)
+        uni = [u for u in (uniform_genome(ztree, f) for f in np.linspace(1, 1 / 64, 64)) if cm(u)[0] <= b][0]
+        uni = fill(uni, cm, b, rng)
+        f_dp, f_uni = prob.fitness(np.stack([g, uni]), 8)
+        assert f_dp < f_uni, (frac, f_dp, f_uni)
+        assert "layers.1" in ztree.decode(g).dropped  # the free block is the first thing the DP drops
+    # a tied gene (MoE tree: global head count) is enumerated outside the DP; budgets always hold, and the DP
+    # optimum of the additive model is at least as good as the uniform genome's
+    mt = _moe_tree()
+    mc = CostModel(mt)
+    err = np.random.default_rng(1).uniform(size=(mt.n_genes, int(mc.max_levels.max()) + 1))
+    for gi, gene in enumerate(mt.genes):
+        err[gi, gene.n_levels - 1 :] = 0.0
+    add = lambda g: float(sum(err[i, lv] for i, lv in enumerate(mc.canonical(g)[0]) if lv < mc.max_levels[i]))  # noqa: E731
+    for frac in (0.3, 0.5, 0.8):
+        b = int(mc.floor + frac * (mc.full - mc.floor))
+        g, pred = tree_dp(mt, mc, err, b, bins=1 << 20)
+        assert mc(g)[0] <= b
+        uni = [u for u in (uniform_genome(mt, f) for f in np.linspace(1, 1 / 64, 64)) if mc(u)[0] <= b]
+        if uni:
+            assert pred <= add(uni[0]) + 1e-9
+
+
+def test_cli_dynamics_flags():
+    from tmp_jax.search import parse_args
+
+    c = parse_args(
+        ["--budget", "50%", "--max-changes", "6", "--cross-kind", "0", "--start", "dp", "--no-fresh-batches"]
+    )
+    assert (c.max_changes, c.cross_kind, c.start, c.fresh_batches) == (6, 0.0, "dp", False)
+    c = parse_args(["--budget", "50%"])
+    assert (c.max_changes, c.cross_kind, c.start, c.fresh_batches) == (None, None, None, True)

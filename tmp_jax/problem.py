@@ -391,8 +391,11 @@ class PruningProblem:
         """The materialised candidate (consumers re-fitted under compensation)."""
         return materialize(self.model, self.tree, self.tree.decode(genome), None, comp=self._comp_perm)
 
-    def fitness(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
+    def fitness(self, genomes: np.ndarray, n_samples: int | None = None, start: int = 0) -> np.ndarray:
         """Normalised output error of each genome's candidate on the first ``n_samples`` calibration samples.
+
+        ``start``: each task's micro-batches are read cyclically from its ``start % n``-th (n its micro-batches),
+        so a low-fidelity evaluation can take fresh micro-batches (search selection stages); 0 = the first ones.
 
         Candidates are evaluated on the permuted teacher itself, so nothing is materialised per candidate:
         masked mode runs every genome of a micro-batch through its task's one masked program (``batch``
@@ -405,7 +408,7 @@ class PruningProblem:
             for i, g in enumerate(genomes):
                 a = self.tree.decode(g)
                 built: list[Any] = []
-                out[i] = self._error(lambda inputs, a=a, built=built: self._run(a, inputs, built), n_samples)
+                out[i] = self._error(lambda inputs, a=a, built=built: self._run(a, inputs, built), n_samples, start)
                 self.n_evals += 1
             return out
         assignments = [self.tree.decode(g) for g in genomes]
@@ -418,7 +421,7 @@ class PruningProblem:
                 return self.masked.run(hook, data, i, inputs)
             return np.stack([np.asarray(self._run(a, inputs, b)) for a, b in zip(assignments, builds)])
 
-        errs = self._task_errors_many(run_all, len(genomes), n_samples)
+        errs = self._task_errors_many(run_all, len(genomes), n_samples, start)
         self.n_evals += len(genomes)
         return sum((self.task_weights[t] * e for t, e in errs.items()), np.zeros(len(genomes)))
 
@@ -496,16 +499,17 @@ class PruningProblem:
             out[key] = np.stack([np.argsort(o2[e])[ids2[e]] for e in eo]).tolist()
         return out
 
-    def task_errors(self, run: Any, n_samples: int | None = None) -> dict[str, float]:
+    def task_errors(self, run: Any, n_samples: int | None = None, start: int = 0) -> dict[str, float]:
         """Per task: ``sum ||y - y_T||^2 / sum ||y_T||^2`` over the masked output of its first micro-batches.
 
         With ``n_samples`` (multi-fidelity) each task takes its first micro-batches until it has seen
         ``ceil(n_samples * N_t / N)`` samples (N_t its samples, N all weighted tasks'), at least one
-        micro-batch: a low-fidelity evaluation sees every task in its set proportion."""
-        errs = self._task_errors_many(lambda _, inputs: np.asarray(run(inputs))[None], 1, n_samples)
+        micro-batch: a low-fidelity evaluation sees every task in its set proportion. ``start``: each task's
+        micro-batches are taken cyclically from its ``start % n``-th instead of its first (:meth:`fitness`)."""
+        errs = self._task_errors_many(lambda _, inputs: np.asarray(run(inputs))[None], 1, n_samples, start)
         return {t: float(e[0]) for t, e in errs.items()}
 
-    def _task_errors_many(self, run: Any, n: int, n_samples: int | None) -> dict[str, np.ndarray]:
+    def _task_errors_many(self, run: Any, n: int, n_samples: int | None, start: int = 0) -> dict[str, np.ndarray]:
         """:meth:`task_errors` of ``n`` candidates at once: ``run(i, inputs)`` gives their outputs on micro-batch
         ``i``, stacked ([n, *output]); per task an [n] array."""
         n_all = sum(int(self.calib.teacher[i].shape[0]) for ids in self.task_batches.values() for i in ids)
@@ -515,7 +519,8 @@ class PruningProblem:
             quota = None if n_samples is None or n_samples >= n_all else max(1, -(-n_samples * n_t // n_all))
             num, den = np.zeros(n), 0.0
             seen = 0
-            for i in ids:
+            s = int(start) % len(ids) if ids and quota is not None else 0  # all micro-batches: the order stays
+            for i in ids[s:] + ids[:s]:
                 if quota is not None and seen >= quota:
                     break
                 inputs, (yt, wt) = self.calib.inputs[i], self._target(i)
@@ -537,9 +542,9 @@ class PruningProblem:
             cache[i] = (yt, error_weights(inputs))
         return cache[i]
 
-    def _error(self, run: Any, n_samples: int | None) -> float:
+    def _error(self, run: Any, n_samples: int | None, start: int = 0) -> float:
         """The weighted mean of the per-task normalised discrepancies (:meth:`task_errors`)."""
-        errs = self.task_errors(run, n_samples)
+        errs = self.task_errors(run, n_samples, start)
         return float(sum(self.task_weights[t] * e for t, e in errs.items()))
 
 

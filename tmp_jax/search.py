@@ -80,6 +80,38 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
     p.add_argument("--population", type=int, default=None, help="offspring / population per generation")
     p.add_argument("--generations", type=int, default=None, help="generations (iterative strategies)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-changes",
+        type=int,
+        default=None,
+        help="levelswitch: cap on the total level changes of an offspring vs its parent, sum |child - parent| "
+        "over genes (a level switch is 2; what repair/fill add counts too). Default 4",
+    )
+    p.add_argument(
+        "--cross-kind",
+        type=float,
+        default=None,
+        help="levelswitch: probability that a level switch pairs genes of different kinds (else one gene up and "
+        "one of the same kind down at equal cost, e.g. a head for a head), so the budget can move between heads "
+        "and FFN channels, experts and expert width, blocks and widths. Default 0.25",
+    )
+    p.add_argument(
+        "--start",
+        default=None,
+        choices=["auto", "all", "dp", "classic"],
+        help="levelswitch start: classic (default) = the best of uniform, filled uniform and oneshot; all = those "
+        "and the tree DP (a knapsack over per-node error-vs-cost curves, from each gene level's output error "
+        "measured alone in the full model: one evaluation per gene level); dp = the tree DP only; auto = all where "
+        "the DP's evaluations are at most 1/4 of the search's, else classic. The DP start is the best start on "
+        "the embedded teachers but its search ends worse at the default length (docs/quality.md)",
+    )
+    p.add_argument(
+        "--fresh-batches",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="levelswitch: each selection stage below all samples reads fresh calibration micro-batches (a random "
+        "first micro-batch per stage; default). --no-fresh-batches: always the first ones",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     p.add_argument("--mesh", default=None, help="device mesh spec for the fitness, e.g. data:8")
     p.add_argument(
@@ -140,6 +172,10 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         p.error(f"--damp must be > 0, got {a.damp}")
     if a.gram_stride < 1:
         p.error(f"--gram-stride must be >= 1, got {a.gram_stride}")
+    if a.max_changes is not None and a.max_changes < 2:
+        p.error(f"--max-changes must be >= 2 (one level switch), got {a.max_changes}")
+    if a.cross_kind is not None and not 0.0 <= a.cross_kind <= 1.0:
+        p.error(f"--cross-kind must be in [0, 1], got {a.cross_kind}")
     return SearchConfig(
         budget=a.budget,
         model=a.model,
@@ -161,6 +197,10 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         gram_timestep_weight=a.gram_timestep_weight,
         dtype=dtype,
         eval_mode=a.eval_mode,
+        max_changes=a.max_changes,
+        cross_kind=a.cross_kind,
+        start=a.start,
+        fresh_batches=a.fresh_batches,
     )
 
 
