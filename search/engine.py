@@ -95,6 +95,10 @@ class SearchConfig:
     cross_kind: float | None = None  # probability that a level switch pairs genes of different kinds
     start: str | None = None  # classic (default: uniform / oneshot) | all (+ tree DP) | dp | auto (DP if cheap)
     fresh_batches: bool = True  # each selection stage below full fidelity reads fresh calibration micro-batches
+    # recoverability (TinyFusion): the best `recover_top` full-fidelity candidates per budget are distilled for
+    # `recover_steps` steps and the best RECOVERED one wins (0: the best pruned one, no distillation)
+    recover_steps: int = 0
+    recover_top: int = 4
 
 
 @dataclass
@@ -432,6 +436,37 @@ def plot_pareto(
 # The run
 
 
+def _recover(problem: Problem, ev: Evaluator, budgets: list[Budget], config: SearchConfig) -> dict[str, list]:
+    """Per budget: its ``recover_top`` best full-fidelity candidates (distinct genomes, within the budget), each with
+    its pruned fitness and its fitness after ``recover_steps`` distillation steps (``problem.recovered_fitness``)."""
+    fn = getattr(problem, "recovered_fitness", None)
+    if fn is None:
+        raise SearchError("--recover-steps needs a problem that can distil its candidates (tmp_jax.problem)")
+    from tmp_jax.progress import phase
+
+    out: dict[str, list] = {}
+    fit, cost = np.asarray(ev.arch_fitness, np.float64), np.asarray(ev.arch_cost)
+    with phase("recovering", enabled=config.phases):
+        for b in budgets:
+            seen, rows = set(), []
+            for i in np.argsort(np.where(cost <= b.value, fit, np.inf), kind="stable"):
+                key = ev.arch_genomes[i].tobytes()
+                if cost[i] > b.value or not np.isfinite(fit[i]) or key in seen:
+                    continue
+                seen.add(key)
+                rows.append((ev.arch_genomes[i], float(fit[i])))
+                if len(rows) == config.recover_top:
+                    break
+            out[b.text] = []
+            for g, f in rows:
+                try:
+                    r = float(fn(g, config.recover_steps, calib=config.calib, seed=config.seed))
+                except ValueError as e:  # no data pipeline for this model: say what to pass
+                    raise SearchError(f"--recover-steps: {e}") from None
+                out[b.text].append({"genome": [int(x) for x in g], "fitness": f, "recovered_fitness": r})
+    return out
+
+
 def _build_problem(cfg: SearchConfig) -> Problem:
     try:
         from tmp_jax.problem import build_problem
@@ -717,12 +752,21 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         "task_weights": dict(getattr(problem, "task_weights", None) or {}),
         "dtype": _problem_dtype(problem),
     }
+    recovery = _recover(problem, ev, budgets, config) if config.recover_steps > 0 else {}
+    if recovery:
+        search_meta["recover"] = {"steps": config.recover_steps, "top": config.recover_top}
     plans, paths = [], []
     for i, b in enumerate(budgets):
         g, f = ev.winner(b.value)
+        rec = recovery.get(b.text)
+        if rec:  # the best recovered candidate wins; its pruned fitness stays the plan's fitness
+            best = min(rec, key=lambda r: r["recovered_fitness"])
+            g, f = np.asarray(best["genome"], np.int64), best["fitness"]
         plan = build_plan(problem, b, g, f, n_total, search_meta, tokens)
         if comp_record is not None:
             plan["compensation"] = comp_record
+        if rec:  # every recovered candidate, best pruned first; the winner is the one with the least recovered error
+            plan["recovery"] = {"steps": config.recover_steps, "candidates": rec}
         # the exact tree count and the vectorised cost must agree: a plan is never over its budget
         if _metric(tree, tree.decode(g), b.kind, tokens) > b.value or plan["counts"]["after"]["params"] != int(
             params_cost(g)[0]
@@ -772,6 +816,14 @@ def summary(res: SearchResult, budgets: list[Budget]) -> str:
             f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.1%}), "
             f"active {after['active']:,}, dropped {len(plan['policy']['dropped'])} nodes -> {path}"
         )
+        rec = plan.get("recovery")
+        if rec:
+            win = min(rec["candidates"], key=lambda r: r["recovered_fitness"])
+            rank = rec["candidates"].index(win) + 1
+            lines.append(
+                f"    recovered fitness {win['recovered_fitness']:.5g} after {rec['steps']} distillation steps: "
+                f"the best of {len(rec['candidates'])} recovered candidates (pruned rank {rank})"
+            )
     lines.append(f"  history: {res.out / 'history.jsonl'}; Pareto plot: {res.out / 'pareto.png'}")
     return "\n".join(lines)
 

@@ -57,6 +57,7 @@ MODULE_COST_S = {
     "test_trajectory": 60,
     "test_masked_precompile": 40,
     "test_expert_order": 25,
+    "test_recover": 30,
 }
 
 

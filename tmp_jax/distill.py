@@ -416,6 +416,23 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     return {"history": history, "student": student, "teacher": teacher, "tree": tree, "plan": plan}
 
 
+def recover_in_memory(teacher: Any, student: Any, steps: int, cfg: DistillConfig | None = None) -> Any:
+    """``student`` after ``steps`` distillation steps against ``teacher``, both loaded models: no plan, no files,
+    no checkpoints (the search's recoverability check, ``--recover-steps``). ``cfg`` gives the data and the
+    optimiser (default: the embedded data pipeline, :class:`DistillConfig`'s defaults, warm-up 10% of the steps).
+    Raises :class:`NonFiniteLoss` if the loss diverges."""
+    cfg = cfg or DistillConfig(plan=Path("-"), steps=steps, warmup=max(1, steps // 10), progress=False)
+    batch_at = training_batches(cfg, teacher.config, teacher.ARCH)
+    trainer, s_params, opt_state = make_trainer(cfg, teacher, student)
+    for step in range(steps):
+        loss_acc, _, grad_sum, n_micro = trainer.gradients(s_params, batch_at(step))
+        if not math.isfinite(loss_acc):
+            raise NonFiniteLoss(f"recovery: loss became {loss_acc} at step {step}")
+        s_params, opt_state = trainer.apply(s_params, opt_state, grad_sum, n_micro)
+    nnx.update(student, s_params)
+    return student
+
+
 def _write_outputs(cfg: DistillConfig, student: Any, history: list, plan: dict, seconds: float) -> None:
     out = Path(cfg.out)
     hooks = arch.get(student.ARCH)

@@ -435,6 +435,17 @@ class PruningProblem:
             built.append(materialize(self.model, self.tree, a, None, refits=self.refits))
         return h.forward(built[0], inputs)
 
+    def recovered_fitness(self, genome: np.ndarray, steps: int, calib: str | None = None, seed: int = 0) -> float:
+        """:meth:`fitness` of a genome's candidate after ``steps`` distillation steps against the teacher (the
+        permuted copy: the same function), on every calibration sample. What ``--recover-steps`` ranks the search's
+        final candidates by: the best pruned model is not always the best recovered one. ``calib``: a calibration
+        folder to distil on (default: the architecture's data pipeline, the embedded Fashion-MNIST data)."""
+        from tmp_jax.distill import DistillConfig, recover_in_memory
+
+        cfg = DistillConfig(plan=Path("-"), calib=calib, steps=steps, seed=seed, warmup=max(1, steps // 10))
+        student = recover_in_memory(self.model, self.candidate(genome), steps, cfg)
+        return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(student, inputs), None)
+
     def fitness_materialized(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
         """:meth:`fitness` through a materialised candidate per genome (the reference the fast path is
         tested against; slow: builds and slices a model per genome). Does not count as search evaluations."""

@@ -112,6 +112,15 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         help="levelswitch: each selection stage below all samples reads fresh calibration micro-batches (a random "
         "first micro-batch per stage; default). --no-fresh-batches: always the first ones",
     )
+    p.add_argument(
+        "--recover-steps",
+        type=int,
+        default=0,
+        help="recoverability: distil each budget's --recover-top best candidates for this many steps (in memory, "
+        "against the teacher, on --calib or the model's data pipeline) and pick the best RECOVERED one as the plan "
+        "(the best pruned model is not always the best recovered one). 0 (default): the best pruned one",
+    )
+    p.add_argument("--recover-top", type=int, default=4, help="candidates per budget for --recover-steps (default 4)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     p.add_argument("--mesh", default=None, help="device mesh spec for the fitness, e.g. data:8")
     p.add_argument(
@@ -172,6 +181,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         p.error(f"--damp must be > 0, got {a.damp}")
     if a.gram_stride < 1:
         p.error(f"--gram-stride must be >= 1, got {a.gram_stride}")
+    if a.recover_steps < 0 or a.recover_top < 1:
+        p.error(f"--recover-steps must be >= 0 and --recover-top >= 1, got {a.recover_steps} and {a.recover_top}")
     if a.max_changes is not None and a.max_changes < 2:
         p.error(f"--max-changes must be >= 2 (one level switch), got {a.max_changes}")
     if a.cross_kind is not None and not 0.0 <= a.cross_kind <= 1.0:
@@ -201,6 +212,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         cross_kind=a.cross_kind,
         start=a.start,
         fresh_batches=a.fresh_batches,
+        recover_steps=a.recover_steps,
+        recover_top=a.recover_top,
     )
 
 
