@@ -375,7 +375,7 @@ def obs_order(
     nb, ne, _ = w64.shape
     n = ne // group
     lam = _damp(gb, damp)
-    stops = sorted({int(k) for k in snapshots if 0 < int(k) < n}, reverse=True)
+    stops = _stops(snapshots, n)
     if _accelerate(gb.shape):
         order, scores, snaps = _obs_order_device(gb, w64, lam, group, chunk, stops)
         snaps = {k: np.asarray(v, np.float64).reshape(w.shape) for k, v in snaps.items()}
@@ -406,6 +406,11 @@ def obs_order(
     return (order, scores, snaps) if snapshots else (order, scores)
 
 
+def _stops(snapshots: tuple[int, ...], n: int) -> list[int]:
+    """The snapshot kept counts strictly between 0 and ``n`` units, descending (the greedy pass meets them in turn)."""
+    return sorted({int(k) for k in snapshots if 0 < int(k) < n}, reverse=True)
+
+
 def obs_order_rows(
     g: np.ndarray,
     w: np.ndarray,
@@ -423,7 +428,7 @@ def obs_order_rows(
         raise ValueError(f"per-row OBS needs a (B, N, N) Gram and a consumer with B leading, got {g.shape}, {w.shape}")
     if _accelerate(g.shape):  # all experts side by side on the device (vmapped steps), float32
         w64 = _rows(np.asarray(w, np.float64), axis)  # [B, N, D]
-        stops = sorted({int(k) for k in snapshots if 0 < int(k) < w64.shape[1] // group}, reverse=True)
+        stops = _stops(snapshots, w64.shape[1] // group)
         order, scores, snaps = _obs_order_device(g, w64, _damp(g, damp), group, chunk, stops, rows=True)
         return order, scores, {k: np.asarray(v, np.float64).reshape(w.shape) for k, v in snaps.items()}
     orders, scores, snaps = [], [], {}

@@ -416,15 +416,14 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     return {"history": history, "student": student, "teacher": teacher, "tree": tree, "plan": plan}
 
 
-def recover_in_memory(teacher: Any, student: Any, steps: int, cfg: DistillConfig | None = None) -> Any:
-    """``student`` after ``steps`` distillation steps against ``teacher``, both loaded models: no plan, no files,
-    no checkpoints (the search's recoverability check, ``--recover-steps``). ``cfg`` gives the data and the
-    optimiser (default: the embedded data pipeline, :class:`DistillConfig`'s defaults, warm-up 10% of the steps).
-    Raises :class:`NonFiniteLoss` if the loss diverges."""
-    cfg = cfg or DistillConfig(plan=Path("-"), steps=steps, warmup=max(1, steps // 10), progress=False)
+def recover_in_memory(teacher: Any, student: Any, cfg: DistillConfig) -> Any:
+    """``student`` after ``cfg.steps`` distillation steps against ``teacher``, both loaded models: no plan, no
+    files, no checkpoints (the search's recoverability check, ``--recover-steps``); ``cfg`` gives the data and the
+    optimiser (its ``plan``, ``out`` and checkpoint fields are unused). Raises :class:`NonFiniteLoss` if the loss
+    diverges."""
     batch_at = training_batches(cfg, teacher.config, teacher.ARCH)
     trainer, s_params, opt_state = make_trainer(cfg, teacher, student)
-    for step in range(steps):
+    for step in range(cfg.steps):
         loss_acc, _, grad_sum, n_micro = trainer.gradients(s_params, batch_at(step))
         if not math.isfinite(loss_acc):
             raise NonFiniteLoss(f"recovery: loss became {loss_acc} at step {step}")

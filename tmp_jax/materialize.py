@@ -200,7 +200,7 @@ def kept_first_order(tree: Tree, kept_units_json: dict[str, Any]) -> Order:
             ids = np.asarray(ids, np.int64)
         except (TypeError, ValueError):
             raise ValueError(f"kept_units[{key!r}]: expected a list of unit ids (or one list per expert)") from None
-        if ids.ndim == 2 and u.batch is None or ids.ndim not in (1, 2):
+        if (ids.ndim == 2 and u.batch is None) or ids.ndim not in (1, 2):
             raise ValueError(f"kept_units[{key!r}]: expected a flat list of unit ids, got shape {ids.shape}")
         if u.batch is not None and ids.ndim == 2 and ids.shape[0] != tree.units(node, u.batch).n:
             raise ValueError(

@@ -443,7 +443,7 @@ class PruningProblem:
         from tmp_jax.distill import DistillConfig, recover_in_memory
 
         cfg = DistillConfig(plan=Path("-"), calib=calib, steps=steps, seed=seed, warmup=max(1, steps // 10))
-        student = recover_in_memory(self.model, self.candidate(genome), steps, cfg)
+        student = recover_in_memory(self.model, self.candidate(genome), cfg)
         return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(student, inputs), None)
 
     def fitness_materialized(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
@@ -479,10 +479,10 @@ class PruningProblem:
             order = kept_first_order(self.tree, kept)
             m = materialize(self.teacher_model, self.tree, plan_assignment(plan), order, comp=compensation)
         else:  # only the permuted teacher is kept: the plan's units (and the Grams) in its numbering
-            if compensation is not None and compensation is not self.compensation:
-                compensation = compensation.permuted(self.tree, self.order)
-            elif compensation is not None:
+            if compensation is self.compensation:  # its Grams are permuted already (None stays None)
                 compensation = self._comp_perm
+            elif compensation is not None:
+                compensation = compensation.permuted(self.tree, self.order)
             order = kept_first_order(self.tree, self._permuted_ids(kept))
             m = materialize(self.model, self.tree, plan_assignment(plan), order, comp=compensation)
         return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(m, inputs), n_samples)
