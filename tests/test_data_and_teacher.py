@@ -126,3 +126,20 @@ def test_evaluator_accuracy_and_fid(test_split):
     same = ev.fid(feats[:1024], feats[1024:])
     shifted = ev.fid(feats[:512], ev.features(255 - test_split.images[:512]))
     assert shifted > 10 * same, (same, shifted)
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_n(test_split):
+    feats, logits = ev.features_and_logits(test_split.images)
+    correct = logits.argmax(-1) == test_split.labels
+    ref = feats[1024:]
+    small = ev.bootstrap_ci(feats[:200], correct[:200], ref, reps=200)
+    big = ev.bootstrap_ci(feats[:1024], correct[:1024], ref, reps=200)
+    for ci, n in ((small, 200), (big, 1024)):
+        lo, hi = ci["class_acc"]
+        assert lo <= float(np.mean(correct[:n])) <= hi
+        lo, hi = ci["fid_cls"]
+        assert lo < ev.fid(feats[:n], ref) < hi and hi > 0
+    width = lambda ci, k: ci[k][1] - ci[k][0]  # noqa: E731
+    assert width(big, "class_acc") < 0.6 * width(small, "class_acc")
+    assert width(big, "fid_cls") < 0.6 * width(small, "fid_cls")
+    assert ev.bootstrap_ci(feats[:200], correct[:200], ref, reps=200) == small  # seeded: reproducible

@@ -97,3 +97,36 @@ def test_sharded_distillation_matches_single_device(plan, tmp_path):
     single = run(_cfg(plan, tmp_path / "s1", steps=2, save_every=2))
     sharded = run(_cfg(plan, tmp_path / "s8", steps=2, save_every=2, mesh="data:2,model:4"))
     np.testing.assert_allclose(np.asarray(sharded["history"]), np.asarray(single["history"]), rtol=2e-4)
+
+
+def test_fused_step_equals_gradients_then_apply(plan, tmp_path):
+    """The one-program step (gradient + AdamW, losses left on the device) is the two-program step."""
+    import jax.numpy as jnp
+
+    from tmp_jax.distill import make_trainer, training_batches
+
+    cfg = _cfg(plan, tmp_path / "f")
+    teacher, student, _, _ = build_pair(cfg)
+    trainer, p0, o0 = make_trainer(cfg, teacher, student)
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731 (the steps donate their inputs)
+    batch_at = training_batches(cfg, teacher.config, teacher.ARCH)
+    pf, of, pu, ou = copy(p0), copy(o0), copy(p0), copy(o0)
+    for step in range(2):
+        x = batch_at(step)
+        pf, of, loss_f, _ = trainer.step(pf, of, x)
+        loss_u, _, g, n = trainer.gradients(pu, x)
+        pu, ou = trainer.apply(pu, ou, g, n)
+        np.testing.assert_allclose(float(loss_f), loss_u, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(pu)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(pf), jax.tree.leaves(p0)))
+
+
+def test_checkpoints_by_wall_time_as_well_as_by_step(plan, tmp_path):
+    def steps(out: Path) -> list[int]:
+        return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+    run(_cfg(plan, tmp_path / "t", steps=4, save_every=1000, save_every_s=1e-9))  # time is always due
+    assert steps(tmp_path / "t") == [3, 4]  # every step saved; the manager keeps the last two
+    run(_cfg(plan, tmp_path / "s", steps=4, save_every=1000, save_every_s=0))  # by steps only: the final one
+    assert steps(tmp_path / "s") == [4]

@@ -14,7 +14,8 @@ cosine, global-norm clipping). ``--dtype`` (bf16 / fp32 / auto = bf16 on a GPU o
 the dtype the teacher is loaded in, so the one the frozen teacher runs in and the student is sliced from
 (the fp32 master starts from those values), and the student's forward dtype (``--compute-dtype`` overrides
 the latter alone); the losses are computed in fp32. Every block is rematerialised (``jax.checkpoint``) and
-micro-batches accumulated. Orbax checkpoints every ``--save-every`` steps; ``--resume`` continues exactly
+micro-batches accumulated. Orbax checkpoints every ``--save-every`` steps and every ``--save-every-s``
+seconds, whichever comes first; ``--resume`` continues exactly
 (batches are a pure function of seed and step).
 A NaN/Inf loss stops the run with a clear message and keeps the last good checkpoint.
 
@@ -66,7 +67,8 @@ class DistillConfig:
     clip_norm: float = 1.0
     w_out: float = 1.0
     w_feat: float = 0.1
-    save_every: int = 50
+    save_every: int = 500
+    save_every_s: float = 300.0  # also checkpoint when this many seconds passed since the last one (0: off)
     seed: int = 0
     resume: bool = False
     mesh: str | None = None
@@ -238,6 +240,9 @@ class Trainer:
     micro: int | None  # micro-batch size (None: the whole batch at once)
     task_steps: dict[str, Any] = field(default_factory=dict)  # task -> its grad_step (other than the default)
     default_task: str = "t2i"  # the task ``grad_step`` runs
+    # task -> jit (params, opt_state, t_state, inputs) -> (params, opt_state, loss, parts): the gradient and the
+    # update in ONE program (params and optimiser state donated), used when a batch is one micro-batch
+    fused: dict[str, Any] = field(default_factory=dict)
 
     def split_micro(self, inputs: dict, i: int) -> dict:
         b = inputs["mask"].shape[0]
@@ -269,6 +274,22 @@ class Trainer:
             loss_acc += float(loss) / n_micro
             parts_acc = {k: parts_acc[k] + float(parts[k]) / n_micro for k in parts_acc}
         return loss_acc, parts_acc, acc, n_micro
+
+    def step(self, params: Any, opt_state: Any, inputs: dict) -> tuple[Any, Any, Any, dict[str, Any]]:
+        """One optimiser step: (params, opt_state, loss, loss parts); ``params`` and ``opt_state`` are consumed.
+
+        A batch of one micro-batch runs the fused program and returns the loss as device scalars without waiting
+        for them, so the host can queue the next step while this one runs (the GPU is never idle on small
+        models); the caller reads the losses in bulk (:func:`_train`). Several micro-batches go through
+        :meth:`gradients` + :meth:`apply` (host floats)."""
+        task = inputs.get("task", self.default_task)
+        b = int(np.shape(inputs["mask"])[0])
+        if task in self.fused and (self.micro is None or self.micro >= b):
+            x = {k: v for k, v in inputs.items() if k != "task"}
+            return self.fused[task](params, opt_state, self.t_state, x)
+        loss, parts, grad_sum, n_micro = self.gradients(params, inputs)
+        params, opt_state = self.apply(params, opt_state, grad_sum, n_micro)
+        return params, opt_state, np.float32(loss), {k: np.float32(v) for k, v in parts.items()}
 
     def apply(self, params: Any, opt_state: Any, grad_sum: Any, n_micro: int) -> tuple[Any, Any]:
         """One AdamW step on the mean gradient; ``params``, ``opt_state`` and ``grad_sum`` are consumed."""
@@ -325,8 +346,7 @@ def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Traine
         def teacher_fwd(t_state: Any, inputs: dict) -> tuple:
             return h.forward_train(nnx.merge(t_gd, t_state), inputs, False)
 
-        @partial(jax.jit, donate_argnums=(3,))
-        def grad_step(params: Any, t_state: Any, inputs: dict, acc: Any) -> tuple:
+        def loss_and_grads(params: Any, t_state: Any, inputs: dict) -> tuple:
             t_out, t_feats = teacher_fwd(t_state, inputs)
             t_out, t_feats = jax.lax.stop_gradient((t_out.astype(jnp.float32), t_feats))
 
@@ -334,24 +354,46 @@ def make_trainer(cfg: DistillConfig, teacher: Any, student: Any) -> tuple[Traine
                 return _loss_fn(nnx.merge(s_gd, p), t_out, t_feats, inputs, matched, cfg.w_out, cfg.w_feat, fwd, dtype)
 
             (loss, parts), grads = jax.value_and_grad(f, has_aux=True)(params)
+            return loss, parts, grads
+
+        @partial(jax.jit, donate_argnums=(3,))
+        def grad_step(params: Any, t_state: Any, inputs: dict, acc: Any) -> tuple:
+            loss, parts, grads = loss_and_grads(params, t_state, inputs)
             return loss, parts, jax.tree.map(jnp.add, acc, grads)
 
-        return grad_step
+        @partial(jax.jit, donate_argnums=(0, 1))
+        def fused_step(params: Any, opt_state: Any, t_state: Any, inputs: dict) -> tuple:
+            loss, parts, grads = loss_and_grads(params, t_state, inputs)
+            params, opt_state = update(params, opt_state, grads)
+            return params, opt_state, loss, parts
 
-    grad_step = make_grad_step(hooks)
-    task_steps = {
-        t: make_grad_step(hooks.for_task(t))
-        for t in hooks.tasks
-        if t != hooks.default_task and hooks.for_task(t).forward_train is not None
-    }
+        return grad_step, fused_step
 
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def apply_fn(params: Any, opt_state: Any, grad_sum: Any, n_micro: Any) -> tuple:
-        grads = jax.tree.map(lambda g: g / n_micro, grad_sum)
+    def update(params: Any, opt_state: Any, grads: Any) -> tuple:
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    trainer = Trainer(grad_step, apply_fn, t_state, cfg.micro_batch or cfg.batch_size, task_steps, hooks.default_task)
+    steps = {
+        t: make_grad_step(hooks.for_task(t))
+        for t in hooks.task_names()
+        if t == hooks.default_task or hooks.for_task(t).forward_train is not None
+    }
+    grad_step = steps[hooks.default_task][0]
+    task_steps = {t: g for t, (g, _) in steps.items() if t != hooks.default_task}
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def apply_fn(params: Any, opt_state: Any, grad_sum: Any, n_micro: Any) -> tuple:
+        return update(params, opt_state, jax.tree.map(lambda g: g / n_micro, grad_sum))
+
+    trainer = Trainer(
+        grad_step,
+        apply_fn,
+        t_state,
+        cfg.micro_batch or cfg.batch_size,
+        task_steps,
+        hooks.default_task,
+        {t: f for t, (_, f) in steps.items()},
+    )
     return trainer, s_params, opt_state
 
 
@@ -392,28 +434,103 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     from tmp_jax.progress import progress_bar
 
     pbar = progress_bar(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not cfg.progress)
+    last_save = [time.monotonic()]
+
+    def due(step: int) -> bool:  # checkpoint after ``step`` steps: every save_every steps or save_every_s seconds
+        by_time = cfg.save_every_s > 0 and time.monotonic() - last_save[0] >= cfg.save_every_s
+        return step % cfg.save_every == 0 or step == cfg.steps or by_time
+
+    def save(step: int, params: Any, opt: Any, hist: list) -> None:
+        state = {"params": params, "opt": opt, "history": np.asarray(hist, np.float64)}
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+        last_save[0] = time.monotonic()
+
+    def on_error(step: int, loss: float) -> NonFiniteLoss:
+        last = mngr.latest_step()
+        return NonFiniteLoss(
+            f"loss became {loss} at step {step}; stopped. Last good checkpoint: "
+            f"{ckpt_dir / str(last) if last is not None else 'none'} (lower --lr or check the data)"
+        )
+
     t0 = time.time()
-    for step in range(start, cfg.steps):
-        loss_acc, parts_acc, grad_sum, n_micro = trainer.gradients(s_params, batch_at(step))
-        if not math.isfinite(loss_acc):
-            pbar.close()
-            last = mngr.latest_step()
-            raise NonFiniteLoss(
-                f"loss became {loss_acc} at step {step}; stopped. Last good checkpoint: "
-                f"{ckpt_dir / str(last) if last is not None else 'none'} (lower --lr or check the data)"
-            )
-        s_params, opt_state = trainer.apply(s_params, opt_state, grad_sum, n_micro)
-        history.append((step, loss_acc, parts_acc["out"]))
-        pbar.set_postfix(loss=f"{loss_acc:.4g}")
-        pbar.update(1)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            state = {"params": s_params, "opt": opt_state, "history": np.asarray(history, np.float64)}
-            mngr.save(step + 1, args=ocp.args.StandardSave(state))
-            mngr.wait_until_finished()
-    pbar.close()
+    try:
+        s_params, opt_state = _train(
+            trainer,
+            s_params,
+            opt_state,
+            batch_at,
+            start,
+            cfg.steps,
+            history,
+            pbar=pbar,
+            due=due,
+            save=save,
+            error=on_error,
+        )
+    finally:
+        pbar.close()
     nnx.update(student, s_params)
     _write_outputs(cfg, student, history, plan, time.time() - t0)
     return {"history": history, "student": student, "teacher": teacher, "tree": tree, "plan": plan}
+
+
+SYNC_EVERY = 25  # steps queued on the device between two reads of their losses
+
+
+def _train(
+    trainer: Trainer,
+    params: Any,
+    opt_state: Any,
+    batch_at: Any,
+    start: int,
+    stop: int,
+    history: list,
+    *,
+    pbar: Any = None,
+    due: Any = None,
+    save: Any = None,
+    error: Any = None,
+) -> tuple[Any, Any]:
+    """Steps ``start`` .. ``stop - 1``; appends ``(step, loss, output loss)`` to ``history``; returns the new
+    (params, opt_state).
+
+    The host never waits for a step: it prepares the next batch in a thread while the device runs, queues up
+    to :data:`SYNC_EVERY` steps, then reads their losses in one transfer (a per-step ``float(loss)`` made small
+    models launch-bound: the device idled while the host built each step). The losses are checked when read,
+    and always before a checkpoint (``due(step)`` -> ``save(step, params, opt_state, history)``), so a
+    checkpoint never holds a diverged state; a NaN/Inf raises ``error(step, loss)`` (default
+    :class:`NonFiniteLoss`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: list[tuple[int, Any, Any]] = []
+
+    def flush() -> None:
+        vals = jax.device_get([(loss, out) for _, loss, out in pending])
+        for (step, _, _), (loss, out) in zip(pending, vals):
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise (error or (lambda s, v: NonFiniteLoss(f"loss became {v} at step {s}")))(step, loss)
+            history.append((step, loss, float(out)))
+        if pbar is not None and pending:
+            pbar.set_postfix(loss=f"{history[-1][1]:.4g}")
+            pbar.update(len(pending))
+        pending.clear()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(batch_at, start) if start < stop else None
+        for step in range(start, stop):
+            inputs = nxt.result()
+            if step + 1 < stop:
+                nxt = pool.submit(batch_at, step + 1)
+            params, opt_state, loss, parts = trainer.step(params, opt_state, inputs)
+            pending.append((step, loss, parts["out"]))
+            checkpoint = due is not None and due(step + 1)
+            if len(pending) >= SYNC_EVERY or checkpoint or step + 1 == stop:
+                flush()
+            if checkpoint:
+                save(step + 1, params, opt_state, history)
+    return params, opt_state
 
 
 def recover_in_memory(teacher: Any, student: Any, cfg: DistillConfig) -> Any:
@@ -423,11 +540,8 @@ def recover_in_memory(teacher: Any, student: Any, cfg: DistillConfig) -> Any:
     diverges."""
     batch_at = training_batches(cfg, teacher.config, teacher.ARCH)
     trainer, s_params, opt_state = make_trainer(cfg, teacher, student)
-    for step in range(cfg.steps):
-        loss_acc, _, grad_sum, n_micro = trainer.gradients(s_params, batch_at(step))
-        if not math.isfinite(loss_acc):
-            raise NonFiniteLoss(f"recovery: loss became {loss_acc} at step {step}")
-        s_params, opt_state = trainer.apply(s_params, opt_state, grad_sum, n_micro)
+    err = lambda step, loss: NonFiniteLoss(f"recovery: loss became {loss} at step {step}")  # noqa: E731
+    s_params, _ = _train(trainer, s_params, opt_state, batch_at, 0, cfg.steps, [], error=err)
     nnx.update(student, s_params)
     return student
 
@@ -482,7 +596,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=None, help="gradient-accumulation micro-batch size")
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--out", type=Path, default=Path("distill-out"))
-    p.add_argument("--save-every", type=int, default=d["save_every"])
+    p.add_argument("--save-every", type=int, default=d["save_every"], help="checkpoint every N steps")
+    p.add_argument(
+        "--save-every-s",
+        type=float,
+        default=d.get("save_every_s", 300.0),
+        help="also checkpoint when this many seconds passed since the last checkpoint (0: by steps only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--mesh", help="device mesh, e.g. data:4,model:2 (default: all devices on data)")
@@ -533,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         w_out=d["w_out"],
         w_feat=d["w_feat"],
         save_every=a.save_every,
+        save_every_s=a.save_every_s,
         seed=a.seed,
         resume=a.resume,
         mesh=a.mesh,
