@@ -453,7 +453,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             f"{ckpt_dir / str(last) if last is not None else 'none'} (lower --lr or check the data)"
         )
 
-    t0 = time.time()
+    t0, clock = time.time(), []
     try:
         s_params, opt_state = _train(
             trainer,
@@ -467,12 +467,30 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             due=due,
             save=save,
             error=on_error,
+            clock=clock,
         )
     finally:
         pbar.close()
     nnx.update(student, s_params)
     _write_outputs(cfg, student, history, plan, time.time() - t0)
-    return {"history": history, "student": student, "teacher": teacher, "tree": tree, "plan": plan}
+    return {
+        "history": history,
+        "student": student,
+        "teacher": teacher,
+        "tree": tree,
+        "plan": plan,
+        "seconds": time.time() - t0,
+        "step_ms": steady_step_ms(clock),
+    }
+
+
+def steady_step_ms(clock: list[tuple[int, float]]) -> float | None:
+    """Milliseconds per step over the second half of a run's loss reads (compile and warm-up excluded);
+    None for runs too short to tell."""
+    if len(clock) < 3:
+        return None
+    (s0, t0), (s1, t1) = clock[len(clock) // 2], clock[-1]
+    return (t1 - t0) * 1e3 / (s1 - s0) if s1 > s0 else None
 
 
 SYNC_EVERY = 25  # steps queued on the device between two reads of their losses
@@ -491,6 +509,7 @@ def _train(
     due: Any = None,
     save: Any = None,
     error: Any = None,
+    clock: list | None = None,
 ) -> tuple[Any, Any]:
     """Steps ``start`` .. ``stop - 1``; appends ``(step, loss, output loss)`` to ``history``; returns the new
     (params, opt_state).
@@ -500,7 +519,8 @@ def _train(
     models launch-bound: the device idled while the host built each step). The losses are checked when read,
     and always before a checkpoint (``due(step)`` -> ``save(step, params, opt_state, history)``), so a
     checkpoint never holds a diverged state; a NaN/Inf raises ``error(step, loss)`` (default
-    :class:`NonFiniteLoss`)."""
+    :class:`NonFiniteLoss`). ``clock`` (if given) gets ``(steps done, time.perf_counter())`` at every read, all
+    steps before it finished: the steady-state step time without the compile of the first step."""
     from concurrent.futures import ThreadPoolExecutor
 
     pending: list[tuple[int, Any, Any]] = []
@@ -512,6 +532,8 @@ def _train(
             if not math.isfinite(loss):
                 raise (error or (lambda s, v: NonFiniteLoss(f"loss became {v} at step {s}")))(step, loss)
             history.append((step, loss, float(out)))
+        if clock is not None and pending:
+            clock.append((pending[-1][0] + 1, time.perf_counter()))
         if pbar is not None and pending:
             pbar.set_postfix(loss=f"{history[-1][1]:.4g}")
             pbar.update(len(pending))
