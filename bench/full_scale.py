@@ -114,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     from search.engine import SearchConfig, load_plan, plan_assignment
     from search.engine import run as run_search
     from tmp_jax.calibration import calibrate
+    from tmp_jax.fileio import fingerprint
     from tmp_jax.materialize import materialize
     from tmp_jax.models.hunyuan_image3 import structure as hs
     from tmp_jax.models.hunyuan_image3.config import FULL, TINY
-    from tmp_jax.problem import PruningProblem, fingerprint
+    from tmp_jax.problem import PruningProblem
     from tmp_jax.sharding import make_mesh, random_on_mesh
 
     out = Path(args.out)

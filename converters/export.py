@@ -179,8 +179,8 @@ def kept_slices(tree: Tree, plan: dict[str, Any]) -> dict[tuple, list[tuple[int,
     """Source parameter path -> [(axis, element indices)] from the plan's ORIGINAL-numbered unit ids (one list
     per expert for per-expert groups): :func:`tmp_jax.materialize.slice_plan` of the plan's kept-first order,
     applied with :func:`tmp_jax.materialize.take_kept`."""
-    from search.engine import plan_assignment
     from tmp_jax.materialize import kept_first_order, slice_plan
+    from tmp_jax.plan import plan_assignment
 
     a = plan_assignment(plan)
     kept = plan["policy"]["kept_units"]
@@ -202,8 +202,8 @@ def kept_slices(tree: Tree, plan: dict[str, Any]) -> dict[tuple, list[tuple[int,
 
 def export(cfg: ExportConfig) -> dict[str, Any]:
     from converters import quantize as qz
-    from search.engine import load_plan, plan_assignment
-    from tmp_jax.problem import fingerprint
+    from tmp_jax.fileio import fingerprint
+    from tmp_jax.plan import load_plan, plan_assignment
 
     qz.check_method(cfg.quantize)
     target_bytes = None

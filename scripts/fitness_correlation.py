@@ -110,9 +110,9 @@ def candidates(probs: dict[str, Any], budget: str, n: int, seed: int) -> list[di
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from search.engine import plan_assignment
     from tmp_jax import evaluate as ev
     from tmp_jax.materialize import kept_first_order, materialize
+    from tmp_jax.plan import plan_assignment
     from tmp_jax.problem import build_problem
 
     probs = {src: build_problem(args.model, seed=args.seed, calib_source=src) for src in ("noised", "trajectory")}

@@ -24,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,10 +37,10 @@ import numpy as np
 from search.budget import Budget, BudgetError, CostModel, SearchError, fmt_count, parse_budgets
 from search.genome import GeneLoss, split_importance
 from search.strategies import STRATEGIES, Context, Strategy, make_strategy
-from tmp_jax.tree import Assignment, Tree
+from tmp_jax.fileio import atomic_npz, atomic_write
+from tmp_jax.plan import FORMAT_VERSION, budget_metric, build_plan, jsonable, load_plan, plan_assignment, plan_json
+from tmp_jax.tree import Tree
 
-FORMAT_VERSION = 2  # 2: per-expert kept lists for expert channels (docs/plan-format.md, Compatibility)
-READ_VERSIONS = (1, 2)  # version 1 plans (one kept list for every expert) are still read
 CHECKPOINT_VERSION = 1
 
 
@@ -199,170 +197,7 @@ class Evaluator:
 
 
 # --------------------------------------------------------------------------------------------------
-# Files
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    _atomic_write(path, buf.getvalue())
-
-
-_NUM_LIST = re.compile(r"\[\s*(-?\d[-\d.eE+,\s]*?)\s*\]")
-
-
-def _json(obj: Any) -> str:
-    """Indented JSON with number lists on one line (kept-unit index lists are long)."""
-    text = json.dumps(obj, indent=2, default=_json_default)
-    return _NUM_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def versions() -> dict[str, str]:
-    """Library versions recorded in every plan."""
-    from importlib import metadata
-
-    out = {}
-    for name in ("jax", "flax", "evosax", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    import tmp_jax
-
-    out["tmp_jax"] = getattr(tmp_jax, "__version__", "unknown")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # Plans
-
-
-def build_plan(
-    problem: Problem,
-    budget: Budget,
-    genome: np.ndarray,
-    fitness: float,
-    n_samples: int,
-    search: dict[str, Any],
-    tokens: dict[str, int],
-) -> dict[str, Any]:
-    """The plan for one budget (schema: docs/plan-format.md)."""
-    from tmp_jax.materialize import kept_units
-
-    tree = problem.tree
-    a = tree.decode(genome)
-    before, after = tree.count(tree.full_assignment()), tree.count(a)
-    kept = kept_units(tree, a, getattr(problem, "order", None))
-    return {
-        "format_version": FORMAT_VERSION,
-        "arch": tree.spec.arch,
-        "source": _jsonable(getattr(problem, "source", {}) or {}),
-        "budget": {
-            **budget.to_json(),
-            "full": _metric(tree, tree.full_assignment(), budget.kind, tokens),
-            "floor": _metric(tree, tree.decode(np.zeros(tree.n_genes, np.int64)), budget.kind, tokens),
-        },
-        "policy": {
-            "dropped": sorted(a.dropped),
-            "keep": {f"{n}/{k}": int(v) for (n, k), v in sorted(a.keep.items())},
-            # per-expert groups: one list per expert (docs/plan-format.md)
-            "kept_units": {f"{n}/{k}": np.asarray(ids, np.int64).tolist() for (n, k), ids in sorted(kept.items())},
-        },
-        "genome": {"genes": [g.name for g in tree.genes], "levels": [int(x) for x in genome]},
-        "counts": {
-            "before": {"params": before["params"], "active": before["active"], "bytes": before["bytes"]},
-            "after": {"params": after["params"], "active": after["active"], "bytes": after["bytes"]},
-            "flops_before": tree.flops(tree.full_assignment(), tokens),
-            "flops_after": tree.flops(a, tokens),
-            "tokens": dict(tokens),
-        },
-        "fitness": {
-            "value": float(fitness),
-            "n_samples": int(n_samples),
-            "metric": "normalised teacher-output error (lower is better)",
-        },
-        "search": search,
-        "versions": versions(),
-    }
-
-
-def _metric(tree: Tree, a: Assignment, kind: str, tokens: dict[str, int]) -> int:
-    if kind == "flops":
-        return int(tree.flops(a, tokens))
-    c = tree.count(a)
-    return int(c["bytes" if kind == "memory" else kind])
-
-
-def _jsonable(o: Any) -> Any:
-    """Problem metadata (configs may be dataclasses / tuples) as plain JSON values."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return _jsonable(dataclasses.asdict(o))
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.generic | np.ndarray):
-        return o.tolist()
-    if o is None or isinstance(o, str | int | float | bool):
-        return o
-    return str(o)
-
-
-_REQUIRED = ("arch", "budget", "policy", "genome", "counts", "fitness")
-
-
-def load_plan(path: str | Path) -> dict[str, Any]:
-    """Read and validate a plan.json; raises ValueError with a clear message on a foreign or newer file."""
-    p = Path(path)
-    try:
-        plan = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: cannot read plan ({e})") from e
-    if not isinstance(plan, dict) or "format_version" not in plan:
-        raise ValueError(f"{p}: not a tmp-jax plan (no format_version)")
-    v = plan["format_version"]
-    if v not in READ_VERSIONS:
-        raise ValueError(
-            f"{p}: plan format_version {v!r} is not supported; this tmp_jax "
-            f"({versions()['tmp_jax']}) reads format_version {', '.join(map(str, READ_VERSIONS))}"
-        )
-    missing = [k for k in _REQUIRED if k not in plan]
-    if missing:
-        raise ValueError(f"{p}: plan lacks {', '.join(missing)}")
-    return plan
-
-
-def plan_assignment(plan: dict[str, Any]) -> Assignment:
-    """The plan's assignment (dropped nodes, kept counts), for materialise / export."""
-    pol = plan["policy"]
-    return Assignment.from_json({"dropped": pol["dropped"], "keep": pol["keep"]})
 
 
 def _slug(text: str) -> str:
@@ -429,7 +264,7 @@ def plot_pareto(
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,7 +360,7 @@ def _signature(cfg: SearchConfig, strat: Strategy, budgets: list[Budget], proble
     genes = hashlib.sha256("\n".join(f"{g.name}:{g.counts}" for g in tree.genes).encode()).hexdigest()[:16]
     return {
         "strategy": cfg.strategy,
-        "settings": _jsonable(strat.settings()),
+        "settings": jsonable(strat.settings()),
         "budgets": [b.to_json() for b in budgets],
         "seed": cfg.seed,
         "genes": genes,
@@ -584,7 +419,7 @@ def _save_importance(path: Path, problem: Problem) -> None:
     arrays = {f"units/{n}/{k}": np.asarray(v) for (n, k), v in units.items()}
     arrays.update({f"block/{n}": np.asarray(v) for n, v in (getattr(problem, "block_scores", None) or {}).items()})
     arrays.update({f"order/{n}/{k}": np.asarray(v) for (n, k), v in (getattr(problem, "order", None) or {}).items()})
-    _atomic_npz(path, arrays)
+    atomic_npz(path, arrays)
 
 
 def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
@@ -653,7 +488,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         rng.bit_generator.state = meta["rng"]
         strat.load_state(meta["strategy"], {k[9:]: v for k, v in arrays.items() if k.startswith("strategy/")})
         history, elapsed0, start = meta["history"], float(meta["elapsed_s"]), int(meta["generation"])
-        _atomic_write(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     else:
         (out / "history.jsonl").unlink(missing_ok=True)
     # only now: a refused --resume (another search) must not overwrite that search's files
@@ -686,7 +521,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         smeta, sarr = strat.state()
         arrays = {**ev.arrays(), **{f"strategy/{k}": v for k, v in sarr.items()}}
         npz = f"checkpoint-{gen}.npz"
-        _atomic_npz(out / npz, arrays)
+        atomic_npz(out / npz, arrays)
         meta = {
             "checkpoint_version": CHECKPOINT_VERSION,
             "signature": sig,
@@ -699,7 +534,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
             "sample_evals": ev.sample_evals,
             "elapsed_s": elapsed0 + time.time() - t_run,
         }
-        _atomic_write(ckpt, _json(meta))
+        atomic_write(ckpt, plan_json(meta))
         for old in out.glob("checkpoint-*.npz"):  # only after the JSON points at the new one
             if old.name != npz:
                 old.unlink(missing_ok=True)
@@ -736,7 +571,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     wall = elapsed0 + time.time() - t_run
     search_meta = {
         "strategy": config.strategy,
-        "settings": _jsonable(strat.settings()),
+        "settings": jsonable(strat.settings()),
         "seed": config.seed,
         "generations": generations,
         "evals": ev.evals,
@@ -768,7 +603,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         if rec:  # every recovered candidate, best pruned first; the winner is the one with the least recovered error
             plan["recovery"] = {"steps": config.recover_steps, "candidates": rec}
         # the exact tree count and the vectorised cost must agree: a plan is never over its budget
-        if _metric(tree, tree.decode(g), b.kind, tokens) > b.value or plan["counts"]["after"]["params"] != int(
+        if budget_metric(tree, tree.decode(g), b.kind, tokens) > b.value or plan["counts"]["after"]["params"] != int(
             params_cost(g)[0]
         ):
             raise RuntimeError(f"internal: plan for budget {b.text} disagrees with its exact count")
@@ -777,7 +612,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         if len(budgets) > 1:
             names.append(f"plan-{_slug(b.text)}.json")
         for name in names:
-            _atomic_write(out / name, _json(plan))
+            atomic_write(out / name, plan_json(plan))
         paths.append(out / names[-1])
 
     # the Pareto plot: every full-fidelity candidate within the largest budget

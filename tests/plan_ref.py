@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from search.engine import FORMAT_VERSION
+from tmp_jax.fileio import fingerprint
 from tmp_jax.materialize import kept_units
-from tmp_jax.problem import fingerprint
+from tmp_jax.plan import FORMAT_VERSION
 
 
 def write_plan(path: Path, arch: str, folder: Path, model: Any, tree: Any, genome: Any, order: Any) -> Path:

@@ -28,8 +28,9 @@ from search.engine import SearchConfig, run
 from tmp_jax import arch
 from tmp_jax.calibration import calibrate
 from tmp_jax.compensate import CompensationConfig
+from tmp_jax.fileio import fingerprint
 from tmp_jax.models.z_image import TINY
-from tmp_jax.problem import PruningProblem, _load_model, fingerprint
+from tmp_jax.problem import PruningProblem, _load_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:no --calib given")
 

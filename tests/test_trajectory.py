@@ -109,7 +109,7 @@ def test_shipped_states_belong_to_the_embedded_teachers(tmp_path):
     for the checkpoint and settings they were made with."""
     import json
 
-    from tmp_jax.problem import fingerprint
+    from tmp_jax.fileio import fingerprint
     from tmp_jax.trajectory import GUIDANCE, STEPS, default_states_file, sampled_states, write_states
 
     for name in ("zimage-fmnist", "hunyuan-fmnist"):

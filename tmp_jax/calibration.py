@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tmp_jax import arch
 from tmp_jax.compensate import StoredGram, check_timestep_weight, sample_sigmas, timestep_weights
 from tmp_jax.dtypes import model_dtype
+from tmp_jax.fileio import atomic_write
 from tmp_jax.stats import set_gram_weights, set_grams, stat_dtype
 from tmp_jax.trajectory import fitness_entries
 from tmp_jax.tree import Tree, node_path
@@ -73,7 +74,7 @@ def write_calib(folder: str | Path, batches: list[dict[str, Any]], arch_name: st
         tags.append(tag)
     present = ",".join(dict.fromkeys(tags)) or (task or "t2i")
     meta = {"format_version": FORMAT_VERSION, "arch": arch_name, "task": present, "batches": names, "tasks": tags}
-    _atomic_write(folder / "calib.json", json.dumps(meta, indent=2).encode())
+    atomic_write(folder / "calib.json", json.dumps(meta, indent=2).encode())
     return folder
 
 
@@ -162,13 +163,6 @@ def select_tasks(batches: list[dict[str, Any]], weights: dict[str, float], where
             f"(it has {', '.join(dict.fromkeys(have))})"
         )
     return [b for b, t in zip(batches, have) if t in weights]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

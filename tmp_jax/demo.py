@@ -140,9 +140,9 @@ def run(out: Path, *, generations: int, steps: int, budget: str = "66%", quick: 
     )
     print("[4/4] evaluate and sample", flush=True)
     teacher = dres["teacher"]
-    from search.engine import plan_assignment
     from tmp_jax.compensate import from_plan
     from tmp_jax.materialize import kept_first_order, materialize
+    from tmp_jax.plan import plan_assignment
 
     tree = dres["tree"]
     a = plan_assignment(dres["plan"])

@@ -98,9 +98,10 @@ def load_defaults() -> dict[str, Any]:
 
 def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
     """(teacher, student, tree, plan): the student is the plan's subnetwork sliced from the teacher."""
-    from search.engine import load_plan, plan_assignment
+    from tmp_jax.fileio import fingerprint
     from tmp_jax.materialize import kept_first_order, materialize
-    from tmp_jax.problem import _load_model, fingerprint
+    from tmp_jax.plan import load_plan, plan_assignment
+    from tmp_jax.problem import _load_model
 
     plan = load_plan(cfg.plan)
     teacher, path, _ = _load_model(cfg.model, cfg.dtype)

@@ -26,7 +26,6 @@ on the CPU, where full-width FLOPs are not free). Each micro-batch runs through 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -53,6 +52,7 @@ from tmp_jax.calibration import (
 )
 from tmp_jax.compensate import Compensation, CompensationConfig, consumer_slice, gram_stats
 from tmp_jax.dtypes import jnp_dtype, model_dtype
+from tmp_jax.fileio import fingerprint
 from tmp_jax.masked_eval import MaskedEvaluator, Precompile
 from tmp_jax.materialize import Refits, materialize, permute
 from tmp_jax.progress import progress_bar
@@ -77,20 +77,6 @@ MASKED_MAX_PARAMS = 1_000_000_000
 # default search makes 1000). Test-size teachers (< 1e6: ~0.6M for the tiny configs) run a forward in a few
 # ms, where compiles dominate any search.
 MASKED_MAX_PARAMS_CPU = 1_000_000
-
-
-def fingerprint(path: str | Path | None, config: dict[str, Any]) -> str:
-    """sha256 over config.json and every safetensors header + file size (cheap, content-sensitive
-    enough to tell checkpoints apart without reading 100+ GB)."""
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    if path is not None:
-        p = Path(path)
-        files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
-        for f in files:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(f.name.encode() + fh.read(n) + str(f.stat().st_size).encode())
-    return "sha256:" + h.hexdigest()
 
 
 def warmup_genomes(tree: Tree, data_kinds: frozenset[str] | set[str] = frozenset()) -> list[np.ndarray]:
@@ -471,8 +457,8 @@ class PruningProblem:
         plain slices. The candidate is built in the teacher's dtype and run through the materialising forward, so
         compare plans by this method with each other, not with :meth:`fitness` values (bf16: they differ at the
         bf16 noise floor)."""
-        from search.engine import plan_assignment
         from tmp_jax.materialize import kept_first_order
+        from tmp_jax.plan import plan_assignment
 
         kept = plan["policy"]["kept_units"]
         if self.teacher_model is not None:

@@ -521,7 +521,7 @@ def calibrate_streamed(
     final = Path(out) / "calib_state.npz" if out is not None else None
     sig = tsig = None
     if out is not None:  # the resume state belongs to this set AND this checkpoint (headers, sizes, config)
-        from tmp_jax.problem import fingerprint
+        from tmp_jax.fileio import fingerprint
 
         sig = batches_signature(batches) + gram_signature(grams, gram_stride, gram_timestep_weight)
         tsig = f"files:{fingerprint(path, cfg.to_hf_config())}:{_sampled_content_hash(path)}"
