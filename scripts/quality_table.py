@@ -289,6 +289,11 @@ def _run_workers(args: argparse.Namespace, model: str, units: list[str], budgets
     import subprocess
 
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+    # the host linear algebra (Gram re-fits, OBS orders, FID) of N workers: without a cap every worker's BLAS
+    # starts one thread per core, and on a 16-core GPU host 9 workers made a 30 s calibration take 220 s
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(units)))))
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(k, threads)
     queue, running = list(units), []
     folder = Path(args.work) / args.preset / model
     while queue or running:
