@@ -38,15 +38,30 @@ def _np(v: Any) -> np.ndarray | None:
 def record_t2i(pipe: Any, prompts: list[str], *, height: int, width: int, steps: int, every: int, seed: int,
                device: str = "cpu", **call: Any) -> list[dict[str, np.ndarray]]:  # fmt: skip
     """Sample ``prompts`` with a ``ZImagePipeline``; T2I micro-batches of the transformer's inputs at every
-    ``every``-th step (one micro-batch per recorded call: the CFG rows of one step together)."""
+    ``every``-th step (one micro-batch per recorded call: the CFG rows of one step together).
+
+    The micro-batches are the teacher's own sampling trajectory, so they carry the trajectory fitness's keys
+    (:func:`tmp_jax.trajectory.mark_recorded`): ``sample_weight`` by noise level, and for a call with CFG
+    ``cfg_guidance`` = 1 + the pipeline's ``guidance_scale`` (diffusers' Z-Image combines ``c + s (c - u)``,
+    i.e. ``u + (1 + s)(c - u)``, conditional rows first). The pipeline's optional CFG renormalisation is not
+    modelled: the score compares the un-normalised guided output."""
     import torch
 
+    from tmp_jax.trajectory import mark_recorded
+
     batches: list[dict[str, Any]] = []
+    sigmas: list[np.ndarray] = []
+    guidance: list[float | None] = []
     step = {"i": 0}
     real_forward = pipe.transformer.forward
 
     def recording_forward(x, t, cap_feats, *a, **kw):  # noqa: ANN001, ANN202
         if step["i"] % every == 0:
+            # CFG doubles the rows of the call (one prompt per call here): conditional first, then unconditional
+            cfg = len(x) == 2
+            sigma = 1.0 - t.float().cpu().numpy().reshape(-1)  # the transformer's t is 1 - sigma
+            sigmas.append(sigma[: len(x) // 2] if cfg else sigma)
+            guidance.append(1.0 + float(pipe.guidance_scale) if cfg else None)
             L = max(c.shape[0] for c in cap_feats)
             feats = np.zeros((len(cap_feats), L, cap_feats[0].shape[1]), np.float32)
             for i, c in enumerate(cap_feats):
@@ -71,6 +86,7 @@ def record_t2i(pipe: Any, prompts: list[str], *, height: int, width: int, steps:
             pipe(prompt, height=height, width=width, num_inference_steps=steps, generator=g, **call)
     finally:
         pipe.transformer.forward = real_forward
+    mark_recorded(batches, sigmas, guidance)
     return batches
 
 

@@ -136,3 +136,48 @@ def test_shipped_states_belong_to_the_embedded_teachers(tmp_path):
     )
     got = sampled_states(model, n_labels=2, steps=3, guidance=2.0, shift=1.0, seed=5, teacher_key="mine", cache=fake)
     assert np.abs(got).sum() > 0
+
+
+def test_dump_script_marks_the_real_pipelines_trajectory(tmp_path):
+    """scripts/dump_calibration.py's T2I recorder (the real ZImagePipeline's transformer calls, faked here by a
+    pipe that calls its transformer the way diffusers does: conditional rows first, t = 1 - sigma) gives its
+    micro-batches the trajectory fitness keys: cfg_guidance = 1 + guidance_scale on CFG calls, sample_weight by
+    sigma with mean 1 over the set; a call without CFG gets a weight and no guidance."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from tmp_jax.calibration import load_calib, write_calib
+    from tmp_jax.trajectory import fitness_entries
+
+    spec = importlib.util.spec_from_file_location("dump", Path(__file__).parents[1] / "scripts/dump_calibration.py")
+    dump = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dump)
+
+    class Transformer:
+        def forward(self, x, t, cap_feats, *a, **kw):
+            return [v * 0 for v in x]
+
+    class Pipe:
+        guidance_scale = 3.0
+
+        def __init__(self):
+            self.transformer = Transformer()
+
+        def __call__(self, prompt, height, width, num_inference_steps, generator, **kw):
+            for i, sigma in enumerate(np.linspace(1.0, 0.25, num_inference_steps)):
+                rows = 2 if i < num_inference_steps - 1 else 1  # the last step without CFG (cfg truncation)
+                x = [torch.randn(4, 1, 2, 2) for _ in range(rows)]
+                cap = [torch.randn(3, 8) for _ in range(rows)]
+                self.transformer.forward(x, torch.full((rows,), 1.0 - sigma), cap)
+
+    batches = dump.record_t2i(Pipe(), ["a", "b"], height=16, width=16, steps=4, every=1, seed=0)
+    assert len(batches) == 8
+    w = np.concatenate([b["sample_weight"] for b in batches])
+    sig = np.tile(np.linspace(1.0, 0.25, 4), 2)
+    np.testing.assert_allclose(w, sig / sig.mean(), rtol=1e-6)
+    assert [float(b["cfg_guidance"][0]) if "cfg_guidance" in b else None for b in batches[:4]] == [4.0] * 3 + [None]
+    back = load_calib(write_calib(tmp_path / "c", batches, "zimage"), "zimage")
+    assert set(fitness_entries(back[0])) == {"cfg_guidance", "sample_weight"}
+    assert set(fitness_entries(back[3])) == {"sample_weight"}

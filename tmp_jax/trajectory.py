@@ -146,6 +146,26 @@ def trajectory_calib(
     return out
 
 
+def mark_recorded(batches: list[dict[str, Any]], sigmas: list[np.ndarray], guidance: list[float | None]) -> None:
+    """Give micro-batches recorded from a real pipeline's sampler their fitness keys, in place.
+
+    ``sigmas[i]``: the noise level of each compared sample of batch i (one per CFG pair, or per row without CFG);
+    ``guidance[i]``: the ``w`` of that call's ``u + w (c - u)`` with its rows ordered conditional-first, or None for
+    a call without CFG. ``sample_weight`` is :func:`step_weights` ``("sigma")`` over the whole set (early steps count
+    more; mean 1), so the set scores like the embedded teachers' shipped trajectories."""
+    if not (len(batches) == len(sigmas) == len(guidance)):
+        raise ValueError(f"{len(batches)} batches, {len(sigmas)} sigma arrays, {len(guidance)} guidance values")
+    flat = np.concatenate([np.asarray(x, np.float64).reshape(-1) for x in sigmas]) if batches else np.zeros(0)
+    w = step_weights("sigma", flat)
+    at = 0
+    for b, sg, g in zip(batches, sigmas, guidance):
+        n = int(np.size(sg))
+        b["sample_weight"] = w[at : at + n].astype(np.float32)
+        at += n
+        if g is not None:
+            b["cfg_guidance"] = np.asarray([g], np.float32)
+
+
 def fitness_entries(batch: dict[str, Any]) -> dict[str, np.ndarray]:
     """The raw micro-batch's fitness keys (:data:`FITNESS_KEYS`), checked, to carry into its prepared inputs."""
     out = {k: np.asarray(batch[k], np.float32) for k in FITNESS_KEYS if k in batch}
