@@ -5,7 +5,7 @@
 1. builds (or takes) a pruning problem — the tree plus a minimised fitness on cached teacher outputs,
    with a multi-fidelity sample count (``problem.fitness(genomes, n_samples)``);
 2. parses the budgets against exact costs (a budget below the floor fails at once);
-3. runs a strategy from :mod:`search.strategies`; every evaluation goes through :class:`Evaluator`,
+3. runs a strategy from :mod:`search.strategies`; every evaluation goes through :class:`FitnessCache`,
    which refuses over-budget candidates, caches fitness per (decoded genome, sample count) and keeps
    the archive of full-fidelity results that winners and the Pareto front are read from;
 4. after every generation appends ``history.jsonl`` and writes an atomic checkpoint (JSON + NPZ, no
@@ -115,7 +115,7 @@ class SearchResult:
 # Evaluation, cache and archive
 
 
-class Evaluator:
+class FitnessCache:
     """The only door to ``problem.fitness``: budget check, cache, counters, full-fidelity archive."""
 
     def __init__(self, problem: Problem, cost: CostModel, n_total: int):
@@ -271,7 +271,7 @@ def plot_pareto(
 # The run
 
 
-def _recover(problem: Problem, ev: Evaluator, budgets: list[Budget], config: SearchConfig) -> dict[str, list]:
+def _recover(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: SearchConfig) -> dict[str, list]:
     """Per budget: its ``recover_top`` best full-fidelity candidates (distinct genomes, within the budget), each with
     its pruned fitness and its fitness after ``recover_steps`` distillation steps (``problem.recovered_fitness``)."""
     fn = getattr(problem, "recovered_fitness", None)
@@ -444,7 +444,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.Generator(np.random.PCG64(config.seed))
-    ev = Evaluator(problem, cost, n_total)
+    ev = FitnessCache(problem, cost, n_total)
     imp = split_importance(problem)
     loss = GeneLoss(tree, cost, imp[0], imp[1], getattr(problem, "order", None)) if imp else None
     options = {
@@ -665,7 +665,7 @@ def summary(res: SearchResult, budgets: list[Budget]) -> str:
 
 __all__ = [
     "BudgetError",
-    "Evaluator",
+    "FitnessCache",
     "FORMAT_VERSION",
     "SearchConfig",
     "SearchError",
