@@ -95,7 +95,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert ev.main(["--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "neither a Z-Image transformer nor a HunyuanImage-3.0 config" in err and len(err.strip().splitlines()) == 1
+    assert "belongs to none of the architectures zimage, hunyuan" in err and len(err.strip().splitlines()) == 1
     assert ev.main(["--model", "hunyuan-fmnist", "--teacher", "zimage-fmnist"]) == 2
     err = capsys.readouterr().err
     assert "hunyuan model but --teacher is a zimage model" in err and len(err.strip().splitlines()) == 1

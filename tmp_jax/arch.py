@@ -44,6 +44,7 @@ class ArchHooks:
     load: Callable[..., Any] | None = None  # (path, dtype=, mesh=) -> model
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
     config_from_dict: Callable[[dict], Any] | None = None  # config.json dict -> config
+    config_type: type | None = None  # the class of the arch's config objects (see of_config)
     # token counts of one forward ({stream: length}, streams as in Node.tokens) for FLOP budgets and the plan's
     # FLOP counts when the problem gives none; None: a built-in arch's ``DEFAULT_TOKENS`` (see default_tokens)
     default_tokens: Mapping[str, int] | None = None
@@ -55,6 +56,15 @@ class ArchHooks:
     # the P conditional ones, then the same latents and sigmas with the null prompt (tmp_jax.trajectory)
     guided_batch: Callable[[Any, Any, Any, Any], dict] | None = None
     save: Callable[..., Any] | None = None  # (model, folder, overwrite=) -> None
+    # --- embedded teachers and tmp_jax.evaluate (the Fashion-MNIST task) --------------------------
+    embedded: tuple[str, ...] = ()  # names of this arch's embedded teachers (folders tmp_jax/assets/NAME)
+    student_fields: tuple[str, ...] = ()  # config fields a student shares with its teacher (inputs, outputs)
+    # (cfg, clean latents (N, C, H, W), class labels (N,), noise seed) -> held-out inputs with "xt", "sigma",
+    # "target" and whatever the arch's forward needs; (model, those inputs, batch) -> prediction like "target"
+    heldout_inputs: Callable[[Any, Any, Any, int], dict] | None = None
+    heldout_predictions: Callable[[Any, dict, int], Any] | None = None
+    # (mesh or None) -> None: switch the arch's expert parallelism on for that mesh where it applies, else off
+    expert_parallel: Callable[[Any], Any] | None = None
     # --- tasks (T2I and TI2I editing) -----------------------------------------------------------
     # the arch's fields above serve ``default_task``; ``tasks[name]`` overrides any of them (by field name:
     # prepare_batch, forward, forward_pruned, forward_masked, collect_stats, forward_train, synthetic_calib,
@@ -132,6 +142,26 @@ def get(name: str) -> ArchHooks:
     if name not in _REGISTRY:
         raise KeyError(f"unknown architecture {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def of_config(cfg: Any) -> ArchHooks:
+    """The architecture whose config class ``cfg`` is an instance of."""
+    _load_builtin()
+    for h in _REGISTRY.values():
+        if h.config_type is not None and isinstance(cfg, h.config_type):
+            return h
+    raise ValueError(f"a {type(cfg).__name__} is the config of no registered architecture ({sorted(_REGISTRY)})")
+
+
+def names() -> list[str]:
+    """The registered architectures, built-in ones first."""
+    _load_builtin()
+    return list(_REGISTRY)
+
+
+def embedded_teachers() -> dict[str, str]:
+    """Every registered embedded teacher name -> its architecture, in registration order."""
+    return {t: h.name for h in (get(n) for n in names()) for t in h.embedded}
 
 
 def default_tokens(name: str) -> dict[str, int]:

@@ -39,7 +39,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +69,6 @@ SETTINGS = {
 }
 
 
-DEFAULT_TEACHERS = {"zimage": "zimage-fmnist", "hunyuan": "hunyuan-fmnist"}
-# config fields a student must share with its teacher (same inputs / conditioning / outputs)
-SHARED_FIELDS = {
-    "zimage": ("in_channels", "all_patch_size", "cap_feat_dim"),
-    "hunyuan": ("latent_channels", "vocab_size", "image_token_id", "timestep_token_id"),
-}
-
-
 class EvaluateError(ValueError):
     """A bad --model / --teacher / --setting (printed as one line by the CLI)."""
 
@@ -89,8 +80,25 @@ class EvaluateError(ValueError):
 _LOADED: dict[str, Any] = {}
 
 
+def default_teacher(arch_name: str) -> str:
+    """The embedded teacher a model of ``arch_name`` is compared with by default; one-line error if none."""
+    from tmp_jax import arch
+
+    names = [t for t, a in arch.embedded_teachers().items() if a == arch_name]
+    if not names:
+        raise EvaluateError(f"architecture {arch_name!r} has no embedded teacher: pass --teacher")
+    return names[0]
+
+
+def _choices() -> str:
+    from tmp_jax import arch
+
+    return ", ".join(arch.embedded_teachers())
+
+
 def resolve(spec: str | Path) -> Path:
     """The folder of an embedded name or a path; :class:`EvaluateError` (one line) when unusable."""
+    from tmp_jax import arch
     from tmp_jax.problem import EMBEDDED
 
     if str(spec) in EMBEDDED:
@@ -100,15 +108,13 @@ def resolve(spec: str | Path) -> Path:
         return p
     p = Path(spec)
     if not p.exists():
-        raise EvaluateError(
-            f"{spec}: no such file or folder (give zimage-fmnist, hunyuan-fmnist or a checkpoint folder)"
-        )
+        raise EvaluateError(f"{spec}: no such file or folder (give {_choices()} or a checkpoint folder)")
     folder = p if p.is_dir() else p.parent
     conf = folder / "config.json"
     if not conf.is_file():
-        raise EvaluateError(f"{spec}: no config.json (expected a Z-Image or HunyuanImage checkpoint folder)")
+        raise EvaluateError(f"{spec}: no config.json (expected a checkpoint folder of {', '.join(arch.names())})")
     if _arch_of(conf) is None:
-        raise EvaluateError(f"{spec}: config.json is neither a Z-Image transformer nor a HunyuanImage-3.0 config")
+        raise EvaluateError(f"{spec}: config.json belongs to none of the architectures {', '.join(arch.names())}")
     if not list(folder.glob("*.safetensors")) and not (p.is_file() and p.suffix == ".safetensors"):
         raise EvaluateError(f"{spec}: no .safetensors weights next to config.json")
     return p
@@ -159,68 +165,32 @@ def n_params(model: Any) -> int:
 # Held-out inputs and forwards
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _predict(graphdef: Any, lay_key: tuple, state: Any, arrays: dict, xt: jax.Array, sigma: jax.Array, cap: jax.Array):
-    from tmp_jax.sampling import FixedLayout, predict_tokens
+def _hooks_of(cfg_or_model: Any) -> Any:
+    """The arch hooks of a model (its ``ARCH``) or of a config (the arch whose config class it is)."""
+    from tmp_jax import arch
 
-    lay = FixedLayout(arrays, *lay_key)
-    return predict_tokens(nnx.merge(graphdef, state), lay, xt, sigma, cap).astype(jnp.float32)
-
-
-def _is_hunyuan_cfg(model_cfg: Any) -> bool:
-    from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
-
-    return isinstance(model_cfg, HunyuanImage3Config)
+    name = getattr(cfg_or_model, "ARCH", None)
+    h = arch.get(name) if name is not None else arch.of_config(cfg_or_model)
+    if h.heldout_inputs is None or h.heldout_predictions is None:
+        raise EvaluateError(f"architecture {h.name!r} has no Fashion-MNIST evaluation (heldout_inputs hooks)")
+    return h
 
 
 def heldout_inputs(model_cfg: Any, n: int, seed: int) -> dict[str, np.ndarray]:
-    """``n`` test images, fixed noise (``seed``), sigma grid, conditioning, ``x_sigma`` and the target.
-
-    Z-Image: token space (N, tokens, patch_dim), captions ``cap``, target ``x0 - noise``; HunyuanImage:
-    latents (N, 4, 14, 14), token sequences ``ids``, target ``noise - x0``."""
+    """``n`` test images, fixed noise (``seed``), sigma grid, conditioning, ``x_sigma`` and the target, in the
+    arch's own layout (its ``heldout_inputs`` hook)."""
     from tmp_jax import data as fm
-    from tmp_jax.sampling import patchify
 
     test = fm.load_subset("test")
     if n > len(test):
         raise EvaluateError(f"{n} held-out images requested; the test subset has {len(test)}")
-    hy = _is_hunyuan_cfg(model_cfg)
     lat = fm.to_latents(test.images[:n])  # [N, 4, 14, 14]
-    x0 = lat if hy else np.asarray(patchify(jnp.asarray(lat), model_cfg.all_patch_size[0]))
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), x0.shape, jnp.float32))
-    sigma = np.linspace(0.05, 0.95, n, dtype=np.float32)
-    s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-    inp = {"x0": x0, "noise": noise, "sigma": sigma, "xt": (1 - s) * x0 + s * noise}
-    if hy:
-        from tmp_jax.models.hunyuan_image3.train import t2i_ids
-
-        return {**inp, "ids": t2i_ids(test.labels[:n], model_cfg), "target": noise - x0}
-    cap = fm.caption_table(model_cfg.cap_feat_dim)[test.labels[:n]]
-    return {**inp, "cap": cap, "target": x0 - noise}
+    return _hooks_of(model_cfg).heldout_inputs(model_cfg, lat, test.labels[:n], seed)
 
 
 def predictions(model: Any, inp: dict[str, np.ndarray], batch: int = BATCH) -> np.ndarray:
-    """The model's output on ``inp['xt']``, float32: Z-Image (N, tokens, patch_dim), predicted ``x0 - noise``;
-    HunyuanImage (N, C, h, w), predicted ``noise - x0``."""
-    from tmp_jax.sampling import fixed_layout, hunyuan_velocity
-
-    if getattr(model, "ARCH", None) == "hunyuan":
-        return hunyuan_velocity(model, inp["ids"], inp["xt"], inp["sigma"], batch)
-
-    n = len(inp["xt"])
-    bs = min(batch, n)
-    lay = fixed_layout(model.config, bs)
-    key = (lay.n_img, lay.patch, lay.channels, lay.hw)
-    graphdef, state = nnx.split(model)
-    out = []
-    for i in range(0, n, bs):
-        xt, sg, cap = (inp[k][i : i + bs] for k in ("xt", "sigma", "cap"))
-        m = len(xt)
-        if m < bs:  # keep one compiled shape
-            pad = lambda a, k=bs - m: np.concatenate([a, np.repeat(a[-1:], k, 0)])  # noqa: E731
-            xt, sg, cap = pad(xt), pad(sg), pad(cap)
-        out.append(np.asarray(_predict(graphdef, key, state, lay.arrays, xt, sg, cap))[:m])
-    return np.concatenate(out)
+    """The model's output on ``inp['xt']`` (float32, the layout of ``inp['target']``)."""
+    return _hooks_of(model).heldout_predictions(model, inp, batch)
 
 
 def velocity_gap(student: Any, teacher: Any, inp: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -324,12 +294,14 @@ def evaluate(
             raise
         raise EvaluateError(str(e)) from None
     m_arch = getattr(m_model, "ARCH", None)
-    if m_arch not in DEFAULT_TEACHERS:
-        raise EvaluateError(f"--model: a {type(m_model).__name__}; Z-Image or HunyuanImage models only")
-    t_model = load(DEFAULT_TEACHERS[m_arch] if teacher is None else teacher)
+    if m_arch is None:
+        raise EvaluateError(f"--model: a {type(m_model).__name__}, not a model of a registered architecture")
+    t_model = load(default_teacher(m_arch) if teacher is None else teacher)
     if getattr(t_model, "ARCH", None) != m_arch:
         raise EvaluateError(f"--model is a {m_arch} model but --teacher is a {getattr(t_model, 'ARCH', '?')} model")
-    for k in SHARED_FIELDS[m_arch]:
+    from tmp_jax import arch
+
+    for k in arch.get(m_arch).student_fields:
         if getattr(m_model.config, k) != getattr(t_model.config, k):
             raise EvaluateError(f"--model and --teacher differ in {k}: they are not teacher and student")
     ref = _reference(t_model, st, seed)
@@ -374,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tmp_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="zimage-fmnist, hunyuan-fmnist or a checkpoint folder to evaluate")
+    p.add_argument("--model", required=True, help=f"{_choices()} or a checkpoint folder to evaluate")
     p.add_argument(
         "--teacher",
         default=None,

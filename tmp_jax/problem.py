@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -60,7 +59,9 @@ from tmp_jax.trajectory import error_weights, guided_view
 from tmp_jax.tree import Tree, node_path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED = {"zimage-fmnist": ASSETS / "zimage-fmnist", "hunyuan-fmnist": ASSETS / "hunyuan-fmnist"}
+# the embedded teachers each registered architecture ships (tmp_jax/assets/NAME); the first is the default model
+EMBEDDED = {name: ASSETS / name for name in arch.embedded_teachers()}
+DEFAULT_MODEL = next(iter(EMBEDDED))
 
 EVAL_MODES = ("auto", "masked", "sliced")
 # eval_mode="auto" evaluates masked below this many teacher parameters. Masked evaluation runs every candidate
@@ -611,10 +612,9 @@ def build_problem(
         "fingerprint": fingerprint(path, cfg_dict),
         "config": cfg_dict,
     }
-    if m_obj.ARCH == "hunyuan":  # routed experts expert-parallel (shard_map) on an expert axis, else off
-        from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
-
-        maybe_expert_parallel(msh)
+    ep = arch.get(m_obj.ARCH).expert_parallel
+    if ep is not None:  # routed experts expert-parallel (shard_map) on an expert axis, else off
+        ep(msh)
     grams, stride = compensation is not None, compensation.token_stride if compensation is not None else 1
     tw = compensation.timestep_weight if compensation is not None else "uniform"
     # the teacher pass, then what is derived from its statistics (importance; the OBS order and re-fits)
@@ -726,14 +726,10 @@ def _teacher_and_set(
 def load_tree(model: str | None) -> Tree:
     """The pruning tree of ``model`` from its config.json alone (fast budget checks before loading)."""
     if model is None:
-        model = "zimage-fmnist"
+        model = DEFAULT_MODEL
     p = EMBEDDED.get(model, Path(model))
     conf = p / "config.json" if p.is_dir() else p.parent / "config.json"
     if not conf.is_file():
-        if model == "zimage-fmnist":  # built-in tiny fallback (see _load_model)
-            from tmp_jax.models.z_image import TINY
-
-            return Tree(arch.get("zimage").build_spec(TINY))
         raise ValueError(f"--model {model}: no config.json (expected a HF/diffusers checkpoint folder)")
     try:
         cfg_d = json.loads(conf.read_text())
@@ -748,19 +744,13 @@ def _load_model(model: str | None, dtype: str | None = "fp32") -> tuple[Any, Pat
     None, its name) of a checkpoint folder, an embedded name, or the default (None)."""
     dt = jnp_dtype(dtype)
     if model is None:
-        model = "zimage-fmnist"
+        model = DEFAULT_MODEL
     if model in EMBEDDED:
         p = EMBEDDED[model]
-        if (p / "config.json").is_file():
-            cfg = json.loads((p / "config.json").read_text())
-            return arch.detect(cfg).load(str(p), dtype=dt), p, model
-        if model != "zimage-fmnist":
+        if not (p / "config.json").is_file():
             raise ValueError(f"embedded model {model!r} is not available in this installation ({p})")
-        # until the embedded teacher is trained: a tiny built-in random Z-Image
-        from tmp_jax.models.z_image import TINY
-
-        print("embedded teacher not found: using the tiny built-in random Z-Image", file=sys.stderr)
-        return arch.get("zimage").init_random(TINY, dt, 0), None, "zimage-tiny-random"
+        cfg = json.loads((p / "config.json").read_text())
+        return arch.detect(cfg).load(str(p), dtype=dt), p, model
     p = Path(model)
     conf = p / "config.json" if p.is_dir() else p.parent / "config.json"
     if not conf.is_file():

@@ -344,6 +344,18 @@ def _train() -> Any:  # Fashion-MNIST data, training forward and official-layout
     return train
 
 
+def _fmnist_eval() -> Any:  # held-out inputs and predictions for tmp_jax.evaluate (lazy import)
+    from tmp_jax.models.hunyuan_image3 import fmnist_eval
+
+    return fmnist_eval
+
+
+def _model() -> Any:  # the module classes (lazy import: registering the arch stays cheap)
+    from tmp_jax.models.hunyuan_image3 import model
+
+    return model
+
+
 def _instruct() -> Any:  # HunyuanImage-3.0-Instruct TI2I micro-batches (lazy import)
     from tmp_jax.models.hunyuan_image3 import instruct
 
@@ -385,6 +397,7 @@ HOOKS = arch.register(
         guided_batch=lambda *a: _train().guided_batch(*a),
         save=lambda m, p, overwrite=False: _train().save(m, p, overwrite=overwrite),
         config_from_dict=HunyuanImage3Config.from_hf_config,
+        config_type=HunyuanImage3Config,
         config_file_kind=lambda d: (
             d.get("model_type") == "hunyuan_image_3_moe" or "HunyuanImage3ForCausalMM" in d.get("architectures", [])
         ),
@@ -393,5 +406,10 @@ HOOKS = arch.register(
         data_kinds=DATA_KINDS,
         # timestep = sigma * 1000 (TI2I micro-batches: the target's, as in T2I)
         noise_levels=lambda b: np.asarray(b["timestep"], np.float64).reshape(-1) / 1000.0,
+        embedded=("hunyuan-fmnist",),
+        student_fields=("latent_channels", "vocab_size", "image_token_id", "timestep_token_id"),
+        heldout_inputs=lambda *a: _fmnist_eval().heldout_inputs(*a),
+        heldout_predictions=lambda *a: _fmnist_eval().heldout_predictions(*a),
+        expert_parallel=lambda mesh: _model().maybe_expert_parallel(mesh),
     )
 )

@@ -217,6 +217,12 @@ TI2I_HOOKS: dict[str, Any] = {
 }
 
 
+def _fmnist_eval():
+    from tmp_jax.models.z_image import fmnist_eval
+
+    return fmnist_eval
+
+
 def _load(path: str, dtype: Any = jnp.float32, mesh: Any = None) -> Any:
     from converters.zimage import load_zimage
 
@@ -241,9 +247,14 @@ HOOKS = arch.register(
         guided_batch=lambda *a: _runner().guided_batch(*a),
         save=lambda m, p, overwrite=False: m.save_pretrained(str(p), overwrite=overwrite),
         config_from_dict=ZImageConfig.from_hf_config,
+        config_type=ZImageConfig,
         config_file_kind=lambda d: d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d,
         tasks={"ti2i": TI2I_HOOKS},
         task_of=lambda b: "ti2i" if "cond_latents" in b else "t2i",
         noise_levels=lambda b: 1.0 - np.asarray(b["t"], np.float64).reshape(-1),  # t is 1 - sigma
+        embedded=("zimage-fmnist",),
+        student_fields=("in_channels", "all_patch_size", "cap_feat_dim"),
+        heldout_inputs=lambda *a: _fmnist_eval().heldout_inputs(*a),
+        heldout_predictions=lambda *a: _fmnist_eval().heldout_predictions(*a),
     )
 )
