@@ -213,6 +213,8 @@ def strategy_unit(args: argparse.Namespace, model: str, strat: str, budgets: lis
         )
         _, student0, _, _ = build_pair(dcfg)
         m0 = ev.evaluate(student0, teacher, args.setting, args.seed)
+        timings[f"budget {b}: pruned evaluation"] = time.time() - t
+        print(f"{model} {strat} {b}: pruned evaluation {time.time() - t:.0f} s", flush=True)
         row = {
             "strategy": strat,
             "budget": b,
@@ -223,8 +225,13 @@ def strategy_unit(args: argparse.Namespace, model: str, strat: str, budgets: lis
         state["rows"] = [r for r in state["rows"] if r["budget"] != b]
         state["rows"].append({**row, "steps": 0, **_plain(m0)})
         if args.distill_steps > 0:
+            t1 = time.time()
             dres = distill_run(dcfg)
+            timings[f"budget {b}: distillation"] = time.time() - t1
+            print(f"{model} {strat} {b}: distillation {time.time() - t1:.0f} s", flush=True)
+            t1 = time.time()
             m1 = ev.evaluate(dres["student"], teacher, args.setting, args.seed)
+            timings[f"budget {b}: recovered evaluation"] = time.time() - t1
             extra = {"distill_s": dres["seconds"], "step_ms": dres["step_ms"]}
             state["rows"].append({**row, "steps": args.distill_steps, **_plain(m1), **extra})
         timings[f"budget {b}"] = time.time() - t
@@ -256,7 +263,12 @@ def run_units(args: argparse.Namespace, model: str, budgets: list[str]) -> dict[
         for u in pending:
             _run_unit(args, model, u, budgets)
     else:
-        _run_workers(args, model, pending, budgets)
+        # the teacher alone first: its sampling and prediction programs, which every worker's evaluation
+        # compiles too, are then in the persistent compilation cache instead of compiled N times at once
+        first = [u for u in pending if u == "teacher"]
+        if first:
+            _run_workers(args, model, first, budgets)
+        _run_workers(args, model, [u for u in pending if u != "teacher"], budgets)
     res: dict[str, Any] = {"rows": [], "budgets": budgets, "timings": {}, "missing": []}
     res["reused"] = ", ".join(u for u in units if u not in pending)
     for u in units:
