@@ -6,13 +6,14 @@
 config.json and the safetensors headers of the export (sizes come from the stored dtypes, so an int8 / fp8
 export is planned at its real size). The format is documented in docs/quantized-format.md ("Memory plan").
 
-HunyuanImage-3.0: every tensor the T2I denoising step needs is resident on the GPU (attention, norms, routers,
-shared experts, patch_embed / final_layer / timestep embedders) except ``model.wte`` (kept in CPU RAM: a step
-needs only its prefix's rows) and the routed experts that do not fit: those are kept in pinned CPU memory and
-copied to the GPU when their layer runs (the whole layer's offloaded experts, so the staging buffer is the
-largest layer's offloaded bytes). ``lm_head`` and the VAE / ViT tensors are not loaded by the denoiser.
-Experts are made resident greedily, one at a time from the layer with the most offloaded bytes (lowest expert
-index first), while resident + staging + activations + headroom fit the target, then, smallest first, any
+Each architecture states its own memory model (``tmp_jax/models/<arch>/memory.py``, registered as
+``ArchHooks.memory_model``). HunyuanImage-3.0: every tensor the T2I denoising step needs is resident on the GPU
+(attention, norms, routers, shared experts, patch_embed / final_layer / timestep embedders) except ``model.wte``
+(kept in CPU RAM: a step needs only its prefix's rows) and the routed experts that do not fit: those are kept in
+pinned CPU memory and copied to the GPU when their layer runs (the whole layer's offloaded experts, so the staging
+buffer is the largest layer's offloaded bytes). ``lm_head`` and the VAE / ViT tensors are not loaded by the
+denoiser. Experts are made resident greedily, one at a time from the layer with the most offloaded bytes (lowest
+expert index first), while resident + staging + activations + headroom fit the target, then, smallest first, any
 other expert that still fits (:func:`choose_offload`).
 
 Z-Image: everything is resident (no experts); the plan only checks the estimate against the target.
@@ -38,7 +39,6 @@ HEADROOM = 768 * 2**20  # allocator fragmentation, cuBLAS workspace, small tempo
 ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
 _UNITS.update({"GIB": 2**30, "TIB": 2**40})
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
 def parse_bytes(text: str) -> int:
@@ -50,52 +50,25 @@ def parse_bytes(text: str) -> int:
 
 
 def arch_of(conf: dict[str, Any], where: str) -> str:
-    if "num_experts" in conf and "hidden_size" in conf:
-        return "hunyuan"
-    if "ZImage" in str(conf.get("_class_name", "")):
-        return "zimage"
-    raise CheckpointError(f"{where}: config.json is neither a HunyuanImage-3.0 nor a Z-Image export")
+    """The registered architecture an export's config.json belongs to (one-line CheckpointError if none)."""
+    from tmp_jax import arch
+
+    try:
+        return arch.detect(conf).name
+    except ValueError:
+        raise CheckpointError(
+            f"{where}: config.json is an export of none of the architectures {', '.join(arch.names())}"
+        ) from None
 
 
-def per_layer(v: Any, i: int) -> int:
-    return int(v[i]) if isinstance(v, list) else int(v)
+def memory_model(arch_name: str) -> Any:
+    """The arch's memory model module (``ArchHooks.memory_model``); CheckpointError if it has none."""
+    from tmp_jax import arch
 
-
-def _hunyuan_activations(conf: dict[str, Any], seq: int, c: int) -> int:
-    """Upper bound on the live activations of one decoder layer (batch 1)."""
-    h, hd = conf["hidden_size"], conf["attention_head_dim"]
-    n, kv = conf["num_attention_heads"], conf["num_key_value_heads"]
-    n_layers = conf["num_hidden_layers"]
-    inter = max(per_layer(conf["moe_intermediate_size"], i) for i in range(n_layers))
-    shared = max(
-        per_layer(conf["moe_intermediate_size"], i) * per_layer(conf["num_shared_expert"], i) for i in range(n_layers)
-    )
-    experts = max(per_layer(conf["num_experts"], i) for i in range(n_layers))
-    b = 0
-    b += 4 * seq * h * c + 3 * seq * h * 4  # residual, normed, attention / MoE outputs; fp32 RMSNorm temporaries
-    b += seq * (n + 2 * kv) * hd * c  # fused qkv
-    b += 3 * (n + kv) * seq * hd * 4  # q, k rotated in fp32 (+ rotate_half temporaries)
-    b += 2 * seq * hd * 4  # cos / sin tables
-    b += seq * seq * (1 + c)  # boolean joint mask + the additive mask SDPA may build from it
-    b += 2 * seq * n * hd * c  # attention output and its transposed copy
-    b += 2 * seq * experts * 4 + seq * h * 4  # fp32 router logits / probabilities, fp32 router input
-    b += 3 * seq * 2 * inter * c + 2 * seq * h * c + seq * h * 4  # one expert over (at most) every token; fp32 sum
-    b += 3 * seq * 2 * shared * c  # shared expert
-    return b
-
-
-def _zimage_activations(conf: dict[str, Any], seq: int, c: int) -> int:
-    d = conf["dim"]
-    ffn = int(d / 3 * 8)
-    for s in ("noise_refiner", "context_refiner", "layers"):
-        ffn = max([ffn, *(conf.get(f"{s}_ffn_dims") or [])])
-    b = 0
-    b += 4 * seq * d * c + 3 * seq * d * 4  # residual / normed / branch outputs, fp32 RMSNorm temporaries
-    b += 3 * seq * d * c + 2 * 2 * seq * d * 4  # q, k, v; q / k rotated as complex fp32
-    b += 2 * seq * d * c  # attention output (+ copy)
-    b += 3 * seq * ffn * c  # w1, w3 outputs and their product
-    b += 2 * seq * d * 4  # unified / padded sequences, fp32 modulation temporaries
-    return b
+    mm = arch.get(arch_name).memory_model
+    if mm is None:
+        raise CheckpointError(f"architecture {arch_name!r} has no inference memory model")
+    return mm()
 
 
 def check_resolution(resolution: int) -> int:
@@ -103,19 +76,6 @@ def check_resolution(resolution: int) -> int:
     if resolution <= 0 or resolution % 16:
         raise ValueError(f"--resolution {resolution}: expected a positive multiple of 16")
     return resolution
-
-
-def _tokens(conf: dict[str, Any], arch: str, resolution: int, text_tokens: int) -> tuple[int, int]:
-    check_resolution(resolution)
-    if arch == "hunyuan":
-        down = conf.get("vae_downsample_factor", [16, 16])
-        img = (resolution // down[0] // conf.get("patch_size", 1)) * (
-            resolution // down[1] // conf.get("patch_size", 1)
-        )
-        return img, img + text_tokens + 3  # <timestep>, <boi>/<eoi> style specials
-    p = (conf.get("all_patch_size") or [2])[0]
-    img = (resolution // 8 // p) ** 2  # the Z-Image VAE downsamples by 8
-    return img, img + -(-text_tokens // 32) * 32  # captions are padded to a multiple of 32
 
 
 def choose_offload(
@@ -171,9 +131,11 @@ def make_plan(
     reader = SafetensorsReader(folder)
     c = ITEMSIZE[compute_dtype]
     nbytes = {k: i.end - i.start for k, i in reader.infos.items()}
+    mm = memory_model(arch)
     try:  # the config fields the estimate reads: a missing one is a one-line error naming it
-        img_tokens, seq = _tokens(conf, arch, resolution, text_tokens)
-        act = _hunyuan_activations(conf, seq, c) if arch == "hunyuan" else _zimage_activations(conf, seq, c)
+        check_resolution(resolution)
+        img_tokens, seq = mm.tokens(conf, resolution, text_tokens)
+        act = mm.activation_bytes(conf, seq, c)
     except KeyError as e:
         raise CheckpointError(
             f"{folder / 'config.json'}: lacks field {e.args[0]!r} (needed for the memory plan)"
@@ -182,25 +144,15 @@ def make_plan(
         [int(i.shape[0]) * int(i.shape[1]) * (4 + c) for i in reader.infos.values() if i.dtype in ("I8", "F8_E4M3")],
         default=0,
     )
-    if arch == "hunyuan":
-        not_loaded = [
-            k
-            for k in nbytes
-            if k in ("lm_head.weight", "model.ln_f.weight")
-            or k.startswith(("vae.", "vision_model.", "vision_aligner."))
-        ]
-        cpu = [k for k in nbytes if k == "model.wte.weight"]
-        experts: dict[tuple[int, int], int] = {}
-        for k, n in nbytes.items():
-            m = _EXPERT.match(k)
-            if m:
-                key = (int(m.group(1)), int(m.group(2)))
-                experts[key] = experts.get(key, 0) + n
-        skip = set(not_loaded) | set(cpu)
-        resident_fixed = sum(n for k, n in nbytes.items() if k not in skip and not _EXPERT.match(k))
-    else:
-        not_loaded, cpu, experts = [], [], {}
-        resident_fixed = sum(nbytes.values())
+    not_loaded = [k for k in nbytes if mm.not_loaded(k)]
+    cpu = [k for k in nbytes if mm.cpu_resident(k)]
+    experts: dict[tuple[int, int], int] = {}
+    for k, n in nbytes.items():
+        le = mm.expert_of(k)
+        if le is not None:
+            experts[le] = experts.get(le, 0) + n
+    skip = set(not_loaded) | set(cpu)
+    resident_fixed = sum(n for k, n in nbytes.items() if k not in skip and mm.expert_of(k) is None)
     fixed = resident_fixed + act + scratch + HEADROOM
     layers = sorted({layer for layer, _ in experts})
     offloaded = {layer: sorted(e for l2, e in experts if l2 == layer) for layer in layers}

@@ -29,23 +29,19 @@ QUANT_METHOD = "tmp_jax_weight_only"
 FORMAT_VERSION = 1
 SCALE_SUFFIX = "_scale"
 
-# Per architecture: regexes of the torch keys that are quantised (Linear weights of the repeated blocks).
-# Not listed, and so kept in the export dtype: embeddings (wte, x/cap/t embedders), lm_head, the routers
-# (mlp.gate.wg, fp32 by design), norms, biases, pad tokens, convolutions, the image in/out layers
-# (patch_embed / final_layer / all_final_layer), timestep embedders, adaLN of the final layer, VAE / ViT.
-RULES: dict[str, tuple[str, ...]] = {
-    "hunyuan": (
-        r"model\.layers\.\d+\.self_attn\.(qkv_proj|o_proj)\.weight",
-        r"model\.layers\.\d+\.mlp\.shared_mlp\.(gate_and_up_proj|down_proj)\.weight",
-        r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate_and_up_proj|down_proj)\.weight",
-    ),
-    "zimage": (
-        r"(noise_refiner|context_refiner|layers)\.\d+\.attention\.(to_q|to_k|to_v|to_out\.0)\.weight",
-        r"(noise_refiner|context_refiner|layers)\.\d+\.feed_forward\.(w1|w2|w3)\.weight",
-        r"(noise_refiner|layers)\.\d+\.adaLN_modulation\.0\.weight",
-    ),
-}
-_COMPILED = {a: [re.compile(r) for r in rs] for a, rs in RULES.items()}
+# Which torch keys are quantised is each architecture's own rule (``ArchHooks.quantize_rules``, registered with
+# the model package): Linear weights of the repeated blocks. Not listed, and so kept in the export dtype:
+# embeddings, lm_head, the routers (fp32 by design), norms, biases, pad tokens, convolutions, the image in/out
+# layers, timestep embedders, adaLN of the final layer, VAE / ViT.
+_COMPILED: dict[str, list[re.Pattern[str]]] = {}
+
+
+def _rules(arch_name: str) -> list[re.Pattern[str]]:
+    if arch_name not in _COMPILED:
+        from tmp_jax import arch
+
+        _COMPILED[arch_name] = [re.compile(r) for r in arch.get(arch_name).quantize_rules]
+    return _COMPILED[arch_name]
 
 
 def check_method(method: str) -> str:
@@ -57,7 +53,7 @@ def check_method(method: str) -> str:
 
 def quantizable(arch: str, key: str, shape: tuple[int, ...]) -> bool:
     """Whether the export quantises torch key ``key`` of ``shape`` for ``arch`` (2-D Linear weights only)."""
-    return len(shape) == 2 and any(r.fullmatch(key) for r in _COMPILED[arch])
+    return len(shape) == 2 and any(r.fullmatch(key) for r in _rules(arch))
 
 
 def scale_key(key: str) -> str:
@@ -133,7 +129,7 @@ def quantization_config(method: str, arch: str, keys: list[str]) -> dict[str, An
         "scale_suffix": SCALE_SUFFIX,
         "scale_dtype": "float32",
         "qmax": QMAX[method],
-        "quantized_patterns": list(RULES[arch]),
+        "quantized_patterns": [r.pattern for r in _rules(arch)],
         "num_quantized_tensors": len(keys),
         "doc": "docs/quantized-format.md (tmp-jax)",
     }

@@ -65,6 +65,13 @@ class ArchHooks:
     heldout_predictions: Callable[[Any, dict, int], Any] | None = None
     # (mesh or None) -> None: switch the arch's expert parallelism on for that mesh where it applies, else off
     expert_parallel: Callable[[Any], Any] | None = None
+    # --- export (converters) --------------------------------------------------------------------
+    # regexes of the exported torch keys that weight-only quantisation converts (2-D Linear weights of the
+    # repeated blocks); anything else stays in the export dtype (converters.quantize)
+    quantize_rules: tuple[str, ...] = ()
+    # the inference memory model of an export (converters.memory_plan): a module with tokens(conf, resolution,
+    # text_tokens), activation_bytes(conf, seq, itemsize), not_loaded(key), cpu_resident(key), expert_of(key)
+    memory_model: Callable[[], Any] | None = None  # () -> that module (imported lazily)
     # --- tasks (T2I and TI2I editing) -----------------------------------------------------------
     # the arch's fields above serve ``default_task``; ``tasks[name]`` overrides any of them (by field name:
     # prepare_batch, forward, forward_pruned, forward_masked, collect_stats, forward_train, synthetic_calib,

@@ -23,6 +23,7 @@ Node names are module paths (``model.layers.3.mlp``): calibration reads the stat
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import jax.numpy as jnp
@@ -410,6 +411,12 @@ HOOKS = arch.register(
         student_fields=("latent_channels", "vocab_size", "image_token_id", "timestep_token_id"),
         heldout_inputs=lambda *a: _fmnist_eval().heldout_inputs(*a),
         heldout_predictions=lambda *a: _fmnist_eval().heldout_predictions(*a),
+        quantize_rules=(
+            r"model\.layers\.\d+\.self_attn\.(qkv_proj|o_proj)\.weight",
+            r"model\.layers\.\d+\.mlp\.shared_mlp\.(gate_and_up_proj|down_proj)\.weight",
+            r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate_and_up_proj|down_proj)\.weight",
+        ),
+        memory_model=lambda: importlib.import_module("tmp_jax.models.hunyuan_image3.memory"),
         expert_parallel=lambda mesh: _model().maybe_expert_parallel(mesh),
     )
 )

@@ -21,6 +21,7 @@ scores are not counted (no attention node).
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import jax.numpy as jnp
@@ -256,5 +257,11 @@ HOOKS = arch.register(
         student_fields=("in_channels", "all_patch_size", "cap_feat_dim"),
         heldout_inputs=lambda *a: _fmnist_eval().heldout_inputs(*a),
         heldout_predictions=lambda *a: _fmnist_eval().heldout_predictions(*a),
+        quantize_rules=(
+            r"(noise_refiner|context_refiner|layers)\.\d+\.attention\.(to_q|to_k|to_v|to_out\.0)\.weight",
+            r"(noise_refiner|context_refiner|layers)\.\d+\.feed_forward\.(w1|w2|w3)\.weight",
+            r"(noise_refiner|layers)\.\d+\.adaLN_modulation\.0\.weight",
+        ),
+        memory_model=lambda: importlib.import_module("tmp_jax.models.z_image.memory"),
     )
 )
