@@ -128,7 +128,7 @@ def main() -> None:
     from tmp_jax.distill import DistillConfig, load_defaults, make_trainer, training_batches
     from tmp_jax.materialize import count_params, materialize
     from tmp_jax.models.z_image import TURBO, ZImageConfig
-    from tmp_jax.models.z_image import model as zm
+    from tmp_jax.models.z_image import kernels as zk
     from tmp_jax.models.z_image.structure import build_spec
     from tmp_jax.tree import Tree
 
@@ -339,14 +339,14 @@ def main() -> None:
 
     # (A) batch 1, and (B) the same executable accumulated over --accum micro-batches of 1
     probe, _ = batches(1, 1)
-    res["attention"] = zm.ATTENTION_IMPLEMENTATION + (" (cuDNN on GPU)" if dev.platform == "gpu" else "")
+    res["attention"] = zk.ATTENTION_IMPLEMENTATION + (" (cuDNN on GPU)" if dev.platform == "gpu" else "")
     try:
         c1, info1 = compile_grad(probe[0])
     except Exception as e:  # noqa: BLE001 - e.g. no cuDNN attention backward here: say so, retry with XLA's
         log(f"grad_step compile FAILED ({type(e).__name__}: {str(e)[:400]}); retrying with XLA attention")
         res["attention_fallback"] = f"{type(e).__name__}: {str(e)[:600]}"
         jax.clear_caches()
-        zm.set_attention_implementation("xla")
+        zk.set_attention_implementation("xla")
         res["attention"] = "xla (fallback)"
         c1, info1 = compile_grad(probe[0])
     res["grad_compile"] = info1

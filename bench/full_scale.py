@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = args.budget or "20B"
     n_dev = jax.device_count()
     mesh = make_mesh(args.mesh or f"expert:{n_dev}")
-    from tmp_jax.models.hunyuan_image3.model import maybe_expert_parallel
+    from tmp_jax.models.hunyuan_image3.kernels import maybe_expert_parallel
 
     expert_parallel = maybe_expert_parallel(mesh)  # routed experts under shard_map on the expert axis
     res: dict[str, Any] = {

@@ -172,6 +172,8 @@ def part_jax(args: argparse.Namespace) -> dict:
     from flax import nnx
 
     import tmp_jax.models.hunyuan_image3.model as hm
+    from tmp_jax.models.hunyuan_image3 import kernels as hk
+    from tmp_jax.models.hunyuan_image3 import layout as hl
     from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 
     kw, side, prefix = shapes(args)
@@ -240,8 +242,8 @@ def part_jax(args: argparse.Namespace) -> dict:
     # -- inputs: hidden states, RoPE tables, joint mask (the model's own helpers) -----------------------
     x = jax.random.normal(jax.random.key(2), (1, seq, cfg.hidden_size), jnp.bfloat16)
     starts = jnp.array([prefix], jnp.int32)
-    cos, sin = hm.rope_cos_sin(hm.t2i_positions(seq, starts, side, side), cfg.head_dim, cfg.rope_theta)
-    mask = hm.joint_attention_mask(seq, starts, n_img, jnp.array([seq], jnp.int32))
+    cos, sin = hm.rope_cos_sin(hl.t2i_positions(seq, starts, side, side), cfg.head_dim, cfg.rope_theta)
+    mask = hl.joint_attention_mask(seq, starts, n_img, jnp.array([seq], jnp.int32))
     token_mask = jnp.ones((1, seq), bool)
     pairs = int(jnp.sum(mask))
     assert pairs == allowed_pairs(seq, prefix, n_img), (pairs, allowed_pairs(seq, prefix, n_img))
@@ -251,7 +253,7 @@ def part_jax(args: argparse.Namespace) -> dict:
     # -- the model as committed: same layers, weights and input, kernel settings switched ----------------
     # Public settings of the model (read at trace time), no monkeypatches. The first variant is the default
     # ("auto": what every user gets); the second forces the XLA path for a numerics reference on this card.
-    mask = hm.T2IMask(mask, starts, n_img)
+    mask = hl.T2IMask(mask, starts, n_img)
     variants = [
         ("model as committed (auto)", "auto", "auto", args.iters),
         ("model, TMP_JAX_MOE_KERNEL=xla TMP_JAX_ATTENTION=xla (XLA path)", "xla", "xla", args.xla_iters),
@@ -272,8 +274,8 @@ def part_jax(args: argparse.Namespace) -> dict:
             res["runs"].append({"impl": label, "skipped": "time budget"})
             print(f"[jax] skip {label}: time budget", flush=True)
             continue
-        hm.set_moe_kernel(moe)
-        hm.set_attention_implementation(attn)
+        hk.set_moe_kernel(moe)
+        hk.set_attention_implementation(attn)
         try:
             compiled, out, ts, compile_s, targets = _run_timed(make_fwd(), args_fwd, iters)
             pipelined_ms = None
@@ -312,8 +314,8 @@ def part_jax(args: argparse.Namespace) -> dict:
                 variants.append(("model, TMP_JAX_ATTENTION=xla (Mosaic MoE only)", "auto", "xla", args.iters))
                 variants.append(("model, TMP_JAX_MOE_KERNEL=xla (cuDNN attention only)", "xla", "auto", args.xla_iters))
         finally:
-            hm.set_moe_kernel("auto")
-            hm.set_attention_implementation("auto")
+            hk.set_moe_kernel("auto")
+            hk.set_attention_implementation("auto")
         compiled = None
     for n_ep in args.ep:  # expert parallelism: routed experts under shard_map over n_ep devices
         if time.time() > deadline:
@@ -331,7 +333,7 @@ def part_jax(args: argparse.Namespace) -> dict:
             )
             rep = NamedSharding(mesh, PartitionSpec())
             ins = jax.device_put((x, cos, sin, mask, token_mask), rep)
-            hm.set_expert_parallel(mesh)
+            hk.set_expert_parallel(mesh)
             compiled, out, ts, compile_s, targets = _run_timed(make_fwd(), (st_ep, *ins), args.iters)
             outs[label] = out.astype(jnp.float32)
             r = {
@@ -356,7 +358,7 @@ def part_jax(args: argparse.Namespace) -> dict:
             res["runs"].append({"impl": label, "error": f"{type(ex).__name__}: {str(ex)[:600]}"})
             print(f"[jax] {label} FAILED: {type(ex).__name__}: {str(ex)[:600]}", flush=True)
         finally:
-            hm.set_expert_parallel(None)
+            hk.set_expert_parallel(None)
         compiled = None
     ref = outs.get(variants[1][0])
     for r in res["runs"]:

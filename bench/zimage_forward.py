@@ -93,6 +93,9 @@ def part_jax(args: argparse.Namespace) -> dict:
 
     from tmp_jax.models.z_image import ZImageConfig
     from tmp_jax.models.z_image import model as zm
+    from tmp_jax.models.z_image.fusion import fuse_projections
+    from tmp_jax.models.z_image.kernels import set_attention_implementation
+    from tmp_jax.models.z_image.layout import make_layout
 
     res: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "runs": []}
     kw, side, cap_len = shapes(args)
@@ -156,7 +159,7 @@ def part_jax(args: argparse.Namespace) -> dict:
     def inputs(batch: int) -> tuple[dict, jax.Array]:
         x = [rng.standard_normal((16, 1, side, side)).astype(np.float32) for _ in range(batch)]
         cap = [rng.standard_normal((cap_len, kw["cap_feat_dim"])).astype(np.float32) for _ in range(batch)]
-        lay = zm.make_layout(cfg, x, cap)
+        lay = make_layout(cfg, x, cap)
         assert lay.dense, "equal-size samples must give a dense layout (no key mask)"
         arrs = {k: jnp.asarray(v, jnp.bfloat16 if v.dtype == np.float32 else None) for k, v in lay.arrays.items()}
         t = jnp.full((batch,), 0.5, jnp.float32)
@@ -180,12 +183,12 @@ def part_jax(args: argparse.Namespace) -> dict:
             print(f"[jax] skip attn={impl} b={bsz}: time budget", flush=True)
             continue
         kernel, _, layout = impl.partition("+")  # "cudnn+fused": cuDNN attention, fused projections
-        zm.set_attention_implementation(kernel)
+        set_attention_implementation(kernel)
         arrs, t = fixed[bsz]
         gdef, st_run = graphdef, new_state
         if layout == "fused":
             if fused is None:
-                fused = nnx.split(zm.fuse_projections(nnx.merge(graphdef, new_state)))
+                fused = nnx.split(fuse_projections(nnx.merge(graphdef, new_state)))
             gdef, st_run = fused
         f = make_fwd(gdef)
         try:
@@ -250,7 +253,7 @@ def part_jax(args: argparse.Namespace) -> dict:
         except Exception as e:  # noqa: BLE001
             res["breakdown"] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             print(f"[jax] breakdown FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
-    zm.set_attention_implementation("auto")
+    set_attention_implementation("auto")
     return res
 
 
@@ -311,7 +314,7 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
     import jax.numpy as jnp
     from flax import nnx
 
-    from tmp_jax.models.z_image import model as zm
+    from tmp_jax.models.z_image.kernels import attention, set_attention_implementation
 
     T = (side // 2) ** 2 + cap_len + (-cap_len) % 32
     hd, nh = cfg.head_dim, cfg.n_heads
@@ -323,7 +326,7 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
     blk = model.layers[0]
     gd, st = nnx.split(blk)
     out: dict = {"tokens": T}
-    zm.set_attention_implementation(first)
+    set_attention_implementation(first)
 
     def run_block(st, x, cos, sin, c):
         return nnx.merge(gd, st)(x, mask, cos, sin, c)
@@ -333,12 +336,12 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
         from bench.kernel_profile import format_table, kernel_table
 
         for impl in kernels:
-            zm.set_attention_implementation(impl)
+            set_attention_implementation(impl)
             rows = kernel_table(jax.jit(run_block), st, x, cos, sin, c, reps=5)
             out[f"profile_{impl}"] = rows
             print(f"[jax] block kernels, attention={impl}:\n" + format_table(rows, 40), flush=True)
             print(format_table(rows, 40, line="XLA Ops"), flush=True)
-        zm.set_attention_implementation(first)
+        set_attention_implementation(first)
     a, ff = blk.attention, blk.feed_forward
     ws = [
         a.to_q.kernel[...],
@@ -360,11 +363,11 @@ def block_breakdown(model, cfg, side: int, cap_len: int, args: argparse.Namespac
     q, k, v = (jax.random.normal(kk, (1, T, nh, hd), jnp.bfloat16) for kk in ks[1:4])
     attn_flops = 4 * T * T * nh * hd
     for impl in kernels:
-        zm.set_attention_implementation(impl)
-        ms = _time_pipelined(jax.jit(lambda q, k, v, m: zm._attention(q, k, v, m)), q, k, v, mask)
+        set_attention_implementation(impl)
+        ms = _time_pipelined(jax.jit(lambda q, k, v, m: attention(q, k, v, m)), q, k, v, mask)
         out[f"attn_{impl}_ms"] = ms
         out[f"attn_{impl}_tflops"] = attn_flops / (ms / 1e3) / 1e12
-    zm.set_attention_implementation("auto")
+    set_attention_implementation("auto")
     out["rest_ms"] = out["block_ms"] - out["gemms_ms"] - out[f"attn_{first}_ms"]
     attn = ", ".join(f"{k}={v:.3f}" for k, v in out.items() if k.startswith("attn_"))
     print(
@@ -389,13 +392,13 @@ def part_gemm(args: argparse.Namespace) -> dict:
     from flax import nnx
 
     from tmp_jax.models.z_image import ZImageConfig
-    from tmp_jax.models.z_image import model as zm
+    from tmp_jax.models.z_image.fusion import fuse_projections
 
     kw, side, cap_len = shapes(args)
     cfg = ZImageConfig(**kw)
     res: dict = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
     blk = random_block(cfg, seed=3)
-    fused = zm.fuse_projections(nnx.clone(blk))  # the model's inference layout: q|k|v and w1|w3 built once
+    fused = fuse_projections(nnx.clone(blk))  # the model's inference layout: q|k|v and w1|w3 built once
     gd, st = nnx.split(blk)
     gdf, stf = nnx.split(fused)
     a, ff = blk.attention, blk.feed_forward

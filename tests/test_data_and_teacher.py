@@ -13,7 +13,8 @@ from converters.zimage import read_config
 from tmp_jax import data
 from tmp_jax import evaluator as ev
 from tmp_jax.models.z_image import ZImageTransformer
-from tmp_jax.models.z_image.model import init_abstract, make_layout
+from tmp_jax.models.z_image.layout import make_layout
+from tmp_jax.models.z_image.model import init_abstract
 from tmp_jax.sampling import fill, fixed_layout, heldout_fm_mse, patchify, sigma_schedule, unpatchify
 
 TEACHER = Path(data.ASSETS) / "zimage-fmnist"

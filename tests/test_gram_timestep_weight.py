@@ -69,6 +69,7 @@ def test_weighted_grams_equal_weighted_sum_of_per_sample_grams(name, cfg):
 def test_expert_gram_weight_ragged_dense_expert_parallel():
     """The per-expert Gram with per-token weights: ragged == dense == the direct sum of s_n (w h)(w h)^T, and
     the expert-parallel (shard_map) path equals the single-device one."""
+    from tmp_jax.models.hunyuan_image3 import kernels as hk
     from tmp_jax.models.hunyuan_image3 import model as hm
     from tmp_jax.sharding import make_mesh
 
@@ -90,11 +91,11 @@ def test_expert_gram_weight_ragged_dense_expert_parallel():
             want[e] += float(s[n]) * np.outer(float(w[n, j]) * h, float(w[n, j]) * h)
     np.testing.assert_allclose(np.asarray(g_r), want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(g_d), want, rtol=1e-4, atol=1e-5)
-    hm.set_expert_parallel(make_mesh("data:2,expert:4", jax.devices()[:8]))
+    hk.set_expert_parallel(make_mesh("data:2,expert:4", jax.devices()[:8]))
     try:
         *_, g_ep = ex.ragged(x, w, idx, stats=True, grams=True, gram_weight=s)
     finally:
-        hm.set_expert_parallel(None)
+        hk.set_expert_parallel(None)
     np.testing.assert_allclose(np.asarray(g_ep), want, rtol=1e-4, atol=1e-5)
 
 

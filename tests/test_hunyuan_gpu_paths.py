@@ -17,20 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tmp_jax.models.hunyuan_image3.model as hm
+from tmp_jax.models.hunyuan_image3 import kernels as hk
+from tmp_jax.models.hunyuan_image3.layout import T2IMask, joint_attention_mask
 
 
 def test_split_attention_equals_masked_attention():
     b, s, n, kv, hd, n_img = 3, 29, 4, 2, 16, 12
     starts = jnp.array([3, 9, 5], jnp.int32)
     valid = jnp.array([29, 25, 18], jnp.int32)  # image spans end at 15, 21, 17: inside the valid tokens
-    mask = hm.T2IMask(hm.joint_attention_mask(s, starts, n_img, valid), starts, n_img)
+    mask = T2IMask(joint_attention_mask(s, starts, n_img, valid), starts, n_img)
     kq, kk, kv_ = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (b, s, n, hd), jnp.float32)
     k = jax.random.normal(kk, (b, s, kv, hd), jnp.float32)
     v = jax.random.normal(kv_, (b, s, kv, hd), jnp.float32)
     want = jax.nn.dot_product_attention(q, k, v, mask=mask.dense, scale=hd**-0.5)
-    got = jax.jit(lambda q, k, v, m: hm.t2i_attention_split(q, k, v, m, hd**-0.5, implementation="xla"))(q, k, v, mask)
+    got = jax.jit(lambda q, k, v, m: hk.t2i_attention_split(q, k, v, m, hd**-0.5, implementation="xla"))(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
@@ -38,20 +39,20 @@ def test_kernel_choice_on_cpu():
     lhs = jnp.ones((8, 64), jnp.bfloat16)
     rhs = jnp.ones((2, 64, 128), jnp.bfloat16)
     gs = jnp.array([5, 3], jnp.int32)
-    assert hm.MOE_KERNEL == "auto" and not hm._use_mosaic(lhs, rhs)
+    assert hk.MOE_KERNEL == "auto" and not hk._use_mosaic(lhs, rhs)
     np.testing.assert_array_equal(
-        np.asarray(hm.grouped_matmul(lhs, rhs, gs), np.float32),
+        np.asarray(hk.grouped_matmul(lhs, rhs, gs), np.float32),
         np.asarray(jax.lax.ragged_dot(lhs, rhs, gs), np.float32),
     )
-    mask = hm.T2IMask(jnp.ones((1, 1, 4, 4), bool), jnp.array([1]), 2)
-    assert hm._attention_impl(lhs.reshape(1, 8, 4, 16), mask) == "xla"
+    mask = T2IMask(jnp.ones((1, 1, 4, 4), bool), jnp.array([1]), 2)
+    assert hk._attention_impl(lhs.reshape(1, 8, 4, 16), mask) == "xla"
     try:
-        hm.set_moe_kernel("mosaic")
+        hk.set_moe_kernel("mosaic")
         with pytest.raises(ValueError, match="TMP_JAX_MOE_KERNEL=mosaic: not a Hopper GPU"):
-            hm.grouped_matmul(lhs, rhs, gs)
+            hk.grouped_matmul(lhs, rhs, gs)
     finally:
-        hm.set_moe_kernel("auto")
+        hk.set_moe_kernel("auto")
     with pytest.raises(ValueError, match="auto, xla or mosaic"):
-        hm.set_moe_kernel("triton")
+        hk.set_moe_kernel("triton")
     with pytest.raises(ValueError, match="auto, xla or cudnn"):
-        hm.set_attention_implementation("flash")
+        hk.set_attention_implementation("flash")

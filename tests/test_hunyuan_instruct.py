@@ -42,7 +42,7 @@ from tmp_jax.models.hunyuan_image3.instruct import (  # noqa: E402
     ti2i_forward,
     ti2i_positions,
 )
-from tmp_jax.models.hunyuan_image3.model import t2i_attention_split  # noqa: E402
+from tmp_jax.models.hunyuan_image3.kernels import t2i_attention_split  # noqa: E402
 from tmp_jax.models.hunyuan_image3.structure import build_spec, init_abstract, init_random  # noqa: E402
 from tmp_jax.tree import Tree  # noqa: E402
 

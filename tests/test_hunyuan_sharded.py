@@ -77,7 +77,7 @@ def test_expert_parallel_shard_map_equals_unsharded():
     ``data:2,expert:4`` mesh, padded rows included; the lowered program really contains the manual
     (shard_map) computation and its all-reduce.
     """
-    from tmp_jax.models.hunyuan_image3 import model as hm
+    from tmp_jax.models.hunyuan_image3 import kernels as hk
 
     batch = H.prepare_batch(CFG, H.synthetic_calib(CFG, BATCH, BATCH, seed=5)[0])
     inputs = {k: batch[k] for k in ("input_ids", "latents", "timestep", "valid_lengths")}
@@ -96,7 +96,7 @@ def test_expert_parallel_shard_map_equals_unsharded():
         k: jax.device_put(v, NamedSharding(mesh, PartitionSpec("data", *([None] * (v.ndim - 1)))))
         for k, v in inputs.items()
     }
-    hm.set_expert_parallel(mesh)
+    hk.set_expert_parallel(mesh)
     try:
         graphdef, state = nnx.split(model)
         fwd = jax.jit(lambda st, ids, lat, t, vl: nnx.merge(graphdef, st)(ids, lat, t, vl))
@@ -107,7 +107,7 @@ def test_expert_parallel_shard_map_equals_unsharded():
         got = np.asarray(fwd(state, *args), np.float64)
         got_out, got_stats = _stats_forward(model, sharded)
     finally:
-        hm.set_expert_parallel(None)
+        hk.set_expert_parallel(None)
     rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     assert rel <= 1e-5, rel
     np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), rtol=1e-5, atol=1e-5)
@@ -121,30 +121,30 @@ def test_expert_parallel_shard_map_equals_unsharded():
 
 
 def test_expert_parallel_bad_mesh_and_auto_choice():
-    from tmp_jax.models.hunyuan_image3 import model as hm
+    from tmp_jax.models.hunyuan_image3 import kernels as hk
 
     for spec, why in (("data:2,model:4", "no 'expert' axis"), ("model:2,expert:4", "['model']")):
         try:
-            hm.set_expert_parallel(make_mesh(spec, jax.devices()[:8]))
+            hk.set_expert_parallel(make_mesh(spec, jax.devices()[:8]))
             raise AssertionError("expected ValueError")
         except ValueError as e:
             assert why in str(e)
-    assert hm.EXPERT_PARALLEL is None
+    assert hk.EXPERT_PARALLEL is None
     try:  # maybe_expert_parallel: on only for an expert axis > 1 without a model axis
-        assert not hm.maybe_expert_parallel(None)
-        assert not hm.maybe_expert_parallel(make_mesh("data:8", jax.devices()[:8]))
-        assert not hm.maybe_expert_parallel(make_mesh("data:2,expert:2,model:2", jax.devices()[:8]))
-        assert hm.EXPERT_PARALLEL is None
+        assert not hk.maybe_expert_parallel(None)
+        assert not hk.maybe_expert_parallel(make_mesh("data:8", jax.devices()[:8]))
+        assert not hk.maybe_expert_parallel(make_mesh("data:2,expert:2,model:2", jax.devices()[:8]))
+        assert hk.EXPERT_PARALLEL is None
         mesh = make_mesh("data:2,expert:4", jax.devices()[:8])
-        assert hm.maybe_expert_parallel(mesh) and hm.EXPERT_PARALLEL == (mesh, "expert")
-        assert not hm.maybe_expert_parallel(None) and hm.EXPERT_PARALLEL is None  # a later run without a mesh
+        assert hk.maybe_expert_parallel(mesh) and hk.EXPERT_PARALLEL == (mesh, "expert")
+        assert not hk.maybe_expert_parallel(None) and hk.EXPERT_PARALLEL is None  # a later run without a mesh
     finally:
-        hm.set_expert_parallel(None)
+        hk.set_expert_parallel(None)
 
 
 def test_expert_parallel_uneven_expert_count_falls_back():
     """6 experts over a 4-way expert axis (a pruned count, say): the plain ragged path, same output."""
-    from tmp_jax.models.hunyuan_image3 import model as hm
+    from tmp_jax.models.hunyuan_image3 import kernels as hk
 
     cfg6 = TINY.replace(num_experts=6, moe_topk=2, vae={"latent_channels": 4})
     batch = H.prepare_batch(cfg6, H.synthetic_calib(cfg6, BATCH, BATCH, seed=6)[0])
@@ -152,7 +152,7 @@ def test_expert_parallel_uneven_expert_count_falls_back():
     want = np.asarray(_forward(H.init_random(cfg6, jnp.float32, 2))(inputs), np.float64)
     mesh = make_mesh("data:2,expert:4", jax.devices()[:8])
     model = shard_module(H.init_random(cfg6, jnp.float32, 2), mesh)
-    hm.set_expert_parallel(mesh)
+    hk.set_expert_parallel(mesh)
     try:
         graphdef, state = nnx.split(model)
         fwd = jax.jit(lambda st, ids, lat, t, vl: nnx.merge(graphdef, st)(ids, lat, t, vl))
@@ -160,5 +160,5 @@ def test_expert_parallel_uneven_expert_count_falls_back():
         assert "manual_computation" not in fwd.lower(state, *args).as_text()
         got = np.asarray(fwd(state, *args), np.float64)
     finally:
-        hm.set_expert_parallel(None)
+        hk.set_expert_parallel(None)
     assert float(np.linalg.norm(got - want) / np.linalg.norm(want)) <= 1e-5

@@ -15,6 +15,7 @@ from flax import nnx
 
 from tmp_jax.models.hunyuan_image3 import TINY
 from tmp_jax.models.hunyuan_image3 import model as hm
+from tmp_jax.models.hunyuan_image3.layout import causal_mask
 from tmp_jax.stats import group_output_energy
 
 
@@ -52,7 +53,7 @@ def test_hunyuan_attention_unit_stat_equals_direct():
     x = jnp.asarray(rng.standard_normal((b, s, TINY.hidden_size)), jnp.float32)
     ang = jnp.asarray(rng.uniform(0, 3, (b, s, hd)), jnp.float32)
     cos, sin = jnp.cos(ang), jnp.sin(ang)
-    mask = jnp.broadcast_to(hm.causal_mask(s), (b, 1, s, s))
+    mask = jnp.broadcast_to(causal_mask(s), (b, 1, s, s))
     token_mask = jnp.asarray(np.arange(s)[None, :] < np.array([[s], [7]]))  # sample 1: 4 padding tokens
     attn.collect_stats = True
     attn(x, cos, sin, mask, token_mask)

@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax.models.z_image import TINY
-from tmp_jax.models.z_image.model import Attention, _attention, apply_rope
+from tmp_jax.models.z_image.kernels import attention
+from tmp_jax.models.z_image.model import Attention, apply_rope
 
 
 def test_head_energy_equals_direct_contribution():
@@ -31,7 +32,7 @@ def test_head_energy_equals_direct_contribution():
     v = attn.to_v(x).reshape(b, t, -1, hd)
     if attn.norm_q is not None:
         q, k = attn.norm_q(q), attn.norm_k(k)
-    o = _attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, None)
+    o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, None)
     w = attn.to_out[0].kernel[...].reshape(TINY.n_heads, hd, -1)
     want = np.sum(
         np.square(np.einsum("btnd,nde->btne", np.asarray(o, np.float64), np.asarray(w, np.float64))), (0, 1, 3)

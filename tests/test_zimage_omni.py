@@ -243,7 +243,8 @@ def test_omni_pieces_compose_like_the_blockwise_runner(omni):
     forward_omni_padded: the pieces a blockwise omni runner needs (T2I runner's signatures)."""
     import jax.numpy as jnp
 
-    from tmp_jax.models.z_image.model import _key_mask, attn_branch, ffn_branch, make_omni_layout
+    from tmp_jax.models.z_image.layout import key_mask, make_omni_layout
+    from tmp_jax.models.z_image.model import attn_branch, ffn_branch
 
     _, jm, _ = omni
     x, t, cap, sig, mask = _batch(seed=8)
@@ -258,11 +259,11 @@ def test_omni_pieces_compose_like_the_blockwise_runner(omni):
     e = jm.embed_omni(a, tt, "2-1")
     img, capf, sg = e["img"], e["cap"], e["sig"]
     for blk in jm.noise_refiner:
-        img = run(blk, img, _key_mask(a["img_valid"]), e["img_cs"], e["img_cond"])
+        img = run(blk, img, key_mask(a["img_valid"]), e["img_cs"], e["img_cond"])
     for blk in jm.context_refiner:
-        capf = run(blk, capf, _key_mask(a["cap_valid"]), e["cap_cs"], None)
+        capf = run(blk, capf, key_mask(a["cap_valid"]), e["cap_cs"], None)
     for blk in jm.siglip_refiner:
-        sg = run(blk, sg, _key_mask(a["sig_valid"]), e["sig_cs"], None)
+        sg = run(blk, sg, key_mask(a["sig_valid"]), e["sig_cs"], None)
     h, cos, sin, m, cond = type(jm).unify_omni(None, a, img, capf, sg, e)
     for blk in jm.layers:
         h = run(blk, h, m, (cos, sin), cond)

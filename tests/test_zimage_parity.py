@@ -256,7 +256,7 @@ def test_bad_forward_inputs(pair):
 
 def test_dense_batch_runs_unmasked_and_matches_diffusers(pair):
     """Equal-size samples: the layout is dense, the forward drops the key mask; still == diffusers."""
-    from tmp_jax.models.z_image.model import make_layout
+    from tmp_jax.models.z_image.layout import make_layout
 
     ref, jm, _ = pair
     x, t, cap = inputs(seed=3, sizes=((8, 8), (8, 8)), cap_lens=(20, 20))
@@ -279,7 +279,7 @@ def test_fuse_projections_same_forward(pair):
     """The inference layout (q|k|v and w1|w3 fused) computes the same function, ragged batch included."""
     import copy
 
-    from tmp_jax.models.z_image.model import fuse_projections
+    from tmp_jax.models.z_image.fusion import fuse_projections
 
     ref, jm, _ = pair
     x, t, cap = inputs(seed=4, sizes=((8, 12), (4, 4)), cap_lens=(7, 40))

@@ -21,6 +21,8 @@ from flax import nnx
 from tmp_jax import stats as st
 from tmp_jax.models.z_image import TINY, ZImageConfig, runner
 from tmp_jax.models.z_image import model as zm
+from tmp_jax.models.z_image.kernels import attention
+from tmp_jax.models.z_image.layout import key_mask
 
 
 def _randomise(m: nnx.Module, seed: int) -> nnx.Module:
@@ -109,9 +111,9 @@ def test_each_statistic_equals_its_direct_formula(tiny):
     e = m.embed(a, t, pk)
     img, cap = e["img"], e["cap"]
     for blk in m.noise_refiner:
-        img = blk(img, zm._key_mask(a["img_valid"]), *e["img_cs"], e["c"])
+        img = blk(img, key_mask(a["img_valid"]), *e["img_cs"], e["c"])
     for blk in m.context_refiner:
-        cap = blk(cap, zm._key_mask(a["cap_valid"]), *e["cap_cs"])
+        cap = blk(cap, key_mask(a["cap_valid"]), *e["cap_cs"])
     x, cos, sin, mask = m.unify(a, img, cap, e)
     f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
     for i, blk in enumerate(m.layers):
@@ -123,7 +125,7 @@ def test_each_statistic_equals_its_direct_formula(tiny):
         q = att.norm_q(att.to_q(h).reshape(B, T, att.heads, att.head_dim))
         k = att.norm_k(att.to_k(h).reshape(B, T, att.heads, att.head_dim))
         v = att.to_v(h).reshape(B, T, att.heads, att.head_dim)
-        o = zm._attention(zm.apply_rope(q, cos, sin), zm.apply_rope(k, cos, sin), v, mask)
+        o = attention(zm.apply_rope(q, cos, sin), zm.apply_rope(k, cos, sin), v, mask)
         w = f64(att.to_out[0].kernel[...]).reshape(att.heads, att.head_dim, -1)
         want = np.sum(np.square(np.einsum("btnd,nde->btne", f64(o), w)), axis=(0, 1, 3))
         np.testing.assert_allclose(s[("layers", i, "attention", "unit_stat")], want, rtol=1e-5)

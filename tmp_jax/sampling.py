@@ -2,7 +2,7 @@
 end of the file, HunyuanImage-3.0).
 
 Every Fashion-MNIST latent is ``(4, 1, 14, 14)`` and every caption has :data:`~tmp_jax.data.CAPTION_LEN`
-tokens, so one :func:`~tmp_jax.models.z_image.model.make_layout` serves every batch of a given size:
+tokens, so one :func:`~tmp_jax.models.z_image.layout.make_layout` serves every batch of a given size:
 :func:`fixed_layout` builds it once on the host, and :func:`fill` substitutes the (noisy) image tokens
 and caption features inside jitted code. Work happens in token space: :func:`patchify` is the same
 permutation as ``make_layout`` (channel fastest), so Gaussian noise can be drawn per token.
@@ -33,7 +33,7 @@ from tmp_jax.data import (
     to_latents,
 )
 from tmp_jax.models.z_image.config import ZImageConfig
-from tmp_jax.models.z_image.model import make_layout
+from tmp_jax.models.z_image.layout import make_layout
 
 
 @dataclass(frozen=True)

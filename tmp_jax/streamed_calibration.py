@@ -667,7 +667,8 @@ def _z_stem(m: Any) -> nnx.Module:
 
 
 def _z_embed(stem: Any, inp: dict, carry: None) -> Carry:
-    from tmp_jax.models.z_image.model import ZImageTransformer, _key_mask
+    from tmp_jax.models.z_image.layout import key_mask
+    from tmp_jax.models.z_image.model import ZImageTransformer
 
     a = inp["arrays"]
     e = ZImageTransformer.embed(stem, a, jnp.asarray(inp["t"]), inp["patch_key"])
@@ -679,8 +680,8 @@ def _z_embed(stem: Any, inp: dict, carry: None) -> Carry:
         "img_sin": e["img_cs"][1],
         "cap_cos": e["cap_cs"][0],
         "cap_sin": e["cap_cs"][1],
-        "m_img": _key_mask(a["img_valid"]),
-        "m_cap": _key_mask(a["cap_valid"]),
+        "m_img": key_mask(a["img_valid"]),
+        "m_cap": key_mask(a["cap_valid"]),
     }
 
 

@@ -71,39 +71,8 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
-from tmp_jax.models.hunyuan_image3.model import T2IMask, block_positions, rope_cos_sin, t2i_head
-from tmp_jax.nn import Linear
-
-
-# ----------------------------------------------------------------------------------------------------------
-# vision_aligner
-# ----------------------------------------------------------------------------------------------------------
-class VisionAligner(nnx.Module):
-    """The release's ``vision_aligner`` (``LightProjector``, ``projector_type == "mlp_gelu"``).
-
-    ``layers`` keeps the torch ``nn.Sequential`` indices: Linear at ``0, 2, 4, ...`` (``depth`` of them, with
-    biases), exact (erf) GELU between them. Release: ``depth = 2``, ``1152 -> 4096 -> 4096``, i.e. the four
-    keys ``vision_aligner.layers.{0,2}.{weight,bias}``.
-    """
-
-    def __init__(self, input_dim: int, hidden_size: int, depth: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        layers: list[Linear | None] = [Linear(input_dim, hidden_size, axes=(None, "mlp"), dtype=dtype, rngs=rngs)]
-        for _ in range(1, depth):
-            layers += [None, Linear(hidden_size, hidden_size, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)]
-        self.layers = nnx.List(layers)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x`` [..., input_dim] -> [..., hidden]."""
-        h = self.layers[0](x)
-        for i in range(2, len(self.layers), 2):
-            h = self.layers[i](jax.nn.gelu(h, approximate=False))
-        return h
-
-
-def vision_aligner_from_config(config: HunyuanImage3Config, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> VisionAligner:
-    """The aligner ``config.vit_aligner`` describes (validated by the config when ``ti2i`` is set)."""
-    va = config.vit_aligner
-    return VisionAligner(int(va["input_dim"]), config.hidden_size, int(va["depth"]), dtype=dtype, rngs=rngs)
+from tmp_jax.models.hunyuan_image3.layout import T2IMask, block_positions
+from tmp_jax.models.hunyuan_image3.model import rope_cos_sin, t2i_head
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,7 +152,7 @@ def ti2i_attention_mask(
     """``[B, 1, S, S]`` boolean mask (query, key): causal, bidirectional joint spans and target block.
 
     See the module docstring. With no condition image it equals
-    :func:`tmp_jax.models.hunyuan_image3.model.joint_attention_mask`.
+    :func:`tmp_jax.models.hunyuan_image3.layout.joint_attention_mask`.
     """
     index = jnp.arange(seq_len)
     causal = index[None, :] <= index[:, None]  # [q, k]

@@ -27,12 +27,12 @@ from tmp_jax import aot
 from tmp_jax.masked_eval import MaskView
 from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shapes, with_refits
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
+from tmp_jax.models.hunyuan_image3.layout import check_t2i_layout
 from tmp_jax.models.hunyuan_image3.model import (
     DecoderLayer,
     ExpertMask,
     HunyuanImage3,
     attn_branch,
-    check_t2i_layout,
     moe_branch,
     t2i_embed,
     t2i_head,

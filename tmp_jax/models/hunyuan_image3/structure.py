@@ -351,10 +351,10 @@ def _fmnist_eval() -> Any:  # held-out inputs and predictions for tmp_jax.evalua
     return fmnist_eval
 
 
-def _model() -> Any:  # the module classes (lazy import: registering the arch stays cheap)
-    from tmp_jax.models.hunyuan_image3 import model
+def _kernels() -> Any:  # the GPU kernel dispatch, expert parallelism included (lazy import: registering stays cheap)
+    from tmp_jax.models.hunyuan_image3 import kernels
 
-    return model
+    return kernels
 
 
 def _instruct() -> Any:  # HunyuanImage-3.0-Instruct TI2I micro-batches (lazy import)
@@ -417,6 +417,6 @@ HOOKS = arch.register(
             r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate_and_up_proj|down_proj)\.weight",
         ),
         memory_model=lambda: importlib.import_module("tmp_jax.models.hunyuan_image3.memory"),
-        expert_parallel=lambda mesh: _model().maybe_expert_parallel(mesh),
+        expert_parallel=lambda mesh: _kernels().maybe_expert_parallel(mesh),
     )
 )

@@ -1,21 +1,24 @@
 """Z-Image single-stream DiT in Flax NNX, mirroring ``diffusers.ZImageTransformer2DModel``.
 
 Module and attribute names follow diffusers (``layers.3.attention.to_q``, ``all_x_embedder["2-1"]``,
-``t_embedder.mlp.0`` ...) so the converter is an identity plus explicit transposes. Ragged batches
-(different image sizes and caption lengths) are laid out on the host exactly like diffusers
-(segments padded to 32 tokens with pad tokens, inter-sample padding masked) and the dense part runs
-in one jitted function, :func:`forward_padded`.
+``t_embedder.mlp.0`` ...) so the converter is an identity plus explicit transposes. The classes come in the
+order of diffusers' ``transformer_z_image.py``: ``TimestepEmbedder``, the attention (its processor's RoPE),
+``FeedForward``, ``ZImageTransformerBlock``, ``FinalLayer``, the RoPE tables (``RopeEmbedder``) and the model.
+
+Ragged batches (different image sizes and caption lengths) are laid out on the host exactly like diffusers
+(segments padded to 32 tokens with pad tokens, inter-sample padding masked; :mod:`.layout`) and the dense part
+runs in one jitted function, :meth:`ZImageTransformer.forward_padded`. Which attention kernel runs is chosen
+in :mod:`.kernels`; the fused q|k|v and w1|w3 inference layout is built by :mod:`.fusion`.
 
 Omni/Edit mode (diffusers' nested-list inputs: per sample, condition latents + target, caption
-segments, optional SigLIP features and an image noise mask) is laid out by :func:`make_omni_layout`
-and runs in :meth:`ZImageTransformer.forward_omni_padded`: sequence ``[caption segments, VAE image
-tokens, SigLIP tokens]``, per-token adaLN from the noisy (t) or clean (t = 1) timestep embedding.
+segments, optional SigLIP features and an image noise mask) is laid out by
+:func:`~tmp_jax.models.z_image.layout.make_omni_layout` and runs in
+:meth:`ZImageTransformer.forward_omni_padded`: sequence ``[caption segments, VAE image tokens, SigLIP tokens]``,
+per-token adaLN from the noisy (t) or clean (t = 1) timestep embedding.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -24,29 +27,36 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmp_jax.models.z_image.config import SEQ_MULTI_OF, SIGLIP_STACK, T_MID_DIM, BlockSpec, ZImageConfig
+from tmp_jax.models.z_image.config import SIGLIP_STACK, T_MID_DIM, BlockSpec, ZImageConfig
+from tmp_jax.models.z_image.kernels import attention
+from tmp_jax.models.z_image.layout import key_mask, make_layout, make_omni_layout, unpatchify, unpatchify_omni
 from tmp_jax.nn import Linear, RMSNorm, timestep_embedding
 from tmp_jax.stats import gram, gram_row_weights, group_output_energy
 
 # ----------------------------------------------------------------------------------------------
-# RoPE
+# Timestep embedder
 
 
-def rope_tables(cfg: ZImageConfig) -> list[np.ndarray]:
-    """Per-axis angle tables ``(axes_lens[i], axes_dims[i] // 2)``, computed in float64 then rounded
-    to fp32 exactly like diffusers (so cos/sin agree to the last bit of the angle)."""
-    out = []
-    for d, e in zip(cfg.axes_dims, cfg.axes_lens):
-        inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-        out.append(np.outer(np.arange(e, dtype=np.float64), inv).astype(np.float32))
-    return out
+class TimestepEmbedder(nnx.Module):
+    """Sinusoid(256) in fp32 -> Linear(256, 1024) -> SiLU -> Linear(1024, out)."""
+
+    def __init__(self, out_size: int, mid_size: int, *, dtype: Any, rngs: nnx.Rngs, freq_dim: int = 256):
+        self.freq_dim = freq_dim
+        self.mlp = nnx.List(
+            [
+                Linear(freq_dim, mid_size, axes=("adaln", "mlp"), dtype=dtype, rngs=rngs),
+                None,  # SiLU
+                Linear(mid_size, out_size, axes=("mlp", "adaln"), dtype=dtype, rngs=rngs),
+            ]
+        )
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        emb = timestep_embedding(t, self.freq_dim).astype(self.mlp[0].kernel.dtype)
+        return self.mlp[2](jax.nn.silu(self.mlp[0](emb)))
 
 
-def rope_cos_sin(cfg: ZImageConfig, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``pos``: (B, T, 3) int32 -> cos, sin: (B, T, head_dim // 2) fp32."""
-    angles = [jnp.asarray(tab)[pos[..., i]] for i, tab in enumerate(rope_tables(cfg))]
-    ang = jnp.concatenate(angles, axis=-1)
-    return jnp.cos(ang), jnp.sin(ang)
+# ----------------------------------------------------------------------------------------------
+# Attention (diffusers' ZSingleStreamAttnProcessor: QK-norm, RoPE, SDPA, to_out)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -67,58 +77,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (xf * c2 + swapped * s2).astype(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Attention kernel choice
-
-# "auto": cuDNN flash attention on GPU for bf16/fp16 (head_dim <= 128), XLA's reference attention
-# otherwise (CPU, fp32). "xla" / "cudnn" force one. Read at trace time; the env var sets the default.
-# (jax's Pallas Mosaic-GPU flash attention was measured too, bench/attention_kernels.py: its tiles are
-# fp16-only and it ran at 516 TFLOP/s against cuDNN's 609 on an H200 at this model's shapes.)
-ATTENTION_IMPLEMENTATION: str = os.environ.get("TMP_JAX_ATTENTION", "auto")
-
-
-def set_attention_implementation(name: str) -> None:
-    """'auto', 'xla' or 'cudnn'; affects functions traced after the call."""
-    if name not in ("auto", "xla", "cudnn"):
-        raise ValueError(f"attention implementation must be auto, xla or cudnn, got {name!r}")
-    global ATTENTION_IMPLEMENTATION
-    ATTENTION_IMPLEMENTATION = name
-
-
-def _attention_impl(q: jax.Array, mask: jax.Array | None) -> str:
-    impl = ATTENTION_IMPLEMENTATION
-    key_only = mask is None or (mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
-    if impl == "auto":
-        ok = (
-            jax.default_backend() == "gpu"
-            and q.dtype in (jnp.bfloat16, jnp.float16)
-            and q.shape[-1] <= 128
-            and q.shape[-1] % 8 == 0
-            and key_only
-        )
-        impl = "cudnn" if ok else "xla"
-    if impl == "cudnn" and not key_only:
-        raise ValueError("cuDNN attention here takes only a key mask of shape (B, 1, 1, S)")
-    return impl
-
-
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Softmax attention, q/k/v: (B, T, N, D). ``mask``: (B, 1, 1, S) key mask or None (no padding).
-
-    Every key mask this model builds (:func:`_key_mask` of a :class:`Layout`'s ``*_valid``) is a
-    prefix mask (valid keys first), so on the cuDNN path it is passed as per-sample key lengths
-    (cuDNN's padding mask, no materialised bias) instead of a boolean mask.
-    """
-    if _attention_impl(q, mask) == "cudnn":
-        kv_len = None if mask is None else jnp.sum(mask.reshape(mask.shape[0], -1), axis=-1, dtype=jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# Importance statistics (calibration)
-
-
 def head_output_energy(o: jax.Array, w_out: jax.Array) -> jax.Array:
     """Per head n: ``sum_{b,t} ||o[b, t, n] @ W_n||^2`` with ``W_n`` = head n's rows of ``w_out``. -> (N,) fp32.
 
@@ -128,10 +86,6 @@ def head_output_energy(o: jax.Array, w_out: jax.Array) -> jax.Array:
     attention (cuDNN flash on GPU) is unchanged.
     """
     return group_output_energy(o, w_out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Modules
 
 
 class Attention(nnx.Module):
@@ -152,7 +106,7 @@ class Attention(nnx.Module):
         )
         self.collect_stats = False  # calibration sets this to sow importance statistics
         self.collect_grams = 0  # token stride of the to_out input Gram it sows too (0: none; compensated pruning)
-        self.to_qkv: Linear | None = nnx.data(None)  # set by fuse_projections (inference layout; to_q/k/v then None)
+        self.to_qkv: Linear | None = nnx.data(None)  # set by fuse_projections (fusion.py; to_q/k/v then None)
 
     def __call__(
         self, x: jax.Array, mask: jax.Array | None, cos: jax.Array, sin: jax.Array, head_mask: jax.Array | None = None
@@ -170,7 +124,7 @@ class Attention(nnx.Module):
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = _attention(q, k, v, mask)  # [B, T, N, D]
+        o = attention(q, k, v, mask)  # [B, T, N, D]
         if head_mask is not None:
             o = o * head_mask.astype(o.dtype)[:, None]
         if self.collect_stats:  # per-head energy of its contribution through to_out (importance)
@@ -185,6 +139,10 @@ class Attention(nnx.Module):
         return y
 
 
+# ----------------------------------------------------------------------------------------------
+# Feed-forward, transformer block, final layer
+
+
 class FeedForward(nnx.Module):
     """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
 
@@ -192,7 +150,7 @@ class FeedForward(nnx.Module):
         self.w1 = Linear(dim, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
         self.w2 = Linear(hidden, dim, use_bias=False, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
         self.w3 = Linear(dim, hidden, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.w13: Linear | None = nnx.data(None)  # set by fuse_projections (inference layout; w1/w3 then None)
+        self.w13: Linear | None = nnx.data(None)  # set by fuse_projections (fusion.py; w1/w3 then None)
         self.collect_stats = False
         self.collect_grams = 0  # token stride of w2's input Gram it sows too (0: none; compensated pruning)
 
@@ -348,390 +306,25 @@ class FinalLayer(nnx.Module):
         return self.linear(xn * scale)
 
 
-class TimestepEmbedder(nnx.Module):
-    """Sinusoid(256) in fp32 -> Linear(256, 1024) -> SiLU -> Linear(1024, out)."""
-
-    def __init__(self, out_size: int, mid_size: int, *, dtype: Any, rngs: nnx.Rngs, freq_dim: int = 256):
-        self.freq_dim = freq_dim
-        self.mlp = nnx.List(
-            [
-                Linear(freq_dim, mid_size, axes=("adaln", "mlp"), dtype=dtype, rngs=rngs),
-                None,  # SiLU
-                Linear(mid_size, out_size, axes=("mlp", "adaln"), dtype=dtype, rngs=rngs),
-            ]
-        )
-
-    def __call__(self, t: jax.Array) -> jax.Array:
-        emb = timestep_embedding(t, self.freq_dim).astype(self.mlp[0].kernel.dtype)
-        return self.mlp[2](jax.nn.silu(self.mlp[0](emb)))
-
-
 # ----------------------------------------------------------------------------------------------
-# Host-side layout of ragged batches (identical to diffusers' patchify_and_embed)
+# RoPE tables (diffusers' RopeEmbedder)
 
 
-@dataclass
-class Layout:
-    """Padded arrays fed to :func:`forward_padded` plus what is needed to unpatchify."""
-
-    arrays: dict[str, np.ndarray]
-    sizes: list[tuple[int, int, int]]  # (F, H, W) per sample
-    ori_lens: list[int]  # image tokens per sample before padding to 32
-    patch_key: str
-
-    @property
-    def dense(self) -> bool:
-        """No inter-sample padding (every sample the same length): attention needs no key mask."""
-        return all(bool(np.all(self.arrays[k])) for k in ("img_valid", "cap_valid", "uni_valid"))
+def rope_tables(cfg: ZImageConfig) -> list[np.ndarray]:
+    """Per-axis angle tables ``(axes_lens[i], axes_dims[i] // 2)``, computed in float64 then rounded
+    to fp32 exactly like diffusers (so cos/sin agree to the last bit of the angle)."""
+    out = []
+    for d, e in zip(cfg.axes_dims, cfg.axes_lens):
+        inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        out.append(np.outer(np.arange(e, dtype=np.float64), inv).astype(np.float32))
+    return out
 
 
-def _pad32(n: int) -> int:
-    return (-n) % SEQ_MULTI_OF
-
-
-def make_layout(
-    cfg: ZImageConfig,
-    x: list[np.ndarray],
-    cap_feats: list[np.ndarray],
-    patch_size: int = 2,
-    f_patch_size: int = 1,
-) -> Layout:
-    """Patchify images, pad segments to 32 and samples to the batch max, build position ids / masks."""
-    if len(x) != len(cap_feats):
-        raise ValueError(f"got {len(x)} images but {len(cap_feats)} caption feature arrays")
-    if not x:
-        raise ValueError("empty batch")
-    key = f"{patch_size}-{f_patch_size}"
-    if key not in cfg.patch_keys():
-        raise ValueError(f"patch size {key} not in the model's {cfg.patch_keys()}")
-    pH = pW = patch_size
-    pF = f_patch_size
-    imgs, img_pos, img_pad, caps, cap_pos, cap_pad = [], [], [], [], [], []
-    sizes, ori_lens = [], []
-    for i, (im, cap) in enumerate(zip(x, cap_feats)):
-        im = np.asarray(im)
-        cap = np.asarray(cap)
-        if im.ndim != 4 or im.shape[0] != cfg.in_channels:
-            raise ValueError(f"x[{i}]: expected (C={cfg.in_channels}, F, H, W), got {im.shape}")
-        if cap.ndim != 2 or cap.shape[1] != cfg.cap_feat_dim or cap.shape[0] == 0:
-            raise ValueError(f"cap_feats[{i}]: expected (L>0, {cfg.cap_feat_dim}), got {cap.shape}")
-        C, F, H, W = im.shape
-        if F % pF or H % pH or W % pW:
-            raise ValueError(f"x[{i}]: (F, H, W)={F, H, W} not divisible by patch ({pF}, {pH}, {pW})")
-        # caption: positions (1 + k, 0, 0) for every token incl. its pad-to-32 tail
-        L = cap.shape[0]
-        cap_len = L + _pad32(L)
-        caps.append(np.concatenate([cap, np.repeat(cap[-1:], cap_len - L, 0)], 0))
-        cap_pos.append(np.stack([1 + np.arange(cap_len), np.zeros(cap_len), np.zeros(cap_len)], -1))
-        cap_pad.append(np.arange(cap_len) >= L)
-        # image: (C, F, H, W) -> (Ft*Ht*Wt, pF*pH*pW*C), channel fastest
-        Ft, Ht, Wt = F // pF, H // pH, W // pW
-        p = im.reshape(C, Ft, pF, Ht, pH, Wt, pW).transpose(1, 3, 5, 2, 4, 6, 0)
-        p = p.reshape(Ft * Ht * Wt, pF * pH * pW * C)  # [tokens, patch_dim]
-        n = p.shape[0]
-        pad = _pad32(n)
-        imgs.append(np.concatenate([p, np.repeat(p[-1:], pad, 0)], 0))
-        f, h, w = np.meshgrid(np.arange(Ft), np.arange(Ht), np.arange(Wt), indexing="ij")
-        pos = np.stack([cap_len + 1 + f.ravel(), h.ravel(), w.ravel()], -1)
-        img_pos.append(np.concatenate([pos, np.zeros((pad, 3))], 0))
-        img_pad.append(np.arange(n + pad) >= n)
-        if cap_len + 1 + Ft > cfg.axes_lens[0] or Ht > cfg.axes_lens[1] or Wt > cfg.axes_lens[2]:
-            raise ValueError(
-                f"sample {i}: RoPE positions (f<{cap_len + 1 + Ft}, h<{Ht}, w<{Wt}) exceed axes_lens "
-                f"{list(cfg.axes_lens)}"
-            )
-        sizes.append((F, H, W))
-        ori_lens.append(n)
-
-    def stack(items: list[np.ndarray], dtype: Any, fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
-        T = max(len(a) for a in items)
-        out = np.full((len(items), T, *items[0].shape[1:]), fill, dtype)
-        valid = np.zeros((len(items), T), bool)
-        for b, a in enumerate(items):
-            out[b, : len(a)] = a
-            valid[b, : len(a)] = True
-        return out, valid
-
-    img_arr, img_valid = stack(imgs, np.asarray(x[0]).dtype)
-    cap_arr, cap_valid = stack(caps, np.asarray(cap_feats[0]).dtype)
-    img_pos_arr, _ = stack(img_pos, np.int32)
-    cap_pos_arr, _ = stack(cap_pos, np.int32)
-    img_pad_arr, _ = stack(img_pad, bool)
-    cap_pad_arr, _ = stack(cap_pad, bool)
-    # unified sequence per sample: [image tokens (padded to 32), caption tokens (padded to 32)],
-    # as gather indices into concat([img, cap], axis=1).
-    Lx = img_arr.shape[1]
-    uni = [np.concatenate([np.arange(len(a)), Lx + np.arange(len(c))]) for a, c in zip(imgs, caps)]
-    uni_idx, uni_valid = stack(uni, np.int32)
-    arrays = {
-        "img": img_arr,
-        "img_pad": img_pad_arr,
-        "img_valid": img_valid,
-        "img_pos": img_pos_arr,
-        "cap": cap_arr,
-        "cap_pad": cap_pad_arr,
-        "cap_valid": cap_valid,
-        "cap_pos": cap_pos_arr,
-        "uni_idx": uni_idx,
-        "uni_valid": uni_valid,
-    }
-    return Layout(arrays, sizes, ori_lens, key)
-
-
-def unpatchify(
-    cfg: ZImageConfig, out: np.ndarray | jax.Array, layout: Layout, patch_size: int, f_patch_size: int
-) -> list[jax.Array]:
-    """(B, T, patch_dim) unified outputs -> list of (C, F, H, W) images (image tokens come first)."""
-    p = (f_patch_size, patch_size, patch_size)
-    return [
-        _unpatch(out[b, :n], cfg.out_channels, size, p)
-        for b, (size, n) in enumerate(zip(layout.sizes, layout.ori_lens))
-    ]
-
-
-def _unpatch(tok: Any, C: int, size: tuple[int, int, int], p: tuple[int, int, int]) -> Any:
-    """(n, pF*pH*pW*C) tokens of one image -> (C, F, H, W) (inverse of the patchify in make_layout)."""
-    (F, H, W), (pF, pH, pW) = size, p
-    tok = tok.reshape(F // pF, H // pH, W // pW, pF, pH, pW, C)  # [Ft, Ht, Wt, pF, pH, pW, C]
-    return tok.transpose(6, 0, 3, 1, 4, 2, 5).reshape(C, F, H, W)
-
-
-def _key_mask(valid: jax.Array) -> jax.Array:
-    return valid[:, None, None, :]  # [B, 1, 1, S]: mask keys beyond each sample's length
-
-
-# ----------------------------------------------------------------------------------------------
-# Host-side layout of omni (TI2I) batches (identical to diffusers' patchify_and_embed_omni)
-
-
-@dataclass
-class OmniLayout:
-    """Padded arrays fed to :meth:`ZImageTransformer.forward_omni_padded` plus the target's place.
-
-    ``targets[b]`` = (offset of the target's first token in the unified sequence, its token count,
-    its (F, H, W)); the target is the LAST non-None image of sample b (diffusers' rule).
-    ``arrays`` holds ``img*`` / ``cap*`` (and ``sig*`` when SigLIP features are used) with ``*_noise``
-    int32 per-token noise flags (1 = noisy), and ``uni_idx`` / ``uni_valid`` / ``uni_noise`` for the
-    unified ``[caption, image, siglip]`` sequence gathered from ``concat([cap, img, sig], axis=1)``.
-    """
-
-    arrays: dict[str, np.ndarray]
-    sizes: list[list[tuple[int, int, int] | None]]  # per sample, per image: (F, H, W) or None
-    targets: list[tuple[int, int, tuple[int, int, int]]]
-    patch_key: str
-
-    @property
-    def uses_siglip(self) -> bool:
-        return "sig" in self.arrays
-
-
-def _segment_pos(grid: tuple[int, int, int], start: tuple[int, int, int], pad: int) -> np.ndarray:
-    """diffusers' ``_pad_with_ids`` positions: the grid from ``start`` (f, h, w order) + ``pad`` zero rows."""
-    f, h, w = np.meshgrid(*(np.arange(s0, s0 + n) for s0, n in zip(start, grid)), indexing="ij")
-    pos = np.stack([f.ravel(), h.ravel(), w.ravel()], -1)
-    return np.concatenate([pos, np.zeros((pad, 3), pos.dtype)], 0).astype(np.int32)
-
-
-def _stack_rows(items: list[np.ndarray], dtype: Any, tail: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad per-sample arrays to the batch max (zeros) -> (out, valid)."""
-    T = max(len(a) for a in items)
-    out = np.zeros((len(items), T, *tail), dtype)
-    valid = np.zeros((len(items), T), bool)
-    for b, a in enumerate(items):
-        out[b, : len(a)] = a
-        valid[b, : len(a)] = True
-    return out, valid
-
-
-def make_omni_layout(
-    cfg: ZImageConfig,
-    x: list[list[np.ndarray | None]],
-    cap_feats: list[list[np.ndarray]],
-    siglip_feats: list[list[np.ndarray | None] | None] | None,
-    image_noise_mask: list[list[int]],
-    patch_size: int = 2,
-    f_patch_size: int = 1,
-) -> OmniLayout:
-    """Lay out an omni batch exactly like diffusers' ``patchify_and_embed_omni`` + ``_build_unified_sequence``.
-
-    Per sample b: images ``x[b]`` (condition latents then the target, each (C, F, H, W) or None for an
-    empty slot), caption segments ``cap_feats[b]`` (at least one per image), SigLIP features
-    ``siglip_feats[b]`` (per image (H_s, W_s, siglip_feat_dim) or None), ``image_noise_mask[b]`` (one flag
-    per image; 1 = noisy target, 0 = clean condition). Caption segment j takes image j's flag (1 beyond
-    the images). Every segment is padded to 32 tokens with pad tokens. RoPE frame axis: caption j starts
-    at ``s_j = 1 + sum_{k<j} (L_k + 2)``; image j sits at frame ``s_j + L_j``, its SigLIP tokens at
-    ``s_j + L_j + 1`` with (h, w) rescaled onto the latent's (H, W) grid.
-
-    Two diffusers details are mirrored on purpose so outputs agree: caption position ids are the first
-    ``sum(padded lengths)`` rows of the per-segment ids concatenated, each segment contributing its
-    padded grid PLUS its pad rows again (so later segments are shifted when a segment's length is not a
-    multiple of 32); SigLIP features (H_s, W_s, C) are flattened as ``permute(2, 0, 1).reshape(H_s*W_s, C)``.
-    SigLIP is used iff the model has ``siglip_feat_dim`` and ``siglip_feats[0]`` is not None.
-    """
-    B = len(x)
-    if B == 0:
-        raise ValueError("empty batch")
-    if len(cap_feats) != B:
-        raise ValueError(f"omni mode: got {B} image lists but {len(cap_feats)} caption segment lists")
-    if image_noise_mask is None or len(image_noise_mask) != B:
-        raise ValueError("omni mode needs image_noise_mask: one list of 0/1 flags per sample, one flag per image")
-    key = f"{patch_size}-{f_patch_size}"
-    if key not in cfg.patch_keys():
-        raise ValueError(f"patch size {key} not in the model's {cfg.patch_keys()}")
-    use_sig = cfg.siglip_feat_dim is not None and siglip_feats is not None and siglip_feats[0] is not None
-    if use_sig and len(siglip_feats) != B:
-        raise ValueError(f"siglip_feats has {len(siglip_feats)} entries for a batch of {B}")
-    pH = pW = patch_size
-    pF = f_patch_size
-    pdim = pF * pH * pW * cfg.in_channels
-    imgs, img_pos, img_pad, img_noise = [], [], [], []
-    caps, cap_pos, cap_pad, cap_noise = [], [], [], []
-    sigs, sig_pos, sig_pad, sig_noise = [], [], [], []
-    sizes, targets = [], []
-    for b in range(B):
-        xs, cs, nm = list(x[b]), list(cap_feats[b]), [int(v) for v in image_noise_mask[b]]
-        if not xs:
-            raise ValueError(f"x[{b}]: an omni sample needs at least one image (the target)")
-        if len(nm) != len(xs):
-            raise ValueError(f"image_noise_mask[{b}] has {len(nm)} flags for {len(xs)} images")
-        if len(cs) < len(xs):
-            raise ValueError(f"cap_feats[{b}] has {len(cs)} segments, need at least one per image ({len(xs)})")
-        # caption segments
-        feats, pos, pad, noise, ends = [], [], [], [], []
-        cu = 1
-        for j, cap in enumerate(cs):
-            cap = np.asarray(cap)
-            if cap.ndim != 2 or cap.shape[1] != cfg.cap_feat_dim or cap.shape[0] == 0:
-                raise ValueError(f"cap_feats[{b}][{j}]: expected (L>0, {cfg.cap_feat_dim}), got {cap.shape}")
-            L = cap.shape[0]
-            P = L + _pad32(L)
-            feats.append(np.concatenate([cap, np.repeat(cap[-1:], P - L, 0)], 0))
-            pos.append(_segment_pos((P, 1, 1), (cu, 0, 0), P - L))  # P + (P - L) rows: diffusers' layout
-            pad.append(np.arange(P) >= L)
-            noise += [nm[j] if j < len(nm) else 1] * P
-            cu += L
-            ends.append(cu)
-            cu += 2  # room for this segment's VAE image and SigLIP frames
-        n_cap = sum(len(f) for f in feats)
-        caps.append(np.concatenate(feats, 0))
-        cap_pos.append(np.concatenate(pos, 0)[:n_cap])
-        cap_pad.append(np.concatenate(pad))
-        cap_noise.append(np.asarray(noise, np.int32))
-        # VAE image tokens
-        feats, pos, pad, noise, sz = [], [], [], [], []
-        cu_x, target = 0, None
-        for j, im in enumerate(xs):
-            if im is None:
-                feats.append(np.zeros((SEQ_MULTI_OF, pdim), np.float32))
-                pos.append(np.zeros((SEQ_MULTI_OF, 3), np.int32))
-                pad.append(np.ones(SEQ_MULTI_OF, bool))
-                noise += [nm[j]] * SEQ_MULTI_OF
-                sz.append(None)
-                cu_x += SEQ_MULTI_OF
-                continue
-            im = np.asarray(im)
-            if im.ndim != 4 or im.shape[0] != cfg.in_channels:
-                raise ValueError(f"x[{b}][{j}]: expected (C={cfg.in_channels}, F, H, W), got {im.shape}")
-            C, F, H, W = im.shape
-            if F % pF or H % pH or W % pW:
-                raise ValueError(f"x[{b}][{j}]: (F, H, W)={F, H, W} not divisible by patch ({pF}, {pH}, {pW})")
-            Ft, Ht, Wt = F // pF, H // pH, W // pW
-            p = im.reshape(C, Ft, pF, Ht, pH, Wt, pW).transpose(1, 3, 5, 2, 4, 6, 0)
-            p = p.reshape(Ft * Ht * Wt, pdim)  # [tokens, patch_dim], channel fastest
-            n = p.shape[0]
-            pd = _pad32(n)
-            feats.append(np.concatenate([p, np.repeat(p[-1:], pd, 0)], 0))
-            pos.append(_segment_pos((Ft, Ht, Wt), (ends[j], 0, 0), pd))
-            pad.append(np.arange(n + pd) >= n)
-            noise += [nm[j]] * (n + pd)
-            sz.append((F, H, W))
-            target = (cu_x, n, (F, H, W))
-            cu_x += n + pd
-        if target is None:
-            raise ValueError(f"x[{b}]: every image is None; the last non-None image is the output")
-        imgs.append(np.concatenate(feats, 0))
-        img_pos.append(np.concatenate(pos, 0))
-        img_pad.append(np.concatenate(pad))
-        img_noise.append(np.asarray(noise, np.int32))
-        sizes.append(sz)
-        targets.append((n_cap + target[0], target[1], target[2]))
-        # SigLIP tokens
-        if use_sig:
-            sf = siglip_feats[b]
-            if sf is None or len(sf) != len(xs):
-                raise ValueError(
-                    f"siglip_feats[{b}]: expected a list with one entry (array or None) per image ({len(xs)}), "
-                    f"got {'None' if sf is None else len(sf)}"
-                )
-            feats, pos, pad, noise = [], [], [], []
-            for j, sg in enumerate(sf):
-                if sg is None:
-                    feats.append(np.zeros((SEQ_MULTI_OF, cfg.siglip_feat_dim), np.float32))
-                    pos.append(np.zeros((SEQ_MULTI_OF, 3), np.int32))
-                    pad.append(np.ones(SEQ_MULTI_OF, bool))
-                    noise += [nm[j]] * SEQ_MULTI_OF
-                    continue
-                sg = np.asarray(sg)
-                if sg.ndim != 3 or sg.shape[2] != cfg.siglip_feat_dim:
-                    raise ValueError(f"siglip_feats[{b}][{j}]: expected (H, W, {cfg.siglip_feat_dim}), got {sg.shape}")
-                sH, sW, sC = sg.shape
-                flat = sg.transpose(2, 0, 1).reshape(sH * sW, sC)  # diffusers' flattening, kept as is
-                n = flat.shape[0]
-                pd = _pad32(n)
-                feats.append(np.concatenate([flat, np.repeat(flat[-1:], pd, 0)], 0))
-                ps = _segment_pos((1, sH, sW), (ends[j] + 1, 0, 0), pd)
-                if sz[j] is not None:  # rescale (h, w) onto the latent grid, in fp32 then truncated like torch
-                    pf = ps.astype(np.float32)
-                    pf[:, 1] = pf[:, 1] / np.float32(max(sH - 1, 1)) * np.float32(sz[j][1] - 1)
-                    pf[:, 2] = pf[:, 2] / np.float32(max(sW - 1, 1)) * np.float32(sz[j][2] - 1)
-                    ps = pf.astype(np.int32)
-                pos.append(ps)
-                pad.append(np.arange(n + pd) >= n)
-                noise += [nm[j]] * (n + pd)
-            sigs.append(np.concatenate(feats, 0))
-            sig_pos.append(np.concatenate(pos, 0))
-            sig_pad.append(np.concatenate(pad))
-            sig_noise.append(np.asarray(noise, np.int32))
-    for b in range(B):
-        for name, pp in (("caption", cap_pos[b]), ("image", img_pos[b]), ("siglip", sig_pos[b] if use_sig else None)):
-            if pp is not None and (pp.max(0) >= np.asarray(cfg.axes_lens)).any():
-                raise ValueError(
-                    f"sample {b}: {name} RoPE positions up to {pp.max(0).tolist()} exceed axes_lens "
-                    f"{list(cfg.axes_lens)}"
-                )
-
-    dt_x = next(np.asarray(v).dtype for v in x[0] if v is not None)
-    dt_c = np.asarray(cap_feats[0][0]).dtype
-    arrays: dict[str, np.ndarray] = {}
-    streams = [("cap", caps, cap_pos, cap_pad, cap_noise, cfg.cap_feat_dim, dt_c)]
-    streams.append(("img", imgs, img_pos, img_pad, img_noise, pdim, dt_x))
-    if use_sig:
-        dt_s = next(np.asarray(v).dtype for v in siglip_feats[0] if v is not None)
-        streams.append(("sig", sigs, sig_pos, sig_pad, sig_noise, cfg.siglip_feat_dim, dt_s))
-    uni, uni_noise = [[] for _ in range(B)], [[] for _ in range(B)]
-    off = 0
-    for name, feats, pos, pad, noise, width, dt in streams:
-        arrays[name], arrays[f"{name}_valid"] = _stack_rows(feats, dt, (width,))
-        arrays[f"{name}_pos"], _ = _stack_rows(pos, np.int32, (3,))
-        arrays[f"{name}_pad"], _ = _stack_rows(pad, bool)
-        arrays[f"{name}_noise"], _ = _stack_rows(noise, np.int32)
-        for b in range(B):  # unified order: [caption, image, siglip]
-            uni[b].append(off + np.arange(len(feats[b])))
-            uni_noise[b].append(noise[b])
-        off += arrays[name].shape[1]
-    arrays["uni_idx"], arrays["uni_valid"] = _stack_rows([np.concatenate(u) for u in uni], np.int32)
-    arrays["uni_noise"], _ = _stack_rows([np.concatenate(u) for u in uni_noise], np.int32)
-    return OmniLayout(arrays, sizes, targets, key)
-
-
-def unpatchify_omni(
-    cfg: ZImageConfig, out: np.ndarray | jax.Array, layout: OmniLayout, patch_size: int, f_patch_size: int
-) -> list[jax.Array]:
-    """(B, T, patch_dim) unified omni outputs -> each sample's target (C, F, H, W)."""
-    p = (f_patch_size, patch_size, patch_size)
-    return [
-        _unpatch(out[b, off : off + n], cfg.out_channels, size, p) for b, (off, n, size) in enumerate(layout.targets)
-    ]
+def rope_cos_sin(cfg: ZImageConfig, pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``pos``: (B, T, 3) int32 -> cos, sin: (B, T, head_dim // 2) fp32."""
+    angles = [jnp.asarray(tab)[pos[..., i]] for i, tab in enumerate(rope_tables(cfg))]
+    ang = jnp.concatenate(angles, axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -817,7 +410,7 @@ class ZImageTransformer(nnx.Module):
         cos = jnp.take_along_axis(jnp.concatenate([e["img_cs"][0], e["cap_cs"][0]], 1), idx[..., None], 1)
         sin = jnp.take_along_axis(jnp.concatenate([e["img_cs"][1], e["cap_cs"][1]], 1), idx[..., None], 1)
         x = jnp.where(a["uni_valid"][..., None], x, 0)
-        return x, cos, sin, _key_mask(a["uni_valid"])
+        return x, cos, sin, key_mask(a["uni_valid"])
 
     def forward_padded(
         self,
@@ -827,15 +420,15 @@ class ZImageTransformer(nnx.Module):
         return_features: bool = False,
         dense: bool = False,
     ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
-        """The dense forward on a :class:`Layout`'s arrays -> (B, T_unified, patch_dim).
+        """The dense forward on a ``Layout``'s arrays (:mod:`.layout`) -> (B, T_unified, patch_dim).
 
-        ``dense=True`` (static; :attr:`Layout.dense`): the layout has no inter-sample padding, so attention
+        ``dense=True`` (static; ``Layout.dense``): the layout has no inter-sample padding, so attention
         runs unmasked (cuDNN without key lengths). With padding it would be wrong.
         """
         e = self.embed(a, t, patch_key)
         c = e["c"]
         img, cap = e["img"], e["cap"]
-        m_img, m_cap = (None, None) if dense else (_key_mask(a["img_valid"]), _key_mask(a["cap_valid"]))
+        m_img, m_cap = (None, None) if dense else (key_mask(a["img_valid"]), key_mask(a["cap_valid"]))
         for blk in self.noise_refiner:
             img = blk(img, m_img, *e["img_cs"], c)
         for blk in self.context_refiner:
@@ -898,12 +491,12 @@ class ZImageTransformer(nnx.Module):
         cos = jnp.take_along_axis(jnp.concatenate([c[0] for c in cs], 1), idx, 1)
         sin = jnp.take_along_axis(jnp.concatenate([c[1] for c in cs], 1), idx, 1)
         x = jnp.where(a["uni_valid"][..., None], x, 0)
-        return x, cos, sin, _key_mask(a["uni_valid"]), (e["c_noisy"], e["c_clean"], a["uni_noise"])
+        return x, cos, sin, key_mask(a["uni_valid"]), (e["c_noisy"], e["c_clean"], a["uni_noise"])
 
     def forward_omni_padded(
         self, a: dict[str, jax.Array], t: jax.Array, patch_key: str, return_features: bool = False
     ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
-        """The dense omni forward on an :class:`OmniLayout`'s arrays -> (B, T_unified, patch_dim).
+        """The dense omni forward on an ``OmniLayout``'s arrays (:mod:`.layout`) -> (B, T_unified, patch_dim).
 
         Modulated blocks and the final layer take ``(c_noisy, c_clean, noise)``: c_noisy embeds t,
         c_clean embeds t = 1 (clean); each token uses the one its noise flag selects. The SigLIP stream
@@ -911,13 +504,13 @@ class ZImageTransformer(nnx.Module):
         """
         e = self.embed_omni(a, t, patch_key)
         img, cap, sig = e["img"], e["cap"], e.get("sig")
-        m_img, m_cap = _key_mask(a["img_valid"]), _key_mask(a["cap_valid"])
+        m_img, m_cap = key_mask(a["img_valid"]), key_mask(a["cap_valid"])
         for blk in self.noise_refiner:
             img = blk(img, m_img, *e["img_cs"], e["img_cond"])
         for blk in self.context_refiner:
             cap = blk(cap, m_cap, *e["cap_cs"])
         if sig is not None:
-            m_sig = _key_mask(a["sig_valid"])
+            m_sig = key_mask(a["sig_valid"])
             for blk in self.siglip_refiner:
                 sig = blk(sig, m_sig, *e["sig_cs"])
         x, cos, sin, mask, cond = self.unify_omni(a, img, cap, sig, e)
@@ -1029,37 +622,6 @@ def _forward_jit(
 def _forward_omni_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[str, Any], t: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, state)
     return model.forward_omni_padded(arrays, t, patch_key)
-
-
-def _fused_linear(parts: list[Linear]) -> Linear:
-    """One bias-free Linear whose kernel is ``concat([p.kernel for p in parts], axis=1)`` (built once)."""
-    kernel = jnp.concatenate([p.kernel[...] for p in parts], axis=1)  # [in, sum(out)]
-    lin = nnx.eval_shape(
-        lambda: Linear(kernel.shape[0], kernel.shape[1], use_bias=False, axes=("embed", None), rngs=nnx.Rngs(0))
-    )
-    lin.kernel = nnx.Param(kernel, logical_axes=("embed", None))
-    return lin
-
-
-def fuse_projections(model: nnx.Module) -> nnx.Module:
-    """Inference layout, in place: per block q|k|v in one ``(dim, 3 * inner)`` kernel, w1|w3 in one.
-
-    The same function (each output column is the same dot product), computed with fewer and wider GEMMs
-    and without the weight concatenation XLA's dot merger otherwise emits on every call (it merges
-    ``to_q`` and ``to_k``, which share an input). Measured on an H200 (bench/zimage_forward.py
-    ``--fused``; docs/benchmarks.md section 1). For running a model only: calibration, pruning,
-    conversion and export read ``to_q`` / ``to_k`` / ``to_v`` / ``w1`` / ``w3``, which are None afterwards.
-    Returns ``model``.
-    """
-    attns = [m for _, m in model.iter_modules() if isinstance(m, Attention) and m.to_qkv is None]
-    ffns = [m for _, m in model.iter_modules() if isinstance(m, FeedForward) and m.w13 is None]
-    for at in attns:
-        at.to_qkv = _fused_linear([at.to_q, at.to_k, at.to_v])
-        at.to_q = at.to_k = at.to_v = None
-    for ff in ffns:
-        ff.w13 = _fused_linear([ff.w1, ff.w3])
-        ff.w1 = ff.w3 = None
-    return model
 
 
 def init_abstract(cfg: ZImageConfig, dtype: Any = jnp.float32) -> ZImageTransformer:

@@ -25,14 +25,8 @@ from tmp_jax import aot
 from tmp_jax.masked_eval import MaskView
 from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shapes, with_refits
 from tmp_jax.models.z_image.config import BlockSpec, ZImageConfig
-from tmp_jax.models.z_image.model import (
-    ZImageTransformer,
-    ZImageTransformerBlock,
-    _key_mask,
-    attn_branch,
-    ffn_branch,
-    make_layout,
-)
+from tmp_jax.models.z_image.layout import key_mask, make_layout
+from tmp_jax.models.z_image.model import ZImageTransformer, ZImageTransformerBlock, attn_branch, ffn_branch
 from tmp_jax.models.z_image.structure import pruned_config
 from tmp_jax.stats import flatten_intermediates, run_collecting, split_collecting
 from tmp_jax.tree import Assignment, Tree
@@ -149,7 +143,7 @@ def forward_blockwise(model: ZImageTransformer, inputs: dict[str, Any], features
     e = _stem_embed(gd, st, a, t, pk)
     c = e["c"]
     img, cap = e["img"], e["cap"]
-    m_img, m_cap = _key_mask(jnp.asarray(a["img_valid"])), _key_mask(jnp.asarray(a["cap_valid"]))
+    m_img, m_cap = key_mask(jnp.asarray(a["img_valid"])), key_mask(jnp.asarray(a["cap_valid"]))
     for blk in model.noise_refiner:
         img = _run_block(blk, img, m_img, *e["img_cs"], c)
     for blk in model.context_refiner:
@@ -277,7 +271,7 @@ def forward_pruned(
     gd, st = nnx.split(_Stem(model))
     e = aot.call(_stem_embed, gd, st, arrs, t, pk)
     c = e["c"]
-    m_img, m_cap = _key_mask(jnp.asarray(arrs["img_valid"])), _key_mask(jnp.asarray(arrs["cap_valid"]))
+    m_img, m_cap = key_mask(jnp.asarray(arrs["img_valid"])), key_mask(jnp.asarray(arrs["cap_valid"]))
     img = stacks.run("noise_refiner", e["img"], m_img, *e["img_cs"], c)
     cap = stacks.run("context_refiner", e["cap"], m_cap, *e["cap_cs"], c)
     x, cos, sin, mask = aot.call(_unify, arrs, img, cap, e)
@@ -415,7 +409,7 @@ def forward_masked(model: ZImageTransformer, m: MaskView, inputs: dict[str, Any]
     a, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     e = model.embed(a, t, pk)
     c = e["c"]
-    m_img, m_cap = _key_mask(a["img_valid"]), _key_mask(a["cap_valid"])
+    m_img, m_cap = key_mask(a["img_valid"]), key_mask(a["cap_valid"])
     img = masked_stack(model, "noise_refiner", m, e["img"], m_img, *e["img_cs"], c)
     cap = masked_stack(model, "context_refiner", m, e["cap"], m_cap, *e["cap_cs"], None)
     x, cos, sin, mask = model.unify(a, img, cap, e)
@@ -472,7 +466,7 @@ def forward_train(model: ZImageTransformer, inputs: dict[str, Any], remat: bool 
     e = model.embed(a, jnp.asarray(inputs["t"]), pk)
     c = e["c"]
     img, cap = e["img"], e["cap"]
-    m_img, m_cap = _key_mask(a["img_valid"]), _key_mask(a["cap_valid"])
+    m_img, m_cap = key_mask(a["img_valid"]), key_mask(a["cap_valid"])
     for blk in model.noise_refiner:
         img = call(blk, img, m_img, *e["img_cs"], c)
     for blk in model.context_refiner:

@@ -32,7 +32,8 @@ from flax import nnx
 
 from tmp_jax import aot
 from tmp_jax.models.z_image.config import ZImageConfig
-from tmp_jax.models.z_image.model import ZImageTransformer, make_omni_layout
+from tmp_jax.models.z_image.layout import key_mask, make_omni_layout
+from tmp_jax.models.z_image.model import ZImageTransformer
 from tmp_jax.stats import flatten_intermediates, split_collecting
 
 REQUIRED = ("latents", "t", "cond_latents", "cond_sizes", "cap_feats", "cap_lens")
@@ -292,12 +293,10 @@ class _OmniStem(nnx.Module):
 @partial(jax.jit, static_argnums=(0, 4))
 def _omni_stem(gd: Any, state: Any, arrays: dict, t: jax.Array, pk: str) -> dict:
     """Omni embeddings + the (full, unprunable) SigLIP refiner: everything before the prunable stacks."""
-    from tmp_jax.models.z_image.model import _key_mask
-
     stem = nnx.merge(gd, state)
     e = ZImageTransformer.embed_omni(stem, arrays, t, pk)
     if "sig" in e:
-        sig, m_sig = e["sig"], _key_mask(arrays["sig_valid"])
+        sig, m_sig = e["sig"], key_mask(arrays["sig_valid"])
         for blk in stem.siglip_refiner:
             sig = blk(sig, m_sig, *e["sig_cs"])
         e["sig"] = sig
@@ -324,7 +323,6 @@ def forward_pruned(
     teacher's full sub-layer state sliced to the kept prefix inside the jit, compiled once per sub-layer kind
     and width), with omni's per-token ``(c_noisy, c_clean, noise)`` conditioning; the stem, SigLIP refiner,
     unify and final layer are width-free and compiled once per input shape."""
-    from tmp_jax.models.z_image.model import _key_mask
     from tmp_jax.models.z_image.runner import PrunedStacks
 
     stacks = PrunedStacks(model, tree, a, refits)
@@ -332,7 +330,7 @@ def forward_pruned(
     gd, st = nnx.split(_OmniStem(model))
     e = aot.call(_omni_stem, gd, st, arrs, t, pk)
     run = stacks.run
-    m_img, m_cap = _key_mask(jnp.asarray(arrs["img_valid"])), _key_mask(jnp.asarray(arrs["cap_valid"]))
+    m_img, m_cap = key_mask(jnp.asarray(arrs["img_valid"])), key_mask(jnp.asarray(arrs["cap_valid"]))
     img = run("noise_refiner", e["img"], m_img, *e["img_cs"], e["img_cond"])
     cap = run("context_refiner", e["cap"], m_cap, *e["cap_cs"], None)
     x, cos, sin, mask, cond = aot.call(_unify_omni, arrs, img, cap, e.get("sig"), e)
@@ -345,16 +343,15 @@ def forward_masked(model: ZImageTransformer, m: Any, inputs: dict[str, Any]) -> 
     traceable: :meth:`ZImageTransformer.forward_omni_padded` with the prunable stacks run by the T2I runner's
     :func:`~tmp_jax.models.z_image.runner.masked_stack` (head / channel masks, branch gates); the SigLIP
     refiner is unprunable and runs in full. Same result as :func:`forward_pruned`."""
-    from tmp_jax.models.z_image.model import _key_mask
     from tmp_jax.models.z_image.runner import masked_stack
 
     a, t, pk = inputs["arrays"], jnp.asarray(inputs["t"]), inputs["patch_key"]
     e = model.embed_omni(a, t, pk)
     img, cap, sig = e["img"], e["cap"], e.get("sig")
-    img = masked_stack(model, "noise_refiner", m, img, _key_mask(a["img_valid"]), *e["img_cs"], e["img_cond"])
-    cap = masked_stack(model, "context_refiner", m, cap, _key_mask(a["cap_valid"]), *e["cap_cs"], None)
+    img = masked_stack(model, "noise_refiner", m, img, key_mask(a["img_valid"]), *e["img_cs"], e["img_cond"])
+    cap = masked_stack(model, "context_refiner", m, cap, key_mask(a["cap_valid"]), *e["cap_cs"], None)
     if sig is not None:
-        m_sig = _key_mask(a["sig_valid"])
+        m_sig = key_mask(a["sig_valid"])
         for blk in model.siglip_refiner:
             sig = blk(sig, m_sig, *e["sig_cs"])
     x, cos, sin, mask, cond = model.unify_omni(a, img, cap, sig, e)
