@@ -114,9 +114,9 @@ def _machine() -> str:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    from tmp_jax.fileio import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=1, default=float))
 
 
 def _unit_path(args: argparse.Namespace, model: str, unit: str) -> Path:
@@ -522,10 +522,9 @@ def write(path: Path, new: dict[str, str]) -> None:
     )
     body = [merged[m] for m in MODELS if m in merged] + [v for k, v in merged.items() if k not in MODELS]
     text = "\n\n".join([TITLE, intro, *body]) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from tmp_jax.fileio import atomic_write
+
+    atomic_write(path, text)
 
 
 def main(argv: list[str] | None = None) -> int:
