@@ -25,10 +25,18 @@ Presets:
   steps of batch 32, the ``full`` evaluation (2048 samples of 20 Euler steps, bootstrap 95% intervals of class
   accuracy and FID_cls). Budgets DiT 67%, 50%, 33%; MoE 50%, 25%.
 
-Every (model, strategy) pair is one unit of work; ``--jobs N`` runs N units at once in worker processes (on a
-GPU the small models are launch-bound, so N processes share it well; on the CPU keep 1). Units write their rows
-to ``--work`` as they finish each budget, and a re-run with the same ``--work`` skips what is done (a run cut by a
-time limit resumes; ``--fresh`` starts over). Explicit flags override the preset.
+Work is split into units, run ``--jobs`` at a time in worker processes (on a GPU the small models are
+launch-bound, so several processes share it well; on the CPU keep 1), each as soon as what it needs is done:
+
+* ``teacher``: the teacher's metrics; its samples are kept in ``--work`` (``tmp_jax.evaluate``'s reference cache)
+  and every row reads them instead of sampling the teacher again;
+* ``search:comp`` / ``search:plain``: every strategy's search with / without compensation, one calibrated problem
+  shared by all of them (the compensated calibration is the expensive part); one-shot strategies first;
+* ``row:STRATEGY:BUDGET``: one cell, the plan evaluated as pruned, distilled, evaluated again; it starts as soon as
+  its strategy's plans are written. The preset's headline budget's rows run first.
+
+Units write their results to ``--work`` as they finish, and a re-run with the same ``--work`` skips what is done
+(a run cut by ``--time-limit`` resumes; ``--fresh`` starts over). Explicit flags override the preset.
 """
 
 from __future__ import annotations
@@ -81,6 +89,8 @@ PRESETS = {
         "distill_batch": 32,
         "setting": "full",
         "budgets": {"zimage-fmnist": "67%,50%,33%", "hunyuan-fmnist": "50%,25%"},
+        # rows of this budget run first: the issue's headline cells come out of a run cut short
+        "first": {"zimage-fmnist": "50%", "hunyuan-fmnist": "25%"},
         "jobs": 8,
     },
 }
@@ -123,51 +133,85 @@ def _unit_path(args: argparse.Namespace, model: str, unit: str) -> Path:
     return Path(args.work) / args.preset / model / f"{unit}.json"
 
 
+def _ref_cache(args: argparse.Namespace, model: str) -> Path:
+    """Where the teacher's samples and metrics are kept for every unit of one model (``--reference-cache``)."""
+    return Path(args.work) / args.preset / model / "reference"
+
+
+def _tag(budget: str) -> str:
+    return budget.replace("%", "pct").replace(".", "p")
+
+
+def _row_path(args: argparse.Namespace, model: str, strat: str, budget: str) -> Path:
+    return Path(args.work) / args.preset / model / "rows" / f"{strat}-{_tag(budget)}.json"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def teacher_unit(args: argparse.Namespace, model: str) -> None:
-    """The teacher's own metrics under the evaluation setting (a unit: ``teacher.json``)."""
+    """The teacher's own metrics under the evaluation setting (``teacher.json``); its samples are kept in the
+    model's reference cache, which every row's evaluation then reads instead of sampling the teacher again."""
     from tmp_jax import evaluate as ev
 
     t = time.time()
     teacher = ev.load(model)
-    res = ev.evaluate(teacher, teacher, args.setting, args.seed)
+    res = ev.evaluate(teacher, teacher, args.setting, args.seed, reference_cache=_ref_cache(args, model))
     out = {k: v for k, v in res.items() if k not in ("teacher",)}
     _atomic_json(_unit_path(args, model, "teacher"), {"metrics": out, "seconds": time.time() - t, "complete": True})
 
 
-def strategy_unit(args: argparse.Namespace, model: str, strat: str, budgets: list[str]) -> None:
-    """One strategy on one model: its search over every budget, then per budget the pruned and the distilled
-    student's metrics. Writes ``STRATEGY.json`` after the search and after every budget; a re-run skips the
-    search when its plans exist and the budgets already measured."""
+def _search_state(args: argparse.Namespace, model: str, strat: str, budgets: list[str]) -> dict[str, Any]:
+    """``STRATEGY.json`` when it holds this budget list's plans (all still on disk), else {}."""
+    st = _load(_unit_path(args, model, strat))
+    if st.get("budgets") != budgets or not (st.get("plans") or "error" in st):
+        return {}
+    if any(not Path(q).is_file() for q in st.get("plans", [])):  # results copied without the plans
+        return {}
+    return st
+
+
+def _compensated(strat: str) -> bool:
+    return VARIANTS.get(strat, (strat, True))[1]
+
+
+def _search_order(strategies: list[str]) -> list[str]:
+    """One-shot strategies first (their rows can start within seconds), then ours, then the other iterative ones."""
+    rank = {"uniform": 0, "oneshot": 0, "depth": 0, OURS: 1}
+    return sorted(strategies, key=lambda s: rank.get(VARIANTS.get(s, (s,))[0], 2))
+
+
+def search_unit(args: argparse.Namespace, model: str, budgets: list[str], compensated: bool) -> None:
+    """The searches of every strategy with (or without) compensation on one model, sharing one calibrated
+    problem (the compensated calibration with its re-fits is the expensive part: it runs once, not once per
+    strategy). Writes ``STRATEGY.json`` (plans, evaluation counts, timings) per strategy as each finishes (a
+    row starts on it at once); done ones are skipped."""
     from search.budget import SearchError
-    from search.engine import SearchConfig, load_plan
+    from search.engine import SearchConfig
     from search.engine import run as search_run
-    from tmp_jax import evaluate as ev
     from tmp_jax.compensate import CompensationConfig
-    from tmp_jax.distill import DistillConfig, build_pair
-    from tmp_jax.distill import run as distill_run
     from tmp_jax.problem import build_problem
 
-    path = _unit_path(args, model, strat)
-    work = path.parent / strat
-    state = json.loads(path.read_text()) if path.is_file() else {}
-    if state.get("complete"):
-        return
-    lost = any(not Path(q).is_file() for q in state.get("plans", []))  # results copied without the plans
-    if state.get("budgets") != budgets or lost:  # another budget list, or no plans to go on from: start over
-        state = {"budgets": budgets, "rows": [], "timings": {}}
-    timings = state["timings"]
-    base_strat, comp = VARIANTS.get(strat, (strat, True))
-    if "plans" not in state:
-        t = time.time()
-        problem = build_problem(model, seed=args.seed, compensation=CompensationConfig() if comp else None)
-        timings["calibration"] = time.time() - t
+    problems: dict[bool, Any] = {}
+    for strat in _search_order([x for x in args.strategies if _compensated(x) == compensated]):
+        if _search_state(args, model, strat, budgets):
+            continue
+        base_strat, comp = VARIANTS.get(strat, (strat, True))
+        timings: dict[str, float] = {}
+        if comp not in problems:
+            t = time.time()
+            problems[comp] = build_problem(model, seed=args.seed, compensation=CompensationConfig() if comp else None)
+            print(f"{model}: calibration ({'compensated' if comp else 'plain'}) {time.time() - t:.0f} s", flush=True)
+            timings["calibration (shared)"] = time.time() - t
+        state: dict[str, Any] = {"budgets": budgets, "timings": timings}
         t = time.time()
         try:
             sres = search_run(
                 SearchConfig(
                     budget=",".join(budgets),
                     model=model,
-                    out=str(work / "search"),
+                    out=str(_unit_path(args, model, strat).parent / strat / "search"),
                     strategy=base_strat,
                     generations=args.generations,
                     population=args.population,
@@ -176,160 +220,236 @@ def strategy_unit(args: argparse.Namespace, model: str, strat: str, budgets: lis
                     summary=False,
                     compensate=comp,
                 ),
-                problem=problem,
+                problem=problems[comp],
             )
         except SearchError as e:
-            state.update(error=str(e), complete=True)
-            _atomic_json(path, state)
+            state["error"] = str(e)
+            _atomic_json(_unit_path(args, model, strat), state)
             print(f"{model} {strat}: {e}", flush=True)
-            return
+            continue
         timings["search"] = time.time() - t
         state["search"] = {"evals": sres.evals, "sample_evals": sres.sample_evals, "generations": sres.generations}
-        state["plans"] = [str(p) for p in sres.plan_paths]
-        _atomic_json(path, state)
-        del problem
+        state["plans"] = [str(q) for q in sres.plan_paths]
+        _atomic_json(_unit_path(args, model, strat), state)
         print(f"{model} {strat}: search {sres.evals} evaluations, {timings['search']:.0f} s", flush=True)
+
+
+def row_unit(args: argparse.Namespace, model: str, strat: str, budget: str, budgets: list[str]) -> None:
+    """One (strategy, budget) cell: the plan's student evaluated as pruned, distilled, evaluated again
+    (``rows/STRATEGY-BUDGET.json``; the distillation resumes from its checkpoint after a cut)."""
+    from tmp_jax import evaluate as ev
+    from tmp_jax.distill import DistillConfig, build_pair
+    from tmp_jax.distill import run as distill_run
+    from tmp_jax.plan import load_plan
+
+    path = _row_path(args, model, strat, budget)
+    if _load(path).get("complete"):
+        return
+    st = _search_state(args, model, strat, budgets)
+    if not st or "error" in st:
+        return  # no plan (the search failed: its error is reported per budget)
+    plan_path = st["plans"][budgets.index(budget)]
+    work = _unit_path(args, model, strat).parent / strat / f"distill-{_tag(budget)}"
+    timings: dict[str, float] = {}
+    t = time.time()
     teacher = ev.load(model)
-    done = {r["budget"] for r in state["rows"] if r.get("steps", 0) == args.distill_steps}
-    for b, plan_path in zip(budgets, state["plans"]):
-        if b in done:
-            continue
-        t = time.time()
-        plan = load_plan(plan_path)
-        tag = b.replace("%", "pct")
-        dcfg = DistillConfig(
-            plan=Path(plan_path),
-            model=model,
-            out=work / f"distill-{tag}",
-            steps=args.distill_steps,
-            batch_size=args.distill_batch,
-            lr=args.distill_lr,
-            warmup=max(1, args.distill_steps // 10),
-            save_every=max(1, args.distill_steps),
-            seed=args.seed,
-            remat=False,
-            progress=False,
-            resume=(work / f"distill-{tag}" / "checkpoints").is_dir(),
-        )
-        _, student0, _, _ = build_pair(dcfg)
-        m0 = ev.evaluate(student0, teacher, args.setting, args.seed)
-        timings[f"budget {b}: pruned evaluation"] = time.time() - t
-        print(f"{model} {strat} {b}: pruned evaluation {time.time() - t:.0f} s", flush=True)
-        row = {
-            "strategy": strat,
-            "budget": b,
-            **state["search"],
-            "fitness": plan["fitness"]["value"],
-            "dropped": len(plan["policy"]["dropped"]),
-        }
-        state["rows"] = [r for r in state["rows"] if r["budget"] != b]
-        state["rows"].append({**row, "steps": 0, **_plain(m0)})
-        if args.distill_steps > 0:
-            t1 = time.time()
-            dres = distill_run(dcfg)
-            timings[f"budget {b}: distillation"] = time.time() - t1
-            print(f"{model} {strat} {b}: distillation {time.time() - t1:.0f} s", flush=True)
-            t1 = time.time()
-            m1 = ev.evaluate(dres["student"], teacher, args.setting, args.seed)
-            timings[f"budget {b}: recovered evaluation"] = time.time() - t1
-            extra = {"distill_s": dres["seconds"], "step_ms": dres["step_ms"]}
-            state["rows"].append({**row, "steps": args.distill_steps, **_plain(m1), **extra})
-        timings[f"budget {b}"] = time.time() - t
-        _atomic_json(path, state)
-        print(f"{model} {strat} {b}: {time.time() - t:.0f} s", flush=True)
-    state["complete"] = True
-    _atomic_json(path, state)
+    plan = load_plan(plan_path)
+    dcfg = DistillConfig(
+        plan=Path(plan_path),
+        model=model,
+        out=work,
+        steps=args.distill_steps,
+        batch_size=args.distill_batch,
+        lr=args.distill_lr,
+        warmup=max(1, args.distill_steps // 10),
+        save_every=max(1, args.distill_steps),
+        seed=args.seed,
+        remat=False,
+        progress=False,
+        resume=(work / "checkpoints").is_dir(),
+    )
+    cache = _ref_cache(args, model)
+    _, student0, _, _ = build_pair(dcfg)
+    m0 = ev.evaluate(student0, teacher, args.setting, args.seed, reference_cache=cache)
+    timings["pruned evaluation"] = time.time() - t
+    print(f"{model} {strat} {budget}: pruned evaluation {time.time() - t:.0f} s", flush=True)
+    row = {
+        "strategy": strat,
+        "budget": budget,
+        **st["search"],
+        "fitness": plan["fitness"]["value"],
+        "dropped": len(plan["policy"]["dropped"]),
+    }
+    rows = [{**row, "steps": 0, **_plain(m0)}]
+    _atomic_json(path, {"rows": rows, "timings": timings})
+    if args.distill_steps > 0:
+        t1 = time.time()
+        dres = distill_run(dcfg)
+        timings["distillation"] = time.time() - t1
+        print(f"{model} {strat} {budget}: distillation {time.time() - t1:.0f} s", flush=True)
+        t1 = time.time()
+        m1 = ev.evaluate(dres["student"], teacher, args.setting, args.seed, reference_cache=cache)
+        timings["recovered evaluation"] = time.time() - t1
+        extra = {"distill_s": dres["seconds"], "step_ms": dres["step_ms"]}
+        rows.append({**row, "steps": args.distill_steps, **_plain(m1), **extra})
+    timings["row"] = time.time() - t
+    _atomic_json(path, {"rows": rows, "timings": timings, "complete": True})
+    print(f"{model} {strat} {budget}: {time.time() - t:.0f} s", flush=True)
 
 
 def _plain(m: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in m.items() if k not in ("teacher", "setting")}
 
 
-def run_units(args: argparse.Namespace, model: str, budgets: list[str]) -> dict[str, Any]:
-    """Run the model's pending units (``--jobs`` at a time in worker processes) and collect every unit's result."""
+def _units(args: argparse.Namespace, model: str, budgets: list[str]) -> list[tuple[str, list[str]]]:
+    """(unit, the units it needs) of one model: the teacher, the searches, one row per (strategy, budget)."""
+    kinds = [k for k in ("comp", "plain") if any(_compensated(s) == (k == "comp") for s in args.strategies)]
+    out: list[tuple[str, list[str]]] = [("teacher", []), *[(f"search:{k}", []) for k in kinds]]
+    first = PRESETS[args.preset].get("first", {}).get(model)
+    for b in sorted(budgets, key=lambda b: b != first):  # stable: the headline budget first, then in order
+        for s in args.strategies:
+            out.append((f"row:{s}:{b}", ["teacher", f"search:{'comp' if _compensated(s) else 'plain'}"]))
+    return out
+
+
+def _done(args: argparse.Namespace, model: str, unit: str, budgets: list[str]) -> bool:
+    if unit == "teacher":
+        return bool(_load(_unit_path(args, model, "teacher")).get("complete"))
+    if unit.startswith("search:"):
+        comp = unit == "search:comp"
+        return all(_search_state(args, model, s, budgets) for s in args.strategies if _compensated(s) == comp)
+    _, strat, b = unit.split(":", 2)
+    st = _search_state(args, model, strat, budgets)
+    return bool(st and "error" in st) or bool(_load(_row_path(args, model, strat, b)).get("complete"))
+
+
+def run_all(args: argparse.Namespace, budgets_of: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Run every model's pending units (``--jobs`` at a time in worker processes, each when the units it needs
+    are done; rows of the first budget of every model first), then collect each model's results."""
     t0 = time.time()
-    folder = Path(args.work) / args.preset / model
-    if args.fresh:
-        shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    units = ["teacher", *args.strategies]
-
-    def complete(u: str) -> bool:
-        p = _unit_path(args, model, u)
-        return p.is_file() and json.loads(p.read_text()).get("complete", False)
-
-    pending = [u for u in units if not complete(u)]
+    for m in budgets_of:
+        folder = Path(args.work) / args.preset / m
+        if args.fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    # interleave the models: every model's teacher and searches, then rows budget group by budget group
+    per = {m: _units(args, m, b) for m, b in budgets_of.items()}
+    queue: list[tuple[str, str, list[str]]] = []
+    for i in range(max(len(v) for v in per.values())):
+        queue += [(m, *per[m][i]) for m in per if i < len(per[m])]
+    queue.sort(key=lambda x: x[1].startswith("row:"))  # stable: teachers and searches first, rows in order
+    pending = [(m, u, d) for m, u, d in queue if not _done(args, m, u, budgets_of[m])]
+    reused = {m: [u for mm, u, _ in queue if mm == m and (mm, u) not in {(a, b) for a, b, _ in pending}] for m in per}
     if args.jobs <= 1:
-        for u in pending:
-            _run_unit(args, model, u, budgets)
+        for m, u, _ in pending:
+            _run_unit(args, m, u, budgets_of[m])
     else:
-        # the teacher alone first: its sampling and prediction programs, which every worker's evaluation
-        # compiles too, are then in the persistent compilation cache instead of compiled N times at once
-        first = [u for u in pending if u == "teacher"]
-        if first:
-            _run_workers(args, model, first, budgets)
-        _run_workers(args, model, [u for u in pending if u != "teacher"], budgets)
+        _run_workers(args, pending, budgets_of)
+    wall = time.time() - t0
+    return {m: _collect(args, m, budgets_of[m], reused[m], wall) for m in budgets_of}
+
+
+def _collect(args: argparse.Namespace, model: str, budgets: list[str], reused: list[str], wall: float) -> dict:
     res: dict[str, Any] = {"rows": [], "budgets": budgets, "timings": {}, "missing": []}
-    res["reused"] = ", ".join(u for u in units if u not in pending)
-    for u in units:
-        p = _unit_path(args, model, u)
-        st = json.loads(p.read_text()) if p.is_file() else {}
-        if u == "teacher":
-            res["teacher"] = st.get("metrics", {})
+    res["reused"] = f"{len(reused)} of {len(_units(args, model, budgets))} units" if reused else ""
+    tj = _load(_unit_path(args, model, "teacher"))
+    res["teacher"] = tj.get("metrics", {})
+    if "seconds" in tj:
+        res["timings"]["teacher evaluation"] = tj["seconds"]
+    for s in args.strategies:
+        st = _search_state(args, model, s, budgets)
+        if not st:
+            res["missing"].append(f"{s} (search)")
             continue
-        if not st.get("complete"):
-            res["missing"].append(u)
-        if "error" in st:
-            res["rows"] += [{"strategy": u, "budget": b, "error": st["error"]} for b in budgets]
-        res["rows"] += st.get("rows", [])
         for k, v in st.get("timings", {}).items():
-            res["timings"][f"{u}: {k}"] = v
-    res["timings"]["this run (wall)"] = time.time() - t0
+            res["timings"][f"{s}: {k}"] = v
+        if "error" in st:
+            res["rows"] += [{"strategy": s, "budget": b, "error": st["error"]} for b in budgets]
+            continue
+        for b in budgets:
+            rj = _load(_row_path(args, model, s, b))
+            if not rj.get("complete"):
+                res["missing"].append(f"{s} at {b}")
+            res["rows"] += rj.get("rows", [])
+            for k, v in rj.get("timings", {}).items():
+                res["timings"][f"{s} {b}: {k}"] = v
+    res["timings"]["this run (wall, all models)"] = wall
     return res
 
 
 def _run_unit(args: argparse.Namespace, model: str, unit: str, budgets: list[str]) -> None:
     if unit == "teacher":
         teacher_unit(args, model)
+    elif unit.startswith("search:"):
+        search_unit(args, model, budgets, unit == "search:comp")
     else:
-        strategy_unit(args, model, unit, budgets)
+        _, strat, b = unit.split(":", 2)
+        row_unit(args, model, strat, b, budgets)
 
 
-def _run_workers(args: argparse.Namespace, model: str, units: list[str], budgets: list[str]) -> None:
-    """Each unit in its own process (``--worker MODEL:UNIT``), ``--jobs`` at once; logs in the work folder.
-    The workers share the GPU: none preallocates memory."""
+def _run_workers(args: argparse.Namespace, pending: list[tuple[str, str, list[str]]], budgets_of: dict) -> None:
+    """Each unit in its own process (``--worker MODEL:UNIT``), ``--jobs`` at once, each started once the units
+    it needs have finished; logs in the work folder. The workers share the GPU: none preallocates memory."""
     import subprocess
 
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
-    # the host linear algebra (Gram re-fits, OBS orders, FID) of N workers: without a cap every worker's BLAS
-    # starts one thread per core, and on a 16-core GPU host 9 workers made a 30 s calibration take 220 s
-    threads = str(max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(units)))))
-    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(k, threads)
-    queue, running = list(units), []
-    folder = Path(args.work) / args.preset / model
+    cores = os.cpu_count() or 1
+    queue, running, finished = list(pending), [], set()
+    waiting_on = {(m, u) for m, u, _ in pending}
+
+    def ready(m: str, u: str, deps: list[str]) -> bool:
+        """A unit whose needs are done; a row also as soon as its own strategy's plans are written (the search
+        unit goes on with the next strategy meanwhile)."""
+        blocked = [d for d in deps if (m, d) in waiting_on and (m, d) not in finished]
+        if u.startswith("row:") and blocked and all(d.startswith("search:") for d in blocked):
+            return bool(_search_state(args, m, u.split(":")[1], budgets_of[m]))
+        return not blocked
+
     while queue or running:
         if args.time_limit and time.time() - START > args.time_limit:  # stop: what finished is kept
-            for u, proc, log, _ in running:
+            for (m, u), proc, log, _ in running:
                 proc.kill()
                 proc.wait()
                 log.close()
-                print(f"[{model}] {u} stopped at --time-limit {args.time_limit:g} s", flush=True)
+                print(f"[{m}] {u} stopped at --time-limit {args.time_limit:g} s", flush=True)
             return
-        while queue and len(running) < args.jobs:
-            u = queue.pop(0)
-            log = open(folder / f"{u}.log", "a")
-            cmd = [sys.executable, __file__, *args.argv, "--worker", f"{model}:{u}", "--budgets", ",".join(budgets)]
-            running.append((u, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time()))
-            print(f"[{model}] started {u}", flush=True)
-        time.sleep(1.0)
+        for item in list(queue):
+            if len(running) >= args.jobs:
+                break
+            m, u, deps = item
+            if not ready(m, u, deps):
+                continue
+            queue.remove(item)
+            folder = Path(args.work) / args.preset / m
+            log = open(folder / f"{u.replace(':', '-').replace('%', 'pct')}.log", "a")
+            # host linear algebra (Gram re-fits, OBS orders, FID): without a cap every worker's BLAS starts one
+            # thread per core (on a 16-core host, 9 workers made a 30 s calibration take 220 s); a search unit
+            # (the compensated calibration) gets a larger share, it runs beside few others
+            share = max(1, cores // (2 * len(budgets_of)) if u == "search:comp" else cores // args.jobs)
+            wenv = dict(env, **{k: str(share) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+            cmd = [
+                sys.executable,
+                __file__,
+                *args.argv,
+                "--worker",
+                f"{m}:{u}",
+                "--budgets",
+                ",".join(budgets_of[m]),
+            ]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=wenv)
+            running.append(((m, u), proc, log, time.time()))
+            print(f"[{m}] started {u}", flush=True)
+        time.sleep(0.5)
         for item in list(running):
-            u, proc, log, t = item
+            (m, u), proc, log, t = item
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
-                tail = (folder / f"{u}.log").read_text().splitlines()[-3:]
-                print(f"[{model}] {u} finished rc={proc.returncode} in {time.time() - t:.0f} s: {' | '.join(tail)}")
+                finished.add((m, u))
+                tail = Path(log.name).read_text().splitlines()[-2:]
+                print(f"[{m}] {u} finished rc={proc.returncode} in {time.time() - t:.0f} s: {' | '.join(tail)}")
+        if not running and queue and not any(ready(m, u, deps) for m, u, deps in queue):
+            raise RuntimeError("quality_table: units wait on units that never ran")  # a scheduling bug
 
 
 def _fmt(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -450,8 +570,8 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
         "",
         f"**Date:** {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}. **Machine:** {_machine()}.",
         "",
-        f"**Command:** `{command}` (this run: {r['timings']['this run (wall)'] / 60:.1f} min"
-        + (f"; units re-used from earlier runs of the same command: {r['reused']}" if r.get("reused") else "")
+        f"**Command:** `{command}` (this run: {r['timings']['this run (wall, all models)'] / 60:.1f} min"
+        + (f"; re-used from earlier runs of the same command: {r['reused']}" if r.get("reused") else "")
         + ").",
         "",
         f"**Setup.** Budgets {', '.join(budgets)} of the {kind}'s parameters. The iterative strategies "
@@ -595,13 +715,12 @@ def main(argv: list[str] | None = None) -> int:
         _run_unit(a, model, unit, [b.strip() for b in a.budgets.split(",")])
         return 0
     command = "python scripts/quality_table.py" + "".join(f" {shlex.quote(x)}" for x in argv)
-    new = {}
-    for m in models:
-        budgets = [b.strip() for b in (a.budgets or preset["budgets"][m]).split(",") if b.strip()]
-        name = section_name(a.preset, m)
-        new[name] = section(m, run_units(a, m, budgets), a, command)
-        write(a.out, {name: new[name]})  # after each model: a later failure keeps the finished sections
-        print(new[name], flush=True)
+    budgets_of = {m: [b.strip() for b in (a.budgets or preset["budgets"][m]).split(",") if b.strip()] for m in models}
+    results = run_all(a, budgets_of)
+    new = {section_name(a.preset, m): section(m, results[m], a, command) for m in models}
+    write(a.out, new)
+    for text in new.values():
+        print(text, flush=True)
     return 0
 
 

@@ -131,3 +131,31 @@ def test_quality_doc_sections_merge(tmp_path):
     qt.write(doc, {"zimage-fmnist": z.replace("old DiT", "new DiT")})
     text = doc.read_text()
     assert "new DiT" in text and "old DiT" not in text and "MoE rows" in text
+
+
+def test_teacher_reference_cache(tmp_path, monkeypatch):
+    """``evaluate(..., reference_cache=DIR)`` samples the teacher once per (weights, setting, seed) and reads it back
+    in another process (here: with the in-process cache cleared); another seed or other weights sample again."""
+    from flax import nnx
+
+    import tmp_jax.sampling as sampling
+
+    tiny = ev.Setting("tiny", fm_images=8, samples=4, steps=1)
+    teacher = ev.load("zimage-fmnist")
+    calls = []
+    real = sampling.sample_images
+    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: calls.append(k.get("seed")) or real(*a, **k))
+    first = ev.evaluate(teacher, teacher, tiny, seed=0, reference_cache=tmp_path)
+    files = list(tmp_path.glob("reference-*-tiny-0.npz"))
+    assert calls == [0] and len(files) == 1
+    ev._TEACHER_CACHE.clear()  # what a fresh process has
+    again = ev.evaluate(teacher, teacher, tiny, seed=0, reference_cache=tmp_path)
+    assert calls == [0], "the cached teacher reference was not used"
+    assert again["class_acc"] == first["class_acc"] and again["fid_cls"] == first["fid_cls"]
+    ev._TEACHER_CACHE.clear()
+    changed = ev.load("zimage-fmnist")
+    leaf = next(v for _, v in nnx.iter_graph(changed) if isinstance(v, nnx.Param))
+    leaf.value = leaf.value + 1.0  # other weights: another digest, never the cached file
+    ev.evaluate(changed, changed, tiny, seed=0, reference_cache=tmp_path)
+    assert calls == [0, 0] and len(list(tmp_path.glob("reference-*-tiny-0.npz"))) == 2
+    ev._TEACHER_CACHE.clear()

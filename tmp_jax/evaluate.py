@@ -35,6 +35,7 @@ bias-corrected percentile bootstrap 95% intervals of class accuracy and FID_cls 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -206,8 +207,23 @@ def velocity_gap(student: Any, teacher: Any, inp: dict[str, np.ndarray]) -> tupl
 _TEACHER_CACHE: dict[tuple, dict[str, Any]] = {}
 
 
-def _reference(teacher: Any, st: Setting, seed: int) -> dict[str, Any]:
-    """Everything about the teacher one setting needs (computed once per teacher, setting and seed)."""
+def weights_digest(model: Any) -> str:
+    """sha256 of a model's config and every parameter's bytes (what a cached teacher reference is keyed on;
+    meant for the small models evaluated here: it reads every weight once)."""
+    h = hashlib.sha256(json.dumps(model.config.to_hf_config(), sort_keys=True, default=str).encode())
+    for path, leaf in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0])):
+        a = np.asarray(jax.device_get(leaf.value))
+        h.update(f"{path}:{a.dtype}:{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _reference(teacher: Any, st: Setting, seed: int, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Everything about the teacher one setting needs (computed once per teacher, setting and seed).
+
+    ``cache_dir``: also kept on disk there (``reference-<weights digest>-<setting>-<seed>.npz``: the teacher's
+    held-out predictions, its samples and its metrics), so other processes evaluating against the same
+    teacher skip its sampling; a file whose digest, setting or seed differ is never read."""
     key = (id(teacher), st, seed)
     if key in _TEACHER_CACHE:
         return _TEACHER_CACHE[key]
@@ -220,15 +236,33 @@ def _reference(teacher: Any, st: Setting, seed: int) -> dict[str, Any]:
         raise EvaluateError(f"{st.samples} samples requested; the test subset has {len(test)}")
     inp = heldout_inputs(teacher.config, st.fm_images, seed)
     labels = test.labels[: st.samples]
-    ref = {
-        "teacher": teacher,
-        "inputs": inp,
-        "pred": predictions(teacher, inp),
-        "labels": labels,
-        "ref_feats": evaluator.features(test.images),
-    }
+    ref = {"teacher": teacher, "inputs": inp, "labels": labels, "ref_feats": evaluator.features(test.images)}
+    file = None
+    if cache_dir is not None:
+        tag = json.dumps(asdict(st), sort_keys=True)
+        file = Path(cache_dir) / f"reference-{weights_digest(teacher)[:20]}-{st.name}-{seed}.npz"
+        if file.is_file():
+            with np.load(file, allow_pickle=False) as z:
+                if str(z["setting"]) == tag:  # the same setting under the same name
+                    ref.update(pred=z["pred"], samples=z["samples"], metrics=json.loads(str(z["metrics"])))
+                    _TEACHER_CACHE[key] = ref
+                    return ref
+    ref["pred"] = predictions(teacher, inp)
     ref["samples"] = sample_images(teacher, labels, seed=seed, steps=st.steps, guidance=st.guidance)
     ref["metrics"] = _metrics(teacher, ref, st, seed, pred=ref["pred"], samples=ref["samples"])
+    if file is not None:
+        from tmp_jax.fileio import atomic_npz
+
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_npz(
+            file,
+            {
+                "pred": ref["pred"],
+                "samples": ref["samples"],
+                "metrics": np.asarray(json.dumps(ref["metrics"])),
+                "setting": np.asarray(tag),
+            },
+        )
     _TEACHER_CACHE[key] = ref
     return ref
 
@@ -274,9 +308,14 @@ def evaluate(
     setting: str | Setting = "cheap",
     seed: int = 0,
     dtype: str = "auto",
+    reference_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` (a name, a folder or a loaded model) against ``teacher`` (default: the embedded
     teacher of the model's architecture); see the module doc.
+
+    ``reference_cache``: a folder where the teacher's side (its samples, predictions and metrics) is kept
+    between processes, keyed by a digest of its weights, the setting and the seed (the CLI's
+    ``--reference-cache``).
 
     ``dtype``: the dtype a named ``model`` is loaded in (``bf16``, ``fp32``, ``auto``: bf16 on a GPU/TPU, fp32 on
     the CPU); a loaded model is evaluated as it is. A named teacher is always loaded in fp32 (the reference).
@@ -304,7 +343,7 @@ def evaluate(
     for k in arch.get(m_arch).student_fields:
         if getattr(m_model.config, k) != getattr(t_model.config, k):
             raise EvaluateError(f"--model and --teacher differ in {k}: they are not teacher and student")
-    ref = _reference(t_model, st, seed)
+    ref = _reference(t_model, st, seed, None if reference_cache is None else Path(reference_cache))
     if m_model is t_model:
         out = dict(ref["metrics"])
     else:
@@ -355,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setting", default="cheap", choices=sorted(SETTINGS), help="cheap (default) or full")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out noise and the sampling noise")
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--reference-cache",
+        type=Path,
+        default=None,
+        help="folder that keeps the teacher's samples and metrics between runs (keyed by its weights, the setting "
+        "and the seed): evaluating several models against one teacher samples the teacher once",
+    )
     dtypes.add_argument(
         p,
         help="dtype the model under evaluation is loaded and run in: bf16, fp32 or auto (default: auto = bf16 on a "
@@ -367,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
     try:
-        r = evaluate(a.model, a.teacher, a.setting, a.seed, dtype=dtype)
+        r = evaluate(a.model, a.teacher, a.setting, a.seed, dtype=dtype, reference_cache=a.reference_cache)
     except EvaluateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -379,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table([("teacher", r["teacher"]), (str(a.model), r)]))
     if a.json:
-        a.json.write_text(json.dumps(r, indent=2) + "\n")
+        from tmp_jax.fileio import atomic_write
+
+        atomic_write(a.json, json.dumps(r, indent=2) + "\n")
     return 0
 
 
