@@ -8,8 +8,10 @@ Gaussian latents, Euler steps on ``linspace(1, 0)`` shifted by ``flow_shift`` fr
 CFG ``uncond + scale * (cond - uncond)``) using nemo-automodel's native ``HunyuanImage3ForCausalMM`` and
 records the transformer's inputs (token ids, noised latents, ``timestep = sigma * 1000``, valid lengths) at
 every ``--every``-th step: a spread of timesteps along real denoising trajectories. Rows are packed into
-micro-batches of ``--batch`` rows, right-padded with the pad id to ONE sequence length per latent size (one
-compile in calibration), and written in the format of ``docs/calibration-format.md``.
+micro-batches of ``--batch`` rows (with CFG: whole conditional/unconditional pairs, conditional rows first, marked
+with the trajectory fitness keys ``cfg_guidance`` and ``sample_weight`` so the search scores the guided output),
+right-padded with the pad id to ONE sequence length per latent size (one compile in calibration), and written in
+the format of ``docs/calibration-format.md``.
 
 Weights are read from the release's safetensors shards one decoder layer at a time (our strict reader; no
 pickles) into a model built on the meta device; ``--device cuda:0,cuda:1,...`` spreads the decoder layers
@@ -157,7 +159,9 @@ def record_prompt(
     shift: float,
     seed: int,
 ) -> list[dict[str, np.ndarray]]:
-    """Sample one prompt and return the recorded rows: ``{"ids", "latents", "timestep"}`` per fed row."""
+    """Sample one prompt and return the recorded rows: ``{"ids", "latents", "timestep", "cond"}`` per fed row
+    (``cond``: True for the conditional row, False for its unconditional partner right after it, None without
+    CFG)."""
     import torch
 
     cfg = transformer.config
@@ -184,6 +188,7 @@ def record_prompt(
                             "ids": ids[r].cpu().numpy().astype(np.int32),
                             "latents": fed[r].float().cpu().numpy(),
                             "timestep": np.float32(t[r].item()),
+                            "cond": (r == 0) if with_uncond else None,
                         }
                     )
             v = v.float()
@@ -194,17 +199,42 @@ def record_prompt(
     return rows
 
 
-def pack(rows: list[dict[str, np.ndarray]], batch: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+def pack(
+    rows: list[dict[str, Any]], batch: int, pad_id: int, guidance: float | None = None
+) -> list[dict[str, np.ndarray]]:
     """Rows -> calibration micro-batches of up to ``batch`` rows (same latent size), right-padded with
-    ``pad_id`` to one length per latent size."""
-    by_shape: dict[tuple, list[dict]] = {}
-    for r in rows:
-        by_shape.setdefault(r["latents"].shape, []).append(r)
-    out = []
-    for group in by_shape.values():
-        length = max(len(r["ids"]) for r in group)
-        for i in range(0, len(group), batch):
-            chunk = group[i : i + batch]
+    ``pad_id`` to one length per latent size.
+
+    With CFG (rows in (conditional, unconditional) pairs) a micro-batch holds ``batch // 2`` whole pairs, its
+    conditional rows first and their partners in the same order after them, and carries the trajectory fitness
+    keys (:func:`tmp_jax.trajectory.mark_recorded`): ``cfg_guidance`` = ``guidance`` (the release combines
+    ``u + scale (c - u)``) and ``sample_weight`` per pair by noise level, so the search scores the guided output
+    at each recorded step, early steps weighted more, as on the embedded teachers' shipped trajectories."""
+    from tmp_jax.trajectory import mark_recorded
+
+    paired = guidance is not None and any(r.get("cond") is not None for r in rows)
+    if (
+        paired
+        and len(rows) % 2
+        or paired
+        and any(
+            rows[i].get("cond") is not True or rows[i + 1].get("cond") is not False for i in range(0, len(rows) - 1, 2)
+        )
+    ):
+        raise ValueError("CFG rows must come in (conditional, unconditional) pairs")
+    units = [rows[i : i + 2] for i in range(0, len(rows), 2)] if paired else [[r] for r in rows]
+    per = max(1, batch // 2) if paired else batch  # units per micro-batch
+    by_shape: dict[tuple, list[list[dict]]] = {}
+    for u in units:
+        by_shape.setdefault(u[0]["latents"].shape, []).append(u)
+    out, sigmas = [], []
+    for group_units in by_shape.values():
+        length = max(len(r["ids"]) for u in group_units for r in u)
+        for i in range(0, len(group_units), per):
+            us = group_units[i : i + per]
+            # [c_1..c_k, u_1..u_k] with CFG (the halves the guided fitness compares), else the rows in order
+            chunk = [u[0] for u in us] + [u[1] for u in us] if paired else [u[0] for u in us]
+            sigmas.append(np.array([u[0]["timestep"] / 1000.0 for u in us], np.float64))
             ids = np.full((len(chunk), length), pad_id, np.int32)
             for j, r in enumerate(chunk):
                 ids[j, : len(r["ids"])] = r["ids"]
@@ -216,6 +246,7 @@ def pack(rows: list[dict[str, np.ndarray]], batch: int, pad_id: int) -> list[dic
                     "valid_lengths": np.array([len(r["ids"]) for r in chunk], np.int32),
                 }
             )
+    mark_recorded(out, sigmas, [guidance if paired else None] * len(out))
     return out
 
 
@@ -229,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="sampler steps (the release default is 50)")
     p.add_argument("--every", type=int, default=5, help="record every N-th step (a spread of timesteps)")
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale; <= 1 records no unconditional rows")
-    p.add_argument("--batch", type=int, default=4, help="rows per calibration micro-batch")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=4,
+        help="rows per calibration micro-batch (with CFG: batch // 2 conditional/unconditional pairs, at least one)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda", help="device, or a comma list to spread the decoder layers")
     args = p.parse_args(argv)
@@ -268,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed + j,
         )
     pad = model.config.pad_token_id
-    batches = pack(rows, args.batch, 0 if pad is None else int(pad))
+    batches = pack(rows, args.batch, 0 if pad is None else int(pad), args.guidance if args.guidance > 1.0 else None)
     write_calib(args.out, batches, "hunyuan")
     meta = {
         "prompts": len(prompts),

@@ -130,7 +130,11 @@ def test_dump_end_to_end(release, tmp_path, monkeypatch):
     )
 
     batches = load_calib(out, "hunyuan")
-    assert len(batches) == 6  # 2 prompts x 4 steps x (cond, uncond) = 16 rows in micro-batches of 3
+    assert len(batches) == 8  # 2 prompts x 4 steps x (cond, uncond) = 16 rows; --batch 3 holds one whole pair
+    # the trajectory fitness keys: the release's CFG scale, and per pair a weight falling with the step
+    assert all(float(b["cfg_guidance"][0]) == 4.0 and b["sample_weight"].shape == (1,) for b in batches)
+    w = np.array([float(b["sample_weight"][0]) for b in batches[:4]])  # prompt 0, steps 0..3
+    assert np.all(np.diff(w) < 0) and abs(np.mean([float(b["sample_weight"][0]) for b in batches]) - 1) < 1e-5
     rows_ids = np.concatenate([b["input_ids"] for b in batches])
     lat_all = np.concatenate([b["latents"] for b in batches])
     t_all = np.concatenate([b["timestep"] for b in batches])
@@ -168,3 +172,24 @@ def test_dump_end_to_end(release, tmp_path, monkeypatch):
             )[0]
             np.testing.assert_allclose(y, want.numpy(), rtol=1e-4, atol=1e-5)
     assert any(k[-1] == "unit_stat_experts" for k in cal.stats)
+
+
+def test_pack_keeps_cfg_pairs_conditional_first():
+    """With CFG a micro-batch holds whole (conditional, unconditional) pairs: conditional rows first, partners in the
+    same order after them (the halves the guided fitness compares); without CFG rows stay in order, unmarked."""
+    script = _script()
+    rows = []
+    for k, t in enumerate((900.0, 600.0, 300.0)):
+        for cond in (True, False):
+            rows.append(
+                {"ids": np.array([k, int(cond)], np.int32), "latents": np.zeros((2, 2, 2)), "timestep": t, "cond": cond}
+            )
+    b = script.pack(rows, 4, 0, guidance=5.0)
+    assert [x["input_ids"][:, 0].tolist() for x in b] == [[0, 1, 0, 1], [2, 2]]
+    assert [x["input_ids"][:, 1].tolist() for x in b] == [[1, 1, 0, 0], [1, 0]]
+    assert float(b[0]["cfg_guidance"][0]) == 5.0 and b[0]["sample_weight"].shape == (2,)
+    assert b[0]["sample_weight"][0] > b[0]["sample_weight"][1] > b[1]["sample_weight"][0]
+    plain = script.pack([{**r, "cond": None} for r in rows], 4, 0)
+    assert [len(x["input_ids"]) for x in plain] == [4, 2] and "cfg_guidance" not in plain[0]
+    with pytest.raises(ValueError, match="pairs"):
+        script.pack(rows[1:] + rows[:1], 4, 0, guidance=5.0)
