@@ -213,14 +213,10 @@ def pack(
     from tmp_jax.trajectory import mark_recorded
 
     paired = guidance is not None and any(r.get("cond") is not None for r in rows)
-    if (
-        paired
-        and len(rows) % 2
-        or paired
-        and any(
-            rows[i].get("cond") is not True or rows[i + 1].get("cond") is not False for i in range(0, len(rows) - 1, 2)
-        )
-    ):
+    pairs_ok = len(rows) % 2 == 0 and all(
+        rows[i].get("cond") is True and rows[i + 1].get("cond") is False for i in range(0, len(rows), 2)
+    )
+    if paired and not pairs_ok:
         raise ValueError("CFG rows must come in (conditional, unconditional) pairs")
     units = [rows[i : i + 2] for i in range(0, len(rows), 2)] if paired else [[r] for r in rows]
     per = max(1, batch // 2) if paired else batch  # units per micro-batch
