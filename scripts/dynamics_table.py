@@ -41,8 +41,8 @@ def measure(args: argparse.Namespace) -> dict:
     stats: list[tuple[int, int, bool]] = []
     orig = strategies.LevelSwitch._offspring
 
-    def offspring(self, parent, b):  # noqa: ANN001 - wraps whichever version the checkout has
-        out = orig(self, parent, b)
+    def offspring(self, parent, b, *rest):  # noqa: ANN001 - wraps whichever version the checkout has
+        out = orig(self, parent, b, *rest)
         cm: CostModel = self.ctx.cost
         tree = self.ctx.tree
         blocks = {g.node for g in tree.genes if g.kind == "keep" and tree.spec.node(g.node).kind == "block"}
@@ -60,7 +60,8 @@ def measure(args: argparse.Namespace) -> dict:
         return out
 
     strategies.LevelSwitch._offspring = offspring
-    extra = {k: v for k, v in (("max_changes", args.max_changes), ("cross_kind", args.cross_kind)) if v is not None}
+    knobs = (("max_changes", args.max_changes), ("cross_kind", args.cross_kind), ("patience", args.patience))
+    extra = {k: v for k, v in knobs if v is not None}
     if args.start is not None:
         extra["start"] = args.start
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,6 +156,7 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=None, help="default: the strategy's own")
     p.add_argument("--max-changes", type=int, default=None)
     p.add_argument("--cross-kind", type=float, default=None)
+    p.add_argument("--patience", type=int, default=None)
     p.add_argument("--start", default=None)
     p.add_argument("--out", default=None, help="JSON record (default: print)")
     p.add_argument("--table", nargs="+", default=None, help="print the markdown tables of these records")

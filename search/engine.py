@@ -91,6 +91,7 @@ class SearchConfig:
     # levelswitch dynamics (None: the strategy's default; search.strategies.LevelSwitch)
     max_changes: int | None = None  # cap on the total level changes of an offspring vs its parent
     cross_kind: float | None = None  # probability that a level switch pairs genes of different kinds
+    patience: int | None = None  # generations without improvement before the change cap doubles (0: never)
     start: str | None = None  # classic (default: uniform / oneshot) | all (+ tree DP) | dp | auto (DP if cheap)
     fresh_batches: bool = True  # each selection stage below full fidelity reads fresh calibration micro-batches
     # recoverability (TinyFusion): the best `recover_top` full-fidelity candidates per budget are distilled for
@@ -450,6 +451,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     options = {
         "max_changes": config.max_changes,
         "cross_kind": config.cross_kind,
+        "patience": config.patience,
         "start": config.start,
         "fresh_batches": config.fresh_batches and ev.takes_start,
         # the run's length: levelswitch's start auto weighs the DP's error tables against it

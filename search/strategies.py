@@ -230,6 +230,12 @@ class LevelSwitch(Strategy):
     default_start = "classic"
     starts = ("classic", "all", "dp", "auto")
     dp_share = 0.25  # start auto: the DP's error tables may cost at most this share of the search's evaluations
+    # stall escape: after this many generations without a better winner in a budget, that budget's offspring may
+    # make twice the level changes (and longer switch chains are likelier), up to 2**max_escalation times the
+    # cap; any improvement resets it. On the MoE's irregular expert-width ladder a 4-change neighbourhood runs
+    # out of improvements (docs/quality.md, "Search dynamics"); larger moves only when local ones stopped paying
+    default_patience = 4
+    max_escalation = 2
 
     def __init__(self, ctx: Context, population: int | None = None):
         super().__init__(ctx, population)
@@ -239,6 +245,9 @@ class LevelSwitch(Strategy):
         self.cross_kind = float(_opt(opt, "cross_kind", self.default_cross_kind))
         self.start = str(_opt(opt, "start", self.default_start))
         self.fresh = bool(_opt(opt, "fresh_batches", True))
+        self.patience = int(_opt(opt, "patience", self.default_patience))  # 0: no stall escape
+        if self.patience < 0:
+            raise SearchError(f"--patience must be >= 0 (0: off), got {self.patience}")
         if self.max_changes < 2:
             raise SearchError(f"--max-changes must be >= 2 (one level switch), got {self.max_changes}")
         if not 0.0 <= self.cross_kind <= 1.0:
@@ -249,6 +258,8 @@ class LevelSwitch(Strategy):
         self.parents: list[np.ndarray] = []  # raw parent genome per budget
         self.start_fitness: list[dict[str, float]] = []  # per budget: each start's fitness (reported)
         self.used_dp: bool | None = None  # decided at generation 0 (state), from that run's --generations
+        self.stall: list[int] = []  # per budget: generations since its winner last improved
+        self.best: list[float] = []  # per budget: the winner's fitness the stall count refers to
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -262,6 +273,12 @@ class LevelSwitch(Strategy):
             "repair_fill": "importance-guided" if self.ctx.loss is not None else "random",
             "fresh_batches": self.fresh,
             "parent": "raw genome, re-scored in the final stage",
+            "stall_escape": (
+                f"after {self.patience} generations without improvement the change cap doubles (at most "
+                f"{2**self.max_escalation}x), reset on improvement"
+                if self.patience > 0
+                else "off"
+            ),
             "start": {
                 "auto": f"as all where the DP's error tables cost <= {self.dp_share:g} of the search's evaluations "
                 "(decided at generation 0), else as classic",
@@ -273,13 +290,42 @@ class LevelSwitch(Strategy):
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {f"parent{bi}": p for bi, p in enumerate(self.parents)}
-        meta = {"parents": len(self.parents), "start_fitness": self.start_fitness, "used_dp": self.used_dp}
+        meta = {
+            "parents": len(self.parents),
+            "start_fitness": self.start_fitness,
+            "used_dp": self.used_dp,
+            "stall": self.stall,
+            "best": self.best,
+        }
         return meta, arrays
 
     def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.parents = [arrays[f"parent{bi}"].astype(np.int64) for bi in range(int(meta.get("parents", 0)))]
         self.start_fitness = list(meta.get("start_fitness", []))
         self.used_dp = meta.get("used_dp")
+        self.stall = [int(x) for x in meta.get("stall", [])]
+        self.best = [float(x) for x in meta.get("best", [])]
+
+    def escalation(self, bi: int) -> int:
+        """How many times budget ``bi``'s change cap is doubled now (0: the normal local moves)."""
+        if self.patience <= 0 or bi >= len(self.stall):
+            return 0
+        return min(self.stall[bi] // self.patience, self.max_escalation)
+
+    def _track(self) -> None:
+        """Update each budget's stall count from its archive winner (after a generation's evaluations)."""
+        fits = []
+        for b in self.ctx.budgets:
+            w = self.ctx.winner(b.value)
+            fits.append(float("inf") if w is None else float(w[1]))
+        if len(self.best) != len(fits):
+            self.best, self.stall = fits, [0] * len(fits)
+            return
+        for bi, f in enumerate(fits):
+            if f < self.best[bi]:
+                self.best[bi], self.stall[bi] = f, 0
+            else:
+                self.stall[bi] += 1
 
     def _use_dp(self) -> bool:
         """Whether this run starts from the tree DP: always for start all / dp, never for classic; for auto,
@@ -356,19 +402,21 @@ class LevelSwitch(Strategy):
                 return np.asarray(r, np.int64).copy()
         return np.asarray(w[0], np.int64).copy()
 
-    def _offspring(self, parent: np.ndarray, b: Budget) -> list[np.ndarray]:
+    def _offspring(self, parent: np.ndarray, b: Budget, escalation: int = 0) -> list[np.ndarray]:
         ctx, out = self.ctx, []
         seen = {ctx.cost.canonical(parent)[0].tobytes()}
+        cap = self.max_changes * 2**escalation
+        p_stop = 0.5 / 2**escalation  # switch chain length ~ geometric: mean 2, 4, 8 switches
         for _ in range(self.population):
             for _attempt in range(4):  # a few retries so offspring differ from the parent and each other
-                n_switch = min(self.max_changes // 2, int(ctx.rng.geometric(0.5)))
+                n_switch = min(cap // 2, int(ctx.rng.geometric(p_stop)))
                 child = level_switch(
                     parent,
                     ctx.cost,
                     b.value,
                     ctx.rng,
                     n_switch,
-                    max_changes=self.max_changes,
+                    max_changes=cap,
                     loss=ctx.loss,
                     cross_kind=self.cross_kind,
                     kinds=self.kinds,
@@ -385,8 +433,10 @@ class LevelSwitch(Strategy):
         if len(self.parents) != len(ctx.budgets):  # a state without raw parents: start from the winners
             self.parents = [self._raw_winner(bi, []) for bi in range(len(ctx.budgets))]
         cands: list[tuple[int, np.ndarray]] = []  # (budget index, raw genome)
+        if len(self.best) != len(ctx.budgets):
+            self._track()  # the starts' winners: the reference of the first stall count
         for bi, b in enumerate(ctx.budgets):
-            cands += [(bi, c) for c in self._offspring(self.parents[bi], b)]
+            cands += [(bi, c) for c in self._offspring(self.parents[bi], b, self.escalation(bi))]
         for si, (n, _k) in enumerate(self.stages):
             last = si + 1 == len(self.stages)
             if last:  # the parent competes again in the final stage (on all samples: its cached score)
@@ -409,6 +459,7 @@ class LevelSwitch(Strategy):
             self._raw_winner(bi, [self.parents[bi]] + [g for bj, g in cands if bj == bi])
             for bi in range(len(ctx.budgets))
         ]
+        self._track()
 
 
 def _opt(options: dict[str, Any], key: str, default: Any) -> Any:

@@ -507,3 +507,35 @@ def test_cli_dynamics_flags():
     assert (c.max_changes, c.cross_kind, c.start, c.fresh_batches) == (6, 0.0, "dp", False)
     c = parse_args(["--budget", "50%"])
     assert (c.max_changes, c.cross_kind, c.start, c.fresh_batches) == (None, None, None, True)
+
+
+class FlatProblem(FakeProblem):
+    """Every candidate scores the same: no offspring ever improves on its parent (a stalled search)."""
+
+    def fitness(self, genomes, n_samples=None, start=0):
+        self.starts.append((n_samples or self.n, start))
+        return np.ones(len(np.asarray(genomes)), np.float32)
+
+
+def test_levelswitch_stall_escape_widens_moves(tmp_path, ztree, monkeypatch):
+    """After ``patience`` generations without a better winner the change cap doubles (then 4x, no more); with
+    patience 0 offspring always stay within the base cap of 4 level changes."""
+    from search import strategies
+
+    seen: list[tuple[int, int]] = []  # (escalation, largest sum |child - parent| of the generation)
+    orig = strategies.LevelSwitch._offspring
+
+    def spy(self, parent, b, escalation=0):
+        out = orig(self, parent, b, escalation)
+        seen.append((escalation, max(int(np.abs(c - parent).sum()) for c in out)))
+        return out
+
+    monkeypatch.setattr(strategies.LevelSwitch, "_offspring", spy)
+    run(cfg(tmp_path / "a", budget="60%", population=16, generations=9, patience=2), FlatProblem(ztree))
+    assert [e for e, _ in seen] == [0, 0, 1, 1, 2, 2, 2, 2, 2]
+    assert max(d for e, d in seen if e == 0) <= 4 < max(d for e, d in seen if e == 2) <= 16
+    meta = json.loads((tmp_path / "a" / "checkpoint.json").read_text())["strategy"]
+    assert meta["stall"] == [9]
+    seen.clear()
+    run(cfg(tmp_path / "b", budget="60%", population=16, generations=6, patience=0), FlatProblem(ztree))
+    assert {e for e, _ in seen} == {0} and max(d for _, d in seen) <= 4

@@ -96,6 +96,13 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         "and FFN channels, experts and expert width, blocks and widths. Default 0.25",
     )
     p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="levelswitch: generations without a better plan (per budget) after which offspring may make twice the "
+        "level changes, then 4x; any improvement goes back to local moves. 0 turns this off. Default 4",
+    )
+    p.add_argument(
         "--start",
         default=None,
         choices=["auto", "all", "dp", "classic"],
@@ -185,6 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         p.error(f"--recover-steps must be >= 0 and --recover-top >= 1, got {a.recover_steps} and {a.recover_top}")
     if a.max_changes is not None and a.max_changes < 2:
         p.error(f"--max-changes must be >= 2 (one level switch), got {a.max_changes}")
+    if a.patience is not None and a.patience < 0:
+        p.error(f"--patience must be >= 0 (0: off), got {a.patience}")
     if a.cross_kind is not None and not 0.0 <= a.cross_kind <= 1.0:
         p.error(f"--cross-kind must be in [0, 1], got {a.cross_kind}")
     return SearchConfig(
@@ -210,6 +219,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         eval_mode=a.eval_mode,
         max_changes=a.max_changes,
         cross_kind=a.cross_kind,
+        patience=a.patience,
         start=a.start,
         fresh_batches=a.fresh_batches,
         recover_steps=a.recover_steps,
