@@ -45,6 +45,10 @@ class ArchHooks:
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
     config_from_dict: Callable[[dict], Any] | None = None  # config.json dict -> config
     config_type: type | None = None  # the class of the arch's config objects (see of_config)
+    # --- checkpoints (the arch's torch layout, read and written through converters.engine) ---------------
+    read_config: Callable[[Any], Any] | None = None  # checkpoint folder -> config (a one-line CheckpointError)
+    key_table: Callable[[Any], Any] | None = None  # config -> converters.engine.KeyTable (torch keys <-> NNX paths)
+    weights_prefix: str = "model"  # file name prefix of the arch's safetensors shards (PREFIX-00001-of-0000N...)
     # token counts of one forward ({stream: length}, streams as in Node.tokens) for FLOP budgets and the plan's
     # FLOP counts when the problem gives none; None: a built-in arch's ``DEFAULT_TOKENS`` (see default_tokens)
     default_tokens: Mapping[str, int] | None = None
