@@ -408,6 +408,7 @@ HOOKS = arch.register(
         read_config=lambda folder: _checkpoint().read_config(folder),
         key_table=lambda cfg: _checkpoint().hunyuan_key_table(cfg),
         weights_prefix="model",
+        streamed=lambda: importlib.import_module("tmp_jax.models.hunyuan_image3.streamed").HOOKS,
         config_file_kind=lambda d: (
             d.get("model_type") == "hunyuan_image_3_moe" or "HunyuanImage3ForCausalMM" in d.get("architectures", [])
         ),

@@ -258,6 +258,7 @@ HOOKS = arch.register(
         read_config=lambda folder: _checkpoint().read_config(folder),
         key_table=lambda cfg: _checkpoint().zimage_key_table(cfg),
         weights_prefix="diffusion_pytorch_model",
+        streamed=lambda: importlib.import_module("tmp_jax.models.z_image.streamed").HOOKS,
         config_file_kind=lambda d: d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d,
         tasks={"ti2i": TI2I_HOOKS},
         task_of=lambda b: "ti2i" if "cond_latents" in b else "t2i",
