@@ -43,6 +43,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from converters import registry
 from converters.engine import (
     NP_TO_ST,
     ST_TO_NP,
@@ -57,7 +58,6 @@ from tmp_jax import arch
 from tmp_jax.materialize import take_kept
 from tmp_jax.tree import Assignment, Tree
 
-REMOTE = Path(__file__).resolve().parent / "remote"
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
 
 
@@ -77,47 +77,6 @@ class ExportConfig:
     compensate: bool = True  # re-fit the kept consumers as the plan's search did (plans that record it)
 
 
-@dataclass
-class ArchExport:
-    """What export needs from an architecture (looked up by the plan's ``arch``)."""
-
-    read_config: Any  # folder -> cfg
-    key_table: Any  # cfg -> KeyTable
-    weights_prefix: str
-    # (src_cfg, new_cfg, out_folder, export_config) -> layout description; writes config.json, remote code
-    # and whatever else the layout needs next to the weights
-    write_config: Any
-
-
-def _zimage_export() -> ArchExport:
-    from converters.zimage import DIFFUSERS_VERSION, WEIGHTS_PREFIX, read_config, zimage_key_table
-    from tmp_jax.models.z_image.config import STACKS
-
-    def write_config(src_cfg: Any, new_cfg: Any, folder: Path, _ecfg: ExportConfig) -> str:
-        stock = all(
-            b.heads == src_cfg.n_heads and b.ffn_dim == src_cfg.ffn_dim for s in STACKS for b in new_cfg.stack(s)
-        ) and new_cfg.stack_len("noise_refiner") == new_cfg.stack_len("context_refiner")
-        # Omni: the stock class builds n_refiner_layers SigLIP refiner blocks, and that stack is never pruned
-        full_refiners = new_cfg.stack_len("noise_refiner") == src_cfg.n_refiner_layers
-        stock = stock and (new_cfg.siglip_feat_dim is None or full_refiners)
-        conf: dict[str, Any] = {"_diffusers_version": DIFFUSERS_VERSION}
-        if stock:
-            conf["_class_name"] = "ZImageTransformer2DModel"
-            conf.update(new_cfg.to_hf_config(include_pruning=False))
-            conf["n_refiner_layers"] = new_cfg.stack_len("noise_refiner")
-            conf["n_layers"] = new_cfg.stack_len("layers")
-        else:
-            mod = "transformer_z_image_pruned"
-            conf["_class_name"] = "ZImagePrunedTransformer2DModel"
-            conf["auto_map"] = {"AutoModel": f"{mod}.ZImagePrunedTransformer2DModel"}
-            conf.update(new_cfg.to_hf_config(include_pruning=True))
-            shutil.copy2(REMOTE / f"{mod}.py", folder / f"{mod}.py")
-        write_json(folder / "config.json", conf)
-        return "stock ZImageTransformer2DModel" if stock else "ZImagePrunedTransformer2DModel (trust_remote_code)"
-
-    return ArchExport(read_config, zimage_key_table, WEIGHTS_PREFIX, write_config)
-
-
 # source-folder entries that are never copied next to the pruned weights: the unpruned weights themselves
 # (any format) and config.json, which the exporter rewrites
 _WEIGHT_PATTERNS = (
@@ -127,7 +86,7 @@ _WEIGHT_PATTERNS = (
     "pytorch_model*.bin.index.json",
     "config.json",
 )
-_TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}  # --dtype -> config.json
 
 
 def copy_extra_files(src: Path, dst: Path, skip: tuple[Path, ...] = ()) -> list[str]:
@@ -146,33 +105,6 @@ def copy_extra_files(src: Path, dst: Path, skip: tuple[Path, ...] = ()) -> list[
             shutil.copyfile(p, dst / p.name)
         copied.append(p.name)
     return copied
-
-
-def _hunyuan_export() -> ArchExport:
-    from converters.hunyuan import hunyuan_key_table, read_config
-    from tmp_jax.models.hunyuan_image3.config import PER_LAYER_FIELDS
-
-    pruned_fields = ("num_hidden_layers", *PER_LAYER_FIELDS, "num_attention_heads", "num_key_value_heads")
-
-    def write_config(src_cfg: Any, new_cfg: Any, folder: Path, ecfg: ExportConfig) -> str:
-        src = Path(ecfg.model)
-        conf = json.loads((src / "config.json").read_text())  # key order and unknown keys kept
-        new = new_cfg.to_hf_config()
-        for k in pruned_fields:
-            conf[k] = new[k]
-        conf["layers_kept"] = new["layers_kept"]  # original layer indices (informative extra key)
-        if ecfg.dtype is not None:  # the weights were cast: say so (transformers 5 also reads "dtype")
-            conf["torch_dtype"] = _TORCH_DTYPE_NAMES[ecfg.dtype]
-            if "dtype" in conf:
-                conf["dtype"] = conf["torch_dtype"]
-        (folder / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-        copy_extra_files(src, folder, skip=(Path(ecfg.out),))
-        return "official HunyuanImage3ForCausalMM layout (per-layer MoE lists)"
-
-    return ArchExport(read_config, hunyuan_key_table, "model", write_config)
-
-
-EXPORTERS = {"zimage": _zimage_export, "hunyuan": _hunyuan_export}
 
 
 def kept_slices(tree: Tree, plan: dict[str, Any]) -> dict[tuple, list[tuple[int, np.ndarray]]]:
@@ -214,11 +146,11 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         check_resolution(cfg.resolution)  # before any tensor is streamed, not after
     plan = load_plan(cfg.plan)
     name = plan["arch"]
-    if name not in EXPORTERS:
+    conv = registry.find(name)  # the arch's export layout (converters/NAME.py)
+    hooks = arch.get(name) if conv is not None else None  # its key table, config reader, weights prefix
+    if hooks is None or hooks.read_config is None or hooks.key_table is None:
         raise CheckpointError(f"{cfg.plan}: export of arch {name!r} is not supported yet")
-    ex = EXPORTERS[name]()
-    hooks = arch.get(name)
-    src_cfg = ex.read_config(cfg.model)
+    src_cfg = hooks.read_config(cfg.model)
     src_reader = SafetensorsReader(cfg.model)  # strict: missing shards / truncation fail here, first
     fp = fingerprint(cfg.model, src_cfg.to_hf_config())
     want = plan.get("source", {}).get("fingerprint")
@@ -230,7 +162,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     tree = Tree(hooks.build_spec(src_cfg))
     a: Assignment = plan_assignment(plan)
     new_cfg = hooks.pruned_config(src_cfg, tree, a)
-    src_table, new_table = ex.key_table(src_cfg), ex.key_table(new_cfg)
+    src_table, new_table = hooks.key_table(src_cfg), hooks.key_table(new_cfg)
     by_path = {p: e for e in src_table.entries for p in e.flax_paths}
     pmap = hooks.path_map(src_cfg, new_cfg)
     slices = kept_slices(tree, plan)
@@ -300,7 +232,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
 
     pbar = progress_bar(total=len(planned) - len(quantized), desc="export", unit="tensor", disable=not cfg.progress)
     with AtomicDir(cfg.out, overwrite=cfg.overwrite) as tmp:
-        writer = StreamingWriter(tmp, planned, prefix=ex.weights_prefix, max_shard_bytes=cfg.max_shard_bytes)
+        writer = StreamingWriter(tmp, planned, prefix=hooks.weights_prefix, max_shard_bytes=cfg.max_shard_bytes)
         for e in new_table.entries:
             arrays = [src_array(p) for p in e.flax_paths]
             for key, arr in zip(e.torch_keys, e.to_torch(arrays)):
@@ -316,7 +248,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             writer.write(k, src_reader.read(k))
             pbar.update(1)
         files = writer.finish()
-        layout = ex.write_config(src_cfg, new_cfg, tmp, cfg)
+        layout = conv.write_export_config(src_cfg, new_cfg, tmp, cfg)
         if quantized:
             _add_config_block(tmp / "config.json", qz.quantization_config(cfg.quantize, name, quantized))
             layout += f", {cfg.quantize} weight-only ({len(quantized)} tensors)"
@@ -371,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model",
         required=True,
-        help="the ORIGINAL checkpoint folder the plan was made from, or an embedded name (zimage-fmnist, "
-        "hunyuan-fmnist)",
+        help="the ORIGINAL checkpoint folder the plan was made from, or an embedded name "
+        f"({', '.join(arch.embedded_teachers())})",
     )
     p.add_argument("--weights", type=Path, help="recovered (distilled) weights to export instead of slicing SRC")
     p.add_argument("--out", type=Path, default=Path("pruned"), help="output folder (default: pruned)")

@@ -220,7 +220,8 @@ def test_calibration_resume_state_of_another_set(tmp_path):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(str(ckpt))
     root = tmp_path / "s" / sc.STREAM_DIR
-    sc._write_mb(root, 0, 1, 2, len(sc._z_schedule(TINY)), {"x": np.zeros(1)}, {}, sc.batches_signature(a))
+    n_steps = len(sc.get_hooks("zimage").schedule(TINY))
+    sc._write_mb(root, 0, 1, 2, n_steps, {"x": np.zeros(1)}, {}, sc.batches_signature(a))
     with pytest.raises(ValueError, match="another calibration set"):
         sc.calibrate_streamed(ckpt, b2, out=tmp_path / "s")
     # streamed, finished state of one checkpoint, then another checkpoint with the same set: refused

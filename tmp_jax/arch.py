@@ -16,6 +16,32 @@ PathT = tuple[str | int, ...]
 
 
 @dataclass(frozen=True)
+class StreamStep:
+    """One step of a streamed forward (tmp_jax.streamed_calibration).
+
+    ``op``: ``fn(stem, inputs, carry) -> carry`` on the stem view (``carry`` is None for the first step; the
+    last step returns the teacher output). ``block``: ``fn(block, carry) -> carry`` on the module at ``path``
+    (its statistics are sown and stored under ``path``). Both are traced under ``jax.jit`` with ``fn`` static,
+    so they must be module-level functions.
+    """
+
+    kind: str  # 'op' | 'block'
+    fn: Callable[..., Any]
+    path: PathT = ()
+
+
+@dataclass(frozen=True)
+class StreamHooks:
+    """What block-by-block calibration with streamed weights needs from an arch (``ArchHooks.streamed``); the
+    config reader and key table are the arch's ``read_config`` / ``key_table``."""
+
+    name: str  # the architecture's name
+    reader: Callable[[Any], Any]  # checkpoint path -> a SafetensorsReader-like object (keys, infos, read)
+    stem_view: Callable[[Any], Any]  # model -> module holding what the op steps use
+    schedule: Callable[[Any], list[StreamStep]]  # config -> steps in execution order
+
+
+@dataclass(frozen=True)
 class ArchHooks:
     name: str
     build_spec: Callable[[Any], Any]  # cfg -> tree.Spec
@@ -45,6 +71,13 @@ class ArchHooks:
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
     config_from_dict: Callable[[dict], Any] | None = None  # config.json dict -> config
     config_type: type | None = None  # the class of the arch's config objects (see of_config)
+    # --- checkpoints (the arch's torch layout, read and written through converters.engine) ---------------
+    read_config: Callable[[Any], Any] | None = None  # checkpoint folder -> config (a one-line CheckpointError)
+    key_table: Callable[[Any], Any] | None = None  # config -> converters.engine.KeyTable (torch keys <-> NNX paths)
+    weights_prefix: str = "model"  # file name prefix of the arch's safetensors shards (PREFIX-00001-of-0000N...)
+    # () -> the arch's StreamHooks (block-by-block calibration with streamed weights, tmp_jax.streamed_calibration),
+    # imported lazily; None: the arch's checkpoints are calibrated in memory only
+    streamed: Callable[[], StreamHooks] | None = None
     # token counts of one forward ({stream: length}, streams as in Node.tokens) for FLOP budgets and the plan's
     # FLOP counts when the problem gives none; None: a built-in arch's ``DEFAULT_TOKENS`` (see default_tokens)
     default_tokens: Mapping[str, int] | None = None

@@ -11,8 +11,9 @@ once.
 
 Generic code only walks a per-architecture *schedule* of steps (:class:`Step`): ``op`` steps run on the
 stem (embedding, the Z-Image unify, the output head), ``block`` steps run one block module with its
-statistics sown. Architectures register a :class:`StreamHooks` (reader, key table, stem view, schedule);
-the two built-in ones are at the end of this file.
+statistics sown. An architecture provides a :class:`~tmp_jax.arch.StreamHooks` (reader, stem view, schedule)
+through ``ArchHooks.streamed``, next to its ``read_config`` and ``key_table``; the built-in ones are in
+``tmp_jax/models/<arch>/streamed.py``. This module names no architecture.
 
 Resume: with ``out``, every micro-batch's state (its carry and its own statistics) is written atomically to
 ``OUT/calib_stream/mb-MMMMM-at-SSSS.npz`` as it finishes every ``checkpoint_every``-th step; an interrupted
@@ -41,7 +42,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax import arch
+from tmp_jax.arch import StreamHooks, StreamStep
 from tmp_jax.calibration import (
     Calibration,
     _load_state,
@@ -81,43 +82,16 @@ GRAM_DIR = "calib_grams"  # per-block Gram files of a streamed calibration with 
 # Per-architecture hooks
 
 
-@dataclass(frozen=True)
-class Step:
-    """One step of a streamed forward.
-
-    ``op``: ``fn(stem, inputs, carry) -> carry`` on the stem view (``carry`` is None for the first step; the
-    last step returns the teacher output). ``block``: ``fn(block, carry) -> carry`` on the module at ``path``
-    (its statistics are sown and stored under ``path``). Both are traced under ``jax.jit`` with ``fn`` static,
-    so they must be module-level functions.
-    """
-
-    kind: str  # 'op' | 'block'
-    fn: Callable[..., Any]
-    path: PathT = ()
-
-
-@dataclass(frozen=True)
-class StreamHooks:
-    name: str  # the architecture (tmp_jax.arch) name
-    read_config: Callable[[Path], Any]  # checkpoint folder -> config
-    reader: Callable[[Path], Any]  # checkpoint path -> a SafetensorsReader-like object (keys, infos, read)
-    key_table: Callable[[Any], Any]  # config -> converters.engine.KeyTable
-    stem_view: Callable[[nnx.Module], nnx.Module]  # model -> module holding what the op steps use
-    schedule: Callable[[Any], list[Step]]  # config -> steps in execution order
-
-
-_HOOKS: dict[str, StreamHooks] = {}
-
-
-def register(h: StreamHooks) -> StreamHooks:
-    _HOOKS[h.name] = h
-    return h
+Step = StreamStep  # the per-arch step and hooks types live in tmp_jax.arch (model packages import only that)
 
 
 def get_hooks(name: str) -> StreamHooks:
-    if name not in _HOOKS:
-        raise KeyError(f"no streamed-calibration hooks for architecture {name!r}; registered: {sorted(_HOOKS)}")
-    return _HOOKS[name]
+    """Architecture ``name``'s streamed-calibration hooks (its ``ArchHooks.streamed``)."""
+    h = arch.get(name)
+    if h.streamed is None:
+        have = sorted(n for n in arch.names() if arch.get(n).streamed is not None)
+        raise KeyError(f"no streamed-calibration hooks for architecture {name!r}; registered: {have}")
+    return h.streamed()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,10 +170,11 @@ class ParamStreamer:
         from converters.engine import CheckpointError, _check_source, check_table_covers, flat_variables
 
         folder = path if path.is_dir() else path.parent
-        self.cfg = hooks.read_config(folder)
+        h = arch.get(hooks.name)
+        self.cfg = h.read_config(folder)
         self.reader = hooks.reader(path)
-        self.table = hooks.key_table(self.cfg)
-        self.model = arch.get(hooks.name).init_abstract(self.cfg, jnp.float32 if dtype is None else dtype)
+        self.table = h.key_table(self.cfg)
+        self.model = h.init_abstract(self.cfg, jnp.float32 if dtype is None else dtype)
         self.dtype, self.mesh = dtype, mesh
         variables = flat_variables(self.model)
         check_table_covers(self.table, variables)
@@ -270,10 +245,11 @@ def device_capacity(mesh: jax.sharding.Mesh | None = None) -> int:
 def checkpoint_param_bytes(path: str | os.PathLike[str], dtype: Any = None) -> int:
     """Parameter bytes the model of checkpoint ``path`` needs at ``dtype`` (None: as stored), from the header
     and the key table only (nothing is loaded)."""
-    h = get_hooks(checkpoint_arch(Path(path)))
+    name = checkpoint_arch(Path(path))
+    h, sh = arch.get(name), get_hooks(name)
     p = Path(path)
     cfg = h.read_config(p if p.is_dir() else p.parent)
-    table, reader = h.key_table(cfg), h.reader(p)
+    table, reader = h.key_table(cfg), sh.reader(p)
     if dtype is not None:
         return table.num_params() * np.dtype(dtype).itemsize
     return sum(reader.infos[k].end - reader.infos[k].start for e in table.entries for k in e.torch_keys)
@@ -653,156 +629,3 @@ def _to_devices(carry: Carry, mesh: jax.sharding.Mesh | None) -> Carry:
     if mesh is None:
         return jax.tree.map(jnp.asarray, carry)
     return shard_inputs({"carry": carry}, mesh)["carry"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Z-Image: embed -> noise_refiner (image stream) -> context_refiner (caption stream) -> unify -> layers -> head
-
-
-def _z_stem(m: Any) -> nnx.Module:
-    """The runner's stem view (embedders, pad tokens, final layers, width-free config)."""
-    from tmp_jax.models.z_image.runner import _Stem
-
-    return _Stem(m)
-
-
-def _z_embed(stem: Any, inp: dict, carry: None) -> Carry:
-    from tmp_jax.models.z_image.layout import key_mask
-    from tmp_jax.models.z_image.model import ZImageTransformer
-
-    a = inp["arrays"]
-    e = ZImageTransformer.embed(stem, a, jnp.asarray(inp["t"]), inp["patch_key"])
-    return {
-        "c": e["c"],
-        "img": e["img"],
-        "cap": e["cap"],
-        "img_cos": e["img_cs"][0],
-        "img_sin": e["img_cs"][1],
-        "cap_cos": e["cap_cs"][0],
-        "cap_sin": e["cap_cs"][1],
-        "m_img": key_mask(a["img_valid"]),
-        "m_cap": key_mask(a["cap_valid"]),
-    }
-
-
-def _z_noise_refiner(blk: Any, c: Carry) -> Carry:
-    return {**c, "img": blk(c["img"], c["m_img"], c["img_cos"], c["img_sin"], c["c"])}
-
-
-def _z_context_refiner(blk: Any, c: Carry) -> Carry:
-    return {**c, "cap": blk(c["cap"], c["m_cap"], c["cap_cos"], c["cap_sin"])}
-
-
-def _z_unify(stem: Any, inp: dict, c: Carry) -> Carry:
-    from tmp_jax.models.z_image.model import ZImageTransformer
-
-    e = {"img_cs": (c["img_cos"], c["img_sin"]), "cap_cs": (c["cap_cos"], c["cap_sin"])}
-    x, cos, sin, mask = ZImageTransformer.unify(None, inp["arrays"], c["img"], c["cap"], e)
-    return {"c": c["c"], "x": x, "cos": cos, "sin": sin, "mask": mask}
-
-
-def _z_layer(blk: Any, c: Carry) -> Carry:
-    return {**c, "x": blk(c["x"], c["mask"], c["cos"], c["sin"], c["c"])}
-
-
-def _z_head(stem: Any, inp: dict, c: Carry) -> jax.Array:
-    return stem.all_final_layer[inp["patch_key"]](c["x"], c["c"])
-
-
-def _z_schedule(cfg: Any) -> list[Step]:
-    s = [Step("op", _z_embed)]
-    s += [Step("block", _z_noise_refiner, ("noise_refiner", i)) for i in range(len(cfg.stack("noise_refiner")))]
-    s += [Step("block", _z_context_refiner, ("context_refiner", i)) for i in range(len(cfg.stack("context_refiner")))]
-    s.append(Step("op", _z_unify))
-    s += [Step("block", _z_layer, ("layers", i)) for i in range(len(cfg.stack("layers")))]
-    return [*s, Step("op", _z_head)]
-
-
-def _z_reader(path: Path) -> Any:
-    from converters.engine import SafetensorsReader
-    from converters.zimage import ComfyUIReader, is_comfyui
-
-    r = SafetensorsReader(path)
-    return ComfyUIReader(r) if is_comfyui(r) else r
-
-
-def _z_config(folder: Path) -> Any:
-    from converters.zimage import read_config
-
-    return read_config(folder)
-
-
-def _z_table(cfg: Any) -> Any:
-    from converters.zimage import zimage_key_table
-
-    return zimage_key_table(cfg)
-
-
-register(StreamHooks("zimage", _z_config, _z_reader, _z_table, _z_stem, _z_schedule))
-
-
-# ----------------------------------------------------------------------------------------------
-# HunyuanImage-3.0: T2I embed -> decoder layers -> image head
-
-
-def _h_stem(m: Any) -> nnx.Module:
-    """The runner's stem view (``lm_head`` / ``ln_f`` are not in it, so never loaded)."""
-    from tmp_jax.models.hunyuan_image3.runner import _Stem
-
-    return _Stem(m)
-
-
-def _h_embed(stem: Any, inp: dict, carry: None) -> Carry:
-    from tmp_jax.models.hunyuan_image3.model import t2i_embed
-
-    e = t2i_embed(
-        stem.wte,
-        stem.patch_embed,
-        stem.time_embed,
-        stem.timestep_emb,
-        inp["input_ids"],
-        inp["latents"],
-        jnp.asarray(inp["timestep"]),
-        inp["valid_lengths"],
-        image_token_id=stem.image_token_id,
-        head_dim=stem.head_dim,
-        rope_theta=stem.rope_theta,
-    )
-    return {"x": e.pop("embeds"), **e}
-
-
-def _h_layer(blk: Any, c: Carry) -> Carry:
-    return {**c, "x": blk(c["x"], c["cos"], c["sin"], c["mask"], c["token_mask"])}
-
-
-def _h_head(stem: Any, inp: dict, c: Carry) -> jax.Array:
-    from tmp_jax.models.hunyuan_image3.model import t2i_head
-
-    _, _, th, tw = inp["latents"].shape
-    return t2i_head(stem.final_layer, stem.time_embed_2, c["x"], c["image_index"], jnp.asarray(inp["timestep"]), th, tw)
-
-
-def _h_schedule(cfg: Any) -> list[Step]:
-    layers = [Step("block", _h_layer, ("model", "layers", i)) for i in range(cfg.num_hidden_layers)]
-    return [Step("op", _h_embed), *layers, Step("op", _h_head)]
-
-
-def _h_reader(path: Path) -> Any:
-    from converters.engine import SafetensorsReader
-
-    return SafetensorsReader(path)
-
-
-def _h_config(folder: Path) -> Any:
-    from converters.hunyuan import read_config
-
-    return read_config(folder)
-
-
-def _h_table(cfg: Any) -> Any:
-    from converters.hunyuan import hunyuan_key_table
-
-    return hunyuan_key_table(cfg)
-
-
-register(StreamHooks("hunyuan", _h_config, _h_reader, _h_table, _h_stem, _h_schedule))

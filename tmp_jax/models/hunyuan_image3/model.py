@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -823,14 +824,12 @@ class HunyuanImage3(nnx.Module):
     ) -> HunyuanImage3:
         """Load an official-layout checkpoint folder (or one this project saved or exported, per-layer MoE
         lists included); streamed, strict, VAE / vision tensors skipped, the router kept fp32."""
-        from converters.hunyuan import load_hunyuan
-
         return load_hunyuan(path, dtype=dtype, mesh=mesh, progress=progress)
 
     def save_pretrained(self, path: str | os.PathLike[str], dtype: Any | None = None, overwrite: bool = False) -> None:
         """Write the official layout (config.json + ``model*.safetensors`` [+ index]) atomically; the folder
         loads back with :meth:`from_pretrained` (the denoiser only: no VAE / vision tensors)."""
-        from tmp_jax.models.hunyuan_image3.train import save  # the arch's save hook (official keys + config)
+        from tmp_jax.models.hunyuan_image3.checkpoint import save  # the arch's save hook (official keys + config)
 
         save(self, path, overwrite=overwrite, dtype=dtype)
 
@@ -888,3 +887,26 @@ class HunyuanImage3(nnx.Module):
         cos, sin = rope_cos_sin(text_positions(seq_len), self.config.attention_head_dim, self.config.rope_theta)
         hidden = self.model(self.model.wte(input_ids), cos, sin, causal_mask(seq_len))
         return self.lm_head(self.model.ln_f(hidden)).astype(jnp.float32)
+
+
+def load_hunyuan(
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    mesh: Any = None,
+    config: HunyuanImage3Config | None = None,
+    progress: bool = False,
+) -> HunyuanImage3:
+    """Load an official (or pruned) HunyuanImage-3.0 checkpoint folder into :class:`HunyuanImage3`, streamed
+    tensor by tensor and strictly (VAE / vision keys are skipped); the router stays fp32 for any ``dtype``."""
+    from converters.engine import SafetensorsReader, load_into
+    from tmp_jax.models.hunyuan_image3.checkpoint import hunyuan_key_table, read_config
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg = config if config is not None else read_config(folder)
+    model_dtype = jnp.float32 if dtype is None else dtype
+    abstract = nnx.eval_shape(lambda: HunyuanImage3(cfg, dtype=model_dtype, rngs=nnx.Rngs(0)))
+    return load_into(
+        abstract, hunyuan_key_table(cfg), SafetensorsReader(path), dtype=dtype, mesh=mesh, progress=progress
+    )

@@ -327,8 +327,14 @@ def masked_model(model: Any, tree: Tree, a: Assignment, order: dict | None = Non
     return m
 
 
+def _checkpoint() -> Any:  # key table, config reader, official-layout save (lazy import: it reaches converters.engine)
+    from tmp_jax.models.hunyuan_image3 import checkpoint
+
+    return checkpoint
+
+
 def _load(path: str, dtype: Any = jnp.float32, mesh: Any = None) -> Any:
-    from converters.hunyuan import load_hunyuan
+    from tmp_jax.models.hunyuan_image3.model import load_hunyuan
 
     return load_hunyuan(path, dtype=dtype, mesh=mesh)
 
@@ -339,7 +345,7 @@ def _runner() -> Any:  # calibration / candidate evaluation (lazy import)
     return runner
 
 
-def _train() -> Any:  # Fashion-MNIST data, training forward and official-layout save (lazy import)
+def _train() -> Any:  # Fashion-MNIST data and training forward (lazy import)
     from tmp_jax.models.hunyuan_image3 import train
 
     return train
@@ -396,9 +402,13 @@ HOOKS = arch.register(
         matched_features=lambda c: _train().matched_features(c),
         training_batch=lambda *a: _train().training_batch(*a),
         guided_batch=lambda *a: _train().guided_batch(*a),
-        save=lambda m, p, overwrite=False: _train().save(m, p, overwrite=overwrite),
+        save=lambda m, p, overwrite=False: _checkpoint().save(m, p, overwrite=overwrite),
         config_from_dict=HunyuanImage3Config.from_hf_config,
         config_type=HunyuanImage3Config,
+        read_config=lambda folder: _checkpoint().read_config(folder),
+        key_table=lambda cfg: _checkpoint().hunyuan_key_table(cfg),
+        weights_prefix="model",
+        streamed=lambda: importlib.import_module("tmp_jax.models.hunyuan_image3.streamed").HOOKS,
         config_file_kind=lambda d: (
             d.get("model_type") == "hunyuan_image_3_moe" or "HunyuanImage3ForCausalMM" in d.get("architectures", [])
         ),

@@ -1,5 +1,6 @@
 """HunyuanImage-3.0 on Fashion-MNIST: the embedded teacher's config and token layout, training forward
-(with the router load-balancing loss), the calibration / distillation data hook, and the official-layout save.
+(with the router load-balancing loss), the calibration / distillation data hook. The official-layout ``save``
+lives in ``checkpoint`` (re-exported here).
 
 The tiny teacher (:data:`FMNIST_CONFIG`, ``tmp_jax/assets/hunyuan-fmnist``) denoises pixel-unshuffled
 28x28 images, i.e. ``(4, 14, 14)`` "latents" (:func:`tmp_jax.data.to_latents`); HunyuanImage's UNet patch
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from tmp_jax import data as fm
+from tmp_jax.models.hunyuan_image3.checkpoint import CONFIG_EXTRA, save  # noqa: F401 (the save hook lives there)
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.models.hunyuan_image3.model import HunyuanImage3, attn_branch, t2i_embed, t2i_head
 
@@ -61,16 +63,6 @@ FMNIST_CONFIG = HunyuanImage3Config(
     max_position_embeddings=256,
     vae={"latent_channels": fm.LATENT_CHANNELS},
 )
-
-# Keys the official config.json carries besides the dataclass fields (what the release's loader reads).
-CONFIG_EXTRA = {
-    "architectures": ["HunyuanImage3ForCausalMM"],
-    "model_type": "hunyuan_image_3_moe",
-    "rope_scaling": {"type": "custom", "factor": 1.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0},
-    "rope_type": "2d",
-    "moe_layer_num_skipped": 0,
-    "torch_dtype": "bfloat16",
-}
 
 
 def _check_cfg(cfg: HunyuanImage3Config) -> None:
@@ -251,26 +243,3 @@ def guided_batch(cfg: HunyuanImage3Config, latents: np.ndarray, sigma: np.ndarra
         "timestep": (1000.0 * np.concatenate([sigma, sigma])).astype(np.float32),
         "valid_lengths": np.full(2 * p, SEQ_LEN, np.int32),
     }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Save (official layout)
-
-
-def save(model: HunyuanImage3, folder: Any, overwrite: bool = False, dtype: Any = None) -> Any:
-    """Write ``model`` under the official keys with a config.json the release's loader (and ours) reads."""
-    from converters.engine import save_model
-    from converters.hunyuan import hunyuan_key_table
-
-    conf = {**CONFIG_EXTRA, **model.config.to_hf_config()}
-    # the dtype the weights are written in (the router too: the loader keeps it fp32 for any dtype)
-    conf["torch_dtype"] = jnp.dtype(dtype if dtype is not None else model.model.wte.embedding.get_value().dtype).name
-    return save_model(
-        model,
-        hunyuan_key_table(model.config),
-        folder,
-        prefix="model",
-        config=conf,
-        dtype=None if dtype is None else np.dtype(jnp.dtype(dtype)),
-        overwrite=overwrite,
-    )

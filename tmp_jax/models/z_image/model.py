@@ -19,7 +19,9 @@ per-token adaLN from the noisy (t) or clean (t = 1) timestep embedding.
 
 from __future__ import annotations
 
+import os
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -599,13 +601,11 @@ class ZImageTransformer(nnx.Module):
         progress: bool = False,
     ) -> ZImageTransformer:
         """Load a diffusers transformer folder (or one this project exported); streamed, strict."""
-        from converters.zimage import load_zimage
-
         return load_zimage(path, dtype=dtype, mesh=mesh, progress=progress)
 
     def save_pretrained(self, path: str, dtype: Any | None = None, overwrite: bool = False, **kw: Any) -> None:
         """Write a diffusers-layout folder (config.json + safetensors [+ index]) atomically."""
-        from converters.zimage import save_zimage
+        from tmp_jax.models.z_image.checkpoint import save_zimage
 
         save_zimage(self, path, dtype=dtype, overwrite=overwrite, **kw)
 
@@ -627,3 +627,24 @@ def _forward_omni_jit(graphdef: Any, patch_key: str, state: Any, arrays: dict[st
 def init_abstract(cfg: ZImageConfig, dtype: Any = jnp.float32) -> ZImageTransformer:
     """Abstract (shape-only) model: no weights are materialised."""
     return nnx.eval_shape(lambda: ZImageTransformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def load_zimage(
+    path: str | os.PathLike[str],
+    *,
+    dtype: Any = jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    config: ZImageConfig | None = None,
+    progress: bool = False,
+) -> ZImageTransformer:
+    """Load a diffusers folder, a sharded folder, or a ComfyUI single file (give ``config`` or put a
+    config.json next to it) into a :class:`ZImageTransformer`, streaming tensor by tensor."""
+    from converters.engine import load_into
+    from tmp_jax.models.z_image.checkpoint import open_reader, read_config, zimage_key_table
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg = config if config is not None else read_config(folder)
+    reader = open_reader(path)
+    model = init_abstract(cfg, dtype)
+    return load_into(model, zimage_key_table(cfg), reader, dtype=dtype, mesh=mesh, progress=progress)

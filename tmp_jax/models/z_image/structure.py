@@ -224,8 +224,14 @@ def _fmnist_eval():
     return fmnist_eval
 
 
+def _checkpoint() -> Any:  # key table, config reader, save (lazy import: it reaches converters.engine)
+    from tmp_jax.models.z_image import checkpoint
+
+    return checkpoint
+
+
 def _load(path: str, dtype: Any = jnp.float32, mesh: Any = None) -> Any:
-    from converters.zimage import load_zimage
+    from tmp_jax.models.z_image.model import load_zimage
 
     return load_zimage(path, dtype=dtype, mesh=mesh)
 
@@ -249,6 +255,10 @@ HOOKS = arch.register(
         save=lambda m, p, overwrite=False: m.save_pretrained(str(p), overwrite=overwrite),
         config_from_dict=ZImageConfig.from_hf_config,
         config_type=ZImageConfig,
+        read_config=lambda folder: _checkpoint().read_config(folder),
+        key_table=lambda cfg: _checkpoint().zimage_key_table(cfg),
+        weights_prefix="diffusion_pytorch_model",
+        streamed=lambda: importlib.import_module("tmp_jax.models.z_image.streamed").HOOKS,
         config_file_kind=lambda d: d.get("_class_name") == "ZImageTransformer2DModel" or "all_patch_size" in d,
         tasks={"ti2i": TI2I_HOOKS},
         task_of=lambda b: "ti2i" if "cond_latents" in b else "t2i",
