@@ -71,9 +71,9 @@ class ArchHooks:
     config_file_kind: Callable[[dict], bool] | None = None  # does this config.json belong to the arch?
     config_from_dict: Callable[[dict], Any] | None = None  # config.json dict -> config
     config_type: type | None = None  # the class of the arch's config objects (see of_config)
-    # --- checkpoints (the arch's torch layout, read and written through converters.engine) ---------------
+    # --- checkpoints (the arch's torch layout, read and written through tmp_jax.safetensors_io) ---------------
     read_config: Callable[[Any], Any] | None = None  # checkpoint folder -> config (a one-line CheckpointError)
-    key_table: Callable[[Any], Any] | None = None  # config -> converters.engine.KeyTable (torch keys <-> NNX paths)
+    key_table: Callable[[Any], Any] | None = None  # config -> safetensors_io.KeyTable (torch keys <-> NNX paths)
     weights_prefix: str = "model"  # file name prefix of the arch's safetensors shards (PREFIX-00001-of-0000N...)
     # () -> the arch's StreamHooks (block-by-block calibration with streamed weights, tmp_jax.streamed_calibration),
     # imported lazily; None: the arch's checkpoints are calibrated in memory only

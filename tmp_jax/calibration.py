@@ -95,7 +95,7 @@ def load_calib(folder: str | Path, arch_name: str | None = None) -> list[dict[st
 
     folder = Path(folder)
     p = folder / "calib.json"
-    from converters.engine import read_json
+    from tmp_jax.safetensors_io import read_json
 
     meta = read_json(p, "a calibration set is a folder with calib.json")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -148,7 +148,7 @@ def _read_entry(reader: Any, entry: Any) -> list[np.ndarray]:
 
 def _place(arr: np.ndarray, var: nnx.Variable, dtype: Any, mesh: jax.sharding.Mesh | None) -> jax.Array:
     """A converted host array -> a device array in the variable's dtype and rule-resolved sharding."""
-    from converters.engine import _cast_dtype
+    from tmp_jax.safetensors_io import _cast_dtype
 
     want = var.get_value()
     arr = arr.astype(want.dtype if dtype is None else _cast_dtype(want.dtype, dtype, var), copy=False)
@@ -167,7 +167,7 @@ class ParamStreamer:
     """
 
     def __init__(self, path: Path, hooks: StreamHooks, dtype: Any = None, mesh: jax.sharding.Mesh | None = None):
-        from converters.engine import CheckpointError, _check_source, check_table_covers, flat_variables
+        from tmp_jax.safetensors_io import CheckpointError, _check_source, check_table_covers, flat_variables
 
         folder = path if path.is_dir() else path.parent
         h = arch.get(hooks.name)
@@ -263,7 +263,7 @@ def model_fits(path: str | os.PathLike[str], dtype: Any = None, mesh: Any = None
 
 def checkpoint_arch(path: Path) -> str:
     """The registered architecture whose config.json kind matches the checkpoint at ``path``."""
-    from converters.engine import read_json
+    from tmp_jax.safetensors_io import read_json
 
     folder = path if path.is_dir() else path.parent
     return arch.detect(read_json(folder / "config.json", "a checkpoint folder needs config.json")).name
@@ -275,7 +275,7 @@ def checkpoint_arch(path: Path) -> str:
 
 def _save_arrays(path: Path, arrays: dict[str, Any]) -> None:
     """A flat dict of arrays as .npz; non-numpy dtypes (bf16, fp8) stored as raw integer views + their tag."""
-    from converters.engine import NP_TO_ST
+    from tmp_jax.safetensors_io import NP_TO_ST
 
     out, tags = {}, {}
     for k, v in arrays.items():
@@ -289,7 +289,7 @@ def _save_arrays(path: Path, arrays: dict[str, Any]) -> None:
 
 
 def _load_arrays(path: Path) -> dict[str, np.ndarray]:
-    from converters.engine import ST_TO_NP
+    from tmp_jax.safetensors_io import ST_TO_NP
 
     z = np.load(path, allow_pickle=False)
     tags = json.loads(str(z["__tags__"]))

@@ -35,9 +35,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from converters.engine import Entry, Hook, KeyTable, linear, same, save_model
-from converters.engine import read_config as engine_read_config
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
+from tmp_jax.safetensors_io import Entry, Hook, KeyTable, linear, same, save_model
+from tmp_jax.safetensors_io import read_config as engine_read_config
 
 PASSTHROUGH_PREFIXES: tuple[str, ...] = ("vae.", "vision_model.", "vision_aligner.")
 WEIGHTS_PREFIX = "model"  # model-00001-of-0000N.safetensors (+ model.safetensors.index.json)

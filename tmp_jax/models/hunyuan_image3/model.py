@@ -899,8 +899,8 @@ def load_hunyuan(
 ) -> HunyuanImage3:
     """Load an official (or pruned) HunyuanImage-3.0 checkpoint folder into :class:`HunyuanImage3`, streamed
     tensor by tensor and strictly (VAE / vision keys are skipped); the router stays fp32 for any ``dtype``."""
-    from converters.engine import SafetensorsReader, load_into
     from tmp_jax.models.hunyuan_image3.checkpoint import hunyuan_key_table, read_config
+    from tmp_jax.safetensors_io import SafetensorsReader, load_into
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent

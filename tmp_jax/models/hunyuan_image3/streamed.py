@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from converters.engine import SafetensorsReader
 from tmp_jax.arch import StreamHooks, StreamStep
 from tmp_jax.models.hunyuan_image3.model import t2i_embed, t2i_head
+from tmp_jax.safetensors_io import SafetensorsReader
 
 Carry = dict[str, Any]  # one micro-batch's activations between steps
 

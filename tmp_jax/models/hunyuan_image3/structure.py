@@ -49,7 +49,7 @@ def _original_layers(cfg: HunyuanImage3Config) -> tuple[int, ...]:
 def _shapes(cfg: HunyuanImage3Config) -> dict[tuple, tuple[int, ...]]:
     """Parameter shapes of ``cfg``'s model (abstract: one 1-layer ``eval_shape`` per distinct layer shape,
     since a 32-layer ``eval_shape`` of the full model costs ~10 s on CPU)."""
-    from converters.engine import flat_variables
+    from tmp_jax.safetensors_io import flat_variables
 
     n = cfg.num_hidden_layers
     if n == 0:
@@ -327,7 +327,7 @@ def masked_model(model: Any, tree: Tree, a: Assignment, order: dict | None = Non
     return m
 
 
-def _checkpoint() -> Any:  # key table, config reader, official-layout save (lazy import: it reaches converters.engine)
+def _checkpoint() -> Any:  # key table, config reader, official-layout save (lazy: it reaches safetensors_io)
     from tmp_jax.models.hunyuan_image3 import checkpoint
 
     return checkpoint

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from converters.engine import (
+from tmp_jax.models.z_image.config import SIGLIP_STACK, T_MID_DIM, ZImageConfig
+from tmp_jax.safetensors_io import (
     CheckpointError,
     Entry,
     KeyTable,
@@ -25,10 +26,9 @@ from converters.engine import (
     same,
     save_model,
 )
-from converters.engine import (
+from tmp_jax.safetensors_io import (
     read_config as engine_read_config,
 )
-from tmp_jax.models.z_image.config import SIGLIP_STACK, T_MID_DIM, ZImageConfig
 
 DIFFUSERS_VERSION = "0.42.1"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"

@@ -639,8 +639,8 @@ def load_zimage(
 ) -> ZImageTransformer:
     """Load a diffusers folder, a sharded folder, or a ComfyUI single file (give ``config`` or put a
     config.json next to it) into a :class:`ZImageTransformer`, streaming tensor by tensor."""
-    from converters.engine import load_into
     from tmp_jax.models.z_image.checkpoint import open_reader, read_config, zimage_key_table
+    from tmp_jax.safetensors_io import load_into
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent

@@ -36,8 +36,8 @@ TOKENS = {"noise_refiner": "image", "context_refiner": "caption", "layers": "all
 
 
 def _shapes(cfg: ZImageConfig) -> dict[tuple, tuple[int, ...]]:
-    from converters.engine import flat_variables
     from tmp_jax.models.z_image.model import init_abstract
+    from tmp_jax.safetensors_io import flat_variables
 
     return {p: tuple(v.get_value().shape) for p, v in flat_variables(init_abstract(cfg)).items()}
 
@@ -224,7 +224,7 @@ def _fmnist_eval():
     return fmnist_eval
 
 
-def _checkpoint() -> Any:  # key table, config reader, save (lazy import: it reaches converters.engine)
+def _checkpoint() -> Any:  # key table, config reader, save (lazy: it reaches safetensors_io)
     from tmp_jax.models.z_image import checkpoint
 
     return checkpoint
