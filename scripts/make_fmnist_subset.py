@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmp_jax.data import NUM_CLASSES, SUBSET_PATH, balanced_indices, load_fmnist
+from tmp_jax.fmnist import NUM_CLASSES, SUBSET_PATH, balanced_indices, load_fmnist
 
 SEED = 1234
 SIZES = {"train": 4096, "test": 2048}

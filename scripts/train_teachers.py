@@ -10,7 +10,7 @@ overrides the folder); ``--subset`` uses the committed 4096-image subset instead
 Z-Image teacher (:data:`ZIMAGE_TEACHER`, 5.09M parameters, bf16 file ~10 MB): our Flax NNX
 ``ZImageTransformer`` with dim 192, 6 heads of 32 (RoPE axes 8+12+12), 6 main layers, 1 refiner
 layer per stack, in_channels 4 (pixel-unshuffled 14x14x4 latents), patch 2 -> 49 image tokens,
-8 caption tokens of 32 features (:func:`tmp_jax.data.caption_features`). Rectified flow in the
+8 caption tokens of 32 features (:func:`tmp_jax.fmnist.caption_features`). Rectified flow in the
 Z-Image convention: ``x = (1 - sigma) x0 + sigma eps``, model input ``t = 1 - sigma``, target
 ``x0 - eps``; logit-normal sigma, 10% of captions replaced by the null caption, AdamW (clip 1.0,
 warmup + cosine), EMA 0.999, bf16 compute with fp32 master weights. The layout is computed once and
@@ -47,8 +47,8 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tmp_jax import evaluator as ev  # noqa: E402
-from tmp_jax.data import (  # noqa: E402
+from tmp_jax import fmnist_classifier as ev  # noqa: E402
+from tmp_jax.fmnist import (  # noqa: E402
     ASSETS,
     NULL_LABEL,
     NUM_CLASSES,

@@ -33,7 +33,7 @@ def _torch_samples(
     import torch
     from diffusers import AutoModel
 
-    from tmp_jax import data as fm
+    from tmp_jax import fmnist as fm
     from tmp_jax.sampling import sigma_schedule, unpatchify
 
     conf = json.loads((folder / "config.json").read_text())
@@ -91,8 +91,8 @@ def run(out: Path, *, generations: int, steps: int, budget: str = "66%", quick: 
     from converters.zimage import load_zimage
     from search.engine import SearchConfig
     from search.engine import run as search_run
-    from tmp_jax import data as fm
-    from tmp_jax import evaluator
+    from tmp_jax import fmnist as fm
+    from tmp_jax import fmnist_classifier as classifier
     from tmp_jax.distill import DistillConfig
     from tmp_jax.distill import run as distill_run
     from tmp_jax.sampling import heldout_fm_mse, sample_images
@@ -156,15 +156,15 @@ def run(out: Path, *, generations: int, steps: int, budget: str = "66%", quick: 
     steps_s = 8
     metrics: dict[str, dict[str, float]] = {}
     samples = {}
-    ref_feats = evaluator.features(test.images)
+    ref_feats = classifier.features(test.images)
     for name, m in (("teacher", teacher), ("pruned", pruned), ("recovered", recovered)):
         s = sample_images(m, labels, seed=0, steps=steps_s, guidance=2.0)
         samples[name] = s
         metrics[name] = {
             "params": float(sum(int(np.prod(v.shape)) for v in jax.tree.leaves(_params(m)))),
             "heldout_fm_mse": heldout_fm_mse(m, imgs[:256], labels[:256]),
-            "class_acc": evaluator.accuracy(s, labels),
-            "fid_cls": evaluator.fid(evaluator.features(s), ref_feats),
+            "class_acc": classifier.accuracy(s, labels),
+            "fid_cls": classifier.fid(classifier.features(s), ref_feats),
         }
     for name in ("pruned", "recovered"):
         metrics[name]["paired_mse_vs_teacher"] = float(

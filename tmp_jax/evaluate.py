@@ -180,7 +180,7 @@ def _hooks_of(cfg_or_model: Any) -> Any:
 def heldout_inputs(model_cfg: Any, n: int, seed: int) -> dict[str, np.ndarray]:
     """``n`` test images, fixed noise (``seed``), sigma grid, conditioning, ``x_sigma`` and the target, in the
     arch's own layout (its ``heldout_inputs`` hook)."""
-    from tmp_jax import data as fm
+    from tmp_jax import fmnist as fm
 
     test = fm.load_subset("test")
     if n > len(test):
@@ -227,8 +227,8 @@ def _reference(teacher: Any, st: Setting, seed: int, cache_dir: Path | None = No
     key = (id(teacher), st, seed)
     if key in _TEACHER_CACHE:
         return _TEACHER_CACHE[key]
-    from tmp_jax import data as fm
-    from tmp_jax import evaluator
+    from tmp_jax import fmnist as fm
+    from tmp_jax import fmnist_classifier as classifier
     from tmp_jax.sampling import sample_images
 
     test = fm.load_subset("test")
@@ -236,7 +236,7 @@ def _reference(teacher: Any, st: Setting, seed: int, cache_dir: Path | None = No
         raise EvaluateError(f"{st.samples} samples requested; the test subset has {len(test)}")
     inp = heldout_inputs(teacher.config, st.fm_images, seed)
     labels = test.labels[: st.samples]
-    ref = {"teacher": teacher, "inputs": inp, "labels": labels, "ref_feats": evaluator.features(test.images)}
+    ref = {"teacher": teacher, "inputs": inp, "labels": labels, "ref_feats": classifier.features(test.images)}
     file = None
     if cache_dir is not None:
         tag = json.dumps(asdict(st), sort_keys=True)
@@ -275,7 +275,7 @@ def _metrics(
     pred: np.ndarray | None = None,
     samples: np.ndarray | None = None,
 ) -> dict[str, float]:
-    from tmp_jax import evaluator
+    from tmp_jax import fmnist_classifier as classifier
     from tmp_jax.sampling import sample_images
 
     inp = ref["inputs"]
@@ -284,7 +284,7 @@ def _metrics(
     if samples is None:
         samples = sample_images(model, ref["labels"], seed=seed, steps=st.steps, guidance=st.guidance)
     yt = ref["pred"]
-    feats, logits = evaluator.features_and_logits(samples)
+    feats, logits = classifier.features_and_logits(samples)
     d2 = (samples.astype(np.float32) - ref["samples"].astype(np.float32)) / 255.0
     correct = logits.argmax(-1) == ref["labels"]
     out = {
@@ -293,11 +293,11 @@ def _metrics(
         "vel_mse": float(np.mean((pred - yt) ** 2)),
         "vel_rel": float(np.sum((pred - yt) ** 2) / np.sum(yt**2)),
         "class_acc": float(np.mean(correct)),
-        "fid_cls": evaluator.fid(feats, ref["ref_feats"]),
+        "fid_cls": classifier.fid(feats, ref["ref_feats"]),
         "paired_mse": float(np.mean(d2**2)),
     }
     if st.bootstrap:  # the same replicate draws for every model (seeded), so intervals are comparable
-        ci = evaluator.bootstrap_ci(feats, correct, ref["ref_feats"], st.bootstrap, seed)
+        ci = classifier.bootstrap_ci(feats, correct, ref["ref_feats"], st.bootstrap, seed)
         out["class_acc_ci"], out["fid_cls_ci"] = list(ci["class_acc"]), list(ci["fid_cls"])
     return out
 

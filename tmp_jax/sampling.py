@@ -1,7 +1,7 @@
 """Fixed-shape Z-Image batches and Euler / CFG sampling for the Fashion-MNIST teachers (Z-Image and, at the
 end of the file, HunyuanImage-3.0).
 
-Every Fashion-MNIST latent is ``(4, 1, 14, 14)`` and every caption has :data:`~tmp_jax.data.CAPTION_LEN`
+Every Fashion-MNIST latent is ``(4, 1, 14, 14)`` and every caption has :data:`~tmp_jax.fmnist.CAPTION_LEN`
 tokens, so one :func:`~tmp_jax.models.z_image.layout.make_layout` serves every batch of a given size:
 :func:`fixed_layout` builds it once on the host, and :func:`fill` substitutes the (noisy) image tokens
 and caption features inside jitted code. Work happens in token space: :func:`patchify` is the same
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmp_jax.data import (
+from tmp_jax.fmnist import (
     CAPTION_LEN,
     LATENT_CHANNELS,
     LATENT_SIZE,

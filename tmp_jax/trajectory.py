@@ -201,7 +201,7 @@ def error_weights(inputs: dict[str, Any]) -> np.ndarray:
 
 def default_states_file(name: str) -> Path:
     """Where an embedded teacher's shipped sampler states live (next to its checkpoint folder)."""
-    from tmp_jax.data import ASSETS
+    from tmp_jax.fmnist import ASSETS
 
     return ASSETS / f"{name}.trajectory.npz"
 

@@ -3,13 +3,13 @@
 lives in ``checkpoint`` (re-exported here).
 
 The tiny teacher (:data:`FMNIST_CONFIG`, ``tmp_jax/assets/hunyuan-fmnist``) denoises pixel-unshuffled
-28x28 images, i.e. ``(4, 14, 14)`` "latents" (:func:`tmp_jax.data.to_latents`); HunyuanImage's UNet patch
+28x28 images, i.e. ``(4, 14, 14)`` "latents" (:func:`tmp_jax.fmnist.to_latents`); HunyuanImage's UNet patch
 embedding has patch size 1, so every latent pixel is one ``<img>`` token (196 per image). Each sequence is::
 
     [bos] a photo of a <CLASS> [eos] <boi> <img_size> <img_ratio> <timestep> <img> * 196 <eoi>
 
 (the release's ``prompt <boi> <img_size_k> <img_ratio_k> <timestep> <img>*(h*w) <eoi>``, with the prompt of
-:func:`tmp_jax.data.hunyuan_prompt_ids`; label :data:`~tmp_jax.data.NULL_LABEL` gives the null prompt used
+:func:`tmp_jax.fmnist.hunyuan_prompt_ids`; label :data:`~tmp_jax.fmnist.NULL_LABEL` gives the null prompt used
 for classifier-free guidance). Every row has the same length (:data:`SEQ_LEN`), so there is no padding.
 
 Flow matching in the HunyuanImage convention: ``x_sigma = (1 - sigma) x0 + sigma * noise``, the model gets
@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tmp_jax import data as fm
+from tmp_jax import fmnist as fm
 from tmp_jax.models.hunyuan_image3.checkpoint import CONFIG_EXTRA, save  # noqa: F401 (the save hook lives there)
 from tmp_jax.models.hunyuan_image3.config import HunyuanImage3Config
 from tmp_jax.models.hunyuan_image3.model import HunyuanImage3, attn_branch, t2i_embed, t2i_head
 
-# Special token ids of the tiny vocabulary (the prompt words / classes use 10..29, see tmp_jax.data).
+# Special token ids of the tiny vocabulary (the prompt words / classes use 10..29, see tmp_jax.fmnist).
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 BOI_ID, IMG_SIZE_ID, IMG_RATIO_ID, EOI_ID = 40, 41, 42, 43
 IMAGE_TOKEN_ID, TIMESTEP_TOKEN_ID = 44, 45
@@ -78,7 +78,7 @@ def _check_cfg(cfg: HunyuanImage3Config) -> None:
 
 
 def t2i_ids(labels: np.ndarray | list[int], cfg: HunyuanImage3Config = FMNIST_CONFIG) -> np.ndarray:
-    """int32 ``(B, SEQ_LEN)`` T2I sequences for class ``labels`` (:data:`~tmp_jax.data.NULL_LABEL` = null)."""
+    """int32 ``(B, SEQ_LEN)`` T2I sequences for class ``labels`` (:data:`~tmp_jax.fmnist.NULL_LABEL` = null)."""
     _check_cfg(cfg)
     prompt = fm.hunyuan_prompt_ids(labels, bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id, vocab_size=cfg.vocab_size)
     b = prompt.shape[0]

@@ -19,7 +19,7 @@ from flax import nnx
 def heldout_inputs(cfg: Any, latents: np.ndarray, labels: np.ndarray, noise_seed: int) -> dict[str, np.ndarray]:
     """Inputs on the sigma grid [0.05, 0.95] with fixed noise: ``x0``, ``noise``, ``sigma``, ``xt``, the captions
     ``cap`` of ``labels`` and the flow-matching ``target`` (``x0 - noise``). ``latents``: (N, C, H, W)."""
-    from tmp_jax import data as fm
+    from tmp_jax import fmnist as fm
     from tmp_jax.sampling import patchify
 
     x0 = np.asarray(patchify(jnp.asarray(latents), cfg.all_patch_size[0]))  # [N, tokens, patch_dim]

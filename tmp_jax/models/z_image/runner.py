@@ -493,7 +493,7 @@ def training_batch(cfg: ZImageConfig, data: str | None, batch_size: int, seed: i
     """
     rng = np.random.default_rng([seed, step])
     if data is None:
-        from tmp_jax import data as fm
+        from tmp_jax import fmnist as fm
 
         if cfg.in_channels != fm.LATENT_CHANNELS:
             raise ValueError(f"the embedded data has {fm.LATENT_CHANNELS} latent channels, model has {cfg.in_channels}")
@@ -504,7 +504,7 @@ def training_batch(cfg: ZImageConfig, data: str | None, batch_size: int, seed: i
         cap = fm.caption_features(labels, cfg.cap_feat_dim)
         lens = np.full(batch_size, cap.shape[1], np.int32)
     else:
-        from tmp_jax import data as fm
+        from tmp_jax import fmnist as fm
 
         want = "latents (N, C, F, H, W), cap_feats (N, L, D) and cap_lens (N,)"
         z = fm.load_training_npz(data, ("latents", "cap_feats", "cap_lens"), want)  # read once, then cached
@@ -529,7 +529,7 @@ def training_batch(cfg: ZImageConfig, data: str | None, batch_size: int, seed: i
 def guided_batch(cfg: ZImageConfig, latents: np.ndarray, sigma: np.ndarray, labels: np.ndarray) -> dict:
     """The class-captioned states ``latents`` (P, C, H, W) at noise ``sigma`` (P,), then the same with the null
     caption: a calibration micro-batch of 2P samples whose outputs give the CFG direction (tmp_jax.trajectory)."""
-    from tmp_jax import data as fm
+    from tmp_jax import fmnist as fm
 
     p = len(latents)
     lab = np.concatenate([np.asarray(labels, np.int64), np.full(p, fm.NULL_LABEL, np.int64)])
@@ -549,7 +549,7 @@ _SUBSET = {}
 
 def _subset_train() -> Any:
     if "train" not in _SUBSET:
-        from tmp_jax import data as fm
+        from tmp_jax import fmnist as fm
 
         _SUBSET["train"] = fm.load_subset("train")
     return _SUBSET["train"]
