@@ -37,7 +37,7 @@ from tmp_jax.models.hunyuan_image3.model import (
     t2i_embed,
     t2i_head,
 )
-from tmp_jax.models.hunyuan_image3.structure import DATA_KINDS, LAYERS, _layer_name, pruned_config
+from tmp_jax.models.hunyuan_image3.spec import DATA_KINDS, LAYERS, _layer_name, pruned_config
 from tmp_jax.stats import flatten_intermediates, split_collecting
 from tmp_jax.tree import Assignment, Tree
 

@@ -27,7 +27,7 @@ from tmp_jax.materialize import Cut, Refits, apply_cut, prefix_cut, prefix_shape
 from tmp_jax.models.z_image.config import BlockSpec, ZImageConfig
 from tmp_jax.models.z_image.layout import key_mask, make_layout
 from tmp_jax.models.z_image.model import ZImageTransformer, ZImageTransformerBlock, attn_branch, ffn_branch
-from tmp_jax.models.z_image.structure import pruned_config
+from tmp_jax.models.z_image.spec import pruned_config
 from tmp_jax.stats import flatten_intermediates, run_collecting, split_collecting
 from tmp_jax.tree import Assignment, Tree
 
