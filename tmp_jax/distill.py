@@ -101,7 +101,7 @@ def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
     from tmp_jax.fileio import fingerprint
     from tmp_jax.materialize import kept_first_order, materialize
     from tmp_jax.plan import load_plan, plan_assignment
-    from tmp_jax.problem import _load_model
+    from tmp_jax.teachers import load_model as _load_model
 
     plan = load_plan(cfg.plan)
     teacher, path, _ = _load_model(cfg.model, cfg.dtype)

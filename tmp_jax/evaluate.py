@@ -100,7 +100,7 @@ def _choices() -> str:
 def resolve(spec: str | Path) -> Path:
     """The folder of an embedded name or a path; :class:`EvaluateError` (one line) when unusable."""
     from tmp_jax import arch
-    from tmp_jax.problem import EMBEDDED
+    from tmp_jax.teachers import EMBEDDED
 
     if str(spec) in EMBEDDED:
         p = EMBEDDED[str(spec)]

@@ -50,18 +50,17 @@ from tmp_jax.calibration import (
     select_tasks,
 )
 from tmp_jax.compensate import Compensation, CompensationConfig, consumer_slice, gram_stats
-from tmp_jax.dtypes import jnp_dtype, model_dtype
+from tmp_jax.dtypes import model_dtype
 from tmp_jax.fileio import fingerprint
 from tmp_jax.masked_eval import MaskedEvaluator, Precompile
 from tmp_jax.materialize import Refits, materialize, permute
 from tmp_jax.progress import progress_bar
+from tmp_jax.teachers import ASSETS, DEFAULT_MODEL, EMBEDDED  # noqa: F401 - EMBEDDED / DEFAULT_MODEL: re-exported
+from tmp_jax.teachers import load_model as _load_model
 from tmp_jax.trajectory import error_weights, guided_view
 from tmp_jax.tree import Tree, node_path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 # the embedded teachers each registered architecture ships (tmp_jax/assets/NAME); the first is the default model
-EMBEDDED = {name: ASSETS / name for name in arch.embedded_teachers()}
-DEFAULT_MODEL = next(iter(EMBEDDED))
 
 EVAL_MODES = ("auto", "masked", "sliced")
 # eval_mode="auto" evaluates masked below this many teacher parameters. Masked evaluation runs every candidate
@@ -737,26 +736,6 @@ def load_tree(model: str | None) -> Tree:
         return Tree(hooks.build_spec(hooks.config_from_dict(cfg_d)))
     except ValueError as e:  # unreadable JSON, an unknown or quantised config, a pruned checkpoint: one line
         raise ValueError(f"--model {model}: {conf}: {e}") from None
-
-
-def _load_model(model: str | None, dtype: str | None = "fp32") -> tuple[Any, Path | None, str]:
-    """(the model in ``dtype`` (``"bf16"``, ``"fp32"``, ``"auto"``: :func:`tmp_jax.dtypes.resolve`), its folder or
-    None, its name) of a checkpoint folder, an embedded name, or the default (None)."""
-    dt = jnp_dtype(dtype)
-    if model is None:
-        model = DEFAULT_MODEL
-    if model in EMBEDDED:
-        p = EMBEDDED[model]
-        if not (p / "config.json").is_file():
-            raise ValueError(f"embedded model {model!r} is not available in this installation ({p})")
-        cfg = json.loads((p / "config.json").read_text())
-        return arch.detect(cfg).load(str(p), dtype=dt), p, model
-    p = Path(model)
-    conf = p / "config.json" if p.is_dir() else p.parent / "config.json"
-    if not conf.is_file():
-        raise ValueError(f"--model {model}: no config.json (expected a HF/diffusers checkpoint folder)")
-    cfg = json.loads(conf.read_text())
-    return arch.detect(cfg).load(str(p), dtype=dt), p, str(p)
 
 
 def _embedded_calib(model: Any, path: Path | None, source: str = "trajectory", n_batches: int = 4) -> list[dict] | None:

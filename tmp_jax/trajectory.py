@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, choices=["zimage-fmnist", "hunyuan-fmnist"])
     a = p.parse_args(argv)
     from tmp_jax.fileio import fingerprint
-    from tmp_jax.problem import EMBEDDED, _load_model
+    from tmp_jax.teachers import EMBEDDED
+    from tmp_jax.teachers import load_model as _load_model
 
     model, path, _ = _load_model(a.model, "fp32")
     key = fingerprint(path, model.config.to_hf_config())
