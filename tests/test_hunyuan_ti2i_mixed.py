@@ -139,17 +139,33 @@ def test_weighted_fitness_and_mixed_distillation(setup, tmp_path):
     assert all(after[t] < 0.85 * before[t] for t in before), (before, after)  # measured 0.21->0.10, 0.24->0.18
 
 
-def test_mixed_search_end_to_end(setup, tmp_path):
-    """The CLI path on the Instruct checkpoint and the mixed set: 1 generation, a plan within budget."""
+def test_mixed_search_end_to_end(setup, tmp_path, monkeypatch):
+    """The CLI path on the Instruct checkpoint and the mixed set: 1 generation, a plan within budget. The warm-up
+    (T2I masked, TI2I materialised) runs the TI2I candidate of one genome only: a materialised candidate's
+    whole-model program is compiled per candidate shape, so more warm-up genomes would compile for nothing."""
     import json
 
     from tmp_jax.search import main
 
+    warm_tasks: list[list] = []
+    warmup = PruningProblem.warmup
+
+    def counting_warmup(self, progress=False, workers=None):
+        run, seen = self._run, []
+        self._run = lambda a, inputs, built: (seen.append(inputs.get("task")), run(a, inputs, built))[1]
+        try:
+            return warmup(self, progress, workers)
+        finally:
+            del self._run
+            warm_tasks.append(seen)
+
+    monkeypatch.setattr(PruningProblem, "warmup", counting_warmup)
     root, _, calib, _ = setup
     out = tmp_path / "s"
     argv = ["--model", str(root / "teacher"), "--calib", str(calib), "--budget", "80%", "--out", str(out)]
     rc = main([*argv, "--task", "t2i:0.6,ti2i:0.4", "--generations", "1", "--population", "2", "--no-progress"])
     assert rc == 0
+    assert warm_tasks == [["ti2i"]]  # one TI2I input shape in the set, one genome; the T2I program is masked
     plan = json.loads((out / "plan.json").read_text())
     assert plan["search"]["task_weights"] == pytest.approx({"t2i": 0.6, "ti2i": 0.4})
     assert plan["counts"]["after"]["params"] <= 0.8 * plan["counts"]["before"]["params"]

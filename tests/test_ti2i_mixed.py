@@ -40,6 +40,9 @@ from tmp_jax.tree import Tree  # noqa: E402
 
 pytestmark = pytest.mark.torch
 H = arch.get("zimage")
+# two width levels per gene (plus skip / drop) for the fitness test's problems: its sliced warm-up compiles the
+# sub-layer programs of 3 warm-up genomes per task instead of 9 (the default ladder's 8 FFN widths)
+LEVELS = {"fractions": [0.5, 1.0]}
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +114,9 @@ def _numpy_error(model, cal, task: str) -> float:
 
 def test_fitness_is_the_weighted_mean_of_task_errors(setup):
     _, folder, jm, _, cal = setup
-    p = PruningProblem(
-        jm, cal, source={"path": str(folder)}, task_weights={"t2i": 0.7, "ti2i": 0.3}, eval_mode="sliced"
-    )
-    q = PruningProblem(jm, cal, source={"path": str(folder)}, task_weights={"t2i": 0.2, "ti2i": 0.8})
+    src = {"path": str(folder)}
+    p = PruningProblem(jm, cal, source=src, levels=LEVELS, task_weights={"t2i": 0.7, "ti2i": 0.3}, eval_mode="sliced")
+    q = PruningProblem(jm, cal, source=src, levels=LEVELS, task_weights={"t2i": 0.2, "ti2i": 0.8})
     rng = np.random.default_rng(3)
     g = rng.integers(1, p.tree.max_levels() + 1)
     cand = p.candidate(g)
@@ -133,9 +135,7 @@ def test_fitness_is_the_weighted_mean_of_task_errors(setup):
     np.testing.assert_allclose(f, p.fitness_materialized(gs), rtol=1e-6)
     # the masked evaluation (one full-width program per task and input shape, the omni one for TI2I) agrees,
     # and compiles nothing after its own warm-up either
-    pm = PruningProblem(
-        jm, cal, source={"path": str(folder)}, task_weights={"t2i": 0.7, "ti2i": 0.3}, eval_mode="masked"
-    )
+    pm = PruningProblem(jm, cal, source=src, levels=LEVELS, task_weights={"t2i": 0.7, "ti2i": 0.3}, eval_mode="masked")
     pm.warmup()
     n = pm.compile_count()
     np.testing.assert_allclose(pm.fitness(gs), f, rtol=1e-5)

@@ -305,24 +305,29 @@ class PruningProblem:
         widest programs' workspace, :func:`tmp_jax.aot.memory_bound_workers`, since autotuning allocates, and
         a job whose side-by-side compile ran out of memory compiled again alone), whose programs differ in
         shape, so XLA compiles them side by side. A task without ``forward_pruned`` (the materialising
-        fallback) runs its candidate for real, once. ``progress``: a "compiling" bar (k/N warm-up jobs, ETA,
+        fallback, e.g. HunyuanImage TI2I) runs the first genome's candidate for real, once: a check that the path
+        runs before the search starts. Its whole-model program is compiled per candidate SHAPE, so no other
+        candidate reuses a warm-up genome's program, and the other genomes skip it (when every sliced micro-batch
+        is such a task, only the first genome runs). ``progress``: a "compiling" bar (k/N warm-up jobs, ETA,
         programs so far)."""
         reps = self._shape_representatives()
         masked = [i for i in reps if self._masked_hook(self.calib.inputs[i]) is not None]
         sliced = [i for i in reps if i not in masked]
+        fallback = [i for i in sliced if self.hooks.for_task(self.calib.inputs[i].get("task")).forward_pruned is None]
+        pruned = [i for i in sliced if i not in fallback]
         genomes = warmup_genomes(self.tree, self.hooks.data_kinds) if sliced else []
+        if not pruned:
+            genomes = genomes[:1]  # the fallback alone: one candidate
         workers = warmup_workers() if workers is None else max(1, int(workers))
 
-        def run(g: np.ndarray) -> None:
+        def run(g: np.ndarray, first: bool = False) -> None:
             a = self.tree.decode(g)
             built: list[Any] = []
-            for i in sliced:
-                inputs = self.calib.inputs[i]
-                if self.hooks.for_task(inputs.get("task")).forward_pruned is None:
-                    np.asarray(self._run(a, inputs, built))  # the fallback: compiles as it runs
-                    continue
+            for i in fallback if first else []:
+                np.asarray(self._run(a, self.calib.inputs[i], built))  # compiles as it runs
+            for i in pruned:
                 with aot.compile_only():
-                    self._run(a, inputs, built)
+                    self._run(a, self.calib.inputs[i], built)
 
         def compile_masked(i: int) -> None:
             assert self.masked is not None
@@ -333,7 +338,7 @@ class PruningProblem:
         bar = progress_bar(total=len(genomes) + len(masked), desc="compiling", unit="job", disable=not progress)
         try:
             if genomes:
-                run(genomes[0])
+                run(genomes[0], first=True)
                 bar.update(1)
                 bar.set_postfix(programs=self.compile_count())
             if jobs:
