@@ -2,6 +2,42 @@
 
 import os
 
+
+def pin_xdist_worker(cpus: list[int], worker: str | None, n_workers: int) -> list[int] | None:
+    """The CPUs an xdist worker keeps: worker ``gw<i>`` of ``n_workers`` gets every ``n_workers``-th of ``cpus``
+    from the i-th; None (no pinning) outside xdist, for one worker, or with fewer CPUs than workers.
+
+    Why: XLA sizes its CPU thread pools (execution and compile) by the CPUs a process may run on. Unpinned, each
+    of ``make test``'s two workers runs pools as wide as the machine, and on a 2-core machine the two processes'
+    threads preempt each other: measured on one, two copies of tests/test_masked_eval.py side by side took 82 s
+    each unpinned (81 CPU s each) and 67 s each pinned to one core apiece (67 CPU s, as one copy alone)."""
+    if not worker or not worker.startswith("gw") or n_workers < 2 or len(cpus) < n_workers:
+        return None
+    i = int(worker[2:])
+    return cpus[i % n_workers :: n_workers]
+
+
+def _pin_this_worker() -> None:
+    """:func:`pin_xdist_worker` applied to every thread of this process (before jax starts its thread pools);
+    ``TMP_JAX_TEST_PIN=0`` turns it off."""
+    if not hasattr(os, "sched_setaffinity") or os.environ.get("TMP_JAX_TEST_PIN", "1") == "0":
+        return
+    keep = pin_xdist_worker(
+        sorted(os.sched_getaffinity(0)),
+        os.environ.get("PYTEST_XDIST_WORKER"),
+        int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")),
+    )
+    if keep is None:
+        return
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        try:
+            os.sched_setaffinity(int(tid), keep)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+_pin_this_worker()
+
 # Must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
