@@ -2,6 +2,42 @@
 
 import os
 
+
+def pin_xdist_worker(cpus: list[int], worker: str | None, n_workers: int) -> list[int] | None:
+    """The CPUs an xdist worker keeps: worker ``gw<i>`` of ``n_workers`` gets every ``n_workers``-th of ``cpus``
+    from the i-th; None (no pinning) outside xdist, for one worker, or with fewer CPUs than workers.
+
+    Why: XLA sizes its CPU thread pools (execution and compile) by the CPUs a process may run on. Unpinned, each
+    of ``make test``'s two workers runs pools as wide as the machine, and on a 2-core machine the two processes'
+    threads preempt each other: measured on one, two copies of tests/test_masked_eval.py side by side took 82 s
+    each unpinned (81 CPU s each) and 67 s each pinned to one core apiece (67 CPU s, as one copy alone)."""
+    if not worker or not worker.startswith("gw") or n_workers < 2 or len(cpus) < n_workers:
+        return None
+    i = int(worker[2:])
+    return cpus[i % n_workers :: n_workers]
+
+
+def _pin_this_worker() -> None:
+    """:func:`pin_xdist_worker` applied to every thread of this process (before jax starts its thread pools);
+    ``TMP_JAX_TEST_PIN=0`` turns it off."""
+    if not hasattr(os, "sched_setaffinity") or os.environ.get("TMP_JAX_TEST_PIN", "1") == "0":
+        return
+    keep = pin_xdist_worker(
+        sorted(os.sched_getaffinity(0)),
+        os.environ.get("PYTEST_XDIST_WORKER"),
+        int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")),
+    )
+    if keep is None:
+        return
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [0]:
+        try:
+            os.sched_setaffinity(int(tid), keep)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+_pin_this_worker()
+
 # Must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -22,42 +58,44 @@ except ImportError:  # the torch extra is optional; parity tests importorskip it
     pass
 
 
-# Measured cost of each test module (seconds of one 2-core CI worker, fresh clone, cold compilation cache;
-# 465cc56). ``make test`` runs ``-n 2 --dist worksteal``: xdist hands each worker one contiguous half of the
-# collection and an idle worker steals from the TAIL of the other's queue, so a slow module collected last
-# is the run's critical path. The hook below splits the modules into two halves of about equal cost, each
-# half slowest module first (modules stay whole: their module-scoped fixtures are set up once). A module not
-# listed here (a new one) counts as fast and runs in a tail, where stealing balances it.
+# Measured cost of each test module (seconds of one worker of ``make test`` on a 2-core machine, fresh clone, cold
+# compilation cache, workers pinned as above; branch ci-trim over ca5afae). ``make test`` runs ``-n 2 --dist
+# worksteal``: xdist hands each worker one contiguous half of the collection and an idle worker steals from the TAIL
+# of the other's queue, so a slow module collected last is the run's critical path. The hook below splits the
+# modules into two halves of about equal cost, each half slowest module first (modules stay whole: their
+# module-scoped fixtures are set up once). A module not listed here (a new one, or one under 10 s) counts as fast
+# and runs in a tail, where stealing balances it.
 MODULE_COST_S = {
-    "test_hunyuan_fmnist": 264,
-    "test_distill": 163,
-    "test_hunyuan_ti2i_mixed": 154,
-    "test_ti2i_mixed": 152,
-    "test_zimage_omni": 115,
-    "test_hunyuan_instruct": 70,
-    "test_zimage_parity": 63,
-    "test_zimage_stats_fused": 55,
-    "test_dtype_phases": 52,
-    "test_masked_eval": 51,
-    "test_quality": 50,
-    "test_hunyuan_sharded": 47,
-    "test_gram_timestep_weight": 43,
-    "test_user_defects": 40,
-    "test_streamed_calibration": 36,
-    "test_hunyuan_parity": 36,
-    "test_tree": 34,
-    "test_compensate": 34,
-    "test_hunyuan_fmnist_nemo": 30,
-    "test_tree_hunyuan": 29,
-    "test_export_hunyuan": 25,
-    "test_compensate_export": 22,
-    "test_candidate_eval": 20,
-    "test_zimage_shapes": 20,
-    # added after the measurement above (their own cold-cache seconds on the development machine)
-    "test_trajectory": 60,
-    "test_masked_precompile": 40,
-    "test_expert_order": 25,
-    "test_recover": 30,
+    "test_distill": 184,
+    "test_hunyuan_fmnist": 168,
+    "test_hunyuan_ti2i_mixed": 102,
+    "test_ti2i_mixed": 83,
+    "test_masked_eval": 65,
+    "test_streamed_calibration": 60,
+    "test_zimage_omni": 47,
+    "test_compensate": 38,
+    "test_gram_timestep_weight": 38,
+    "test_quality": 36,
+    "test_zimage_stats_fused": 32,
+    "test_zimage_parity": 32,
+    "test_trajectory": 32,
+    "test_hunyuan_instruct": 29,
+    "test_dtype_phases": 27,
+    "test_recover": 26,
+    "test_compensate_export": 23,
+    "test_hunyuan_sharded": 23,
+    "test_tree": 20,
+    "test_hunyuan_parity": 20,
+    "test_masked_precompile": 20,
+    "test_user_defects": 19,
+    "test_search": 19,
+    "test_compile_law": 16,
+    "test_tree_hunyuan": 15,
+    "test_data_and_teacher": 15,
+    "test_export_hunyuan": 14,
+    "test_expert_order": 12,
+    "test_hunyuan_fmnist_nemo": 11,
+    "test_zimage_shapes": 10,
 }
 
 

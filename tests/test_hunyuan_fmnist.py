@@ -73,10 +73,11 @@ def test_teacher_beats_random_init(teacher, test_split):
     # the teacher's own config (FMNIST_CONFIG with its checkpoint's VAE fields) and both states uncommitted: the
     # same model graph and argument placement, so both held-out passes run one compiled program
     rand = H.init_random(teacher.config, jnp.float32, 12345)
-    imgs, labels = test_split.images[:128], test_split.labels[:128]
+    # 64 test images, not 128: the two forwards are most of this test's time, and the numbers differ ten-fold
+    imgs, labels = test_split.images[:64], test_split.labels[:64]
     mse_t = heldout_fm_mse(_uncommitted(teacher), imgs, labels)
     mse_r = heldout_fm_mse(rand, imgs, labels)
-    # measured (CPU, 128 test images): teacher 0.194, random init 2.016
+    # measured (CPU, 64 test images): teacher 0.196, random init 2.001 (128 images: 0.194, 2.016)
     assert mse_t < 0.3, mse_t
     assert mse_t < 0.2 * mse_r, (mse_t, mse_r)
 

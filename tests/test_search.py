@@ -328,6 +328,23 @@ def test_cli_floor_error_is_one_line(tmp_path, ztree, monkeypatch, capsys):
     assert rc == 0 and "budget 80%" in out and (tmp_path / "plan.json").exists()
 
 
+def test_search_config_reaches_the_problem_it_builds(monkeypatch):
+    """run(SearchConfig) without a problem builds one with the config's model, evaluation mode, calibration source,
+    compensation and dtype (most end-to-end tests pass a problem they built, to share it)."""
+    import tmp_jax.problem as pm
+
+    seen = {}
+    monkeypatch.setattr(pm, "build_problem", lambda *a, **kw: seen.update(args=a, **kw) or "problem")
+    cfg = SearchConfig(
+        budget="50%", model="hunyuan-fmnist", compensate=False, eval_mode="masked", calib_source="noised", dtype="fp32"
+    )
+    assert engine._build_problem(cfg) == "problem"
+    assert seen["args"][0] == "hunyuan-fmnist" and seen["compensation"] is None and seen["keep_teacher"] is False
+    assert (seen["eval_mode"], seen["calib_source"], seen["dtype"]) == ("masked", "noised", "fp32")
+    engine._build_problem(SearchConfig(budget="50%", damp=0.05))
+    assert seen["compensation"].damp == 0.05 and seen["eval_mode"] == "auto" and seen["calib_source"] == "trajectory"
+
+
 def test_cli_help_says_what_is_counted(capsys):
     from tmp_jax.search import main
 
