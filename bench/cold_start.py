@@ -316,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=4, help="HunyuanImage layers (full width)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per child run")
     p.add_argument("--case-timeout", action="append", default=[], help="CASE=SECONDS: another limit for one case")
+    p.add_argument(
+        "--case-xla",
+        action="append",
+        default=[],
+        help="CASE=FLAGS: XLA_FLAGS appended for one case (e.g. 'dit-notriton=--xla_gpu_enable_triton_gemm=false'): "
+        "compile seconds vs search throughput of a compiler setting; the case name picks the base case by its prefix",
+    )
     p.add_argument("--no-warm", action="store_true", help="cold runs only")
     p.add_argument("--search-args", default="", help="extra turbo search arguments ('--no-compensate'); dit: defaults")
     p.add_argument("--child-record", default=None, help=argparse.SUPPRESS)
@@ -364,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         flags = set(case.split("-")[1:])
         if "autotune0" in flags:
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+        xla = dict(x.split("=", 1) for x in a.case_xla).get(case)
+        if xla:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")) + " " + xla).strip()
         if "scan" in flags or "noscan" in flags:  # the default: scanned on accelerators, unrolled on the CPU
             env["TMP_JAX_MASKED_SCAN"] = "1" if "scan" in flags else "0"
         if "noprecompile" in flags:

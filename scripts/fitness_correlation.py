@@ -109,28 +109,75 @@ def candidates(probs: dict[str, Any], budget: str, n: int, seed: int) -> list[di
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Score candidates ``i`` with ``i % n == k`` for ``shard = (k, n)`` (every worker builds the same candidate
+    list: same seed, same tree; the kept units follow each problem's importance order)."""
     from tmp_jax import evaluate as ev
+    from tmp_jax.compensate import CompensationConfig
     from tmp_jax.materialize import kept_first_order, materialize
     from tmp_jax.plan import plan_assignment
     from tmp_jax.problem import build_problem
 
-    probs = {src: build_problem(args.model, seed=args.seed, calib_source=src) for src in ("noised", "trajectory")}
+    # with --compensate the trajectory problem (the search's default) re-fits; both fitness functions and the
+    # samples then see the SAME re-fitted student: the one a compensated search would export
+    comp = {"noised": None, "trajectory": CompensationConfig() if args.compensate else None}
+    probs = {src: build_problem(args.model, seed=args.seed, calib_source=src, compensation=comp[src]) for src in comp}
+    grams = probs["trajectory"].compensation if args.compensate else None
     teacher = probs["noised"].teacher_model
     setting = ev.Setting("corr", fm_images=256, samples=args.samples, steps=6)
     rows = []
     t0 = time.time()
+    k, n = shard
+    met: dict[str, Any] = {}
     for i, plan in enumerate(candidates(probs, args.budget, args.candidates, args.seed)):
-        fit = {src: float(p.plan_fitness(plan)) for src, p in probs.items()}
+        if i % n != k:
+            continue
+        fit = {src: float(p.plan_fitness(plan, compensation=grams)) for src, p in probs.items()}
         tree = probs["noised"].tree
-        m = materialize(teacher, tree, plan_assignment(plan), kept_first_order(tree, plan["policy"]["kept_units"]))
-        met = ev.evaluate(m, teacher, setting=setting, seed=args.seed)
-        metrics = {k: met[k] for k in METRICS}
+        order = kept_first_order(tree, plan["policy"]["kept_units"])
+        m = materialize(teacher, tree, plan_assignment(plan), order, comp=grams)
+        met = ev.evaluate(m, teacher, setting=setting, seed=args.seed, reference_cache=args.reference_cache)
+        metrics = {k2: met[k2] for k2 in METRICS}
         rows.append(
-            {"kind": plan["kind"], "params": plan["params"], **{f"fit_{k}": v for k, v in fit.items()}, **metrics}
+            {
+                "index": i,
+                "kind": plan["kind"],
+                "params": plan["params"],
+                **{f"fit_{src}": v for src, v in fit.items()},
+                **metrics,
+            }
         )
         print(f"[{i + 1}/{args.candidates}] {json.dumps(rows[-1])} ({time.time() - t0:.0f} s)", flush=True)
-    return {"rows": rows, "teacher": {k: met["teacher"][k] for k in METRICS}}
+    teacher_m = {k2: met["teacher"][k2] for k2 in METRICS} if met else {}
+    return {"rows": rows, "teacher": teacher_m}
+
+
+def run_jobs(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """``--jobs N`` worker processes, each scoring every N-th candidate (the per-candidate cost is mostly compiling
+    its shapes, which runs side by side); their rows merged in candidate order. The teacher's samples are
+    computed once, by the first worker to need them, through a shared reference cache."""
+    import subprocess
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="fitcorr-"))
+    base, skip = [], False
+    for a in argv:  # the command line without --jobs (N / =N)
+        if skip or a.startswith("--jobs"):
+            skip = a == "--jobs" and not skip
+            continue
+        base.append(a)
+    procs = []
+    for k in range(args.jobs):
+        cmd = [sys.executable, __file__, *base, "--shard", f"{k}/{args.jobs}", "--json", str(work / f"{k}.json")]
+        if args.reference_cache is None:
+            cmd += ["--reference-cache", str(work / "reference")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT))
+    bad = [k for k, p in enumerate(procs) if p.wait() != 0]
+    if bad:
+        raise SystemExit(f"fitness_correlation: worker(s) {bad} failed (their output is above)")
+    parts = [json.loads((work / f"{k}.json").read_text()) for k in range(args.jobs)]
+    rows = sorted((r for q in parts for r in q["rows"]), key=lambda r: r["index"])
+    return {"rows": rows, "teacher": next(q["teacher"] for q in parts if q["teacher"])}
 
 
 def section(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
@@ -138,15 +185,23 @@ def section(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
 
     rows = res["rows"]
     lines = [
-        f"<!-- section: {SECTION} -->",
-        "## Does the fitness predict samples? (Spearman over candidates)",
+        f"<!-- section: {args.section} -->",
+        f"## Does the fitness predict samples? {args.model} at {args.budget}"
+        + (", compensated" if args.compensate else "")
+        + " (Spearman over candidates)",
         "",
         f"{dt.date.today().isoformat()}, `{command}`, {_machine()}.",
         "",
         f"**{args.model}** at {args.budget}: {len(rows)} candidates (*local*: 1-6 level switches around the uniform "
         "cut fitted to the budget, what selection compares; *random*: random genomes repaired to the budget; "
-        f"params {min(r['params'] for r in rows):,} to {max(r['params'] for r in rows):,}), plain "
-        f"slices. Each is scored by both fitness functions on the same subnetwork and sampled ({args.samples} "
+        f"params {min(r['params'] for r in rows):,} to {max(r['params'] for r in rows):,}), "
+        + (
+            "compensated (re-fitted on the trajectory set, as a default search exports them; both fitness "
+            "functions score that same student)"
+            if args.compensate
+            else "plain slices"
+        )
+        + f". Each is scored by both fitness functions on the same subnetwork and sampled ({args.samples} "
         "samples, 6 Euler steps, CFG 2, fixed noise). Spearman's rho with a bootstrap 95% interval over the "
         "candidates: class accuracy should fall as the error grows (rho < 0), FID_cls and paired MSE rise (rho > 0).",
         "",
@@ -172,7 +227,7 @@ def section(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
         f"Teacher: class acc. {t['class_acc']:.3f}, FID_cls {t['fid_cls']:.2f}. Candidates: class acc. "
         f"{min(r['class_acc'] for r in rows):.3f} to {max(r['class_acc'] for r in rows):.3f}.",
     ]
-    return "\n".join(lines) + f"\n<!-- end section: {SECTION} -->"
+    return "\n".join(lines) + f"\n<!-- end section: {args.section} -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,20 +239,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md")
     p.add_argument("--json", type=Path, default=None, help="also write the per-candidate rows here")
+    p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="candidates re-fitted (compensated pruning, the search's default) instead of plain slices",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="worker processes side by side (GPU: 4-6)")
+    p.add_argument("--reference-cache", type=Path, default=None, help="teacher samples cache (tmp_jax.evaluate)")
+    p.add_argument(
+        "--section", default=SECTION, help=f"docs section name to write (default {SECTION}; one per model/budget)"
+    )
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # K/N: a --jobs worker
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     if a.candidates < 3:
         p.error("--candidates must be >= 3")
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
     from tmp_jax.compile_cache import enable_default
 
     enable_default()
-    res = run(a)
+    if a.shard is not None:  # a worker: its rows only, no docs
+        k, n = (int(x) for x in a.shard.split("/"))
+        res = run(a, (k, n))
+        if a.json is not None:
+            from tmp_jax.fileio import atomic_write
+
+            atomic_write(a.json, json.dumps(res, indent=1))
+        return 0
+    res = run_jobs(a, argv) if a.jobs > 1 else run(a)
     if a.json is not None:
         a.json.write_text(json.dumps(res, indent=1))
-    command = "python scripts/fitness_correlation.py" + "".join(f" {shlex.quote(x)}" for x in (argv or []))
+    command = "python scripts/fitness_correlation.py" + "".join(f" {shlex.quote(x)}" for x in argv)
     from scripts.quality_table import write
 
     text = section(res, a, command)
-    write(a.out, {SECTION: text})
+    write(a.out, {a.section: text})
     print(text)
     return 0
 

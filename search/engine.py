@@ -98,6 +98,12 @@ class SearchConfig:
     # `recover_steps` steps and the best RECOVERED one wins (0: the best pruned one, no distillation)
     recover_steps: int = 0
     recover_top: int = 4
+    # the last selection stage's rollout (issue 17): the best `rollout_top` full-fidelity candidates per budget
+    # each sample `rollout_samples` latents with `rollout_steps` CFG Euler steps from the teacher's noise, and the
+    # one whose final latents are closest to the teacher's wins (0: off)
+    rollout_steps: int = 0
+    rollout_top: int = 4
+    rollout_samples: int = 40
 
 
 @dataclass
@@ -272,34 +278,46 @@ def plot_pareto(
 # The run
 
 
-def _recover(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: SearchConfig) -> dict[str, list]:
-    """Per budget: its ``recover_top`` best full-fidelity candidates (distinct genomes, within the budget), each with
-    its pruned fitness and its fitness after ``recover_steps`` distillation steps (``problem.recovered_fitness``)."""
-    fn = getattr(problem, "recovered_fitness", None)
-    if fn is None:
-        raise SearchError("--recover-steps needs a problem that can distil its candidates (tmp_jax.problem)")
+def _top_candidates(ev: FitnessCache, b: Budget, k: int) -> list[tuple[np.ndarray, float]]:
+    """The ``k`` best full-fidelity candidates within budget ``b`` (distinct genomes), best first."""
+    fit, cost = np.asarray(ev.arch_fitness, np.float64), np.asarray(ev.arch_cost)
+    seen, rows = set(), []
+    for i in np.argsort(np.where(cost <= b.value, fit, np.inf), kind="stable"):
+        key = ev.arch_genomes[i].tobytes()
+        if cost[i] > b.value or not np.isfinite(fit[i]) or key in seen:
+            continue
+        seen.add(key)
+        rows.append((ev.arch_genomes[i], float(fit[i])))
+        if len(rows) == k:
+            break
+    return rows
+
+
+def _rerank(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: SearchConfig, how: str) -> dict:
+    """Per budget: its best full-fidelity candidates, each with its pruned fitness and a second score that picks
+    the winner. ``how``: ``recover`` (``recovered_fitness`` after ``recover_steps`` distillation steps: TinyFusion)
+    or ``rollout`` (``rollout_fitness``: final-latent error of a ``rollout_steps``-step sampler rollout)."""
     from tmp_jax.progress import phase
 
+    opt = f"--{how}-steps"
+    fn = getattr(problem, f"{'recovered' if how == 'recover' else 'rollout'}_fitness", None)
+    if fn is None:
+        raise SearchError(f"{opt} needs a problem that can sample or distil its candidates (tmp_jax.problem)")
+    top = config.recover_top if how == "recover" else config.rollout_top
+    field = "recovered_fitness" if how == "recover" else "rollout_error"
     out: dict[str, list] = {}
-    fit, cost = np.asarray(ev.arch_fitness, np.float64), np.asarray(ev.arch_cost)
-    with phase("recovering", enabled=config.phases):
+    with phase("recovering" if how == "recover" else "rollout", enabled=config.phases):
         for b in budgets:
-            seen, rows = set(), []
-            for i in np.argsort(np.where(cost <= b.value, fit, np.inf), kind="stable"):
-                key = ev.arch_genomes[i].tobytes()
-                if cost[i] > b.value or not np.isfinite(fit[i]) or key in seen:
-                    continue
-                seen.add(key)
-                rows.append((ev.arch_genomes[i], float(fit[i])))
-                if len(rows) == config.recover_top:
-                    break
             out[b.text] = []
-            for g, f in rows:
+            for g, f in _top_candidates(ev, b, top):
                 try:
-                    r = float(fn(g, config.recover_steps, calib=config.calib, seed=config.seed))
-                except ValueError as e:  # no data pipeline for this model: say what to pass
-                    raise SearchError(f"--recover-steps: {e}") from None
-                out[b.text].append({"genome": [int(x) for x in g], "fitness": f, "recovered_fitness": r})
+                    if how == "recover":
+                        r = float(fn(g, config.recover_steps, calib=config.calib, seed=config.seed))
+                    else:
+                        r = float(fn(g, config.rollout_steps, n=config.rollout_samples, seed=config.seed))
+                except ValueError as e:  # no data pipeline / sampler for this model: say so in one line
+                    raise SearchError(f"{opt}: {e}") from None
+                out[b.text].append({"genome": [int(x) for x in g], "fitness": f, field: r})
     return out
 
 
@@ -589,13 +607,23 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         "task_weights": dict(getattr(problem, "task_weights", None) or {}),
         "dtype": _problem_dtype(problem),
     }
-    recovery = _recover(problem, ev, budgets, config) if config.recover_steps > 0 else {}
+    recovery = _rerank(problem, ev, budgets, config, "recover") if config.recover_steps > 0 else {}
     if recovery:
         search_meta["recover"] = {"steps": config.recover_steps, "top": config.recover_top}
+    rollout = _rerank(problem, ev, budgets, config, "rollout") if config.rollout_steps > 0 else {}
+    if rollout:
+        search_meta["rollout"] = {
+            "steps": config.rollout_steps,
+            "top": config.rollout_top,
+            "samples": config.rollout_samples,
+        }
     plans, paths = [], []
     for i, b in enumerate(budgets):
         g, f = ev.winner(b.value)
-        rec = recovery.get(b.text)
+        rec, rol = recovery.get(b.text), rollout.get(b.text)
+        if rol:  # the candidate whose rollout ends closest to the teacher's wins; its pruned fitness stays
+            best = min(rol, key=lambda r: r["rollout_error"])
+            g, f = np.asarray(best["genome"], np.int64), best["fitness"]
         if rec:  # the best recovered candidate wins; its pruned fitness stays the plan's fitness
             best = min(rec, key=lambda r: r["recovered_fitness"])
             g, f = np.asarray(best["genome"], np.int64), best["fitness"]
@@ -604,6 +632,8 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
             plan["compensation"] = comp_record
         if rec:  # every recovered candidate, best pruned first; the winner is the one with the least recovered error
             plan["recovery"] = {"steps": config.recover_steps, "candidates": rec}
+        if rol:  # every rolled-out candidate, best pruned first
+            plan["rollout"] = {"steps": config.rollout_steps, "samples": config.rollout_samples, "candidates": rol}
         # the exact tree count and the vectorised cost must agree: a plan is never over its budget
         if budget_metric(tree, tree.decode(g), b.kind, tokens) > b.value or plan["counts"]["after"]["params"] != int(
             params_cost(g)[0]
@@ -660,6 +690,15 @@ def summary(res: SearchResult, budgets: list[Budget]) -> str:
             lines.append(
                 f"    recovered fitness {win['recovered_fitness']:.5g} after {rec['steps']} distillation steps: "
                 f"the best of {len(rec['candidates'])} recovered candidates (pruned rank {rank})"
+            )
+        rol = plan.get("rollout")
+        if rol and not rec:
+            win = min(rol["candidates"], key=lambda r: r["rollout_error"])
+            rank = rol["candidates"].index(win) + 1
+            lines.append(
+                f"    rollout error {win['rollout_error']:.5g} ({rol['steps']}-step sampler, {rol['samples']} "
+                f"samples): "
+                f"the best of {len(rol['candidates'])} candidates (pruned rank {rank})"
             )
     lines.append(f"  history: {res.out / 'history.jsonl'}; Pareto plot: {res.out / 'pareto.png'}")
     return "\n".join(lines)

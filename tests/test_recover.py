@@ -3,7 +3,9 @@
 * Engine: each budget's ``recover_top`` best distinct full-fidelity candidates are distilled, the best
   RECOVERED one becomes the plan (here the worst pruned one of them, by construction), and the plan records
   every candidate's pruned and recovered fitness. A problem that cannot distil is a one-line error.
-* Problem: a few in-memory distillation steps of a cut embedded DiT lower its teacher-output error.
+* Problem: a few in-memory distillation steps of a cut embedded DiT lower its teacher-output error; its sampler
+  rollout (``--rollout-steps``) ends away from the teacher's latents, the uncut one on them.
+* Engine, rollout: the candidate whose rollout ends closest to the teacher's wins, recorded in the plan.
 """
 
 from __future__ import annotations
@@ -73,3 +75,36 @@ def test_a_few_steps_lower_the_error_of_a_cut_dit():
     pruned = float(prob.fitness(g[None])[0])
     recovered = prob.recovered_fitness(g, 12)
     assert np.isfinite(recovered) and recovered < pruned, (recovered, pruned)
+    # the rollout of the same cut: a sampler run from the teacher's noise ends away from the teacher's latents,
+    # the uncut genome ends on them (the permuted teacher is the same function)
+    err = prob.rollout_fitness(g, 2, n=4, seed=3)
+    assert np.isfinite(err) and err > 1e-4, err
+    assert prob.rollout_fitness(prob.tree.full_genome(), 2, n=4, seed=3) < 1e-8
+
+
+class RollingProblem(FakeProblem):
+    """The rollout reverses the ranking: the worse a candidate is pruned, the closer its samples end."""
+
+    def __init__(self, tree):
+        super().__init__(tree)
+        self.rolled: list[tuple[int, int, int]] = []
+
+    def rollout_fitness(self, genome, steps, n=40, seed=0):
+        self.rolled.append((steps, n, seed))
+        return 1.0 / (1.0 + float(self._err(np.asarray(genome))))
+
+
+def test_rollout_picks_the_candidate_whose_samples_end_closest(tmp_path, capsys):
+    tree = Tree(arch.get("zimage").build_spec(ZCFG))
+    prob = RollingProblem(tree)
+    res = run(cfg(tmp_path, rollout_steps=3, rollout_top=3, rollout_samples=5, seed=2, summary=True), prob)
+    plan = res.plans[0]
+    rol = plan["rollout"]
+    assert rol["steps"] == 3 and rol["samples"] == 5 and len(rol["candidates"]) == 3
+    assert prob.rolled == [(3, 5, 2)] * 3
+    best = min(rol["candidates"], key=lambda c: c["rollout_error"])
+    assert best is rol["candidates"][-1] and plan["genome"]["levels"] == best["genome"]
+    assert plan["search"]["rollout"] == {"steps": 3, "top": 3, "samples": 5}
+    assert "rollout error" in capsys.readouterr().out
+    with pytest.raises(SearchError, match="--rollout-steps needs a problem"):
+        run(cfg(tmp_path / "b", rollout_steps=3), FakeProblem(tree))

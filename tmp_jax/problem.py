@@ -256,6 +256,7 @@ class PruningProblem:
         # micro-batch indices per weighted task, in set order (the multi-fidelity prefix is taken per task)
         self.task_batches = {t: [i for i, x in enumerate(tasks) if x == t] for t in self.task_weights}
         self.n_evals = 0
+        self._rollout_ref: dict[tuple, np.ndarray] = {}  # (steps, n, seed) -> the teacher's final latents
         self.calib_fingerprint: str | None = None  # set by build_problem (recorded in compensated plans)
         self.eval_mode = self._resolve_eval_mode(eval_mode)
         self.masked: MaskedEvaluator | None = None
@@ -436,6 +437,30 @@ class PruningProblem:
         cfg = DistillConfig(plan=Path("-"), calib=calib, steps=steps, seed=seed, warmup=max(1, steps // 10))
         student = recover_in_memory(self.model, self.candidate(genome), cfg)
         return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(student, inputs), None)
+
+    def rollout_fitness(self, genome: np.ndarray, steps: int, n: int = 40, seed: int = 0) -> float:
+        """Final-latent error of a short sampler rollout: the genome's candidate and the teacher each draw ``n``
+        samples (classes ``0..9`` in turn) with ``steps`` Euler steps at the trajectory's CFG scale from the SAME
+        noise, and the error is ``sum ||x - x_T||^2 / sum ||x_T||^2`` over the final latents. What ``--rollout-steps``
+        ranks the search's final candidates by: unlike the one-step fitness it sees errors compound along the
+        sampler. Needs a class-conditioned sampler (the embedded Fashion-MNIST teachers); else a ValueError."""
+        from tmp_jax.sampling import sample_latents
+        from tmp_jax.trajectory import GUIDANCE
+
+        labels = np.arange(n) % 10
+        key = (steps, n, seed)
+        ref = self._rollout_ref.get(key)
+        if ref is None:  # the permuted teacher computes the teacher's function: its samples are the reference
+            try:
+                ref = np.asarray(sample_latents(self.model, labels, seed=seed, steps=steps, guidance=GUIDANCE))
+            except Exception as e:  # noqa: BLE001 - any failure here means "no sampler for this model"
+                raise ValueError(
+                    f"a rollout needs a class-conditioned sampler (the embedded Fashion-MNIST teachers); "
+                    f"{self.arch} model {type(self.model).__name__} has none ({type(e).__name__}: {e})"
+                ) from None
+            self._rollout_ref[key] = ref
+        x = np.asarray(sample_latents(self.candidate(genome), labels, seed=seed, steps=steps, guidance=GUIDANCE))
+        return float(np.sum((x - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30))
 
     def fitness_materialized(self, genomes: np.ndarray, n_samples: int | None = None) -> np.ndarray:
         """:meth:`fitness` through a materialised candidate per genome (the reference the fast path is

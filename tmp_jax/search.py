@@ -128,6 +128,20 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         "(the best pruned model is not always the best recovered one). 0 (default): the best pruned one",
     )
     p.add_argument("--recover-top", type=int, default=4, help="candidates per budget for --recover-steps (default 4)")
+    p.add_argument(
+        "--rollout-steps",
+        type=int,
+        default=0,
+        help="last selection stage: each budget's --rollout-top best candidates sample --rollout-samples latents "
+        "with this many CFG Euler steps from the teacher's noise; the one whose final latents are closest to the "
+        "teacher's becomes the plan (errors that compound along the sampler, which a one-step fitness misses; "
+        "class-conditioned teachers such as the embedded ones). With --recover-steps, the recovered one wins. "
+        "0 (default): off",
+    )
+    p.add_argument("--rollout-top", type=int, default=4, help="candidates per budget for --rollout-steps (default 4)")
+    p.add_argument(
+        "--rollout-samples", type=int, default=40, help="samples per candidate for --rollout-steps (default 40)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     p.add_argument("--mesh", default=None, help="device mesh spec for the fitness, e.g. data:8")
     p.add_argument(
@@ -190,6 +204,11 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         p.error(f"--gram-stride must be >= 1, got {a.gram_stride}")
     if a.recover_steps < 0 or a.recover_top < 1:
         p.error(f"--recover-steps must be >= 0 and --recover-top >= 1, got {a.recover_steps} and {a.recover_top}")
+    if a.rollout_steps < 0 or a.rollout_top < 1 or a.rollout_samples < 1:
+        p.error(
+            f"--rollout-steps must be >= 0, --rollout-top and --rollout-samples >= 1, got {a.rollout_steps}, "
+            f"{a.rollout_top} and {a.rollout_samples}"
+        )
     if a.max_changes is not None and a.max_changes < 2:
         p.error(f"--max-changes must be >= 2 (one level switch), got {a.max_changes}")
     if a.patience is not None and a.patience < 0:
@@ -224,6 +243,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         fresh_batches=a.fresh_batches,
         recover_steps=a.recover_steps,
         recover_top=a.recover_top,
+        rollout_steps=a.rollout_steps,
+        rollout_top=a.rollout_top,
+        rollout_samples=a.rollout_samples,
     )
 
 
