@@ -16,6 +16,8 @@ search prints (``[phase] NAME done in S s``), wall time and peak device memory. 
 * ``rescore``    after ``turbo`` and ``turbo-fp32``: both winners' subnetworks scored in one fp32 problem.
 * ``turbo-autotune0``  the cold ``turbo`` case again with ``XLA_FLAGS=--xla_gpu_autotune_level=0``: compile
                 seconds saved vs search throughput lost (evaluations per second of the search phase).
+* ``dit-triton`` / ``turbo-triton``: the case with XLA's Triton GEMM kernels back on (``TMP_JAX_TRITON_GEMM=1``;
+                tmp_jax turns them off on a GPU: ``tmp_jax.compile_cache.gpu_compile_flags``).
 * ``dit-noised``: the ``dit`` case on the old built-in calibration set (``--calib-source noised``: no teacher
                 trajectory to sample, 32 instead of 120 calibration samples).
 * ``dit-scan`` / ``dit-noscan``, ``dit-noprecompile`` (or combined: ``dit-noscan-noprecompile``): the ``dit``
@@ -376,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", os.environ.get("XLA_FLAGS", "")) + " " + xla).strip()
         if "scan" in flags or "noscan" in flags:  # the default: scanned on accelerators, unrolled on the CPU
             env["TMP_JAX_MASKED_SCAN"] = "1" if "scan" in flags else "0"
+        if "triton" in flags:  # XLA's Triton GEMM kernels back on (tmp_jax turns them off on a GPU by default)
+            env["TMP_JAX_TRITON_GEMM"] = "1"
         if "noprecompile" in flags:
             env["TMP_JAX_PRECOMPILE"] = "0"
         cache = out / f"cache-{case}"

@@ -8,6 +8,24 @@ import pytest
 from tmp_jax import compile_cache as cc
 
 
+@pytest.fixture(autouse=True)
+def _keep_xla_flags(monkeypatch):
+    """enable_default() appends to XLA_FLAGS (gpu_compile_flags): put the suite's value back afterwards."""
+    monkeypatch.setenv("XLA_FLAGS", __import__("os").environ.get("XLA_FLAGS", ""))
+
+
+def test_gpu_compile_flags_turn_triton_gemm_off_once_unless_set(monkeypatch):
+    monkeypatch.delenv(cc.TRITON_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    want = "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=false"
+    assert cc.gpu_compile_flags() == want and cc.gpu_compile_flags() == want  # added once
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")  # the user's choice stays
+    assert cc.gpu_compile_flags() == "--xla_gpu_enable_triton_gemm=true"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv(cc.TRITON_ENV, "1")  # XLA's default kept
+    assert cc.gpu_compile_flags() == ""
+
+
 @pytest.fixture
 def no_cache_dir(monkeypatch):
     """Run with no cache folder configured; the suite's own (conftest) is put back afterwards."""
