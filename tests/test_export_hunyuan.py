@@ -1,7 +1,8 @@
-"""Export of a HunyuanImage-3.0 plan to the OFFICIAL layout: the pruned folder loads in our loader and in
-nemo-automodel's ``HunyuanImage3ForCausalMM`` (directly for uniform layers, per-layer blocks otherwise) and
-both forwards equal the JAX materialised model; VAE / vision tensors and non-weight files are carried over
-unchanged, layers are renumbered, re-running is byte-identical, and a plan from another model is refused.
+"""Export of a HunyuanImage-3.0 plan to the OFFICIAL layout: the pruned folder loads in nemo-automodel's
+``HunyuanImage3ForCausalMM`` (directly for uniform layers, per-layer blocks otherwise) and its forward equals the
+JAX materialised model (our own loader reading it back: tests/test_contract.py); VAE / vision tensors and
+non-weight files are carried over unchanged, layers are renumbered, re-running is byte-identical, and a plan
+from another model is refused.
 
 The source is a tiny official-layout checkpoint folder: a random nemo model converted with its own
 ``state_dict_adapter.to_hf``, written as two shards + index, with dummy VAE / vision tensors, a tokenizer,
@@ -278,20 +279,10 @@ def test_export_official_layout(tmp_path, src, kind):
             srd.read(f"model.layers.2.mlp.experts.{e}.down_proj.weight")[:, ch[e]],
         )
 
-    # our loader: every parameter equals the materialised model's, and so does the forward
-    ours = load_hunyuan(out)
-    assert ours.config == new
-    want = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(small, nnx.Param))}
-    got = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
-    assert set(got) == set(want)
-    for p, v in got.items():
-        np.testing.assert_array_equal(np.asarray(v), np.asarray(want[p]), err_msg=str(p))
+    # (our loader reading the export back: tests/test_contract.py, for every architecture)
     ids, lat, t, vl = t2i_inputs(np.random.default_rng(7), (4, 8), (3, 2), 4, extra_pad=1)
-    graphdef, fwd = forward_fn(small)
+    _, fwd = forward_fn(small)
     y_jax = fwd(small, ids, lat, t, vl)
-    assert nnx.split(ours)[0] == graphdef
-    y_ours = fwd(ours, ids, lat, t, vl)
-    assert max(rel_errs(y_ours, y_jax)) <= TOL
 
     # the PyTorch reference loads the exported folder and computes the same
     ref = nemo_from_folder(out)

@@ -1,7 +1,8 @@
 """The pruning tree on HunyuanImage-3.0 through the SAME generic code as Z-Image (tree, materialise,
 permute, calibration, problem): accounting, materialisation == masked full model for every policy kind
-(layer drop, tied KV groups, experts, expert widths), function-preserving permutation, full-size counts,
-sharded statistics == single-device, and a PruningProblem that compiles nothing new on re-evaluation.
+(layer drop, tied KV groups, experts, expert widths), full-size counts, sharded statistics == single-device,
+and a PruningProblem that compiles nothing new on re-evaluation (function-preserving permutation and a pruned
+checkpoint detected and loaded back, for every architecture: tests/test_contract.py).
 
 Tiny and CPU-only; every model runs through the runner's blockwise functions (compiled once per sub-layer
 shape and shared by all tests) on ONE input batch shape.
@@ -13,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from test_hunyuan_shapes import BACKBONE, FINAL_LAYER, PATCH_EMBED, ROUTED, TIMESTEP
 
 from tmp_jax import arch
 from tmp_jax.calibration import calibrate, importance, load_calib, write_calib
-from tmp_jax.materialize import count_params, materialize, permute
+from tmp_jax.materialize import count_params, materialize
 from tmp_jax.models.hunyuan_image3 import FULL, TINY, HunyuanImage3Config
 from tmp_jax.models.hunyuan_image3.runner import collect_stats, forward_blockwise
 from tmp_jax.models.hunyuan_image3.structure import masked_model
@@ -181,18 +181,6 @@ def test_materialized_equals_masked_full_model(tree, model, inputs, case):
     assert rel(forward_blockwise(small, inputs), want) <= 1e-5
 
 
-def test_permutation_is_function_preserving(tree, model, inputs):
-    rng = np.random.default_rng(7)
-    order = random_order(tree, rng)
-    want = forward_blockwise(model, inputs)
-    pm = permute(nnx.clone(model), tree, order)
-    assert rel(forward_blockwise(pm, inputs), want) <= 1e-5
-    # after permuting, kept sets are prefixes: materialising without an order == with the order
-    a = tree.decode(case_genome(tree, "all_policies"))  # layer shapes compiled above: no new compile
-    s1, s2 = materialize(model, tree, a, order), materialize(pm, tree, a, None)
-    assert rel(forward_blockwise(s2, inputs), forward_blockwise(s1, inputs)) <= 1e-6
-
-
 def test_full_size_accounting():
     """The released 80B config: exact total, top-8 active count, and the reference's uniform pruning."""
     tree = Tree(H.build_spec(FULL))
@@ -250,22 +238,3 @@ def test_problem_full_fitness_zero_and_no_recompile(model, single, tree):
     assert prob.compile_count() == c
     np.testing.assert_array_equal(f1, f2)
     assert np.all(f1[1:] > f1[0])
-
-
-def test_detect_and_load_pruned_checkpoint(tmp_path, tree, model):
-    """A pruned model saved under the official keys is recognised by its config.json and loads back
-    through the registered hook (``layers_kept`` round-trips; the official code ignores it)."""
-    from converters.engine import save_model
-    from converters.hunyuan import hunyuan_key_table
-
-    small = materialize(model, tree, tree.decode(case_genome(tree, "drop_layer")))
-    conf = {"model_type": "hunyuan_image_3_moe", "architectures": ["HunyuanImage3ForCausalMM"]}
-    conf.update(small.config.to_hf_config())
-    save_model(small, hunyuan_key_table(small.config), tmp_path / "ckpt", prefix="model", config=conf)
-    hooks = arch.detect(conf)
-    assert hooks.name == "hunyuan" and not arch.get("zimage").config_file_kind(conf)
-    loaded = hooks.load(str(tmp_path / "ckpt"), dtype=jnp.float32)
-    assert loaded.config == small.config and loaded.config.layers_kept == (1,)
-    want = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(small, nnx.Param))}
-    for p, v in nnx.to_flat_state(nnx.state(loaded, nnx.Param)):
-        np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(want[tuple(p)]), err_msg=str(p))

@@ -1,6 +1,6 @@
 """Block-by-block calibration with weights streamed from the checkpoint (models larger than device memory).
 
-:func:`calibrate_streamed` produces the same :class:`~tmp_jax.calibration.Calibration` (teacher outputs and
+:func:`calibrate_streamed` produces the same :class:`~tmp_jax.calib_state.Calibration` (teacher outputs and
 summed sown statistics) as the in-memory :func:`~tmp_jax.calibration.calibrate`, but never holds more than
 the stem (embeddings, T2I heads) and ONE block's parameters on the devices: it walks the model's blocks in
 execution order, reads each block's tensors from the safetensors checkpoint (the converters' streaming
@@ -53,13 +53,13 @@ from flax import nnx
 
 from tmp_jax import arch
 from tmp_jax.arch import StreamHooks, StreamStep
-from tmp_jax.calibration import (
+from tmp_jax.calib_state import (
     Calibration,
-    _load_state,
-    _save_state,
     batches_signature,
     gram_signature,
     host_output,
+    load_state,
+    save_state,
     shard_inputs,
 )
 from tmp_jax.compensate import (
@@ -503,7 +503,7 @@ def calibrate_streamed(
         tsig = f"files:{fingerprint(path, cfg.to_hf_config())}:{_sampled_content_hash(path)}"
     dt_name = np.dtype(jnp.float32 if dtype is None else dtype).name  # the resume states are per teacher dtype
     if final is not None and final.is_file():
-        done, teacher, stats = _load_state(final, sig=sig, n=n, teacher_sig=tsig, dtype=dt_name)
+        done, teacher, stats = load_state(final, sig=sig, n=n, teacher_sig=tsig, dtype=dt_name)
         if done == n:
             return Calibration(inputs, teacher, stats)
     steps = hooks.schedule(cfg)
@@ -617,7 +617,7 @@ def calibrate_streamed(
             stats[k] = stats[k] + v if k in stats else v
     stats.update(block_grams)
     if final is not None:
-        _save_state(final, n, teacher, stats, sig, tsig, dtype=dt_name)
+        save_state(final, n, teacher, stats, sig, tsig, dtype=dt_name)
         shutil.rmtree(root, ignore_errors=True)
     return Calibration(inputs, teacher, stats)
 
