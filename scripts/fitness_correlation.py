@@ -66,8 +66,9 @@ def bootstrap_ci(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> 
 
 
 def candidates(probs: dict[str, Any], budget: str, n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` plans at ``budget`` (local and random, see the comment below), decoded alternately with each
-    problem's order."""
+    """``n`` plans at ``budget`` (local and random, see the comment below), decoded with each problem's order in
+    turn, pair by pair (local, random with the first order; local, random with the second; ...), so both kinds of
+    candidate see both orders (alternating one by one gave every local candidate the first problem's order)."""
     from search.budget import CostModel
     from search.genome import fill, level_switch, random_genome, repair, uniform_genome
     from tmp_jax.materialize import kept_units
@@ -91,7 +92,7 @@ def candidates(probs: dict[str, Any], budget: str, n: int, seed: int) -> list[di
             kinds.append("random")
     out = []
     for i, g in enumerate(genomes):
-        prob = probs[names[i % len(names)]]
+        prob = probs[names[(i // 2) % len(names)]]
         a = tree.decode(g)
         kept = kept_units(tree, a, prob.order)
         out.append(
@@ -102,7 +103,7 @@ def candidates(probs: dict[str, Any], budget: str, n: int, seed: int) -> list[di
                     "kept_units": {f"{k}/{u}": np.asarray(v).tolist() for (k, u), v in kept.items()},
                 },
                 "params": int(tree.count(a)["params"]),
-                "order_of": names[i % len(names)],
+                "order_of": names[(i // 2) % len(names)],
                 "kind": kinds[i],
             }
         )
