@@ -65,7 +65,9 @@ def bootstrap_ci(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> 
     return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
 
 
-def candidates(probs: dict[str, Any], budget: str, n: int, seed: int) -> list[dict[str, Any]]:
+def candidates(
+    probs: dict[str, Any], budget: str, n: int, seed: int, around: np.ndarray | None = None
+) -> list[dict[str, Any]]:
     """``n`` plans at ``budget`` (local and random, see the comment below), decoded with each problem's order in
     turn, pair by pair (local, random with the first order; local, random with the second; ...), so both kinds of
     candidate see both orders (alternating one by one gave every local candidate the first problem's order)."""
@@ -81,7 +83,10 @@ def candidates(probs: dict[str, Any], budget: str, n: int, seed: int) -> list[di
     rng = np.random.default_rng(seed)
     # half "local": what selection compares, level switches around the uniform cut (fitted to the budget);
     # half "random": random genomes repaired to the budget (a wide quality spread)
-    base = fill(repair(uniform_genome(tree, cap / tree.full["params"]), cost, cap, rng), cost, cap, rng)
+    # (--around PLAN: the local ones switch levels around a search's winner instead: the plans a final selection
+    # stage actually compares)
+    start = uniform_genome(tree, cap / tree.full["params"]) if around is None else np.asarray(around, np.int64)
+    base = fill(repair(start, cost, cap, rng), cost, cap, rng)
     genomes, kinds = [], []
     while len(genomes) < n:
         if len(genomes) % 2 == 0:
@@ -130,7 +135,13 @@ def run(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> dict[str, 
     t0 = time.time()
     k, n = shard
     met: dict[str, Any] = {}
-    for i, plan in enumerate(candidates(probs, args.budget, args.candidates, args.seed)):
+    around = None
+    if args.around is not None:
+        pj = json.loads(Path(args.around).read_text())
+        if pj.get("genome", {}).get("genes") != [g.name for g in probs["noised"].tree.genes]:
+            raise SystemExit(f"--around {args.around}: its genome's genes are not this model's")
+        around = np.asarray(pj["genome"]["levels"], np.int64)
+    for i, plan in enumerate(candidates(probs, args.budget, args.candidates, args.seed, around)):
         if i % n != k:
             continue
         fit = {src: float(p.plan_fitness(plan, compensation=grams)) for src, p in probs.items()}
@@ -193,8 +204,9 @@ def section(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
         "",
         f"{dt.date.today().isoformat()}, `{command}`, {_machine()}.",
         "",
-        f"**{args.model}** at {args.budget}: {len(rows)} candidates (*local*: 1-6 level switches around the uniform "
-        "cut fitted to the budget, what selection compares; *random*: random genomes repaired to the budget; "
+        f"**{args.model}** at {args.budget}: {len(rows)} candidates (*local*: 1-6 level switches around "
+        + ("the uniform cut" if args.around is None else f"the search winner `{args.around.name}`")
+        + " fitted to the budget, what selection compares; *random*: random genomes repaired to the budget; "
         f"params {min(r['params'] for r in rows):,} to {max(r['params'] for r in rows):,}), "
         + (
             "compensated (re-fitted on the trajectory set, as a default search exports them; both fitness "
@@ -246,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         help="candidates re-fitted (compensated pruning, the search's default) instead of plain slices",
     )
     p.add_argument("--jobs", type=int, default=1, help="worker processes side by side (GPU: 4-6)")
+    p.add_argument(
+        "--around",
+        type=Path,
+        default=None,
+        help="a plan.json of this model (a search's winner): the local candidates are level switches around its "
+        "genome instead of around the uniform cut",
+    )
     p.add_argument("--reference-cache", type=Path, default=None, help="teacher samples cache (tmp_jax.evaluate)")
     p.add_argument(
         "--section", default=SECTION, help=f"docs section name to write (default {SECTION}; one per model/budget)"
