@@ -11,7 +11,6 @@ architecture.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +46,5 @@ def find(name: str) -> ConverterHooks | None:
         from tmp_jax import arch
 
         if name in arch.names():
-            mod = f"{__package__}.{name}"
-            try:
-                importlib.import_module(mod)
-            except ModuleNotFoundError as e:
-                if e.name != mod:
-                    raise
+            arch.import_if_present(f"{__package__}.{name}")
     return _REGISTRY.get(name)

@@ -172,12 +172,9 @@ def run_jobs(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="fitcorr-"))
-    base, skip = [], False
-    for a in argv:  # the command line without --jobs (N / =N)
-        if skip or a.startswith("--jobs"):
-            skip = a == "--jobs" and not skip
-            continue
-        base.append(a)
+    from scripts.quality_table import strip_options
+
+    base = strip_options(argv, {"--jobs"})
     procs = []
     for k in range(args.jobs):
         cmd = [sys.executable, __file__, *base, "--shard", f"{k}/{args.jobs}", "--json", str(work / f"{k}.json")]

@@ -647,6 +647,22 @@ def write(path: Path, new: dict[str, str]) -> None:
     atomic_write(path, text)
 
 
+def strip_options(argv: list[str], valued: set[str], flags: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """``argv`` without the options in ``valued`` (each with its value: ``--opt V`` or ``--opt=V``) and the flags in
+    ``flags``: what a worker process is started with."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        name = x.split("=")[0]
+        if name in valued:
+            skip = "=" not in x
+        elif name not in flags:
+            out.append(x)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -695,16 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         if s_ not in STRATEGIES:
             p.error(f"--strategies {s_}: choose from {', '.join(STRATEGIES)}")
     # what a worker is started with: this run's arguments minus the ones it gets per unit
-    drop = {"--worker", "--budgets", "--fresh", "--time-limit"}
-    a.argv, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-            continue
-        if x.split("=")[0] in drop:
-            skip = "=" not in x and x != "--fresh"
-            continue
-        a.argv.append(x)
+    a.argv = strip_options(argv, {"--worker", "--budgets", "--time-limit"}, {"--fresh"})
     if a.preset == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is imported
     from tmp_jax.compile_cache import enable_default

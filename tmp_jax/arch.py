@@ -224,13 +224,19 @@ def default_tokens(name: str) -> dict[str, int]:
 _BUILTIN = {"zimage": "tmp_jax.models.z_image", "hunyuan": "tmp_jax.models.hunyuan_image3"}
 
 
-def _load_builtin() -> None:
+def import_if_present(mod: str) -> bool:
+    """Import module ``mod`` if it exists (False if it does not); a missing module it imports in turn still raises."""
     import importlib
 
+    try:
+        importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name != mod:
+            raise
+        return False
+    return True
+
+
+def _load_builtin() -> None:
     for pkg in _BUILTIN.values():
-        mod = f"{pkg}.structure"
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+        import_if_present(f"{pkg}.structure")
