@@ -16,6 +16,11 @@ and by what users see (``tmp_jax.evaluate``: class accuracy, FID_cls and paired 
 samples, 6 Euler steps, CFG 2). The table in docs/quality.md (``<!-- section: fitness-correlation -->``) gives
 Spearman's rho of each fitness against each metric (class accuracy: the more negative the better; FID_cls and
 paired MSE: the more positive the better) with a bootstrap 95% interval over the candidates.
+
+Each scored candidate is written at once to ``--work DIR`` (``cand-<i>.json``, atomically); the same command
+with the same ``--work`` skips the candidates already there, so a run cut by ``--time-limit`` (or a crash, or a
+device call's limit) resumes where it stopped. With fewer rows than ``--candidates`` the section says it is
+partial.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tmp_jax.fileio import atomic_write  # noqa: E402  (after the path fix: run as a script)
+
 SECTION = "fitness-correlation"
+START = time.time()
 METRICS = ("class_acc", "fid_cls", "paired_mse")
 
 
@@ -134,16 +142,21 @@ def run(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> dict[str, 
     rows = []
     t0 = time.time()
     k, n = shard
-    met: dict[str, Any] = {}
     around = None
     if args.around is not None:
         pj = json.loads(Path(args.around).read_text())
         if pj.get("genome", {}).get("genes") != [g.name for g in probs["noised"].tree.genes]:
             raise SystemExit(f"--around {args.around}: its genome's genes are not this model's")
         around = np.asarray(pj["genome"]["levels"], np.int64)
+    work = work_dir(args)
+    last = 0.0  # seconds the previous candidate took: the next one is not started if it would overrun
     for i, plan in enumerate(candidates(probs, args.budget, args.candidates, args.seed, around)):
-        if i % n != k:
+        if i % n != k or (work / f"cand-{i}.json").is_file():
             continue
+        if args.time_limit is not None and time.time() - START + last > args.time_limit:
+            print(f"[{i + 1}/{args.candidates}] not started: --time-limit {args.time_limit:.0f} s", flush=True)
+            break
+        t1 = time.time()
         fit = {src: float(p.plan_fitness(plan, compensation=grams)) for src, p in probs.items()}
         tree = probs["noised"].tree
         order = kept_first_order(tree, plan["policy"]["kept_units"])
@@ -159,9 +172,12 @@ def run(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> dict[str, 
                 **metrics,
             }
         )
+        atomic_write(work / f"cand-{i}.json", json.dumps(rows[-1]))
+        if not (work / "teacher.json").is_file():
+            atomic_write(work / "teacher.json", json.dumps({k2: met["teacher"][k2] for k2 in METRICS}))
+        last = time.time() - t1
         print(f"[{i + 1}/{args.candidates}] {json.dumps(rows[-1])} ({time.time() - t0:.0f} s)", flush=True)
-    teacher_m = {k2: met["teacher"][k2] for k2 in METRICS} if met else {}
-    return {"rows": rows, "teacher": teacher_m}
+    return collect(work)
 
 
 def run_jobs(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -169,24 +185,60 @@ def run_jobs(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     its shapes, which runs side by side); their rows merged in candidate order. The teacher's samples are
     computed once, by the first worker to need them, through a shared reference cache."""
     import subprocess
-    import tempfile
 
-    work = Path(tempfile.mkdtemp(prefix="fitcorr-"))
     from scripts.quality_table import strip_options
 
-    base = strip_options(argv, {"--jobs"})
+    work = work_dir(args)
+    base = strip_options(argv, {"--jobs", "--json", "--work", "--time-limit"})
+    if args.time_limit is not None:  # the workers' clocks start later than ours
+        base += ["--time-limit", str(max(1.0, args.time_limit - (time.time() - START)))]
     procs = []
     for k in range(args.jobs):
-        cmd = [sys.executable, __file__, *base, "--shard", f"{k}/{args.jobs}", "--json", str(work / f"{k}.json")]
+        cmd = [sys.executable, __file__, *base, "--shard", f"{k}/{args.jobs}", "--work", str(work)]
         if args.reference_cache is None:
             cmd += ["--reference-cache", str(work / "reference")]
         procs.append(subprocess.Popen(cmd, cwd=ROOT))
     bad = [k for k, p in enumerate(procs) if p.wait() != 0]
     if bad:
-        raise SystemExit(f"fitness_correlation: worker(s) {bad} failed (their output is above)")
-    parts = [json.loads((work / f"{k}.json").read_text()) for k in range(args.jobs)]
-    rows = sorted((r for q in parts for r in q["rows"]), key=lambda r: r["index"])
-    return {"rows": rows, "teacher": next(q["teacher"] for q in parts if q["teacher"])}
+        raise SystemExit(f"fitness_correlation: worker(s) {bad} failed (output above; rows so far kept in {work})")
+    return collect(work)
+
+
+def work_dir(args: argparse.Namespace) -> Path:
+    """The run's folder of per-candidate rows (``--work``), created on first use. A folder holding rows of other
+    settings is refused: its rows would be merged with this run's."""
+    if args.work is None:
+        import tempfile
+
+        args.work = Path(tempfile.mkdtemp(prefix="fitcorr-"))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    around = None if args.around is None else json.loads(Path(args.around).read_text()).get("genome", {}).get("levels")
+    key = {
+        "model": args.model,
+        "budget": args.budget,
+        "candidates": args.candidates,
+        "samples": args.samples,
+        "seed": args.seed,
+        "compensate": bool(args.compensate),
+        "around": around,
+    }
+    f = work / "settings.json"
+    if f.is_file():
+        had = json.loads(f.read_text())
+        if had != key:
+            diff = sorted(k for k in key if had.get(k) != key[k])
+            raise SystemExit(f"--work {work}: holds rows of other settings ({', '.join(diff)} differ): use a new one")
+    else:
+        atomic_write(f, json.dumps(key))
+    return work
+
+
+def collect(work: Path) -> dict[str, Any]:
+    """Every row written to ``work`` so far, in candidate order, and the teacher's metrics."""
+    rows = sorted((json.loads(p.read_text()) for p in work.glob("cand-*.json")), key=lambda r: r["index"])
+    t = work / "teacher.json"
+    return {"rows": rows, "teacher": json.loads(t.read_text()) if t.is_file() else {}}
 
 
 def section(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
@@ -201,7 +253,9 @@ def section(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
         "",
         f"{dt.date.today().isoformat()}, `{command}`, {_machine()}.",
         "",
-        f"**{args.model}** at {args.budget}: {len(rows)} candidates (*local*: 1-6 level switches around "
+        f"**{args.model}** at {args.budget}: {len(rows)} candidates"
+        + ("" if len(rows) >= args.candidates else f" (**partial**: {len(rows)} of {args.candidates} scored)")
+        + " (*local*: 1-6 level switches around "
         + ("the uniform cut" if args.around is None else f"the search winner `{args.around.name}`")
         + " fitted to the budget, what selection compares; *random*: random genomes repaired to the budget; "
         f"params {min(r['params'] for r in rows):,} to {max(r['params'] for r in rows):,}), "
@@ -266,6 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--section", default=SECTION, help=f"docs section name to write (default {SECTION}; one per model/budget)"
     )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder of per-candidate rows (default: a new temp folder); the same command with the same --work "
+        "resumes, skipping the candidates already scored",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds: start no candidate that would end past this (the rows so far are written; rerun with the "
+        "same --work to finish)",
+    )
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # K/N: a --jobs worker
     argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
@@ -276,17 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     from tmp_jax.compile_cache import enable_default
 
     enable_default()
-    if a.shard is not None:  # a worker: its rows only, no docs
+    if a.shard is not None:  # a worker: its rows (in --work) only, no docs
         k, n = (int(x) for x in a.shard.split("/"))
-        res = run(a, (k, n))
-        if a.json is not None:
-            from tmp_jax.fileio import atomic_write
-
-            atomic_write(a.json, json.dumps(res, indent=1))
+        run(a, (k, n))
         return 0
     res = run_jobs(a, argv) if a.jobs > 1 else run(a)
     if a.json is not None:
-        a.json.write_text(json.dumps(res, indent=1))
+        atomic_write(a.json, json.dumps(res, indent=1))
+    if len(res["rows"]) < 3:
+        print(f"fitness_correlation: {len(res['rows'])} rows in {a.work}, too few for a table: rerun with --work")
+        return 1
     command = "python scripts/fitness_correlation.py" + "".join(f" {shlex.quote(x)}" for x in argv)
     from scripts.quality_table import write
 
