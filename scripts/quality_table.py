@@ -10,8 +10,9 @@ MoE). docs/quality.md holds one section per (preset, model) between ``<!-- secti
 states its own date, machine and command).
 
 For each budget (of the model's parameters) and each strategy (levelswitch = ours; levelswitch-nocomp = ours
-without compensated pruning, i.e. ``--no-compensate``; uniform, oneshot, depth, random, ga, cmaes = baselines,
-compensated like ours) it takes the strategy's plan, materialises the student from the teacher, evaluates it
+without compensated pruning, i.e. ``--no-compensate``; opt-in levelswitch-rollout = ours with
+``--rollout-steps 8``; uniform, oneshot, depth, random, ga, cmaes = baselines, compensated like ours) it takes the
+strategy's plan, materialises the student from the teacher, evaluates it
 (``tmp_jax.evaluate``), distils it for a fixed number of steps (same data, seed and settings for every row) and
 evaluates it again. The iterative strategies (levelswitch, random, ga, cmaes) run with the same
 ``--generations`` x ``--population``, so the same number of candidate evaluations (random, ga and cmaes score
@@ -66,8 +67,15 @@ if str(ROOT) not in sys.path:
 STRATEGIES = ("levelswitch", "levelswitch-nocomp", "uniform", "oneshot", "depth", "random", "ga", "cmaes")
 OURS = "levelswitch"
 BASELINES = ("uniform", "oneshot", "depth", "random", "ga", "cmaes")  # what "the best baseline" ranges over
-# rows that run another strategy / without compensation: name -> (strategy, compensated)
-VARIANTS = {"levelswitch-nocomp": ("levelswitch", False)}
+# rows that run another strategy / without compensation / with other search settings:
+# name -> (strategy, compensated, SearchConfig overrides)
+VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
+    "levelswitch-nocomp": ("levelswitch", False, {}),
+    # ours with the last selection stage re-ranked by an 8-step sampler rollout (``--rollout-steps 8``)
+    "levelswitch-rollout": ("levelswitch", True, {"rollout_steps": 8}),
+}
+# opt-in rows (``--strategies``): not in the default table
+EXTRA_STRATEGIES = ("levelswitch-rollout",)
 MODELS = {
     "zimage-fmnist": ("embedded Z-Image-architecture DiT (zimage-fmnist)", "DiT"),
     "hunyuan-fmnist": ("embedded HunyuanImage-3.0-architecture MoE (hunyuan-fmnist)", "MoE"),
@@ -172,14 +180,19 @@ def _search_state(args: argparse.Namespace, model: str, strat: str, budgets: lis
     return st
 
 
+def _variant(strat: str) -> tuple[str, bool, dict[str, Any]]:
+    """(strategy run, compensated, SearchConfig overrides) of a row name."""
+    return VARIANTS.get(strat, (strat, True, {}))
+
+
 def _compensated(strat: str) -> bool:
-    return VARIANTS.get(strat, (strat, True))[1]
+    return _variant(strat)[1]
 
 
 def _search_order(strategies: list[str]) -> list[str]:
     """One-shot strategies first (their rows can start within seconds), then ours, then the other iterative ones."""
     rank = {"uniform": 0, "oneshot": 0, "depth": 0, OURS: 1}
-    return sorted(strategies, key=lambda s: rank.get(VARIANTS.get(s, (s,))[0], 2))
+    return sorted(strategies, key=lambda s: rank.get(_variant(s)[0], 2))
 
 
 def search_unit(args: argparse.Namespace, model: str, budgets: list[str], compensated: bool) -> None:
@@ -197,7 +210,7 @@ def search_unit(args: argparse.Namespace, model: str, budgets: list[str], compen
     for strat in _search_order([x for x in args.strategies if _compensated(x) == compensated]):
         if _search_state(args, model, strat, budgets):
             continue
-        base_strat, comp = VARIANTS.get(strat, (strat, True))
+        base_strat, comp, overrides = _variant(strat)
         timings: dict[str, float] = {}
         if comp not in problems:
             t = time.time()
@@ -219,6 +232,7 @@ def search_unit(args: argparse.Namespace, model: str, budgets: list[str], compen
                     progress=False,
                     summary=False,
                     compensate=comp,
+                    **overrides,
                 ),
                 problem=problems[comp],
             )
@@ -577,7 +591,13 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
         f"**Setup.** Budgets {', '.join(budgets)} of the {kind}'s parameters. The iterative strategies "
         f"(levelswitch = ours, random, ga, cmaes) run {gens} (the same number of candidate evaluations); "
         "uniform, oneshot and depth are one-shot; all but levelswitch-nocomp are compensated (re-fitted). "
-        f"Each plan is evaluated as pruned (0 steps) and after {args.distill_steps} recovery-distillation steps "
+        + (
+            "levelswitch-rollout: ours with each budget's 4 best final candidates re-ranked by the final-latent "
+            "error of an 8-step CFG sampler rollout from the teacher's noise (`--rollout-steps 8`). "
+            if "levelswitch-rollout" in args.strategies
+            else ""
+        )
+        + f"Each plan is evaluated as pruned (0 steps) and after {args.distill_steps} recovery-distillation steps "
         f"(batch {args.distill_batch}, lr {args.distill_lr:g}, same data and seed for every row). Metrics "
         f"(`python -m tmp_jax.evaluate`, setting `{st.name}`): the normalised teacher-student velocity MSE (the "
         f"pruned output error) and held-out flow-matching MSE on {st.fm_images} TEST images at fixed sigmas and "
@@ -681,7 +701,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated embedded teachers (default: all: {', '.join(MODELS)})",
     )
     p.add_argument("--budgets", default=None, help="budgets for every model (default: the preset's per model)")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help=f"comma-separated rows (default: {','.join(STRATEGIES)}; also: {', '.join(EXTRA_STRATEGIES)})",
+    )
     p.add_argument("--generations", type=int, default=None, help="default: the preset's")
     p.add_argument("--population", type=int, default=None, help="default: the preset's")
     p.add_argument("--distill-steps", type=int, default=None, help="default: the preset's")
@@ -708,8 +732,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--model {m}: choose from {', '.join(MODELS)}")
     a.strategies = [s.strip() for s in a.strategies.split(",") if s.strip()]
     for s_ in a.strategies:
-        if s_ not in STRATEGIES:
-            p.error(f"--strategies {s_}: choose from {', '.join(STRATEGIES)}")
+        if s_ not in STRATEGIES + EXTRA_STRATEGIES:
+            p.error(f"--strategies {s_}: choose from {', '.join(STRATEGIES + EXTRA_STRATEGIES)}")
     # what a worker is started with: this run's arguments minus the ones it gets per unit
     a.argv = strip_options(argv, {"--worker", "--budgets", "--time-limit"}, {"--fresh"})
     if a.preset == "cpu":
