@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shlex
 import sys
 import time
@@ -197,7 +198,9 @@ def run_jobs(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         cmd = [sys.executable, __file__, *base, "--shard", f"{k}/{args.jobs}", "--work", str(work)]
         if args.reference_cache is None:
             cmd += ["--reference-cache", str(work / "reference")]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT))
+        # several processes share one GPU: none may take 75% of its memory up front (JAX's default)
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
     bad = [k for k, p in enumerate(procs) if p.wait() != 0]
     if bad:
         raise SystemExit(f"fitness_correlation: worker(s) {bad} failed (output above; rows so far kept in {work})")
