@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from tmp_jax import arch
     from tmp_jax import evaluate as ev
     from tmp_jax.calibration import calibrate
-    from tmp_jax.compensate import Compensation, CompensationConfig, _elements, _solve_psd, gram_stats
+    from tmp_jax.compensate import Compensation, CompensationConfig, gram_stats, refit
     from tmp_jax.materialize import kept_first_order, materialize
     from tmp_jax.plan import plan_assignment
     from tmp_jax.problem import _teacher_and_set
@@ -117,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             if c is None or (c[0], c[1]) not in self.fits:
                 return super().apply(tree_, path, w, ids)
             gs, rhs_g = self.fits[(c[0], c[1])]
-            s = c[3]
-            w64 = np.moveaxis(np.asarray(w, np.float64), s.axis, 0)  # [N, D]: the consumer's input rows first
-            e = _elements(np.asarray(ids, np.int64), s.group)
-            lam = cfg.damp * float(np.mean(np.diag(gs)))  # the shipped ridge, relative to the Gram's diagonal
-            out = _solve_psd(gs[np.ix_(e, e)] + lam * np.eye(len(e)), rhs_g[e] @ w64 + lam * w64[e])
-            return np.moveaxis(out, 0, s.axis)
+            return refit(gs, np.asarray(w), ids, c[3].group, c[3].axis, cfg.damp, rhs_gram=rhs_g)
 
     results: dict[str, dict[str, float]] = {}
 

@@ -73,6 +73,25 @@ def test_obs_error_matches_refit_and_is_monotone():
     np.testing.assert_allclose(r[0], refit(g, w, order[:8], 1, 0, 1e-3), rtol=1e-10)
 
 
+@pytest.mark.parametrize("device", [False, True])
+def test_refit_to_a_target_on_another_input(device, monkeypatch):
+    """``rhs_gram = Xs^T X``: the kept rows, fed ``Xs``, are fitted to ``X W`` (least squares + ridge)."""
+    if device:
+        monkeypatch.setattr("tmp_jax.compensate.ACCELERATE_ABOVE", 0)  # the float32 device path
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((300, 12)), rng.standard_normal((12, 4))
+    xs = x + 0.3 * rng.standard_normal(x.shape)  # the student's input: perturbed upstream
+    keep, damp = np.array([0, 2, 3, 5, 7, 8, 11]), 1e-3
+    gs = xs.T @ xs
+    lam = damp * np.mean(np.diag(gs))
+    a = xs[:, keep].T @ xs[:, keep] + lam * np.eye(len(keep))
+    want = np.linalg.solve(a, xs[:, keep].T @ (x @ w) + lam * w[keep])
+    got = refit(gs, w, keep, 1, 0, damp, rhs_gram=xs.T @ x)
+    np.testing.assert_allclose(got, want, rtol=1e-4 if device else 1e-8, atol=1e-5 if device else 1e-10)
+    # without it the target is the kept rows' own input (Xs W): a different fit
+    assert not np.allclose(refit(gs, w, keep, 1, 0, damp), want, atol=1e-3)
+
+
 def _calibrated_problem(name: str, cfg, plant: bool, compensate: bool) -> PruningProblem:
     hooks = arch.get(name)
     model = hooks.init_random(cfg, jnp.float32, 0)

@@ -263,30 +263,44 @@ def _rows(w: np.ndarray, axis: int) -> np.ndarray:
     raise ValueError(f"consumer axis {axis} not supported (0, or 1 with a leading expert axis)")
 
 
-def refit(g: np.ndarray, w: np.ndarray, ids: np.ndarray, group: int, axis: int, damp: float) -> np.ndarray:
+def refit(
+    g: np.ndarray,
+    w: np.ndarray,
+    ids: np.ndarray,
+    group: int,
+    axis: int,
+    damp: float,
+    rhs_gram: np.ndarray | None = None,
+) -> np.ndarray:
     """Re-fitted consumer rows of the kept units ``ids`` (in the given sequence), float64; ``ids`` (B, k): each
     batch entry (expert) keeps its own units.
 
     ``g``: (N, N) or (B, N, N) Gram of the consumer input in the numbering of ``w``; ``w``: the FULL
     consumer parameter, its input rows on ``axis`` (0; or 1 after a leading batch/expert axis of size B);
-    returns ``w`` with that axis reduced to the kept rows, ``len(ids) * group`` of them."""
+    returns ``w`` with that axis reduced to the kept rows, ``len(ids) * group`` of them.
+
+    ``rhs_gram``: the target's side, ``Xs^T X`` (same shape as ``g``) when the kept rows see another input
+    ``Xs`` (``g = Xs^T Xs``) than the one the target ``X W`` is computed on; None: ``g`` itself (``Xs = X``)."""
     w64 = _rows(np.asarray(w, np.float64), axis)  # [B, N, D]
     gb = g if g.ndim == 3 else g[None]
     if gb.shape[0] != w64.shape[0] or gb.shape[1] != w64.shape[1]:
         raise ValueError(f"Gram of shape {g.shape} does not match consumer of shape {w.shape} on axis {axis}")
+    rb = None if rhs_gram is None else (rhs_gram if rhs_gram.ndim == 3 else rhs_gram[None])
+    if rb is not None and rb.shape != gb.shape:
+        raise ValueError(f"right-hand Gram of shape {rhs_gram.shape} differs from the Gram's {g.shape}")
     ids = np.asarray(ids, np.int64)
     if ids.ndim == 2 and ids.shape[0] != gb.shape[0]:
         raise ValueError(f"per-row kept units for {ids.shape[0]} rows, the Gram has {gb.shape[0]}")
     el = np.broadcast_to(_elements(ids, group), (gb.shape[0], ids.shape[-1] * group))  # [B, k*group]
     lam = _damp(gb, damp)
     if _accelerate(gb.shape):
-        out = np.asarray(_refit_device(gb, w64, el, lam), np.float64)
+        out = np.asarray(_refit_device(gb, w64, el, lam, rb), np.float64)
     else:
         out = np.empty((w64.shape[0], el.shape[1], w64.shape[2]))
         for b in range(w64.shape[0]):
             e = el[b]
             a = gb[b][np.ix_(e, e)] + lam[b] * np.eye(len(e))
-            rhs = gb[b][e] @ w64[b] + lam[b] * w64[b][e]
+            rhs = (gb if rb is None else rb)[b][e] @ w64[b] + lam[b] * w64[b][e]
             out[b] = _solve_psd(a, rhs)
     shape = list(w.shape)
     shape[axis] = el.shape[1]
@@ -303,26 +317,28 @@ def _accelerate(shape: tuple[int, ...]) -> bool:
     return int(np.prod(shape)) > ACCELERATE_ABOVE
 
 
-def _refit_device(g: np.ndarray, w: np.ndarray, el: np.ndarray, lam: np.ndarray) -> Any:
-    """:func:`refit` for a batch on the default JAX device (float32, Cholesky)."""
+def _refit_device(g: np.ndarray, w: np.ndarray, el: np.ndarray, lam: np.ndarray, r: np.ndarray | None = None) -> Any:
+    """:func:`refit` for a batch on the default JAX device (float32, Cholesky); ``r``: its ``rhs_gram`` (None:
+    ``g``, not copied to the device twice)."""
     import jax.numpy as jnp
 
-    return _refit_jit(jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(el), jnp.asarray(lam))
+    rd = None if r is None else jnp.asarray(r, jnp.float32)
+    return _refit_jit(jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(el), jnp.asarray(lam), rd)
 
 
-def _refit_body(g: Any, w: Any, el: Any, lam: Any) -> Any:
+def _refit_body(g: Any, w: Any, el: Any, lam: Any, r: Any = None) -> Any:
     import jax
     import jax.numpy as jnp
 
-    def one(gb: Any, wb: Any, eb: Any, lb: Any) -> Any:
+    def one(gb: Any, wb: Any, eb: Any, lb: Any, rb: Any) -> Any:
         a = gb[eb][:, eb] + lb * jnp.eye(eb.shape[0], dtype=gb.dtype)  # [k, k]
-        rhs = gb[eb] @ wb + lb * wb[eb]  # [k, D]
+        rhs = (gb if rb is None else rb)[eb] @ wb + lb * wb[eb]  # [k, D]
         c = jax.scipy.linalg.cho_factor(a, lower=True)
         return jax.scipy.linalg.cho_solve(c, rhs)
 
     hp = jax.default_matmul_precision("highest")
     with hp:
-        return jax.lax.map(lambda t: one(*t), (g, w, el, lam.astype(g.dtype)))
+        return jax.lax.map(lambda t: one(*t), (g, w, el, lam.astype(g.dtype), r))
 
 
 def _lazy_jit(fn: Any, **kw: Any) -> Any:
