@@ -140,7 +140,6 @@ def run(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> dict[str, 
     grams = probs["trajectory"].compensation if args.compensate else None
     teacher = probs["noised"].teacher_model
     setting = ev.Setting("corr", fm_images=256, samples=args.samples, steps=6)
-    rows = []
     t0 = time.time()
     k, n = shard
     around = None
@@ -163,21 +162,18 @@ def run(args: argparse.Namespace, shard: tuple[int, int] = (0, 1)) -> dict[str, 
         order = kept_first_order(tree, plan["policy"]["kept_units"])
         m = materialize(teacher, tree, plan_assignment(plan), order, comp=grams)
         met = ev.evaluate(m, teacher, setting=setting, seed=args.seed, reference_cache=args.reference_cache)
-        metrics = {k2: met[k2] for k2 in METRICS}
-        rows.append(
-            {
-                "index": i,
-                "kind": plan["kind"],
-                "params": plan["params"],
-                **{f"fit_{src}": v for src, v in fit.items()},
-                **metrics,
-            }
-        )
-        atomic_write(work / f"cand-{i}.json", json.dumps(rows[-1]))
+        row = {
+            "index": i,
+            "kind": plan["kind"],
+            "params": plan["params"],
+            **{f"fit_{src}": v for src, v in fit.items()},
+            **{k2: met[k2] for k2 in METRICS},
+        }
+        atomic_write(work / f"cand-{i}.json", json.dumps(row))  # the rows live in --work, not in memory
         if not (work / "teacher.json").is_file():
             atomic_write(work / "teacher.json", json.dumps({k2: met["teacher"][k2] for k2 in METRICS}))
         last = time.time() - t1
-        print(f"[{i + 1}/{args.candidates}] {json.dumps(rows[-1])} ({time.time() - t0:.0f} s)", flush=True)
+        print(f"[{i + 1}/{args.candidates}] {json.dumps(row)} ({time.time() - t0:.0f} s)", flush=True)
     return collect(work)
 
 

@@ -185,6 +185,18 @@ def _variant(strat: str) -> tuple[str, bool, dict[str, Any]]:
     return VARIANTS.get(strat, (strat, True, {}))
 
 
+def _rollout_note() -> str:
+    """The setup sentence of the levelswitch-rollout row, from its settings (``VARIANTS``, SearchConfig's defaults)."""
+    from search.engine import SearchConfig
+
+    steps = VARIANTS["levelswitch-rollout"][2]["rollout_steps"]
+    top = SearchConfig.__dataclass_fields__["rollout_top"].default
+    return (
+        f"levelswitch-rollout: ours with each budget's {top} best final candidates re-ranked by the final-latent "
+        f"error of a CFG sampler rollout of {steps} steps from the teacher's noise (`--rollout-steps {steps}`). "
+    )
+
+
 def _compensated(strat: str) -> bool:
     return _variant(strat)[1]
 
@@ -591,12 +603,7 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
         f"**Setup.** Budgets {', '.join(budgets)} of the {kind}'s parameters. The iterative strategies "
         f"(levelswitch = ours, random, ga, cmaes) run {gens} (the same number of candidate evaluations); "
         "uniform, oneshot and depth are one-shot; all but levelswitch-nocomp are compensated (re-fitted). "
-        + (
-            "levelswitch-rollout: ours with each budget's 4 best final candidates re-ranked by the final-latent "
-            "error of an 8-step CFG sampler rollout from the teacher's noise (`--rollout-steps 8`). "
-            if "levelswitch-rollout" in args.strategies
-            else ""
-        )
+        + (_rollout_note() if "levelswitch-rollout" in args.strategies else "")
         + f"Each plan is evaluated as pruned (0 steps) and after {args.distill_steps} recovery-distillation steps "
         f"(batch {args.distill_batch}, lr {args.distill_lr:g}, same data and seed for every row). Metrics "
         f"(`python -m tmp_jax.evaluate`, setting `{st.name}`): the normalised teacher-student velocity MSE (the "
