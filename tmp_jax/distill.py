@@ -98,29 +98,40 @@ def load_defaults() -> dict[str, Any]:
 
 def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
     """(teacher, student, tree, plan): the student is the plan's subnetwork sliced from the teacher."""
+    from tmp_jax.teachers import load_model as _load_model
+
+    teacher, path, _ = _load_model(cfg.model, cfg.dtype)
+    student, tree, plan = plan_student(cfg.plan, teacher, path, cfg.model, cfg.compensate)
+    return teacher, student, tree, plan
+
+
+def plan_student(
+    plan_path: Path, teacher: Any, path: Path | None, model: str | None, compensate: bool = True
+) -> tuple[Any, Tree, dict[str, Any]]:
+    """(student, tree, plan): the plan at ``plan_path`` sliced from ``teacher`` (loaded from ``path``, named
+    ``model`` on the command line), re-fitted with the plan's compensation when ``compensate`` (a plan searched
+    with ``--no-compensate`` has none: plain slices). The plan must come from that very checkpoint."""
     from tmp_jax.fileio import fingerprint
     from tmp_jax.materialize import kept_first_order, materialize
     from tmp_jax.plan import load_plan, plan_assignment
-    from tmp_jax.teachers import load_model as _load_model
 
-    plan = load_plan(cfg.plan)
-    teacher, path, _ = _load_model(cfg.model, cfg.dtype)
+    plan = load_plan(plan_path)
     if teacher.ARCH != plan["arch"]:
-        raise ValueError(f"{cfg.plan}: plan is for {plan['arch']!r}, --model is {teacher.ARCH!r}")
+        raise ValueError(f"{plan_path}: plan is for {plan['arch']!r}, --model is {teacher.ARCH!r}")
     fp = fingerprint(path, teacher.config.to_hf_config())
     if plan.get("source", {}).get("fingerprint") != fp:
-        raise ValueError(f"{cfg.plan}: the plan was made from another checkpoint than --model {cfg.model}")
+        raise ValueError(f"{plan_path}: the plan was made from another checkpoint than --model {model}")
     hooks = arch.get(teacher.ARCH)
     tree = Tree(hooks.build_spec(teacher.config))
     a = plan_assignment(plan)
     order = kept_first_order(tree, plan["policy"]["kept_units"])
     comp = None
-    if cfg.compensate:
+    if compensate:
         from tmp_jax.compensate import from_plan
 
-        comp = from_plan(plan, cfg.plan)  # None for a plan searched with --no-compensate
+        comp = from_plan(plan, plan_path)  # None for a plan searched with --no-compensate
     student = materialize(teacher, tree, a, order, comp=comp)
-    return teacher, student, tree, plan
+    return student, tree, plan
 
 
 def training_batches(cfg: DistillConfig, model_cfg: Any, arch_name: str) -> Any:

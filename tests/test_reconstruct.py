@@ -1,0 +1,100 @@
+"""Block-by-block reconstruction (tmp_jax.reconstruct) on the embedded TRAINED DiT: it lowers every fitted block's
+calibration error and the student's held-out output error, writes a loadable student, and resumes after a crash."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from plan_ref import write_plan
+
+from tmp_jax import arch
+from tmp_jax.distill import plan_student
+from tmp_jax.problem import EMBEDDED
+from tmp_jax.reconstruct import ReconstructConfig, main
+from tmp_jax.tree import Tree
+
+TEACHER = EMBEDDED["zimage-fmnist"]
+H = arch.get("zimage")
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory) -> Path:
+    """Drop main block 3 and halve every main block's FFN: block 4 must stand in for block 3."""
+    teacher = H.load(str(TEACHER))
+    tree = Tree(H.build_spec(teacher.config))
+    g = tree.full_genome()
+    names = [x.name for x in tree.genes]
+    g[names.index("layers.3:keep")] = 0
+    for i, gene in enumerate(tree.genes):
+        if gene.kind == "ffn" and gene.node.startswith("layers."):
+            g[i] = gene.n_levels // 2
+    return write_plan(tmp_path_factory.mktemp("plan") / "plan.json", "zimage", TEACHER, teacher, tree, g, None)
+
+
+@pytest.fixture(scope="module")
+def run(plan, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rec") / "out"
+    assert (
+        main(["--plan", str(plan), "--model", str(TEACHER), "--steps", str(STEPS), "--out", str(out), "--no-progress"])
+        == 0
+    )
+    return out
+
+
+def _gap(student, teacher, inputs) -> float:
+    """Normalised student-teacher output error over prepared inputs (valid tokens only)."""
+    num = den = 0.0
+    for inp in inputs:
+        yt, ys = np.asarray(H.forward(teacher, inp)), np.asarray(H.forward(student, inp))
+        num, den = num + float(np.sum((ys - yt) ** 2)), den + float(np.sum(yt**2))
+    return num / den
+
+
+def test_reconstruction_lowers_block_and_output_error(plan, run):
+    from tmp_jax.calibration import prepare
+    from tmp_jax.problem import _teacher_and_set
+
+    rec = json.loads((run / "reconstruct.json").read_text())
+    assert rec["finished"] and rec["settings"]["steps"] == STEPS
+    blocks = [b["block"] for b in rec["blocks"]]
+    assert "layers/3" not in blocks and "layers/4" in blocks  # the dropped block has no student block
+    assert all(b["after"] <= b["before"] for b in rec["blocks"])
+    assert sum(b["kept"] for b in rec["blocks"]) >= len(blocks) // 2
+    lay4 = next(b for b in rec["blocks"] if b["block"] == "layers/4")
+    assert lay4["after"] < 0.8 * lay4["before"]  # standing in for the dropped block is most of its error
+    teacher, path, _, batches, _ = _teacher_and_set(str(TEACHER), None, "fp32", None, 8, 0)
+    sliced, _, _ = plan_student(plan, teacher, path, str(TEACHER), False)
+    fitted = H.load(str(run / "weights"))
+    inputs = [prepare(H, teacher.config, b) for b in batches[:2]]
+    assert _gap(fitted, teacher, inputs) < 0.8 * _gap(sliced, teacher, inputs)
+
+
+def test_resume_refits_only_the_blocks_after_the_crash(plan, run, tmp_path, capsys):
+    rec = json.loads((run / "reconstruct.json").read_text())
+    out = tmp_path / "out"
+    shutil.copytree(run / "weights", out / "weights")
+    # as if the run died before its last block (the weights are saved with the record, after each block);
+    # a resumed run needs the same settings, re-fits only what is not recorded and keeps the rest
+    cut = {**rec, "blocks": rec["blocks"][:-1], "finished": False}
+    (out / "reconstruct.json").write_text(json.dumps(cut))
+    args = ["--plan", str(plan), "--model", str(TEACHER), "--steps", str(STEPS), "--out", str(out), "--no-progress"]
+    assert main(args) == 2  # without --resume: refused, nothing overwritten
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--steps", "3", "--resume"]) == 2  # other settings: refused
+    assert "other settings" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "reconstruct.json").read_text())
+    assert again["finished"] and [b["block"] for b in again["blocks"]] == [b["block"] for b in rec["blocks"]]
+    assert again["blocks"][:-1] == rec["blocks"][:-1]
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="steps"):
+        ReconstructConfig(steps=-1)
+    assert main(["--plan", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope.json" in capsys.readouterr().err

@@ -1,0 +1,308 @@
+"""Block-by-block reconstruction of a pruned student: the cluster-free re-fit past the closed form (issue 17).
+
+A compensated plan (:mod:`tmp_jax.compensate`) re-fits each consumer projection in closed form, one linear map at
+a time, on the TEACHER's input. Reconstruction goes further without distillation's memory or data: it walks the
+model block by block in execution order (the architecture's streamed schedule, :class:`tmp_jax.arch.StreamHooks`)
+and fits every kept parameter of the student's block with Adam so that the block's output on the STUDENT's own
+activations matches the teacher's block output on the teacher's activations, over the calibration set the search
+used (the teacher's sampler trajectory for the embedded teachers, ``--calib`` otherwise). So each block also
+corrects the error that reaches it from the blocks before. A block the plan drops has no student block: the
+next kept block's target is the teacher's output after the dropped one, so it learns to stand in for it. One
+block is trained at a time; a fit that does not lower its block's error on the calibration set is not kept.
+
+    python -m tmp_jax.reconstruct --plan OUT/plan.json [--model SRC] [--calib DIR] [--steps 300] [--out DIR]
+
+Writes ``OUT/weights`` (the student checkpoint, as :mod:`tmp_jax.distill` does: ``python -m converters.export
+--plan OUT/plan.json --weights OUT/weights``, ``python -m tmp_jax.evaluate OUT/weights``) and
+``OUT/reconstruct.json`` (each block's calibration error before and after, the settings). Both are rewritten
+atomically after every block, so ``--resume`` continues after the last finished block.
+
+Memory: the teacher, the student and both models' activations of the calibration set are held on the devices
+(fine for the embedded teachers and a Turbo on one GPU). The 80B MoE needs the streamed form of the same walk
+(one teacher block and one student block resident, as :mod:`tmp_jax.streamed_calibration` does for the teacher),
+which is not built yet. Parameters are trained in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tmp_jax import arch
+
+Carry = Any  # one micro-batch's activations between schedule steps (a dict of arrays)
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """``steps``: Adam steps per kept block (one calibration micro-batch each, in set order); ``lr``: the peak
+    learning rate of a cosine decay over those steps."""
+
+    steps: int = 300
+    lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class BlockFit:
+    """One kept block's normalised calibration error (summed over the activations it writes) before and after."""
+
+    block: str  # the teacher block's path, "/"-joined
+    before: float
+    after: float
+    kept: bool  # the fit lowered the error and replaced the block's parameters
+    seconds: float
+
+
+def _get(module: Any, path: tuple) -> Any:
+    for p in path:
+        module = module[p] if isinstance(p, int) else getattr(module, p)
+    return module
+
+
+def _split_static(inp: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
+    """Model inputs -> (arrays, hashable rest) (e.g. Z-Image's ``patch_key``, the task name)."""
+    dyn = {k: v for k, v in inp.items() if not isinstance(v, str | int | float | bool | None)}
+    return dyn, tuple(sorted((k, v) for k, v in inp.items() if k not in dyn))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _op(gd: Any, fn: Callable, static: tuple, st: Any, dyn: dict, carry: Carry) -> Carry:
+    return fn(nnx.merge(gd, st), {**dyn, **dict(static)}, carry)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _block(gd: Any, fn: Callable, params: Any, rest: Any, carry: Carry) -> Carry:
+    return fn(nnx.merge(gd, params, rest), carry)
+
+
+def _error(out: Carry, target: Carry, keys: tuple[str, ...]) -> jax.Array:
+    """Sum over the written activations of ||out - target||^2 / ||target||^2."""
+    return sum(jnp.sum(jnp.square(out[k] - target[k])) / jnp.sum(jnp.square(target[k])) for k in keys)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _train_step(
+    gd: Any, fn: Callable, keys: tuple, opt: Any, params: Any, rest: Any, ost: Any, carry: Carry, target: Carry
+) -> tuple[Any, Any, jax.Array]:
+    loss, g = jax.value_and_grad(lambda p: _error(_block(gd, fn, p, rest, carry), target, keys))(params)
+    upd, ost = opt.update(g, ost, params)
+    return optax.apply_updates(params, upd), ost, loss
+
+
+def _written(before: Carry, after: Carry) -> tuple[str, ...]:
+    """The carry entries a block step wrote (its output activations): arrays whose value changed."""
+    arrays = [k for k in before if isinstance(before[k], jax.Array) and isinstance(after.get(k), jax.Array)]
+    same = lambda k: before[k].shape == after[k].shape and bool(jnp.array_equal(before[k], after[k]))  # noqa: E731
+    return tuple(k for k in arrays if not same(k))
+
+
+def _mean_error(gd: Any, fn: Callable, params: Any, rest: Any, carries: list, targets: list, keys: tuple) -> float:
+    return float(np.mean([_error(_block(gd, fn, params, rest, c), t, keys) for c, t in zip(carries, targets)]))
+
+
+def reconstruct(
+    teacher: Any,
+    student: Any,
+    inputs: list[dict[str, Any]],
+    cfg: ReconstructConfig = ReconstructConfig(),
+    *,
+    done: frozenset[str] = frozenset(),
+    on_block: Callable[[BlockFit], None] | None = None,
+    progress: bool = False,
+) -> list[BlockFit]:
+    """Fit ``student``'s kept blocks in place (see the module doc); returns one :class:`BlockFit` per block fitted.
+
+    ``inputs``: prepared model inputs (:func:`tmp_jax.calibration.prepare`), one dict per micro-batch.
+    ``done``: blocks (as in :attr:`BlockFit.block`) already fitted by an earlier run: they only run forward.
+    ``on_block``: called after every fitted block, with the student already updated (a checkpoint hook)."""
+    if not inputs:
+        raise ValueError("reconstruct: the calibration set is empty")
+    h = arch.get(teacher.ARCH)
+    if h.streamed is None:
+        raise ValueError(f"arch {teacher.ARCH!r} has no block schedule (ArchHooks.streamed)")
+    sh = h.streamed()
+    to_teacher = h.path_map(teacher.config, student.config)  # student parameter path -> teacher path
+    s_steps = {to_teacher(s.path): s for s in sh.schedule(student.config) if s.kind == "block"}
+    steps = sh.schedule(teacher.config)
+    todo = [s for s in steps if s.kind == "block" and s.path in s_steps and "/".join(map(str, s.path)) not in done]
+    bar = None
+    if progress:
+        from tmp_jax.progress import progress_bar
+
+        bar = progress_bar(total=len(todo) * cfg.steps, desc="reconstruct", unit="step")
+    tc: list[Carry] = [None] * len(inputs)  # the teacher's activations, per micro-batch
+    sc: list[Carry] = [None] * len(inputs)  # the student's
+    fits: list[BlockFit] = []
+    for step in steps:
+        if step.kind == "op":  # embeddings / head: the stems are not pruned, each model runs its own
+            for model, cs in ((teacher, tc), (student, sc)):
+                gd, st = nnx.split(sh.stem_view(model))
+                for i, inp in enumerate(inputs):
+                    dyn, static = _split_static(inp)
+                    cs[i] = _op(gd, step.fn, static, st, dyn, cs[i])
+            continue
+        tgd, tparams, trest = nnx.split(_get(teacher, step.path), nnx.Param, ...)
+        target = [_block(tgd, step.fn, tparams, trest, c) for c in tc]
+        s = s_steps.get(step.path)
+        if s is not None:
+            blk = _get(student, s.path)
+            gd, params, rest = nnx.split(blk, nnx.Param, ...)
+            name = "/".join(map(str, step.path))
+            if name not in done:
+                fit, fitted = _fit_block(name, gd, s.fn, params, rest, sc, target, _written(tc[0], target[0]), cfg, bar)
+                if fit.kept:
+                    params = fitted
+                    nnx.update(blk, params)
+                fits.append(fit)
+                if on_block is not None:
+                    on_block(fit)
+            sc = [_block(gd, s.fn, params, rest, c) for c in sc]
+        tc = target  # a dropped block: the student's activations go on unchanged
+    if bar is not None:
+        bar.close()
+    return fits
+
+
+def _fit_block(
+    name: str,
+    gd: Any,
+    fn: Callable,
+    params: Any,
+    rest: Any,
+    carries: list[Carry],
+    targets: list[Carry],
+    keys: tuple[str, ...],
+    cfg: ReconstructConfig,
+    bar: Any,
+) -> tuple[BlockFit, Any]:
+    """Adam on one block's parameters, micro-batch ``k % n`` at step ``k``: (its record, the fitted parameters)."""
+    t0 = time.perf_counter()
+    before = _mean_error(gd, fn, params, rest, carries, targets, keys)
+    fitted = params
+    if cfg.steps:
+        opt = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.steps))
+        ost = opt.init(params)
+        for k in range(cfg.steps):
+            i = k % len(carries)
+            fitted, ost, _ = _train_step(gd, fn, keys, opt, fitted, rest, ost, carries[i], targets[i])
+            if bar is not None:
+                bar.update(1)
+    after = _mean_error(gd, fn, fitted, rest, carries, targets, keys)
+    return BlockFit(name, before, min(before, after), after < before, round(time.perf_counter() - t0, 2)), fitted
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _settings(a: argparse.Namespace, plan_path: Path) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues."""
+    return {
+        "plan": str(plan_path.resolve()),
+        "plan_sha": _sha(plan_path),
+        "model": a.model,
+        "calib": a.calib,
+        "compensate": not a.no_compensate,
+        **asdict(ReconstructConfig(a.steps, a.lr)),
+    }
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tmp_jax.reconstruct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--plan", required=True, type=Path, help="plan.json from python -m tmp_jax.search")
+    p.add_argument("--model", help="the teacher checkpoint the plan was made from (default: embedded teacher)")
+    p.add_argument("--calib", help="calibration set folder (default: the embedded teacher's trajectory set)")
+    p.add_argument("--steps", type=int, default=ReconstructConfig.steps, help="Adam steps per kept block (300)")
+    p.add_argument("--lr", type=float, default=ReconstructConfig.lr, help="peak learning rate (1e-3, cosine decay)")
+    p.add_argument("--no-compensate", action="store_true", help="start from plain slices, not the re-fitted plan")
+    p.add_argument("--out", type=Path, default=Path("reconstruct-out"), help="output folder (default: reconstruct-out)")
+    p.add_argument("--resume", action="store_true", help="continue after the last finished block in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    try:
+        return _run(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a: argparse.Namespace) -> int:
+    from tmp_jax.calibration import prepare
+    from tmp_jax.compile_cache import enable_default
+    from tmp_jax.distill import plan_student
+    from tmp_jax.fileio import atomic_write
+    from tmp_jax.problem import _teacher_and_set
+
+    cfg = ReconstructConfig(a.steps, a.lr)  # bad values: one line before any work
+    if not a.plan.is_file():
+        raise FileNotFoundError(f"--plan {a.plan}: no such file")
+    enable_default()
+    out = Path(a.out)
+    log_path, weights = out / "reconstruct.json", out / "weights"
+    settings = _settings(a, a.plan)
+    fits: list[dict[str, Any]] = []
+    if log_path.is_file():
+        if not a.resume:
+            raise ValueError(f"{log_path} exists: pass --resume to continue that run, or choose another --out")
+        prev = json.loads(log_path.read_text())
+        if prev.get("settings") != settings:
+            raise ValueError(f"{log_path}: written with other settings ({prev.get('settings')}); use another --out")
+        fits = prev["blocks"]
+    # the set the search calibrated on (an embedded teacher's: the source the plan records)
+    source = json.loads(a.plan.read_text()).get("search", {}).get("calib_source") or "trajectory"
+    teacher, path, _, batches, _ = _teacher_and_set(a.model, a.calib, "fp32", None, 8, 0, source)
+    student, _, _ = plan_student(a.plan, teacher, path, a.model, not a.no_compensate)
+    h = arch.get(teacher.ARCH)
+    if fits:  # the blocks fitted so far live in the saved student
+        student = h.load(str(weights), dtype=jnp.float32)
+    inputs = [prepare(h, teacher.config, b) for b in batches]
+    t0 = time.perf_counter()
+
+    def checkpoint(fit: BlockFit) -> None:
+        fits.append(asdict(fit))
+        h.save(student, weights, overwrite=True)
+        atomic_write(log_path, json.dumps({"settings": settings, "blocks": fits, "finished": False}, indent=1))
+
+    done = frozenset(f["block"] for f in fits)
+    reconstruct(teacher, student, inputs, cfg, done=done, on_block=checkpoint, progress=not a.no_progress)
+    if not weights.is_dir():  # nothing to fit (every block done, or none kept): still write the student
+        h.save(student, weights, overwrite=True)
+    record = {"settings": settings, "blocks": fits, "finished": True, "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write(log_path, json.dumps(record, indent=1))
+    err = [(f["before"], f["after"]) for f in fits]
+    print(
+        f"tmp_jax.reconstruct: {len(fits)} blocks, calibration error summed over blocks "
+        f"{sum(b for b, _ in err):.4f} -> {sum(x for _, x in err):.4f} -> {weights}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
