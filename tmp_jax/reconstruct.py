@@ -18,7 +18,8 @@ Writes ``OUT/weights`` (the student checkpoint, as :mod:`tmp_jax.distill` does: 
 atomically after every block, so ``--resume`` continues after the last finished block.
 
 Memory: the teacher, the student and both models' activations of the calibration set are held on the devices
-(fine for the embedded teachers and a Turbo on one GPU). The 80B MoE needs the streamed form of the same walk
+(the embedded teachers; a 6B Turbo in fp32 with its 4B student, 41 GB of parameters, should fit one 80 GB GPU,
+not measured yet). The 80B MoE needs the streamed form of the same walk
 (one teacher block and one student block resident, as :mod:`tmp_jax.streamed_calibration` does for the teacher),
 which is not built yet. Parameters are trained in float32.
 """
