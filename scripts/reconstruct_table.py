@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=1024, help="samples per variant (20 Euler steps, CFG 2)")
     p.add_argument("--no-compensate", action="store_true", help="start from plain slices, not the re-fitted plan")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap replicates for 95%% intervals (0: none)")
+    p.add_argument("--reference-cache", type=Path, default=None, help="keep the teacher's side here (tmp_jax.evaluate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         fits = reconstruct(teacher, student, inputs, ReconstructConfig(n, a.lr)) if n else []
         fit_s = time.perf_counter() - t0
-        r = ev.evaluate(student, teacher, setting=setting, seed=a.seed)
+        r = ev.evaluate(student, teacher, setting=setting, seed=a.seed, reference_cache=a.reference_cache)
         blocks = [{"block": f.block, "before": f.before, "after": f.after, "kept": f.kept} for f in fits]
         keep = [k for k in r if k in METRICS or k.endswith("_ci")]
         results[f"steps={n}"] = {**{k: r[k] for k in keep}, "fit_s": round(fit_s, 1), "blocks": blocks}
