@@ -98,3 +98,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
         ReconstructConfig(steps=-1)
     assert main(["--plan", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["--plan", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.json: cannot read plan" in capsys.readouterr().err

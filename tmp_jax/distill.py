@@ -98,8 +98,10 @@ def load_defaults() -> dict[str, Any]:
 
 def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
     """(teacher, student, tree, plan): the student is the plan's subnetwork sliced from the teacher."""
+    from tmp_jax.plan import load_plan
     from tmp_jax.teachers import load_model as _load_model
 
+    load_plan(cfg.plan)  # a bad plan fails in one line before the teacher is loaded
     teacher, path, _ = _load_model(cfg.model, cfg.dtype)
     student, tree, plan = plan_student(cfg.plan, teacher, path, cfg.model, cfg.compensate)
     return teacher, student, tree, plan

@@ -259,6 +259,7 @@ def _run(a: argparse.Namespace) -> int:
     from tmp_jax.compile_cache import enable_default
     from tmp_jax.distill import plan_student
     from tmp_jax.fileio import atomic_write
+    from tmp_jax.plan import load_plan
     from tmp_jax.problem import _teacher_and_set
 
     cfg = ReconstructConfig(a.steps, a.lr)  # bad values: one line before any work
@@ -277,7 +278,7 @@ def _run(a: argparse.Namespace) -> int:
             raise ValueError(f"{log_path}: written with other settings ({prev.get('settings')}); use another --out")
         fits = prev["blocks"]
     # the set the search calibrated on (an embedded teacher's: the source the plan records)
-    source = json.loads(a.plan.read_text()).get("search", {}).get("calib_source") or "trajectory"
+    source = load_plan(a.plan).get("search", {}).get("calib_source") or "trajectory"  # a bad plan: one line
     teacher, path, _, batches, _ = _teacher_and_set(a.model, a.calib, "fp32", None, 8, 0, source)
     student, _, _ = plan_student(a.plan, teacher, path, a.model, not a.no_compensate)
     h = arch.get(teacher.ARCH)
