@@ -31,3 +31,24 @@ def write_plan(path: Path, arch: str, folder: Path, model: Any, tree: Any, genom
     }
     path.write_text(json.dumps(plan))
     return path
+
+
+def embedded_dit_plan(path: Path, heads0: int | None = None) -> Path:
+    """The plan of the embedded trained DiT (``zimage-fmnist``) with main block 3 dropped, every main block's FFN at
+    half its levels and, with ``heads0``, block 0's attention at that head level."""
+    from tmp_jax import arch
+    from tmp_jax.problem import EMBEDDED
+    from tmp_jax.tree import Tree
+
+    folder, h = EMBEDDED["zimage-fmnist"], arch.get("zimage")
+    teacher = h.load(str(folder))
+    tree = Tree(h.build_spec(teacher.config))
+    g = tree.full_genome()
+    names = [x.name for x in tree.genes]
+    g[names.index("layers.3:keep")] = 0
+    for i, gene in enumerate(tree.genes):
+        if gene.kind == "ffn" and gene.node.startswith("layers."):
+            g[i] = gene.n_levels // 2
+    if heads0 is not None:
+        g[names.index("layers.0.attention:heads")] = heads0
+    return write_plan(path, "zimage", folder, teacher, tree, g, None)

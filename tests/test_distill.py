@@ -9,13 +9,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from plan_ref import write_plan
+from plan_ref import embedded_dit_plan
 
 from tmp_jax import arch
 from tmp_jax import data as fm
 from tmp_jax.distill import DistillConfig, NonFiniteLoss, build_pair, run
 from tmp_jax.problem import EMBEDDED
-from tmp_jax.tree import Tree
 
 TEACHER = EMBEDDED["zimage-fmnist"]
 H = arch.get("zimage")
@@ -24,16 +23,7 @@ H = arch.get("zimage")
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory) -> Path:
     """A real plan: drop main block 3, halve every other main block's FFN, keep 4 of 6 heads in block 0."""
-    teacher = H.load(str(TEACHER))
-    tree = Tree(H.build_spec(teacher.config))
-    g = tree.full_genome()
-    names = [x.name for x in tree.genes]
-    g[names.index("layers.3:keep")] = 0
-    for i, gene in enumerate(tree.genes):
-        if gene.kind == "ffn" and gene.node.startswith("layers."):
-            g[i] = gene.n_levels // 2
-    g[names.index("layers.0.attention:heads")] = 3
-    return write_plan(tmp_path_factory.mktemp("plan") / "plan.json", "zimage", TEACHER, teacher, tree, g, None)
+    return embedded_dit_plan(tmp_path_factory.mktemp("plan") / "plan.json", heads0=3)
 
 
 @partial(jax.jit, static_argnums=0)

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from plan_ref import write_plan
+from plan_ref import embedded_dit_plan
 
 from tmp_jax import arch
 from tmp_jax.distill import plan_student
 from tmp_jax.problem import EMBEDDED
 from tmp_jax.reconstruct import ReconstructConfig, main
-from tmp_jax.tree import Tree
 
 TEACHER = EMBEDDED["zimage-fmnist"]
 H = arch.get("zimage")
@@ -25,15 +24,7 @@ STEPS = 12
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory) -> Path:
     """Drop main block 3 and halve every main block's FFN: block 4 must stand in for block 3."""
-    teacher = H.load(str(TEACHER))
-    tree = Tree(H.build_spec(teacher.config))
-    g = tree.full_genome()
-    names = [x.name for x in tree.genes]
-    g[names.index("layers.3:keep")] = 0
-    for i, gene in enumerate(tree.genes):
-        if gene.kind == "ffn" and gene.node.startswith("layers."):
-            g[i] = gene.n_levels // 2
-    return write_plan(tmp_path_factory.mktemp("plan") / "plan.json", "zimage", TEACHER, teacher, tree, g, None)
+    return embedded_dit_plan(tmp_path_factory.mktemp("plan") / "plan.json")
 
 
 @pytest.fixture(scope="module")

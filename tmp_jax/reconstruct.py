@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 from tmp_jax import arch
+from tmp_jax.streamed_calibration import _get, _op_jit, _split_static  # the streamed walk's own step helpers
 
 Carry = Any  # one micro-batch's activations between schedule steps (a dict of arrays)
 
@@ -71,23 +72,6 @@ class BlockFit:
     after: float
     kept: bool  # the fit lowered the error and replaced the block's parameters
     seconds: float
-
-
-def _get(module: Any, path: tuple) -> Any:
-    for p in path:
-        module = module[p] if isinstance(p, int) else getattr(module, p)
-    return module
-
-
-def _split_static(inp: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
-    """Model inputs -> (arrays, hashable rest) (e.g. Z-Image's ``patch_key``, the task name)."""
-    dyn = {k: v for k, v in inp.items() if not isinstance(v, str | int | float | bool | None)}
-    return dyn, tuple(sorted((k, v) for k, v in inp.items() if k not in dyn))
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _op(gd: Any, fn: Callable, static: tuple, st: Any, dyn: dict, carry: Carry) -> Carry:
-    return fn(nnx.merge(gd, st), {**dyn, **dict(static)}, carry)
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -159,7 +143,7 @@ def reconstruct(
                 gd, st = nnx.split(sh.stem_view(model))
                 for i, inp in enumerate(inputs):
                     dyn, static = _split_static(inp)
-                    cs[i] = _op(gd, step.fn, static, st, dyn, cs[i])
+                    cs[i] = _op_jit(gd, step.fn, static, st, dyn, cs[i])
             continue
         tgd, tparams, trest = nnx.split(_get(teacher, step.path), nnx.Param, ...)
         target = [_block(tgd, step.fn, tparams, trest, c) for c in tc]
