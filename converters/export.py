@@ -36,6 +36,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,10 +133,98 @@ def kept_slices(tree: Tree, plan: dict[str, Any]) -> dict[tuple, list[tuple[int,
     return slice_plan(tree, a, order)
 
 
-def export(cfg: ExportConfig) -> dict[str, Any]:
+class PrunedSource:
+    """The pruned model's parameters, one at a time, in our (NNX) layout at the PRUNED paths, streamed from the
+    source checkpoint: each read converts one source key-table entry (the last one is cached), slices it by the
+    plan's kept units and, for a compensated plan, re-fits the kept consumer rows first; with ``weights``
+    (recovered weights, already the pruned shapes) the entries of that checkpoint are read instead.
+
+    Construction checks everything a run needs before any tensor is read (one-line :class:`CheckpointError`):
+    the plan, the source fingerprint, the compensation file, and that every needed key exists. Used by
+    :func:`export` and by the streamed reconstruction (:mod:`tmp_jax.reconstruct`)."""
+
+    def __init__(self, plan_path: Path, model: Path, *, compensate: bool = True, weights: Path | None = None):
+        from tmp_jax.fileio import fingerprint
+        from tmp_jax.plan import load_plan, plan_assignment
+
+        plan = load_plan(plan_path)
+        name = plan["arch"]
+        self.plan, self.name = plan, name
+        self.conv = registry.find(name)  # the arch's export layout (converters/NAME.py)
+        hooks = arch.get(name) if self.conv is not None else None  # key table, config reader, weights prefix
+        if hooks is None or hooks.read_config is None or hooks.key_table is None:
+            raise CheckpointError(f"{plan_path}: export of arch {name!r} is not supported yet")
+        self.hooks = hooks
+        self.src_cfg = src_cfg = hooks.read_config(model)
+        self.src_reader = SafetensorsReader(model)  # strict: missing shards / truncation fail here, first
+        fp = fingerprint(model, src_cfg.to_hf_config())
+        want = plan.get("source", {}).get("fingerprint")
+        if want != fp:
+            raise CheckpointError(
+                f"{model}: checkpoint fingerprint {fp[:23]}... does not match the plan's source "
+                f"{str(want)[:23]}... (the plan was made from another model)"
+            )
+        self.tree = tree = Tree(hooks.build_spec(src_cfg))
+        a: Assignment = plan_assignment(plan)
+        self.new_cfg = new_cfg = hooks.pruned_config(src_cfg, tree, a)
+        self.src_table, self.new_table = hooks.key_table(src_cfg), hooks.key_table(new_cfg)
+        self.by_path = {p: e for e in self.src_table.entries for p in e.flax_paths}
+        self.new_by_path = {p: e for e in self.new_table.entries for p in e.flax_paths}
+        self.pmap = hooks.path_map(src_cfg, new_cfg)
+        self.slices = kept_slices(tree, plan)
+        # compensated plans: the kept consumer rows are re-fitted from the source weights and the plan's Grams
+        # (recovered --weights are final already)
+        self.comp = None
+        if compensate and weights is None:
+            from tmp_jax.compensate import from_plan
+
+            try:
+                self.comp = from_plan(plan, plan_path)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from None
+        self.consumers = self.comp.consumers(tree) if self.comp is not None else {}
+        # a plan from before per-expert orders lists one set for every expert: the re-fit takes it per row too
+        self.kept_ids = {
+            tuple(k.rsplit("/", 1)): np.asarray(v, np.int64) for k, v in plan["policy"]["kept_units"].items()
+        }
+        self.weights = weights
+        self.reader = SafetensorsReader(weights) if weights is not None else self.src_reader
+        read_table = self.new_table if weights is not None else self.src_table
+        missing = [k for e in read_table.entries for k in e.torch_keys if k not in self.reader]
+        if missing:
+            raise CheckpointError(f"{self.reader.root}: missing key {missing[0]!r} needed by the export")
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def array(self, p_new: tuple) -> np.ndarray:
+        """The pruned model's parameter at path ``p_new`` (our layout, the stored dtype)."""
+        if self.weights is not None:
+            e = self.new_by_path[p_new]
+            arrs = e.to_flax([self.reader.read(k) for k in e.torch_keys])
+            return arrs[e.flax_paths.index(p_new)]
+        p_src = self.pmap(p_new)
+        e = self.by_path[p_src]
+        if id(e) not in self._cache:
+            self._cache.clear()  # one source entry at a time bounds memory
+            self._cache[id(e)] = e.to_flax([self.reader.read(k) for k in e.torch_keys])
+        arr = self._cache[id(e)][e.flax_paths.index(p_src)]
+        skip = None
+        if p_src in self.consumers:  # re-fit on the full consumer, then slice its other axes
+            node, kind, _, s = self.consumers[p_src]
+            arr = self.comp.apply(self.tree, p_src, arr, self.kept_ids[(node, kind)]).astype(arr.dtype)
+            skip = s.axis
+        return take_kept(arr, self.slices.get(p_src, []), skip)
+
+    def entry_dtype(self, e: Any) -> np.dtype:
+        """Output dtype of a pruned key-table entry = that of the tensor it is read or sliced from."""
+        return _entry_dtype(self.reader, e, self.by_path, self.pmap, self.weights is not None)
+
+
+def export(cfg: ExportConfig, overrides: Callable[[tuple], np.ndarray | None] | None = None) -> dict[str, Any]:
+    """Write the plan's pruned model (see the module doc); returns a summary.
+
+    ``overrides``: pruned parameter path -> an array (our layout, any float dtype, cast to the output's) that
+    replaces the sliced one, or None to slice it: the streamed reconstruction writes its fitted blocks this way."""
     from converters import quantize as qz
-    from tmp_jax.fileio import fingerprint
-    from tmp_jax.plan import load_plan, plan_assignment
 
     qz.check_method(cfg.quantize)
     target_bytes = None
@@ -144,77 +233,22 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
 
         target_bytes = parse_bytes(cfg.target_memory)
         check_resolution(cfg.resolution)  # before any tensor is streamed, not after
-    plan = load_plan(cfg.plan)
-    name = plan["arch"]
-    conv = registry.find(name)  # the arch's export layout (converters/NAME.py)
-    hooks = arch.get(name) if conv is not None else None  # its key table, config reader, weights prefix
-    if hooks is None or hooks.read_config is None or hooks.key_table is None:
-        raise CheckpointError(f"{cfg.plan}: export of arch {name!r} is not supported yet")
-    src_cfg = hooks.read_config(cfg.model)
-    src_reader = SafetensorsReader(cfg.model)  # strict: missing shards / truncation fail here, first
-    fp = fingerprint(cfg.model, src_cfg.to_hf_config())
-    want = plan.get("source", {}).get("fingerprint")
-    if want != fp:
-        raise CheckpointError(
-            f"{cfg.model}: checkpoint fingerprint {fp[:23]}... does not match the plan's source "
-            f"{str(want)[:23]}... (the plan was made from another model)"
-        )
-    tree = Tree(hooks.build_spec(src_cfg))
-    a: Assignment = plan_assignment(plan)
-    new_cfg = hooks.pruned_config(src_cfg, tree, a)
-    src_table, new_table = hooks.key_table(src_cfg), hooks.key_table(new_cfg)
-    by_path = {p: e for e in src_table.entries for p in e.flax_paths}
-    pmap = hooks.path_map(src_cfg, new_cfg)
-    slices = kept_slices(tree, plan)
-    # compensated plans: the kept consumer rows are re-fitted from the source weights and the plan's Grams
-    # (recovered --weights are final already)
-    comp = None
-    if cfg.compensate and cfg.weights is None:
-        from tmp_jax.compensate import from_plan
-
-        try:
-            comp = from_plan(plan, cfg.plan)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-    consumers = comp.consumers(tree) if comp is not None else {}
-    kept_ids = {tuple(k.rsplit("/", 1)): np.asarray(v, np.int64) for k, v in plan["policy"]["kept_units"].items()}
-    # a plan from before per-expert orders lists one set for every expert: the re-fit takes it per row too
-    if cfg.weights is not None:
-        reader = SafetensorsReader(cfg.weights)  # recovered weights: already the pruned shapes
-        src_table_for_read = new_table
-    else:
-        reader = src_reader
-        src_table_for_read = src_table
-    missing = [k for e in src_table_for_read.entries for k in e.torch_keys if k not in reader]
-    if missing:
-        raise CheckpointError(f"{reader.root}: missing key {missing[0]!r} needed by the export")
+    src = PrunedSource(cfg.plan, cfg.model, compensate=cfg.compensate, weights=cfg.weights)
+    plan, name, hooks, src_reader = src.plan, src.name, src.hooks, src.src_reader
+    src_cfg, new_cfg, src_table, new_table = src.src_cfg, src.new_cfg, src.src_table, src.new_table
+    comp = src.comp
     out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
 
-    cache: dict[int, list[np.ndarray]] = {}
-
     def src_array(p_new: tuple) -> np.ndarray:
-        if cfg.weights is not None:
-            e = next(x for x in new_table.entries if p_new in x.flax_paths)
-            arrs = e.to_flax([reader.read(k) for k in e.torch_keys])
-            return arrs[e.flax_paths.index(p_new)]
-        p_src = pmap(p_new)
-        e = by_path[p_src]
-        if id(e) not in cache:
-            cache.clear()  # one source entry at a time bounds memory
-            cache[id(e)] = e.to_flax([reader.read(k) for k in e.torch_keys])
-        arr = cache[id(e)][e.flax_paths.index(p_src)]
-        skip = None
-        if p_src in consumers:  # re-fit on the full consumer, then slice its other axes
-            node, kind, _, s = consumers[p_src]
-            arr, skip = comp.apply(tree, p_src, arr, kept_ids[(node, kind)]).astype(arr.dtype), s.axis
-        return take_kept(arr, slices.get(p_src, []), skip)
+        x = overrides(p_new) if overrides is not None else None
+        return src.array(p_new) if x is None else x
 
     # plan every output tensor (shape, dtype) before writing, so headers are written up front
     # a quantised weight is followed by its fp32 per-output-channel scale
     planned: list[PlannedTensor] = []
     quantized: list[str] = []
     for e in new_table.entries:
-        src_dt = _entry_dtype(reader, e, by_path, pmap, cfg.weights is not None)
+        src_dt = src.entry_dtype(e)
         dt = out_dtype if out_dtype is not None else src_dt
         for k, s in zip(e.torch_keys, e.torch_shapes):
             if cfg.quantize != "none" and qz.quantizable(name, k, tuple(s)):
@@ -248,7 +282,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             writer.write(k, src_reader.read(k))
             pbar.update(1)
         files = writer.finish()
-        layout = conv.write_export_config(src_cfg, new_cfg, tmp, cfg)
+        layout = src.conv.write_export_config(src_cfg, new_cfg, tmp, cfg)
         if quantized:
             _add_config_block(tmp / "config.json", qz.quantization_config(cfg.quantize, name, quantized))
             layout += f", {cfg.quantize} weight-only ({len(quantized)} tensors)"

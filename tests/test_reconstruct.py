@@ -93,3 +93,57 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["--plan", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.json: cannot read plan" in capsys.readouterr().err
+
+
+def test_streamed_equals_in_memory_holds_one_block_and_resumes(plan, run, tmp_path, monkeypatch):
+    """``--streamed on`` (the 80B path: shape-only models, each block read from the checkpoint when its turn comes,
+    the student's as ``converters.export`` slices it) fits the same blocks to the same errors as the in-memory run,
+    never holds more than the stem and one block of either model, and resumes after a crash."""
+    from converters.engine import SafetensorsReader
+    from tmp_jax import reconstruct as rc
+    from tmp_jax.streamed_calibration import ParamStreamer
+
+    resident: list[int] = []  # student + teacher parameters on the devices at every block load
+
+    def count(streamer) -> int:
+        return sum(v.get_value() is not streamer.placeholder[p] for p, v in streamer.var.items())
+
+    streamers: list = []
+    for cls in (rc.StudentStreamer, ParamStreamer):
+        orig = cls.load
+
+        def load(self, module, _orig=orig):
+            if self not in streamers:
+                streamers.append(self)
+            _orig(self, module)
+            resident.append(sum(count(s) for s in streamers))
+
+        monkeypatch.setattr(cls, "load", load)
+    out = tmp_path / "s"
+    args = ["--plan", str(plan), "--model", str(TEACHER), "--steps", str(STEPS), "--out", str(out), "--no-progress"]
+    assert main([*args, "--streamed", "on"]) == 0
+    ref = json.loads((run / "reconstruct.json").read_text())
+    got = json.loads((out / "reconstruct.json").read_text())
+    assert got["settings"]["streamed"] and not ref["settings"]["streamed"]
+    assert [b["block"] for b in got["blocks"]] == [b["block"] for b in ref["blocks"]]
+    for g, r in zip(got["blocks"], ref["blocks"]):
+        np.testing.assert_allclose([g["before"], g["after"]], [r["before"], r["after"]], rtol=2e-3, err_msg=g["block"])
+    # the stems (embedders, final layer) stay; blocks come and go: one block of each model at most on top
+    n_total = sum(len(s.var) for s in streamers)
+    assert max(resident) < n_total // 3, (max(resident), n_total)
+    a, b = SafetensorsReader(out / "weights"), SafetensorsReader(run / "weights")
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        np.testing.assert_allclose(a.read(k), b.read(k), rtol=2e-3, atol=2e-4, err_msg=k)
+    # a crash before the last block's record: that block's file is gone too; resuming re-fits it only
+    last = got["blocks"][-1]["block"]
+    (out / "blocks" / f"{last.replace('/', '.')}.safetensors").unlink(missing_ok=True)
+    (out / "reconstruct.json").write_text(json.dumps({**got, "blocks": got["blocks"][:-1], "finished": False}))
+    shutil.rmtree(out / "weights")
+    assert main([*args, "--streamed", "on", "--resume"]) == 0
+    again = json.loads((out / "reconstruct.json").read_text())
+    assert again["finished"] and again["blocks"][:-1] == got["blocks"][:-1]
+    np.testing.assert_allclose(again["blocks"][-1]["after"], got["blocks"][-1]["after"], rtol=1e-5)
+    c = SafetensorsReader(out / "weights")
+    for k in a.keys():
+        np.testing.assert_allclose(c.read(k), a.read(k), rtol=1e-5, atol=1e-7, err_msg=k)

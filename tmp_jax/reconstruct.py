@@ -17,11 +17,18 @@ Writes ``OUT/weights`` (the student checkpoint, as :mod:`tmp_jax.distill` does: 
 ``OUT/reconstruct.json`` (each block's calibration error before and after, the settings). Both are rewritten
 atomically after every block, so ``--resume`` continues after the last finished block.
 
-Memory: the teacher, the student and both models' activations of the calibration set are held on the devices
-(the embedded teachers; a 6B Turbo in fp32 with its 4B student, 41 GB of parameters, should fit one 80 GB GPU,
-not measured yet). The 80B MoE needs the streamed form of the same walk
-(one teacher block and one student block resident, as :mod:`tmp_jax.streamed_calibration` does for the teacher),
-which is not built yet. Parameters are trained in float32.
+Memory (``--streamed auto|on|off``). In memory (``off``; what ``auto`` picks when the teacher's float32 parameters
+take at most half of the devices' memory): the teacher, the student and both models' activations of the
+calibration set are held on the devices (the embedded teachers; a 6B Turbo in fp32 with its 4B student, 41 GB of
+parameters, should fit one 80 GB GPU, not measured yet), and the student checkpoint is rewritten after every
+block. Streamed (``on``; the 80B MoE): both models are shape-only and each block's parameters are read from the
+teacher checkpoint when its turn comes, the teacher's as :mod:`tmp_jax.streamed_calibration` reads them, the
+student's as ``converters.export`` slices and re-fits them (:class:`converters.export.PrunedSource`), so the
+devices hold the stems, one teacher block, one student block with its Adam state, and the activations. Each
+fitted block is written to ``OUT/blocks/`` (float32 safetensors, atomically) and the end writes ``OUT/weights``
+the way the export does, with the fitted blocks in place of the sliced ones. Both forms fit the same blocks to
+the same errors (tests/test_reconstruct.py). Parameters are trained, and written, in float32 (``converters.export
+--weights OUT/weights --dtype bf16`` halves them).
 """
 
 from __future__ import annotations
@@ -104,6 +111,93 @@ def _mean_error(gd: Any, fn: Callable, params: Any, rest: Any, carries: list, ta
     return float(np.mean([_error(_block(gd, fn, params, rest, c), t, keys) for c, t in zip(carries, targets)]))
 
 
+class Residency:
+    """How a model's modules get their parameters onto the devices: a loaded model has them already."""
+
+    def load(self, module: Any) -> None:
+        """Put ``module``'s parameters on the devices (before it runs)."""
+
+    def release(self, module: Any) -> None:
+        """Take them off again (after it ran): the arrays can be freed."""
+
+
+class StudentStreamer(Residency):
+    """A shape-only student whose blocks are filled from the teacher checkpoint as :mod:`converters.export`
+    writes them (sliced by the plan, consumers re-fitted: :class:`converters.export.PrunedSource`), one module at
+    a time, in float32; a block fitted by an earlier run is read from its file in ``blocks`` instead."""
+
+    def __init__(self, src: Any, blocks: Path | None = None):
+        from tmp_jax.safetensors_io import flat_variables
+
+        self.src, self.blocks = src, blocks
+        self.model = arch.get(src.name).init_abstract(src.new_cfg, jnp.float32)
+        self.var = flat_variables(self.model)
+        self.path_of = {id(v): p for p, v in self.var.items()}
+        self.placeholder = {p: v.get_value() for p, v in self.var.items()}
+        self.fitted: dict[tuple, Path] = {}  # parameter path -> the block file holding its fitted value
+        if blocks is not None and blocks.is_dir():
+            for f in sorted(blocks.glob("*.safetensors")):
+                for key in _block_file_keys(f):
+                    self.fitted[_key_path(key)] = f
+
+    def param_paths(self, module: Any) -> list[tuple]:
+        return [self.path_of[id(v)] for _, v in nnx.iter_graph(module) if id(v) in self.path_of]
+
+    def load(self, module: Any) -> None:
+        from safetensors import safe_open
+
+        paths = self.param_paths(module)
+        files = {self.fitted[p] for p in paths if p in self.fitted}
+        stored: dict[tuple, np.ndarray] = {}
+        for f in files:
+            with safe_open(str(f), framework="numpy") as h:
+                stored.update({_key_path(k): h.get_tensor(k) for k in h.keys()})
+        for p in paths:
+            arr = stored[p] if p in stored else self.src.array(p)
+            self.var[p].set_value(jax.device_put(np.asarray(arr, np.float32)))
+
+    def release(self, module: Any) -> None:
+        for p in self.param_paths(module):
+            self.var[p].set_value(self.placeholder[p])
+
+    def save_block(self, name: str, module: Any) -> Path:
+        """Write ``module``'s (fitted) parameters to ``blocks/<name>.safetensors`` (float32, atomic)."""
+        from tmp_jax.compensate import save_f32_safetensors
+
+        assert self.blocks is not None
+        self.blocks.mkdir(parents=True, exist_ok=True)
+        f = self.blocks / f"{name.replace('/', '.')}.safetensors"
+        paths = self.param_paths(module)
+        save_f32_safetensors(f, [(_path_key(p), self.var[p].get_value()) for p in paths])
+        for p in paths:
+            self.fitted[p] = f
+        return f
+
+    def override(self, p: tuple) -> np.ndarray | None:
+        """The fitted value of parameter ``p`` (None: not fitted; the export slices it): for ``export``."""
+        from safetensors import safe_open
+
+        f = self.fitted.get(p)
+        if f is None:
+            return None
+        with safe_open(str(f), framework="numpy") as h:
+            return h.get_tensor(_path_key(p))
+
+
+def _path_key(p: tuple) -> str:
+    return "/".join(map(str, p))
+
+
+def _key_path(key: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else x for x in key.split("/"))
+
+
+def _block_file_keys(f: Path) -> list[str]:
+    from tmp_jax.safetensors_io import read_header
+
+    return list(read_header(f)[0])
+
+
 def reconstruct(
     teacher: Any,
     student: Any,
@@ -111,14 +205,18 @@ def reconstruct(
     cfg: ReconstructConfig = ReconstructConfig(),
     *,
     done: frozenset[str] = frozenset(),
-    on_block: Callable[[BlockFit], None] | None = None,
+    on_block: Callable[[BlockFit, Any], None] | None = None,
     progress: bool = False,
+    resident: tuple[Residency, Residency] | None = None,
 ) -> list[BlockFit]:
     """Fit ``student``'s kept blocks in place (see the module doc); returns one :class:`BlockFit` per block fitted.
 
     ``inputs``: prepared model inputs (:func:`tmp_jax.calibration.prepare`), one dict per micro-batch.
     ``done``: blocks (as in :attr:`BlockFit.block`) already fitted by an earlier run: they only run forward.
-    ``on_block``: called after every fitted block, with the student already updated (a checkpoint hook)."""
+    ``on_block``: called after every fitted block with its record and the student's block module, already
+    updated (a checkpoint hook). ``resident``: (teacher's, student's) :class:`Residency`: how a module's
+    parameters are put on the devices before it runs and taken off after (streamed models, where the models
+    are shape-only and each block is read when its turn comes); None: both models are loaded."""
     if not inputs:
         raise ValueError("reconstruct: the calibration set is empty")
     h = arch.get(teacher.ARCH)
@@ -134,22 +232,33 @@ def reconstruct(
         from tmp_jax.progress import progress_bar
 
         bar = progress_bar(total=len(todo) * cfg.steps, desc="reconstruct", unit="step")
+    if not todo:  # every kept block fitted already (a resumed run): nothing to walk
+        return []
+    t_res, s_res = resident if resident is not None else (Residency(), Residency())
+    stems = [(teacher, t_res, sh.stem_view(teacher)), (student, s_res, sh.stem_view(student))]
+    for _, res, stem in stems:
+        res.load(stem)
     tc: list[Carry] = [None] * len(inputs)  # the teacher's activations, per micro-batch
     sc: list[Carry] = [None] * len(inputs)  # the student's
     fits: list[BlockFit] = []
     for step in steps:
         if step.kind == "op":  # embeddings / head: the stems are not pruned, each model runs its own
-            for model, cs in ((teacher, tc), (student, sc)):
-                gd, st = nnx.split(sh.stem_view(model))
+            for (_, _, stem), cs in zip(stems, (tc, sc)):
+                gd, st = nnx.split(stem)
                 for i, inp in enumerate(inputs):
                     dyn, static = _split_static(inp)
                     cs[i] = _op_jit(gd, step.fn, static, st, dyn, cs[i])
             continue
-        tgd, tparams, trest = nnx.split(_get(teacher, step.path), nnx.Param, ...)
+        tblk = _get(teacher, step.path)
+        t_res.load(tblk)
+        tgd, tparams, trest = nnx.split(tblk, nnx.Param, ...)
         target = [_block(tgd, step.fn, tparams, trest, c) for c in tc]
+        del tparams, trest
+        t_res.release(tblk)
         s = s_steps.get(step.path)
         if s is not None:
             blk = _get(student, s.path)
+            s_res.load(blk)
             gd, params, rest = nnx.split(blk, nnx.Param, ...)
             name = "/".join(map(str, step.path))
             if name not in done:
@@ -159,9 +268,13 @@ def reconstruct(
                     nnx.update(blk, params)
                 fits.append(fit)
                 if on_block is not None:
-                    on_block(fit)
+                    on_block(fit, blk)
             sc = [_block(gd, s.fn, params, rest, c) for c in sc]
+            del params, rest
+            s_res.release(blk)
         tc = target  # a dropped block: the student's activations go on unchanged
+    for _, res, stem in stems:
+        res.release(stem)
     if bar is not None:
         bar.close()
     return fits
@@ -229,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compensate", action="store_true", help="start from plain slices, not the re-fitted plan")
     p.add_argument("--out", type=Path, default=Path("reconstruct-out"), help="output folder (default: reconstruct-out)")
     p.add_argument("--resume", action="store_true", help="continue after the last finished block in --out")
+    p.add_argument(
+        "--streamed",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="stream the weights from the checkpoint, one teacher block and one student block on the devices "
+        "(auto, the default: when the teacher's float32 parameters exceed half of the devices' memory)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
@@ -239,12 +359,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a: argparse.Namespace) -> int:
-    from tmp_jax.calibration import prepare
     from tmp_jax.compile_cache import enable_default
-    from tmp_jax.distill import plan_student
     from tmp_jax.fileio import atomic_write
-    from tmp_jax.plan import load_plan
-    from tmp_jax.problem import _teacher_and_set
 
     cfg = ReconstructConfig(a.steps, a.lr)  # bad values: one line before any work
     if not a.plan.is_file():
@@ -252,7 +368,8 @@ def _run(a: argparse.Namespace) -> int:
     enable_default()
     out = Path(a.out)
     log_path, weights = out / "reconstruct.json", out / "weights"
-    settings = _settings(a, a.plan)
+    streamed = _choose_streamed(a)
+    settings = {**_settings(a, a.plan), "streamed": streamed}
     fits: list[dict[str, Any]] = []
     if log_path.is_file():
         if not a.resume:
@@ -261,33 +378,134 @@ def _run(a: argparse.Namespace) -> int:
         if prev.get("settings") != settings:
             raise ValueError(f"{log_path}: written with other settings ({prev.get('settings')}); use another --out")
         fits = prev["blocks"]
-    # the set the search calibrated on (an embedded teacher's: the source the plan records)
-    source = load_plan(a.plan).get("search", {}).get("calib_source") or "trajectory"  # a bad plan: one line
-    teacher, path, _, batches, _ = _teacher_and_set(a.model, a.calib, "fp32", None, 8, 0, source)
-    student, _, _ = plan_student(a.plan, teacher, path, a.model, not a.no_compensate)
-    h = arch.get(teacher.ARCH)
-    if fits:  # the blocks fitted so far live in the saved student
-        student = h.load(str(weights), dtype=jnp.float32)
-    inputs = [prepare(h, teacher.config, b) for b in batches]
     t0 = time.perf_counter()
 
-    def checkpoint(fit: BlockFit) -> None:
+    def record(fit: BlockFit) -> None:
         fits.append(asdict(fit))
-        h.save(student, weights, overwrite=True)
         atomic_write(log_path, json.dumps({"settings": settings, "blocks": fits, "finished": False}, indent=1))
 
     done = frozenset(f["block"] for f in fits)
+    run = _run_streamed if streamed else _run_in_memory
+    run(a, cfg, out, weights, done, record)
+    rec = {"settings": settings, "blocks": fits, "finished": True, "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write(log_path, json.dumps(rec, indent=1))
+    err = [(f["before"], f["after"]) for f in fits]
+    print(
+        f"tmp_jax.reconstruct: {len(fits)} blocks{' (streamed)' if streamed else ''}, calibration error summed "
+        f"over blocks {sum(b for b, _ in err):.4f} -> {sum(x for _, x in err):.4f} -> {weights}"
+    )
+    return 0
+
+
+def _model_spec(a: argparse.Namespace) -> str:
+    from tmp_jax.teachers import DEFAULT_MODEL
+
+    return a.model if a.model is not None else DEFAULT_MODEL
+
+
+def _choose_streamed(a: argparse.Namespace) -> bool:
+    """``--streamed auto``: stream when the teacher's float32 parameters exceed half of the devices' memory
+    (the in-memory walk holds the teacher, the student and one block's optimiser state)."""
+    if a.streamed != "auto":
+        return a.streamed == "on"
+    from tmp_jax.evaluate import resolve
+    from tmp_jax.streamed_calibration import model_fits
+
+    return not model_fits(resolve(_model_spec(a)), jnp.float32)
+
+
+def _calib_source(plan_path: Path) -> str:
+    """The set the search calibrated on (an embedded teacher's: the source the plan records)."""
+    from tmp_jax.plan import load_plan
+
+    return load_plan(plan_path).get("search", {}).get("calib_source") or "trajectory"  # a bad plan: one line
+
+
+def _run_in_memory(a: argparse.Namespace, cfg: ReconstructConfig, out: Path, weights: Path, done, record) -> None:
+    """Teacher and student loaded; the student checkpoint rewritten after every block."""
+    from tmp_jax.calibration import prepare
+    from tmp_jax.distill import plan_student
+    from tmp_jax.problem import _teacher_and_set
+
+    source = _calib_source(a.plan)
+    teacher, path, _, batches, _ = _teacher_and_set(a.model, a.calib, "fp32", None, 8, 0, source)
+    student, _, _ = plan_student(a.plan, teacher, path, a.model, not a.no_compensate)
+    h = arch.get(teacher.ARCH)
+    if done:  # the blocks fitted so far live in the saved student
+        student = h.load(str(weights), dtype=jnp.float32)
+    inputs = [prepare(h, teacher.config, b) for b in batches]
+
+    def checkpoint(fit: BlockFit, _blk: Any) -> None:
+        h.save(student, weights, overwrite=True)
+        record(fit)
+
     reconstruct(teacher, student, inputs, cfg, done=done, on_block=checkpoint, progress=not a.no_progress)
     if not weights.is_dir():  # nothing to fit (every block done, or none kept): still write the student
         h.save(student, weights, overwrite=True)
-    record = {"settings": settings, "blocks": fits, "finished": True, "seconds": round(time.perf_counter() - t0, 1)}
-    atomic_write(log_path, json.dumps(record, indent=1))
-    err = [(f["before"], f["after"]) for f in fits]
-    print(
-        f"tmp_jax.reconstruct: {len(fits)} blocks, calibration error summed over blocks "
-        f"{sum(b for b, _ in err):.4f} -> {sum(x for _, x in err):.4f} -> {weights}"
+
+
+def _run_streamed(a: argparse.Namespace, cfg: ReconstructConfig, out: Path, weights: Path, done, record) -> None:
+    """Only the stems and one teacher block and one student block on the devices, read from the checkpoint when
+    their turn comes; each fitted block goes to ``OUT/blocks/``, and the end writes the student checkpoint the
+    way ``converters.export`` does, with the fitted blocks in place of the sliced ones."""
+    from converters.export import ExportConfig, PrunedSource, export
+    from tmp_jax.calibration import prepare
+    from tmp_jax.evaluate import resolve
+    from tmp_jax.streamed_calibration import ParamStreamer, get_hooks
+
+    model = resolve(_model_spec(a))
+    src = PrunedSource(a.plan, model, compensate=not a.no_compensate)  # checks plan, fingerprint, keys: one line
+    batches = _streamed_calib(model, a.calib, _calib_source(a.plan), src)
+    h = arch.get(src.name)
+    ts = ParamStreamer(model, get_hooks(src.name), dtype=jnp.float32)
+    ss = StudentStreamer(src, out / "blocks")
+    inputs = [prepare(h, src.src_cfg, b) for b in batches]
+
+    def checkpoint(fit: BlockFit, blk: Any) -> None:
+        if fit.kept:
+            ss.save_block(fit.block, blk)
+        record(fit)
+
+    reconstruct(
+        ts.model,
+        ss.model,
+        inputs,
+        cfg,
+        done=done,
+        on_block=checkpoint,
+        progress=not a.no_progress,
+        resident=(ts, ss),
     )
-    return 0
+    ecfg = ExportConfig(
+        plan=a.plan,
+        model=model,
+        out=weights,
+        dtype="fp32",  # the fit is in float32; `converters.export --weights W --dtype bf16` halves it, as after distill
+        overwrite=True,
+        progress=not a.no_progress,
+        compensate=not a.no_compensate,
+    )
+    export(ecfg, overrides=ss.override)
+
+
+def _streamed_calib(model: Path, calib: str | None, source: str, src: Any) -> list[dict[str, Any]]:
+    """The calibration micro-batches without loading the teacher: ``--calib``, an embedded teacher's own set
+    (small: loaded for it), else the arch's synthetic set (with a warning, as the search gives)."""
+    import warnings
+
+    from tmp_jax.calibration import load_calib
+    from tmp_jax.problem import _teacher_and_set
+    from tmp_jax.teachers import ASSETS
+
+    if calib is not None:
+        return load_calib(calib, src.name)
+    if model.parent == ASSETS:
+        return _teacher_and_set(str(model), None, "fp32", None, 8, 0, source)[3]
+    h = arch.get(src.name)
+    if h.synthetic_calib is None:
+        raise ValueError(f"arch {src.name!r} has no synthetic calibration set: pass --calib")
+    warnings.warn("no --calib given: using a synthetic calibration set; real data gives better fits", stacklevel=2)
+    return h.synthetic_calib(src.src_cfg, 8, 4, 0)
 
 
 if __name__ == "__main__":
