@@ -387,7 +387,13 @@ def _run(a: argparse.Namespace) -> int:
     done = frozenset(f["block"] for f in fits)
     run = _run_streamed if streamed else _run_in_memory
     run(a, cfg, out, weights, done, record)
-    rec = {"settings": settings, "blocks": fits, "finished": True, "seconds": round(time.perf_counter() - t0, 1)}
+    rec = {
+        "settings": settings,
+        "blocks": fits,
+        "finished": True,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "device_peak_gb": _device_peak_gb(),
+    }
     atomic_write(log_path, json.dumps(rec, indent=1))
     err = [(f["before"], f["after"]) for f in fits]
     print(
@@ -395,6 +401,12 @@ def _run(a: argparse.Namespace) -> int:
         f"over blocks {sum(b for b, _ in err):.4f} -> {sum(x for _, x in err):.4f} -> {weights}"
     )
     return 0
+
+
+def _device_peak_gb() -> float | None:
+    """Peak bytes in use on the first device, in GB (None where the backend keeps no statistics: the CPU)."""
+    st = jax.devices()[0].memory_stats() or {}
+    return round(st["peak_bytes_in_use"] / 1e9, 2) if "peak_bytes_in_use" in st else None
 
 
 def _model_spec(a: argparse.Namespace) -> str:
