@@ -147,3 +147,24 @@ def test_streamed_equals_in_memory_holds_one_block_and_resumes(plan, run, tmp_pa
     c = SafetensorsReader(out / "weights")
     for k in a.keys():
         np.testing.assert_allclose(c.read(k), a.read(k), rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_micro_batch_split_and_dtype_checks():
+    from tmp_jax.reconstruct import split_rows
+
+    b = {
+        "latents": np.arange(10).reshape(5, 2),
+        "t": np.arange(5.0),
+        "patch_key": "p",
+        "cfg_guidance": np.ones(1),  # fitness-only keys: dropped from the pieces
+        "sample_weight": np.ones(2),
+    }
+    pieces = split_rows([b], 2)
+    assert [p["latents"].shape[0] for p in pieces] == [2, 2, 1]
+    np.testing.assert_array_equal(np.concatenate([p["t"] for p in pieces]), b["t"])
+    assert all(p["patch_key"] == "p" and "cfg_guidance" not in p and "sample_weight" not in p for p in pieces)
+    assert split_rows([b], None) == [b]
+    with pytest.raises(ValueError, match="different leading sizes"):
+        split_rows([{"a": np.zeros(3), "b": np.zeros(4)}], 2)
+    with pytest.raises(ValueError, match="dtype"):
+        ReconstructConfig(dtype="float16")

@@ -11,6 +11,7 @@ next kept block's target is the teacher's output after the dropped one, so it le
 block is trained at a time; a fit that does not lower its block's error on the calibration set is not kept.
 
     python -m tmp_jax.reconstruct --plan OUT/plan.json [--model SRC] [--calib DIR] [--steps 300] [--out DIR]
+        [--streamed auto|on|off] [--dtype auto|bf16|fp32] [--micro-batch ROWS] [--resume]
 
 Writes ``OUT/weights`` (the student checkpoint, as :mod:`tmp_jax.distill` does: ``python -m converters.export
 --plan OUT/plan.json --weights OUT/weights``, ``python -m tmp_jax.evaluate OUT/weights``) and
@@ -28,7 +29,11 @@ devices hold the stems, one teacher block, one student block with its Adam state
 fitted block is written to ``OUT/blocks/`` (float32 safetensors, atomically) and the end writes ``OUT/weights``
 the way the export does, with the fitted blocks in place of the sliced ones. Both forms fit the same blocks to
 the same errors (tests/test_reconstruct.py). Parameters are trained, and written, in float32 (``converters.export
---weights OUT/weights --dtype bf16`` halves them).
+--weights OUT/weights --dtype bf16`` halves them). ``--dtype`` is the dtype the teacher is loaded in and the
+student's blocks compute in (``auto``: bf16 on a GPU, fp32 on the CPU): at full HunyuanImage width only bf16 routed
+experts take the grouped-matmul kernel on a GPU (fp32 ones go through XLA's ``ragged_dot``, dense over every expert
+on this stack: an fp32 teacher block at 4 rows of 1024² asked for 133 GiB on an H200). ``--micro-batch ROWS`` cuts
+the calibration micro-batches smaller, so one step's activations fit.
 """
 
 from __future__ import annotations
@@ -58,16 +63,20 @@ Carry = Any  # one micro-batch's activations between schedule steps (a dict of a
 @dataclass(frozen=True)
 class ReconstructConfig:
     """``steps``: Adam steps per kept block (one calibration micro-batch each, in set order); ``lr``: the peak
-    learning rate of a cosine decay over those steps."""
+    learning rate of a cosine decay over those steps; ``dtype``: the dtype the student's blocks COMPUTE in
+    ("float32" or "bfloat16"; its parameters and the optimiser state stay float32, the error is float32)."""
 
     steps: int = 300
     lr: float = 1e-3
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
 @dataclass
@@ -81,21 +90,39 @@ class BlockFit:
     seconds: float
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _block(gd: Any, fn: Callable, params: Any, rest: Any, carry: Carry) -> Carry:
-    return fn(nnx.merge(gd, params, rest), carry)
+def _cast(params: Any, dtype: str | None) -> Any:
+    """Floating parameters in the compute dtype (None: as they are). Inside a jitted, differentiated function the
+    cast is part of the graph, so gradients reach the float32 master copy."""
+    if dtype is None:
+        return params
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 5))
+def _block(gd: Any, fn: Callable, params: Any, rest: Any, carry: Carry, dtype: str | None = None) -> Carry:
+    return fn(nnx.merge(gd, _cast(params, dtype), rest), carry)
 
 
 def _error(out: Carry, target: Carry, keys: tuple[str, ...]) -> jax.Array:
-    """Sum over the written activations of ||out - target||^2 / ||target||^2."""
-    return sum(jnp.sum(jnp.square(out[k] - target[k])) / jnp.sum(jnp.square(target[k])) for k in keys)
+    """Sum over the written activations of ||out - target||^2 / ||target||^2 (in float32 whatever they are in)."""
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    return sum(jnp.sum(jnp.square(f32(out[k]) - f32(target[k]))) / jnp.sum(jnp.square(f32(target[k]))) for k in keys)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _train_step(
-    gd: Any, fn: Callable, keys: tuple, opt: Any, params: Any, rest: Any, ost: Any, carry: Carry, target: Carry
+    gd: Any,
+    fn: Callable,
+    keys: tuple,
+    opt: Any,
+    dtype: str | None,
+    params: Any,
+    rest: Any,
+    ost: Any,
+    carry: Carry,
+    target: Carry,
 ) -> tuple[Any, Any, jax.Array]:
-    loss, g = jax.value_and_grad(lambda p: _error(_block(gd, fn, p, rest, carry), target, keys))(params)
+    loss, g = jax.value_and_grad(lambda p: _error(_block(gd, fn, p, rest, carry, dtype), target, keys))(params)
     upd, ost = opt.update(g, ost, params)
     return optax.apply_updates(params, upd), ost, loss
 
@@ -107,8 +134,11 @@ def _written(before: Carry, after: Carry) -> tuple[str, ...]:
     return tuple(k for k in arrays if not same(k))
 
 
-def _mean_error(gd: Any, fn: Callable, params: Any, rest: Any, carries: list, targets: list, keys: tuple) -> float:
-    return float(np.mean([_error(_block(gd, fn, params, rest, c), t, keys) for c, t in zip(carries, targets)]))
+def _mean_error(
+    gd: Any, fn: Callable, params: Any, rest: Any, carries: list, targets: list, keys: tuple, dtype: str | None
+) -> float:
+    errs = [_error(_block(gd, fn, params, rest, c, dtype), t, keys) for c, t in zip(carries, targets)]
+    return float(np.mean(errs))
 
 
 class Residency:
@@ -235,6 +265,7 @@ def reconstruct(
     if not todo:  # every kept block fitted already (a resumed run): nothing to walk
         return []
     t_res, s_res = resident if resident is not None else (Residency(), Residency())
+    cdt = None if cfg.dtype == "float32" else cfg.dtype  # the student's compute dtype (float32: no casts)
     stems = [(teacher, t_res, sh.stem_view(teacher)), (student, s_res, sh.stem_view(student))]
     for _, res, stem in stems:
         res.load(stem)
@@ -269,7 +300,7 @@ def reconstruct(
                 fits.append(fit)
                 if on_block is not None:
                     on_block(fit, blk)
-            sc = [_block(gd, s.fn, params, rest, c) for c in sc]
+            sc = [_block(gd, s.fn, params, rest, c, cdt) for c in sc]
             del params, rest
             s_res.release(blk)
         tc = target  # a dropped block: the student's activations go on unchanged
@@ -294,17 +325,18 @@ def _fit_block(
 ) -> tuple[BlockFit, Any]:
     """Adam on one block's parameters, micro-batch ``k % n`` at step ``k``: (its record, the fitted parameters)."""
     t0 = time.perf_counter()
-    before = _mean_error(gd, fn, params, rest, carries, targets, keys)
+    cdt = None if cfg.dtype == "float32" else cfg.dtype
+    before = _mean_error(gd, fn, params, rest, carries, targets, keys, cdt)
     fitted = params
     if cfg.steps:
         opt = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.steps))
         ost = opt.init(params)
         for k in range(cfg.steps):
             i = k % len(carries)
-            fitted, ost, _ = _train_step(gd, fn, keys, opt, fitted, rest, ost, carries[i], targets[i])
+            fitted, ost, _ = _train_step(gd, fn, keys, opt, cdt, fitted, rest, ost, carries[i], targets[i])
             if bar is not None:
                 bar.update(1)
-    after = _mean_error(gd, fn, fitted, rest, carries, targets, keys)
+    after = _mean_error(gd, fn, fitted, rest, carries, targets, keys, cdt)
     return BlockFit(name, before, min(before, after), after < before, round(time.perf_counter() - t0, 2)), fitted
 
 
@@ -320,8 +352,15 @@ def _settings(a: argparse.Namespace, plan_path: Path) -> dict[str, Any]:
         "model": a.model,
         "calib": a.calib,
         "compensate": not a.no_compensate,
-        **asdict(ReconstructConfig(a.steps, a.lr)),
+        "micro_batch": a.micro_batch,
+        **asdict(_config(a)),
     }
+
+
+def _config(a: argparse.Namespace) -> ReconstructConfig:
+    from tmp_jax.dtypes import resolve
+
+    return ReconstructConfig(a.steps, a.lr, resolve(a.dtype))
 
 
 def _sha(path: Path) -> str:
@@ -340,6 +379,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=ReconstructConfig.steps, help="Adam steps per kept block (300)")
     p.add_argument("--lr", type=float, default=ReconstructConfig.lr, help="peak learning rate (1e-3, cosine decay)")
     p.add_argument("--no-compensate", action="store_true", help="start from plain slices, not the re-fitted plan")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype the teacher is loaded in and the student's blocks compute in: bf16, fp32 or auto (default: bf16 "
+        "on a GPU/TPU, fp32 on the CPU); the student's parameters, the Adam state and the errors stay float32",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        help="split the calibration micro-batches into ones of at most this many rows (less device memory per "
+        "step; default: as the set comes)",
+    )
     p.add_argument("--out", type=Path, default=Path("reconstruct-out"), help="output folder (default: reconstruct-out)")
     p.add_argument("--resume", action="store_true", help="continue after the last finished block in --out")
     p.add_argument(
@@ -362,7 +413,9 @@ def _run(a: argparse.Namespace) -> int:
     from tmp_jax.compile_cache import enable_default
     from tmp_jax.fileio import atomic_write
 
-    cfg = ReconstructConfig(a.steps, a.lr)  # bad values: one line before any work
+    cfg = _config(a)  # bad values: one line before any work
+    if a.micro_batch is not None and a.micro_batch < 1:
+        raise ValueError(f"--micro-batch must be >= 1, got {a.micro_batch}")
     if not a.plan.is_file():
         raise FileNotFoundError(f"--plan {a.plan}: no such file")
     enable_default()
@@ -440,8 +493,10 @@ def _run_in_memory(a: argparse.Namespace, cfg: ReconstructConfig, out: Path, wei
     from tmp_jax.problem import _teacher_and_set
 
     source = _calib_source(a.plan)
-    teacher, path, _, batches, _ = _teacher_and_set(a.model, a.calib, "fp32", None, 8, 0, source)
+    teacher, path, _, batches, _ = _teacher_and_set(a.model, a.calib, cfg.dtype, None, 8, 0, source)
     student, _, _ = plan_student(a.plan, teacher, path, a.model, not a.no_compensate)
+    nnx.update(student, _cast(nnx.state(student, nnx.Param), "float32"))  # float32 master parameters
+    batches = split_rows(batches, a.micro_batch)
     h = arch.get(teacher.ARCH)
     if done:  # the blocks fitted so far live in the saved student
         student = h.load(str(weights), dtype=jnp.float32)
@@ -467,9 +522,9 @@ def _run_streamed(a: argparse.Namespace, cfg: ReconstructConfig, out: Path, weig
 
     model = resolve(_model_spec(a))
     src = PrunedSource(a.plan, model, compensate=not a.no_compensate)  # checks plan, fingerprint, keys: one line
-    batches = _streamed_calib(model, a.calib, _calib_source(a.plan), src)
+    batches = split_rows(_streamed_calib(model, a.calib, _calib_source(a.plan), src), a.micro_batch)
     h = arch.get(src.name)
-    ts = ParamStreamer(model, get_hooks(src.name), dtype=jnp.float32)
+    ts = ParamStreamer(model, get_hooks(src.name), dtype=jnp.dtype(cfg.dtype))
     ss = StudentStreamer(src, out / "blocks")
     inputs = [prepare(h, src.src_cfg, b) for b in batches]
 
@@ -498,6 +553,29 @@ def _run_streamed(a: argparse.Namespace, cfg: ReconstructConfig, out: Path, weig
         compensate=not a.no_compensate,
     )
     export(ecfg, overrides=ss.override)
+
+
+def split_rows(batches: list[dict[str, Any]], rows: int | None) -> list[dict[str, Any]]:
+    """Each raw calibration micro-batch cut into ones of at most ``rows`` rows (None: unchanged). Every array of a
+    micro-batch must have its rows first (one-line error otherwise); other values are copied to each piece. The
+    keys that shape only the search fitness (a guided batch's CFG scale and pair weights,
+    :data:`tmp_jax.trajectory.FITNESS_KEYS`) are dropped: the block errors do not use them, and a piece need
+    not hold whole cond/uncond pairs."""
+    from tmp_jax.trajectory import FITNESS_KEYS
+
+    if rows is None:
+        return batches
+    out = []
+    for i, b in enumerate(batches):
+        b = {k: v for k, v in b.items() if k not in FITNESS_KEYS}
+        lead = {k: np.shape(v)[0] for k, v in b.items() if isinstance(v, np.ndarray | jax.Array) and np.ndim(v)}
+        n = set(lead.values())
+        if len(n) != 1:
+            raise ValueError(f"--micro-batch: calibration micro-batch {i} has arrays of different leading sizes {lead}")
+        (n_rows,) = n
+        for r in range(0, n_rows, rows):
+            out.append({k: (v[r : r + rows] if k in lead else v) for k, v in b.items()})
+    return out
 
 
 def _streamed_calib(model: Path, calib: str | None, source: str, src: Any) -> list[dict[str, Any]]:
