@@ -52,7 +52,39 @@ def test_kernel_choice_on_cpu():
             hk.grouped_matmul(lhs, rhs, gs)
     finally:
         hk.set_moe_kernel("auto")
-    with pytest.raises(ValueError, match="auto, xla or mosaic"):
+    with pytest.raises(ValueError, match="auto, xla, mosaic or tiled"):
         hk.set_moe_kernel("triton")
     with pytest.raises(ValueError, match="auto, xla or cudnn"):
         hk.set_attention_implementation("flash")
+
+
+@pytest.mark.parametrize(
+    "sizes,tile",
+    [((5, 0, 13, 9), 4), ((0, 0, 64, 0), 8), ((10, 7, 1, 0, 2), 16)],  # empty groups; rows past the sum (padding)
+)
+def test_tiled_grouped_matmul_equals_ragged_dot_with_gradients(sizes, tile):
+    """The tiled grouped matmul (``TMP_JAX_MOE_KERNEL=tiled``; "auto" on a GPU where ragged_dot's dense output
+    would be large) is ragged_dot, forward and both gradients, on the valid rows; padding rows give 0."""
+    from tmp_jax.models.hunyuan_image3.tiled_gmm import tiled_ragged_dot
+
+    m, k, n = 64, 16, 12
+    ka, kb, kc = jax.random.split(jax.random.key(1), 3)
+    lhs = jax.random.normal(ka, (m, k), jnp.float32)
+    rhs = jax.random.normal(kb, (len(sizes), k, n), jnp.float32)
+    ct = jax.random.normal(kc, (m, n), jnp.float32)
+    gs = jnp.asarray(sizes, jnp.int32)
+    valid = (jnp.arange(m) < sum(sizes))[:, None]
+    ref = lambda a, b: jnp.where(valid, jax.lax.ragged_dot(a, b, gs), 0)  # noqa: E731
+    got = jax.jit(lambda a, b: tiled_ragged_dot(a, b, gs, tile))
+    np.testing.assert_allclose(np.asarray(got(lhs, rhs)), np.asarray(ref(lhs, rhs)), rtol=1e-5, atol=1e-5)
+    g_ref = jax.grad(lambda a, b: jnp.sum(ref(a, b) * ct), (0, 1))(lhs, rhs)
+    g_got = jax.jit(jax.grad(lambda a, b: jnp.sum(tiled_ragged_dot(a, b, gs, tile) * ct), (0, 1)))(lhs, rhs)
+    for a, b in zip(g_got, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    try:  # the setting routes grouped_matmul there
+        hk.set_moe_kernel("tiled")
+        np.testing.assert_allclose(
+            np.asarray(hk.grouped_matmul(lhs, rhs, gs)), np.asarray(ref(lhs, rhs)), rtol=1e-5, atol=1e-5
+        )
+    finally:
+        hk.set_moe_kernel("auto")

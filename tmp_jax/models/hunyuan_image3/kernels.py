@@ -30,8 +30,10 @@ from tmp_jax.models.hunyuan_image3.layout import T2IMask
 # whose shapes it supports, ``jax.lax.ragged_dot`` otherwise (CPU, fp32, several devices: XLA partitions
 # ragged_dot over an expert-sharded mesh, the Mosaic kernel has no sharding rule; with expert parallelism on,
 # :func:`set_expert_parallel`, each device runs the kernel on its own experts under shard_map). XLA on this GPU stack
-# lowers ragged_dot to a dense GEMM over every expert (docs/benchmarks.md, section 3), hence the kernel.
-# "xla" / "mosaic" force one ("mosaic" raises where the kernel cannot run).
+# lowers ragged_dot to a dense GEMM over every expert (docs/benchmarks.md, section 3), hence the kernel. Where the
+# kernel does not apply on a GPU (fp32, its backward) and that dense GEMM's [M, G, N] output would exceed
+# DENSE_LIMIT_BYTES, "auto" takes the tiled grouped matmul (:mod:`tiled_gmm`: plain XLA, memory linear in M).
+# "xla" / "mosaic" / "tiled" force one ("mosaic" raises where the kernel cannot run).
 #
 # Attention on the T2I joint mask (``TMP_JAX_ATTENTION``, the same setting as Z-Image's): "auto" = cuDNN flash
 # attention on GPU for bf16/fp16 with head_dim <= 128, split by query block (image queries see every key before
@@ -40,6 +42,7 @@ from tmp_jax.models.hunyuan_image3.layout import T2IMask
 MOE_KERNEL: str = os.environ.get("TMP_JAX_MOE_KERNEL", "auto")
 ATTENTION_IMPLEMENTATION: str = os.environ.get("TMP_JAX_ATTENTION", "auto")
 MOSAIC_BLOCK = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)  # best of 2 tried on H100
+DENSE_LIMIT_BYTES = 4 * 2**30  # a dense ragged_dot output above this takes the tiled path on a GPU ("auto")
 
 
 #: (mesh, axis) of expert parallelism, or None. While set, the ``ragged`` routed experts run under
@@ -83,9 +86,9 @@ def maybe_expert_parallel(mesh: jax.sharding.Mesh | None, axis: str = "expert") 
 
 
 def set_moe_kernel(name: str) -> None:
-    """'auto', 'xla' or 'mosaic'; affects functions traced after the call."""
-    if name not in ("auto", "xla", "mosaic"):
-        raise ValueError(f"MoE kernel must be auto, xla or mosaic, got {name!r}")
+    """'auto', 'xla', 'mosaic' or 'tiled'; affects functions traced after the call."""
+    if name not in ("auto", "xla", "mosaic", "tiled"):
+        raise ValueError(f"MoE kernel must be auto, xla, mosaic or tiled, got {name!r}")
     global MOE_KERNEL
     MOE_KERNEL = name
 
@@ -149,10 +152,28 @@ def _mosaic_fwd(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> tuple
 
 
 def _mosaic_bwd(res: tuple, g: jax.Array) -> tuple:
-    # The kernel is forward-only: gradients (distillation) go through XLA's ragged_dot, exact but slow.
+    # The kernel is forward-only: gradients (distillation, reconstruction) go through the XLA paths, exact
     lhs, rhs, group_sizes = res
-    _, vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, group_sizes), lhs, rhs)
+    _, vjp = jax.vjp(lambda a, b: _xla_grouped(a, b, group_sizes), lhs, rhs)
     return (*vjp(g), None)
+
+
+def _use_tiled(lhs: jax.Array, rhs: jax.Array) -> bool:
+    """The tiled grouped matmul instead of ``ragged_dot``: forced, or on a GPU where ragged_dot's dense [M, G, N]
+    output would exceed :data:`DENSE_LIMIT_BYTES`."""
+    if MOE_KERNEL == "tiled":
+        return True
+    dense = lhs.shape[0] * rhs.shape[0] * rhs.shape[2] * jnp.dtype(lhs.dtype).itemsize
+    return MOE_KERNEL == "auto" and jax.default_backend() == "gpu" and dense > DENSE_LIMIT_BYTES
+
+
+def _xla_grouped(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The grouped matmul without the Mosaic kernel: tiled (:func:`_use_tiled`) or ``jax.lax.ragged_dot``."""
+    if _use_tiled(lhs, rhs):
+        from tmp_jax.models.hunyuan_image3.tiled_gmm import tiled_ragged_dot
+
+        return tiled_ragged_dot(lhs, rhs, group_sizes)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
 _mosaic_grouped.defvjp(_mosaic_fwd, _mosaic_bwd)
@@ -166,7 +187,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, per_d
     """
     if _use_mosaic(lhs, rhs, per_device):
         return _mosaic_grouped(lhs, rhs, group_sizes)
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+    return _xla_grouped(lhs, rhs, group_sizes)
 
 
 # ----------------------------------------------------------------------------------------------------------
