@@ -31,7 +31,7 @@ from tmp_jax.models.hunyuan_image3.layout import T2IMask
 # ragged_dot over an expert-sharded mesh, the Mosaic kernel has no sharding rule; with expert parallelism on,
 # :func:`set_expert_parallel`, each device runs the kernel on its own experts under shard_map). XLA on this GPU stack
 # lowers ragged_dot to a dense GEMM over every expert (docs/benchmarks.md, section 3), hence the kernel. Where the
-# kernel does not apply on a GPU (fp32, its backward) and that dense GEMM's [M, G, N] output would exceed
+# kernel does not apply (CPU, fp32, its backward) and that dense GEMM's [M, G, N] output would exceed
 # DENSE_LIMIT_BYTES, "auto" takes the tiled grouped matmul (:mod:`tiled_gmm`: plain XLA, memory linear in M).
 # "xla" / "mosaic" / "tiled" force one ("mosaic" raises where the kernel cannot run).
 #
@@ -159,12 +159,12 @@ def _mosaic_bwd(res: tuple, g: jax.Array) -> tuple:
 
 
 def _use_tiled(lhs: jax.Array, rhs: jax.Array) -> bool:
-    """The tiled grouped matmul instead of ``ragged_dot``: forced, or on a GPU where ragged_dot's dense [M, G, N]
-    output would exceed :data:`DENSE_LIMIT_BYTES`."""
+    """The tiled grouped matmul instead of ``ragged_dot``: forced, or where ragged_dot's dense [M, G, N] output would
+    exceed :data:`DENSE_LIMIT_BYTES` (XLA lowers it densely on the CPU as well as on our GPU stack)."""
     if MOE_KERNEL == "tiled":
         return True
     dense = lhs.shape[0] * rhs.shape[0] * rhs.shape[2] * jnp.dtype(lhs.dtype).itemsize
-    return MOE_KERNEL == "auto" and jax.default_backend() == "gpu" and dense > DENSE_LIMIT_BYTES
+    return MOE_KERNEL == "auto" and dense > DENSE_LIMIT_BYTES
 
 
 def _xla_grouped(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
