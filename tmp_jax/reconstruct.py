@@ -30,9 +30,11 @@ fitted block is written to ``OUT/blocks/`` (float32 safetensors, atomically) and
 the way the export does, with the fitted blocks in place of the sliced ones. Both forms fit the same blocks to
 the same errors (tests/test_reconstruct.py). Parameters are trained, and written, in float32 (``converters.export
 --weights OUT/weights --dtype bf16`` halves them). ``--dtype`` is the dtype the teacher is loaded in and the
-student's blocks compute in (``auto``: bf16 on a GPU, fp32 on the CPU): at full HunyuanImage width only bf16 routed
-experts take the grouped-matmul kernel on a GPU (fp32 ones go through XLA's ``ragged_dot``, dense over every expert
-on this stack: an fp32 teacher block at 4 rows of 1024² asked for 133 GiB on an H200). ``--micro-batch ROWS`` cuts
+student's blocks compute in (``auto``: bf16 on a GPU, fp32 on the CPU). At full HunyuanImage width an fp32 teacher
+block at 4 rows of 1024^2 asked for 133 GiB on an H200: XLA's ``ragged_dot`` is dense over every expert on our
+stack; the routed experts now take the tiled grouped matmul there (``tmp_jax/models/hunyuan_image3/tiled_gmm.py``,
+memory linear in the rows, forward and backward), and the Mosaic kernel for the bf16 forward on one Hopper GPU.
+``--micro-batch ROWS`` cuts
 the calibration micro-batches smaller, so one step's activations fit.
 """
 
