@@ -14,7 +14,9 @@ without compensated pruning, i.e. ``--no-compensate``; opt-in levelswitch-rollou
 ``--rollout-steps 8``; uniform, oneshot, depth, random, ga, cmaes = baselines, compensated like ours) it takes the
 strategy's plan, materialises the student from the teacher, evaluates it
 (``tmp_jax.evaluate``), distils it for a fixed number of steps (same data, seed and settings for every row) and
-evaluates it again. The iterative strategies (levelswitch, random, ga, cmaes) run with the same
+evaluates it again. With ``--reconstruct-steps N`` each cell also gets a row ``0 + reconstruct N``: the pruned
+student fitted block by block (``tmp_jax.reconstruct``, N Adam steps per block on the search's calibration set, no
+distillation), the cluster-free path, so every strategy's plan is compared after that re-fit too. The iterative strategies (levelswitch, random, ga, cmaes) run with the same
 ``--generations`` x ``--population``, so the same number of candidate evaluations (random, ga and cmaes score
 every candidate on every calibration sample, levelswitch most of them on a fraction).
 
@@ -308,6 +310,14 @@ def row_unit(args: argparse.Namespace, model: str, strat: str, budget: str, budg
     }
     rows = [{**row, "steps": 0, **_plain(m0)}]
     _atomic_json(path, {"rows": rows, "timings": timings})
+    if args.reconstruct_steps > 0:  # the cluster-free re-fit of the same student, before any distillation
+        t1 = time.time()
+        fitted, rec_s = _reconstructed(model, plan_path, student0, args.reconstruct_steps)
+        timings["reconstruction"] = time.time() - t1
+        m_rec = ev.evaluate(fitted, teacher, args.setting, args.seed, reference_cache=cache)
+        rows.append({**row, "steps": _rec_label(args), **_plain(m_rec), "reconstruct_s": rec_s})
+        _atomic_json(path, {"rows": rows, "timings": timings})
+        print(f"{model} {strat} {budget}: reconstruction + evaluation {time.time() - t1:.0f} s", flush=True)
     if args.distill_steps > 0:
         t1 = time.time()
         dres = distill_run(dcfg)
@@ -321,6 +331,28 @@ def row_unit(args: argparse.Namespace, model: str, strat: str, budget: str, budg
     timings["row"] = time.time() - t
     _atomic_json(path, {"rows": rows, "timings": timings, "complete": True})
     print(f"{model} {strat} {budget}: {time.time() - t:.0f} s", flush=True)
+
+
+def _rec_label(args: argparse.Namespace) -> str:
+    """The "distill steps" cell of a reconstructed row: no distillation, reconstructed block by block."""
+    return f"0 + reconstruct {args.reconstruct_steps}"
+
+
+def _reconstructed(model: str, plan_path: str, student: Any, steps: int) -> tuple[Any, float]:
+    """``student`` fitted block by block (``tmp_jax.reconstruct``, ``steps`` Adam steps per block) on the teacher's
+    calibration set of the plan's search; returns it (fitted in place) and the fit's seconds."""
+    from tmp_jax import arch
+    from tmp_jax.calibration import prepare
+    from tmp_jax.plan import load_plan
+    from tmp_jax.problem import _teacher_and_set
+    from tmp_jax.reconstruct import ReconstructConfig, reconstruct
+
+    source = load_plan(plan_path).get("search", {}).get("calib_source") or "trajectory"
+    teacher, _, _, batches, _ = _teacher_and_set(model, None, "fp32", None, 8, 0, source)
+    inputs = [prepare(arch.get(teacher.ARCH), teacher.config, b) for b in batches]
+    t = time.time()
+    reconstruct(teacher, student, inputs, ReconstructConfig(steps))
+    return student, round(time.time() - t, 1)
 
 
 def _plain(m: dict[str, Any]) -> dict[str, Any]:
@@ -485,11 +517,11 @@ def _fmt(row: dict[str, Any], key: str, fmt: str) -> str:
     return fmt.format(row[key]) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
 
 
-def _group(rows: list[dict[str, Any]], b: str, steps: int) -> list[dict[str, Any]]:
+def _group(rows: list[dict[str, Any]], b: str, steps: int | str) -> list[dict[str, Any]]:
     return [r for r in rows if r["budget"] == b and r.get("steps") == steps and "error" not in r]
 
 
-def _losses(rows: list[dict[str, Any]], budgets: list[str], steps: list[int]) -> list[str]:
+def _losses(rows: list[dict[str, Any]], budgets: list[str], steps: list[int | str]) -> list[str]:
     """Every (budget, distillation steps, metric) where a baseline beats levelswitch, as sentences."""
     out = []
     for b in budgets:
@@ -509,7 +541,8 @@ def _losses(rows: list[dict[str, Any]], budgets: list[str], steps: list[int]) ->
                 if better:
                     best = min(better, key=lambda r: r[key] if lower else -r[key])
                     out.append(
-                        f"{b}, {s} distillation steps, {head}: {best['strategy']} {fmt.format(best[key])} vs ours "
+                        f"{b}, {s if isinstance(s, str) else f'{s} distillation steps'}, {head}: "
+                        f"{best['strategy']} {fmt.format(best[key])} vs ours "
                         f"{fmt.format(ours[key])}"
                         + (
                             f" (also {', '.join(r['strategy'] for r in better if r is not best)})"
@@ -581,7 +614,8 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
     tm = r["teacher"]
     budgets = r["budgets"]
     title, kind = MODELS[model]
-    steps = [0] + ([args.distill_steps] if args.distill_steps > 0 else [])
+    steps: list[int | str] = [0] + ([_rec_label(args)] if args.reconstruct_steps > 0 else [])
+    steps += [args.distill_steps] if args.distill_steps > 0 else []
     name = section_name(args.preset, model)
     head = "| budget | strategy | distill steps | " + " | ".join(h for _, h, _, _ in COLS) + " | search evals |"
     gens = f"{args.generations} generations x population {args.population}"
@@ -604,7 +638,14 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
         f"(levelswitch = ours, random, ga, cmaes) run {gens} (the same number of candidate evaluations); "
         "uniform, oneshot and depth are one-shot; all but levelswitch-nocomp are compensated (re-fitted). "
         + (_rollout_note() if "levelswitch-rollout" in args.strategies else "")
-        + f"Each plan is evaluated as pruned (0 steps) and after {args.distill_steps} recovery-distillation steps "
+        + "Each plan is evaluated as pruned (0 steps)"
+        + (
+            f", after block-by-block reconstruction without distillation (`tmp_jax.reconstruct`, "
+            f"{args.reconstruct_steps} Adam steps per block on the calibration set: `{_rec_label(args)}`)"
+            if args.reconstruct_steps > 0
+            else ""
+        )
+        + f" and after {args.distill_steps} recovery-distillation steps "
         f"(batch {args.distill_batch}, lr {args.distill_lr:g}, same data and seed for every row). Metrics "
         f"(`python -m tmp_jax.evaluate`, setting `{st.name}`): the normalised teacher-student velocity MSE (the "
         f"pruned output error) and held-out flow-matching MSE on {st.fm_images} TEST images at fixed sigmas and "
@@ -718,6 +759,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-steps", type=int, default=None, help="default: the preset's")
     p.add_argument("--distill-batch", type=int, default=None, help="default: the preset's")
     p.add_argument("--distill-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--reconstruct-steps",
+        type=int,
+        default=0,
+        help="also evaluate each plan after block-by-block reconstruction with this many Adam steps per block, "
+        "before distillation (tmp_jax.reconstruct; 0: no such row, the default)",
+    )
     p.add_argument("--setting", default=None, choices=("cheap", "full"), help="default: the preset's")
     p.add_argument("--jobs", type=int, default=None, help="units run at once in worker processes (default: preset's)")
     p.add_argument("--seed", type=int, default=0)
