@@ -128,3 +128,25 @@ def test_teacher_reference_cache(tmp_path, monkeypatch):
     ev.evaluate(changed, changed, tiny, seed=0, reference_cache=tmp_path)
     assert calls == [0, 0] and len(list(tmp_path.glob("reference-*-tiny-0.npz"))) == 2
     ev._TEACHER_CACHE.clear()
+
+
+def test_reconstructed_rows_are_their_own_group():
+    """``--reconstruct-steps``: a cell's ``0 + reconstruct N`` row is compared only with the other strategies'
+    reconstructed rows, never with the pruned (0-step) ones."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_table", Path(__file__).parents[1] / "scripts/quality_table.py"
+    )
+    qt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qt)
+    rec = "0 + reconstruct 300"
+
+    def row(strategy: str, steps, vel: float) -> dict:
+        return {"strategy": strategy, "budget": "50%", "steps": steps, "vel_rel": vel, "params": 1}
+
+    rows = [row(qt.OURS, 0, 0.10), row("uniform", 0, 0.12), row(qt.OURS, rec, 0.08), row("uniform", rec, 0.07)]
+    assert [r["strategy"] for r in qt._group(rows, "50%", rec)] == [qt.OURS, "uniform"]
+    losses = qt._losses(rows, ["50%"], [0, rec])
+    assert len(losses) == 1 and losses[0].startswith(f"50%, {rec}, pruned output error"), losses
+    assert "uniform 0.0700" in losses[0]
