@@ -198,7 +198,7 @@ class StudentStreamer(Residency):
 
         assert self.blocks is not None
         self.blocks.mkdir(parents=True, exist_ok=True)
-        f = self.blocks / f"{name.replace('/', '.')}.safetensors"
+        f = self.blocks / _block_file(name).name
         paths = self.param_paths(module)
         save_f32_safetensors(f, [(_path_key(p), self.var[p].get_value()) for p in paths])
         for p in paths:
@@ -214,6 +214,11 @@ class StudentStreamer(Residency):
             return None
         with safe_open(str(f), framework="numpy") as h:
             return h.get_tensor(_path_key(p))
+
+
+def _block_file(name: str) -> Path:
+    """The file name of block ``name``'s fitted parameters (in ``OUT/blocks``)."""
+    return Path(f"{name.replace('/', '.')}.safetensors")
 
 
 def _path_key(p: tuple) -> str:
@@ -527,7 +532,12 @@ def _run_streamed(a: argparse.Namespace, cfg: ReconstructConfig, out: Path, weig
     batches = split_rows(_streamed_calib(model, a.calib, _calib_source(a.plan), src), a.micro_batch)
     h = arch.get(src.name)
     ts = ParamStreamer(model, get_hooks(src.name), dtype=jnp.dtype(cfg.dtype))
-    ss = StudentStreamer(src, out / "blocks")
+    blocks = out / "blocks"
+    if blocks.is_dir():  # a block file the record does not list (a crash between the two writes, an old run): gone
+        for f in blocks.glob("*.safetensors"):
+            if f.name not in {_block_file(b).name for b in done}:
+                f.unlink()
+    ss = StudentStreamer(src, blocks)
     inputs = [prepare(h, src.src_cfg, b) for b in batches]
 
     def checkpoint(fit: BlockFit, blk: Any) -> None:
