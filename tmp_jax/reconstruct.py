@@ -18,24 +18,28 @@ Writes ``OUT/weights`` (the student checkpoint, as :mod:`tmp_jax.distill` does: 
 ``OUT/reconstruct.json`` (each block's calibration error before and after, the settings). Both are rewritten
 atomically after every block, so ``--resume`` continues after the last finished block.
 
-Memory (``--streamed auto|on|off``). In memory (``off``; what ``auto`` picks when the teacher's float32 parameters
-take at most half of the devices' memory): the teacher, the student and both models' activations of the
-calibration set are held on the devices (the embedded teachers; a 6B Turbo in fp32 with its 4B student, 41 GB of
-parameters, should fit one 80 GB GPU, not measured yet), and the student checkpoint is rewritten after every
-block. Streamed (``on``; the 80B MoE): both models are shape-only and each block's parameters are read from the
-teacher checkpoint when its turn comes, the teacher's as :mod:`tmp_jax.streamed_calibration` reads them, the
-student's as ``converters.export`` slices and re-fits them (:class:`converters.export.PrunedSource`), so the
-devices hold the stems, one teacher block, one student block with its Adam state, and the activations. Each
-fitted block is written to ``OUT/blocks/`` (float32 safetensors, atomically) and the end writes ``OUT/weights``
-the way the export does, with the fitted blocks in place of the sliced ones. Both forms fit the same blocks to
-the same errors (tests/test_reconstruct.py). Parameters are trained, and written, in float32 (``converters.export
---weights OUT/weights --dtype bf16`` halves them). ``--dtype`` is the dtype the teacher is loaded in and the
-student's blocks compute in (``auto``: bf16 on a GPU, fp32 on the CPU). At full HunyuanImage width an fp32 teacher
-block at 4 rows of 1024^2 asked for 133 GiB on an H200: XLA's ``ragged_dot`` is dense over every expert on our
-stack; the routed experts now take the tiled grouped matmul there (``tmp_jax/models/hunyuan_image3/tiled_gmm.py``,
-memory linear in the rows, forward and backward), and the Mosaic kernel for the bf16 forward on one Hopper GPU.
-``--micro-batch ROWS`` cuts
-the calibration micro-batches smaller, so one step's activations fit.
+Memory (``--streamed auto|on|off``):
+
+* in memory (``off``; what ``auto`` picks when the teacher's float32 parameters take at most half of the devices'
+  memory): the teacher, the student and both models' activations of the calibration set are on the devices, and
+  the student checkpoint is rewritten after every block (the embedded teachers; a 6B Turbo in fp32 with its 4B
+  student, 41 GB of parameters, should fit one 80 GB GPU, not measured yet);
+* streamed (``on``; the 80B MoE): both models are shape-only; each block is read when its turn comes, the
+  teacher's from its checkpoint as :mod:`tmp_jax.streamed_calibration` reads it, the student's as
+  ``converters.export`` slices and re-fits it (:class:`converters.export.PrunedSource`). The devices hold the
+  stems, one teacher block, one student block with its Adam state, and the activations. Each fitted block goes to
+  ``OUT/blocks/`` (float32 safetensors, atomically); the end writes ``OUT/weights`` as the export does, with the
+  fitted blocks in place of the sliced ones. Both forms give the same fits (tests/test_reconstruct.py).
+
+Precision (``--dtype``): the dtype the teacher is loaded in and the student's blocks compute in (``auto``: bf16
+on a GPU, fp32 on the CPU). The student's parameters, its Adam state and the errors are float32, and so is
+``OUT/weights`` (``converters.export --weights OUT/weights --dtype bf16`` halves it).
+
+Activation memory (``--micro-batch ROWS``): cuts the calibration micro-batches smaller so one step fits. At full
+HunyuanImage width an fp32 teacher block on 4 rows of 1024^2 asked for 133 GiB on an H200, because XLA's
+``ragged_dot`` runs densely over every expert; the routed experts now take the tiled grouped matmul at that size
+(``tmp_jax/models/hunyuan_image3/tiled_gmm.py``, memory linear in the tokens, forward and backward) and the Mosaic
+kernel for the bf16 forward on one Hopper GPU.
 """
 
 from __future__ import annotations
@@ -382,7 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--plan", required=True, type=Path, help="plan.json from python -m tmp_jax.search")
     p.add_argument("--model", help="the teacher checkpoint the plan was made from (default: embedded teacher)")
-    p.add_argument("--calib", help="calibration set folder (default: the embedded teacher's trajectory set)")
+    p.add_argument(
+        "--calib",
+        help="calibration set folder (default: an embedded teacher's own set; other models: a synthetic set, with a "
+        "warning)",
+    )
     p.add_argument("--steps", type=int, default=ReconstructConfig.steps, help="Adam steps per kept block (300)")
     p.add_argument("--lr", type=float, default=ReconstructConfig.lr, help="peak learning rate (1e-3, cosine decay)")
     p.add_argument("--no-compensate", action="store_true", help="start from plain slices, not the re-fitted plan")
