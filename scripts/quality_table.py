@@ -16,9 +16,10 @@ strategy's plan, materialises the student from the teacher, evaluates it
 (``tmp_jax.evaluate``), distils it for a fixed number of steps (same data, seed and settings for every row) and
 evaluates it again. With ``--reconstruct-steps N`` each cell also gets a row ``0 + reconstruct N``: the pruned
 student fitted block by block (``tmp_jax.reconstruct``, N Adam steps per block on the search's calibration set, no
-distillation), the cluster-free path, so every strategy's plan is compared after that re-fit too. The iterative strategies (levelswitch, random, ga, cmaes) run with the same
-``--generations`` x ``--population``, so the same number of candidate evaluations (random, ga and cmaes score
-every candidate on every calibration sample, levelswitch most of them on a fraction).
+distillation), the cluster-free path, so every strategy's plan is compared after that re-fit too. The iterative
+strategies (levelswitch, random, ga, cmaes) run with the same ``--generations`` x ``--population``, so the same
+number of candidate evaluations (random, ga and cmaes score every candidate on every calibration sample,
+levelswitch most of them on a fraction).
 
 Presets:
 
