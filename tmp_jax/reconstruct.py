@@ -466,7 +466,9 @@ def _run(a: argparse.Namespace) -> int:
     err = [(f["before"], f["after"]) for f in fits]
     print(
         f"tmp_jax.reconstruct: {len(fits)} blocks{' (streamed)' if streamed else ''}, calibration error summed "
-        f"over blocks {sum(b for b, _ in err):.4f} -> {sum(x for _, x in err):.4f} -> {weights}"
+        f"over blocks {sum(b for b, _ in err):.4f} -> {sum(x for _, x in err):.4f} -> {weights}\n"
+        f"next: python -m converters.export --plan {a.plan} --model {_model_spec(a)} --weights {weights} "
+        "--out pruned/ [--dtype bf16]   (or python -m tmp_jax.evaluate --model " + str(weights) + ")"
     )
     return 0
 
