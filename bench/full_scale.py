@@ -18,6 +18,12 @@ candidate evaluation.
     python bench/full_scale.py --tiny                      # CPU, 8 fake devices, tiny config, ~1 min
     python bench/full_scale.py --mesh data:1,expert:8 --source /data/hy3-random --out $OUT   # 8 GPUs
 
+The cluster-free re-fit of the winner, on the stage-2 checkpoint, runs as its own process afterwards (the model of
+stage 1 no longer holds the device), streamed block by block:
+
+    python -m tmp_jax.reconstruct --plan OUT/search/plan.json --model SOURCE --streamed on --dtype bf16 \
+        --micro-batch 1 --out OUT/rec         # then: python -m converters.export ... --weights OUT/rec/weights
+
 Multi-host: start one process per host with ``--distributed`` (calls ``jax.distributed.initialize()``,
 which reads SLURM's variables); the mesh then spans every host's devices. Stage 2 and 6 gather one tensor
 at a time to the host, which needs every shard addressable: on several hosts run them on one host
