@@ -344,12 +344,10 @@ def _reconstructed(model: str, plan_path: str, student: Any, steps: int) -> tupl
     calibration set of the plan's search; returns it (fitted in place) and the fit's seconds."""
     from tmp_jax import arch
     from tmp_jax.calibration import prepare
-    from tmp_jax.plan import load_plan
     from tmp_jax.problem import _teacher_and_set
-    from tmp_jax.reconstruct import ReconstructConfig, reconstruct
+    from tmp_jax.reconstruct import ReconstructConfig, _calib_source, reconstruct
 
-    source = load_plan(plan_path).get("search", {}).get("calib_source") or "trajectory"
-    teacher, _, _, batches, _ = _teacher_and_set(model, None, "fp32", None, 8, 0, source)
+    teacher, _, _, batches, _ = _teacher_and_set(model, None, "fp32", None, 8, 0, _calib_source(Path(plan_path)))
     inputs = [prepare(arch.get(teacher.ARCH), teacher.config, b) for b in batches]
     t = time.time()
     reconstruct(teacher, student, inputs, ReconstructConfig(steps))

@@ -60,8 +60,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tmp_jax import arch
-from tmp_jax.streamed_calibration import _get, _op_jit, _split_static  # the streamed walk's own step helpers
+from tmp_jax import arch, dtypes
+from tmp_jax.streamed_calibration import (  # the streamed walk's own step helpers and parameter residency
+    AbstractParams,
+    _get,
+    _op_jit,
+    _split_static,
+)
 
 Carry = Any  # one micro-batch's activations between schedule steps (a dict of arrays)
 
@@ -83,6 +88,11 @@ class ReconstructConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def compute_dtype(self) -> str | None:
+        """The cast the student's blocks compute under (None for float32: the parameters as they are)."""
+        return None if self.dtype == "float32" else self.dtype
 
 
 @dataclass
@@ -157,27 +167,19 @@ class Residency:
         """Take them off again (after it ran): the arrays can be freed."""
 
 
-class StudentStreamer(Residency):
+class StudentStreamer(AbstractParams):
     """A shape-only student whose blocks are filled from the teacher checkpoint as :mod:`converters.export`
     writes them (sliced by the plan, consumers re-fitted: :class:`converters.export.PrunedSource`), one module at
     a time, in float32; a block fitted by an earlier run is read from its file in ``blocks`` instead."""
 
     def __init__(self, src: Any, blocks: Path | None = None):
-        from tmp_jax.safetensors_io import flat_variables
-
+        super().__init__(arch.get(src.name).init_abstract(src.new_cfg, jnp.float32))
         self.src, self.blocks = src, blocks
-        self.model = arch.get(src.name).init_abstract(src.new_cfg, jnp.float32)
-        self.var = flat_variables(self.model)
-        self.path_of = {id(v): p for p, v in self.var.items()}
-        self.placeholder = {p: v.get_value() for p, v in self.var.items()}
         self.fitted: dict[tuple, Path] = {}  # parameter path -> the block file holding its fitted value
         if blocks is not None and blocks.is_dir():
             for f in sorted(blocks.glob("*.safetensors")):
                 for key in _block_file_keys(f):
                     self.fitted[_key_path(key)] = f
-
-    def param_paths(self, module: Any) -> list[tuple]:
-        return [self.path_of[id(v)] for _, v in nnx.iter_graph(module) if id(v) in self.path_of]
 
     def load(self, module: Any) -> None:
         from safetensors import safe_open
@@ -191,10 +193,6 @@ class StudentStreamer(Residency):
         for p in paths:
             arr = stored[p] if p in stored else self.src.array(p)
             self.var[p].set_value(jax.device_put(np.asarray(arr, np.float32)))
-
-    def release(self, module: Any) -> None:
-        for p in self.param_paths(module):
-            self.var[p].set_value(self.placeholder[p])
 
     def save_block(self, name: str, module: Any) -> Path:
         """Write ``module``'s (fitted) parameters to ``blocks/<name>.safetensors`` (float32, atomic)."""
@@ -248,14 +246,15 @@ def reconstruct(
     done: frozenset[str] = frozenset(),
     on_block: Callable[[BlockFit, Any], None] | None = None,
     progress: bool = False,
-    resident: tuple[Residency, Residency] | None = None,
+    resident: tuple[Any, Any] | None = None,
 ) -> list[BlockFit]:
     """Fit ``student``'s kept blocks in place (see the module doc); returns one :class:`BlockFit` per block fitted.
 
     ``inputs``: prepared model inputs (:func:`tmp_jax.calibration.prepare`), one dict per micro-batch.
     ``done``: blocks (as in :attr:`BlockFit.block`) already fitted by an earlier run: they only run forward.
     ``on_block``: called after every fitted block with its record and the student's block module, already
-    updated (a checkpoint hook). ``resident``: (teacher's, student's) :class:`Residency`: how a module's
+    updated (a checkpoint hook). ``resident``: (teacher's, student's) :class:`Residency` (or
+    :class:`~tmp_jax.streamed_calibration.AbstractParams`, which has the same ``load`` / ``release``): how a module's
     parameters are put on the devices before it runs and taken off after (streamed models, where the models
     are shape-only and each block is read when its turn comes); None: both models are loaded."""
     if not inputs:
@@ -267,25 +266,25 @@ def reconstruct(
     to_teacher = h.path_map(teacher.config, student.config)  # student parameter path -> teacher path
     s_steps = {to_teacher(s.path): s for s in sh.schedule(student.config) if s.kind == "block"}
     steps = sh.schedule(teacher.config)
-    todo = [s for s in steps if s.kind == "block" and s.path in s_steps and "/".join(map(str, s.path)) not in done]
+    todo = [s for s in steps if s.kind == "block" and s.path in s_steps and _path_key(s.path) not in done]
+    if not todo:  # every kept block fitted already (a resumed run): nothing to walk
+        return []
     bar = None
     if progress:
         from tmp_jax.progress import progress_bar
 
         bar = progress_bar(total=len(todo) * cfg.steps, desc="reconstruct", unit="step")
-    if not todo:  # every kept block fitted already (a resumed run): nothing to walk
-        return []
     t_res, s_res = resident if resident is not None else (Residency(), Residency())
-    cdt = None if cfg.dtype == "float32" else cfg.dtype  # the student's compute dtype (float32: no casts)
-    stems = [(teacher, t_res, sh.stem_view(teacher)), (student, s_res, sh.stem_view(student))]
-    for _, res, stem in stems:
+    cdt = cfg.compute_dtype
+    stems = [(t_res, sh.stem_view(teacher)), (s_res, sh.stem_view(student))]
+    for res, stem in stems:
         res.load(stem)
     tc: list[Carry] = [None] * len(inputs)  # the teacher's activations, per micro-batch
     sc: list[Carry] = [None] * len(inputs)  # the student's
     fits: list[BlockFit] = []
     for step in steps:
         if step.kind == "op":  # embeddings / head: the stems are not pruned, each model runs its own
-            for (_, _, stem), cs in zip(stems, (tc, sc)):
+            for (_, stem), cs in zip(stems, (tc, sc)):
                 gd, st = nnx.split(stem)
                 for i, inp in enumerate(inputs):
                     dyn, static = _split_static(inp)
@@ -302,7 +301,7 @@ def reconstruct(
             blk = _get(student, s.path)
             s_res.load(blk)
             gd, params, rest = nnx.split(blk, nnx.Param, ...)
-            name = "/".join(map(str, step.path))
+            name = _path_key(step.path)
             if name not in done:
                 fit, fitted = _fit_block(name, gd, s.fn, params, rest, sc, target, _written(tc[0], target[0]), cfg, bar)
                 if fit.kept:
@@ -315,7 +314,7 @@ def reconstruct(
             del params, rest
             s_res.release(blk)
         tc = target  # a dropped block: the student's activations go on unchanged
-    for _, res, stem in stems:
+    for res, stem in stems:
         res.release(stem)
     if bar is not None:
         bar.close()
@@ -336,7 +335,7 @@ def _fit_block(
 ) -> tuple[BlockFit, Any]:
     """Adam on one block's parameters, micro-batch ``k % n`` at step ``k``: (its record, the fitted parameters)."""
     t0 = time.perf_counter()
-    cdt = None if cfg.dtype == "float32" else cfg.dtype
+    cdt = cfg.compute_dtype
     before = _mean_error(gd, fn, params, rest, carries, targets, keys, cdt)
     fitted = params
     if cfg.steps:
@@ -369,9 +368,7 @@ def _settings(a: argparse.Namespace, plan_path: Path) -> dict[str, Any]:
 
 
 def _config(a: argparse.Namespace) -> ReconstructConfig:
-    from tmp_jax.dtypes import resolve
-
-    return ReconstructConfig(a.steps, a.lr, resolve(a.dtype))
+    return ReconstructConfig(a.steps, a.lr, dtypes.resolve(a.dtype))
 
 
 def _sha(path: Path) -> str:
@@ -394,9 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=ReconstructConfig.steps, help="Adam steps per kept block (300)")
     p.add_argument("--lr", type=float, default=ReconstructConfig.lr, help="peak learning rate (1e-3, cosine decay)")
     p.add_argument("--no-compensate", action="store_true", help="start from plain slices, not the re-fitted plan")
-    p.add_argument(
-        "--dtype",
-        default="auto",
+    dtypes.add_argument(
+        p,
         help="dtype the teacher is loaded in and the student's blocks compute in: bf16, fp32 or auto (default: bf16 "
         "on a GPU/TPU, fp32 on the CPU); the student's parameters, the Adam state and the errors stay float32",
     )
@@ -417,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    a.dtype = dtypes.from_args(p, a.dtype)  # a bad value: one line, exit 2
     try:
         return _run(a)
     except (ValueError, FileNotFoundError) as e:

@@ -159,7 +159,31 @@ def _place(arr: np.ndarray, var: nnx.Variable, dtype: Any, mesh: jax.sharding.Me
     return jax.make_array_from_callback(arr.shape, variable_sharding(var, mesh), lambda idx: arr[idx])
 
 
-class ParamStreamer:
+class AbstractParams:
+    """A shape-only model whose parameters are filled module by module (``load``, by a subclass) and put back to
+    their abstract placeholders (``release``) so the arrays can be freed."""
+
+    def __init__(self, model: nnx.Module):
+        from tmp_jax.safetensors_io import flat_variables
+
+        self.model = model
+        self.var = flat_variables(model)
+        self.path_of = {id(v): p for p, v in self.var.items()}
+        self.placeholder = {p: v.get_value() for p, v in self.var.items()}
+
+    def param_paths(self, module: nnx.Module) -> list[PathT]:
+        """The paths of the parameters reachable from ``module``."""
+        return [self.path_of[id(v)] for _, v in nnx.iter_graph(module) if id(v) in self.path_of]
+
+    def load(self, module: nnx.Module) -> None:
+        raise NotImplementedError
+
+    def release(self, module: nnx.Module) -> None:
+        for p in self.param_paths(module):
+            self.var[p].set_value(self.placeholder[p])
+
+
+class ParamStreamer(AbstractParams):
     """An abstract (shape-only) model whose variables are filled from the checkpoint module by module.
 
     ``load(module)`` fills exactly the parameters reachable from ``module`` (reading every table entry that
@@ -167,29 +191,22 @@ class ParamStreamer:
     """
 
     def __init__(self, path: Path, hooks: StreamHooks, dtype: Any = None, mesh: jax.sharding.Mesh | None = None):
-        from tmp_jax.safetensors_io import CheckpointError, _check_source, check_table_covers, flat_variables
+        from tmp_jax.safetensors_io import CheckpointError, _check_source, check_table_covers
 
         folder = path if path.is_dir() else path.parent
         h = arch.get(hooks.name)
         self.cfg = h.read_config(folder)
         self.reader = hooks.reader(path)
         self.table = h.key_table(self.cfg)
-        self.model = h.init_abstract(self.cfg, jnp.float32 if dtype is None else dtype)
+        super().__init__(h.init_abstract(self.cfg, jnp.float32 if dtype is None else dtype))
         self.dtype, self.mesh = dtype, mesh
-        variables = flat_variables(self.model)
-        check_table_covers(self.table, variables)
+        check_table_covers(self.table, self.var)
         _check_source(self.reader, self.table)
-        self.path_of = {id(v): p for p, v in variables.items()}
-        self.var = variables
-        self.placeholder = {p: v.get_value() for p, v in variables.items()}
         self.entries_of: dict[PathT, Any] = {}
         for e in self.table.entries:
             for p in e.flax_paths:
                 self.entries_of[p] = e
         self.error = CheckpointError
-
-    def param_paths(self, module: nnx.Module) -> list[PathT]:
-        return [self.path_of[id(v)] for _, v in nnx.iter_graph(module) if id(v) in self.path_of]
 
     def param_bytes(self, module: nnx.Module | None = None) -> int:
         paths = self.var if module is None else self.param_paths(module)
@@ -216,10 +233,6 @@ class ParamStreamer:
                 if q in want:  # a fused entry may also fill a parameter outside the module: skip it
                     self.var[q].set_value(_place(arr, self.var[q], self.dtype, self.mesh))
                 done.add(q)
-
-    def release(self, module: nnx.Module) -> None:
-        for p in self.param_paths(module):
-            self.var[p].set_value(self.placeholder[p])
 
 
 # ----------------------------------------------------------------------------------------------
