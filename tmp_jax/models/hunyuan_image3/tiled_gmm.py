@@ -70,22 +70,18 @@ def _untile(yt: jax.Array, dst: jax.Array) -> jax.Array:
 def tiled_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int = 128) -> jax.Array:
     """``lhs`` [M, K] rows sorted by group x ``rhs`` [G, K, N] -> [M, N], as ``jax.lax.ragged_dot`` (see the module
     doc); rows past ``sum(group_sizes)`` give 0. Memory: about 2 (M + G * tile) x max(K, N) elements, no [M, G, N]."""
-    return _forward(lhs, rhs, group_sizes, tile)[0]
-
-
-def _forward(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int) -> tuple[jax.Array, tuple]:
-    src, dst, tile_group, _ = _layout(group_sizes, lhs.shape[0], tile)
-    out = _untile(_scan_product(_tiles(lhs, src, tile), rhs, tile_group), dst)
-    return out.astype(jnp.result_type(lhs.dtype, rhs.dtype)), (lhs, rhs, group_sizes)
+    return _fwd(lhs, rhs, group_sizes, tile)[0]
 
 
 def _fwd(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, tile: int) -> tuple[jax.Array, tuple]:
-    return _forward(lhs, rhs, group_sizes, tile)
+    """The product and the backward's residuals: the operands and the layout (computed once, here)."""
+    src, dst, tile_group, _ = _layout(group_sizes, lhs.shape[0], tile)
+    out = _untile(_scan_product(_tiles(lhs, src, tile), rhs, tile_group), dst)
+    return out.astype(jnp.result_type(lhs.dtype, rhs.dtype)), (lhs, rhs, src, dst, tile_group)
 
 
 def _bwd(tile: int, res: tuple, g: jax.Array) -> tuple:
-    lhs, rhs, group_sizes = res
-    src, dst, tile_group, _ = _layout(group_sizes, lhs.shape[0], tile)
+    lhs, rhs, src, dst, tile_group = res
     gt = _tiles(g.astype(lhs.dtype), src, tile)  # [n_tiles, tile, N]
     d_lhs = _untile(_scan_product(gt, jnp.swapaxes(rhs, 1, 2), tile_group), dst)  # [M, K]
     xt = _tiles(lhs, src, tile)  # [n_tiles, tile, K]
