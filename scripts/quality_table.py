@@ -10,9 +10,9 @@ MoE). docs/quality.md holds one section per (preset, model) between ``<!-- secti
 states its own date, machine and command).
 
 For each budget (of the model's parameters) and each strategy (levelswitch = ours; levelswitch-nocomp = ours
-without compensated pruning, i.e. ``--no-compensate``; opt-in levelswitch-rollout = ours with
-``--rollout-steps 8``; uniform, oneshot, depth, random, ga, cmaes = baselines, compensated like ours) it takes the
-strategy's plan, materialises the student from the teacher, evaluates it
+without compensated pruning, i.e. ``--no-compensate``; opt-in levelswitch-rollout = ours with ``--rollout-steps 8``,
+levelswitch-reconstruct = ours with ``--reconstruct-steps 50``; uniform, oneshot, depth, random, ga, cmaes =
+baselines, compensated like ours) it takes the strategy's plan, materialises the student from the teacher, evaluates it
 (``tmp_jax.evaluate``), distils it for a fixed number of steps (same data, seed and settings for every row) and
 evaluates it again. With ``--reconstruct-steps N`` each cell also gets a row ``0 + reconstruct N``: the pruned
 student fitted block by block (``tmp_jax.reconstruct``, N Adam steps per block on the search's calibration set, no
@@ -76,9 +76,12 @@ VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "levelswitch-nocomp": ("levelswitch", False, {}),
     # ours with the last selection stage re-ranked by an 8-step sampler rollout (``--rollout-steps 8``)
     "levelswitch-rollout": ("levelswitch", True, {"rollout_steps": 8}),
+    # ours with the final candidates re-ranked by their error after a short block-by-block re-fit
+    # (``--reconstruct-steps 50 --reconstruct-top 4``): the plan the cluster-free path re-fits best
+    "levelswitch-reconstruct": ("levelswitch", True, {"reconstruct_steps": 50, "reconstruct_top": 4}),
 }
 # opt-in rows (``--strategies``): not in the default table
-EXTRA_STRATEGIES = ("levelswitch-rollout",)
+EXTRA_STRATEGIES = ("levelswitch-rollout", "levelswitch-reconstruct")
 MODELS = {
     "zimage-fmnist": ("embedded Z-Image-architecture DiT (zimage-fmnist)", "DiT"),
     "hunyuan-fmnist": ("embedded HunyuanImage-3.0-architecture MoE (hunyuan-fmnist)", "MoE"),
@@ -188,16 +191,27 @@ def _variant(strat: str) -> tuple[str, bool, dict[str, Any]]:
     return VARIANTS.get(strat, (strat, True, {}))
 
 
-def _rollout_note() -> str:
-    """The setup sentence of the levelswitch-rollout row, from its settings (``VARIANTS``, SearchConfig's defaults)."""
+def _variant_notes(strategies: list[str]) -> str:
+    """The setup sentences of the opt-in levelswitch rows in ``strategies``, from their settings (``VARIANTS``,
+    SearchConfig's defaults)."""
     from search.engine import SearchConfig
 
-    steps = VARIANTS["levelswitch-rollout"][2]["rollout_steps"]
-    top = SearchConfig.__dataclass_fields__["rollout_top"].default
-    return (
-        f"levelswitch-rollout: ours with each budget's {top} best final candidates re-ranked by the final-latent "
-        f"error of a CFG sampler rollout of {steps} steps from the teacher's noise (`--rollout-steps {steps}`). "
-    )
+    out = ""
+    if "levelswitch-rollout" in strategies:
+        steps = VARIANTS["levelswitch-rollout"][2]["rollout_steps"]
+        top = SearchConfig.__dataclass_fields__["rollout_top"].default
+        out += (
+            f"levelswitch-rollout: ours with each budget's {top} best final candidates re-ranked by the final-latent "
+            f"error of a CFG sampler rollout of {steps} steps from the teacher's noise (`--rollout-steps {steps}`). "
+        )
+    if "levelswitch-reconstruct" in strategies:
+        o = VARIANTS["levelswitch-reconstruct"][2]
+        out += (
+            f"levelswitch-reconstruct: ours with each budget's {o['reconstruct_top']} best final candidates "
+            f"re-ranked by their fitness after a block-by-block re-fit of {o['reconstruct_steps']} Adam steps per "
+            f"block (`--reconstruct-steps {o['reconstruct_steps']} --reconstruct-top {o['reconstruct_top']}`). "
+        )
+    return out
 
 
 def _compensated(strat: str) -> bool:
@@ -552,8 +566,9 @@ def _losses(rows: list[dict[str, Any]], budgets: list[str], steps: list[int | st
     return out
 
 
-def checks(r: dict[str, Any], distill_steps: int) -> list[str]:
-    """The issue's must-show comparisons, computed from the rows (one sentence each)."""
+def checks(r: dict[str, Any], distill_steps: int, rec_label: str | None = None) -> list[str]:
+    """The issue's must-show comparisons, computed from the rows (one sentence each). ``rec_label``: the steps cell
+    of the reconstructed rows (``--reconstruct-steps``): the output error and class accuracy compared there too."""
     out, tm = [], r.get("teacher", {})
     for b in r["budgets"]:
         g0 = _group(r["rows"], b, 0)
@@ -565,6 +580,20 @@ def checks(r: dict[str, Any], distill_steps: int) -> list[str]:
             out.append(
                 f"{b}, pruned output error: ours {ours0['vel_rel']:.4f}, best baseline {best['strategy']} "
                 f"{best['vel_rel']:.4f}: {100 * red:+.0f}% lower ({'meets' if red >= 0.2 else 'misses'} the 20%)"
+            )
+        g_rec = _group(r["rows"], b, rec_label) if rec_label else []
+        ours_r = next((x for x in g_rec if x["strategy"] == OURS), None)
+        base_r = [x for x in g_rec if x["strategy"] in BASELINES]
+        if ours_r and base_r:  # the cluster-free path: does the search's lead survive every plan's re-fit?
+            best = min(base_r, key=lambda x: x["vel_rel"])
+            red = 1 - ours_r["vel_rel"] / best["vel_rel"]
+            acc = max(base_r, key=lambda x: x["class_acc"])
+            ci = acc.get("class_acc_ci")
+            out.append(
+                f"{b}, {rec_label}: output error ours {ours_r['vel_rel']:.4f}, best baseline {best['strategy']} "
+                f"{best['vel_rel']:.4f} ({100 * red:+.0f}% lower); class accuracy ours {ours_r['class_acc']:.3f}, "
+                f"best baseline {acc['strategy']} {acc['class_acc']:.3f}"
+                + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
             )
         if not distill_steps:
             continue
@@ -636,7 +665,7 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
         f"**Setup.** Budgets {', '.join(budgets)} of the {kind}'s parameters. The iterative strategies "
         f"(levelswitch = ours, random, ga, cmaes) run {gens} (the same number of candidate evaluations); "
         "uniform, oneshot and depth are one-shot; all but levelswitch-nocomp are compensated (re-fitted). "
-        + (_rollout_note() if "levelswitch-rollout" in args.strategies else "")
+        + _variant_notes(args.strategies)
         + "Each plan is evaluated as pruned (0 steps)"
         + (
             f", after block-by-block reconstruction without distillation (`tmp_jax.reconstruct`, "
@@ -644,8 +673,13 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
             if args.reconstruct_steps > 0
             else ""
         )
-        + f" and after {args.distill_steps} recovery-distillation steps "
-        f"(batch {args.distill_batch}, lr {args.distill_lr:g}, same data and seed for every row). Metrics "
+        + (
+            f" and after {args.distill_steps} recovery-distillation steps "
+            f"(batch {args.distill_batch}, lr {args.distill_lr:g}, same data and seed for every row). "
+            if args.distill_steps > 0
+            else " (no distillation in this run). "
+        )
+        + "Metrics "
         f"(`python -m tmp_jax.evaluate`, setting `{st.name}`): the normalised teacher-student velocity MSE (the "
         f"pruned output error) and held-out flow-matching MSE on {st.fm_images} TEST images at fixed sigmas and "
         f"noise; class accuracy of samples (evaluator CNN, against the conditioned class) and FID_cls (evaluator "
@@ -669,7 +703,8 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
     if r.get("missing"):
         lines += ["", f"**Not finished in this run:** {', '.join(r['missing'])} (re-run the command to complete)."]
     lines += ["", "### Against the issue's must-show list", ""]
-    lines += [f"- {c}" for c in checks(r, args.distill_steps)] or ["- (no complete rows)"]
+    rec = _rec_label(args) if args.reconstruct_steps > 0 else None
+    lines += [f"- {c}" for c in checks(r, args.distill_steps, rec)] or ["- (no complete rows)"]
     losses = _losses(r["rows"], budgets, steps)
     lines += ["", "### Where our search does not win", ""]
     if losses:

@@ -104,6 +104,11 @@ class SearchConfig:
     rollout_steps: int = 0
     rollout_top: int = 4
     rollout_samples: int = 40
+    # reconstructability: the best `reconstruct_top` full-fidelity candidates per budget are each re-fitted block by
+    # block (tmp_jax.reconstruct, `reconstruct_steps` Adam steps per block, on the calibration set) and the one with
+    # the least error AFTER that re-fit wins: the plan the cluster-free path re-fits best (0: off)
+    reconstruct_steps: int = 0
+    reconstruct_top: int = 4
 
 
 @dataclass
@@ -293,29 +298,46 @@ def _top_candidates(ev: FitnessCache, b: Budget, k: int) -> list[tuple[np.ndarra
     return rows
 
 
+# the re-rankings of each budget's best final candidates, in the order they apply (a later one picks the winner):
+# how -> (the problem's method, the candidate record's score, the phase's name)
+RERANKS: dict[str, tuple[str, str, str]] = {
+    "rollout": ("rollout_fitness", "rollout_error", "rollout"),
+    "reconstruct": ("reconstructed_fitness", "reconstructed_fitness", "reconstructing"),
+    "recover": ("recovered_fitness", "recovered_fitness", "recovering"),
+}
+
+
+PLAN_KEYS = {"rollout": "rollout", "reconstruct": "reconstruction", "recover": "recovery"}  # where a plan keeps them
+
+
 def _rerank(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: SearchConfig, how: str) -> dict:
     """Per budget: its best full-fidelity candidates, each with its pruned fitness and a second score that picks
-    the winner. ``how``: ``recover`` (``recovered_fitness`` after ``recover_steps`` distillation steps: TinyFusion)
-    or ``rollout`` (``rollout_fitness``: final-latent error of a ``rollout_steps``-step sampler rollout)."""
+    the winner (:data:`RERANKS`). ``how``: ``rollout`` (``rollout_fitness``: final-latent error of a
+    ``rollout_steps``-step sampler rollout), ``reconstruct`` (``reconstructed_fitness`` after block-by-block
+    reconstruction with ``reconstruct_steps`` Adam steps per block) or ``recover`` (``recovered_fitness`` after
+    ``recover_steps`` distillation steps: TinyFusion)."""
     from tmp_jax.progress import phase
 
+    method, field, name = RERANKS[how]
     opt = f"--{how}-steps"
-    fn = getattr(problem, f"{'recovered' if how == 'recover' else 'rollout'}_fitness", None)
+    fn = getattr(problem, method, None)
     if fn is None:
-        raise SearchError(f"{opt} needs a problem that can sample or distil its candidates (tmp_jax.problem)")
-    top = config.recover_top if how == "recover" else config.rollout_top
-    field = "recovered_fitness" if how == "recover" else "rollout_error"
+        raise SearchError(f"{opt} needs a problem that can {how} its candidates (tmp_jax.problem)")
+    top = getattr(config, f"{how}_top")
+    steps = getattr(config, f"{how}_steps")
     out: dict[str, list] = {}
-    with phase("recovering" if how == "recover" else "rollout", enabled=config.phases):
+    with phase(name, enabled=config.phases):
         for b in budgets:
             out[b.text] = []
             for g, f in _top_candidates(ev, b, top):
                 try:
                     if how == "recover":
-                        r = float(fn(g, config.recover_steps, calib=config.calib, seed=config.seed))
+                        r = float(fn(g, steps, calib=config.calib, seed=config.seed))
+                    elif how == "rollout":
+                        r = float(fn(g, steps, n=config.rollout_samples, seed=config.seed))
                     else:
-                        r = float(fn(g, config.rollout_steps, n=config.rollout_samples, seed=config.seed))
-                except ValueError as e:  # no data pipeline / sampler for this model: say so in one line
+                        r = float(fn(g, steps))
+                except ValueError as e:  # no data pipeline / sampler / block schedule for this model: one line
                     raise SearchError(f"{opt}: {e}") from None
                 out[b.text].append({"genome": [int(x) for x in g], "fitness": f, field: r})
     return out
@@ -607,33 +629,24 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         "task_weights": dict(getattr(problem, "task_weights", None) or {}),
         "dtype": _problem_dtype(problem),
     }
-    recovery = _rerank(problem, ev, budgets, config, "recover") if config.recover_steps > 0 else {}
-    if recovery:
-        search_meta["recover"] = {"steps": config.recover_steps, "top": config.recover_top}
-    rollout = _rerank(problem, ev, budgets, config, "rollout") if config.rollout_steps > 0 else {}
-    if rollout:
-        search_meta["rollout"] = {
-            "steps": config.rollout_steps,
-            "top": config.rollout_top,
-            "samples": config.rollout_samples,
-        }
+    ranked = {how: _rerank(problem, ev, budgets, config, how) for how in RERANKS if getattr(config, f"{how}_steps") > 0}
+    for how in ranked:
+        search_meta[how] = {"steps": getattr(config, f"{how}_steps"), "top": getattr(config, f"{how}_top")}
+        if how == "rollout":
+            search_meta[how]["samples"] = config.rollout_samples
     plans, paths = [], []
     for i, b in enumerate(budgets):
         g, f = ev.winner(b.value)
-        rec, rol = recovery.get(b.text), rollout.get(b.text)
-        if rol:  # the candidate whose rollout ends closest to the teacher's wins; its pruned fitness stays
-            best = min(rol, key=lambda r: r["rollout_error"])
-            g, f = np.asarray(best["genome"], np.int64), best["fitness"]
-        if rec:  # the best recovered candidate wins; its pruned fitness stays the plan's fitness
-            best = min(rec, key=lambda r: r["recovered_fitness"])
-            g, f = np.asarray(best["genome"], np.int64), best["fitness"]
+        for how, per_budget in ranked.items():  # in RERANKS order: the last one given picks the winner
+            field = RERANKS[how][1]
+            best = min(per_budget[b.text], key=lambda r, field=field: r[field])
+            g, f = np.asarray(best["genome"], np.int64), best["fitness"]  # its pruned fitness stays the plan's
         plan = build_plan(problem, b, g, f, n_total, search_meta, tokens)
         if comp_record is not None:
             plan["compensation"] = comp_record
-        if rec:  # every recovered candidate, best pruned first; the winner is the one with the least recovered error
-            plan["recovery"] = {"steps": config.recover_steps, "candidates": rec}
-        if rol:  # every rolled-out candidate, best pruned first
-            plan["rollout"] = {"steps": config.rollout_steps, "samples": config.rollout_samples, "candidates": rol}
+        for how, per_budget in ranked.items():  # every re-ranked candidate, best pruned first
+            kept = {k: v for k, v in search_meta[how].items() if k != "top"}
+            plan[PLAN_KEYS[how]] = {**kept, "candidates": per_budget[b.text]}
         # the exact tree count and the vectorised cost must agree: a plan is never over its budget
         if budget_metric(tree, tree.decode(g), b.kind, tokens) > b.value or plan["counts"]["after"]["params"] != int(
             params_cost(g)[0]
@@ -683,22 +696,19 @@ def summary(res: SearchResult, budgets: list[Budget]) -> str:
             f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.1%}), "
             f"active {after['active']:,}, dropped {len(plan['policy']['dropped'])} nodes -> {path}"
         )
-        rec = plan.get("recovery")
-        if rec:
-            win = min(rec["candidates"], key=lambda r: r["recovered_fitness"])
-            rank = rec["candidates"].index(win) + 1
+        how = next((h for h in reversed(RERANKS) if plan.get(PLAN_KEYS[h])), None)  # the one that picked it
+        if how is not None:
+            r = plan[PLAN_KEYS[how]]
+            field = RERANKS[how][1]
+            win = min(r["candidates"], key=lambda c, field=field: c[field])
+            what = {
+                "rollout": f"rollout error {{:.5g}} ({r['steps']}-step sampler, {r.get('samples')} samples)",
+                "reconstruct": f"fitness {{:.5g}} after reconstruction ({r['steps']} Adam steps per block)",
+                "recover": f"recovered fitness {{:.5g}} after {r['steps']} distillation steps",
+            }[how].format(win[field])
             lines.append(
-                f"    recovered fitness {win['recovered_fitness']:.5g} after {rec['steps']} distillation steps: "
-                f"the best of {len(rec['candidates'])} recovered candidates (pruned rank {rank})"
-            )
-        rol = plan.get("rollout")
-        if rol and not rec:
-            win = min(rol["candidates"], key=lambda r: r["rollout_error"])
-            rank = rol["candidates"].index(win) + 1
-            lines.append(
-                f"    rollout error {win['rollout_error']:.5g} ({rol['steps']}-step sampler, {rol['samples']} "
-                f"samples): "
-                f"the best of {len(rol['candidates'])} candidates (pruned rank {rank})"
+                f"    {what}: the best of {len(r['candidates'])} candidates "
+                f"(pruned rank {r['candidates'].index(win) + 1})"
             )
     lines.append(f"  history: {res.out / 'history.jsonl'}; Pareto plot: {res.out / 'pareto.png'}")
     return "\n".join(lines)

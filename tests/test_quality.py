@@ -150,3 +150,13 @@ def test_reconstructed_rows_are_their_own_group():
     losses = qt._losses(rows, ["50%"], [0, rec])
     assert len(losses) == 1 and losses[0].startswith(f"50%, {rec}, pruned output error"), losses
     assert "uniform 0.0700" in losses[0]
+    # the must-show list compares the reconstructed rows too: ours vs the best baseline there
+    for r, acc in zip(rows, (0.5, 0.4, 0.8, 0.9)):
+        r["class_acc"] = acc
+    got = qt.checks({"budgets": ["50%"], "rows": rows}, 0, rec)
+    assert got[0].startswith("50%, pruned output error: ours 0.1000, best baseline uniform 0.1200: +17% lower")
+    assert got[1] == (
+        f"50%, {rec}: output error ours 0.0800, best baseline uniform 0.0700 (-14% lower); "
+        "class accuracy ours 0.800, best baseline uniform 0.900"
+    ), got
+    assert len(qt.checks({"budgets": ["50%"], "rows": rows}, 0)) == 1  # no reconstructed rows asked for

@@ -6,6 +6,9 @@
 * Problem: a few in-memory distillation steps of a cut embedded DiT lower its teacher-output error; its sampler
   rollout (``--rollout-steps``) ends away from the teacher's latents, the uncut one on them.
 * Engine, rollout: the candidate whose rollout ends closest to the teacher's wins, recorded in the plan.
+* Engine, reconstruction (``--reconstruct-steps``): the candidate with the least error after its block-by-block
+  re-fit wins; with ``--recover-steps`` too, the recovered ranking (applied last) picks the plan. Problem: the
+  re-fit lowers a cut DiT's fitness, in the problem's own dtypes.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def test_a_few_steps_lower_the_error_of_a_cut_dit():
     pruned = float(prob.fitness(g[None])[0])
     recovered = prob.recovered_fitness(g, 12)
     assert np.isfinite(recovered) and recovered < pruned, (recovered, pruned)
+    rebuilt = prob.reconstructed_fitness(g, 6)
+    assert np.isfinite(rebuilt) and rebuilt < 0.95 * pruned, (rebuilt, pruned)
+    assert prob.fitness(g[None])[0] == pytest.approx(pruned)  # the re-fit changed a copy, not the teacher
     # the rollout of the same cut: a sampler run from the teacher's noise ends away from the teacher's latents,
     # the uncut genome ends on them (the permuted teacher is the same function)
     err = prob.rollout_fitness(g, 2, n=4, seed=3)
@@ -108,3 +114,41 @@ def test_rollout_picks_the_candidate_whose_samples_end_closest(tmp_path, capsys)
     assert "rollout error" in capsys.readouterr().out
     with pytest.raises(SearchError, match="--rollout-steps needs a problem"):
         run(cfg(tmp_path / "b", rollout_steps=3), FakeProblem(tree))
+
+
+class RebuildingProblem(RollingProblem, RecoveringProblem):
+    """Reconstruction reverses the ranking too; recovery (when also asked) prefers the best pruned one."""
+
+    def __init__(self, tree):
+        super().__init__(tree)
+        self.rebuilt: list[int] = []
+
+    def reconstructed_fitness(self, genome, steps):
+        self.rebuilt.append(steps)
+        return 1.0 / (1.0 + float(self._err(np.asarray(genome))))
+
+    def recovered_fitness(self, genome, steps, calib=None, seed=0):
+        return float(self._err(np.asarray(genome)))
+
+
+def test_reconstruction_picks_the_candidate_it_refits_best(tmp_path, capsys):
+    tree = Tree(arch.get("zimage").build_spec(ZCFG))
+    prob = RebuildingProblem(tree)
+    res = run(cfg(tmp_path, reconstruct_steps=5, reconstruct_top=3, summary=True), prob)
+    plan = res.plans[0]
+    rec = plan["reconstruction"]
+    assert rec["steps"] == 5 and len(rec["candidates"]) == 3 and prob.rebuilt == [5] * 3
+    fits = [c["fitness"] for c in rec["candidates"]]
+    assert fits == sorted(fits)
+    best = min(rec["candidates"], key=lambda c: c["reconstructed_fitness"])
+    assert best is rec["candidates"][-1] and plan["genome"]["levels"] == best["genome"]
+    assert plan["fitness"]["value"] == pytest.approx(best["fitness"])  # the plan keeps its pruned fitness
+    assert plan["search"]["reconstruct"] == {"steps": 5, "top": 3}
+    assert "after reconstruction (5 Adam steps per block)" in capsys.readouterr().out
+    # with --recover-steps as well, the recovered ranking is applied last and picks the plan (the best pruned)
+    res = run(cfg(tmp_path / "b", reconstruct_steps=5, reconstruct_top=3, recover_steps=2, recover_top=3), prob)
+    plan = res.plans[0]
+    assert plan["genome"]["levels"] == plan["recovery"]["candidates"][0]["genome"]
+    assert len(plan["reconstruction"]["candidates"]) == 3
+    with pytest.raises(SearchError, match="--reconstruct-steps needs a problem"):
+        run(cfg(tmp_path / "c", reconstruct_steps=3), FakeProblem(tree))

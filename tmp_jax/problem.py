@@ -438,6 +438,24 @@ class PruningProblem:
         student = recover_in_memory(self.model, self.candidate(genome), cfg)
         return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(student, inputs), None)
 
+    def reconstructed_fitness(self, genome: np.ndarray, steps: int) -> float:
+        """:meth:`fitness` of a genome's candidate after block-by-block reconstruction (:func:`tmp_jax.reconstruct.
+        reconstruct`, ``steps`` Adam steps per kept block, float32 master parameters computing in this problem's
+        dtype) against the permuted teacher on this problem's calibration set. What ``--reconstruct-steps`` ranks
+        the search's final candidates by: the plan ``python -m tmp_jax.reconstruct`` re-fits best. The re-fit and
+        the score read the same calibration samples, as the CLI's re-fit does (its fit is kept only where it lowers
+        a block's error on them); every ranked candidate shares that bias."""
+        from tmp_jax.reconstruct import ReconstructConfig, _cast, reconstruct
+
+        student = self.candidate(genome)
+        dtypes = jax.tree.map(lambda x: x.dtype, nnx.state(student, nnx.Param))
+        nnx.update(student, _cast(nnx.state(student, nnx.Param), "float32"))  # the fit's master copy
+        cfg = ReconstructConfig(steps, dtype="bfloat16" if self.dtype == "bfloat16" else "float32")
+        reconstruct(self.model, student, list(self.calib.inputs), cfg)
+        # back in each parameter's own dtype (a bf16 model keeps its fp32 router): scored like every candidate
+        nnx.update(student, jax.tree.map(lambda x, d: x.astype(d), nnx.state(student, nnx.Param), dtypes))
+        return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(student, inputs), None)
+
     def rollout_fitness(self, genome: np.ndarray, steps: int, n: int = 40, seed: int = 0) -> float:
         """Final-latent error of a short sampler rollout: the genome's candidate and the teacher each draw ``n``
         samples (classes ``0..9`` in turn) with ``steps`` Euler steps at the trajectory's CFG scale from the SAME

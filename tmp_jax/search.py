@@ -142,6 +142,18 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
     p.add_argument(
         "--rollout-samples", type=int, default=40, help="samples per candidate for --rollout-steps (default 40)"
     )
+    p.add_argument(
+        "--reconstruct-steps",
+        type=int,
+        default=0,
+        help="reconstructability: re-fit each budget's --reconstruct-top best candidates block by block "
+        "(tmp_jax.reconstruct with this many Adam steps per block, on the calibration set) and pick the one with the "
+        "least fitness AFTER the re-fit as the plan: the one the cluster-free path (python -m tmp_jax.reconstruct) "
+        "re-fits best. Applied after --rollout-steps, before --recover-steps. 0 (default): off",
+    )
+    p.add_argument(
+        "--reconstruct-top", type=int, default=4, help="candidates per budget for --reconstruct-steps (default 4)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     p.add_argument("--mesh", default=None, help="device mesh spec for the fitness, e.g. data:8")
     p.add_argument(
@@ -204,6 +216,11 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         p.error(f"--gram-stride must be >= 1, got {a.gram_stride}")
     if a.recover_steps < 0 or a.recover_top < 1:
         p.error(f"--recover-steps must be >= 0 and --recover-top >= 1, got {a.recover_steps} and {a.recover_top}")
+    if a.reconstruct_steps < 0 or a.reconstruct_top < 1:
+        p.error(
+            f"--reconstruct-steps must be >= 0 and --reconstruct-top >= 1, got {a.reconstruct_steps} and "
+            f"{a.reconstruct_top}"
+        )
     if a.rollout_steps < 0 or a.rollout_top < 1 or a.rollout_samples < 1:
         p.error(
             f"--rollout-steps must be >= 0, --rollout-top and --rollout-samples >= 1, got {a.rollout_steps}, "
@@ -246,6 +263,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         rollout_steps=a.rollout_steps,
         rollout_top=a.rollout_top,
         rollout_samples=a.rollout_samples,
+        reconstruct_steps=a.reconstruct_steps,
+        reconstruct_top=a.reconstruct_top,
     )
 
 
