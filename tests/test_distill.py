@@ -146,3 +146,33 @@ def test_checkpoints_by_wall_time_as_well_as_by_step(plan, tmp_path):
     assert steps(tmp_path / "t") == [2, 3]  # every step saved; the manager keeps the last two
     run(_cfg(plan, tmp_path / "s", steps=3, save_every=1000, save_every_s=0))  # by steps only: the final one
     assert steps(tmp_path / "s") == [3]
+
+
+def test_init_starts_from_a_checkpoint_of_the_same_student(plan, tmp_path):
+    """``--init DIR``: the student starts from DIR's parameters (e.g. tmp_jax.reconstruct's OUT/weights), each in
+    its own dtype; a checkpoint of another plan or a folder without a model is a one-line error naming it."""
+    from flax import traverse_util
+
+    from tmp_jax.distill import init_student
+
+    base = DistillConfig(plan=plan, model=str(TEACHER), dtype="fp32", progress=False)
+    _, student, _, _ = build_pair(base)
+    flat = traverse_util.flatten_dict(nnx.state(student, nnx.Param).to_pure_dict())
+    rng = np.random.default_rng(0)
+    moved = {k: np.asarray(v) + rng.normal(0, 0.01, v.shape).astype(np.asarray(v).dtype) for k, v in flat.items()}
+    nnx.update(student, nnx.State(traverse_util.unflatten_dict(moved)))
+    H.save(student, tmp_path / "w", overwrite=True)
+    _, started, _, _ = build_pair(DistillConfig(plan=plan, model=str(TEACHER), dtype="fp32", init=tmp_path / "w"))
+    got = traverse_util.flatten_dict(nnx.state(started, nnx.Param).to_pure_dict())
+    assert got.keys() == moved.keys()
+    for k, v in moved.items():
+        assert got[k].dtype == flat[k].dtype
+        np.testing.assert_allclose(np.asarray(got[k]), v, rtol=0, atol=1e-6, err_msg=str(k))
+    # another plan's student (block 0 at 2 heads, not 3): its checkpoint does not fit this plan
+    other = embedded_dit_plan(tmp_path / "other.json", heads0=2)
+    _, s2, _, _ = build_pair(DistillConfig(plan=other, model=str(TEACHER), dtype="fp32"))
+    H.save(s2, tmp_path / "w2", overwrite=True)
+    with pytest.raises(ValueError, match=r"--init .*w2: parameter \S+ is shape .* the plan's student has shape"):
+        init_student(student, tmp_path / "w2")
+    with pytest.raises(ValueError, match="not a model folder"):
+        build_pair(DistillConfig(plan=plan, model=str(TEACHER), init=tmp_path))

@@ -79,6 +79,7 @@ class DistillConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     task: str | None = None  # "t2i,ti2i" / "t2i:0.7,ti2i:0.3": tasks of --calib to train on and their weights
     compensate: bool = True  # start from the plan's re-fitted consumers (compensated plans), not plain slices
+    init: Path | None = None  # start from this checkpoint of the plan's student (tmp_jax.reconstruct's OUT/weights)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -102,9 +103,42 @@ def build_pair(cfg: DistillConfig) -> tuple[Any, Any, Tree, dict[str, Any]]:
     from tmp_jax.teachers import load_model as _load_model
 
     load_plan(cfg.plan)  # a bad plan fails in one line before the teacher is loaded
+    if cfg.init is not None and not (Path(cfg.init) / "config.json").is_file():
+        raise ValueError(f"--init {cfg.init}: not a model folder (no config.json); expected a student checkpoint")
     teacher, path, _ = _load_model(cfg.model, cfg.dtype)
     student, tree, plan = plan_student(cfg.plan, teacher, path, cfg.model, cfg.compensate)
+    if cfg.init is not None:
+        init_student(student, Path(cfg.init))
     return teacher, student, tree, plan
+
+
+def init_student(student: Any, init: Path) -> None:
+    """Overwrite ``student``'s parameters (in place, each kept in its own dtype) with those of the checkpoint at
+    ``init``, which must hold the same subnetwork: every parameter path and shape equal (one-line error naming the
+    first that differs). What ``--init`` starts distillation from, e.g. ``tmp_jax.reconstruct``'s OUT/weights:
+    the plan's student re-fitted block by block, so distillation starts nearer the teacher."""
+    from flax import traverse_util
+
+    h = arch.get(student.ARCH)
+    try:
+        loaded = h.load(str(init), dtype=jnp.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--init {init}: cannot load as a {student.ARCH} model ({type(e).__name__}: {e})") from None
+    mine = traverse_util.flatten_dict(nnx.state(student, nnx.Param).to_pure_dict())
+    theirs = traverse_util.flatten_dict(nnx.state(loaded, nnx.Param).to_pure_dict())
+    for k, v in mine.items():
+        other = theirs.get(k)
+        if other is None or tuple(other.shape) != tuple(v.shape):
+            got = "missing" if other is None else f"shape {tuple(other.shape)}"
+            raise ValueError(
+                f"--init {init}: parameter {'/'.join(map(str, k))} is {got}, the plan's student has shape "
+                f"{tuple(v.shape)} (a checkpoint of another plan?)"
+            )
+    extra = sorted(set(theirs) - set(mine))
+    if extra:
+        raise ValueError(f"--init {init}: parameter {'/'.join(map(str, extra[0]))} is not in the plan's student")
+    new = {k: jnp.asarray(theirs[k], v.dtype) for k, v in mine.items()}
+    nnx.update(student, nnx.State(traverse_util.unflatten_dict(new)))
 
 
 def plan_student(
@@ -668,6 +702,13 @@ def main(argv: list[str] | None = None) -> int:
         help="start the student from the plan's least-squares re-fitted consumer weights, as the search "
         "evaluated it (default; plans made with --no-compensate have none); --no-compensate: plain slices",
     )
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this checkpoint of the plan's student instead of the sliced one, e.g. the OUT/weights of "
+        "python -m tmp_jax.reconstruct (the student re-fitted block by block; same parameters and shapes)",
+    )
     a = p.parse_args(argv)
     dtype = dtypes_mod.from_args(p, a.dtype)
     from tmp_jax.compile_cache import enable_default
@@ -697,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         compute_dtype=a.compute_dtype,
         task=a.task,
         compensate=a.compensate,
+        init=a.init,
     )
     try:
         res = run(cfg)

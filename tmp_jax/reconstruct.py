@@ -465,7 +465,9 @@ def _run(a: argparse.Namespace) -> int:
         f"tmp_jax.reconstruct: {len(fits)} blocks{' (streamed)' if streamed else ''}, calibration error summed "
         f"over blocks {sum(b for b, _ in err):.4f} -> {sum(x for _, x in err):.4f} -> {weights}\n"
         f"next: python -m converters.export --plan {a.plan} --model {_model_spec(a)} --weights {weights} "
-        "--out pruned/ [--dtype bf16]   (or python -m tmp_jax.evaluate --model " + str(weights) + ")"
+        "--out pruned/ [--dtype bf16]   (or python -m tmp_jax.evaluate --model " + str(weights) + ")\n"
+        f"      with a training budget: python -m tmp_jax.distill --plan {a.plan} --model {_model_spec(a)} "
+        f"--init {weights} --out distill-out/"
     )
     return 0
 
