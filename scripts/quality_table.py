@@ -333,6 +333,14 @@ def row_unit(args: argparse.Namespace, model: str, strat: str, budget: str, budg
         rows.append({**row, "steps": _rec_label(args), **_plain(m_rec), "reconstruct_s": rec_s})
         _atomic_json(path, {"rows": rows, "timings": timings})
         print(f"{model} {strat} {budget}: reconstruction + evaluation {time.time() - t1:.0f} s", flush=True)
+        if args.distill_init == "reconstructed":  # distillation starts from the re-fitted student (distill --init)
+            from dataclasses import replace
+
+            from tmp_jax import arch
+
+            init = work.parent / f"reconstructed-{_tag(budget)}"
+            arch.get(fitted.ARCH).save(fitted, init, overwrite=True)
+            dcfg = replace(dcfg, init=init)
     if args.distill_steps > 0:
         t1 = time.time()
         dres = distill_run(dcfg)
@@ -675,7 +683,8 @@ def section(model: str, r: dict[str, Any], args: argparse.Namespace, command: st
         )
         + (
             f" and after {args.distill_steps} recovery-distillation steps "
-            f"(batch {args.distill_batch}, lr {args.distill_lr:g}, same data and seed for every row). "
+            + ("from the reconstructed student " if args.distill_init == "reconstructed" else "")
+            + f"(batch {args.distill_batch}, lr {args.distill_lr:g}, same data and seed for every row). "
             if args.distill_steps > 0
             else " (no distillation in this run). "
         )
@@ -800,6 +809,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also evaluate each plan after block-by-block reconstruction with this many Adam steps per block, "
         "before distillation (tmp_jax.reconstruct; 0: no such row, the default)",
     )
+    p.add_argument(
+        "--distill-init",
+        default="sliced",
+        choices=("sliced", "reconstructed"),
+        help="what distillation starts from: the plan's sliced (compensated) student (default) or, with "
+        "--reconstruct-steps, the reconstructed one (tmp_jax.distill --init)",
+    )
     p.add_argument("--setting", default=None, choices=("cheap", "full"), help="default: the preset's")
     p.add_argument("--jobs", type=int, default=None, help="units run at once in worker processes (default: preset's)")
     p.add_argument("--seed", type=int, default=0)
@@ -811,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)  # MODEL:UNIT, run by --jobs
     a = p.parse_args(argv)
+    if a.distill_init == "reconstructed" and a.reconstruct_steps <= 0:
+        p.error("--distill-init reconstructed needs --reconstruct-steps N > 0 (the re-fit it starts from)")
     preset = PRESETS[a.preset]
     for k in ("generations", "population", "distill_steps", "distill_batch", "setting", "jobs"):
         if getattr(a, k) is None:
