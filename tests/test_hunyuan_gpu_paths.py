@@ -2,8 +2,9 @@
 
 * The query-block split of the joint-mask attention (:func:`t2i_attention_split`: image queries with per-row
   key lengths, the other queries with their dense-mask rows, put back in order) equals masked attention
-  exactly, on rows whose image spans sit at different offsets, with right padding. On the GPU the image part
-  runs in cuDNN; here the same split runs through XLA.
+  exactly, on rows whose image spans sit at different offsets, with right padding, and so do its gradients
+  (its sequences are padded to a multiple of 64 for cuDNN, whose differentiated flash attention takes only even
+  lengths). On the GPU the image part runs in cuDNN; here the same split runs through XLA.
 * The kernel choice: on the CPU "auto" keeps ``jax.lax.ragged_dot`` (and the XLA attention), forcing the
   Mosaic-GPU kernel fails with a one-line reason, and bad settings are rejected.
 
@@ -33,6 +34,13 @@ def test_split_attention_equals_masked_attention():
     want = jax.nn.dot_product_attention(q, k, v, mask=mask.dense, scale=hd**-0.5)
     got = jax.jit(lambda q, k, v, m: hk.t2i_attention_split(q, k, v, m, hd**-0.5, implementation="xla"))(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # and its gradients (reconstruction and distillation differentiate it): the sequences are padded for cuDNN
+    # (odd key length 29, 12 image queries -> 64 each), the padding must not leak into q, k or v's gradients
+    cot = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
+    split = lambda q, k, v: jnp.sum(hk.t2i_attention_split(q, k, v, mask, hd**-0.5, implementation="xla") * cot)  # noqa: E731
+    dense = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask.dense, scale=hd**-0.5) * cot)  # noqa: E731
+    for g_split, g_dense in zip(jax.grad(split, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(g_split), np.asarray(g_dense), rtol=1e-4, atol=1e-5)
 
 
 def test_kernel_choice_on_cpu():

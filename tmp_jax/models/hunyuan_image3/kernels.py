@@ -208,6 +208,18 @@ def _attention_impl(q: jax.Array, mask: object) -> str:
     return impl
 
 
+SEQ_ALIGN = 64  # sequence lengths handed to cuDNN attention are padded to a multiple of this (even is required)
+
+
+def _pad_seq(x: jax.Array) -> jax.Array:
+    """``x`` [B, L, ...] with zero rows appended along axis 1 up to a multiple of :data:`SEQ_ALIGN` (as is if it
+    is one)."""
+    extra = -x.shape[1] % SEQ_ALIGN
+    if not extra:
+        return x
+    return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+
+
 def t2i_attention_split(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: T2IMask, scale: float, implementation: str = "cudnn"
 ) -> jax.Array:
@@ -225,9 +237,12 @@ def t2i_attention_split(
     idx_img = start + jnp.arange(n_img, dtype=jnp.int32)[None]  # [B, n_img]
     q_img = jnp.take_along_axis(q, idx_img[:, :, None, None], axis=1)  # [B, n_img, N, hd]
     end = (start[:, 0] + n_img).astype(jnp.int32)  # [B]
+    # cuDNN's flash attention under differentiation takes only even query / key lengths (a 1024^2 row: 4096 image
+    # queries over 4259 keys): both padded with zero rows to a multiple of SEQ_ALIGN. The padded keys lie past
+    # every row's key length, so they are masked out; the padded queries' outputs are dropped. Exact.
     o_img = jax.nn.dot_product_attention(
-        q_img, k, v, scale=scale, key_value_seq_lengths=end, implementation=implementation
-    )  # [B, n_img, N, hd]
+        _pad_seq(q_img), _pad_seq(k), _pad_seq(v), scale=scale, key_value_seq_lengths=end, implementation=implementation
+    )[:, :n_img]  # [B, n_img, N, hd]
     n_txt = s - n_img
     if n_txt == 0:
         return o_img
