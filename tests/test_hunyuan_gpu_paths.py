@@ -52,6 +52,12 @@ def test_kernel_choice_on_cpu():
         np.asarray(hk.grouped_matmul(lhs, rhs, gs), np.float32),
         np.asarray(jax.lax.ragged_dot(lhs, rhs, gs), np.float32),
     )
+    # "auto" sizes the dense buffers by max(K, N): a pruned student's up/gate projection at full width (one 1024^2
+    # row's 34,072 pairs, 32 experts, 4096 -> 1536, bf16) has a 3.3 GB forward output but a 8.9 GB input gradient
+    sds = jax.ShapeDtypeStruct
+    assert hk._use_tiled(sds((34072, 4096), jnp.bfloat16), sds((32, 4096, 1536), jnp.bfloat16))
+    assert hk._use_tiled(sds((34072, 1536), jnp.bfloat16), sds((32, 1536, 4096), jnp.bfloat16))
+    assert not hk._use_tiled(sds((9600, 128), jnp.float32), sds((8, 128, 192), jnp.float32))  # the embedded MoE
     mask = T2IMask(jnp.ones((1, 1, 4, 4), bool), jnp.array([1]), 2)
     assert hk._attention_impl(lhs.reshape(1, 8, 4, 16), mask) == "xla"
     try:

@@ -31,8 +31,9 @@ from tmp_jax.models.hunyuan_image3.layout import T2IMask
 # ragged_dot over an expert-sharded mesh, the Mosaic kernel has no sharding rule; with expert parallelism on,
 # :func:`set_expert_parallel`, each device runs the kernel on its own experts under shard_map). XLA on this GPU stack
 # lowers ragged_dot to a dense GEMM over every expert (docs/benchmarks.md, section 3), hence the kernel. Where the
-# kernel does not apply (CPU, fp32, its backward) and that dense GEMM's [M, G, N] output would exceed
-# DENSE_LIMIT_BYTES, "auto" takes the tiled grouped matmul (:mod:`tiled_gmm`: plain XLA, memory linear in M).
+# kernel does not apply (CPU, fp32, its backward) and that dense GEMM's [M, G, max(K, N)] buffers (forward output or
+# input gradient) would exceed DENSE_LIMIT_BYTES, "auto" takes the tiled grouped matmul (:mod:`tiled_gmm`: plain
+# XLA, memory linear in M).
 # "xla" / "mosaic" / "tiled" force one ("mosaic" raises where the kernel cannot run).
 #
 # Attention on the T2I joint mask (``TMP_JAX_ATTENTION``, the same setting as Z-Image's): "auto" = cuDNN flash
@@ -42,7 +43,7 @@ from tmp_jax.models.hunyuan_image3.layout import T2IMask
 MOE_KERNEL: str = os.environ.get("TMP_JAX_MOE_KERNEL", "auto")
 ATTENTION_IMPLEMENTATION: str = os.environ.get("TMP_JAX_ATTENTION", "auto")
 MOSAIC_BLOCK = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4)  # best of 2 tried on H100
-DENSE_LIMIT_BYTES = 4 * 2**30  # a dense ragged_dot output above this takes the tiled path on a GPU ("auto")
+DENSE_LIMIT_BYTES = 4 * 2**30  # a dense ragged_dot buffer above this takes the tiled path ("auto")
 
 
 #: (mesh, axis) of expert parallelism, or None. While set, the ``ragged`` routed experts run under
@@ -159,11 +160,16 @@ def _mosaic_bwd(res: tuple, g: jax.Array) -> tuple:
 
 
 def _use_tiled(lhs: jax.Array, rhs: jax.Array) -> bool:
-    """The tiled grouped matmul instead of ``ragged_dot``: forced, or where ragged_dot's dense [M, G, N] output would
-    exceed :data:`DENSE_LIMIT_BYTES` (XLA lowers it densely on the CPU as well as on our GPU stack)."""
+    """The tiled grouped matmul instead of ``ragged_dot``: forced, or where a dense [M, G, max(K, N)] buffer would
+    exceed :data:`DENSE_LIMIT_BYTES` (XLA lowers ragged_dot densely on the CPU as well as on our GPU stack). The
+    forward's dense output is [M, G, N], but its gradient for ``lhs`` is ``ragged_dot(g, rhs^T)``, dense over
+    [M, G, K]: a pruned student's up/gate projection (N = 1536 of K = 4096, 32 experts) passed the forward test
+    and its backward asked for 16.6 GiB buffers per call (compiled memory analysis at full width, one 1024^2 row)."""
     if MOE_KERNEL == "tiled":
         return True
-    dense = lhs.shape[0] * rhs.shape[0] * rhs.shape[2] * jnp.dtype(lhs.dtype).itemsize
+    m, k = lhs.shape
+    g, _, n = rhs.shape
+    dense = m * g * max(k, n) * jnp.dtype(lhs.dtype).itemsize
     return MOE_KERNEL == "auto" and dense > DENSE_LIMIT_BYTES
 
 
