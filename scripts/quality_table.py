@@ -77,8 +77,8 @@ VARIANTS: dict[str, tuple[str, bool, dict[str, Any]]] = {
     # ours with the last selection stage re-ranked by an 8-step sampler rollout (``--rollout-steps 8``)
     "levelswitch-rollout": ("levelswitch", True, {"rollout_steps": 8}),
     # ours with the final candidates re-ranked by their error after a short block-by-block re-fit
-    # (``--reconstruct-steps 50 --reconstruct-top 4``): the plan the cluster-free path re-fits best
-    "levelswitch-reconstruct": ("levelswitch", True, {"reconstruct_steps": 50, "reconstruct_top": 4}),
+    # (``--reconstruct-steps 50 --reconstruct-top 6``): the plan the cluster-free path re-fits best
+    "levelswitch-reconstruct": ("levelswitch", True, {"reconstruct_steps": 50, "reconstruct_top": 6}),
 }
 # opt-in rows (``--strategies``): not in the default table
 EXTRA_STRATEGIES = ("levelswitch-rollout", "levelswitch-reconstruct")

@@ -283,19 +283,36 @@ def plot_pareto(
 # The run
 
 
-def _top_candidates(ev: FitnessCache, b: Budget, k: int) -> list[tuple[np.ndarray, float]]:
-    """The ``k`` best full-fidelity candidates within budget ``b`` (distinct genomes), best first."""
+def _top_candidates(ev: FitnessCache, b: Budget, k: int, tree: Tree | None = None) -> list[tuple[np.ndarray, float]]:
+    """The ``k`` best full-fidelity candidates within budget ``b`` (distinct genomes), best first.
+
+    With ``tree``: one per STRUCTURE first (the set of nodes the candidate drops: blocks, sub-layers), the best of
+    each structure in order of its best fitness, then the next best of any structure up to ``k``. What the
+    reconstruction re-ranking takes: a block-by-block re-fit repairs narrowed layers far better than a dropped
+    block, so the best re-fitted plan can have another structure than the best pruned one (docs/quality.md)."""
     fit, cost = np.asarray(ev.arch_fitness, np.float64), np.asarray(ev.arch_cost)
+    order = np.argsort(np.where(cost <= b.value, fit, np.inf), kind="stable")
+    ok = [i for i in order if cost[i] <= b.value and np.isfinite(fit[i])]
     seen, rows = set(), []
-    for i in np.argsort(np.where(cost <= b.value, fit, np.inf), kind="stable"):
+    if tree is not None:
+        shapes: set[frozenset[str]] = set()
+        for i in ok:
+            shape = frozenset(tree.decode(ev.arch_genomes[i]).dropped)
+            key = ev.arch_genomes[i].tobytes()
+            if shape in shapes or key in seen or len(rows) == k:
+                continue
+            shapes.add(shape)
+            seen.add(key)
+            rows.append((ev.arch_genomes[i], float(fit[i])))
+    for i in ok:
         key = ev.arch_genomes[i].tobytes()
-        if cost[i] > b.value or not np.isfinite(fit[i]) or key in seen:
+        if len(rows) >= k:
+            break
+        if key in seen:
             continue
         seen.add(key)
         rows.append((ev.arch_genomes[i], float(fit[i])))
-        if len(rows) == k:
-            break
-    return rows
+    return sorted(rows, key=lambda r: r[1])
 
 
 # the re-rankings of each budget's best final candidates, in the order they apply (a later one picks the winner):
@@ -329,7 +346,8 @@ def _rerank(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: S
     with phase(name, enabled=config.phases):
         for b in budgets:
             out[b.text] = []
-            for g, f in _top_candidates(ev, b, top):
+            tree = problem.tree if how == "reconstruct" else None  # one per structure first (its doc)
+            for g, f in _top_candidates(ev, b, top, tree):
                 try:
                     if how == "recover":
                         r = float(fn(g, steps, calib=config.calib, seed=config.seed))

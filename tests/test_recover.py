@@ -152,3 +152,33 @@ def test_reconstruction_picks_the_candidate_it_refits_best(tmp_path, capsys):
     assert len(plan["reconstruction"]["candidates"]) == 3
     with pytest.raises(SearchError, match="--reconstruct-steps needs a problem"):
         run(cfg(tmp_path / "c", reconstruct_steps=3), FakeProblem(tree))
+
+
+def test_reconstruction_ranks_one_candidate_per_structure_first():
+    """The candidates the reconstruction re-ranking takes: the best of each structure (set of dropped nodes) first,
+    so a plan that keeps every block is re-fitted beside better-pruned plans that drop one; without the tree, the
+    plain top k."""
+    from types import SimpleNamespace
+
+    from search.budget import Budget
+    from search.engine import _top_candidates
+
+    tree = Tree(arch.get("zimage").build_spec(ZCFG))
+    full = tree.full_genome()
+    drop = full.copy()
+    gene = next(i for i, g in enumerate(tree.genes) if g.kind == "keep")
+    drop[gene] = 0  # one block dropped
+    assert tree.decode(drop).dropped and not tree.decode(full).dropped
+    narrow = [drop.copy() for _ in range(3)]
+    width = next(i for i, g in enumerate(tree.genes) if g.kind != "keep" and g.n_levels > 3)
+    for j, g in enumerate(narrow):
+        g[width] = j + 1  # three genomes of the same structure (level 0 may drop the node)
+    assert len({frozenset(tree.decode(g).dropped) for g in narrow}) == 1
+    genomes = [*narrow, full]
+    ev = SimpleNamespace(arch_fitness=[0.1, 0.2, 0.3, 0.5], arch_cost=[1, 1, 1, 1], arch_genomes=genomes)
+    b = Budget(text="x", kind="params", value=2)
+    plain = _top_candidates(ev, b, 3)
+    assert [f for _, f in plain] == [0.1, 0.2, 0.3]
+    diverse = _top_candidates(ev, b, 3, tree)
+    assert [f for _, f in diverse] == [0.1, 0.2, 0.5]  # the best of each structure, then the next best
+    assert any((g == full).all() for g, _ in diverse)

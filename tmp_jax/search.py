@@ -149,7 +149,9 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         help="reconstructability: re-fit each budget's --reconstruct-top best candidates block by block "
         "(tmp_jax.reconstruct with this many Adam steps per block, on the calibration set) and pick the one with the "
         "least fitness AFTER the re-fit as the plan: the one the cluster-free path (python -m tmp_jax.reconstruct) "
-        "re-fits best. Applied after --rollout-steps, before --recover-steps. 0 (default): off",
+        "re-fits best. The candidates are the best of each structure (set of dropped blocks and sub-layers) first, "
+        "then the next best: the re-fit repairs narrowed layers far better than dropped blocks. Applied after "
+        "--rollout-steps, before --recover-steps. 0 (default): off",
     )
     p.add_argument(
         "--reconstruct-top", type=int, default=4, help="candidates per budget for --reconstruct-steps (default 4)"
