@@ -288,8 +288,9 @@ def _top_candidates(ev: FitnessCache, b: Budget, k: int, tree: Tree | None = Non
 
     With ``tree``: one per STRUCTURE first (the set of nodes the candidate drops: blocks, sub-layers), the best of
     each structure in order of its best fitness, then the next best of any structure up to ``k``. What the
-    reconstruction re-ranking takes: a block-by-block re-fit repairs narrowed layers far better than a dropped
-    block, so the best re-fitted plan can have another structure than the best pruned one (docs/quality.md)."""
+    reconstruction re-ranking takes: a block-by-block re-fit repairs some plans far more than others, and the best
+    pruned plan need not be the best re-fitted one (docs/quality.md, "Does the search's lead survive
+    reconstruction?"), so plans of other structures get re-fitted too, not only near-copies of the winner."""
     fit, cost = np.asarray(ev.arch_fitness, np.float64), np.asarray(ev.arch_cost)
     order = np.argsort(np.where(cost <= b.value, fit, np.inf), kind="stable")
     ok = [i for i in order if cost[i] <= b.value and np.isfinite(fit[i])]
@@ -346,7 +347,7 @@ def _rerank(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: S
     with phase(name, enabled=config.phases):
         for b in budgets:
             out[b.text] = []
-            tree = problem.tree if how == "reconstruct" else None  # one per structure first (its doc)
+            tree = getattr(problem, "tree", None) if how == "reconstruct" else None  # one per structure first
             for g, f in _top_candidates(ev, b, top, tree):
                 try:
                     if how == "recover":
@@ -656,6 +657,8 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
     for i, b in enumerate(budgets):
         g, f = ev.winner(b.value)
         for how, per_budget in ranked.items():  # in RERANKS order: the last one given picks the winner
+            if not per_budget[b.text]:  # no full-fidelity candidate within this budget: the winner stays
+                continue
             field = RERANKS[how][1]
             best = min(per_budget[b.text], key=lambda r, field=field: r[field])
             g, f = np.asarray(best["genome"], np.int64), best["fitness"]  # its pruned fitness stays the plan's
@@ -663,6 +666,8 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         if comp_record is not None:
             plan["compensation"] = comp_record
         for how, per_budget in ranked.items():  # every re-ranked candidate, best pruned first
+            if not per_budget[b.text]:
+                continue
             kept = {k: v for k, v in search_meta[how].items() if k != "top"}
             plan[PLAN_KEYS[how]] = {**kept, "candidates": per_budget[b.text]}
         # the exact tree count and the vectorised cost must agree: a plan is never over its budget

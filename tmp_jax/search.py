@@ -150,7 +150,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         "(tmp_jax.reconstruct with this many Adam steps per block, on the calibration set) and pick the one with the "
         "least fitness AFTER the re-fit as the plan: the one the cluster-free path (python -m tmp_jax.reconstruct) "
         "re-fits best. The candidates are the best of each structure (set of dropped blocks and sub-layers) first, "
-        "then the next best: the re-fit repairs narrowed layers far better than dropped blocks. Applied after "
+        "then the next best (the re-fit repairs some plans far more than others: docs/quality.md). Applied after "
         "--rollout-steps, before --recover-steps. 0 (default): off",
     )
     p.add_argument(
