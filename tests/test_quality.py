@@ -160,3 +160,30 @@ def test_reconstructed_rows_are_their_own_group():
         "class accuracy ours 0.800, best baseline uniform 0.900"
     ), got
     assert len(qt.checks({"budgets": ["50%"], "rows": rows}, 0)) == 1  # no reconstructed rows asked for
+
+
+def test_reconstructed_rows_fit_float32_master_parameters(tmp_path):
+    """A row's student is sliced from the teacher in the row's dtype (bf16 on a GPU); its reconstruction must fit
+    float32 master parameters, as ``tmp_jax.reconstruct`` does (Adam on bf16 parameters loses late updates)."""
+    import importlib.util
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from plan_ref import embedded_dit_plan
+
+    from tmp_jax.distill import plan_student
+    from tmp_jax.problem import EMBEDDED
+    from tmp_jax.teachers import load_model
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_table", Path(__file__).parents[1] / "scripts/quality_table.py"
+    )
+    qt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qt)
+    plan = embedded_dit_plan(tmp_path / "plan.json")
+    teacher, path, _ = load_model(str(EMBEDDED["zimage-fmnist"]), "bf16")
+    student, _, _ = plan_student(plan, teacher, path, str(EMBEDDED["zimage-fmnist"]))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(student, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    fitted, _ = qt._reconstructed("zimage-fmnist", str(plan), student, 0)
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(fitted, nnx.Param))} == {jnp.dtype(jnp.float32)}
