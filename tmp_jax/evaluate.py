@@ -212,7 +212,7 @@ def weights_digest(model: Any) -> str:
     meant for the small models evaluated here: it reads every weight once)."""
     h = hashlib.sha256(json.dumps(model.config.to_hf_config(), sort_keys=True, default=str).encode())
     for path, leaf in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0])):
-        a = np.asarray(jax.device_get(leaf.value))
+        a = np.asarray(jax.device_get(leaf.get_value()))
         h.update(f"{path}:{a.dtype}:{a.shape}".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
