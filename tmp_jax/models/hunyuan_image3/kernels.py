@@ -164,7 +164,7 @@ def _use_tiled(lhs: jax.Array, rhs: jax.Array) -> bool:
     exceed :data:`DENSE_LIMIT_BYTES` (XLA lowers ragged_dot densely on the CPU as well as on our GPU stack). The
     forward's dense output is [M, G, N], but its gradient for ``lhs`` is ``ragged_dot(g, rhs^T)``, dense over
     [M, G, K]: a pruned student's up/gate projection (N = 1536 of K = 4096, 32 experts) passed the forward test
-    and its backward asked for 16.6 GiB buffers per call (compiled memory analysis at full width, one 1024^2 row)."""
+    and its backward asked for 16.6 GiB buffers (fp32; compiled memory analysis at full width, one 1024^2 row)."""
     if MOE_KERNEL == "tiled":
         return True
     m, k = lhs.shape
