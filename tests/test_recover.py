@@ -182,3 +182,19 @@ def test_reconstruction_ranks_one_candidate_per_structure_first():
     diverse = _top_candidates(ev, b, 3, tree)
     assert [f for _, f in diverse] == [0.1, 0.2, 0.5]  # the best of each structure, then the next best
     assert any((g == full).all() for g, _ in diverse)
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--reconstruct-steps", "-1"], "--reconstruct-steps must be >= 0"),
+        (["--reconstruct-steps", "5", "--reconstruct-top", "0"], "--reconstruct-top >= 1"),
+        (["--recover-steps", "-2"], "--recover-steps must be >= 0"),
+    ],
+)
+def test_rerank_options_are_checked(argv, msg, capsys):
+    from tmp_jax.search import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--budget", "50%", *argv])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
