@@ -354,8 +354,8 @@ def _rerank(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: S
                         r = float(fn(g, steps, calib=config.calib, seed=config.seed))
                     elif how == "rollout":
                         r = float(fn(g, steps, n=config.rollout_samples, seed=config.seed))
-                    else:
-                        r = float(fn(g, steps))
+                    else:  # a bar per candidate: each re-fit takes steps x blocks training steps
+                        r = float(fn(g, steps, progress=config.progress))
                 except ValueError as e:  # no data pipeline / sampler / block schedule for this model: one line
                     raise SearchError(f"{opt}: {e}") from None
                 out[b.text].append({"genome": [int(x) for x in g], "fitness": f, field: r})

@@ -123,7 +123,7 @@ class RebuildingProblem(RollingProblem, RecoveringProblem):
         super().__init__(tree)
         self.rebuilt: list[int] = []
 
-    def reconstructed_fitness(self, genome, steps):
+    def reconstructed_fitness(self, genome, steps, progress=False):
         self.rebuilt.append(steps)
         return 1.0 / (1.0 + float(self._err(np.asarray(genome))))
 

@@ -438,20 +438,20 @@ class PruningProblem:
         student = recover_in_memory(self.model, self.candidate(genome), cfg)
         return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(student, inputs), None)
 
-    def reconstructed_fitness(self, genome: np.ndarray, steps: int) -> float:
+    def reconstructed_fitness(self, genome: np.ndarray, steps: int, progress: bool = False) -> float:
         """:meth:`fitness` of a genome's candidate after block-by-block reconstruction (:func:`tmp_jax.reconstruct.
         reconstruct`, ``steps`` Adam steps per kept block, float32 master parameters computing in this problem's
         dtype) against the permuted teacher on this problem's calibration set. What ``--reconstruct-steps`` ranks
         the search's final candidates by: the plan ``python -m tmp_jax.reconstruct`` re-fits best. The re-fit and
         the score read the same calibration samples, as the CLI's re-fit does (its fit is kept only where it lowers
-        a block's error on them); every ranked candidate shares that bias."""
+        a block's error on them); every ranked candidate shares that bias. ``progress``: a bar over the fit's steps."""
         from tmp_jax.reconstruct import ReconstructConfig, _cast, reconstruct
 
         student = self.candidate(genome)
         dtypes = jax.tree.map(lambda x: x.dtype, nnx.state(student, nnx.Param))
         nnx.update(student, _cast(nnx.state(student, nnx.Param), "float32"))  # the fit's master copy
         cfg = ReconstructConfig(steps, dtype="bfloat16" if self.dtype == "bfloat16" else "float32")
-        reconstruct(self.model, student, list(self.calib.inputs), cfg)
+        reconstruct(self.model, student, list(self.calib.inputs), cfg, progress=progress)
         # back in each parameter's own dtype (a bf16 model keeps its fp32 router): scored like every candidate
         nnx.update(student, jax.tree.map(lambda x, d: x.astype(d), nnx.state(student, nnx.Param), dtypes))
         return self._error(lambda inputs: self.hooks.for_task(inputs.get("task")).forward(student, inputs), None)
