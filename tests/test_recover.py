@@ -7,8 +7,9 @@
   rollout (``--rollout-steps``) ends away from the teacher's latents, the uncut one on them.
 * Engine, rollout: the candidate whose rollout ends closest to the teacher's wins, recorded in the plan.
 * Engine, reconstruction (``--reconstruct-steps``): the candidate with the least error after its block-by-block
-  re-fit wins; with ``--recover-steps`` too, the recovered ranking (applied last) picks the plan. Problem: the
-  re-fit lowers a cut DiT's fitness, in the problem's own dtypes.
+  re-fit wins; with ``--recover-steps`` too, the recovered ranking (applied last) picks the plan; the candidates
+  are the best of each structure first. Problem: the re-fit lowers a cut DiT's fitness and leaves the teacher as
+  it was.
 """
 
 from __future__ import annotations
