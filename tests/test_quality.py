@@ -20,6 +20,18 @@ from tmp_jax.problem import build_problem
 BUDGET = "67%"
 
 
+def _quality_table():
+    """scripts/quality_table.py as a module (a script, not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "quality_table", Path(__file__).parents[1] / "scripts/quality_table.py"
+    )
+    qt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qt)
+    return qt
+
+
 # The calibration set: noised train images (4 micro-batches of 8), not the default trajectory
 # set (10 sampler runs x 6 steps x cond/uncond = 120 samples): these tests compare the search STRATEGIES on
 # held-out data, whichever fitness they optimise, and every candidate evaluation costs 4x less (the trajectory
@@ -82,13 +94,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 
 def test_quality_doc_sections_merge(tmp_path):
     """A run for one model rewrites only that model's section of docs/quality.md."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "quality_table", Path(__file__).parents[1] / "scripts/quality_table.py"
-    )
-    qt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qt)
+    qt = _quality_table()
     doc = tmp_path / "quality.md"
     z = "<!-- section: zimage-fmnist -->\nold DiT\n<!-- end section: zimage-fmnist -->"
     qt.write(doc, {"zimage-fmnist": z})
@@ -133,13 +139,7 @@ def test_teacher_reference_cache(tmp_path, monkeypatch):
 def test_reconstructed_rows_are_their_own_group():
     """``--reconstruct-steps``: a cell's ``0 + reconstruct N`` row is compared only with the other strategies'
     reconstructed rows, never with the pruned (0-step) ones."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "quality_table", Path(__file__).parents[1] / "scripts/quality_table.py"
-    )
-    qt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qt)
+    qt = _quality_table()
     rec = "0 + reconstruct 300"
 
     def row(strategy: str, steps, vel: float) -> dict:
@@ -165,8 +165,6 @@ def test_reconstructed_rows_are_their_own_group():
 def test_reconstructed_rows_fit_float32_master_parameters(tmp_path):
     """A row's student is sliced from the teacher in the row's dtype (bf16 on a GPU); its reconstruction must fit
     float32 master parameters, as ``tmp_jax.reconstruct`` does (Adam on bf16 parameters loses late updates)."""
-    import importlib.util
-
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -176,11 +174,7 @@ def test_reconstructed_rows_fit_float32_master_parameters(tmp_path):
     from tmp_jax.problem import EMBEDDED
     from tmp_jax.teachers import load_model
 
-    spec = importlib.util.spec_from_file_location(
-        "quality_table", Path(__file__).parents[1] / "scripts/quality_table.py"
-    )
-    qt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qt)
+    qt = _quality_table()
     plan = embedded_dit_plan(tmp_path / "plan.json")
     teacher, path, _ = load_model(str(EMBEDDED["zimage-fmnist"]), "bf16")
     student, _, _ = plan_student(plan, teacher, path, str(EMBEDDED["zimage-fmnist"]))
