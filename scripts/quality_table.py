@@ -364,18 +364,16 @@ def _rec_label(args: argparse.Namespace) -> str:
 def _reconstructed(model: str, plan_path: str, student: Any, steps: int) -> tuple[Any, float]:
     """``student`` fitted block by block (``tmp_jax.reconstruct``, ``steps`` Adam steps per block) on the teacher's
     calibration set of the plan's search; returns it (fitted in place) and the fit's seconds."""
-    from flax import nnx
-
     from tmp_jax import arch
     from tmp_jax.calibration import prepare
     from tmp_jax.problem import _teacher_and_set
-    from tmp_jax.reconstruct import ReconstructConfig, _calib_source, _cast, reconstruct
+    from tmp_jax.reconstruct import ReconstructConfig, _calib_source, float32_master, reconstruct
 
     teacher, _, _, batches, _ = _teacher_and_set(model, None, "fp32", None, 8, 0, _calib_source(Path(plan_path)))
     inputs = [prepare(arch.get(teacher.ARCH), teacher.config, b) for b in batches]
     # float32 master parameters, as the CLI fits them: on a GPU the row's student is sliced from the bf16 teacher,
     # and Adam on bf16 parameters loses most late updates to rounding (the first GPU run of these rows did that)
-    nnx.update(student, _cast(nnx.state(student, nnx.Param), "float32"))
+    float32_master(student)
     t = time.time()
     reconstruct(teacher, student, inputs, ReconstructConfig(steps))
     return student, round(time.time() - t, 1)

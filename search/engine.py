@@ -344,10 +344,10 @@ def _rerank(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: S
     top = getattr(config, f"{how}_top")
     steps = getattr(config, f"{how}_steps")
     out: dict[str, list] = {}
+    tree = getattr(problem, "tree", None) if how == "reconstruct" else None  # one per structure first
     with phase(name, enabled=config.phases):
         for b in budgets:
             out[b.text] = []
-            tree = getattr(problem, "tree", None) if how == "reconstruct" else None  # one per structure first
             for g, f in _top_candidates(ev, b, top, tree):
                 try:
                     if how == "recover":

@@ -445,11 +445,11 @@ class PruningProblem:
         the search's final candidates by: the plan ``python -m tmp_jax.reconstruct`` re-fits best. The re-fit and
         the score read the same calibration samples, as the CLI's re-fit does (its fit is kept only where it lowers
         a block's error on them); every ranked candidate shares that bias. ``progress``: a bar over the fit's steps."""
-        from tmp_jax.reconstruct import ReconstructConfig, _cast, reconstruct
+        from tmp_jax.reconstruct import ReconstructConfig, float32_master, reconstruct
 
         student = self.candidate(genome)
         dtypes = jax.tree.map(lambda x: x.dtype, nnx.state(student, nnx.Param))
-        nnx.update(student, _cast(nnx.state(student, nnx.Param), "float32"))  # the fit's master copy
+        float32_master(student)
         cfg = ReconstructConfig(steps, dtype="bfloat16" if self.dtype == "bfloat16" else "float32")
         reconstruct(self.model, student, list(self.calib.inputs), cfg, progress=progress)
         # back in each parameter's own dtype (a bf16 model keeps its fp32 router): scored like every candidate

@@ -114,6 +114,12 @@ def _cast(params: Any, dtype: str | None) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+def float32_master(model: Any) -> None:
+    """Cast ``model``'s floating parameters to float32 in place: the master copy a fit trains (Adam on bf16
+    parameters loses late, small updates to rounding). Every in-memory caller of :func:`reconstruct` does this."""
+    nnx.update(model, _cast(nnx.state(model, nnx.Param), "float32"))
+
+
 @partial(jax.jit, static_argnums=(0, 1, 5))
 def _block(gd: Any, fn: Callable, params: Any, rest: Any, carry: Carry, dtype: str | None = None) -> Carry:
     return fn(nnx.merge(gd, _cast(params, dtype), rest), carry)
@@ -511,7 +517,7 @@ def _run_in_memory(a: argparse.Namespace, cfg: ReconstructConfig, out: Path, wei
     source = _calib_source(a.plan)
     teacher, path, _, batches, _ = _teacher_and_set(a.model, a.calib, cfg.dtype, None, 8, 0, source)
     student, _, _ = plan_student(a.plan, teacher, path, a.model, not a.no_compensate)
-    nnx.update(student, _cast(nnx.state(student, nnx.Param), "float32"))  # float32 master parameters
+    float32_master(student)
     batches = split_rows(batches, a.micro_batch)
     h = arch.get(teacher.ARCH)
     if done:  # the blocks fitted so far live in the saved student
@@ -543,8 +549,9 @@ def _run_streamed(a: argparse.Namespace, cfg: ReconstructConfig, out: Path, weig
     ts = ParamStreamer(model, get_hooks(src.name), dtype=jnp.dtype(cfg.dtype))
     blocks = out / "blocks"
     if blocks.is_dir():  # a block file the record does not list (a crash between the two writes, an old run): gone
+        recorded = {_block_file(b).name for b in done}
         for f in blocks.glob("*.safetensors"):
-            if f.name not in {_block_file(b).name for b in done}:
+            if f.name not in recorded:
                 f.unlink()
     ss = StudentStreamer(src, blocks)
     inputs = [prepare(h, src.src_cfg, b) for b in batches]
