@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -316,16 +316,22 @@ def _top_candidates(ev: FitnessCache, b: Budget, k: int, tree: Tree | None = Non
     return sorted(rows, key=lambda r: r[1])
 
 
-# the re-rankings of each budget's best final candidates, in the order they apply (a later one picks the winner):
-# how -> (the problem's method, the candidate record's score, the phase's name)
-RERANKS: dict[str, tuple[str, str, str]] = {
-    "rollout": ("rollout_fitness", "rollout_error", "rollout"),
-    "reconstruct": ("reconstructed_fitness", "reconstructed_fitness", "reconstructing"),
-    "recover": ("recovered_fitness", "recovered_fitness", "recovering"),
+class Rerank(NamedTuple):
+    """One re-ranking of each budget's best final candidates: the problem's method that scores a candidate, the
+    candidate record's field for that score, the phase's name, and the plan entry that lists the candidates."""
+
+    method: str
+    field: str
+    phase: str
+    plan_key: str
+
+
+# how -> its re-ranking, in the order they apply (a later one picks the winner)
+RERANKS: dict[str, Rerank] = {
+    "rollout": Rerank("rollout_fitness", "rollout_error", "rollout", "rollout"),
+    "reconstruct": Rerank("reconstructed_fitness", "reconstructed_fitness", "reconstructing", "reconstruction"),
+    "recover": Rerank("recovered_fitness", "recovered_fitness", "recovering", "recovery"),
 }
-
-
-PLAN_KEYS = {"rollout": "rollout", "reconstruct": "reconstruction", "recover": "recovery"}  # where a plan keeps them
 
 
 def _rerank(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: SearchConfig, how: str) -> dict:
@@ -336,7 +342,7 @@ def _rerank(problem: Problem, ev: FitnessCache, budgets: list[Budget], config: S
     ``recover_steps`` distillation steps: TinyFusion)."""
     from tmp_jax.progress import phase
 
-    method, field, name = RERANKS[how]
+    method, field, name, _ = RERANKS[how]
     opt = f"--{how}-steps"
     fn = getattr(problem, method, None)
     if fn is None:
@@ -659,7 +665,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
         for how, per_budget in ranked.items():  # in RERANKS order: the last one given picks the winner
             if not per_budget[b.text]:  # no full-fidelity candidate within this budget: the winner stays
                 continue
-            field = RERANKS[how][1]
+            field = RERANKS[how].field
             best = min(per_budget[b.text], key=lambda r, field=field: r[field])
             g, f = np.asarray(best["genome"], np.int64), best["fitness"]  # its pruned fitness stays the plan's
         plan = build_plan(problem, b, g, f, n_total, search_meta, tokens)
@@ -669,7 +675,7 @@ def run(config: SearchConfig, problem: Problem | None = None) -> SearchResult:
             if not per_budget[b.text]:
                 continue
             kept = {k: v for k, v in search_meta[how].items() if k != "top"}
-            plan[PLAN_KEYS[how]] = {**kept, "candidates": per_budget[b.text]}
+            plan[RERANKS[how].plan_key] = {**kept, "candidates": per_budget[b.text]}
         # the exact tree count and the vectorised cost must agree: a plan is never over its budget
         if budget_metric(tree, tree.decode(g), b.kind, tokens) > b.value or plan["counts"]["after"]["params"] != int(
             params_cost(g)[0]
@@ -719,10 +725,10 @@ def summary(res: SearchResult, budgets: list[Budget]) -> str:
             f"params {before['params']:,} -> {after['params']:,} ({after['params'] / before['params']:.1%}), "
             f"active {after['active']:,}, dropped {len(plan['policy']['dropped'])} nodes -> {path}"
         )
-        how = next((h for h in reversed(RERANKS) if plan.get(PLAN_KEYS[h])), None)  # the one that picked it
+        how = next((h for h in reversed(RERANKS) if plan.get(RERANKS[h].plan_key)), None)  # the one that picked it
         if how is not None:
-            r = plan[PLAN_KEYS[how]]
-            field = RERANKS[how][1]
+            r = plan[RERANKS[how].plan_key]
+            field = RERANKS[how].field
             win = min(r["candidates"], key=lambda c, field=field: c[field])
             what = {
                 "rollout": f"rollout error {{:.5g}} ({r['steps']}-step sampler, {r.get('samples')} samples)",
