@@ -207,8 +207,9 @@ def _variant_notes(strategies: list[str]) -> str:
     if "levelswitch-reconstruct" in strategies:
         o = VARIANTS["levelswitch-reconstruct"][2]
         out += (
-            f"levelswitch-reconstruct: ours with each budget's {o['reconstruct_top']} best final candidates "
-            f"re-ranked by their fitness after a block-by-block re-fit of {o['reconstruct_steps']} Adam steps per "
+            f"levelswitch-reconstruct: ours with {o['reconstruct_top']} final candidates per budget (the best of each "
+            f"structure first) re-ranked by their fitness after a block-by-block re-fit of {o['reconstruct_steps']} "
+            "Adam steps per "
             f"block (`--reconstruct-steps {o['reconstruct_steps']} --reconstruct-top {o['reconstruct_top']}`). "
         )
     return out
