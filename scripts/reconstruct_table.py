@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[0, 300],
         help="Adam steps per kept block, one row each (0: as searched)",
     )
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: tmp_jax.reconstruct's)")
     p.add_argument("--samples", type=int, default=1024, help="samples per variant (20 Euler steps, CFG 2)")
     p.add_argument("--no-compensate", action="store_true", help="start from plain slices, not the re-fitted plan")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap replicates for 95%% intervals (0: none)")

@@ -74,17 +74,18 @@ Carry = Any  # one micro-batch's activations between schedule steps (a dict of a
 @dataclass(frozen=True)
 class ReconstructConfig:
     """``steps``: Adam steps per kept block (one calibration micro-batch each, in set order); ``lr``: the peak
-    learning rate of a cosine decay over those steps; ``dtype``: the dtype the student's blocks COMPUTE in
+    learning rate of a cosine decay over those steps, or None (the default) for :data:`AUTO_LR` times the RMS of
+    the block's weight matrices (:func:`block_lr`); ``dtype``: the dtype the student's blocks COMPUTE in
     ("float32" or "bfloat16"; its parameters and the optimiser state stay float32, the error is float32)."""
 
     steps: int = 300
-    lr: float = 1e-3
+    lr: float | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
@@ -93,6 +94,29 @@ class ReconstructConfig:
     def compute_dtype(self) -> str | None:
         """The cast the student's blocks compute under (None for float32: the parameters as they are)."""
         return None if self.dtype == "float32" else self.dtype
+
+
+# The default peak step, relative to the block's weight scale. Adam's steps have a fixed size whatever the
+# weights' scale, so an absolute learning rate tuned on one model is too large for a model with smaller weights:
+# 1e-3 suits the embedded teachers (block weight RMS 0.072-0.086), but a full-width HunyuanImage-3.0 block's RMS
+# is about 1/sqrt(4096) = 0.016, and there 10 steps at 1e-3 did not lower a block's error at all (H100,
+# 2026-12-07); on the embedded MoE, 5x that rate (the same step relative to its weights) left its first block
+# unimproved too. 1/80 of the RMS is about 1e-3 on the embedded teachers, 2e-4 at full HunyuanImage width.
+AUTO_LR = 1 / 80
+
+
+def block_lr(params: Any, cfg: ReconstructConfig) -> float:
+    """The peak learning rate for one block: ``cfg.lr`` if set, else :data:`AUTO_LR` times the RMS over every
+    element of the block's floating parameters of two or more dimensions (the weight matrices and stacked
+    experts; norm scales and biases would pull it towards their own scales)."""
+    if cfg.lr is not None:
+        return cfg.lr
+    mats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2]
+    if not mats:  # a block of vectors only: the rate the embedded teachers were tuned with
+        return 1e-3
+    ss = sum(float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in mats)
+    rms = (ss / sum(x.size for x in mats)) ** 0.5
+    return AUTO_LR * rms if rms > 0 else 1e-3
 
 
 @dataclass
@@ -104,6 +128,7 @@ class BlockFit:
     after: float
     kept: bool  # the fit lowered the error and replaced the block's parameters
     seconds: float
+    lr: float = 0.0  # the peak learning rate it was fitted with (0: no steps)
 
 
 def _cast(params: Any, dtype: str | None) -> Any:
@@ -131,22 +156,28 @@ def _error(out: Carry, target: Carry, keys: tuple[str, ...]) -> jax.Array:
     return sum(jnp.sum(jnp.square(f32(out[k]) - f32(target[k]))) / jnp.sum(jnp.square(f32(target[k]))) for k in keys)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+# Adam's direction without its learning rate: one module-level transformation, so the jitted step's static
+# arguments are equal for every block of the same structure and they share one compiled step (a new optax.adam per
+# block, a static argument hashed by identity, compiled the step again for every block). The rate is an argument.
+_ADAM = optax.scale_by_adam()
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _train_step(
     gd: Any,
     fn: Callable,
     keys: tuple,
-    opt: Any,
     dtype: str | None,
     params: Any,
     rest: Any,
     ost: Any,
     carry: Carry,
     target: Carry,
+    lr: jax.Array,
 ) -> tuple[Any, Any, jax.Array]:
     loss, g = jax.value_and_grad(lambda p: _error(_block(gd, fn, p, rest, carry, dtype), target, keys))(params)
-    upd, ost = opt.update(g, ost, params)
-    return optax.apply_updates(params, upd), ost, loss
+    direction, ost = _ADAM.update(g, ost, params)
+    return jax.tree.map(lambda p, d: p - lr * d, params, direction), ost, loss
 
 
 def _written(before: Carry, after: Carry) -> tuple[str, ...]:
@@ -344,16 +375,19 @@ def _fit_block(
     cdt = cfg.compute_dtype
     before = _mean_error(gd, fn, params, rest, carries, targets, keys, cdt)
     fitted = params
+    peak = block_lr(params, cfg) if cfg.steps else 0.0
     if cfg.steps:
-        opt = optax.adam(optax.cosine_decay_schedule(cfg.lr, cfg.steps))
-        ost = opt.init(params)
+        schedule = optax.cosine_decay_schedule(peak, cfg.steps)
+        ost = _ADAM.init(params)
         for k in range(cfg.steps):
             i = k % len(carries)
-            fitted, ost, _ = _train_step(gd, fn, keys, opt, cdt, fitted, rest, ost, carries[i], targets[i])
+            lr = jnp.asarray(schedule(k), jnp.float32)
+            fitted, ost, _ = _train_step(gd, fn, keys, cdt, fitted, rest, ost, carries[i], targets[i], lr)
             if bar is not None:
                 bar.update(1)
     after = _mean_error(gd, fn, fitted, rest, carries, targets, keys, cdt)
-    return BlockFit(name, before, min(before, after), after < before, round(time.perf_counter() - t0, 2)), fitted
+    seconds = round(time.perf_counter() - t0, 2)
+    return BlockFit(name, before, min(before, after), after < before, seconds, float(f"{peak:.4g}")), fitted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +429,14 @@ def main(argv: list[str] | None = None) -> int:
         "warning)",
     )
     p.add_argument("--steps", type=int, default=ReconstructConfig.steps, help="Adam steps per kept block (300)")
-    p.add_argument("--lr", type=float, default=ReconstructConfig.lr, help="peak learning rate (1e-3, cosine decay)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate of the cosine decay (default: 1/80 of each block's weight RMS, about 1e-3 on the "
+        "embedded teachers and 2e-4 at full HunyuanImage-3.0 width: Adam's step size does not follow the weights' "
+        "scale)",
+    )
     p.add_argument("--no-compensate", action="store_true", help="start from plain slices, not the re-fitted plan")
     dtypes.add_argument(
         p,
