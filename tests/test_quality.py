@@ -154,9 +154,9 @@ def test_reconstructed_rows_are_their_own_group():
     for r, acc in zip(rows, (0.5, 0.4, 0.8, 0.9)):
         r["class_acc"] = acc
     got = qt.checks({"budgets": ["50%"], "rows": rows}, 0, rec)
-    assert got[0].startswith("50%, pruned output error: ours 0.1000, best baseline uniform 0.1200: +17% lower")
+    assert got[0].startswith("50%, pruned output error: ours 0.1000, best baseline uniform 0.1200: ours 17% lower")
     assert got[1] == (
-        f"50%, {rec}: output error ours 0.0800, best baseline uniform 0.0700 (-14% lower); "
+        f"50%, {rec}: output error ours 0.0800, best baseline uniform 0.0700 (ours 14% higher); "
         "class accuracy ours 0.800, best baseline uniform 0.900"
     ), got
     assert len(qt.checks({"budgets": ["50%"], "rows": rows}, 0)) == 1  # no reconstructed rows asked for
