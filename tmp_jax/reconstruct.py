@@ -99,9 +99,9 @@ class ReconstructConfig:
 # The default peak step, relative to the block's weight scale. Adam's steps have a fixed size whatever the
 # weights' scale, so an absolute learning rate tuned on one model is too large for a model with smaller weights:
 # 1e-3 suits the embedded teachers (block weight RMS 0.072-0.086), but a full-width HunyuanImage-3.0 block's RMS
-# is about 1/sqrt(4096) = 0.016, and there 10 steps at 1e-3 did not lower a block's error at all (H100,
-# 2026-12-07); on the embedded MoE, 5x that rate (the same step relative to its weights) left its first block
-# unimproved too. 1/80 of the RMS is about 1e-3 on the embedded teachers, 2e-4 at full HunyuanImage width.
+# is about 1/sqrt(4096) = 0.016. On the embedded MoE, 5x its rate (1e-3 relative to full-width weights) left its
+# first block unimproved. 1/80 of the RMS is about 1e-3 on the embedded teachers, 2e-4 at full HunyuanImage width.
+# (A random-weight full-width block was not lowered in 10 steps at either rate: docs/benchmarks.md section 11.)
 AUTO_LR = 1 / 80
 
 
