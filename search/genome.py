@@ -11,7 +11,8 @@ Every operator here keeps candidates within a budget with exact costs (:class:`s
 * :func:`fill` raises genes while they still fit, so candidates use their budget — at random, or greedily
   the raise that restores the most importance per unit of cost added;
 * :func:`level_switch` is EvoPress's budget-preserving mutation: one gene up a level and another gene of
-  the SAME kind down by at least as much cost (exactly as much where their units are equal), a cap on the
+  the SAME kind down by at least as much cost (exactly as much where their units are equal; several levels
+  where one level of the partner does not pay for the up-move), a cap on the
   total level changes, then (importance-guided) repair/fill within that cap;
 * :func:`from_unit` / :func:`to_unit` map continuous strategy coordinates in ``[0, 1]`` to levels.
 """
@@ -133,13 +134,18 @@ def _switch(
     kinds: np.ndarray,
     same_kind: bool,
     exclude: set[int],
-) -> tuple[np.ndarray, int] | None:
-    """One level switch: a random gene up a level, then a gene of the same kind (``same_kind``) down a level,
-    chosen at random among the down-moves saving at least what the up-move added (so the switch never adds cost;
-    equal-sized units switch at exactly equal cost, and a sub-layer at its smallest width may be skipped, the
-    slack left to fill); else a gene of ANOTHER kind, among the down-moves saving the least cost that is still
-    enough. Up-genes are tried in random order until one has such a partner; None if none has. Returns
-    (genome, up gene)."""
+    max_down: int = 1,
+) -> tuple[np.ndarray, int, int] | None:
+    """One level switch: a random gene up a level, then a partner gene down by the fewest levels (at most
+    ``max_down``) that save at least what the up-move added, so the switch never adds cost. The partner is of the
+    same kind (``same_kind``), chosen at random among those needing the fewest levels: equal-sized units switch at
+    exactly equal cost, and a sub-layer at its smallest width may be skipped, the slack left to fill. Else it is
+    of ANOTHER kind: a random kind among those with a partner that pays, and in it the partner saving the least
+    cost that is still enough. Several levels down
+    matter where the kinds' units differ in size: on the MoE one expert-width level of 8 experts costs more than
+    dropping one expert, so a width gained for experts lost takes 2-3 expert levels, which single-level partners
+    never proposed (docs/quality.md, "Why levelswitch stalls on the MoE"). Up-genes are tried in random order
+    until one has such a partner; None if none has. Returns (genome, up gene, levels the partner went down)."""
     c0 = int(cost(g[None])[0])
     up = _movable(g, cost, up=True)
     for i in rng.permutation(up)[:16].tolist():
@@ -154,14 +160,32 @@ def _switch(
         down = down[(kinds[down] == kinds[i]) == same_kind]
         if len(down) == 0:
             continue
-        cand = _neighbours(gu, down, -1)
-        saved = cu - cost(cand)
-        ok = np.flatnonzero((saved >= added) & (saved > 0))
+        need = np.zeros(len(down), np.int64)  # levels each partner must go down (0: none suffices)
+        saved = np.zeros(len(down), np.int64)
+        rows = np.arange(len(down))
+        for d in range(1, max_down + 1):
+            cand = np.repeat(gu[None], len(down), 0)
+            cand[rows, down] = np.maximum(gu[down] - d, 0)
+            s = cu - cost(cand)
+            new = (need == 0) & (gu[down] >= d) & (s >= added) & (s > 0)
+            need[new], saved[new] = d, s[new]
+        ok = np.flatnonzero(need > 0)
         if len(ok) == 0:
             continue
-        if not same_kind:  # another kind: the one wasting the least budget (else a block would pay for a head)
+        if same_kind:  # the fewest levels: single-level partners wherever the units allow one
+            ok = ok[need[ok] == need[ok].min()]
+        else:
+            # another kind: a random kind among those that can pay, then its partner wasting the least budget (a
+            # block pays for a head only on the block kind's turn). The least waste over ALL kinds would never pick
+            # a block once a width a few levels down can pay; single-level partners hid that, by chance, wherever
+            # one level of width cost less than the up-move
+            kind = rng.choice(np.unique(kinds[down[ok]]))
+            ok = ok[kinds[down[ok]] == kind]
             ok = ok[saved[ok] == saved[ok].min()]
-        return cand[int(ok[rng.integers(len(ok))])], i
+        j = int(ok[rng.integers(len(ok))])
+        child = gu.copy()
+        child[down[j]] -= need[j]
+        return child, i, int(need[j])
     return None
 
 
@@ -178,13 +202,15 @@ def level_switch(
     kinds: np.ndarray | None = None,
 ) -> np.ndarray:
     """EvoPress mutation: ``n_switch`` level switches (:func:`_switch`: one gene up a level, one gene of the SAME
-    kind down by at least the cost it added, exactly that where the units are equal; with probability
+    kind down by at least the cost it added, exactly that where the units are equal, by several levels where one
+    does not pay for it; with probability
     ``cross_kind`` the down-gene is of ANOTHER kind, so budget moves between heads and FFN channels, experts and
     expert width, widths and blocks (a block dropped for a width level leaves slack that fill spends within the
     cap); the same kind where no other kind can pay), then repair (a no-op when the parent fits) and fill, so
     the child sits at the budget.
 
-    ``max_changes`` caps the total level changes ``sum |child - parent|`` (a switch is 2): the switches stop
+    ``max_changes`` caps the total level changes ``sum |child - parent|`` (a switch is 1 + the levels its partner
+    went down): the switches stop
     before exceeding it and fill only raises what is left. ``loss`` makes repair and fill importance-guided
     (least important units removed first, most important restored first); otherwise they move at random.
     Works on RAW genomes: an inert gene under a dropped block keeps its level, so a restored block comes back
@@ -197,14 +223,18 @@ def level_switch(
         if max_changes is not None and changes + 2 > max_changes:
             break
         same = not (cross_kind > 0 and rng.random() < cross_kind)
-        moved = _switch(g, cost, rng, kinds, same, set(ups))
+        # a cross-kind partner may go down as many levels as the cap leaves after the up-move (3 without a cap);
+        # a same-kind one goes one level, as in EvoPress (on the planted-block search of tests/test_search.py, 16
+        # seeds: the free block found in 13 with that, 9 with multi-level same-kind partners too, 3 before)
+        max_down = 3 if max_changes is None else max_changes - changes - 1
+        moved = _switch(g, cost, rng, kinds, same, set(ups), 1 if same else max_down)
         if moved is None and not same:
-            moved = _switch(g, cost, rng, kinds, True, set(ups))
+            moved = _switch(g, cost, rng, kinds, True, set(ups), 1)
         if moved is None:
             continue
-        g, i = moved
+        g, i, d = moved
         ups.append(i)
-        changes += 2
+        changes += 1 + d
     g = repair(g, cost, budget, rng, loss=loss, protect=tuple(ups))
     rest = None if max_changes is None else max(0, max_changes - level_changes(g, parent))
     return fill(g, cost, budget, rng, max_moves=rest, loss=loss)

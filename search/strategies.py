@@ -222,8 +222,9 @@ def fidelity_stages(n_total: int, offspring: int) -> list[tuple[int, int]]:
 
 class LevelSwitch(Strategy):
     name = "levelswitch"
-    # level switches per mutation: 1 (p=1/2), 2 (1/4), 3 (1/8), ... up to max_changes // 2 (a switch is 2 changes)
-    default_max_changes = 4  # total level changes per offspring (a switch is 2)
+    # level switches per mutation: 1 (p=1/2), 2 (1/4), 3 (1/8), ... up to max_changes // 2 (a switch is 2 changes,
+    # more where its partner goes down several levels)
+    default_max_changes = 4  # total level changes per offspring
     default_cross_kind = 0.25  # a switch pairs genes of different kinds with this probability
     # classic: on both embedded teachers the DP start is the best start but its search ends worse at the default
     # length (docs/quality.md, "Search dynamics")
@@ -268,8 +269,8 @@ class LevelSwitch(Strategy):
             "max_switch": self.max_changes // 2,
             "max_changes": self.max_changes,
             "cross_kind": self.cross_kind,
-            "switch": "same kind: a random down-move saving >= the up-move cost (equal units: equal cost); "
-            "cross kind: the least such saving",
+            "switch": "same kind: a random partner going down the fewest levels that save >= the up-move cost "
+            "(equal units: one level, equal cost); cross kind: a random kind that can pay, its least such saving",
             "repair_fill": "importance-guided" if self.ctx.loss is not None else "random",
             "fresh_batches": self.fresh,
             "parent": "raw genome, re-scored in the final stage",

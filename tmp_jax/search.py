@@ -85,7 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         type=int,
         default=None,
         help="levelswitch: cap on the total level changes of an offspring vs its parent, sum |child - parent| "
-        "over genes (a level switch is 2; what repair/fill add counts too). Default 4",
+        "over genes (a level switch is 2, or more where its partner must go down several levels to pay for the "
+        "up-move; what repair/fill add counts too). Default 4",
     )
     p.add_argument(
         "--cross-kind",
