@@ -209,8 +209,8 @@ def _variant_notes(strategies: list[str]) -> str:
         out += (
             f"levelswitch-reconstruct: ours with {o['reconstruct_top']} final candidates per budget (the best of each "
             f"structure first) re-ranked by their fitness after a block-by-block re-fit of {o['reconstruct_steps']} "
-            "Adam steps per "
-            f"block (`--reconstruct-steps {o['reconstruct_steps']} --reconstruct-top {o['reconstruct_top']}`). "
+            f"Adam steps per block (`--reconstruct-steps {o['reconstruct_steps']} "
+            f"--reconstruct-top {o['reconstruct_top']}`). "
         )
     return out
 

@@ -11,8 +11,8 @@ Every operator here keeps candidates within a budget with exact costs (:class:`s
 * :func:`fill` raises genes while they still fit, so candidates use their budget — at random, or greedily
   the raise that restores the most importance per unit of cost added;
 * :func:`level_switch` is EvoPress's budget-preserving mutation: one gene up a level and another gene of
-  the SAME kind down by at least as much cost (exactly as much where their units are equal; several levels
-  where one level of the partner does not pay for the up-move), a cap on the
+  the SAME kind down by at least as much cost (exactly as much where their units are equal; a partner of
+  another kind may go down several levels where one does not pay for the up-move), a cap on the
   total level changes, then (importance-guided) repair/fill within that cap;
 * :func:`from_unit` / :func:`to_unit` map continuous strategy coordinates in ``[0, 1]`` to levels.
 """
@@ -138,14 +138,14 @@ def _switch(
 ) -> tuple[np.ndarray, int, int] | None:
     """One level switch: a random gene up a level, then a partner gene down by the fewest levels (at most
     ``max_down``) that save at least what the up-move added, so the switch never adds cost. The partner is of the
-    same kind (``same_kind``), chosen at random among those needing the fewest levels: equal-sized units switch at
-    exactly equal cost, and a sub-layer at its smallest width may be skipped, the slack left to fill. Else it is
-    of ANOTHER kind: a random kind among those with a partner that pays, and in it the partner saving the least
-    cost that is still enough. Several levels down
-    matter where the kinds' units differ in size: on the MoE one expert-width level of 8 experts costs more than
-    dropping one expert, so a width gained for experts lost takes 2-3 expert levels, which single-level partners
-    never proposed (docs/quality.md, "Why levelswitch stalls on the MoE"). Up-genes are tried in random order
-    until one has such a partner; None if none has. Returns (genome, up gene, levels the partner went down)."""
+    same kind (``same_kind``), chosen at random: equal-sized units switch at exactly equal cost, and a sub-layer at
+    its smallest width may be skipped, the slack left to fill. Else it is of ANOTHER kind: a random kind among
+    those with a partner that pays, and in it the partner saving the least cost that is still enough. Several
+    levels down (``max_down`` > 1, what :func:`level_switch` allows cross-kind partners) matter where the kinds'
+    units differ in size: on the MoE one expert-width level of 8 experts costs more than dropping one expert, so a
+    width gained for experts lost takes 2-3 expert levels, which single-level partners never proposed
+    (docs/quality.md, "Why levelswitch stalls on the MoE"). Up-genes are tried in random order until one has such
+    a partner; None if none has. Returns (genome, up gene, levels the partner went down)."""
     c0 = int(cost(g[None])[0])
     up = _movable(g, cost, up=True)
     for i in rng.permutation(up)[:16].tolist():
@@ -172,9 +172,7 @@ def _switch(
         ok = np.flatnonzero(need > 0)
         if len(ok) == 0:
             continue
-        if same_kind:  # the fewest levels: single-level partners wherever the units allow one
-            ok = ok[need[ok] == need[ok].min()]
-        else:
+        if not same_kind:
             # another kind: a random kind among those that can pay, then its partner wasting the least budget (a
             # block pays for a head only on the block kind's turn). The least waste over ALL kinds would never pick
             # a block once a width a few levels down can pay; single-level partners hid that, by chance, wherever
@@ -202,19 +200,17 @@ def level_switch(
     kinds: np.ndarray | None = None,
 ) -> np.ndarray:
     """EvoPress mutation: ``n_switch`` level switches (:func:`_switch`: one gene up a level, one gene of the SAME
-    kind down by at least the cost it added, exactly that where the units are equal, by several levels where one
-    does not pay for it; with probability
-    ``cross_kind`` the down-gene is of ANOTHER kind, so budget moves between heads and FFN channels, experts and
-    expert width, widths and blocks (a block dropped for a width level leaves slack that fill spends within the
-    cap); the same kind where no other kind can pay), then repair (a no-op when the parent fits) and fill, so
-    the child sits at the budget.
+    kind down a level by at least the cost it added, exactly that where the units are equal; with probability
+    ``cross_kind`` the down-gene is of ANOTHER kind, down by as many levels as pay for the up-move within the cap,
+    so budget moves between heads and FFN channels, experts and expert width, widths and blocks (a block dropped
+    for a width level leaves slack that fill spends within the cap); the same kind where no other kind can pay),
+    then repair (a no-op when the parent fits) and fill, so the child sits at the budget.
 
     ``max_changes`` caps the total level changes ``sum |child - parent|`` (a switch is 1 + the levels its partner
-    went down): the switches stop
-    before exceeding it and fill only raises what is left. ``loss`` makes repair and fill importance-guided
-    (least important units removed first, most important restored first); otherwise they move at random.
-    Works on RAW genomes: an inert gene under a dropped block keeps its level, so a restored block comes back
-    with its sub-layers' previous widths."""
+    went down): the switches stop before exceeding it and fill only raises what is left. ``loss`` makes repair and
+    fill importance-guided (least important units removed first, most important restored first); otherwise they
+    move at random. Works on RAW genomes: an inert gene under a dropped block keeps its level, so a restored block
+    comes back with its sub-layers' previous widths."""
     g = np.asarray(parent, np.int64).copy()
     kinds = gene_kinds(cost) if kinds is None else kinds
     changes = 0
@@ -224,8 +220,7 @@ def level_switch(
             break
         same = not (cross_kind > 0 and rng.random() < cross_kind)
         # a cross-kind partner may go down as many levels as the cap leaves after the up-move (3 without a cap);
-        # a same-kind one goes one level, as in EvoPress (on the planted-block search of tests/test_search.py, 16
-        # seeds: the free block found in 13 with that, 9 with multi-level same-kind partners too, 3 before)
+        # a same-kind one goes one level, as in EvoPress
         max_down = 3 if max_changes is None else max_changes - changes - 1
         moved = _switch(g, cost, rng, kinds, same, set(ups), 1 if same else max_down)
         if moved is None and not same:

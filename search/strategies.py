@@ -269,8 +269,8 @@ class LevelSwitch(Strategy):
             "max_switch": self.max_changes // 2,
             "max_changes": self.max_changes,
             "cross_kind": self.cross_kind,
-            "switch": "same kind: a random partner going down the fewest levels that save >= the up-move cost "
-            "(equal units: one level, equal cost); cross kind: a random kind that can pay, its least such saving",
+            "switch": "same kind: a random down-move saving >= the up-move cost (equal units: equal cost); "
+            "cross kind: a random kind that can pay, its partner down the fewest levels, the least such saving",
             "repair_fill": "importance-guided" if self.ctx.loss is not None else "random",
             "fresh_batches": self.fresh,
             "parent": "raw genome, re-scored in the final stage",
