@@ -243,3 +243,35 @@ def test_progress_bar_on_a_terminal_is_tqdm(monkeypatch):
     bar = progress.progress_bar(total=3, file=Tty(), desc="x")
     assert isinstance(bar, tqdm) and not isinstance(bar, progress._LogBar)
     bar.close()
+
+
+def test_tools_that_take_a_plan_default_to_its_embedded_teacher(tmp_path, monkeypatch, capsys):
+    """``reconstruct --plan P`` (and distill's) without ``--model`` loads the embedded teacher P was searched on,
+    not always the default one: a plan of the MoE used to fail with "plan is for 'hunyuan', --model is 'zimage'"."""
+    from tmp_jax import plan as plan_mod
+    from tmp_jax import reconstruct
+    from tmp_jax.teachers import ASSETS, DEFAULT_MODEL, EMBEDDED, plan_teacher
+
+    for name in EMBEDDED:
+        assert plan_teacher({"source": {"path": str(ASSETS / name)}}) == name
+        assert plan_teacher({"source": {"path": f"/data/{name}"}}) is None  # a user's folder of that name
+    assert plan_teacher({"source": {"path": "/data/my-model"}}) is None
+    assert plan_teacher({}) is None and plan_teacher({"source": "x"}) is None
+
+    other = next(n for n in EMBEDDED if n != DEFAULT_MODEL)
+    plan = {k: {} for k in plan_mod._REQUIRED}
+    plan.update(format_version=plan_mod.READ_VERSIONS[-1], arch="x", source={"path": str(ASSETS / other)})
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    seen = {}
+
+    def stop(a, *rest):
+        seen["model"] = a.model
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(reconstruct, "_run_in_memory", stop)
+    args = ["--plan", str(path), "--out", str(tmp_path / "o"), "--streamed", "off", "--no-progress"]
+    assert reconstruct.main(args) == 2 and "stop here" in capsys.readouterr().err
+    assert seen["model"] == other
+    assert reconstruct.main([*args[:2], "--model", DEFAULT_MODEL, *args[2:]]) == 2
+    assert seen["model"] == DEFAULT_MODEL  # an explicit --model wins

@@ -657,7 +657,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tmp_jax.distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--plan", required=True, type=Path, help="plan.json from python -m tmp_jax.search")
-    p.add_argument("--model", help="the teacher checkpoint the plan was made from (default: embedded teacher)")
+    p.add_argument(
+        "--model",
+        help="the teacher checkpoint the plan was made from (default: the embedded teacher the plan was searched on)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--calib", help="calibration set folder: distil on its (already noised) inputs")
     g.add_argument("--data", help="clean training data (.npz) to noise on the fly (default: the embedded set)")
@@ -714,9 +717,18 @@ def main(argv: list[str] | None = None) -> int:
     from tmp_jax.compile_cache import enable_default
 
     enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
+    model = a.model
+    if model is None and a.plan.is_file():  # a plan of an embedded teacher names it
+        from tmp_jax.plan import load_plan
+        from tmp_jax.teachers import plan_teacher
+
+        try:
+            model = plan_teacher(load_plan(a.plan))
+        except ValueError:
+            pass  # run() reports the bad plan in one line
     cfg = DistillConfig(
         plan=a.plan,
-        model=a.model,
+        model=model,
         calib=a.calib,
         data=a.data,
         out=a.out,

@@ -422,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tmp_jax.reconstruct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--plan", required=True, type=Path, help="plan.json from python -m tmp_jax.search")
-    p.add_argument("--model", help="the teacher checkpoint the plan was made from (default: embedded teacher)")
+    p.add_argument(
+        "--model",
+        help="the teacher checkpoint the plan was made from (default: the embedded teacher the plan was searched on)",
+    )
     p.add_argument(
         "--calib",
         help="calibration set folder (default: an embedded teacher's own set; other models: a synthetic set, with a "
@@ -477,6 +480,11 @@ def _run(a: argparse.Namespace) -> int:
         raise ValueError(f"--micro-batch must be >= 1, got {a.micro_batch}")
     if not a.plan.is_file():
         raise FileNotFoundError(f"--plan {a.plan}: no such file")
+    if a.model is None:  # a plan of an embedded teacher names it; others keep the default (and its clear error)
+        from tmp_jax.plan import load_plan
+        from tmp_jax.teachers import plan_teacher
+
+        a.model = plan_teacher(load_plan(a.plan))
     enable_default()
     out = Path(a.out)
     log_path, weights = out / "reconstruct.json", out / "weights"

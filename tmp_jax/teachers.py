@@ -19,6 +19,20 @@ EMBEDDED = {name: ASSETS / name for name in arch.embedded_teachers()}  # embedde
 DEFAULT_MODEL = next(iter(EMBEDDED))
 
 
+def plan_teacher(plan: dict[str, Any]) -> str | None:
+    """The embedded teacher a plan was searched on (its recorded source is that teacher's folder), else None.
+
+    The default ``--model`` of the tools that take a plan (reconstruct, distill), so that ``--plan`` alone works for
+    a plan of either embedded teacher, not only the default one; the plan's fingerprint is still checked against
+    the teacher that is loaded (:func:`tmp_jax.distill.plan_student`)."""
+    src = plan.get("source")
+    path = src.get("path") if isinstance(src, dict) else None
+    if not isinstance(path, str):
+        return None
+    p = Path(path)
+    return p.name if p.name in EMBEDDED and p.parent.name == ASSETS.name else None
+
+
 def load_model(model: str | None, dtype: str | None = "fp32") -> tuple[Any, Path | None, str]:
     """(the model in ``dtype`` (``"bf16"``, ``"fp32"``, ``"auto"``: :func:`tmp_jax.dtypes.resolve`), its folder or
     None, its name) of a checkpoint folder, an embedded name, or the default (None)."""
