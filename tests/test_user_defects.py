@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -252,17 +253,22 @@ def test_tools_that_take_a_plan_default_to_its_embedded_teacher(tmp_path, monkey
     from tmp_jax import reconstruct
     from tmp_jax.teachers import ASSETS, DEFAULT_MODEL, EMBEDDED, plan_teacher
 
+    def plan_file(**source) -> Path:
+        plan = {k: {} for k in plan_mod._REQUIRED}
+        plan.update(format_version=plan_mod.READ_VERSIONS[-1], arch="x", **source)
+        path = tmp_path / "plan.json"
+        path.write_text(json.dumps(plan))
+        return path
+
     for name in EMBEDDED:
-        assert plan_teacher({"source": {"path": str(ASSETS / name)}}) == name
-        assert plan_teacher({"source": {"path": f"/data/{name}"}}) is None  # a user's folder of that name
-    assert plan_teacher({"source": {"path": "/data/my-model"}}) is None
-    assert plan_teacher({}) is None and plan_teacher({"source": "x"}) is None
+        assert plan_teacher(plan_file(source={"path": str(ASSETS / name)})) == name
+        assert plan_teacher(plan_file(source={"path": f"/data/{name}"})) is None  # a user's folder of that name
+    assert plan_teacher(plan_file(source={"path": "/data/my-model"})) is None
+    assert plan_teacher(plan_file()) is None and plan_teacher(plan_file(source="x")) is None
+    assert plan_teacher(tmp_path / "nope.json") is None  # unreadable: the tool's own load reports it
 
     other = next(n for n in EMBEDDED if n != DEFAULT_MODEL)
-    plan = {k: {} for k in plan_mod._REQUIRED}
-    plan.update(format_version=plan_mod.READ_VERSIONS[-1], arch="x", source={"path": str(ASSETS / other)})
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(plan))
+    path = plan_file(source={"path": str(ASSETS / other)})
     seen = {}
 
     def stop(a, *rest):

@@ -717,18 +717,11 @@ def main(argv: list[str] | None = None) -> int:
     from tmp_jax.compile_cache import enable_default
 
     enable_default()  # persistent XLA compilation cache (TMP_JAX_COMPILATION_CACHE=off disables)
-    model = a.model
-    if model is None and a.plan.is_file():  # a plan of an embedded teacher names it
-        from tmp_jax.plan import load_plan
-        from tmp_jax.teachers import plan_teacher
+    from tmp_jax.teachers import plan_teacher
 
-        try:
-            model = plan_teacher(load_plan(a.plan))
-        except ValueError:
-            pass  # run() reports the bad plan in one line
     cfg = DistillConfig(
         plan=a.plan,
-        model=model,
+        model=a.model if a.model is not None else plan_teacher(a.plan),  # a plan of an embedded teacher names it
         calib=a.calib,
         data=a.data,
         out=a.out,

@@ -481,10 +481,9 @@ def _run(a: argparse.Namespace) -> int:
     if not a.plan.is_file():
         raise FileNotFoundError(f"--plan {a.plan}: no such file")
     if a.model is None:  # a plan of an embedded teacher names it; others keep the default (and its clear error)
-        from tmp_jax.plan import load_plan
         from tmp_jax.teachers import plan_teacher
 
-        a.model = plan_teacher(load_plan(a.plan))
+        a.model = plan_teacher(a.plan)
     enable_default()
     out = Path(a.out)
     log_path, weights = out / "reconstruct.json", out / "weights"

@@ -19,13 +19,19 @@ EMBEDDED = {name: ASSETS / name for name in arch.embedded_teachers()}  # embedde
 DEFAULT_MODEL = next(iter(EMBEDDED))
 
 
-def plan_teacher(plan: dict[str, Any]) -> str | None:
-    """The embedded teacher a plan was searched on (its recorded source is that teacher's folder), else None.
+def plan_teacher(plan_path: str | Path) -> str | None:
+    """The embedded teacher the plan at ``plan_path`` was searched on (its recorded source is that teacher's
+    folder), else None, also for a plan that cannot be read (the tool's own load of it reports that in one line).
 
     The default ``--model`` of the tools that take a plan (reconstruct, distill), so that ``--plan`` alone works for
     a plan of either embedded teacher, not only the default one; the plan's fingerprint is still checked against
     the teacher that is loaded (:func:`tmp_jax.distill.plan_student`)."""
-    src = plan.get("source")
+    from tmp_jax.plan import load_plan
+
+    try:
+        src = load_plan(plan_path).get("source")
+    except ValueError:
+        return None
     path = src.get("path") if isinstance(src, dict) else None
     if not isinstance(path, str):
         return None
